@@ -1,0 +1,508 @@
+//! The task that owns the socket.
+//!
+//! One task reads and writes; callers reach it through a channel, each request
+//! carrying its own reply slot. Because there is one writer, a command's file
+//! descriptors always travel on the `sendmsg` that starts with that command's
+//! first byte. Replies are matched by id, never by order.
+//!
+//! The task never waits on a caller or a subscriber: replies go into oneshot
+//! slots and events into bounded per-subscriber queues. Only end-of-stream or
+//! a socket error ends it (or every handle being dropped, or `disconnect`).
+//!
+//! Writing is guarded so that a frozen QEMU cannot make a timed-out command
+//! run later: requests move from the client-side queue into the write buffer
+//! only when the previous batch is fully written, and a request whose caller
+//! has already given up is dropped before it is written.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::handshake::Handshaken;
+use super::socket;
+use super::traffic_log::TrafficLog;
+use super::Config;
+use crate::client::{Client, Shared};
+use crate::error::{Error, ErrorClass, QmpError};
+use crate::event::{Event, Subscribers};
+use crate::wire::splitter::{Frame, Oversized};
+use crate::wire::{Incoming, Timestamp};
+
+/// QEMU queues at most this many in-band commands when OOB is enabled
+/// (QMP_REQ_QUEUE_LEN_MAX) and stops reading beyond that.
+const QEMU_QUEUE_LIMIT: usize = 8;
+
+/// What a caller gets back: the raw `return` value, or an error.
+pub(crate) type ReplyResult = Result<Box<RawValue>, Error>;
+
+/// A message to the task.
+pub(crate) enum ToDriver {
+    Command(Outgoing),
+    Disconnect,
+}
+
+/// One serialised request on its way to QEMU.
+pub(crate) struct Outgoing {
+    pub id: u64,
+    pub name: Cow<'static, str>,
+    pub bytes: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    pub oob: bool,
+    pub log: bool,
+    pub reply: oneshot::Sender<ReplyResult>,
+}
+
+/// A request written (or being written) to QEMU and not yet answered.
+struct Pending {
+    name: Cow<'static, str>,
+    reply: oneshot::Sender<ReplyResult>,
+    oob: bool,
+    log: bool,
+    sent_at: Instant,
+}
+
+/// Starts the task for a connection that completed its handshake.
+pub(crate) fn spawn(hs: Handshaken, config: Config, log: Option<TrafficLog>, path: PathBuf) -> Client {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (closed, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        next_id: AtomicU64::new(1),
+        config,
+        greeting: hs.greeting,
+        oob: hs.oob,
+        subscribers: Subscribers::new(),
+        closed,
+        close_reason: OnceLock::new(),
+        path,
+        schema: Default::default(),
+    });
+    let driver = Driver {
+        stream: hs.stream,
+        splitter: hs.splitter,
+        rx,
+        state: State {
+            shared: shared.clone(),
+            log,
+            pending: HashMap::new(),
+            inband_order: VecDeque::new(),
+            queue: VecDeque::new(),
+            oob_queue: VecDeque::new(),
+            wbuf: Vec::with_capacity(4096),
+            wpos: 0,
+            wfds: Vec::new(),
+            fd_command: None,
+            events: Vec::new(),
+        },
+    };
+    tokio::spawn(driver.run());
+    Client::new(tx, shared)
+}
+
+struct Driver {
+    stream: UnixStream,
+    splitter: crate::wire::splitter::Splitter,
+    rx: mpsc::UnboundedReceiver<ToDriver>,
+    state: State,
+}
+
+/// Everything but the socket, the splitter and the channel, so that frames
+/// borrowed from the splitter can be handled while the state changes.
+struct State {
+    shared: Arc<Shared>,
+    log: Option<TrafficLog>,
+    pending: HashMap<u64, Pending>,
+    /// In-band ids written and unanswered, oldest first.
+    inband_order: VecDeque<u64>,
+    /// Requests not yet written, in-band and out-of-band.
+    queue: VecDeque<Outgoing>,
+    oob_queue: VecDeque<Outgoing>,
+    /// Bytes committed to the socket, written up to `wpos`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// File descriptors to attach to the next write (which starts at the
+    /// first byte of the command they belong to).
+    wfds: Vec<OwnedFd>,
+    /// The unanswered command that carried fds: QEMU keeps only the latest
+    /// fds it received, so a second one must wait for the first's reply.
+    fd_command: Option<u64>,
+    /// Events parsed from the current read, handed over in one batch.
+    events: Vec<Event>,
+}
+
+/// What ended the connection.
+enum Ending {
+    Eof,
+    Io(io::Error),
+    Requested,
+    Dropped,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        // The handshake may have read events already.
+        self.process_frames();
+        self.state.flush_events();
+        let ending = loop {
+            if let Err(e) = self.write_ready() {
+                break Ending::Io(e);
+            }
+            let want_write = self.state.wpos < self.state.wbuf.len();
+            tokio::select! {
+                biased;
+                ready = self.stream.readable() => {
+                    if let Err(e) = ready {
+                        break Ending::Io(e);
+                    }
+                    match self.read_ready() {
+                        Ok(true) => {}
+                        Ok(false) => break Ending::Eof,
+                        Err(e) => break Ending::Io(e),
+                    }
+                }
+                msg = self.rx.recv() => {
+                    match msg {
+                        Some(ToDriver::Command(out)) => self.state.enqueue(out),
+                        Some(ToDriver::Disconnect) => break Ending::Requested,
+                        None => break Ending::Dropped,
+                    }
+                    // Take everything queued now, so that it goes in one write.
+                    let mut stop = None;
+                    while let Ok(msg) = self.rx.try_recv() {
+                        match msg {
+                            ToDriver::Command(out) => self.state.enqueue(out),
+                            ToDriver::Disconnect => { stop = Some(Ending::Requested); break; }
+                        }
+                    }
+                    if let Some(stop) = stop {
+                        break stop;
+                    }
+                }
+                ready = self.stream.writable(), if want_write => {
+                    if let Err(e) = ready {
+                        break Ending::Io(e);
+                    }
+                }
+            }
+        };
+        self.shutdown(ending);
+    }
+
+    /// Reads what is available and handles every complete message.
+    /// Returns false at end of stream.
+    fn read_ready(&mut self) -> io::Result<bool> {
+        loop {
+            let spare = self.splitter.spare();
+            let room = spare.len();
+            match self.stream.try_read(spare) {
+                Ok(0) => {
+                    self.process_frames();
+                    if self.splitter.has_partial() {
+                        tracing::warn!("QMP: the connection closed in the middle of a message");
+                    }
+                    self.state.flush_events();
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.splitter.filled(n);
+                    self.process_frames();
+                    if n < room {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.state.flush_events();
+        Ok(true)
+    }
+
+    fn process_frames(&mut self) {
+        while let Some(frame) = self.splitter.next_frame() {
+            match frame {
+                Frame::Message(range) => self.state.handle_message(self.splitter.bytes(range)),
+                Frame::Garbage(n) => {
+                    tracing::warn!(bytes = n, "QMP: skipped bytes that are not JSON objects");
+                }
+                Frame::TooLarge(o) => self.state.handle_oversized(o),
+            }
+        }
+    }
+
+    /// Moves queued requests into the write buffer and writes as much as the
+    /// socket takes now.
+    fn write_ready(&mut self) -> io::Result<()> {
+        loop {
+            let st = &mut self.state;
+            if st.wpos == st.wbuf.len() {
+                st.wbuf.clear();
+                st.wpos = 0;
+                st.fill_write_buffer();
+                if st.wbuf.is_empty() {
+                    return Ok(());
+                }
+            }
+            let chunk = &st.wbuf[st.wpos..];
+            let written = if st.wfds.is_empty() {
+                self.stream.try_write(chunk)
+            } else {
+                socket::try_send_with_fds(&self.stream, chunk, &st.wfds)
+            };
+            match written {
+                Ok(n) => {
+                    // The kernel holds its own references now.
+                    st.wfds.clear();
+                    st.wpos += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn shutdown(mut self, ending: Ending) {
+        let reason: Arc<str> = match &ending {
+            Ending::Eof => "QEMU closed the connection".into(),
+            Ending::Io(e) => format!("socket error: {e}").into(),
+            Ending::Requested => "disconnect requested".into(),
+            Ending::Dropped => "every client handle was dropped".into(),
+        };
+        match &ending {
+            Ending::Io(e) => tracing::warn!(error = %e, "QMP connection failed"),
+            _ => tracing::debug!(%reason, "QMP connection closed"),
+        }
+        let err = Error::Disconnected { reason: Some(reason) };
+        let st = &mut self.state;
+        let _ = st.shared.close_reason.set(err.clone());
+        // No request may slip in after this point unanswered.
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            if let ToDriver::Command(out) = msg {
+                let _ = out.reply.send(Err(err.clone()));
+            }
+        }
+        for out in st.queue.drain(..).chain(st.oob_queue.drain(..)) {
+            let _ = out.reply.send(Err(err.clone()));
+        }
+        for (_, p) in st.pending.drain() {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        st.shared.subscribers.close();
+        st.shared.closed.send_replace(true);
+        // The socket closes when `self.stream` drops here.
+    }
+}
+
+impl State {
+    fn enqueue(&mut self, out: Outgoing) {
+        if out.oob {
+            self.oob_queue.push_back(out);
+        } else {
+            self.queue.push_back(out);
+        }
+    }
+
+    /// Commits queued requests to the (empty) write buffer: out-of-band ones
+    /// first, then in-band ones up to QEMU's queue limit.
+    fn fill_write_buffer(&mut self) {
+        while let Some(out) = self.oob_queue.pop_front() {
+            if !out.fds.is_empty() && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
+                self.oob_queue.push_front(out);
+                break;
+            }
+            self.commit(out);
+        }
+        let limit = if self.shared.oob {
+            QEMU_QUEUE_LIMIT
+        } else {
+            usize::MAX
+        };
+        while self.inband_order.len() < limit {
+            let Some(out) = self.queue.pop_front() else { break };
+            if !out.fds.is_empty() && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
+                self.queue.push_front(out);
+                break;
+            }
+            self.commit(out);
+        }
+    }
+
+    fn commit(&mut self, out: Outgoing) {
+        if out.reply.is_closed() {
+            // The caller gave up (timeout or cancellation) before the request
+            // was written: it never reaches QEMU. Its fds close on drop.
+            tracing::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
+            return;
+        }
+        if let Some(log) = self.log.as_ref().filter(|_| out.log) {
+            log.query(&out.bytes);
+        }
+        self.wbuf.extend_from_slice(&out.bytes);
+        if !out.fds.is_empty() {
+            self.wfds = out.fds;
+            self.fd_command = Some(out.id);
+        }
+        if !out.oob {
+            self.inband_order.push_back(out.id);
+        }
+        self.pending.insert(
+            out.id,
+            Pending {
+                name: out.name,
+                reply: out.reply,
+                oob: out.oob,
+                log: out.log,
+                sent_at: Instant::now(),
+            },
+        );
+    }
+
+    fn handle_message(&mut self, bytes: &[u8]) {
+        let msg: Incoming = match serde_json::from_slice(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, message = %String::from_utf8_lossy(&bytes[..bytes.len().min(200)]), "QMP: skipped an unparseable message");
+                return;
+            }
+        };
+        if let Some(name) = msg.event.as_deref() {
+            if let Some(log) = &self.log {
+                log.event(bytes);
+            }
+            let data = match msg.data {
+                Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+                None => serde_json::Value::Null,
+            };
+            tracing::trace!(event = name, "QMP event");
+            self.events.push(Event::new(
+                name,
+                data,
+                msg.timestamp.unwrap_or(Timestamp {
+                    seconds: -1,
+                    microseconds: -1,
+                }),
+            ));
+            return;
+        }
+        if msg.ret.is_none() && msg.error.is_none() {
+            if msg.greeting.is_none() {
+                tracing::warn!(message = %String::from_utf8_lossy(&bytes[..bytes.len().min(200)]), "QMP: skipped a message that is neither reply nor event");
+            }
+            return;
+        }
+        let id = match msg.id {
+            Some(_) => match msg.numeric_id() {
+                Some(id) => Some(id),
+                None => {
+                    tracing::warn!(id = %msg.id.map(|r| r.get()).unwrap_or(""), "QMP: reply with an id this client did not send");
+                    return;
+                }
+            },
+            None => None,
+        };
+        let id = match id.or_else(|| self.owner_of_idless_error()) {
+            Some(id) => id,
+            None => {
+                tracing::warn!(message = %String::from_utf8_lossy(bytes), "QMP: error without an id, and no way to tell which command caused it");
+                return;
+            }
+        };
+        let Some(p) = self.take_pending(id) else {
+            tracing::debug!(id, "QMP: dropped a late reply (its caller timed out)");
+            return;
+        };
+        if p.log {
+            if let Some(log) = &self.log {
+                log.reply(bytes);
+            }
+        }
+        let result = match (msg.error, msg.ret) {
+            (Some(err), _) => Err(Error::Qmp(QmpError {
+                command: p.name.to_string(),
+                class: ErrorClass::from_name(&err.class),
+                desc: err.desc,
+            })),
+            (None, Some(ret)) => Ok(ret.to_owned()),
+            (None, None) => unreachable!("checked above"),
+        };
+        tracing::debug!(
+            command = %p.name,
+            id,
+            latency_us = p.sent_at.elapsed().as_micros() as u64,
+            ok = result.is_ok(),
+            "QMP reply"
+        );
+        let _ = p.reply.send(result);
+    }
+
+    /// The command an error without an id belongs to, when that is certain:
+    /// the only one in flight, or without OOB (where QEMU answers strictly
+    /// in order) the oldest one.
+    fn owner_of_idless_error(&self) -> Option<u64> {
+        if self.pending.len() == 1 {
+            return self.pending.keys().next().copied();
+        }
+        if !self.shared.oob {
+            return self.inband_order.front().copied();
+        }
+        None
+    }
+
+    fn take_pending(&mut self, id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if !p.oob {
+            if let Some(i) = self.inband_order.iter().position(|&x| x == id) {
+                self.inband_order.remove(i);
+            }
+        }
+        if self.fd_command == Some(id) {
+            self.fd_command = None;
+        }
+        Some(p)
+    }
+
+    fn handle_oversized(&mut self, o: Oversized) {
+        let limit = self.shared.config.max_message_size;
+        if o.looks_like_event() {
+            tracing::warn!(
+                size = o.size,
+                limit,
+                "QMP: skipped an event larger than the message size limit"
+            );
+            return;
+        }
+        let id = o
+            .id()
+            .filter(|id| self.pending.contains_key(id))
+            .or_else(|| self.owner_of_idless_error());
+        match id.and_then(|id| self.take_pending(id)) {
+            Some(p) => {
+                tracing::warn!(command = %p.name, size = o.size, limit, "QMP: reply larger than the message size limit");
+                let _ = p.reply.send(Err(Error::MessageTooLarge { size: o.size, limit }));
+            }
+            None => tracing::warn!(
+                size = o.size,
+                limit,
+                "QMP: skipped a message larger than the size limit"
+            ),
+        }
+    }
+
+    fn flush_events(&mut self) {
+        if !self.events.is_empty() {
+            self.shared.subscribers.publish(&self.events);
+            self.events.clear();
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The error type: QEMU's own error replies kept apart from transport failures.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to QEMU.
+///
+/// QEMU's own error replies are [`Error::Qmp`]; everything else is about the
+/// transport or the protocol. Use the predicates ([`Error::is_not_found`],
+/// [`Error::is_timeout`], [`Error::is_disconnected`], ...) rather than
+/// matching on message text.
+///
+/// Errors are cheap to clone, so one failure can be handed to every caller it
+/// affects (for example all commands in flight when QEMU dies).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// QEMU answered the command with an error reply.
+    #[error("{0}")]
+    Qmp(#[from] QmpError),
+
+    /// The socket could not be reached.
+    #[error("cannot connect to QMP socket {}: {source}", path.display())]
+    Connect {
+        /// The socket path that was tried.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: Arc<io::Error>,
+    },
+
+    /// The greeting or the capabilities negotiation failed.
+    #[error("QMP handshake failed: {0}")]
+    Handshake(String),
+
+    /// The command got no reply within its budget. The connection is still up:
+    /// a late reply is dropped when it arrives.
+    #[error("command {command} timed out after {}", fmt_duration(*budget))]
+    Timeout {
+        /// The command that timed out.
+        command: String,
+        /// The time it was given.
+        budget: Duration,
+    },
+
+    /// The connection is gone (QEMU exited, the socket closed, or
+    /// [`Client::disconnect`](crate::Client::disconnect) was called).
+    #[error("QMP connection closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Disconnected {
+        /// What ended the connection, when known.
+        reason: Option<Arc<str>>,
+    },
+
+    /// A socket error.
+    #[error("QMP socket I/O error: {0}")]
+    Io(Arc<io::Error>),
+
+    /// The server broke the protocol (unparseable output, a reply of the wrong shape).
+    #[error("QMP protocol violation: {0}")]
+    Protocol(String),
+
+    /// A message from the server exceeded the configured size limit. The
+    /// message was skipped; the connection is still usable.
+    #[error("QMP message of {size} bytes exceeds the limit of {limit} bytes")]
+    MessageTooLarge {
+        /// The size of the message (or how much was read before giving up).
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// A reply could not be decoded into the expected Rust type.
+    #[error("cannot decode the reply to {command}: {source}")]
+    Decode {
+        /// The command whose reply was malformed.
+        command: String,
+        /// The decoding error.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+
+    /// The arguments given were not valid (for example a raw request that is
+    /// not a JSON object). Nothing was sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+impl Error {
+    /// The QEMU error reply, if this is one.
+    pub fn as_qmp(&self) -> Option<&QmpError> {
+        match self {
+            Error::Qmp(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// QEMU's error class, if this is an error reply.
+    pub fn class(&self) -> Option<&ErrorClass> {
+        self.as_qmp().map(|e| &e.class)
+    }
+
+    /// True when QEMU said the thing asked for does not exist: class
+    /// `DeviceNotFound`, `CommandNotFound`, or a `GenericError` that QEMU uses
+    /// for missing nodes, ids and objects.
+    pub fn is_not_found(&self) -> bool {
+        self.as_qmp().is_some_and(QmpError::is_not_found)
+    }
+
+    /// True for a command that ran out of time (the connection is still up).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True when the connection is gone.
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, Error::Disconnected { .. })
+    }
+
+    /// True for a QEMU error reply (the connection is fine).
+    pub fn is_qmp(&self) -> bool {
+        matches!(self, Error::Qmp(_))
+    }
+
+    pub(crate) fn disconnected(reason: impl Into<Arc<str>>) -> Self {
+        Error::Disconnected {
+            reason: Some(reason.into()),
+        }
+    }
+
+    pub(crate) fn decode(command: &str, source: serde_json::Error) -> Self {
+        Error::Decode {
+            command: command.to_owned(),
+            source: Arc::new(source),
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(Arc::new(e))
+    }
+}
+
+/// An error reply from QEMU: `{"error": {"class": ..., "desc": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{command}: {desc} ({class})")]
+pub struct QmpError {
+    /// The command that failed.
+    pub command: String,
+    /// QEMU's error class.
+    pub class: ErrorClass,
+    /// QEMU's description, in English.
+    pub desc: String,
+}
+
+impl QmpError {
+    /// True when QEMU said the thing asked for does not exist.
+    ///
+    /// QEMU reports most missing objects as `GenericError`; for those the
+    /// description's fixed phrasing is consulted as a fallback.
+    pub fn is_not_found(&self) -> bool {
+        match self.class {
+            ErrorClass::DeviceNotFound | ErrorClass::CommandNotFound => true,
+            ErrorClass::GenericError => {
+                let d = self.desc.as_str();
+                d.contains("not found")
+                    || d.starts_with("Cannot find device")
+                    || d.contains("No such")
+                    || d.contains("does not exist")
+                    || d.starts_with("Failed to find")
+                    || d.contains("not exist")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// QEMU's error classes. Classes QEMU may add later are kept in [`ErrorClass::Other`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The catch-all class for most errors.
+    GenericError,
+    /// The command does not exist (or capabilities were not negotiated).
+    CommandNotFound,
+    /// A device exists but has no driver or medium.
+    DeviceNotActive,
+    /// The device does not exist.
+    DeviceNotFound,
+    /// KVM lacks a capability the command needs.
+    KVMMissingCap,
+    /// Any other class.
+    Other(String),
+}
+
+impl ErrorClass {
+    /// Parses QEMU's class name.
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "GenericError" => Self::GenericError,
+            "CommandNotFound" => Self::CommandNotFound,
+            "DeviceNotActive" => Self::DeviceNotActive,
+            "DeviceNotFound" => Self::DeviceNotFound,
+            "KVMMissingCap" => Self::KVMMissingCap,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// QEMU's name for the class.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::GenericError => "GenericError",
+            Self::CommandNotFound => "CommandNotFound",
+            Self::DeviceNotActive => "DeviceNotActive",
+            Self::DeviceNotFound => "DeviceNotFound",
+            Self::KVMMissingCap => "KVMMissingCap",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.as_secs() > 0 && d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_found_by_class_and_by_generic_text() {
+        let e = |class: &str, desc: &str| QmpError {
+            command: "x".into(),
+            class: ErrorClass::from_name(class),
+            desc: desc.into(),
+        };
+        assert!(e("DeviceNotFound", "Device 'foo' not found").is_not_found());
+        assert!(e("GenericError", "Cannot find device='nope' nor node-name='nope'").is_not_found());
+        assert!(!e("GenericError", "Node 'x' is busy: block device is in use").is_not_found());
+        assert!(!e("KVMMissingCap", "x").is_not_found());
+        assert_eq!(
+            ErrorClass::from_name("NewClass"),
+            ErrorClass::Other("NewClass".into())
+        );
+        assert_eq!(ErrorClass::from_name("KVMMissingCap").as_str(), "KVMMissingCap");
+    }
+
+    #[test]
+    fn timeout_message_names_command_and_budget() {
+        let e = Error::Timeout {
+            command: "query-status".into(),
+            budget: Duration::from_millis(250),
+        };
+        assert_eq!(e.to_string(), "command query-status timed out after 250 ms");
+        assert!(e.is_timeout() && !e.is_disconnected());
+    }
+}

@@ -1,0 +1,223 @@
+//! The wire format: the greeting, requests, replies and events, and the splitter
+//! that finds them in the byte stream. Nothing here does I/O.
+
+pub(crate) mod splitter;
+
+use std::borrow::Cow;
+use std::io::Write as _;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// QEMU's version, from the greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+pub struct Version {
+    /// Major version (QEMU 10.0.2: 10).
+    pub major: u32,
+    /// Minor version (QEMU 10.0.2: 0).
+    pub minor: u32,
+    /// Micro version (QEMU 10.0.2: 2).
+    pub micro: u32,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// The greeting QEMU sends when a client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Greeting {
+    /// QEMU's version.
+    pub version: Version,
+    /// The distribution's package string (for example `Debian 1:10.0.2+ds-2`).
+    pub package: String,
+    /// Capabilities the server offers (for example `oob`).
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct GreetingWire {
+    #[serde(rename = "QMP")]
+    qmp: GreetingBody,
+}
+
+#[derive(Deserialize)]
+struct GreetingBody {
+    version: GreetingVersion,
+    #[serde(default)]
+    capabilities: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct GreetingVersion {
+    qemu: Version,
+    #[serde(default)]
+    package: String,
+}
+
+impl Greeting {
+    /// Parses a greeting message.
+    pub(crate) fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let g: GreetingWire = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "expected a QMP greeting, got {} ({e})",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            )
+        })?;
+        Ok(Greeting {
+            version: g.qmp.version.qemu,
+            package: g.qmp.version.package,
+            capabilities: g.qmp.capabilities,
+        })
+    }
+
+    /// True when the server offers out-of-band execution.
+    pub fn offers_oob(&self) -> bool {
+        self.capabilities.iter().any(|c| c == "oob")
+    }
+}
+
+/// QEMU's event timestamp. Both fields are -1 when the host clock failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    pub seconds: i64,
+    /// Microseconds within the second.
+    pub microseconds: i64,
+}
+
+impl Timestamp {
+    /// The timestamp as a [`std::time::SystemTime`], unless the clock failed.
+    pub fn to_system_time(self) -> Option<std::time::SystemTime> {
+        if self.seconds < 0 || self.microseconds < 0 {
+            return None;
+        }
+        Some(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(self.seconds as u64)
+                + std::time::Duration::from_micros(self.microseconds as u64),
+        )
+    }
+}
+
+/// The `error` member of a reply.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ErrorBody {
+    pub class: String,
+    pub desc: String,
+}
+
+/// Any message from the server, borrowed from the read buffer.
+///
+/// One pass of serde over the message finds what kind it is; reply payloads
+/// stay unparsed ([`RawValue`]) until the caller decodes them into its own type.
+#[derive(Deserialize)]
+pub(crate) struct Incoming<'a> {
+    #[serde(rename = "QMP", borrow, default)]
+    pub greeting: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub id: Option<&'a RawValue>,
+    #[serde(rename = "return", borrow, default)]
+    pub ret: Option<&'a RawValue>,
+    #[serde(default)]
+    pub error: Option<ErrorBody>,
+    #[serde(borrow, default)]
+    pub event: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+    #[serde(default)]
+    pub timestamp: Option<Timestamp>,
+}
+
+impl Incoming<'_> {
+    /// The id as this client assigns them (an unsigned integer), if it is one.
+    pub fn numeric_id(&self) -> Option<u64> {
+        self.id.and_then(|id| id.get().trim().parse().ok())
+    }
+}
+
+/// Serialises a request: `{"execute": NAME, "arguments": ARGS, "id": ID}`.
+///
+/// Arguments that serialise to nothing (unit, `None`) or to an empty object
+/// are left out, as QEMU expects for commands without arguments.
+pub(crate) fn encode_request<A: Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    name: &str,
+    args: &A,
+    id: u64,
+    oob: bool,
+) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(if oob { b"{\"exec-oob\":" } else { b"{\"execute\":" });
+    serde_json::to_writer(&mut *out, name)?;
+    let mark = out.len();
+    out.extend_from_slice(b",\"arguments\":");
+    let args_at = out.len();
+    serde_json::to_writer(&mut *out, args)?;
+    let written = &out[args_at..];
+    if written == b"null" || written == b"{}" {
+        out.truncate(mark);
+    } else if written.first() != Some(&b'{') {
+        out.truncate(mark);
+        return Err(serde::ser::Error::custom(
+            "command arguments must serialise to a JSON object",
+        ));
+    }
+    out.extend_from_slice(b",\"id\":");
+    // Writing to a Vec cannot fail.
+    let _ = writeln!(out, "{id}}}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greeting_from_qemu_10() {
+        let g = Greeting::parse(br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "capabilities": ["oob"]}}"#).unwrap();
+        assert_eq!(
+            g.version,
+            Version {
+                major: 10,
+                minor: 0,
+                micro: 2
+            }
+        );
+        assert!(g.offers_oob());
+        assert!(g.package.starts_with("Debian"));
+        assert!(Greeting::parse(b"{\"return\": {}}").is_err());
+    }
+
+    #[test]
+    fn requests_leave_out_empty_arguments() {
+        let mut out = Vec::new();
+        encode_request(&mut out, "query-status", &(), 7, false).unwrap();
+        assert_eq!(out, b"{\"execute\":\"query-status\",\"id\":7}\n");
+        out.clear();
+        encode_request(&mut out, "stop", &serde_json::json!({}), 8, true).unwrap();
+        assert_eq!(out, b"{\"exec-oob\":\"stop\",\"id\":8}\n");
+        out.clear();
+        encode_request(&mut out, "x", &serde_json::json!({"a": 1}), 9, false).unwrap();
+        assert_eq!(out, b"{\"execute\":\"x\",\"arguments\":{\"a\":1},\"id\":9}\n");
+        assert!(encode_request(&mut Vec::new(), "x", &[1, 2], 1, false).is_err());
+    }
+
+    #[test]
+    fn incoming_kinds() {
+        let r: Incoming = serde_json::from_str(r#"{"return": {"a": [1]}, "id": 12}"#).unwrap();
+        assert_eq!(r.numeric_id(), Some(12));
+        assert_eq!(r.ret.unwrap().get(), r#"{"a": [1]}"#);
+        let e: Incoming =
+            serde_json::from_str(r#"{"id": 3, "error": {"class": "GenericError", "desc": "d"}}"#).unwrap();
+        assert_eq!(e.error.unwrap().class, "GenericError");
+        let ev: Incoming =
+            serde_json::from_str(r#"{"timestamp": {"seconds": -1, "microseconds": -1}, "event": "STOP"}"#)
+                .unwrap();
+        assert_eq!(ev.event.as_deref(), Some("STOP"));
+        assert_eq!(ev.timestamp.unwrap().to_system_time(), None);
+        let odd: Incoming = serde_json::from_str(r#"{"return": {}, "id": "user-id", "extra": [1]}"#).unwrap();
+        assert_eq!(odd.numeric_id(), None);
+    }
+}
