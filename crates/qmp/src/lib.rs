@@ -60,10 +60,12 @@
 
 pub mod blocking;
 mod client;
+pub mod commands;
 mod connection;
 mod error;
 pub mod event;
 pub mod launch;
+pub mod monitor;
 pub mod schema;
 mod wire;
 
