@@ -89,13 +89,45 @@ pub enum Error {
     /// not a JSON object). Nothing was sent.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+
+    /// The resource is in use and cannot be removed or changed now (for
+    /// example a block node still attached to a device or a job).
+    #[error("{0} (in use)")]
+    InUse(QmpError),
+
+    /// The requested console (chardev) does not exist (the Go package's
+    /// `ErrMonitorBadConsole`).
+    #[error("requested console {0:?} couldn't be found")]
+    BadConsole(String),
+
+    /// The requested chardev is not a ring buffer (the Go package's `ErrNotARingbuf`).
+    #[error("requested device {0:?} isn't a ring buffer")]
+    NotARingbuf(String),
+
+    /// A block job ended with an error (QEMU's own message).
+    #[error("job {job} failed: {message}")]
+    JobFailed {
+        /// The job's id.
+        job: String,
+        /// QEMU's description of the failure.
+        message: String,
+    },
+
+    /// A migration ended in a final state other than the one waited for.
+    #[error("migration ended as {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    MigrationFailed {
+        /// The final state (`failed`, `cancelled`, ...).
+        status: String,
+        /// QEMU's `error-desc`, when it gave one.
+        message: Option<String>,
+    },
 }
 
 impl Error {
     /// The QEMU error reply, if this is one.
     pub fn as_qmp(&self) -> Option<&QmpError> {
         match self {
-            Error::Qmp(e) => Some(e),
+            Error::Qmp(e) | Error::InUse(e) => Some(e),
             _ => None,
         }
     }
@@ -122,9 +154,14 @@ impl Error {
         matches!(self, Error::Disconnected { .. })
     }
 
+    /// True when the resource is in use (see [`Error::InUse`]).
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, Error::InUse(_))
+    }
+
     /// True for a QEMU error reply (the connection is fine).
     pub fn is_qmp(&self) -> bool {
-        matches!(self, Error::Qmp(_))
+        matches!(self, Error::Qmp(_) | Error::InUse(_))
     }
 
     pub(crate) fn disconnected(reason: impl Into<Arc<str>>) -> Self {
