@@ -1,0 +1,156 @@
+//! Reaching a VM: connecting to a socket with clear messages when that
+//! fails, or launching a throwaway QEMU (`--launch`).
+
+use std::future::Future;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use qmp::launch::{Qemu, QemuBuilder};
+use qmp::{Client, ConnectOptions};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cli::Globals;
+use crate::exit::{usage, ConnectFailure, Deadline};
+
+/// What every subcommand runs with: the connection, the output mode and the
+/// deadline; and the launched QEMU, when there is one (dropping it kills it).
+pub struct Ctx {
+    pub client: Client,
+    pub json: bool,
+    pub timeout: Option<Duration>,
+    pub vm: Option<Qemu>,
+}
+
+impl Ctx {
+    /// Connects to `--socket`, or launches a QEMU with `--launch`.
+    pub async fn open(g: &Globals) -> anyhow::Result<Ctx> {
+        let options = connect_options(g);
+        let (client, vm) = if g.launch {
+            let builder = scratch_vm().args(&g.qemu_args).connect_options(options);
+            let vm = builder
+                .spawn()
+                .await
+                .context("cannot launch QEMU for --launch")?;
+            (vm.client().clone(), Some(vm))
+        } else {
+            let Some(path) = &g.socket else {
+                return Err(usage(
+                    "no QMP socket: give --socket PATH, set QMPCTL_SOCKET, or use --launch for a throwaway VM",
+                ));
+            };
+            (connect(path, &options, g.connect_timeout).await?, None)
+        };
+        Ok(Ctx {
+            client,
+            json: g.json,
+            timeout: g.timeout,
+            vm,
+        })
+    }
+
+    /// Runs `fut` within `--timeout`, when one was given.
+    pub async fn within<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        match self.timeout {
+            None => fut.await,
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::Error::new(Deadline(format!(
+                    "{what} did not finish within {} (--timeout)",
+                    humantime::format_duration(t)
+                )))),
+            },
+        }
+    }
+
+    /// Runs one command by name and returns its reply as JSON, within `--timeout`.
+    pub async fn call<A: Serialize + ?Sized>(&self, name: &str, args: &A) -> anyhow::Result<Value> {
+        self.within(name, async { Ok(self.client.call::<A, Value>(name, args).await?) })
+            .await
+    }
+}
+
+/// Connection options from the global flags.
+pub fn connect_options(g: &Globals) -> ConnectOptions {
+    let mut o = ConnectOptions::new().handshake_timeout(g.connect_timeout);
+    if let Some(t) = g.timeout {
+        o = o.command_timeout(t);
+    }
+    if let Some(log) = &g.log {
+        o = o.traffic_log(log);
+    }
+    o
+}
+
+/// The throwaway VM of `--launch` and of the tour: paused, with a SCSI
+/// controller and a USB controller (their disks and devices unplug without
+/// a guest's help), a balloon, a VGA display, a ring-buffer serial console
+/// `console0`, memory slots and a spare CPU slot.
+pub fn scratch_vm() -> QemuBuilder {
+    QemuBuilder::new().memory("128M,slots=2,maxmem=1G").args([
+        "-smp",
+        "1,maxcpus=2",
+        "-device",
+        "virtio-scsi-pci,id=scsi0",
+        "-device",
+        "qemu-xhci,id=usb0",
+        "-device",
+        "virtio-balloon-pci,id=balloon0",
+        "-device",
+        "VGA,id=vga0",
+        "-chardev",
+        "ringbuf,id=console0,size=65536",
+        "-serial",
+        "chardev:console0",
+    ])
+}
+
+/// Connects to a QMP socket, explaining in plain words why it did not work.
+pub async fn connect(path: &Path, options: &ConnectOptions, greeting_budget: Duration) -> anyhow::Result<Client> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(anyhow::Error::new(e).context(ConnectFailure(format!(
+                "no QMP socket at {shown}: the file does not exist (is QEMU running with -qmp unix:{shown},server=on?)"
+            ))));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(ConnectFailure(format!("cannot use {shown}"))));
+        }
+        Ok(m) if !m.file_type().is_socket() => {
+            let kind = if m.is_dir() {
+                "a directory"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "not a socket"
+            };
+            return Err(anyhow::Error::new(ConnectFailure(format!(
+                "{shown} is not a socket (it is {kind}); give the path of QEMU's -qmp unix: socket"
+            ))));
+        }
+        Ok(_) => {}
+    }
+    options.connect(path).await.map_err(|e| {
+        let msg = match &e {
+            qmp::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+                "nobody is listening on {shown}: QEMU has exited and left its socket file behind, or another program owns the path"
+            ),
+            qmp::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                format!("no permission to connect to {shown}: run as the user that owns the VM")
+            }
+            qmp::Error::Handshake(m) if m.contains("within") => format!(
+                "no QMP greeting from {shown} within {}: another client probably holds the socket (QEMU serves one client at a time on each QMP socket), or QEMU is frozen",
+                humantime::format_duration(greeting_budget)
+            ),
+            _ => format!("cannot connect to {shown}"),
+        };
+        anyhow::Error::new(e).context(ConnectFailure(msg))
+    })
+}

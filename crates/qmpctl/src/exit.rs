@@ -1,0 +1,207 @@
+//! Exit codes, the error kinds that choose them, and how errors are printed.
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | success |
+//! | 1 | the operation failed (job, migration, tour step, local file, launch) |
+//! | 2 | bad usage: options, invalid JSON arguments, unknown command |
+//! | 3 | QEMU answered with an error |
+//! | 4 | connection failure: no socket, nobody listening, no greeting, lost |
+//! | 5 | timeout |
+//! | 130 | interrupted by SIGINT or SIGTERM |
+
+use std::fmt;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// The operation failed for another reason.
+pub const FAILURE: u8 = 1;
+/// Bad usage.
+pub const USAGE: u8 = 2;
+/// QEMU answered with an error.
+pub const QMP_ERROR: u8 = 3;
+/// The connection could not be made or was lost.
+pub const CONNECTION: u8 = 4;
+/// A deadline passed.
+pub const TIMEOUT: u8 = 5;
+/// Interrupted by a signal.
+pub const INTERRUPTED: u8 = 130;
+
+/// The user asked for something that cannot work as asked; nothing was done.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Makes a usage error.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+/// The socket could not be reached or did not speak QMP.
+#[derive(Debug)]
+pub struct ConnectFailure(pub String);
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectFailure {}
+
+/// An operation ran out of the time `--timeout` gave it.
+#[derive(Debug)]
+pub struct Deadline(pub String);
+
+impl fmt::Display for Deadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Deadline {}
+
+/// SIGINT or SIGTERM arrived.
+#[derive(Debug)]
+pub struct Interrupted(&'static str);
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "interrupted by {}", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Resolves when SIGINT or SIGTERM arrives (so that a launched QEMU is still
+/// cleaned up: the error unwinds through its owner's `Drop`).
+pub async fn interrupted() -> Interrupted {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => Interrupted("SIGINT"),
+        _ = term.recv() => Interrupted("SIGTERM"),
+    }
+}
+
+/// The exit code an error stands for. This tool's own kinds (which may wrap
+/// a library error as their cause) come first; then the first library error
+/// in the chain decides.
+pub fn code_of(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<Interrupted>().is_some() {
+        return INTERRUPTED;
+    }
+    if err.downcast_ref::<UsageError>().is_some() {
+        return USAGE;
+    }
+    if err.downcast_ref::<ConnectFailure>().is_some() {
+        return CONNECTION;
+    }
+    if err.downcast_ref::<Deadline>().is_some() {
+        return TIMEOUT;
+    }
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<qmp::Error>() {
+            return qmp_code(e);
+        }
+        if let Some(qmp::launch::LaunchError::Connect(e)) = cause.downcast_ref() {
+            return qmp_code(e);
+        }
+    }
+    FAILURE
+}
+
+fn qmp_code(e: &qmp::Error) -> u8 {
+    match e {
+        qmp::Error::Qmp(_) | qmp::Error::InUse(_) | qmp::Error::BadConsole(_) | qmp::Error::NotARingbuf(_) => {
+            QMP_ERROR
+        }
+        qmp::Error::Timeout { .. } => TIMEOUT,
+        qmp::Error::Connect { .. }
+        | qmp::Error::Handshake(_)
+        | qmp::Error::Disconnected { .. }
+        | qmp::Error::Io(_)
+        | qmp::Error::Protocol(_) => CONNECTION,
+        qmp::Error::InvalidRequest(_) => USAGE,
+        _ => FAILURE,
+    }
+}
+
+/// True when the error is stdout's reader having gone away.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error's messages, outermost first, leaving out a cause whose text
+/// the message before it already contains.
+pub fn chain_lines(err: &anyhow::Error) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if lines.last().is_some_and(|prev| prev.contains(&text)) {
+            continue;
+        }
+        lines.push(text);
+    }
+    lines
+}
+
+/// Prints the error (unless it is a broken pipe) and returns its exit code.
+pub fn report(err: &anyhow::Error) -> ExitCode {
+    if is_broken_pipe(err) {
+        return ExitCode::SUCCESS;
+    }
+    let code = code_of(err);
+    let lines = chain_lines(err);
+    let mut stderr = std::io::stderr().lock();
+    for (i, message) in lines.iter().enumerate() {
+        let mut message_lines = message.lines();
+        if let Some(l) = message_lines.next() {
+            let lead = if i == 0 { "qmpctl: " } else { "  caused by: " };
+            let _ = writeln!(stderr, "{lead}{l}");
+        }
+        for l in message_lines {
+            let _ = writeln!(stderr, "  {l}");
+        }
+    }
+    ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_first_telling_cause() {
+        let e = anyhow::Error::new(qmp::Error::InvalidRequest("x".into())).context("running exec");
+        assert_eq!(code_of(&e), USAGE);
+        let e = anyhow::Error::new(qmp::Error::Timeout {
+            command: "stop".into(),
+            budget: std::time::Duration::from_secs(1),
+        });
+        assert_eq!(code_of(&e), TIMEOUT);
+        let e = anyhow::Error::new(qmp::Error::InvalidRequest("x".into())).context(ConnectFailure("y".into()));
+        assert_eq!(code_of(&e), CONNECTION);
+        assert_eq!(code_of(&anyhow::anyhow!("plain")), FAILURE);
+    }
+
+    #[test]
+    fn repeated_causes_are_left_out() {
+        let io = std::io::Error::new(std::io::ErrorKind::Other, "boom");
+        let e = anyhow::Error::new(io).context("cannot read: boom").context("step 3");
+        assert_eq!(chain_lines(&e), ["step 3", "cannot read: boom"]);
+    }
+}

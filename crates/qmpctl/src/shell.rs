@@ -1,0 +1,388 @@
+//! `shell`: an interactive QMP shell.
+//!
+//! The line editor (rustyline) runs on a thread of its own and hands each
+//! line to the async side, which runs it and prints the reply before the
+//! next prompt. Events are printed as they arrive through rustyline's
+//! external printer, which redraws the line being typed underneath them.
+//! Tab completes command names and, after a command, its argument names,
+//! both taken from the server's own schema.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use rustyline::completion::{Completer, Pair};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::history::DefaultHistory;
+use rustyline::validate::Validator;
+use rustyline::{Context, Editor, ExternalPrinter, Helper};
+use serde_json::Value;
+
+use crate::cli::ShellArgs;
+use crate::conn::Ctx;
+use crate::exec::{call_checked, parse_json_args, parse_pairs};
+use crate::exit;
+
+const HELP: &str = "\
+Type a QMP command with its arguments, in any of these forms:
+  query-status
+  block_resize node-name=disk1 size=2147483648
+  blockdev-add driver=qcow2 node-name=d1 file.driver=file file.filename=/tmp/d1.qcow2
+  device_add {\"driver\": \"usb-tablet\", \"id\": \"tab0\"}
+  {\"execute\": \"query-block\"}
+Values that are valid JSON (numbers, true, \"quoted\") are taken as JSON, the
+rest as strings; a.b=c nests. Tab completes command and argument names.
+`help NAME` lists a command's arguments. Ctrl-D or `exit` leaves.";
+
+/// Runs the shell: interactive on a terminal, else one command per input line.
+pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        return run_script(ctx).await;
+    }
+    let schema = ctx.client.schema().await?;
+    let mut commands: Vec<String> = schema.command_names().into_iter().map(str::to_owned).collect();
+    commands.extend(["help".to_owned(), "exit".to_owned()]);
+    let arguments: HashMap<String, Vec<String>> = commands
+        .iter()
+        .filter_map(|c| {
+            let args = schema.arguments(c)?;
+            Some((c.clone(), args.iter().map(|m| m.name.clone()).collect()))
+        })
+        .collect();
+    let helper = ShellHelper {
+        commands,
+        arguments: Arc::new(arguments),
+    };
+    let history = args.history.or_else(default_history);
+
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (next_tx, next_rx) = std::sync::mpsc::channel::<bool>();
+    let (printer_tx, printer_rx) = std::sync::mpsc::channel::<Box<dyn ExternalPrinter + Send>>();
+    let editor = std::thread::spawn(move || -> anyhow::Result<()> {
+        let mut rl: Editor<ShellHelper, DefaultHistory> = Editor::new()?;
+        rl.set_helper(Some(helper));
+        if let Some(h) = &history {
+            let _ = rl.load_history(h);
+        }
+        if let Ok(p) = rl.create_external_printer() {
+            let _ = printer_tx.send(Box::new(p));
+        }
+        drop(printer_tx);
+        loop {
+            match rl.readline("qmp> ") {
+                Ok(line) => {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let _ = rl.add_history_entry(line.as_str());
+                    if let Some(h) = &history {
+                        if let Some(dir) = h.parent() {
+                            let _ = std::fs::create_dir_all(dir);
+                        }
+                        let _ = rl.save_history(h);
+                    }
+                    if line_tx.send(line).is_err() || !next_rx.recv().unwrap_or(false) {
+                        break;
+                    }
+                }
+                Err(ReadlineError::Interrupted) => continue,
+                Err(ReadlineError::Eof) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    });
+
+    // Events go through the external printer, from a thread of their own
+    // (printing may wait for the editor to take the message).
+    let mut events = ctx.client.events();
+    let (ev_tx, ev_rx) = std::sync::mpsc::channel::<String>();
+    let printer = tokio::task::spawn_blocking(move || {
+        if let Ok(mut p) = printer_rx.recv() {
+            while let Ok(msg) = ev_rx.recv() {
+                if p.print(msg).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let client = ctx.client.clone();
+    let forward = tokio::spawn(async move {
+        while let Some(item) = events.recv().await {
+            let line = match item {
+                qmp::EventItem::Event(e) => format!("event: {}\n", crate::events::human_line(&e)),
+                qmp::EventItem::Missed(n) => format!("({n} events missed)\n"),
+            };
+            if ev_tx.send(line).is_err() {
+                return;
+            }
+        }
+        let reason = client.closed().await;
+        let _ = ev_tx.send(format!("connection closed: {reason}\n"));
+    });
+
+    let g = ctx.client.greeting();
+    crate::outln!(
+        "Connected to QEMU {} at {}. Tab completes, `help` explains, Ctrl-D leaves.",
+        g.version,
+        ctx.client.path().display()
+    )?;
+    while let Some(line) = line_rx.recv().await {
+        let go_on = match run_line(ctx, &line).await {
+            Ok(Some(reply)) => {
+                crate::outln!("{}", pretty(&reply, ctx.json))?;
+                true
+            }
+            Ok(None) => line.trim() != "exit",
+            Err(e) => {
+                for (i, l) in exit::chain_lines(&e).iter().enumerate() {
+                    eprintln!("{}{l}", if i == 0 { "error: " } else { "  caused by: " });
+                }
+                true
+            }
+        };
+        let go_on = go_on && !ctx.client.is_closed();
+        if next_tx.send(go_on).is_err() || !go_on {
+            break;
+        }
+    }
+    drop(next_tx);
+    forward.abort();
+    let _ = forward.await;
+    let _ = printer.await;
+    match editor.join() {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("the line editor failed"),
+    }
+    if ctx.client.is_closed() {
+        crate::outln!("connection closed: {}", ctx.client.closed().await)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one command per line of stdin (for scripts); stops at the first error.
+async fn run_script(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let lines: Vec<String> = std::io::stdin().lock().lines().collect::<Result<_, _>>()?;
+    for (n, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        match run_line(ctx, line).await {
+            Ok(Some(reply)) => crate::outln!("{}", pretty(&reply, ctx.json))?,
+            Ok(None) if line.trim() == "exit" => break,
+            Ok(None) => {}
+            Err(e) => return Err(e.context(format!("line {}: {}", n + 1, line.trim()))),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pretty(v: &Value, compact: bool) -> String {
+    if compact {
+        v.to_string()
+    } else {
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    }
+}
+
+/// Runs one shell line; `None` for the shell's own words (help, exit).
+async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Option<Value>> {
+    let line = line.trim();
+    if line.starts_with('{') {
+        return Ok(Some(ctx.within("request", async { Ok(ctx.client.execute_json(line).await?) }).await?));
+    }
+    let (name, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+    let rest = rest.trim();
+    match name {
+        "exit" | ".exit" => return Ok(None),
+        "help" | ".help" => {
+            if rest.is_empty() {
+                crate::outln!("{HELP}")?;
+            } else {
+                describe(ctx, rest).await?;
+            }
+            return Ok(None);
+        }
+        _ => {}
+    }
+    let args = if rest.is_empty() {
+        Value::Null
+    } else if rest.starts_with('{') {
+        parse_json_args(rest, "the line")?
+    } else {
+        let words = split_words(rest)?;
+        parse_pairs(words.iter().map(String::as_str))?
+    };
+    Ok(Some(ctx.within(name, call_checked(&ctx.client, name, &args)).await?))
+}
+
+/// Prints a command's arguments from the schema.
+async fn describe(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
+    let schema = ctx.client.schema().await?;
+    let Some(args) = schema.arguments(name) else {
+        let s = crate::exec::suggest(name, schema.command_names());
+        return Err(exit::usage(format!(
+            "unknown command {name:?}{}",
+            if s.is_empty() { String::new() } else { format!("; did you mean {}?", s.join(", ")) }
+        )));
+    };
+    if args.is_empty() {
+        crate::outln!("{name} takes no arguments")?;
+    }
+    for m in args {
+        crate::outln!(
+            "  {}{}  ({})",
+            m.name,
+            if m.optional() { "?" } else { "" },
+            m.type_name
+        )?;
+    }
+    Ok(())
+}
+
+/// Splits `a=1 b="two words" c='x y'` into words. Double-quoted text keeps
+/// its quotes (a JSON string); single-quoted text becomes a JSON string.
+fn split_words(text: &str) -> anyhow::Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = text.chars().peekable();
+    let mut depth = 0i32;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                cur.push(c);
+                let mut closed = false;
+                while let Some(d) = chars.next() {
+                    cur.push(d);
+                    if d == '\\' {
+                        if let Some(e) = chars.next() {
+                            cur.push(e);
+                        }
+                    } else if d == '"' {
+                        closed = true;
+                        break;
+                    }
+                }
+                if !closed {
+                    return Err(exit::usage(format!("unclosed \" in {text:?}")));
+                }
+            }
+            '\'' => {
+                let mut s = String::new();
+                let mut closed = false;
+                for d in chars.by_ref() {
+                    if d == '\'' {
+                        closed = true;
+                        break;
+                    }
+                    s.push(d);
+                }
+                if !closed {
+                    return Err(exit::usage(format!("unclosed ' in {text:?}")));
+                }
+                cur.push_str(&Value::String(s).to_string());
+            }
+            '{' | '[' => {
+                depth += 1;
+                cur.push(c);
+            }
+            '}' | ']' => {
+                depth -= 1;
+                cur.push(c);
+            }
+            c if c.is_whitespace() && depth == 0 => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+fn default_history() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("qmpctl").join("history"))
+}
+
+/// Completion from the server's schema.
+struct ShellHelper {
+    commands: Vec<String>,
+    arguments: Arc<HashMap<String, Vec<String>>>,
+}
+
+impl Completer for ShellHelper {
+    type Candidate = Pair;
+
+    fn complete(&self, line: &str, pos: usize, _: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let before = &line[..pos];
+        let start = before.rfind(char::is_whitespace).map(|i| i + 1).unwrap_or(0);
+        let word = &before[start..];
+        if start == 0 {
+            let found = self
+                .commands
+                .iter()
+                .filter(|c| c.starts_with(word))
+                .map(|c| Pair {
+                    display: c.clone(),
+                    replacement: format!("{c} "),
+                })
+                .collect();
+            return Ok((0, found));
+        }
+        if word.contains('=') || before.trim_start().starts_with('{') {
+            return Ok((pos, Vec::new()));
+        }
+        let command = before.split_whitespace().next().unwrap_or_default();
+        let given: Vec<&str> = before[..start]
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|w| w.split_once('=').map(|(k, _)| k))
+            .collect();
+        let found = self
+            .arguments
+            .get(command)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.starts_with(word) && !given.contains(&a.as_str()))
+            .map(|a| Pair {
+                display: a.clone(),
+                replacement: format!("{a}="),
+            })
+            .collect();
+        Ok((start, found))
+    }
+}
+
+impl Hinter for ShellHelper {
+    type Hint = String;
+}
+
+impl Highlighter for ShellHelper {}
+
+impl Validator for ShellHelper {}
+
+impl Helper for ShellHelper {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_keep_json_and_quotes_together() {
+        let w = split_words(r#"a=1 b="two words" c='x y' d={"k": [1, 2]}"#).unwrap();
+        assert_eq!(w, ["a=1", "b=\"two words\"", "c=\"x y\"", "d={\"k\": [1, 2]}"]);
+        assert!(split_words("a=\"open").is_err());
+    }
+}
