@@ -314,36 +314,44 @@ impl State {
     }
 
     /// Commits queued requests to the (empty) write buffer: out-of-band ones
-    /// first, then in-band ones up to QEMU's queue limit.
+    /// first, then in-band ones up to QEMU's queue limit. A request with fds
+    /// goes alone: its `sendmsg` carries its bytes and nothing else, so the
+    /// server can tell whose fds they are.
     fn fill_write_buffer(&mut self) {
-        while let Some(out) = self.oob_queue.pop_front() {
-            if !out.fds.is_empty() && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
-                self.oob_queue.push_front(out);
-                break;
-            }
-            self.commit(out);
-        }
         let limit = if self.shared.oob {
             QEMU_QUEUE_LIMIT
         } else {
             usize::MAX
         };
-        while self.inband_order.len() < limit {
-            let Some(out) = self.queue.pop_front() else { break };
-            if !out.fds.is_empty() && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
-                self.queue.push_front(out);
-                break;
+        loop {
+            let from_oob = !self.oob_queue.is_empty();
+            let queue = if from_oob {
+                &mut self.oob_queue
+            } else {
+                &mut self.queue
+            };
+            let Some(next) = queue.front() else { return };
+            if !from_oob && self.inband_order.len() >= limit {
+                return;
             }
-            self.commit(out);
+            let with_fds = !next.fds.is_empty();
+            if with_fds && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
+                return;
+            }
+            let out = queue.pop_front().expect("front exists");
+            if self.commit(out) && with_fds {
+                return;
+            }
         }
     }
 
-    fn commit(&mut self, out: Outgoing) {
+    /// Adds a request to the write buffer; false if its caller gave up already.
+    fn commit(&mut self, out: Outgoing) -> bool {
         if out.reply.is_closed() {
             // The caller gave up (timeout or cancellation) before the request
             // was written: it never reaches QEMU. Its fds close on drop.
             tracing::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
-            return;
+            return false;
         }
         if let Some(log) = self.log.as_ref().filter(|_| out.log) {
             log.query(&out.bytes);
@@ -366,6 +374,7 @@ impl State {
                 sent_at: Instant::now(),
             },
         );
+        true
     }
 
     fn handle_message(&mut self, bytes: &[u8]) {
@@ -422,6 +431,9 @@ impl State {
             tracing::debug!(id, "QMP: dropped a late reply (its caller timed out)");
             return;
         };
+        // Events QEMU sent before this reply are visible to subscribers by
+        // the time the caller has the reply.
+        self.flush_events();
         if p.log {
             if let Some(log) = &self.log {
                 log.reply(bytes);
