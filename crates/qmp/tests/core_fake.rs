@@ -557,10 +557,7 @@ async fn a_slow_subscriber_never_stalls_replies() {
     }
     let mut got = 0;
     let mut missed = 0;
-    while let Some(Some(item)) = tokio::time::timeout(Duration::from_millis(100), stuck.recv())
-        .await
-        .ok()
-    {
+    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(100), stuck.recv()).await {
         match item {
             qmp::EventItem::Event(_) => got += 1,
             qmp::EventItem::Missed(n) => missed += n,
