@@ -567,3 +567,35 @@ async fn a_slow_subscriber_never_stalls_replies() {
     assert_eq!(stuck.missed(), 2000 - 10);
     assert!(missed <= 2000 - 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_never_delays_connects_to_others() {
+    let frozen = server(|conn| async move {
+        let _s = conn.into_inner();
+        std::future::pending::<()>().await
+    })
+    .await;
+    let healthy = FakeServer::instant().await.unwrap();
+    let stuck = tokio::spawn({
+        let path = frozen.path().to_owned();
+        async move {
+            ConnectOptions::new()
+                .handshake_timeout(Duration::from_secs(30))
+                .connect(path)
+                .await
+        }
+    });
+    // While that connect waits, fifty others complete and work.
+    for _ in 0..50 {
+        let c = within(5, Client::connect(healthy.path())).await.unwrap();
+        assert_eq!(
+            c.execute_raw("query-status", Value::Null).await.unwrap()["status"],
+            "running"
+        );
+    }
+    assert!(
+        !stuck.is_finished(),
+        "the frozen server's connect is still waiting"
+    );
+    stuck.abort();
+}

@@ -218,7 +218,7 @@ async fn a_frozen_qemu_times_out_then_recovers_with_correct_replies() {
     );
     // Writes have a deadline too: a command far larger than the socket
     // buffers cannot be written while QEMU is frozen.
-    let big = json!({"command-line": format!("echo {}", "x".repeat(4 << 20))});
+    let big = json!({"command-line": format!("echo {}", "x".repeat(512 << 10))});
     let err = within(
         10,
         c.call_with::<_, Value>("human-monitor-command", &big, short()),
@@ -427,4 +427,41 @@ fn blocking_client_runs_commands_and_events_keep_flowing() {
     c.disconnect();
     assert!(c.wait_closed().is_disconnected());
     drop(vm);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_oob_runs_commands_that_allow_it() {
+    let vm = vm().await;
+    let c = vm.client();
+    let schema = c.schema().await.unwrap();
+    assert!(schema.has_command("query-status") && schema.command_names().len() > 100);
+    assert!(
+        schema.allows_oob("migrate-pause"),
+        "QEMU 10 allows migrate-pause out of band"
+    );
+    assert!(!schema.allows_oob("query-status"));
+    // migrate-pause outside a postcopy migration is refused, out of band.
+    let err = c
+        .call_with::<_, Value>("migrate-pause", &json!({}), CallOptions::new().oob(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), Some(&ErrorClass::GenericError), "{err:?}");
+    // A command that does not allow OOB is refused by QEMU, not hung.
+    let err = c
+        .execute_json(r#"{"exec-oob": "query-status"}"#)
+        .await
+        .unwrap_err();
+    assert!(err.is_qmp(), "{err:?}");
+    // The connection carries on in band.
+    let st: Value = c.execute_raw("query-status", Value::Null).await.unwrap();
+    assert_eq!(st["status"], "prelaunch");
+    // Without oob negotiated the client refuses exec-oob itself.
+    drop(vm);
+    let vm = vm_with(|b| b.connect_options(ConnectOptions::new().oob(false))).await;
+    let err = vm
+        .client()
+        .call_with::<_, Value>("migrate-pause", &json!({}), CallOptions::new().oob(true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
 }
