@@ -1,7 +1,39 @@
-//! qmpctl: a command-line tool for the QEMU Machine Protocol. (Being written.)
+//! qmpctl: a command-line tool for the QEMU Machine Protocol. (Being written:
+//! for now only `bench`.)
 
 mod bench;
 
-fn main() {
-    let _ = bench::run;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line options.
+#[derive(Parser)]
+#[command(name = "qmpctl", version, about = "Talk to QEMU over QMP")]
+struct Cli {
+    /// The QMP socket.
+    #[arg(long, env = "QMPCTL_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure the cost per command or per event.
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let socket = cli
+        .socket
+        .ok_or_else(|| anyhow::anyhow!("--socket is required"))?;
+    match cli.command {
+        Cmd::Bench(args) => bench::run(socket, args, cli.json).await,
+    }
 }
