@@ -138,6 +138,19 @@ struct State {
     events: Vec<Event>,
 }
 
+/// How many reads one wake-up may do before the task lets others run.
+const READS_PER_WAKE: usize = 4;
+
+/// What a round of reading found.
+enum Read {
+    /// The socket has nothing more for now.
+    Drained,
+    /// There is probably more to read.
+    More,
+    /// End of stream.
+    Eof,
+}
+
 /// What ended the connection.
 enum Ending {
     Eof,
@@ -163,8 +176,11 @@ impl Driver {
                         break Ending::Io(e);
                     }
                     match self.read_ready() {
-                        Ok(true) => {}
-                        Ok(false) => break Ending::Eof,
+                        Ok(Read::Drained) => {}
+                        // A fast server can keep the socket full forever: let
+                        // the callers and subscribers on this thread run too.
+                        Ok(Read::More) => tokio::task::yield_now().await,
+                        Ok(Read::Eof) => break Ending::Eof,
                         Err(e) => break Ending::Io(e),
                     }
                 }
@@ -196,10 +212,11 @@ impl Driver {
         self.shutdown(ending);
     }
 
-    /// Reads what is available and handles every complete message.
-    /// Returns false at end of stream.
-    fn read_ready(&mut self) -> io::Result<bool> {
-        loop {
+    /// Reads what is available (up to a few buffers' worth) and handles
+    /// every complete message.
+    fn read_ready(&mut self) -> io::Result<Read> {
+        let mut outcome = Read::More;
+        for _ in 0..READS_PER_WAKE {
             let spare = self.splitter.spare();
             let room = spare.len();
             match self.stream.try_read(spare) {
@@ -209,22 +226,26 @@ impl Driver {
                         tracing::warn!("QMP: the connection closed in the middle of a message");
                     }
                     self.state.flush_events();
-                    return Ok(false);
+                    return Ok(Read::Eof);
                 }
                 Ok(n) => {
                     self.splitter.filled(n);
                     self.process_frames();
                     if n < room {
+                        outcome = Read::Drained;
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    outcome = Read::Drained;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
         self.state.flush_events();
-        Ok(true)
+        Ok(outcome)
     }
 
     fn process_frames(&mut self) {
