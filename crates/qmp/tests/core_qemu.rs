@@ -336,17 +336,17 @@ async fn a_100_kb_ringbuf_read_reply_arrives_whole() {
     )
     .await
     .unwrap();
-    let err = c
+    let result = c
         .call::<_, String>(
             "ringbuf-read",
             &json!({"device": "rb0", "size": 16384, "format": "utf8"}),
         )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::MessageTooLarge { limit: 32768, .. }),
-        "{err:?}"
-    );
+        .await;
+    match result {
+        Err(Error::MessageTooLarge { limit: 32768, size }) => assert!(size > 32768, "{size}"),
+        Err(other) => panic!("expected MessageTooLarge, got {other:?}"),
+        Ok(text) => panic!("expected MessageTooLarge, got a reply of {} bytes", text.len()),
+    }
     let st: Value = c.execute_raw("query-status", Value::Null).await.unwrap();
     assert_eq!(st["status"], "prelaunch");
 }

@@ -46,7 +46,7 @@ pub(crate) type ReplyResult = Result<Box<RawValue>, Error>;
 
 /// A message to the task.
 pub(crate) enum ToDriver {
-    Command(Outgoing),
+    Command(Box<Outgoing>),
     Disconnect,
 }
 
@@ -71,7 +71,7 @@ struct Pending {
 }
 
 /// Starts the task for a connection that completed its handshake.
-pub(crate) fn spawn(hs: Handshaken, config: Config, log: Option<TrafficLog>, path: PathBuf) -> Client {
+pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>, path: PathBuf) -> Client {
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed, _) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -96,7 +96,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Config, log: Option<TrafficLog>, pat
             inband_order: VecDeque::new(),
             queue: VecDeque::new(),
             oob_queue: VecDeque::new(),
-            wbuf: Vec::with_capacity(4096),
+            wbuf: Vec::new(),
             wpos: 0,
             wfds: Vec::new(),
             fd_command: None,
@@ -123,8 +123,8 @@ struct State {
     /// In-band ids written and unanswered, oldest first.
     inband_order: VecDeque<u64>,
     /// Requests not yet written, in-band and out-of-band.
-    queue: VecDeque<Outgoing>,
-    oob_queue: VecDeque<Outgoing>,
+    queue: VecDeque<Box<Outgoing>>,
+    oob_queue: VecDeque<Box<Outgoing>>,
     /// Bytes committed to the socket, written up to `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -137,6 +137,14 @@ struct State {
     /// Events parsed from the current read, handed over in one batch.
     events: Vec<Event>,
 }
+
+thread_local! {
+    /// The read buffer that idle connections on this thread share.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer grown larger than this by a big message is freed, not pooled.
+const POOLED_BUFFER_MAX: usize = 256 * 1024;
 
 /// How many reads one wake-up may do before the task lets others run.
 const READS_PER_WAKE: usize = 4;
@@ -164,6 +172,7 @@ impl Driver {
         // The handshake may have read events already.
         self.process_frames();
         self.state.flush_events();
+        self.return_read_buffer();
         let ending = loop {
             if let Err(e) = self.write_ready() {
                 break Ending::Io(e);
@@ -214,7 +223,35 @@ impl Driver {
 
     /// Reads what is available (up to a few buffers' worth) and handles
     /// every complete message.
+    ///
+    /// An idle connection owns no read buffer: it borrows the thread's for
+    /// the read and gives it back once every message in it was handled. Only
+    /// a connection left holding part of a message keeps one.
     fn read_ready(&mut self) -> io::Result<Read> {
+        if self.splitter.is_drained() {
+            READ_BUFFER.with(|pool| self.splitter.adopt(std::mem::take(&mut *pool.borrow_mut())));
+        }
+        let outcome = self.read_some();
+        self.return_read_buffer();
+        outcome
+    }
+
+    /// Hands the read buffer to the thread's pool when no message is in it.
+    fn return_read_buffer(&mut self) {
+        if self.splitter.is_drained() {
+            let buf = self.splitter.release();
+            if buf.capacity() <= POOLED_BUFFER_MAX {
+                READ_BUFFER.with(|pool| {
+                    let mut pool = pool.borrow_mut();
+                    if pool.capacity() < buf.capacity() {
+                        *pool = buf;
+                    }
+                });
+            }
+        }
+    }
+
+    fn read_some(&mut self) -> io::Result<Read> {
         let mut outcome = Read::More;
         for _ in 0..READS_PER_WAKE {
             let spare = self.splitter.spare();
@@ -266,6 +303,10 @@ impl Driver {
         loop {
             let st = &mut self.state;
             if st.wpos == st.wbuf.len() {
+                if st.wbuf.capacity() > 64 * 1024 {
+                    // Do not keep a huge command's buffer for the connection's life.
+                    st.wbuf = Vec::new();
+                }
                 st.wbuf.clear();
                 st.wpos = 0;
                 st.fill_write_buffer();
@@ -326,7 +367,7 @@ impl Driver {
 }
 
 impl State {
-    fn enqueue(&mut self, out: Outgoing) {
+    fn enqueue(&mut self, out: Box<Outgoing>) {
         if out.oob {
             self.oob_queue.push_back(out);
         } else {
@@ -367,7 +408,8 @@ impl State {
     }
 
     /// Adds a request to the write buffer; false if its caller gave up already.
-    fn commit(&mut self, out: Outgoing) -> bool {
+    fn commit(&mut self, out: Box<Outgoing>) -> bool {
+        let out = *out;
         if out.reply.is_closed() {
             // The caller gave up (timeout or cancellation) before the request
             // was written: it never reaches QEMU. Its fds close on drop.
