@@ -401,15 +401,14 @@ impl State {
                 return;
             }
             let out = queue.pop_front().expect("front exists");
-            if self.commit(out) && with_fds {
+            if self.commit(*out) && with_fds {
                 return;
             }
         }
     }
 
     /// Adds a request to the write buffer; false if its caller gave up already.
-    fn commit(&mut self, out: Box<Outgoing>) -> bool {
-        let out = *out;
+    fn commit(&mut self, out: Outgoing) -> bool {
         if out.reply.is_closed() {
             // The caller gave up (timeout or cancellation) before the request
             // was written: it never reaches QEMU. Its fds close on drop.
