@@ -289,8 +289,8 @@ impl FakeConn {
     /// `STOP` event every `every` once capabilities are negotiated.
     ///
     /// Replies: `query-status` returns
-    /// `{"status":"running","singlestep":false,"running":true}`, any other
-    /// command `{}`. Before `qmp_capabilities`, other commands fail with
+    /// `{"status":"running","singlestep":false,"running":true}`,
+    /// `ringbuf-read` an empty string, any other command `{}`. Before `qmp_capabilities`, other commands fail with
     /// `CommandNotFound` as in QEMU; invalid JSON, non-objects and requests
     /// without a command get a `GenericError`. Replies to all requests
     /// already buffered are written with one write.
@@ -426,6 +426,8 @@ fn instant_reply(out: &mut Vec<u8>, req: &Request, negotiated: &mut bool) {
             &json!({"status": "running", "singlestep": false, "running": true}),
             id,
         ),
+        // An empty ring buffer, as a guest agent's serial port is when idle.
+        ("ringbuf-read", true) => encode_reply(out, "return", &json!(""), id),
         (_, true) => encode_reply(out, "return", &json!({}), id),
     }
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+mod scale;
 use serde::{Deserialize, Serialize};
 
 /// Arguments of `qmpctl bench`.
@@ -33,6 +35,18 @@ pub struct BenchArgs {
     /// Do not negotiate the `oob` capability.
     #[arg(long)]
     pub no_oob: bool,
+    /// Instead, hold N connections at once to a fake QMP server in another
+    /// process, and report memory per connection, CPU while idle, and the
+    /// time of one command on all of them at once. Needs no `--socket`.
+    #[arg(long, value_name = "N")]
+    pub scale: Option<usize>,
+    /// With `--scale`: how long to measure idle CPU use, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub idle_secs: f64,
+    /// With `--scale`: the fake server binary (default: `qmp-fake-server`
+    /// beside this program, else on PATH).
+    #[arg(long)]
+    pub fake_server: Option<PathBuf>,
 }
 
 /// `query-status`, typed.
@@ -56,7 +70,11 @@ impl qmp::Command for QueryStatus {
 ///
 /// It runs on a runtime of its own (one thread unless `--multi-thread`), so
 /// the figure does not depend on how the caller's runtime is configured.
-pub async fn run(socket: PathBuf, args: BenchArgs, json: bool) -> anyhow::Result<()> {
+pub async fn run(socket: Option<PathBuf>, args: BenchArgs, json: bool) -> anyhow::Result<()> {
+    if let Some(n) = args.scale {
+        return scale::run(n, &args, json).await;
+    }
+    let socket = socket.context("bench needs --socket (or --scale N)")?;
     let multi = args.multi_thread;
     let line = tokio::task::spawn_blocking(move || {
         let rt = if multi {

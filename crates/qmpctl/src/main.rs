@@ -30,10 +30,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let socket = cli
-        .socket
-        .ok_or_else(|| anyhow::anyhow!("--socket is required"))?;
     match cli.command {
-        Cmd::Bench(args) => bench::run(socket, args, cli.json).await,
+        Cmd::Bench(args) => bench::run(cli.socket, args, cli.json).await,
     }
 }
