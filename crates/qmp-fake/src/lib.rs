@@ -185,6 +185,9 @@ impl Request {
 pub struct FakeConn {
     stream: UnixStream,
     splitter: JsonSplitter,
+    /// Requests split from the reads so far, not yet received by the script.
+    ready: std::collections::VecDeque<Request>,
+    /// Fds whose request has not been completely read yet.
     fds: Vec<OwnedFd>,
     negotiated: bool,
 }
@@ -195,6 +198,7 @@ impl FakeConn {
         FakeConn {
             stream,
             splitter: JsonSplitter::new(),
+            ready: std::collections::VecDeque::new(),
             fds: Vec::new(),
             negotiated: false,
         }
@@ -285,8 +289,8 @@ impl FakeConn {
     /// `STOP` event every `every` once capabilities are negotiated.
     ///
     /// Replies: `query-status` returns
-    /// `{"status":"running","singlestep":false,"running":true}`, any other
-    /// command `{}`. Before `qmp_capabilities`, other commands fail with
+    /// `{"status":"running","singlestep":false,"running":true}`,
+    /// `ringbuf-read` an empty string, any other command `{}`. Before `qmp_capabilities`, other commands fail with
     /// `CommandNotFound` as in QEMU; invalid JSON, non-objects and requests
     /// without a command get a `GenericError`. Replies to all requests
     /// already buffered are written with one write.
@@ -329,20 +333,37 @@ impl FakeConn {
     }
 
     fn next_buffered(&mut self) -> Option<Request> {
-        let raw = self.splitter.next()?;
-        Some(Request::parse(raw, std::mem::take(&mut self.fds)))
+        self.ready.pop_front()
+    }
+
+    /// Splits what the last read completed into requests and gives fds to
+    /// the request they came with. The kernel ends a `recvmsg` right after
+    /// the data that carried fds, and a client sends a command with fds on a
+    /// `sendmsg` of its own, so new fds belong to the last request this read
+    /// completed; fds whose request is still incomplete go to the next one.
+    fn split_read(&mut self, mut new_fds: Vec<OwnedFd>) {
+        let first = self.ready.len();
+        while let Some(raw) = self.splitter.next() {
+            self.ready.push_back(Request::parse(raw, Vec::new()));
+        }
+        let completed = self.ready.len() - first;
+        if completed > 0 && !self.fds.is_empty() {
+            self.ready[first].fds = std::mem::take(&mut self.fds);
+        }
+        if !new_fds.is_empty() {
+            match self.ready.back_mut().filter(|_| completed > 0) {
+                Some(last) => last.fds.append(&mut new_fds),
+                None => self.fds.append(&mut new_fds),
+            }
+        }
     }
 
     /// One `recvmsg` into the splitter, collecting any fds; 0 at EOF.
     async fn read_some(&mut self) -> io::Result<usize> {
         loop {
             self.stream.readable().await?;
-            let FakeConn {
-                stream,
-                splitter,
-                fds,
-                ..
-            } = self;
+            let FakeConn { stream, splitter, .. } = self;
+            let mut fds = Vec::new();
             let res = stream.try_io(Interest::READABLE, || {
                 SCRATCH.with_borrow_mut(|buf| {
                     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
@@ -359,7 +380,10 @@ impl FakeConn {
                 })
             });
             match res {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    self.split_read(fds);
+                    return Ok(n);
+                }
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
                 Err(e) => return Err(e),
             }
@@ -402,6 +426,8 @@ fn instant_reply(out: &mut Vec<u8>, req: &Request, negotiated: &mut bool) {
             &json!({"status": "running", "singlestep": false, "running": true}),
             id,
         ),
+        // An empty ring buffer, as a guest agent's serial port is when idle.
+        ("ringbuf-read", true) => encode_reply(out, "return", &json!(""), id),
         (_, true) => encode_reply(out, "return", &json!({}), id),
     }
 }

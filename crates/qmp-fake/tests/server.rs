@@ -138,8 +138,16 @@ async fn fds_arrive_with_their_request() {
         .unwrap();
     assert_eq!(next_json(&mut lines).await, json!({"return": {}}));
 
+    // A plain request first: one recvmsg may return it together with the
+    // next sendmsg's data, and the fds still belong to the later request.
+    lines
+        .get_mut()
+        .get_mut()
+        .write_all(br#"{"execute":"before","id":6}"#)
+        .await
+        .unwrap();
     let stream = lines.get_ref().get_ref();
-    let msg = br#"{"execute":"getfd","arguments":{"fdname":"f"},"id":7}{"execute":"after","id":8}"#;
+    let msg = br#"{"execute":"getfd","arguments":{"fdname":"f"},"id":7}"#;
     let fds = [file.as_fd()];
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut cmsg = SendAncillaryBuffer::new(&mut space);
@@ -157,17 +165,19 @@ async fn fds_arrive_with_their_request() {
         .unwrap();
     assert_eq!(sent, msg.len());
 
+    assert_eq!(next_json(&mut lines).await, json!({"return": {}, "id": 6}));
     assert_eq!(next_json(&mut lines).await, json!({"return": {}, "id": 7}));
-    assert_eq!(next_json(&mut lines).await, json!({"return": {}, "id": 8}));
+    let before = rx.recv().await.unwrap();
+    assert_eq!(before.name.as_deref(), Some("before"));
+    assert!(before.fds.is_empty());
     let getfd = rx.recv().await.unwrap();
     assert_eq!(getfd.name.as_deref(), Some("getfd"));
     assert_eq!(getfd.arguments().unwrap()["fdname"], "f");
-    assert_eq!(getfd.raw, &msg[..msg.len() - 26]);
+    assert_eq!(getfd.raw, &msg[..]);
     assert_eq!(getfd.fds.len(), 1);
     let mut received = std::fs::File::from(getfd.fds.into_iter().next().unwrap());
     received.rewind().unwrap();
     let mut text = String::new();
     received.read_to_string(&mut text).unwrap();
     assert_eq!(text, "hello fd");
-    assert!(rx.recv().await.unwrap().fds.is_empty());
 }

@@ -96,7 +96,7 @@ impl CallOptions {
 /// State shared by a connection's task and its handles.
 pub(crate) struct Shared {
     pub next_id: AtomicU64,
-    pub config: Config,
+    pub config: Arc<Config>,
     pub greeting: Greeting,
     pub oob: bool,
     pub subscribers: Subscribers,
@@ -327,10 +327,12 @@ impl Client {
         let budget = options
             .timeout
             .unwrap_or_else(|| shared.config.timeout_for(&name));
-        let log = !options.no_log && !shared.config.log_excluded.iter().any(|x| *x == name);
+        let log = !options.no_log && !shared.config.log_excludes(&name);
         let (reply, rx) = oneshot::channel();
         let command = name.clone();
-        let out = Outgoing {
+        // Boxed: the channel's slots stay one pointer wide, which keeps an
+        // idle connection small.
+        let out = Box::new(Outgoing {
             id,
             name,
             bytes,
@@ -338,7 +340,7 @@ impl Client {
             oob: options.oob,
             log,
             reply,
-        };
+        });
         if let Err(mpsc::error::SendError(ToDriver::Command(out))) =
             self.inner.tx.send(ToDriver::Command(out))
         {

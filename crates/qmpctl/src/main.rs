@@ -79,10 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Tour(args) => tour::run(args, &globals).await,
         Command::Bench(args) => {
-            let socket = globals.socket.clone().ok_or_else(|| {
-                exit::usage("bench needs a socket: give --socket PATH or set QMPCTL_SOCKET")
-            })?;
-            bench::run(socket, args, globals.json).await?;
+            bench::run(globals.socket.clone(), args, globals.json).await?;
             Ok(ExitCode::SUCCESS)
         }
         command => {

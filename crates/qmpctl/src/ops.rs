@@ -317,7 +317,7 @@ pub async fn drain_ringbuf(client: &Client, chardev: &str) -> anyhow::Result<Str
 fn ringbuf_error(e: qmp::Error, chardev: &str) -> anyhow::Error {
     match e.as_qmp().map(|q| q.desc.as_str()) {
         Some(d) if d.contains("not found") => qmp::Error::BadConsole(chardev.to_owned()).into(),
-        Some(d) if d.contains("not a ringbuffer") => qmp::Error::NotARingbuf(chardev.to_owned()).into(),
+        Some(d) if d.contains("not a ringbuf") => qmp::Error::NotARingbuf(chardev.to_owned()).into(),
         _ => e.into(),
     }
 }

@@ -375,9 +375,9 @@ async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
                 let (host, port) = address
                     .rsplit_once(':')
                     .ok_or_else(|| usage(format!("--tcp needs HOST:PORT, got {address:?}")))?;
-                json!({"type": "inet", "host": host, "port": port})
+                json!({"type": "inet", "data": {"host": host, "port": port}})
             } else {
-                json!({"type": "unix", "path": ops::absolute(Path::new(&address))?})
+                json!({"type": "unix", "data": {"path": ops::absolute(Path::new(&address))?}})
             };
             ctx.call("nbd-server-start", &json!({"addr": addr})).await?;
             done(ctx, json!({"addr": addr}), &format!("NBD server listening on {address}"))

@@ -46,7 +46,7 @@ pub(crate) type ReplyResult = Result<Box<RawValue>, Error>;
 
 /// A message to the task.
 pub(crate) enum ToDriver {
-    Command(Outgoing),
+    Command(Box<Outgoing>),
     Disconnect,
 }
 
@@ -71,7 +71,7 @@ struct Pending {
 }
 
 /// Starts the task for a connection that completed its handshake.
-pub(crate) fn spawn(hs: Handshaken, config: Config, log: Option<TrafficLog>, path: PathBuf) -> Client {
+pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>, path: PathBuf) -> Client {
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed, _) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -96,7 +96,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Config, log: Option<TrafficLog>, pat
             inband_order: VecDeque::new(),
             queue: VecDeque::new(),
             oob_queue: VecDeque::new(),
-            wbuf: Vec::with_capacity(4096),
+            wbuf: Vec::new(),
             wpos: 0,
             wfds: Vec::new(),
             fd_command: None,
@@ -123,8 +123,8 @@ struct State {
     /// In-band ids written and unanswered, oldest first.
     inband_order: VecDeque<u64>,
     /// Requests not yet written, in-band and out-of-band.
-    queue: VecDeque<Outgoing>,
-    oob_queue: VecDeque<Outgoing>,
+    queue: VecDeque<Box<Outgoing>>,
+    oob_queue: VecDeque<Box<Outgoing>>,
     /// Bytes committed to the socket, written up to `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -136,6 +136,27 @@ struct State {
     fd_command: Option<u64>,
     /// Events parsed from the current read, handed over in one batch.
     events: Vec<Event>,
+}
+
+thread_local! {
+    /// The read buffer that idle connections on this thread share.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer grown larger than this by a big message is freed, not pooled.
+const POOLED_BUFFER_MAX: usize = 256 * 1024;
+
+/// How many reads one wake-up may do before the task lets others run.
+const READS_PER_WAKE: usize = 4;
+
+/// What a round of reading found.
+enum Read {
+    /// The socket has nothing more for now.
+    Drained,
+    /// There is probably more to read.
+    More,
+    /// End of stream.
+    Eof,
 }
 
 /// What ended the connection.
@@ -151,6 +172,7 @@ impl Driver {
         // The handshake may have read events already.
         self.process_frames();
         self.state.flush_events();
+        self.return_read_buffer();
         let ending = loop {
             if let Err(e) = self.write_ready() {
                 break Ending::Io(e);
@@ -163,8 +185,11 @@ impl Driver {
                         break Ending::Io(e);
                     }
                     match self.read_ready() {
-                        Ok(true) => {}
-                        Ok(false) => break Ending::Eof,
+                        Ok(Read::Drained) => {}
+                        // A fast server can keep the socket full forever: let
+                        // the callers and subscribers on this thread run too.
+                        Ok(Read::More) => tokio::task::yield_now().await,
+                        Ok(Read::Eof) => break Ending::Eof,
                         Err(e) => break Ending::Io(e),
                     }
                 }
@@ -196,10 +221,39 @@ impl Driver {
         self.shutdown(ending);
     }
 
-    /// Reads what is available and handles every complete message.
-    /// Returns false at end of stream.
-    fn read_ready(&mut self) -> io::Result<bool> {
-        loop {
+    /// Reads what is available (up to a few buffers' worth) and handles
+    /// every complete message.
+    ///
+    /// An idle connection owns no read buffer: it borrows the thread's for
+    /// the read and gives it back once every message in it was handled. Only
+    /// a connection left holding part of a message keeps one.
+    fn read_ready(&mut self) -> io::Result<Read> {
+        if self.splitter.is_drained() {
+            READ_BUFFER.with(|pool| self.splitter.adopt(std::mem::take(&mut *pool.borrow_mut())));
+        }
+        let outcome = self.read_some();
+        self.return_read_buffer();
+        outcome
+    }
+
+    /// Hands the read buffer to the thread's pool when no message is in it.
+    fn return_read_buffer(&mut self) {
+        if self.splitter.is_drained() {
+            let buf = self.splitter.release();
+            if buf.capacity() <= POOLED_BUFFER_MAX {
+                READ_BUFFER.with(|pool| {
+                    let mut pool = pool.borrow_mut();
+                    if pool.capacity() < buf.capacity() {
+                        *pool = buf;
+                    }
+                });
+            }
+        }
+    }
+
+    fn read_some(&mut self) -> io::Result<Read> {
+        let mut outcome = Read::More;
+        for _ in 0..READS_PER_WAKE {
             let spare = self.splitter.spare();
             let room = spare.len();
             match self.stream.try_read(spare) {
@@ -209,22 +263,26 @@ impl Driver {
                         tracing::warn!("QMP: the connection closed in the middle of a message");
                     }
                     self.state.flush_events();
-                    return Ok(false);
+                    return Ok(Read::Eof);
                 }
                 Ok(n) => {
                     self.splitter.filled(n);
                     self.process_frames();
                     if n < room {
+                        outcome = Read::Drained;
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    outcome = Read::Drained;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
         self.state.flush_events();
-        Ok(true)
+        Ok(outcome)
     }
 
     fn process_frames(&mut self) {
@@ -245,6 +303,10 @@ impl Driver {
         loop {
             let st = &mut self.state;
             if st.wpos == st.wbuf.len() {
+                if st.wbuf.capacity() > 64 * 1024 {
+                    // Do not keep a huge command's buffer for the connection's life.
+                    st.wbuf = Vec::new();
+                }
                 st.wbuf.clear();
                 st.wpos = 0;
                 st.fill_write_buffer();
@@ -305,7 +367,7 @@ impl Driver {
 }
 
 impl State {
-    fn enqueue(&mut self, out: Outgoing) {
+    fn enqueue(&mut self, out: Box<Outgoing>) {
         if out.oob {
             self.oob_queue.push_back(out);
         } else {
@@ -314,36 +376,44 @@ impl State {
     }
 
     /// Commits queued requests to the (empty) write buffer: out-of-band ones
-    /// first, then in-band ones up to QEMU's queue limit.
+    /// first, then in-band ones up to QEMU's queue limit. A request with fds
+    /// goes alone: its `sendmsg` carries its bytes and nothing else, so the
+    /// server can tell whose fds they are.
     fn fill_write_buffer(&mut self) {
-        while let Some(out) = self.oob_queue.pop_front() {
-            if !out.fds.is_empty() && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
-                self.oob_queue.push_front(out);
-                break;
-            }
-            self.commit(out);
-        }
         let limit = if self.shared.oob {
             QEMU_QUEUE_LIMIT
         } else {
             usize::MAX
         };
-        while self.inband_order.len() < limit {
-            let Some(out) = self.queue.pop_front() else { break };
-            if !out.fds.is_empty() && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
-                self.queue.push_front(out);
-                break;
+        loop {
+            let from_oob = !self.oob_queue.is_empty();
+            let queue = if from_oob {
+                &mut self.oob_queue
+            } else {
+                &mut self.queue
+            };
+            let Some(next) = queue.front() else { return };
+            if !from_oob && self.inband_order.len() >= limit {
+                return;
             }
-            self.commit(out);
+            let with_fds = !next.fds.is_empty();
+            if with_fds && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
+                return;
+            }
+            let out = queue.pop_front().expect("front exists");
+            if self.commit(*out) && with_fds {
+                return;
+            }
         }
     }
 
-    fn commit(&mut self, out: Outgoing) {
+    /// Adds a request to the write buffer; false if its caller gave up already.
+    fn commit(&mut self, out: Outgoing) -> bool {
         if out.reply.is_closed() {
             // The caller gave up (timeout or cancellation) before the request
             // was written: it never reaches QEMU. Its fds close on drop.
             tracing::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
-            return;
+            return false;
         }
         if let Some(log) = self.log.as_ref().filter(|_| out.log) {
             log.query(&out.bytes);
@@ -366,6 +436,7 @@ impl State {
                 sent_at: Instant::now(),
             },
         );
+        true
     }
 
     fn handle_message(&mut self, bytes: &[u8]) {
@@ -422,6 +493,9 @@ impl State {
             tracing::debug!(id, "QMP: dropped a late reply (its caller timed out)");
             return;
         };
+        // Events QEMU sent before this reply are visible to subscribers by
+        // the time the caller has the reply.
+        self.flush_events();
         if p.log {
             if let Some(log) = &self.log {
                 log.reply(bytes);

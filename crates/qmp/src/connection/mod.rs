@@ -26,45 +26,52 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default budget of the whole handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Commands that legitimately take long on a busy host, and their default
-/// budgets. Too tight a budget fails healthy VMs; too loose a one only delays
+/// The default budget of commands that legitimately take long on a busy
+/// host. Too tight a budget fails healthy VMs; too loose a one only delays
 /// the report of a frozen QEMU.
-const SLOW_COMMANDS: &[(&str, u64)] = &[
-    ("blockdev-add", 120),
-    ("blockdev-del", 120),
-    ("blockdev-create", 300),
-    ("device_add", 120),
-    ("device_del", 120),
-    ("cont", 120),
-    ("stop", 120),
-    ("system_reset", 60),
-    ("transaction", 120),
-    ("dump-guest-memory", 600),
-    ("screendump", 60),
-    ("query-migrate", 60),
-    ("migrate", 60),
-    ("migrate-incoming", 60),
-    ("block_resize", 120),
-    ("x-blockdev-change", 120),
-    ("object-add", 120),
-];
+fn slow_command_budget(name: &str) -> Option<Duration> {
+    let secs = match name {
+        "dump-guest-memory" => 600,
+        "blockdev-create" => 300,
+        "blockdev-add" | "blockdev-del" | "device_add" | "device_del" | "cont" | "stop" | "transaction"
+        | "block_resize" | "x-blockdev-change" | "object-add" => 120,
+        "system_reset" | "screendump" | "query-migrate" | "migrate" | "migrate-incoming" => 60,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
 
-/// Settings shared by a connection and its handles.
+/// The commands kept out of the traffic log unless told otherwise (the Go
+/// package's `ExcludedCommands`).
+pub const DEFAULT_LOG_EXCLUDED: &[&str] = &["ringbuf-read"];
+
+/// Settings shared by a connection and its handles. Connections made from
+/// one [`ConnectOptions`] share one copy.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub default_timeout: Duration,
+    /// Budgets set by the user, by command name (usually empty).
     pub command_timeouts: HashMap<String, Duration>,
     pub max_message_size: usize,
-    pub log_excluded: Vec<String>,
+    /// `None` means [`DEFAULT_LOG_EXCLUDED`].
+    pub log_excluded: Option<Vec<String>>,
 }
 
 impl Config {
     /// The budget of a command by name.
     pub(crate) fn timeout_for(&self, name: &str) -> Duration {
-        self.command_timeouts
-            .get(name)
-            .copied()
-            .unwrap_or(self.default_timeout)
+        if let Some(t) = self.command_timeouts.get(name) {
+            return *t;
+        }
+        slow_command_budget(name).unwrap_or(self.default_timeout)
+    }
+
+    /// True when the traffic log leaves this command out.
+    pub(crate) fn log_excludes(&self, name: &str) -> bool {
+        match &self.log_excluded {
+            Some(list) => list.iter().any(|x| x == name),
+            None => DEFAULT_LOG_EXCLUDED.contains(&name),
+        }
     }
 }
 
@@ -87,7 +94,7 @@ pub struct ConnectOptions {
     handshake_timeout: Duration,
     oob: bool,
     log_file: Option<PathBuf>,
-    config: Config,
+    config: Arc<Config>,
 }
 
 impl Default for ConnectOptions {
@@ -97,22 +104,20 @@ impl Default for ConnectOptions {
 }
 
 impl ConnectOptions {
-    /// The defaults: 5 s handshake, 30 s per command (longer for known slow
-    /// commands), 64 MiB messages, `oob` enabled when offered, no log.
+    /// The defaults: 5 s handshake, 30 s per command (60 to 600 s for known
+    /// slow commands such as `blockdev-add`, `device_add` or
+    /// `dump-guest-memory`), 64 MiB messages, `oob` enabled when offered, no log.
     pub fn new() -> Self {
         ConnectOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             oob: true,
             log_file: None,
-            config: Config {
+            config: Arc::new(Config {
                 default_timeout: DEFAULT_COMMAND_TIMEOUT,
-                command_timeouts: SLOW_COMMANDS
-                    .iter()
-                    .map(|(n, s)| (n.to_string(), Duration::from_secs(*s)))
-                    .collect(),
+                command_timeouts: HashMap::new(),
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
-                log_excluded: vec!["ringbuf-read".to_owned()],
-            },
+                log_excluded: None,
+            }),
         }
     }
 
@@ -124,20 +129,22 @@ impl ConnectOptions {
 
     /// The budget of every command that has no budget of its own.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.config.default_timeout = timeout;
+        Arc::make_mut(&mut self.config).default_timeout = timeout;
         self
     }
 
     /// The budget of one command by name, overriding the default.
     pub fn timeout_for(mut self, command: &str, timeout: Duration) -> Self {
-        self.config.command_timeouts.insert(command.to_owned(), timeout);
+        Arc::make_mut(&mut self.config)
+            .command_timeouts
+            .insert(command.to_owned(), timeout);
         self
     }
 
     /// The largest message accepted from QEMU. A larger one fails the command
     /// it answers with [`Error::MessageTooLarge`] and is skipped.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.config.max_message_size = bytes;
+        Arc::make_mut(&mut self.config).max_message_size = bytes;
         self
     }
 
@@ -161,7 +168,7 @@ impl ConnectOptions {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.config.log_excluded = commands.into_iter().map(Into::into).collect();
+        Arc::make_mut(&mut self.config).log_excluded = Some(commands.into_iter().map(Into::into).collect());
         self
     }
 

@@ -14,6 +14,12 @@
 
 use memchr::{memchr2, memchr3};
 
+/// The least free space offered to a read.
+const MIN_READ: usize = 16 * 1024;
+
+/// The size of a buffer made from nothing.
+const FIRST_BUFFER: usize = 64 * 1024;
+
 /// How many bytes of an oversized message's head and tail are kept.
 const SKIP_KEEP: usize = 256;
 
@@ -95,7 +101,7 @@ impl Splitter {
     /// A splitter that refuses messages larger than `limit` bytes.
     pub fn new(limit: usize) -> Self {
         Splitter {
-            buf: vec![0; 64 * 1024],
+            buf: Vec::new(),
             start: 0,
             pos: 0,
             end: 0,
@@ -116,9 +122,9 @@ impl Splitter {
             self.end -= self.start;
             self.start = 0;
         }
-        if self.buf.len() - self.end < 16 * 1024 {
+        if self.buf.len() - self.end < MIN_READ {
             let grown = (self.buf.len() * 2).min(self.limit.saturating_add(128 * 1024));
-            let grown = grown.max(self.end + 16 * 1024);
+            let grown = grown.max(self.end + MIN_READ).max(FIRST_BUFFER);
             self.buf.resize(grown, 0);
         }
         &mut self.buf[self.end..]
@@ -146,6 +152,29 @@ impl Splitter {
     /// the next call to `spare`.
     pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
         &self.buf[range]
+    }
+
+    /// True when nothing is buffered: no message, no part of one.
+    pub fn is_drained(&self) -> bool {
+        self.start == self.end && self.depth == 0 && self.skip.is_none()
+    }
+
+    /// Takes a buffer to read into; only while drained (it replaces an empty one).
+    pub fn adopt(&mut self, buf: Vec<u8>) {
+        debug_assert!(self.is_drained());
+        self.buf = buf;
+        self.start = 0;
+        self.pos = 0;
+        self.end = 0;
+    }
+
+    /// Gives the buffer up; only while drained.
+    pub fn release(&mut self) -> Vec<u8> {
+        debug_assert!(self.is_drained());
+        self.start = 0;
+        self.pos = 0;
+        self.end = 0;
+        std::mem::take(&mut self.buf)
     }
 
     /// True when part of a message is buffered.
@@ -186,6 +215,15 @@ impl Splitter {
                 let range = self.start..stop;
                 self.pos = stop;
                 self.start = stop;
+                if range.len() > self.limit {
+                    // Arrived whole in one read, but too large all the same.
+                    let bytes = &self.buf[range.clone()];
+                    return Some(Frame::TooLarge(Oversized {
+                        size: bytes.len(),
+                        head: bytes[..SKIP_KEEP].to_vec(),
+                        tail: bytes[bytes.len() - SKIP_KEEP..].to_vec(),
+                    }));
+                }
                 return Some(Frame::Message(range));
             }
             if self.pos - self.start > self.limit {
@@ -364,6 +402,13 @@ mod tests {
             got.extend(all(&mut s));
         }
         assert_eq!(got, ["too-large:5024:Some(42)", "{\"return\": {}, \"id\": 43}"]);
+        // The same, arriving in one piece.
+        let mut s = Splitter::new(1000);
+        s.push(msg.as_bytes());
+        assert_eq!(
+            all(&mut s),
+            ["too-large:5024:Some(42)", "{\"return\": {}, \"id\": 43}"]
+        );
     }
 
     #[test]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Measures qmp-rs against the floor client (../shared/bench/floor) in one run
+# on one machine: the floor's instant fake server at depths 1, 8 and 64, a real
+# QEMU at depths 1 and 8 (the floor with OOB), and events per second.
+# Each figure is the median of ROUNDS interleaved runs; ratios are qmp-rs / floor.
+#
+# Usage: bench/compare.sh            (N=20000 fake, 5000 QEMU, ROUNDS=3)
+#        N=50000 QEMU_N=10000 ROUNDS=5 bench/compare.sh
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${QMP_SHARED:-$root/../shared}
+N=${N:-20000}
+QEMU_N=${QEMU_N:-5000}
+ROUNDS=${ROUNDS:-3}
+EVENTS=${EVENTS:-200000}
+
+floor_target=${TMPDIR:-/tmp}/qmp-rs-floor-target
+echo "building the floor (out of tree) and qmpctl (release)..." >&2
+CARGO_TARGET_DIR=$floor_target cargo build -q --release --manifest-path "$shared/bench/floor/Cargo.toml"
+cargo build -q --release -p qmpctl --manifest-path "$root/Cargo.toml"
+raw=$floor_target/release/raw
+fakeqmp=$floor_target/release/fakeqmp
+qmpctl=$root/target/release/qmpctl
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_socket() {
+    for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done
+    echo "no socket at $1" >&2
+    exit 1
+}
+
+"$fakeqmp" "$work/fake.sock" & pids+=($!)
+EVENTS=$EVENTS EVENTS_DELAY_MS=300 "$fakeqmp" "$work/events.sock" & pids+=($!)
+qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 128M -nodefaults -display none -S \
+    -qmp "unix:$work/qemu.sock,server=on,wait=off" 2>"$work/qemu.log" & pids+=($!)
+wait_socket "$work/fake.sock"
+wait_socket "$work/events.sock"
+wait_socket "$work/qemu.sock"
+
+field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+printf '| server | depth | n | floor µs/cmd | qmp-rs µs/cmd | ratio |\n| --- | --- | --- | --- | --- | --- |\n'
+row() { # server socket n depth floor-env
+    local server=$1 sock=$2 n=$3 depth=$4 floor_env=$5 f=() q=()
+    for _ in $(seq "$ROUNDS"); do
+        f+=("$(env $floor_env "$raw" "$sock" "$n" "$depth" | field us_per_cmd)")
+        q+=("$("$qmpctl" --socket "$sock" --json bench --count "$n" --depth "$depth" | field us_per_cmd)")
+    done
+    local fm qm
+    fm=$(printf '%s\n' "${f[@]}" | median)
+    qm=$(printf '%s\n' "${q[@]}" | median)
+    printf '| %s | %s | %s | %s | %s | %.2f |\n' "$server" "$depth" "$n" "$fm" "$qm" "$(awk "BEGIN {print $qm / $fm}")"
+}
+row fakeqmp "$work/fake.sock" "$N" 1 ""
+row fakeqmp "$work/fake.sock" "$N" 8 ""
+row fakeqmp "$work/fake.sock" "$N" 64 ""
+row "QEMU $(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')" "$work/qemu.sock" "$QEMU_N" 1 "OOB=1"
+row "QEMU (oob)" "$work/qemu.sock" "$QEMU_N" 8 "OOB=1"
+
+e=()
+for _ in $(seq "$ROUNDS"); do
+    e+=("$("$qmpctl" --socket "$work/events.sock" --json bench --events "$EVENTS" | field us_per_event)")
+done
+em=$(printf '%s\n' "${e[@]}" | median)
+printf '\nevents: %s µs per event to one subscriber (%s events/s), median of %s runs of %s\n' \
+    "$em" "$(awk "BEGIN {printf \"%.0f\", 1e6 / $em}")" "$ROUNDS" "$EVENTS"
