@@ -21,7 +21,7 @@ pub struct Ctx {
     pub client: Client,
     pub json: bool,
     pub timeout: Option<Duration>,
-    pub vm: Option<Qemu>,
+    pub _vm: Option<Qemu>,
 }
 
 impl Ctx {
@@ -47,7 +47,7 @@ impl Ctx {
             client,
             json: g.json,
             timeout: g.timeout,
-            vm,
+            _vm: vm,
         })
     }
 
