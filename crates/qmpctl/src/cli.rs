@@ -479,7 +479,7 @@ pub struct EventsArgs {
     /// Stop after this many events.
     #[arg(long)]
     pub count: Option<u64>,
-    /// Stop after the first event with this name.
+    /// Stop after the first event with this name (printed, filtered or not).
     #[arg(long, value_name = "NAME")]
     pub until: Option<String>,
 }

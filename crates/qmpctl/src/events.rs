@@ -65,7 +65,8 @@ pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
-        let wanted = args.filter.is_empty() || args.filter.iter().any(|f| f == event.name());
+        let is_last = args.until.as_deref() == Some(event.name());
+        let wanted = is_last || args.filter.is_empty() || args.filter.iter().any(|f| f == event.name());
         if wanted {
             if ctx.json {
                 outln!("{}", json_value(&event))?;
@@ -74,7 +75,7 @@ pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<ExitCode> {
             }
             seen += 1;
         }
-        if args.until.as_deref() == Some(event.name()) || args.count.is_some_and(|c| seen >= c) {
+        if is_last || args.count.is_some_and(|c| seen >= c) {
             return Ok(ExitCode::SUCCESS);
         }
     }
