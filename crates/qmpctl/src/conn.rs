@@ -30,10 +30,7 @@ impl Ctx {
         let options = connect_options(g);
         let (client, vm) = if g.launch {
             let builder = scratch_vm().args(&g.qemu_args).connect_options(options);
-            let vm = builder
-                .spawn()
-                .await
-                .context("cannot launch QEMU for --launch")?;
+            let vm = builder.spawn().await.context("cannot launch QEMU for --launch")?;
             (vm.client().clone(), Some(vm))
         } else {
             let Some(path) = &g.socket else {
@@ -71,8 +68,10 @@ impl Ctx {
 
     /// Runs one command by name and returns its reply as JSON, within `--timeout`.
     pub async fn call<A: Serialize + ?Sized>(&self, name: &str, args: &A) -> anyhow::Result<Value> {
-        self.within(name, async { Ok(self.client.call::<A, Value>(name, args).await?) })
-            .await
+        self.within(name, async {
+            Ok(self.client.call::<A, Value>(name, args).await?)
+        })
+        .await
     }
 }
 
@@ -112,7 +111,11 @@ pub fn scratch_vm() -> QemuBuilder {
 }
 
 /// Connects to a QMP socket, explaining in plain words why it did not work.
-pub async fn connect(path: &Path, options: &ConnectOptions, greeting_budget: Duration) -> anyhow::Result<Client> {
+pub async fn connect(
+    path: &Path,
+    options: &ConnectOptions,
+    greeting_budget: Duration,
+) -> anyhow::Result<Client> {
     let shown = path.display();
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use crate::cli::EventsArgs;
 use crate::conn::Ctx;
-use crate::exit::{usage, ConnectFailure};
 use crate::exec::suggest;
+use crate::exit::{usage, ConnectFailure};
 use crate::outln;
 
 /// An event as one readable line: time, name, data.

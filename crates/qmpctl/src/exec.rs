@@ -31,7 +31,9 @@ pub async fn run(ctx: &Ctx, args: ExecArgs) -> anyhow::Result<ExitCode> {
         }
         pairs => parse_pairs(pairs.iter().map(String::as_str))?,
     };
-    let reply = ctx.within(&args.name, call_checked(&ctx.client, &args.name, &arguments)).await?;
+    let reply = ctx
+        .within(&args.name, call_checked(&ctx.client, &args.name, &arguments))
+        .await?;
     out::json(&reply, ctx.json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -98,7 +100,11 @@ pub fn parse_pairs<'a>(pairs: impl IntoIterator<Item = &'a str>) -> anyhow::Resu
                 .or_insert_with(|| Value::Object(Map::new()));
             map = match entry {
                 Value::Object(m) => m,
-                _ => return Err(usage(format!("argument {key:?}: {part} is set both as a value and as an object"))),
+                _ => {
+                    return Err(usage(format!(
+                        "argument {key:?}: {part} is set both as a value and as an object"
+                    )))
+                }
             };
         }
     }
@@ -120,9 +126,8 @@ pub async fn call_checked(client: &qmp::Client, name: &str, args: &Value) -> any
                 [one] => format!("; did you mean {one}?"),
                 many => format!("; did you mean one of {}?", many.join(", ")),
             };
-            Err(anyhow::Error::new(e).context(crate::exit::UsageError(format!(
-                "unknown command {name:?}{hint}"
-            ))))
+            Err(anyhow::Error::new(e)
+                .context(crate::exit::UsageError(format!("unknown command {name:?}{hint}"))))
         }
         Err(e) => Err(e.into()),
     }
@@ -152,8 +157,14 @@ mod tests {
 
     #[test]
     fn pairs_nest_and_take_json_values() {
-        let v = parse_pairs(["driver=qcow2", "file.driver=file", "file.filename=/tmp/a b", "read-only=true", "size=10"])
-            .unwrap();
+        let v = parse_pairs([
+            "driver=qcow2",
+            "file.driver=file",
+            "file.filename=/tmp/a b",
+            "read-only=true",
+            "size=10",
+        ])
+        .unwrap();
         assert_eq!(
             v,
             json!({"driver": "qcow2", "file": {"driver": "file", "filename": "/tmp/a b"}, "read-only": true, "size": 10})
@@ -164,7 +175,9 @@ mod tests {
 
     #[test]
     fn json_errors_point_at_the_mistake() {
-        let e = parse_json_args("{\"device\" \"x\"}", "test").unwrap_err().to_string();
+        let e = parse_json_args("{\"device\" \"x\"}", "test")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1 column 11"), "{e}");
         assert!(e.ends_with("\n{\"device\" \"x\"}\n          ^"), "{e}");
         let e = parse_json_args("[1]", "test").unwrap_err().to_string();

@@ -123,9 +123,10 @@ pub fn code_of(err: &anyhow::Error) -> u8 {
 
 fn qmp_code(e: &qmp::Error) -> u8 {
     match e {
-        qmp::Error::Qmp(_) | qmp::Error::InUse(_) | qmp::Error::BadConsole(_) | qmp::Error::NotARingbuf(_) => {
-            QMP_ERROR
-        }
+        qmp::Error::Qmp(_)
+        | qmp::Error::InUse(_)
+        | qmp::Error::BadConsole(_)
+        | qmp::Error::NotARingbuf(_) => QMP_ERROR,
         qmp::Error::Timeout { .. } => TIMEOUT,
         qmp::Error::Connect { .. }
         | qmp::Error::Handshake(_)
@@ -193,15 +194,18 @@ mod tests {
             budget: std::time::Duration::from_secs(1),
         });
         assert_eq!(code_of(&e), TIMEOUT);
-        let e = anyhow::Error::new(qmp::Error::InvalidRequest("x".into())).context(ConnectFailure("y".into()));
+        let e =
+            anyhow::Error::new(qmp::Error::InvalidRequest("x".into())).context(ConnectFailure("y".into()));
         assert_eq!(code_of(&e), CONNECTION);
         assert_eq!(code_of(&anyhow::anyhow!("plain")), FAILURE);
     }
 
     #[test]
     fn repeated_causes_are_left_out() {
-        let io = std::io::Error::new(std::io::ErrorKind::Other, "boom");
-        let e = anyhow::Error::new(io).context("cannot read: boom").context("step 3");
+        let io = std::io::Error::other("boom");
+        let e = anyhow::Error::new(io)
+            .context("cannot read: boom")
+            .context("step 3");
         assert_eq!(chain_lines(&e), ["step 3", "cannot read: boom"]);
     }
 }

@@ -215,7 +215,11 @@ pub async fn enable_migration_events(client: &Client) -> anyhow::Result<()> {
 /// Starts a migration (`start` is the `migrate` command and its arguments)
 /// and follows it to a final state with a progress bar, returning the last
 /// `query-migrate`. A state other than `completed` is an error.
-pub async fn migrate_and_wait(client: &Client, start: Option<Value>, bar: &Progress) -> anyhow::Result<Value> {
+pub async fn migrate_and_wait(
+    client: &Client,
+    start: Option<Value>,
+    bar: &Progress,
+) -> anyhow::Result<Value> {
     let _ = enable_migration_events(client).await;
     let mut events = client.subscribe(EventFilter::names(["MIGRATION"]));
     if let Some(args) = start {
@@ -260,7 +264,12 @@ pub async fn migrate_and_wait(client: &Client, start: Option<Value>, bar: &Progr
 
 /// Dumps guest memory to a file in the background and follows it with a
 /// progress bar; returns the last `query-dump`.
-pub async fn dump_memory(client: &Client, file: &Path, format: &str, bar: &Progress) -> anyhow::Result<Value> {
+pub async fn dump_memory(
+    client: &Client,
+    file: &Path,
+    format: &str,
+    bar: &Progress,
+) -> anyhow::Result<Value> {
     let file = absolute(file)?;
     let mut events = client.subscribe(EventFilter::names(["DUMP_COMPLETED"]));
     run(

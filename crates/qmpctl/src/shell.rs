@@ -59,11 +59,21 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     };
     let history = args.history.or_else(default_history);
 
+    let g = ctx.client.greeting();
+    crate::outln!(
+        "Connected to QEMU {} at {}. Tab completes, `help` explains, Ctrl-D leaves.",
+        g.version,
+        ctx.client.path().display()
+    )?;
     let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (next_tx, next_rx) = std::sync::mpsc::channel::<bool>();
     let (printer_tx, printer_rx) = std::sync::mpsc::channel::<Box<dyn ExternalPrinter + Send>>();
     let editor = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut rl: Editor<ShellHelper, DefaultHistory> = Editor::new()?;
+        let config = rustyline::Config::builder()
+            .completion_type(rustyline::CompletionType::List)
+            .auto_add_history(false)
+            .build();
+        let mut rl: Editor<ShellHelper, DefaultHistory> = Editor::with_config(config)?;
         rl.set_helper(Some(helper));
         if let Some(h) = &history {
             let _ = rl.load_history(h);
@@ -78,7 +88,7 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    let _ = rl.add_history_entry(line.as_str());
+                    let _ = rl.add_history_entry(line.trim());
                     if let Some(h) = &history {
                         if let Some(dir) = h.parent() {
                             let _ = std::fs::create_dir_all(dir);
@@ -125,12 +135,6 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
         let _ = ev_tx.send(format!("connection closed: {reason}\n"));
     });
 
-    let g = ctx.client.greeting();
-    crate::outln!(
-        "Connected to QEMU {} at {}. Tab completes, `help` explains, Ctrl-D leaves.",
-        g.version,
-        ctx.client.path().display()
-    )?;
     while let Some(line) = line_rx.recv().await {
         let go_on = match run_line(ctx, &line).await {
             Ok(Some(reply)) => {
@@ -193,7 +197,10 @@ fn pretty(v: &Value, compact: bool) -> String {
 async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Option<Value>> {
     let line = line.trim();
     if line.starts_with('{') {
-        return Ok(Some(ctx.within("request", async { Ok(ctx.client.execute_json(line).await?) }).await?));
+        return Ok(Some(
+            ctx.within("request", async { Ok(ctx.client.execute_json(line).await?) })
+                .await?,
+        ));
     }
     let (name, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
     let rest = rest.trim();
@@ -217,7 +224,9 @@ async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Option<Value>> {
         let words = split_words(rest)?;
         parse_pairs(words.iter().map(String::as_str))?
     };
-    Ok(Some(ctx.within(name, call_checked(&ctx.client, name, &args)).await?))
+    Ok(Some(
+        ctx.within(name, call_checked(&ctx.client, name, &args)).await?,
+    ))
 }
 
 /// Prints a command's arguments from the schema.
@@ -227,7 +236,11 @@ async fn describe(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
         let s = crate::exec::suggest(name, schema.command_names());
         return Err(exit::usage(format!(
             "unknown command {name:?}{}",
-            if s.is_empty() { String::new() } else { format!("; did you mean {}?", s.join(", ")) }
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("; did you mean {}?", s.join(", "))
+            }
         )));
     };
     if args.is_empty() {

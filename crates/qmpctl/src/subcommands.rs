@@ -135,13 +135,18 @@ async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result<()>
                 outln!("base memory:    {}", size_cell(&v["base-memory"]))?;
                 outln!(
                     "plugged memory: {}",
-                    v["plugged-memory"].as_u64().map(bytes).unwrap_or_else(|| "0 B".into())
+                    v["plugged-memory"]
+                        .as_u64()
+                        .map(bytes)
+                        .unwrap_or_else(|| "0 B".into())
                 )
             })
         }
         Some(MemoryCommand::Balloon { size: None }) => {
             let v = ctx.call("query-balloon", &()).await?;
-            emit(ctx, &v, || outln!("balloon: guest has {}", size_cell(&v["actual"])))
+            emit(ctx, &v, || {
+                outln!("balloon: guest has {}", size_cell(&v["actual"]))
+            })
         }
         Some(MemoryCommand::Balloon { size: Some(size) }) => {
             let target = parse_size(&size)?;
@@ -149,7 +154,10 @@ async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result<()>
             done(
                 ctx,
                 json!({"target": target}),
-                &format!("balloon target set to {} (the guest's driver moves towards it)", bytes(target)),
+                &format!(
+                    "balloon target set to {} (the guest's driver moves towards it)",
+                    bytes(target)
+                ),
             )
         }
         Some(MemoryCommand::Devices) => {
@@ -193,16 +201,30 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
                         cell(&ins["drv"]),
                         size_cell(&ins["image"]["virtual-size"]),
                         cell(&ins["ro"]),
-                        if ins.is_null() { "(no medium)".into() } else { cell(&ins["file"]) },
+                        if ins.is_null() {
+                            "(no medium)".into()
+                        } else {
+                            cell(&ins["file"])
+                        },
                     ]);
                 }
                 t.print("no block devices")
             })
         }
         BlockCommand::Stats => {
-            let v = ctx.call("query-blockstats", &json!({"query-nodes": false})).await?;
+            let v = ctx
+                .call("query-blockstats", &json!({"query-nodes": false}))
+                .await?;
             emit(ctx, &v, || {
-                let mut t = Table::new(&["DEVICE", "NODE", "READ", "WRITTEN", "READ OPS", "WRITE OPS", "FLUSHES"]);
+                let mut t = Table::new(&[
+                    "DEVICE",
+                    "NODE",
+                    "READ",
+                    "WRITTEN",
+                    "READ OPS",
+                    "WRITE OPS",
+                    "FLUSHES",
+                ]);
                 for b in v.as_array().into_iter().flatten() {
                     let s = &b["stats"];
                     let name = b["qdev"].as_str().or(b["device"].as_str()).unwrap_or("-");
@@ -220,7 +242,9 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             })
         }
         BlockCommand::Nodes => {
-            let v = ctx.call("query-named-block-nodes", &json!({"flat": true})).await?;
+            let v = ctx
+                .call("query-named-block-nodes", &json!({"flat": true}))
+                .await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["NODE", "DRIVER", "SIZE", "RO", "BACKING", "FILE"]);
                 for n in v.as_array().into_iter().flatten() {
@@ -293,7 +317,8 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
         }
         BlockCommand::Resize { node, size } => {
             let size = parse_size(&size)?;
-            ctx.call("block_resize", &json!({"node-name": node, "size": size})).await?;
+            ctx.call("block_resize", &json!({"node-name": node, "size": size}))
+                .await?;
             done(
                 ctx,
                 json!({"node": node, "size": size}),
@@ -345,7 +370,14 @@ fn short_qdev(name: &str) -> String {
         .to_owned()
 }
 
-async fn block_job(ctx: &Ctx, command: &str, args: Value, job_id: &str, no_wait: bool, label: &str) -> anyhow::Result<()> {
+async fn block_job(
+    ctx: &Ctx,
+    command: &str,
+    args: Value,
+    job_id: &str,
+    no_wait: bool,
+    label: &str,
+) -> anyhow::Result<()> {
     if no_wait {
         ctx.call(command, &args).await?;
         return done(
@@ -380,7 +412,11 @@ async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
                 json!({"type": "unix", "data": {"path": ops::absolute(Path::new(&address))?}})
             };
             ctx.call("nbd-server-start", &json!({"addr": addr})).await?;
-            done(ctx, json!({"addr": addr}), &format!("NBD server listening on {address}"))
+            done(
+                ctx,
+                json!({"addr": addr}),
+                &format!("NBD server listening on {address}"),
+            )
         }
         NbdCommand::Export { node, name, writable } => {
             let name = name.unwrap_or_else(|| node.clone());
@@ -392,7 +428,10 @@ async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
             done(
                 ctx,
                 json!({"export": name, "node": node}),
-                &format!("exported {node} as {name:?}{}", if writable { " (writable)" } else { "" }),
+                &format!(
+                    "exported {node} as {name:?}{}",
+                    if writable { " (writable)" } else { "" }
+                ),
             )
         }
         NbdCommand::Unexport { name } => {
@@ -438,7 +477,10 @@ async fn device(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
         }
         DeviceCommand::List => {
             let list = ctx.within("device list", ops::qom_devices(&ctx.client)).await?;
-            let v: Value = list.iter().map(|(id, ty)| json!({"id": id, "type": ty})).collect();
+            let v: Value = list
+                .iter()
+                .map(|(id, ty)| json!({"id": id, "type": ty}))
+                .collect();
             emit(ctx, &v, || {
                 let mut t = Table::new(&["ID", "TYPE"]);
                 for (id, ty) in &list {
@@ -455,10 +497,17 @@ async fn chardev(ctx: &Ctx, command: ChardevCommand) -> anyhow::Result<()> {
         ChardevCommand::Add { id, backend, options } => {
             let data = crate::exec::parse_pairs(options.iter().map(String::as_str))?;
             let v = ctx
-                .call("chardev-add", &json!({"id": id, "backend": {"type": backend, "data": data}}))
+                .call(
+                    "chardev-add",
+                    &json!({"id": id, "backend": {"type": backend, "data": data}}),
+                )
                 .await?;
             let pty = v["pty"].as_str().map(|p| format!(" on {p}")).unwrap_or_default();
-            done(ctx, json!({"id": id, "reply": v}), &format!("added chardev {id} ({backend}){pty}"))
+            done(
+                ctx,
+                json!({"id": id, "reply": v}),
+                &format!("added chardev {id} ({backend}){pty}"),
+            )
         }
         ChardevCommand::Remove { id } => {
             ctx.call("chardev-remove", &json!({"id": id})).await?;
@@ -469,7 +518,11 @@ async fn chardev(ctx: &Ctx, command: ChardevCommand) -> anyhow::Result<()> {
             emit(ctx, &v, || {
                 let mut t = Table::new(&["ID", "OPEN", "BACKEND"]);
                 for c in v.as_array().into_iter().flatten() {
-                    t.row(vec![cell(&c["label"]), cell(&c["frontend-open"]), cell(&c["filename"])]);
+                    t.row(vec![
+                        cell(&c["label"]),
+                        cell(&c["frontend-open"]),
+                        cell(&c["filename"]),
+                    ]);
                 }
                 t.print("no chardevs")
             })
@@ -479,7 +532,14 @@ async fn chardev(ctx: &Ctx, command: ChardevCommand) -> anyhow::Result<()> {
 
 async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
     match command {
-        NicCommand::Add { id, model, netdev, mac, bus, link_down } => {
+        NicCommand::Add {
+            id,
+            model,
+            netdev,
+            mac,
+            bus,
+            link_down,
+        } => {
             ctx.call("netdev_add", &json!({"type": netdev, "id": id})).await?;
             let mut dev = json!({"driver": model, "id": id, "netdev": id});
             if let Some(mac) = &mac {
@@ -495,7 +555,11 @@ async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
             if link_down {
                 ctx.call("set_link", &json!({"name": id, "up": false})).await?;
             }
-            done(ctx, json!({"id": id}), &format!("added {model} {id} on a {netdev} backend"))
+            done(
+                ctx,
+                json!({"id": id}),
+                &format!("added {model} {id} on a {netdev} backend"),
+            )
         }
         NicCommand::Remove { id } => {
             let budget = ctx.timeout.unwrap_or(ops::UNPLUG_WAIT);
@@ -505,8 +569,13 @@ async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
             done(ctx, json!({"id": id}), &format!("removed {id} and its backend"))
         }
         NicCommand::Link { id, state } => {
-            ctx.call("set_link", &json!({"name": id, "up": state == "up"})).await?;
-            done(ctx, json!({"id": id, "up": state == "up"}), &format!("{id}: link {state}"))
+            ctx.call("set_link", &json!({"name": id, "up": state == "up"}))
+                .await?;
+            done(
+                ctx,
+                json!({"id": id, "up": state == "up"}),
+                &format!("{id}: link {state}"),
+            )
         }
     }
 }
@@ -571,7 +640,10 @@ pub fn image_size(path: &Path) -> Option<(u32, u32)> {
 async fn dump_memory(ctx: &Ctx, a: DumpArgs) -> anyhow::Result<()> {
     let bar = Progress::bytes("dump", ctx.json);
     let info = ctx
-        .within("dump-memory", ops::dump_memory(&ctx.client, &a.file, &a.format, &bar))
+        .within(
+            "dump-memory",
+            ops::dump_memory(&ctx.client, &a.file, &a.format, &bar),
+        )
         .await?;
     let file = ops::absolute(&a.file)?;
     done(
@@ -624,20 +696,32 @@ async fn migrate(ctx: &Ctx, command: MigrateCommand) -> anyhow::Result<()> {
                 .within("migrate", ops::migrate_and_wait(client, Some(args), &bar))
                 .await?;
             let line = migration_summary(&info);
-            done(ctx, json!({"uri": uri, "result": info}), &format!("migration to {uri} completed: {line}"))
+            done(
+                ctx,
+                json!({"uri": uri, "result": info}),
+                &format!("migration to {uri} completed: {line}"),
+            )
         }
         MigrateCommand::Incoming { address, wait } => {
             let uri = migration_uri(&address)?;
             ops::enable_migration_events(client).await?;
             ctx.call("migrate-incoming", &json!({"uri": uri})).await?;
             if !wait {
-                return done(ctx, json!({"uri": uri}), &format!("waiting for a migration on {uri}"));
+                return done(
+                    ctx,
+                    json!({"uri": uri}),
+                    &format!("waiting for a migration on {uri}"),
+                );
             }
             let bar = Progress::bytes("incoming", ctx.json);
             let info = ctx
                 .within("migrate incoming", ops::migrate_and_wait(client, None, &bar))
                 .await?;
-            done(ctx, json!({"uri": uri, "result": info}), &format!("received the VM on {uri}"))
+            done(
+                ctx,
+                json!({"uri": uri, "result": info}),
+                &format!("received the VM on {uri}"),
+            )
         }
         MigrateCommand::Status => {
             let v = ctx.call("query-migrate", &()).await?;
@@ -685,6 +769,10 @@ fn dup_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
     // SAFETY: the descriptor is only borrowed for the dup below; if it is not
     // open, fcntl fails with EBADF and nothing else is touched.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    rustix::io::fcntl_dupfd_cloexec(borrowed, 3)
-        .map_err(|e| usage(format!("--fd {fd}: {} (open it in the shell, e.g. `3<>FILE`)", std::io::Error::from(e))))
+    rustix::io::fcntl_dupfd_cloexec(borrowed, 3).map_err(|e| {
+        usage(format!(
+            "--fd {fd}: {} (open it in the shell, e.g. `3<>FILE`)",
+            std::io::Error::from(e)
+        ))
+    })
 }

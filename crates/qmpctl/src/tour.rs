@@ -62,7 +62,11 @@ struct Steps {
 }
 
 impl Steps {
-    async fn run<T>(&mut self, title: &str, work: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    async fn run<T>(
+        &mut self,
+        title: &str,
+        work: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
         self.n += 1;
         let n = self.n;
         outln!("\n[{n:>2}/{STEPS}] {title}")?;
@@ -124,15 +128,30 @@ impl Tour {
 
         steps.run("status, and starting the CPUs", status(&c)).await?;
         steps.run("CPUs and memory", cpus_and_memory(&c)).await?;
-        steps.run("hotplug a disk backed by a new qcow2 image", hotplug(&c, &work)).await?;
-        steps.run("write through QEMU into an external snapshot", snapshot(&c, &work)).await?;
-        steps.run("commit the snapshot back into its base image", commit(&c)).await?;
-        steps.run("export the disk over NBD and read it back", nbd(&c, &work)).await?;
+        steps
+            .run("hotplug a disk backed by a new qcow2 image", hotplug(&c, &work))
+            .await?;
+        steps
+            .run(
+                "write through QEMU into an external snapshot",
+                snapshot(&c, &work),
+            )
+            .await?;
+        steps
+            .run("commit the snapshot back into its base image", commit(&c))
+            .await?;
+        steps
+            .run("export the disk over NBD and read it back", nbd(&c, &work))
+            .await?;
         steps.run("screendump", screendump(&c, &work)).await?;
         steps.run("events as they arrive", events(&c)).await?;
-        steps.run("guest agent detection through its ring buffer", agent(&c)).await?;
+        steps
+            .run("guest agent detection through its ring buffer", agent(&c))
+            .await?;
         steps.run("unplug the disk", unplug(&c)).await?;
-        let target = steps.run("live migration to a second VM", migrate(&c, g, &work)).await?;
+        let target = steps
+            .run("live migration to a second VM", migrate(&c, g, &work))
+            .await?;
         self.target = Some(target);
         let target_client = self.target.as_ref().map(|t| t.client().clone());
         steps
@@ -180,7 +199,9 @@ async fn status(c: &Client) -> anyhow::Result<()> {
     cmd(c, "cont", Value::Null).await?;
     resumed.next().await.context("no RESUME event after cont")?;
     let after = ops::status(c).await?;
-    say(&format!("status: {before}; after cont (RESUME event seen): {after}"))?;
+    say(&format!(
+        "status: {before}; after cont (RESUME event seen): {after}"
+    ))?;
     ensure!(after == "running", "the VM is {after}, not running, after cont");
     Ok(())
 }
@@ -192,7 +213,9 @@ async fn cpus_and_memory(c: &Client) -> anyhow::Result<()> {
     for cpu in &list {
         say(&format!(
             "CPU {}: {} on host thread {}",
-            cpu["cpu-index"], cpu["target"].as_str().unwrap_or("?"), cpu["thread-id"]
+            cpu["cpu-index"],
+            cpu["target"].as_str().unwrap_or("?"),
+            cpu["thread-id"]
         ))?;
     }
     let slots = query(c, "query-hotpluggable-cpus").await?;
@@ -200,7 +223,10 @@ async fn cpus_and_memory(c: &Client) -> anyhow::Result<()> {
         .as_array()
         .map(|a| a.iter().filter(|s| s["qom-path"].is_null()).count())
         .unwrap_or(0);
-    say(&format!("hotpluggable CPU slots: {} ({free} free)", slots.as_array().map_or(0, Vec::len)))?;
+    say(&format!(
+        "hotpluggable CPU slots: {} ({free} free)",
+        slots.as_array().map_or(0, Vec::len)
+    ))?;
     let mem = query(c, "query-memory-size-summary").await?;
     let balloon = query(c, "query-balloon").await?;
     say(&format!(
@@ -242,7 +268,10 @@ fn qemu_img(args: &[&str], paths: &[&Path]) -> anyhow::Result<()> {
 
 async fn hotplug(c: &Client, work: &Path) -> anyhow::Result<()> {
     let image = make_image(work)?;
-    say(&format!("qemu-img made {} (64 MiB, first MiB filled with 0x{BASE_BYTE:x})", image.display()))?;
+    say(&format!(
+        "qemu-img made {} (64 MiB, first MiB filled with 0x{BASE_BYTE:x})",
+        image.display()
+    ))?;
     let disk = Disk {
         id: "disk0",
         file: &image,
@@ -267,7 +296,11 @@ async fn device_node(c: &Client, qdev: &str) -> anyhow::Result<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .find(|b| b["qdev"].as_str().is_some_and(|q| q == qdev || q.ends_with(&format!("/{qdev}/virtio-backend"))))
+        .find(|b| {
+            b["qdev"]
+                .as_str()
+                .is_some_and(|q| q == qdev || q.ends_with(&format!("/{qdev}/virtio-backend")))
+        })
         .and_then(|b| b["inserted"]["node-name"].as_str().map(str::to_owned))
         .with_context(|| format!("query-block does not list device {qdev}"))
 }
@@ -281,7 +314,10 @@ async fn snapshot(c: &Client, work: &Path) -> anyhow::Result<()> {
         json!({"node-name": "disk0", "snapshot-file": overlay, "snapshot-node-name": "disk0-snap", "format": "qcow2"}),
     )
     .await?;
-    say(&format!("blockdev-snapshot-sync: new overlay disk0-snap ({})", overlay.display()))?;
+    say(&format!(
+        "blockdev-snapshot-sync: new overlay disk0-snap ({})",
+        overlay.display()
+    ))?;
     // Write as the guest would, through the device's own block backend.
     let reply = c
         .call::<_, Value>(
@@ -291,7 +327,9 @@ async fn snapshot(c: &Client, work: &Path) -> anyhow::Result<()> {
         .await?;
     let text = reply.as_str().unwrap_or_default().trim();
     ensure!(text.is_empty(), "the write through qemu-io failed: {text}");
-    say(&format!("wrote 64 KiB of 0x{OVERLAY_BYTE:x} at 1 MiB through device disk0: it lands in the overlay"))?;
+    say(&format!(
+        "wrote 64 KiB of 0x{OVERLAY_BYTE:x} at 1 MiB through device disk0: it lands in the overlay"
+    ))?;
     let node = device_node(c, "disk0").await?;
     ensure!(node == "disk0-snap", "device disk0 reads {node}, not the overlay");
     say("the device now reads node disk0-snap, whose backing file is the base image")?;
@@ -304,7 +342,10 @@ async fn commit(c: &Client) -> anyhow::Result<()> {
     let last = ops::run_job(
         c,
         "tour-commit",
-        ("block-commit", json!({"job-id": "tour-commit", "device": "disk0-snap", "auto-dismiss": false})),
+        (
+            "block-commit",
+            json!({"job-id": "tour-commit", "device": "disk0-snap", "auto-dismiss": false}),
+        ),
         &bar,
     )
     .await?;
@@ -320,14 +361,22 @@ async fn commit(c: &Client) -> anyhow::Result<()> {
         bytes(last["total-progress"].as_u64().unwrap_or(0))
     ))?;
     let node = device_node(c, "disk0").await?;
-    ensure!(node == "disk0", "after the commit device disk0 reads {node}, not disk0");
+    ensure!(
+        node == "disk0",
+        "after the commit device disk0 reads {node}, not disk0"
+    );
     say("the device reads node disk0 again")?;
     Ok(())
 }
 
 async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
     let sock = work.join("tour-nbd.sock");
-    cmd(c, "nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": sock}}})).await?;
+    cmd(
+        c,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .await?;
     cmd(
         c,
         "block-export-add",
@@ -338,15 +387,25 @@ async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
     let copy = work.join("tour-nbd-copy.raw");
     let url = format!("if=nbd+unix:///disk0?socket={}", sock.display());
     let of = format!("of={}", copy.display());
-    let read = qemu_img(&["dd", "-f", "raw", "-O", "raw", "bs=1M", "count=2", &url, &of], &[]);
+    let read = qemu_img(
+        &["dd", "-f", "raw", "-O", "raw", "bs=1M", "count=2", &url, &of],
+        &[],
+    );
     let mut removed = c.subscribe(EventFilter::names(["BLOCK_EXPORT_DELETED"]));
     cmd(c, "block-export-del", json!({"id": "disk0"})).await?;
     removed.wait_for("BLOCK_EXPORT_DELETED").await;
     cmd(c, "nbd-server-stop", Value::Null).await?;
     read?;
     let data = std::fs::read(&copy).with_context(|| format!("cannot read {}", copy.display()))?;
-    ensure!(data.len() == 2 * MIB, "read {} bytes over NBD, not 2 MiB", data.len());
-    ensure!(data[..MIB].iter().all(|b| *b == BASE_BYTE), "the first MiB read over NBD is not 0x{BASE_BYTE:x}");
+    ensure!(
+        data.len() == 2 * MIB,
+        "read {} bytes over NBD, not 2 MiB",
+        data.len()
+    );
+    ensure!(
+        data[..MIB].iter().all(|b| *b == BASE_BYTE),
+        "the first MiB read over NBD is not 0x{BASE_BYTE:x}"
+    );
     ensure!(
         data[MIB..MIB + 65536].iter().all(|b| *b == OVERLAY_BYTE),
         "the 64 KiB written into the overlay did not reach the base image"
@@ -396,7 +455,9 @@ async fn agent(c: &Client) -> anyhow::Result<()> {
                 _ => {}
             }
         }
-        say(&format!("agent wrote {chunk:?}: transitions so far {transitions:?}"))?;
+        say(&format!(
+            "agent wrote {chunk:?}: transitions so far {transitions:?}"
+        ))?;
     }
     ensure!(
         transitions == ["AGENT-STARTED", "AGENT-STOPPED", "AGENT-STARTED"],
@@ -411,7 +472,9 @@ async fn unplug(c: &Client) -> anyhow::Result<()> {
     say("device_del disk0 (DEVICE_DELETED seen), blockdev-del disk0")?;
     let blocks = query(c, "query-block").await?;
     ensure!(
-        blocks.as_array().map_or(true, |a| a.iter().all(|b| b["qdev"].as_str() != Some("disk0"))),
+        blocks
+            .as_array()
+            .map_or(true, |a| a.iter().all(|b| b["qdev"].as_str() != Some("disk0"))),
         "query-block still lists disk0"
     );
     say("query-block no longer lists it")?;
@@ -424,7 +487,9 @@ async fn migrate(c: &Client, g: &Globals, work: &Path) -> anyhow::Result<Qemu> {
     let uri = format!("unix:{}", work.join("tour-migration.sock").display());
     ops::enable_migration_events(tc).await?;
     cmd(tc, "migrate-incoming", json!({"uri": uri})).await?;
-    say(&format!("target listens on {uri} (-incoming defer, migrate-incoming)"))?;
+    say(&format!(
+        "target listens on {uri} (-incoming defer, migrate-incoming)"
+    ))?;
     let mut states = c.subscribe(EventFilter::names(["MIGRATION"]));
     let bar = Progress::bytes("migrate", false);
     let info = ops::migrate_and_wait(c, Some(json!({"uri": uri})), &bar).await?;
@@ -465,7 +530,10 @@ async fn quit(c: &Client, target: Option<&Client>, all: &mut qmp::EventStream) -
         let Some(client) = client else { continue };
         let mut shutdown = client.subscribe(EventFilter::names(["SHUTDOWN"]));
         cmd(client, "quit", Value::Null).await?;
-        let e = shutdown.next().await.context("no SHUTDOWN event before the socket closed")?;
+        let e = shutdown
+            .next()
+            .await
+            .context("no SHUTDOWN event before the socket closed")?;
         let reason = client.closed().await;
         say(&format!("{name}: SHUTDOWN {}; then {reason}", e.data()))?;
     }
@@ -473,6 +541,10 @@ async fn quit(c: &Client, target: Option<&Client>, all: &mut qmp::EventStream) -
     while let Some(e) = all.try_next() {
         names.push(e.name().to_owned());
     }
-    say(&format!("the source sent {} events during the tour: {}", names.len(), names.join(" ")))?;
+    say(&format!(
+        "the source sent {} events during the tour: {}",
+        names.len(),
+        names.join(" ")
+    ))?;
     Ok(())
 }

@@ -25,7 +25,10 @@ async fn lifecycle_status_start_pause_reset_powerdown_quit() {
     assert_eq!(r.stdout.trim(), "running");
     assert_eq!(status(&c).await, "running");
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.contains("QUERY") && logged.contains("\"cont\""), "{logged}");
+    assert!(
+        logged.contains("QUERY") && logged.contains("\"cont\""),
+        "{logged}"
+    );
 
     let r = ctl(&sock, &["pause"]).await.ok();
     assert_eq!(r.stdout.trim(), "paused");
@@ -42,7 +45,10 @@ async fn lifecycle_status_start_pause_reset_powerdown_quit() {
 
     let r = ctl(&sock, &["quit"]).await.ok();
     assert_eq!(r.stdout.trim(), "QEMU has quit");
-    assert!(vm.wait_exit(Duration::from_secs(10)).await.is_some(), "QEMU still runs");
+    assert!(
+        vm.wait_exit(Duration::from_secs(10)).await.is_some(),
+        "QEMU still runs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +65,15 @@ async fn cpus_and_memory() {
     let r = ctl(&sock, &["--json", "cpus", "--hotpluggable"]).await.ok();
     let slots = r.json();
     assert_eq!(slots.as_array().unwrap().len(), 2, "1 plugged + 1 free: {slots}");
-    assert_eq!(slots.as_array().unwrap().iter().filter(|s| s["qom-path"].is_null()).count(), 1);
+    assert_eq!(
+        slots
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["qom-path"].is_null())
+            .count(),
+        1
+    );
 
     let r = ctl(&sock, &["memory"]).await.ok();
     assert!(r.stdout.contains("base memory:    128 MiB"), "{}", r.stdout);
@@ -80,11 +94,18 @@ async fn cpus_and_memory() {
         .await
         .unwrap();
     let _: Value = c
-        .call("device_add", &json!({"driver": "pc-dimm", "id": "dimm1", "memdev": "mem1"}))
+        .call(
+            "device_add",
+            &json!({"driver": "pc-dimm", "id": "dimm1", "memdev": "mem1"}),
+        )
         .await
         .unwrap();
     let r = ctl(&sock, &["memory", "devices"]).await.ok();
-    assert!(r.stdout.contains("dimm1") && r.stdout.contains("128 MiB"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("dimm1") && r.stdout.contains("128 MiB"),
+        "{}",
+        r.stdout
+    );
     let r = ctl(&sock, &["memory", "size"]).await.ok();
     assert!(r.stdout.contains("plugged memory: 128 MiB"), "{}", r.stdout);
 }
@@ -101,27 +122,53 @@ async fn block_devices_snapshots_jobs_resize_throttle() {
     qemu_img(&["create", "-q", "-f", "qcow2", copy.to_str().unwrap(), "64M"]);
 
     ctl(&sock, &["block", "list"]).await.ok();
-    let r = ctl(&sock, &["block", "add", "disk1", base.to_str().unwrap()]).await.ok();
+    let r = ctl(&sock, &["block", "add", "disk1", base.to_str().unwrap()])
+        .await
+        .ok();
     assert!(r.stdout.contains("added disk disk1"), "{}", r.stdout);
     assert_eq!(device_node(&c, "disk1").await.as_deref(), Some("disk1"));
     let r = ctl(&sock, &["block", "list"]).await.ok();
-    assert!(r.stdout.contains("disk1") && r.stdout.contains("64 MiB"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("disk1") && r.stdout.contains("64 MiB"),
+        "{}",
+        r.stdout
+    );
     let r = ctl(&sock, &["block", "nodes"]).await.ok();
     assert!(r.stdout.contains(base.to_str().unwrap()), "{}", r.stdout);
     let r = ctl(&sock, &["--json", "block", "stats"]).await.ok();
-    assert!(r.json().as_array().unwrap().iter().any(|s| s["node-name"] == "disk1"));
+    assert!(r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["node-name"] == "disk1"));
 
     let overlay = dir.join("overlay.qcow2");
-    ctl(&sock, &["block", "snapshot", "disk1", overlay.to_str().unwrap()]).await.ok();
+    ctl(&sock, &["block", "snapshot", "disk1", overlay.to_str().unwrap()])
+        .await
+        .ok();
     assert_eq!(device_node(&c, "disk1").await.as_deref(), Some("disk1-snap"));
     assert!(overlay.exists());
 
     let r = ctl(&sock, &["block", "commit", "disk1-snap"]).await.ok();
-    assert!(r.stdout.contains("job qmpctl-commit (commit) completed"), "{}", r.stdout);
-    assert!(!r.stderr.contains('['), "no progress bar when piped: {}", r.stderr);
+    assert!(
+        r.stdout.contains("job qmpctl-commit (commit) completed"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        !r.stderr.contains('['),
+        "no progress bar when piped: {}",
+        r.stderr
+    );
     assert_eq!(device_node(&c, "disk1").await.as_deref(), Some("disk1"));
 
-    ctl(&sock, &["block", "add", "copy", copy.to_str().unwrap(), "--no-device"]).await.ok();
+    ctl(
+        &sock,
+        &["block", "add", "copy", copy.to_str().unwrap(), "--no-device"],
+    )
+    .await
+    .ok();
     let r = ctl(&sock, &["block", "mirror", "disk1", "copy"]).await.ok();
     assert!(r.stdout.contains("(mirror) completed: 64 MiB"), "{}", r.stdout);
     assert_eq!(device_node(&c, "disk1").await.as_deref(), Some("copy"));
@@ -129,7 +176,10 @@ async fn block_devices_snapshots_jobs_resize_throttle() {
     assert_eq!(r.stdout.trim(), "no jobs");
 
     ctl(&sock, &["block", "resize", "copy", "128M"]).await.ok();
-    let nodes: Value = c.call("query-named-block-nodes", &json!({"flat": true})).await.unwrap();
+    let nodes: Value = c
+        .call("query-named-block-nodes", &json!({"flat": true}))
+        .await
+        .unwrap();
     let size = nodes
         .as_array()
         .unwrap()
@@ -138,17 +188,40 @@ async fn block_devices_snapshots_jobs_resize_throttle() {
         .map(|n| n["image"]["virtual-size"].clone());
     assert_eq!(size, Some(json!(128u64 << 20)));
 
-    ctl(&sock, &["block", "throttle", "disk1", "--bps-read", "1000000", "--iops-write", "50"])
-        .await
-        .ok();
+    ctl(
+        &sock,
+        &[
+            "block",
+            "throttle",
+            "disk1",
+            "--bps-read",
+            "1000000",
+            "--iops-write",
+            "50",
+        ],
+    )
+    .await
+    .ok();
     let blocks: Value = c.call("query-block", &()).await.unwrap();
-    let ins = &blocks.as_array().unwrap().iter().find(|b| b["qdev"] == "disk1").unwrap()["inserted"];
-    assert_eq!((ins["bps_rd"].clone(), ins["iops_wr"].clone()), (json!(1000000), json!(50)));
+    let ins = &blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["qdev"] == "disk1")
+        .unwrap()["inserted"];
+    assert_eq!(
+        (ins["bps_rd"].clone(), ins["iops_wr"].clone()),
+        (json!(1000000), json!(50))
+    );
 
     ctl(&sock, &["block", "remove", "disk1"]).await.ok();
     assert_eq!(device_node(&c, "disk1").await, None);
-    ctl(&sock, &["block", "remove", "nothere"]).await.fails(3, "nothere");
-    ctl(&sock, &["block", "commit", "nothere"]).await.fails(3, "nothere");
+    ctl(&sock, &["block", "remove", "nothere"])
+        .await
+        .fails(3, "nothere");
+    ctl(&sock, &["block", "commit", "nothere"])
+        .await
+        .fails(3, "nothere");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,17 +234,34 @@ async fn nbd_export_read_back() {
     let mut data = vec![0u8; 1 << 20];
     data[..4096].fill(0xab);
     std::fs::write(&raw, &data).unwrap();
-    ctl(&sock, &["block", "add", "d", raw.to_str().unwrap(), "--format", "raw", "--no-device"])
-        .await
-        .ok();
+    ctl(
+        &sock,
+        &[
+            "block",
+            "add",
+            "d",
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--no-device",
+        ],
+    )
+    .await
+    .ok();
 
     let nbd = dir.join("nbd.sock");
-    ctl(&sock, &["nbd", "export", "d"]).await.fails(3, "NBD server not running");
+    ctl(&sock, &["nbd", "export", "d"])
+        .await
+        .fails(3, "NBD server not running");
     ctl(&sock, &["nbd", "start", nbd.to_str().unwrap()]).await.ok();
     let r = ctl(&sock, &["nbd", "export", "d", "--name", "exp"]).await.ok();
     assert!(r.stdout.contains("exported d as \"exp\""), "{}", r.stdout);
     let r = ctl(&sock, &["nbd", "list"]).await.ok();
-    assert!(r.stdout.contains("exp") && r.stdout.contains("nbd"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("exp") && r.stdout.contains("nbd"),
+        "{}",
+        r.stdout
+    );
 
     let out = dir.join("out.raw");
     qemu_img(&[
@@ -202,7 +292,9 @@ async fn nbd_export_read_back() {
     .await;
     assert_eq!(exports, json!([]));
     ctl(&sock, &["nbd", "stop"]).await.ok();
-    ctl(&sock, &["nbd", "stop"]).await.fails(3, "NBD server not running");
+    ctl(&sock, &["nbd", "stop"])
+        .await
+        .fails(3, "NBD server not running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,16 +303,28 @@ async fn devices_chardevs_and_nics() {
     let c = vm.client().clone();
     let sock = vm.socket("cli");
 
-    ctl(&sock, &["device", "add", "usb-tablet", "--id", "tab0"]).await.ok();
+    ctl(&sock, &["device", "add", "usb-tablet", "--id", "tab0"])
+        .await
+        .ok();
     assert!(peripherals(&c).await.contains(&"tab0".to_owned()));
     let r = ctl(&sock, &["device", "list"]).await.ok();
-    assert!(r.stdout.lines().any(|l| l.starts_with("tab0") && l.contains("usb-tablet")), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("tab0") && l.contains("usb-tablet")),
+        "{}",
+        r.stdout
+    );
     ctl(&sock, &["device", "remove", "tab0"]).await.ok();
     assert!(!peripherals(&c).await.contains(&"tab0".to_owned()));
     ctl(&sock, &["device", "remove", "tab0"]).await.fails(3, "tab0");
-    ctl(&sock, &["device", "add", "no-such-driver", "--id", "x"]).await.fails(3, "no-such-driver");
+    ctl(&sock, &["device", "add", "no-such-driver", "--id", "x"])
+        .await
+        .fails(3, "no-such-driver");
 
-    ctl(&sock, &["chardev", "add", "log0", "ringbuf", "size=4096"]).await.ok();
+    ctl(&sock, &["chardev", "add", "log0", "ringbuf", "size=4096"])
+        .await
+        .ok();
     let r = ctl(&sock, &["chardev", "list"]).await.ok();
     assert!(r.stdout.contains("log0"), "{}", r.stdout);
     let chardevs: Value = c.call("query-chardev", &()).await.unwrap();
@@ -230,21 +334,47 @@ async fn devices_chardevs_and_nics() {
     assert!(!chardevs.as_array().unwrap().iter().any(|c| c["label"] == "log0"));
     ctl(&sock, &["chardev", "remove", "log0"]).await.fails(3, "log0");
 
-    ctl(&sock, &["nic", "add", "net1", "--model", "usb-net", "--mac", "52:54:00:aa:bb:cc"]).await.ok();
+    ctl(
+        &sock,
+        &[
+            "nic",
+            "add",
+            "net1",
+            "--model",
+            "usb-net",
+            "--mac",
+            "52:54:00:aa:bb:cc",
+        ],
+    )
+    .await
+    .ok();
     let mac: Value = c
-        .call("qom-get", &json!({"path": "/machine/peripheral/net1", "property": "mac"}))
+        .call(
+            "qom-get",
+            &json!({"path": "/machine/peripheral/net1", "property": "mac"}),
+        )
         .await
         .unwrap();
     assert_eq!(mac, "52:54:00:aa:bb:cc");
     ctl(&sock, &["nic", "link", "net1", "down"]).await.ok();
-    ctl(&sock, &["nic", "link", "nonic", "down"]).await.fails(3, "nonic");
+    ctl(&sock, &["nic", "link", "nonic", "down"])
+        .await
+        .fails(3, "nonic");
     ctl(&sock, &["nic", "remove", "net1"]).await.ok();
     assert!(!peripherals(&c).await.contains(&"net1".to_owned()));
     // The backend went too: its id is free again.
-    let _: Value = c.call("netdev_add", &json!({"type": "user", "id": "net1"})).await.unwrap();
-    ctl(&sock, &["nic", "add", "net2", "--model", "no-such-nic"]).await.fails(3, "no-such-nic");
+    let _: Value = c
+        .call("netdev_add", &json!({"type": "user", "id": "net1"}))
+        .await
+        .unwrap();
+    ctl(&sock, &["nic", "add", "net2", "--model", "no-such-nic"])
+        .await
+        .fails(3, "no-such-nic");
     // A failed device_add leaves no backend behind.
-    let _: Value = c.call("netdev_add", &json!({"type": "user", "id": "net2"})).await.unwrap();
+    let _: Value = c
+        .call("netdev_add", &json!({"type": "user", "id": "net2"}))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,27 +385,40 @@ async fn console_screendump_and_memory_dump() {
     let dir = vm.dir().to_owned();
 
     let _: Value = c
-        .call("ringbuf-write", &json!({"device": "console0", "data": "login: \u{e9}t\u{e9}\n"}))
+        .call(
+            "ringbuf-write",
+            &json!({"device": "console0", "data": "login: \u{e9}t\u{e9}\n"}),
+        )
         .await
         .unwrap();
     let r = ctl(&sock, &["console"]).await.ok();
     assert_eq!(r.stdout, "login: \u{e9}t\u{e9}\n");
     let r = ctl(&sock, &["console"]).await.ok();
     assert_eq!(r.stdout, "", "reading drains the buffer");
-    ctl(&sock, &["console", "nosuch"]).await.fails(3, "couldn't be found");
-    ctl(&sock, &["console", "compat_monitor0"]).await.fails(3, "isn't a ring buffer");
+    ctl(&sock, &["console", "nosuch"])
+        .await
+        .fails(3, "couldn't be found");
+    ctl(&sock, &["console", "compat_monitor0"])
+        .await
+        .fails(3, "isn't a ring buffer");
 
     let png = dir.join("screen.png");
     let r = ctl(&sock, &["screendump", png.to_str().unwrap()]).await.ok();
     assert!(r.stdout.contains("640x480"), "{}", r.stdout);
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
     let ppm = dir.join("screen.ppm");
-    ctl(&sock, &["screendump", ppm.to_str().unwrap(), "--format", "ppm"]).await.ok();
+    ctl(&sock, &["screendump", ppm.to_str().unwrap(), "--format", "ppm"])
+        .await
+        .ok();
     assert!(std::fs::read(&ppm).unwrap().starts_with(b"P6\n640 480"));
-    ctl(&sock, &["screendump", "/nonexistent/dir/x.png"]).await.fails(3, "nonexistent");
+    ctl(&sock, &["screendump", "/nonexistent/dir/x.png"])
+        .await
+        .fails(3, "nonexistent");
 
     let dump = dir.join("mem.elf");
-    let r = ctl(&sock, &["--json", "dump-memory", dump.to_str().unwrap()]).await.ok();
+    let r = ctl(&sock, &["--json", "dump-memory", dump.to_str().unwrap()])
+        .await
+        .ok();
     assert_eq!(r.json()["result"]["status"], "completed");
     let head = std::fs::read(&dump).unwrap();
     assert!(head.starts_with(b"\x7fELF") && head.len() > 128 << 20);
@@ -289,11 +432,22 @@ async fn migration_to_a_path_and_to_an_fd() {
     let target = vm_with(&["-incoming", "defer"]).await;
     let mig = target.dir().join("mig.sock");
 
-    let r = ctl(&target.socket("cli"), &["migrate", "incoming", mig.to_str().unwrap()]).await.ok();
+    let r = ctl(
+        &target.socket("cli"),
+        &["migrate", "incoming", mig.to_str().unwrap()],
+    )
+    .await
+    .ok();
     assert!(r.stdout.contains("waiting for a migration"), "{}", r.stdout);
     ctl(&source.socket("cli"), &["start"]).await.ok();
-    let r = ctl(&source.socket("cli"), &["migrate", "to", mig.to_str().unwrap()]).await.ok();
-    assert!(r.stdout.contains("completed") && r.stdout.contains("RAM sent"), "{}", r.stdout);
+    let r = ctl(&source.socket("cli"), &["migrate", "to", mig.to_str().unwrap()])
+        .await
+        .ok();
+    assert!(
+        r.stdout.contains("completed") && r.stdout.contains("RAM sent"),
+        "{}",
+        r.stdout
+    );
     let info: Value = source.client().call("query-migrate", &()).await.unwrap();
     assert_eq!(info["status"], "completed");
     incoming_completed(target.client()).await;
@@ -305,17 +459,38 @@ async fn migration_to_a_path_and_to_an_fd() {
     let source2 = vm().await;
     let target2 = vm_with(&["-incoming", "defer"]).await;
     let mig2 = target2.dir().join("mig.sock");
-    ctl(&source2.socket("cli"), &["migrate", "to", "/nonexistent/mig.sock"])
-        .await
-        .fails(1, "migration ended as failed: Failed to connect to '/nonexistent/mig.sock'");
-    ctl(&target2.socket("cli"), &["migrate", "incoming", mig2.to_str().unwrap()]).await.ok();
+    ctl(
+        &source2.socket("cli"),
+        &["migrate", "to", "/nonexistent/mig.sock"],
+    )
+    .await
+    .fails(
+        1,
+        "migration ended as failed: Failed to connect to '/nonexistent/mig.sock'",
+    );
+    ctl(
+        &target2.socket("cli"),
+        &["migrate", "incoming", mig2.to_str().unwrap()],
+    )
+    .await
+    .ok();
     let conn = std::os::unix::net::UnixStream::connect(&mig2).unwrap();
-    let r = ctl_with_stdin_fd(&source2.socket("cli"), &["migrate", "to", "--fd", "0"], conn.into())
-        .await
-        .ok();
-    assert!(r.stdout.contains("migration to fd:qmpctl-migration completed"), "{}", r.stdout);
+    let r = ctl_with_stdin_fd(
+        &source2.socket("cli"),
+        &["migrate", "to", "--fd", "0"],
+        conn.into(),
+    )
+    .await
+    .ok();
+    assert!(
+        r.stdout.contains("migration to fd:qmpctl-migration completed"),
+        "{}",
+        r.stdout
+    );
     incoming_completed(target2.client()).await;
-    ctl(&source2.socket("cli"), &["migrate", "to", "--fd", "77"]).await.fails(2, "--fd 77");
+    ctl(&source2.socket("cli"), &["migrate", "to", "--fd", "77"])
+        .await
+        .fails(2, "--fd 77");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,26 +502,58 @@ async fn exec_runs_anything_and_explains_bad_input() {
     assert_eq!(r.json()["status"], "prelaunch");
     let r = ctl(&sock, &["--json", "exec", "query-name"]).await.ok();
     assert_eq!(r.stdout.trim(), "{}");
-    ctl(&sock, &["exec", "ringbuf-write", r#"{"device": "console0", "data": "a"}"#]).await.ok();
-    ctl(&sock, &["exec", "ringbuf-write", "device=console0", "data=b"]).await.ok();
-    let r = ctl_stdin(&sock, &["exec", "ringbuf-read", "-"], r#"{"device": "console0", "size": 10}"#)
+    ctl(
+        &sock,
+        &["exec", "ringbuf-write", r#"{"device": "console0", "data": "a"}"#],
+    )
+    .await
+    .ok();
+    ctl(&sock, &["exec", "ringbuf-write", "device=console0", "data=b"])
         .await
         .ok();
+    let r = ctl_stdin(
+        &sock,
+        &["exec", "ringbuf-read", "-"],
+        r#"{"device": "console0", "size": 10}"#,
+    )
+    .await
+    .ok();
     assert_eq!(r.json(), "ab");
 
     let r = ctl(&sock, &["exec", "ringbuf-write", r#"{"device" "console0"}"#]).await;
     r.fails(2, "line 1 column 11");
-    assert!(r.stderr.contains("{\"device\" \"console0\"}\n            ^"), "{}", r.stderr);
-    let r = ctl_stdin(&sock, &["exec", "ringbuf-write", "-"], "{\n  \"device\": \"console0\",\n  \"data\": x\n}").await;
+    assert!(
+        r.stderr.contains("{\"device\" \"console0\"}\n            ^"),
+        "{}",
+        r.stderr
+    );
+    let r = ctl_stdin(
+        &sock,
+        &["exec", "ringbuf-write", "-"],
+        "{\n  \"device\": \"console0\",\n  \"data\": x\n}",
+    )
+    .await;
     r.fails(2, "line 3 column 11");
-    ctl(&sock, &["exec", "ringbuf-write", "[1, 2]"]).await.fails(2, "must be a JSON object");
-    ctl(&sock, &["exec", "ringbuf-write", "device"]).await.fails(2, "not key=value");
+    ctl(&sock, &["exec", "ringbuf-write", "[1, 2]"])
+        .await
+        .fails(2, "must be a JSON object");
+    ctl(&sock, &["exec", "ringbuf-write", "device"])
+        .await
+        .fails(2, "not key=value");
 
     let r = ctl(&sock, &["exec", "query-stauts"]).await;
     r.fails(2, "unknown command \"query-stauts\"");
-    assert!(r.stderr.contains("did you mean one of query-status"), "{}", r.stderr);
-    ctl(&sock, &["exec", "device_del", r#"{"id": "nope"}"#]).await.fails(3, "Device 'nope' not found (DeviceNotFound)");
-    ctl(&sock, &["exec", "ringbuf-write", "{}"]).await.fails(3, "'device' is missing");
+    assert!(
+        r.stderr.contains("did you mean one of query-status"),
+        "{}",
+        r.stderr
+    );
+    ctl(&sock, &["exec", "device_del", r#"{"id": "nope"}"#])
+        .await
+        .fails(3, "Device 'nope' not found (DeviceNotFound)");
+    ctl(&sock, &["exec", "ringbuf-write", "{}"])
+        .await
+        .fails(3, "'device' is missing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,17 +578,33 @@ async fn events_stream_filter_count_until() {
     let r = stream.finish().await.ok();
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines.last().unwrap().ends_with(" RESUME"), "{}", r.stdout);
-    assert!(lines[..lines.len() - 1].iter().all(|l| l.ends_with(" STOP")), "{}", r.stdout);
-    assert!(!r.stdout.contains("DEVICE_DELETED"), "the filter let DEVICE_DELETED through: {}", r.stdout);
+    assert!(
+        lines[..lines.len() - 1].iter().all(|l| l.ends_with(" STOP")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        !r.stdout.contains("DEVICE_DELETED"),
+        "the filter let DEVICE_DELETED through: {}",
+        r.stdout
+    );
 
     let mut stream = Stream::spawn(&sock, &["--json", "events", "--count", "3"]);
     stream.poke_until(&c, &pokes[2..], usize::MAX).await;
     let r = stream.finish().await.ok();
-    let events: Vec<Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(events.len(), 3, "{}", r.stdout);
-    assert!(events.iter().all(|e| e["event"].is_string() && e["timestamp"]["seconds"].is_i64()));
+    assert!(events
+        .iter()
+        .all(|e| e["event"].is_string() && e["timestamp"]["seconds"].is_i64()));
 
-    ctl(&sock, &["events", "--filter", "STOPP"]).await.fails(2, "did you mean STOP");
+    ctl(&sock, &["events", "--filter", "STOPP"])
+        .await
+        .fails(2, "did you mean STOP");
 
     // QEMU goes away before the stream has what it asked for.
     let mut stream = Stream::spawn(&sock, &["events", "--count", "1000"]);
@@ -417,15 +640,26 @@ async fn connection_failures_are_explained() {
 
     let r = run_ctl(&["status"], None, None).await;
     r.fails(2, "no QMP socket: give --socket PATH");
-    run_ctl(&["--frobnicate"], None, None).await.fails(2, "--frobnicate");
-    run_ctl(&["--launch", "--socket", "/x", "status"], None, None).await.fails(2, "cannot be used with");
+    run_ctl(&["--frobnicate"], None, None)
+        .await
+        .fails(2, "--frobnicate");
+    run_ctl(&["--launch", "--socket", "/x", "status"], None, None)
+        .await
+        .fails(2, "cannot be used with");
 
     // A wait that outlives --timeout: a migration that never comes.
     let target = vm_with(&["-incoming", "defer"]).await;
     let mig = target.dir().join("mig.sock");
     let r = ctl(
         &target.socket("cli"),
-        &["--timeout", "300ms", "migrate", "incoming", mig.to_str().unwrap(), "--wait"],
+        &[
+            "--timeout",
+            "300ms",
+            "migrate",
+            "incoming",
+            mig.to_str().unwrap(),
+            "--wait",
+        ],
     )
     .await;
     r.fails(5, "did not finish within 300ms (--timeout)");
@@ -436,7 +670,15 @@ async fn launch_shell_script_and_broken_pipe() {
     let r = run_ctl(&["--launch", "status"], None, None).await.ok();
     assert_eq!(r.stdout.trim(), "prelaunch");
     let r = run_ctl(
-        &["--launch", "--qemu-arg", "-name", "--qemu-arg", "scratch", "exec", "query-name"],
+        &[
+            "--launch",
+            "--qemu-arg",
+            "-name",
+            "--qemu-arg",
+            "scratch",
+            "exec",
+            "query-name",
+        ],
         None,
         None,
     )
@@ -446,8 +688,14 @@ async fn launch_shell_script_and_broken_pipe() {
 
     // The shell reads commands from a pipe, one per line.
     let script = "# a comment\nquery-status\nstop\ncont\n{\"execute\": \"query-status\"}\n";
-    let r = run_ctl(&["--launch", "--json", "shell"], Some(script), None).await.ok();
-    let replies: Vec<Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let r = run_ctl(&["--launch", "--json", "shell"], Some(script), None)
+        .await
+        .ok();
+    let replies: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(replies[0]["status"], "prelaunch");
     assert_eq!(replies[3]["status"], "running");
     let r = run_ctl(&["--launch", "shell"], Some("query-status\nquery-stauts\n"), None).await;
@@ -484,6 +732,10 @@ async fn tour_walks_every_step() {
     }
     assert_eq!(r.stdout.matches("        ok (").count(), 14, "{}", r.stdout);
     assert!(r.stdout.contains("tour complete: 14 steps"), "{}", r.stdout);
-    assert!(r.stdout.contains("MIGRATION events on the source: setup"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("MIGRATION events on the source: setup"),
+        "{}",
+        r.stdout
+    );
     assert!(keep.path().join("tour-screen.png").exists());
 }

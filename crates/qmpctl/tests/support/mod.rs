@@ -156,7 +156,13 @@ pub async fn run_ctl(args: &[&str], stdin: Option<&str>, read_limit: Option<usiz
         within(60, out.read_exact(&mut buf)).await.unwrap();
         drop(out);
         let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await
+            .unwrap();
         let status = within(60, child.wait()).await.unwrap();
         return Run {
             code: status.code().unwrap_or(-1),
@@ -174,7 +180,9 @@ pub fn spawn_ctl(socket: &Path, args: &[&str]) -> Child {
 
 /// Waits for a spawned qmpctl and collects its output.
 pub async fn finish(child: Child) -> Run {
-    let out = within(120, child.wait_with_output()).await.expect("wait for qmpctl");
+    let out = within(120, child.wait_with_output())
+        .await
+        .expect("wait for qmpctl");
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -254,8 +262,15 @@ impl Stream {
 
 /// Runs qemu-img.
 pub fn qemu_img(args: &[&str]) {
-    let out = std::process::Command::new("qemu-img").args(args).output().expect("run qemu-img");
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The VM's run state, asked by the test's own connection.
@@ -275,7 +290,10 @@ pub async fn device_node(c: &qmp::Client, qdev: &str) -> Option<String> {
 
 /// The ids of the devices added with one.
 pub async fn peripherals(c: &qmp::Client) -> Vec<String> {
-    let v: Value = c.call("qom-list", &json!({"path": "/machine/peripheral"})).await.unwrap();
+    let v: Value = c
+        .call("qom-list", &json!({"path": "/machine/peripheral"}))
+        .await
+        .unwrap();
     v.as_array()
         .unwrap()
         .iter()
