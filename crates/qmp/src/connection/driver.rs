@@ -451,10 +451,7 @@ impl State {
             if let Some(log) = &self.log {
                 log.event(bytes);
             }
-            let data = match msg.data {
-                Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
-                None => serde_json::Value::Null,
-            };
+            let data = msg.data.unwrap_or(serde_json::Value::Null);
             tracing::trace!(event = name, "QMP event");
             self.events.push(Event::new(
                 name,
