@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 mod scale;
-use serde::{Deserialize, Serialize};
 
 /// Arguments of `qmpctl bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,23 +46,6 @@ pub struct BenchArgs {
     /// beside this program, else on PATH).
     #[arg(long)]
     pub fake_server: Option<PathBuf>,
-}
-
-/// `query-status`, typed.
-#[derive(Serialize)]
-struct QueryStatus;
-
-/// Its reply.
-#[derive(Deserialize)]
-struct StatusInfo {
-    status: String,
-    #[allow(dead_code)]
-    running: bool,
-}
-
-impl qmp::Command for QueryStatus {
-    const NAME: &'static str = "query-status";
-    type Returns = StatusInfo;
 }
 
 /// Runs the benchmark against the socket and prints its figure.
@@ -162,7 +144,7 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
     }
     // Warm up: the first commands pay for allocations and page faults.
     for _ in 0..args.count.min(200) {
-        client.execute(&QueryStatus).await?;
+        client.status().await?;
     }
     let next = Arc::new(AtomicUsize::new(0));
     let n = args.count;
@@ -173,9 +155,8 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
             let next = next.clone();
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let reply = client.execute(&QueryStatus).await?;
-                    if reply.status.is_empty() {
-                        bail!("query-status returned an empty status");
+                    if let qmp::commands::vm::RunState::Other(state) = client.status().await? {
+                        bail!("query-status returned an unknown state {state:?}");
                     }
                 }
                 Ok::<_, anyhow::Error>(())
