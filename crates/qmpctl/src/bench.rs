@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Run the callers on a multi-threaded runtime instead of one thread.
     #[arg(long)]
     pub multi_thread: bool,
+    /// Send `query-status` through the raw JSON path (`Client::execute_raw`)
+    /// instead of the typed `Client::status`, to compare the two.
+    #[arg(long)]
+    pub raw: bool,
     /// Do not negotiate the `oob` capability.
     #[arg(long)]
     pub no_oob: bool,
@@ -148,6 +152,7 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
     }
     let next = Arc::new(AtomicUsize::new(0));
     let n = args.count;
+    let raw = args.raw;
     let started = Instant::now();
     let callers: Vec<_> = (0..args.depth.min(n))
         .map(|_| {
@@ -155,7 +160,14 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
             let next = next.clone();
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < n {
-                    if let qmp::commands::vm::RunState::Other(state) = client.status().await? {
+                    if raw {
+                        let reply = client
+                            .execute_raw("query-status", serde_json::Value::Null)
+                            .await?;
+                        if !reply["status"].is_string() {
+                            bail!("query-status returned {reply}");
+                        }
+                    } else if let qmp::commands::vm::RunState::Other(state) = client.status().await? {
                         bail!("query-status returned an unknown state {state:?}");
                     }
                 }
