@@ -157,8 +157,15 @@ async fn agent_lines_are_processed_in_order_and_kept_across_reads() {
     let (s, t) = (EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED);
     assert_eq!(agent, [s, t, s, t, s, t]);
 
+    // Any event prompts a read: nobody calls check_agent and the next
+    // periodic poll is an hour away.
+    guest_writes(&ctl, "STARTED\n").await;
+    let _: Value = ctl.call("cont", &()).await.unwrap();
+    next_named(&mut events, EVENT_AGENT_STARTED).await;
+    assert!(mon.agent_started());
+
     // The ring-buffer reads stayed out of the traffic log; a command did not.
-    assert_eq!(status(&mon).await.unwrap(), "prelaunch");
+    assert_eq!(status(&mon).await.unwrap(), "running");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("query-status"), "{text}");
     assert!(!text.contains("ringbuf-read"), "{text}");
@@ -492,9 +499,14 @@ async fn reset_is_recognised_by_handle_reset() {
     let (_, first, _) = within(10, resets.recv()).await.unwrap();
     assert!(!first);
     assert!(!mon.handle_reset());
+    // One announced by hand, then sent another way, is.
+    mon.expect_reset();
+    let _: Value = ctl.call("system_reset", &()).await.unwrap();
+    let (_, first, second) = within(10, resets.recv()).await.unwrap();
+    assert!(first && !second);
 
     let mut names = Vec::new();
-    while names.len() < 4 {
+    while names.len() < 5 {
         names.push(within(10, events.recv()).await.unwrap());
     }
     assert_eq!(
@@ -503,7 +515,8 @@ async fn reset_is_recognised_by_handle_reset() {
             EVENT_AGENT_STARTED,
             EVENT_VM_RESET,
             EVENT_AGENT_STOPPED,
-            EVENT_VM_RESET
+            EVENT_VM_RESET,
+            EVENT_VM_RESET,
         ]
     );
     mon.disconnect();
@@ -889,4 +902,49 @@ async fn pushing_with_nobody_reading_never_blocks() {
     );
     assert_eq!(fresh.recv().await.unwrap().name(), "BLOCK_JOB_ERROR");
     mon.disconnect();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemus_shutdown_survives_a_handler_that_fell_behind() {
+    // On "go": a burst of events ending in SHUTDOWN, then the socket closes.
+    let server = FakeServer::start(|mut conn: FakeConn| async move {
+        if conn.handshake().await.is_err() {
+            return;
+        }
+        let Ok(Some(req)) = conn.recv().await else { return };
+        let _ = conn.reply(&req, json!({})).await;
+        for n in 0..100 {
+            let _ = conn.event("TICK", json!({"n": n})).await;
+        }
+        let _ = conn
+            .event("SHUTDOWN", json!({"guest": true, "reason": "guest-shutdown"}))
+            .await;
+    })
+    .await
+    .unwrap();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let options = MonitorOptions::new()
+        .event_queue(4)
+        .async_event_handler(move |_mon, ev| {
+            let (tx, mut release) = (tx.clone(), release.clone());
+            async move {
+                let _ = release.wait_for(|r| *r).await;
+                let _ = tx.send(ev);
+            }
+        });
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    mon.set_initialized(true);
+    let _: Value = within(10, mon.call("go", &())).await.unwrap();
+    within(10, mon.closed()).await;
+    release_tx.send_replace(true);
+    within(10, mon.wait()).await;
+    let all = drain(&mut seen);
+    assert!(all.len() < 101, "the handler's queue dropped events");
+    let shutdowns: Vec<&Event> = all.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
+    assert_eq!(shutdowns.len(), 1, "{all:?}");
+    assert_eq!(shutdowns[0].data()["reason"], "guest-shutdown");
 }

@@ -72,7 +72,7 @@ pub use registry::MonitorRegistry;
 
 use agent::Agent;
 use channels::Channels;
-use constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
+use constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN};
 use options::{EjectedFn, Handler};
 use registry::Slots;
 
@@ -144,6 +144,7 @@ impl Monitor {
         // Subscribed before anything else: the first subscriber also gets
         // the events that came with the handshake.
         let events = client.subscribe(EventFilter::all().capacity(options.event_queue));
+        let lifecycle = client.subscribe(EventFilter::names([EVENT_VM_SHUTDOWN, "RESUME"]));
         let (own_events, own_rx) = mpsc::unbounded_channel();
         let agent = options.serial_chardev.as_ref().map(|chardev| {
             Arc::new(Agent::new(
@@ -172,7 +173,7 @@ impl Monitor {
             mon.inner.client.disconnect();
             return Err(e);
         }
-        tokio::spawn(dispatch::run(mon.clone(), events, own_rx));
+        tokio::spawn(dispatch::run(mon.clone(), events, lifecycle, own_rx));
         if let Some(agent) = mon.inner.agent.clone() {
             let announcer = mon.clone();
             tokio::spawn(async move {
@@ -247,7 +248,8 @@ impl Monitor {
     /// Resolves when the monitor is done: its connection has ended and the
     /// handler has been given every event, the final `SHUTDOWN` included (the
     /// Go `Wait`, whose channel closes on disconnection). The future does not
-    /// borrow the monitor. For the moment the socket closes, use
+    /// borrow the monitor. It waits for the handler, so a handler that never
+    /// returns holds it up; for the moment the socket closes, use
     /// [`Client::closed`].
     pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut finished = self.inner.finished.subscribe();

@@ -98,9 +98,10 @@ impl MonitorOptions {
     /// own (`AGENT-STARTED`, `AGENT-STOPPED`, a synthesised `SHUTDOWN`).
     ///
     /// It runs on the monitor's event task, never on the connection's reader,
-    /// so it cannot stall command replies; but events queue up behind it, so
-    /// keep it short, or use [`MonitorOptions::async_event_handler`] to run QMP
-    /// commands from it.
+    /// so it cannot stall command replies; but events queue up behind it and
+    /// it runs on a runtime thread, so it must not block: keep it short, or
+    /// use [`MonitorOptions::async_event_handler`] to run QMP commands from it.
+    /// A panic in it is logged and the next event is handled as usual.
     pub fn event_handler(mut self, handler: impl Fn(&Monitor, &Event) + Send + Sync + 'static) -> Self {
         self.handler = Some(Handler::Sync(Arc::new(handler)));
         self
