@@ -81,35 +81,10 @@ fn parse(line: &[u8]) -> Option<Status> {
     }
 }
 
-/// Decodes standard base64 (with or without padding); `None` on a bad character.
+/// Decodes QEMU's base64 (standard alphabet, padded); `None` when it is not base64.
 pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let text = text.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for &c in text {
-        if c.is_ascii_whitespace() {
-            continue;
-        }
-        acc = (acc << 6) | value(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()
 }
 
 /// The agent watcher's state, shared by the poller and [`super::Monitor::check_agent`].
