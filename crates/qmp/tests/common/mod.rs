@@ -39,7 +39,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {secs} s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {secs} s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -53,5 +56,9 @@ pub fn qemu_img_create(path: &std::path::Path, format: &str, size: &str, backing
     }
     cmd.arg(path).arg(size);
     let out = cmd.output().expect("run qemu-img");
-    assert!(out.status.success(), "qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
