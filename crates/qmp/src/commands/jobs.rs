@@ -77,7 +77,20 @@ enum OnReady {
 
 /// Follows one job through its events until it concludes.
 ///
-/// Make it (with [`Client::watch_job`]) *before* starting the job.
+/// Make it (with [`Client::watch_job`]) *before* starting the job, for
+/// jobs started by other means than this module:
+///
+/// ```no_run
+/// # async fn f(client: qmp::Client) -> qmp::Result<()> {
+/// use std::time::Duration;
+/// let mut watch = client.watch_job("backup0");
+/// client
+///     .execute_raw("blockdev-backup", serde_json::json!({
+///         "job-id": "backup0", "device": "disk0", "target": "backup", "sync": "full"}))
+///     .await?;
+/// watch.wait(false, Duration::from_secs(3600)).await?;
+/// # Ok(()) }
+/// ```
 pub struct JobWatch {
     client: Client,
     id: String,
