@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::client::{Client, Empty};
-use crate::error::{Error, ErrorClass, Result};
+use crate::error::{Error, Result};
 
 /// One guest-visible block device, as `query-block` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -172,19 +172,6 @@ struct NodeName {
     node_name: String,
 }
 
-/// Turns QEMU's "in use" / "busy" reply into [`Error::InUse`]; other errors pass through.
-pub(crate) fn in_use(e: Error) -> Error {
-    match e {
-        Error::Qmp(q)
-            if q.class == ErrorClass::GenericError
-                && (q.desc.contains("is in use") || q.desc.contains("is busy")) =>
-        {
-            Error::InUse(q)
-        }
-        other => other,
-    }
-}
-
 /// Serialises a caller's free-form spec into a JSON object.
 pub(crate) fn to_object(spec: &impl Serialize, what: &str) -> Result<Map<String, Value>> {
     match serde_json::to_value(spec) {
@@ -289,7 +276,7 @@ impl Client {
         {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(in_use(e)),
+            Err(e) => Err(e.classify_in_use()),
         }
     }
 
@@ -337,7 +324,7 @@ impl Client {
     pub async fn block_dev_snapshot(&self, node: &str, overlay: &str) -> Result<()> {
         self.call::<_, Empty>("blockdev-snapshot", &json!({"node": node, "overlay": overlay}))
             .await
-            .map_err(in_use)?;
+            .map_err(Error::classify_in_use)?;
         Ok(())
     }
 
@@ -346,7 +333,7 @@ impl Client {
     pub async fn update_block_size(&self, node_name: &str, size: u64) -> Result<()> {
         self.call::<_, Empty>("block_resize", &json!({"node-name": node_name, "size": size}))
             .await
-            .map_err(in_use)?;
+            .map_err(Error::classify_in_use)?;
         Ok(())
     }
 
@@ -441,7 +428,7 @@ impl Client {
     pub async fn remove_dirty_bitmap(&self, node: &str, name: &str) -> Result<()> {
         self.call::<_, Empty>("block-dirty-bitmap-remove", &json!({"node": node, "name": name}))
             .await
-            .map_err(in_use)?;
+            .map_err(Error::classify_in_use)?;
         Ok(())
     }
 }
@@ -449,7 +436,6 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::QmpError;
 
     #[test]
     fn decodes_query_block_tolerantly() {
@@ -466,19 +452,5 @@ mod tests {
         assert_eq!(ins.node_name, "top");
         assert_eq!(ins.image.as_ref().unwrap().chain_length(), 2);
         assert!(b[1].inserted.is_none());
-    }
-
-    #[test]
-    fn in_use_is_recognised_from_class_and_reply() {
-        let q = |class: &str, desc: &str| {
-            Error::Qmp(QmpError {
-                command: "blockdev-del".into(),
-                class: ErrorClass::from_name(class),
-                desc: desc.into(),
-            })
-        };
-        assert!(in_use(q("GenericError", "Node top is in use")).is_in_use());
-        assert!(!in_use(q("GenericError", "Failed to find node with node-name='x'")).is_in_use());
-        assert!(!in_use(q("DeviceNotFound", "is in use")).is_in_use());
     }
 }

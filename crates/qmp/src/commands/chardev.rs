@@ -16,7 +16,6 @@ use std::os::fd::OwnedFd;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::devices::classify_in_use;
 use crate::client::{CallOptions, Client, Empty};
 use crate::error::{Error, Result};
 
@@ -164,7 +163,7 @@ impl Client {
         self.call::<_, Empty>("chardev-remove", &json!({ "id": id }))
             .await
             .map(drop)
-            .map_err(classify_in_use)
+            .map_err(Error::classify_in_use)
     }
 
     /// The character devices (`query-chardev`).

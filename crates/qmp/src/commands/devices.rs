@@ -38,25 +38,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::client::{CallOptions, Client, Empty};
-use crate::error::{Error, ErrorClass, Result};
+use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem};
-
-/// Turns QEMU's "in use"/"busy" replies into [`Error::InUse`].
-///
-/// QEMU reports a resource that is still referenced as a `GenericError`
-/// whose description says so: `object 'mem1' is in use, can not be
-/// deleted`, `Chardev 'rb1' is busy`, `can't use already busy memdev`.
-pub(crate) fn classify_in_use(e: Error) -> Error {
-    match e {
-        Error::Qmp(q)
-            if q.class == ErrorClass::GenericError
-                && (q.desc.contains("in use") || q.desc.contains("busy")) =>
-        {
-            Error::InUse(q)
-        }
-        e => e,
-    }
-}
 
 /// Sets `key` to `value` in a property map.
 fn set(props: &mut Map<String, Value>, key: impl Into<String>, value: impl Into<Value>) {
@@ -268,7 +251,7 @@ impl Client {
         self.call::<_, Empty>("device_add", device)
             .await
             .map(drop)
-            .map_err(classify_in_use)
+            .map_err(Error::classify_in_use)
     }
 
     /// Removes a device and waits, up to `timeout`, until QEMU reports it
@@ -393,7 +376,7 @@ impl Client {
         self.call::<_, Empty>("netdev_del", &json!({ "id": netdev_id }))
             .await
             .map(drop)
-            .map_err(classify_in_use)
+            .map_err(Error::classify_in_use)
     }
 
     /// Connects or disconnects a NIC's link, as if its cable were plugged
@@ -419,7 +402,7 @@ impl Client {
         self.call_with::<_, Empty>("object-add", object, options)
             .await
             .map(drop)
-            .map_err(classify_in_use)
+            .map_err(Error::classify_in_use)
     }
 
     /// Removes a QOM object (`object-del`). One still used by a device is
@@ -429,7 +412,7 @@ impl Client {
         self.call::<_, Empty>("object-del", &json!({ "id": id }))
             .await
             .map(drop)
-            .map_err(classify_in_use)
+            .map_err(Error::classify_in_use)
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,
@@ -477,22 +460,6 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::QmpError;
-
-    #[test]
-    fn busy_and_in_use_replies_become_in_use() {
-        let qmp = |desc: &str| {
-            Error::Qmp(QmpError {
-                command: "x".into(),
-                class: ErrorClass::GenericError,
-                desc: desc.into(),
-            })
-        };
-        assert!(classify_in_use(qmp("object 'mem1' is in use, can not be deleted")).is_in_use());
-        assert!(classify_in_use(qmp("Chardev 'rb1' is busy")).is_in_use());
-        assert!(!classify_in_use(qmp("Device 'x' not found")).is_in_use());
-        assert!(!classify_in_use(Error::InvalidRequest("busy".into())).is_in_use());
-    }
 
     #[test]
     fn pci_tree_decodes_and_walks() {

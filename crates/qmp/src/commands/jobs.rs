@@ -147,7 +147,7 @@ impl Client {
         };
         if let Err(e) = self.call::<_, Empty>(command, args).await {
             guard.disarm();
-            return Err(crate::commands::block::in_use(e));
+            return Err(e.classify_in_use());
         }
         let result = watch.wait_end(OnReady::Complete, deadline, command, budget).await;
         guard.disarm();

@@ -121,7 +121,7 @@ impl Client {
         }
         self.call::<_, Empty>("block-export-add", &args)
             .await
-            .map_err(crate::commands::block::in_use)?;
+            .map_err(Error::classify_in_use)?;
         Ok(())
     }
 
