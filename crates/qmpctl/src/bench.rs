@@ -38,14 +38,18 @@ pub struct BenchArgs {
     /// Do not negotiate the `oob` capability.
     #[arg(long)]
     pub no_oob: bool,
-    /// Instead, hold N connections at once to a fake QMP server in another
-    /// process, and report memory per connection, CPU while idle, and the
-    /// time of one command on all of them at once. Needs no `--socket`.
+    /// Instead, hold N monitors (agent polling on) at once, connected to a
+    /// fake QMP server in another process, and report memory per monitor,
+    /// CPU while idle, and the time of one command on all of them at once.
+    /// Needs no `--socket`.
     #[arg(long, value_name = "N")]
     pub scale: Option<usize>,
     /// With `--scale`: how long to measure idle CPU use, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub idle_secs: f64,
+    /// With `--scale`: the monitors' guest-agent poll interval, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub agent_poll_secs: f64,
     /// With `--scale`: the fake server binary (default: `qmp-fake-server`
     /// beside this program, else on PATH).
     #[arg(long)]

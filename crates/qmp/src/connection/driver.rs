@@ -84,6 +84,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>
         close_reason: OnceLock::new(),
         path,
         schema: Default::default(),
+        last_shutdown: Default::default(),
     });
     let driver = Driver {
         stream: hs.stream,
@@ -453,14 +454,27 @@ impl State {
             }
             let data = msg.data.unwrap_or(serde_json::Value::Null);
             tracing::trace!(event = name, "QMP event");
-            self.events.push(Event::new(
+            let event = Event::new(
                 name,
                 data,
                 msg.timestamp.unwrap_or(Timestamp {
                     seconds: -1,
                     microseconds: -1,
                 }),
-            ));
+            );
+            let remember = match name {
+                "SHUTDOWN" => Some(Some(event.clone())),
+                "RESUME" => Some(None),
+                _ => None,
+            };
+            if let Some(value) = remember {
+                *self
+                    .shared
+                    .last_shutdown
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = value;
+            }
+            self.events.push(event);
             return;
         }
         if msg.ret.is_none() && msg.error.is_none() {

@@ -19,7 +19,7 @@ pub(crate) struct Handshaken {
 /// Reads the greeting and negotiates capabilities (with `oob` when offered
 /// and wanted). The caller bounds the time.
 pub(crate) async fn run(mut stream: UnixStream, want_oob: bool, max_message: usize) -> Result<Handshaken> {
-    let mut splitter = Splitter::new(max_message);
+    let mut splitter = Splitter::small(max_message);
     let greeting_bytes = next_message(&mut stream, &mut splitter, "greeting").await?;
     let greeting = Greeting::parse(&greeting_bytes).map_err(Error::Handshake)?;
     let oob = want_oob && greeting.offers_oob();
