@@ -175,8 +175,13 @@ impl Driver {
         self.state.flush_events();
         self.return_read_buffer();
         let ending = loop {
+            // Requests first, without waiting: a server flooding us with
+            // events must not starve the callers.
+            if let Some(stop) = self.take_requests() {
+                break stop;
+            }
             if let Err(e) = self.write_ready() {
-                break Ending::Io(e);
+                break self.after_write_error(e);
             }
             let want_write = self.state.wpos < self.state.wbuf.len();
             tokio::select! {
@@ -200,17 +205,6 @@ impl Driver {
                         Some(ToDriver::Disconnect) => break Ending::Requested,
                         None => break Ending::Dropped,
                     }
-                    // Take everything queued now, so that it goes in one write.
-                    let mut stop = None;
-                    while let Ok(msg) = self.rx.try_recv() {
-                        match msg {
-                            ToDriver::Command(out) => self.state.enqueue(out),
-                            ToDriver::Disconnect => { stop = Some(Ending::Requested); break; }
-                        }
-                    }
-                    if let Some(stop) = stop {
-                        break stop;
-                    }
                 }
                 ready = self.stream.writable(), if want_write => {
                     if let Err(e) = ready {
@@ -220,6 +214,32 @@ impl Driver {
             }
         };
         self.shutdown(ending);
+    }
+
+    /// Takes every request queued now (so that they go out in one write);
+    /// returns how the connection ends if a disconnect was asked for.
+    fn take_requests(&mut self) -> Option<Ending> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(ToDriver::Command(out)) => self.state.enqueue(out),
+                Ok(ToDriver::Disconnect) => return Some(Ending::Requested),
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Some(Ending::Dropped),
+            }
+        }
+    }
+
+    /// A write failed (QEMU closed its end, typically after `quit`): what
+    /// QEMU sent before closing is already here, so read it to the end
+    /// before giving up: a SHUTDOWN event or the last replies are not lost.
+    fn after_write_error(&mut self, write_error: io::Error) -> Ending {
+        loop {
+            match self.read_ready() {
+                Ok(Read::Eof) => return Ending::Eof,
+                Ok(Read::More) => continue,
+                Ok(Read::Drained) | Err(_) => return Ending::Io(write_error),
+            }
+        }
     }
 
     /// Reads what is available (up to a few buffers' worth) and handles
