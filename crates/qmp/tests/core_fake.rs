@@ -680,3 +680,21 @@ static SAW_THREE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 fn memchr_count(bytes: &[u8]) -> usize {
     bytes.windows(9).filter(|w| *w == b"\"execute\"").count()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_before_the_capabilities_reply_are_kept_in_order() {
+    let srv = server(|mut conn| async move {
+        conn.greet().await.unwrap();
+        let caps = conn.recv().await.unwrap().unwrap();
+        conn.event("FIRST", Value::Null).await.unwrap();
+        conn.reply(&caps, json!({})).await.unwrap();
+        conn.event("SECOND", Value::Null).await.unwrap();
+        echo_names(conn).await;
+    })
+    .await;
+    let client = Client::connect(srv.path()).await.unwrap();
+    let mut events = client.events();
+    assert_eq!(within(5, events.next()).await.unwrap().name(), "FIRST");
+    assert_eq!(within(5, events.next()).await.unwrap().name(), "SECOND");
+    assert_eq!(client.execute_raw("x", Value::Null).await.unwrap()["name"], "x");
+}

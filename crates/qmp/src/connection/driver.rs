@@ -88,6 +88,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>
     });
     let driver = Driver {
         stream: hs.stream,
+        early_events: hs.early_events,
         splitter: hs.splitter,
         rx,
         state: State {
@@ -110,6 +111,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>
 
 struct Driver {
     stream: UnixStream,
+    early_events: Vec<Vec<u8>>,
     splitter: crate::wire::splitter::Splitter,
     rx: mpsc::UnboundedReceiver<ToDriver>,
     state: State,
@@ -171,6 +173,9 @@ enum Ending {
 impl Driver {
     async fn run(mut self) {
         // The handshake may have read events already.
+        for event in std::mem::take(&mut self.early_events) {
+            self.state.handle_message(&event);
+        }
         self.process_frames();
         self.state.flush_events();
         self.return_read_buffer();
