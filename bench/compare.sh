@@ -66,6 +66,17 @@ row fakeqmp "$work/fake.sock" "$N" 64 ""
 row "QEMU $(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')" "$work/qemu.sock" "$QEMU_N" 1 "OOB=1"
 row "QEMU (oob)" "$work/qemu.sock" "$QEMU_N" 8 "OOB=1"
 
+# A typed call against the raw call it wraps (issue: typed costs no more).
+t=(); r=()
+for _ in $(seq "$ROUNDS"); do
+    t+=("$("$qmpctl" --socket "$work/fake.sock" --json bench --count "$N" --depth 1 | field us_per_cmd)")
+    r+=("$("$qmpctl" --socket "$work/fake.sock" --json bench --count "$N" --depth 1 --raw | field us_per_cmd)")
+done
+tm=$(printf '%s\n' "${t[@]}" | median)
+rm_=$(printf '%s\n' "${r[@]}" | median)
+printf '\ntyped Client::status: %s µs/cmd; raw execute_raw("query-status"): %s µs/cmd (typed/raw %.2f)\n' \
+    "$tm" "$rm_" "$(awk "BEGIN {print $tm / $rm_}")"
+
 e=()
 for _ in $(seq "$ROUNDS"); do
     e+=("$("$qmpctl" --socket "$work/events.sock" --json bench --events "$EVENTS" | field us_per_event)")

@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     pub close_reason: OnceLock<Error>,
     pub path: PathBuf,
     pub schema: tokio::sync::OnceCell<Arc<crate::schema::Schema>>,
+    /// QEMU's last SHUTDOWN event, unless a RESUME came after it.
+    pub last_shutdown: std::sync::Mutex<Option<crate::event::Event>>,
 }
 
 struct Inner {
@@ -266,6 +268,19 @@ impl Client {
     /// the events that arrived before it (from the handshake on).
     pub fn subscribe(&self, filter: EventFilter) -> EventStream {
         self.inner.shared.subscribers.subscribe(filter)
+    }
+
+    /// The `SHUTDOWN` event QEMU sent on this connection, unless the VM ran
+    /// again after it (a `RESUME`). Kept by the connection itself, so it is
+    /// known even to someone who was not subscribed, or whose queue dropped
+    /// it: after a disconnect it tells a shutdown QEMU announced from a crash.
+    pub fn shutdown_event(&self) -> Option<crate::event::Event> {
+        self.inner
+            .shared
+            .last_shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// True once the connection is gone.

@@ -178,6 +178,19 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Recognises QEMU's "in use" replies (a `GenericError` saying a node,
+    /// object or chardev is in use or busy) as [`Error::InUse`]; every other
+    /// error is returned unchanged. Operations that remove or replace things
+    /// pass their errors through this.
+    pub fn classify_in_use(self) -> Error {
+        match self {
+            Error::Qmp(q) if q.is_in_use() => Error::InUse(q),
+            other => other,
+        }
+    }
+}
+
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(Arc::new(e))
@@ -197,6 +210,15 @@ pub struct QmpError {
 }
 
 impl QmpError {
+    /// True when QEMU refused because the thing is in use (by a device, a
+    /// job, another object): a `GenericError` whose fixed phrasing says so,
+    /// such as "Node 'x' is busy: block device is in use by ..." or
+    /// "object 'mem1' is in use, can not be deleted".
+    pub fn is_in_use(&self) -> bool {
+        self.class == ErrorClass::GenericError
+            && (self.desc.contains("in use") || self.desc.contains("is busy"))
+    }
+
     /// True when QEMU said the thing asked for does not exist.
     ///
     /// QEMU reports most missing objects as `GenericError`; for those the
@@ -212,6 +234,7 @@ impl QmpError {
                     || d.contains("does not exist")
                     || d.starts_with("Failed to find")
                     || d.contains("not exist")
+                    || d.contains("not been found")
             }
             _ => false,
         }
@@ -290,6 +313,18 @@ mod tests {
         assert!(e("GenericError", "Cannot find device='nope' nor node-name='nope'").is_not_found());
         assert!(!e("GenericError", "Node 'x' is busy: block device is in use").is_not_found());
         assert!(!e("KVMMissingCap", "x").is_not_found());
+        assert!(e("GenericError", "File descriptor named 'x' has not been found").is_not_found());
+        let busy = e(
+            "GenericError",
+            "Node 'top' is busy: block device is in use by block job: commit",
+        );
+        assert!(busy.is_in_use() && !busy.is_not_found());
+        assert!(Error::Qmp(busy).classify_in_use().is_in_use());
+        assert!(e("GenericError", "object 'mem1' is in use, can not be deleted").is_in_use());
+        assert!(!e("DeviceNotFound", "is in use").is_in_use());
+        assert!(!Error::Qmp(e("GenericError", "Failed to find node"))
+            .classify_in_use()
+            .is_in_use());
         assert_eq!(
             ErrorClass::from_name("NewClass"),
             ErrorClass::Other("NewClass".into())

@@ -51,6 +51,8 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`Client`], [`ConnectOptions`] | the async client |
+//! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
+//! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
 //! | [`event`] | subscriptions and typed views of events |
 //! | [`schema`] | the server's command schema, for version-dependent choices |
 //! | [`blocking`] | the same client for synchronous code |

@@ -599,3 +599,102 @@ async fn a_frozen_server_never_delays_connects_to_others() {
     );
     stuck.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_server_sent_before_closing_is_delivered_even_if_a_write_fails() {
+    for _ in 0..20 {
+        let srv = server(|mut conn| async move {
+            conn.handshake().await.unwrap();
+            let _req = conn.recv().await.unwrap().unwrap();
+            conn.event("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"}))
+                .await
+                .unwrap();
+            // Close both directions at once, as QEMU does when it exits.
+            drop(conn);
+        })
+        .await;
+        let client = Client::connect(srv.path()).await.unwrap();
+        let mut events = client.events();
+        let first = client.execute_raw("quit", Value::Null).await;
+        assert!(first.unwrap_err().is_disconnected());
+        // Writing now may fail with EPIPE before the end of stream is read.
+        let later = client.execute_raw("query-status", Value::Null).await;
+        assert!(later.unwrap_err().is_disconnected());
+        let e = within(5, events.next())
+            .await
+            .expect("the SHUTDOWN sent before closing");
+        assert_eq!(e.name(), "SHUTDOWN");
+        assert_eq!(client.shutdown_event().unwrap().data()["reason"], "host-qmp-quit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_flood_never_starves_commands() {
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        let (mut rd, mut wr) = conn.into_inner().into_split();
+        // Events as fast as the socket takes them, forever.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let burst = b"{\"event\": \"TICK\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n"
+                .repeat(1000);
+            while wr.write_all(&burst).await.is_ok() {}
+        });
+        // Requests are read but never answered: the test only checks that
+        // they are written, which the flood must not prevent.
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if memchr_count(&seen) >= 3 {
+                // Three requests arrived in spite of the flood.
+                SAW_THREE.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+    .await;
+    let client = Client::connect(srv.path()).await.unwrap();
+    let _events = client.subscribe(qmp::EventFilter::all().capacity(16));
+    for _ in 0..3 {
+        let err = within(
+            10,
+            client.call_with::<_, Value>(
+                "x",
+                &json!({}),
+                CallOptions::new().timeout(Duration::from_millis(200)),
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+    }
+    common::eventually(10, || async { SAW_THREE.load(Ordering::SeqCst).then_some(()) }).await;
+}
+
+static SAW_THREE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn memchr_count(bytes: &[u8]) -> usize {
+    bytes.windows(9).filter(|w| *w == b"\"execute\"").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_before_the_capabilities_reply_are_kept_in_order() {
+    let srv = server(|mut conn| async move {
+        conn.greet().await.unwrap();
+        let caps = conn.recv().await.unwrap().unwrap();
+        conn.event("FIRST", Value::Null).await.unwrap();
+        conn.reply(&caps, json!({})).await.unwrap();
+        conn.event("SECOND", Value::Null).await.unwrap();
+        echo_names(conn).await;
+    })
+    .await;
+    let client = Client::connect(srv.path()).await.unwrap();
+    let mut events = client.events();
+    assert_eq!(within(5, events.next()).await.unwrap().name(), "FIRST");
+    assert_eq!(within(5, events.next()).await.unwrap().name(), "SECOND");
+    assert_eq!(client.execute_raw("x", Value::Null).await.unwrap()["name"], "x");
+}

@@ -122,6 +122,7 @@ async fn stop_cont_and_reset_produce_events_in_order() {
             reason: "host-qmp-system-reset".into()
         }
     );
+    assert!(c.shutdown_event().is_none(), "no SHUTDOWN was sent");
     let r = within(10, resets.next()).await.unwrap();
     assert_eq!(r.name(), "RESET");
     assert!(r.timestamp().seconds > 1_600_000_000);
@@ -279,6 +280,11 @@ async fn quit_sends_shutdown_then_closes() {
     );
     let reason = within(10, c.closed()).await;
     assert!(reason.is_disconnected());
+    // The connection itself remembers why QEMU went away.
+    assert_eq!(
+        c.shutdown_event().map(|e| e.data()["reason"].clone()),
+        Some(json!("host-qmp-quit"))
+    );
     assert!(
         within(10, events.next()).await.is_none(),
         "the stream ends after the disconnect"

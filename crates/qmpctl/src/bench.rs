@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 mod scale;
-use serde::{Deserialize, Serialize};
 
 /// Arguments of `qmpctl bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,38 +31,29 @@ pub struct BenchArgs {
     /// Run the callers on a multi-threaded runtime instead of one thread.
     #[arg(long)]
     pub multi_thread: bool,
+    /// Send `query-status` through the raw JSON path (`Client::execute_raw`)
+    /// instead of the typed `Client::status`, to compare the two.
+    #[arg(long)]
+    pub raw: bool,
     /// Do not negotiate the `oob` capability.
     #[arg(long)]
     pub no_oob: bool,
-    /// Instead, hold N connections at once to a fake QMP server in another
-    /// process, and report memory per connection, CPU while idle, and the
-    /// time of one command on all of them at once. Needs no `--socket`.
+    /// Instead, hold N monitors (agent polling on) at once, connected to a
+    /// fake QMP server in another process, and report memory per monitor,
+    /// CPU while idle, and the time of one command on all of them at once.
+    /// Needs no `--socket`.
     #[arg(long, value_name = "N")]
     pub scale: Option<usize>,
     /// With `--scale`: how long to measure idle CPU use, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub idle_secs: f64,
+    /// With `--scale`: the monitors' guest-agent poll interval, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub agent_poll_secs: f64,
     /// With `--scale`: the fake server binary (default: `qmp-fake-server`
     /// beside this program, else on PATH).
     #[arg(long)]
     pub fake_server: Option<PathBuf>,
-}
-
-/// `query-status`, typed.
-#[derive(Serialize)]
-struct QueryStatus;
-
-/// Its reply.
-#[derive(Deserialize)]
-struct StatusInfo {
-    status: String,
-    #[allow(dead_code)]
-    running: bool,
-}
-
-impl qmp::Command for QueryStatus {
-    const NAME: &'static str = "query-status";
-    type Returns = StatusInfo;
 }
 
 /// Runs the benchmark against the socket and prints its figure.
@@ -162,10 +152,11 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
     }
     // Warm up: the first commands pay for allocations and page faults.
     for _ in 0..args.count.min(200) {
-        client.execute(&QueryStatus).await?;
+        client.status().await?;
     }
     let next = Arc::new(AtomicUsize::new(0));
     let n = args.count;
+    let raw = args.raw;
     let started = Instant::now();
     let callers: Vec<_> = (0..args.depth.min(n))
         .map(|_| {
@@ -173,9 +164,15 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
             let next = next.clone();
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let reply = client.execute(&QueryStatus).await?;
-                    if reply.status.is_empty() {
-                        bail!("query-status returned an empty status");
+                    if raw {
+                        let reply = client
+                            .execute_raw("query-status", serde_json::Value::Null)
+                            .await?;
+                        if !reply["status"].is_string() {
+                            bail!("query-status returned {reply}");
+                        }
+                    } else if let qmp::commands::vm::RunState::Other(state) = client.status().await? {
+                        bail!("query-status returned an unknown state {state:?}");
                     }
                 }
                 Ok::<_, anyhow::Error>(())

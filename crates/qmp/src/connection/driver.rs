@@ -84,9 +84,11 @@ pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>
         close_reason: OnceLock::new(),
         path,
         schema: Default::default(),
+        last_shutdown: Default::default(),
     });
     let driver = Driver {
         stream: hs.stream,
+        early_events: hs.early_events,
         splitter: hs.splitter,
         rx,
         state: State {
@@ -109,6 +111,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>
 
 struct Driver {
     stream: UnixStream,
+    early_events: Vec<Vec<u8>>,
     splitter: crate::wire::splitter::Splitter,
     rx: mpsc::UnboundedReceiver<ToDriver>,
     state: State,
@@ -170,12 +173,20 @@ enum Ending {
 impl Driver {
     async fn run(mut self) {
         // The handshake may have read events already.
+        for event in std::mem::take(&mut self.early_events) {
+            self.state.handle_message(&event);
+        }
         self.process_frames();
         self.state.flush_events();
         self.return_read_buffer();
         let ending = loop {
+            // Requests first, without waiting: a server flooding us with
+            // events must not starve the callers.
+            if let Some(stop) = self.take_requests() {
+                break stop;
+            }
             if let Err(e) = self.write_ready() {
-                break Ending::Io(e);
+                break self.after_write_error(e);
             }
             let want_write = self.state.wpos < self.state.wbuf.len();
             tokio::select! {
@@ -199,17 +210,6 @@ impl Driver {
                         Some(ToDriver::Disconnect) => break Ending::Requested,
                         None => break Ending::Dropped,
                     }
-                    // Take everything queued now, so that it goes in one write.
-                    let mut stop = None;
-                    while let Ok(msg) = self.rx.try_recv() {
-                        match msg {
-                            ToDriver::Command(out) => self.state.enqueue(out),
-                            ToDriver::Disconnect => { stop = Some(Ending::Requested); break; }
-                        }
-                    }
-                    if let Some(stop) = stop {
-                        break stop;
-                    }
                 }
                 ready = self.stream.writable(), if want_write => {
                     if let Err(e) = ready {
@@ -219,6 +219,32 @@ impl Driver {
             }
         };
         self.shutdown(ending);
+    }
+
+    /// Takes every request queued now (so that they go out in one write);
+    /// returns how the connection ends if a disconnect was asked for.
+    fn take_requests(&mut self) -> Option<Ending> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(ToDriver::Command(out)) => self.state.enqueue(out),
+                Ok(ToDriver::Disconnect) => return Some(Ending::Requested),
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Some(Ending::Dropped),
+            }
+        }
+    }
+
+    /// A write failed (QEMU closed its end, typically after `quit`): what
+    /// QEMU sent before closing is already here, so read it to the end
+    /// before giving up: a SHUTDOWN event or the last replies are not lost.
+    fn after_write_error(&mut self, write_error: io::Error) -> Ending {
+        loop {
+            match self.read_ready() {
+                Ok(Read::Eof) => return Ending::Eof,
+                Ok(Read::More) => continue,
+                Ok(Read::Drained) | Err(_) => return Ending::Io(write_error),
+            }
+        }
     }
 
     /// Reads what is available (up to a few buffers' worth) and handles
@@ -451,19 +477,29 @@ impl State {
             if let Some(log) = &self.log {
                 log.event(bytes);
             }
-            let data = match msg.data {
-                Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
-                None => serde_json::Value::Null,
-            };
+            let data = msg.data.unwrap_or(serde_json::Value::Null);
             tracing::trace!(event = name, "QMP event");
-            self.events.push(Event::new(
+            let event = Event::new(
                 name,
                 data,
                 msg.timestamp.unwrap_or(Timestamp {
                     seconds: -1,
                     microseconds: -1,
                 }),
-            ));
+            );
+            let remember = match name {
+                "SHUTDOWN" => Some(Some(event.clone())),
+                "RESUME" => Some(None),
+                _ => None,
+            };
+            if let Some(value) = remember {
+                *self
+                    .shared
+                    .last_shutdown
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = value;
+            }
+            self.events.push(event);
             return;
         }
         if msg.ret.is_none() && msg.error.is_none() {

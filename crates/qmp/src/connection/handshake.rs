@@ -14,12 +14,14 @@ pub(crate) struct Handshaken {
     pub splitter: Splitter,
     pub greeting: Greeting,
     pub oob: bool,
+    /// Events that came before the capabilities reply, to hand on in order.
+    pub early_events: Vec<Vec<u8>>,
 }
 
 /// Reads the greeting and negotiates capabilities (with `oob` when offered
 /// and wanted). The caller bounds the time.
 pub(crate) async fn run(mut stream: UnixStream, want_oob: bool, max_message: usize) -> Result<Handshaken> {
-    let mut splitter = Splitter::new(max_message);
+    let mut splitter = Splitter::small(max_message);
     let greeting_bytes = next_message(&mut stream, &mut splitter, "greeting").await?;
     let greeting = Greeting::parse(&greeting_bytes).map_err(Error::Handshake)?;
     let oob = want_oob && greeting.offers_oob();
@@ -29,30 +31,41 @@ pub(crate) async fn run(mut stream: UnixStream, want_oob: bool, max_message: usi
         b"{\"execute\":\"qmp_capabilities\"}\n"
     };
     stream.write_all(request).await?;
-    let reply = next_message(&mut stream, &mut splitter, "capabilities reply").await?;
-    let parsed: Incoming = serde_json::from_slice(&reply).map_err(|e| {
-        Error::Handshake(format!(
-            "unparseable capabilities reply: {e}: {}",
-            String::from_utf8_lossy(&reply)
-        ))
-    })?;
-    if let Some(err) = parsed.error {
-        return Err(Error::Handshake(format!(
-            "qmp_capabilities failed: {} ({})",
-            err.desc, err.class
-        )));
-    }
-    if parsed.ret.is_none() {
-        return Err(Error::Handshake(format!(
-            "unexpected reply to qmp_capabilities: {}",
-            String::from_utf8_lossy(&reply)
-        )));
+    // QEMU sends no event before this reply, but a server may: keep them.
+    let mut early_events = Vec::new();
+    loop {
+        let reply = next_message(&mut stream, &mut splitter, "capabilities reply").await?;
+        let parsed: Incoming = serde_json::from_slice(&reply).map_err(|e| {
+            Error::Handshake(format!(
+                "unparseable capabilities reply: {e}: {}",
+                String::from_utf8_lossy(&reply)
+            ))
+        })?;
+        if parsed.event.is_some() {
+            drop(parsed);
+            early_events.push(reply);
+            continue;
+        }
+        if let Some(err) = parsed.error {
+            return Err(Error::Handshake(format!(
+                "qmp_capabilities failed: {} ({})",
+                err.desc, err.class
+            )));
+        }
+        if parsed.ret.is_none() {
+            return Err(Error::Handshake(format!(
+                "unexpected reply to qmp_capabilities: {}",
+                String::from_utf8_lossy(&reply)
+            )));
+        }
+        break;
     }
     Ok(Handshaken {
         stream,
         splitter,
         greeting,
         oob,
+        early_events,
     })
 }
 

@@ -125,8 +125,8 @@ pub(crate) struct Incoming<'a> {
     pub error: Option<ErrorBody>,
     #[serde(borrow, default)]
     pub event: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub data: Option<&'a RawValue>,
+    #[serde(default)]
+    pub data: Option<serde_json::Value>,
     #[serde(default)]
     pub timestamp: Option<Timestamp>,
 }

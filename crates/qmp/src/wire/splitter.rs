@@ -88,6 +88,10 @@ pub(crate) struct Splitter {
     in_str: bool,
     escaped: bool,
     limit: usize,
+    /// The least free space offered to a read, and the size of a buffer
+    /// made from nothing.
+    min_read: usize,
+    first_buffer: usize,
     skip: Option<Skipping>,
 }
 
@@ -109,7 +113,20 @@ impl Splitter {
             in_str: false,
             escaped: false,
             limit: limit.max(4 * SKIP_KEEP),
+            min_read: MIN_READ,
+            first_buffer: FIRST_BUFFER,
             skip: None,
+        }
+    }
+
+    /// A splitter for a few small messages (the handshake): its buffer starts
+    /// at 2 KiB, so that thousands of concurrent connects do not each touch
+    /// 64 KiB of memory. It grows like any other when a message needs it.
+    pub fn small(limit: usize) -> Self {
+        Splitter {
+            min_read: 1024,
+            first_buffer: 2048,
+            ..Splitter::new(limit)
         }
     }
 
@@ -122,9 +139,9 @@ impl Splitter {
             self.end -= self.start;
             self.start = 0;
         }
-        if self.buf.len() - self.end < MIN_READ {
+        if self.buf.len() - self.end < self.min_read {
             let grown = (self.buf.len() * 2).min(self.limit.saturating_add(128 * 1024));
-            let grown = grown.max(self.end + MIN_READ).max(FIRST_BUFFER);
+            let grown = grown.max(self.end + self.min_read).max(self.first_buffer);
             self.buf.resize(grown, 0);
         }
         &mut self.buf[self.end..]
@@ -163,6 +180,8 @@ impl Splitter {
     pub fn adopt(&mut self, buf: Vec<u8>) {
         debug_assert!(self.is_drained());
         self.buf = buf;
+        self.min_read = MIN_READ;
+        self.first_buffer = FIRST_BUFFER;
         self.start = 0;
         self.pos = 0;
         self.end = 0;

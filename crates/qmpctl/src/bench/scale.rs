@@ -1,5 +1,7 @@
-//! `qmpctl bench --scale N`: thousands of connections in one process.
+//! `qmpctl bench --scale N`: thousands of monitors in one process.
 //!
+//! Each is a full [`qmp::monitor::Monitor`] with guest-agent polling on (a
+//! ring-buffer read at connect and every poll interval) and an event handler.
 //! A fake QMP server runs in another process (the open-file limit is per
 //! process) and is reached through N hard links to its socket, so that every
 //! connection has a path of its own, as every VM has. The figures: resident
@@ -57,21 +59,30 @@ pub async fn run(n: usize, args: &BenchArgs, json: bool) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
 
     let idle = Duration::from_secs_f64(args.idle_secs.max(0.1));
+    let poll = Duration::from_secs_f64(args.agent_poll_secs.max(0.01));
     // One thread holds every connection, on a runtime of its own.
     let figures = tokio::task::spawn_blocking(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(measure(paths, idle))
+        rt.block_on(measure(paths, idle, poll))
     })
     .await??;
     if json {
         println!(
-            r#"{{"client":"qmp-rs","connections":{},"rss_kib_per_connection":{:.2},"idle_cpu_percent":{:.3},"all_at_once_ms":{:.1},"connect_all_ms":{:.1}}}"#,
-            n, figures.rss_per_conn_kib, figures.idle_cpu_percent, figures.all_at_once_ms, figures.connect_ms
+            r#"{{"client":"qmp-rs","monitors":{},"agent_poll_s":{},"rss_kib_per_monitor":{:.2},"idle_cpu_percent":{:.3},"all_at_once_ms":{:.1},"connect_all_ms":{:.1}}}"#,
+            n,
+            args.agent_poll_secs,
+            figures.rss_per_conn_kib,
+            figures.idle_cpu_percent,
+            figures.all_at_once_ms,
+            figures.connect_ms
         );
     } else {
-        println!("{n} connections, each to its own socket path:");
+        println!(
+            "{n} monitors (agent polling every {} s), each to its own socket path:",
+            args.agent_poll_secs
+        );
         println!("  connecting all:            {:.1} ms", figures.connect_ms);
         println!("  resident memory each:      {:.2} KiB", figures.rss_per_conn_kib);
         println!("  CPU while idle:            {:.3} %", figures.idle_cpu_percent);
@@ -87,22 +98,33 @@ struct Figures {
     all_at_once_ms: f64,
 }
 
-async fn measure(paths: Vec<PathBuf>, idle: Duration) -> anyhow::Result<Figures> {
+async fn measure(paths: Vec<PathBuf>, idle: Duration, poll: Duration) -> anyhow::Result<Figures> {
     let n = paths.len();
-    let options = qmp::ConnectOptions::new();
+    let registry = std::sync::Arc::new(qmp::monitor::MonitorRegistry::new());
+    let options = || {
+        qmp::monitor::MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_poll_interval(poll)
+            .event_handler(|_monitor, _event| {})
+    };
     // Warm the allocator and the runtime before the baseline.
-    drop(options.connect(&paths[0]).await?);
+    {
+        let warm = registry.connect(&paths[0], options()).await?;
+        warm.disconnect();
+        warm.wait().await;
+    }
     let rss_before = resident_kib()?;
     let started = Instant::now();
     let mut clients = Vec::with_capacity(n);
     for batch in paths.chunks(256) {
         let mut set = tokio::task::JoinSet::new();
         for (i, p) in batch.iter().enumerate() {
-            let options = options.clone();
+            let registry = registry.clone();
+            let options = options();
             let p = p.clone();
-            set.spawn(async move { (i, options.connect(&p).await) });
+            set.spawn(async move { (i, registry.connect(&p, options).await) });
         }
-        let mut got: Vec<Option<qmp::Client>> = vec![None; batch.len()];
+        let mut got: Vec<Option<qmp::monitor::Monitor>> = vec![None; batch.len()];
         while let Some(r) = set.join_next().await {
             let (i, c) = r?;
             got[i] = Some(c.with_context(|| format!("connect {}", batch[i].display()))?);
@@ -133,12 +155,12 @@ async fn measure(paths: Vec<PathBuf>, idle: Duration) -> anyhow::Result<Figures>
 }
 
 /// Issues `query-status` on every connection at once; returns milliseconds.
-async fn all_at_once(clients: &[qmp::Client]) -> anyhow::Result<f64> {
+async fn all_at_once(clients: &[qmp::monitor::Monitor]) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for c in clients {
         let c = c.clone();
-        set.spawn(async move { c.execute_raw("query-status", serde_json::Value::Null).await });
+        set.spawn(async move { c.status().await });
     }
     while let Some(r) = set.join_next().await {
         r??;
