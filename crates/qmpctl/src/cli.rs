@@ -186,9 +186,11 @@ pub enum BlockCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Merge an overlay into its backing file (block-commit), with progress.
+    /// Merge an overlay into its backing file (block-commit), with progress;
+    /// the job is named after NODE.
     Commit(CommitArgs),
-    /// Copy a node to another node and switch to it (blockdev-mirror), with progress.
+    /// Copy a node to another node and switch to it (blockdev-mirror), with
+    /// progress; the job is named after NODE.
     Mirror(MirrorArgs),
     /// Grow a node to SIZE.
     Resize {
@@ -238,12 +240,6 @@ pub struct CommitArgs {
     /// The node to commit into (default: the bottom of the chain).
     #[arg(long)]
     pub base: Option<String>,
-    /// The job's id.
-    #[arg(long, default_value = "qmpctl-commit")]
-    pub job_id: String,
-    /// Start the job and return without waiting for it.
-    #[arg(long)]
-    pub no_wait: bool,
 }
 
 /// `block mirror`.
@@ -253,15 +249,6 @@ pub struct MirrorArgs {
     pub node: String,
     /// The target node (add it first, for example with `block add --no-device`).
     pub target: String,
-    /// full, top or none.
-    #[arg(long, default_value = "full")]
-    pub sync: String,
-    /// The job's id.
-    #[arg(long, default_value = "qmpctl-mirror")]
-    pub job_id: String,
-    /// Start the job and return without waiting for it.
-    #[arg(long)]
-    pub no_wait: bool,
 }
 
 /// `block throttle`.
@@ -294,20 +281,17 @@ pub enum NbdCommand {
         #[arg(long)]
         tcp: bool,
     },
-    /// Export a block node.
+    /// Export a block node (the export is named after the node).
     Export {
         /// The node to export.
         node: String,
-        /// The export's name (default: the node's name).
-        #[arg(long)]
-        name: Option<String>,
         /// Let clients write.
         #[arg(long)]
         writable: bool,
     },
     /// Remove an export.
     Unexport {
-        /// The export's name.
+        /// The export's name (its node's name).
         name: String,
     },
     /// List the exports.

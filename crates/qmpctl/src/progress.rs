@@ -35,13 +35,6 @@ impl Progress {
         Progress { bar }
     }
 
-    /// A bar that never shows.
-    pub fn hidden() -> Progress {
-        Progress {
-            bar: ProgressBar::hidden(),
-        }
-    }
-
     /// Sets the position and the total.
     pub fn set(&self, done: u64, total: u64) {
         if total > 0 {

@@ -10,7 +10,10 @@ use serde_json::{json, Value};
 use crate::cli::*;
 use crate::conn::Ctx;
 use crate::exit::usage;
-use crate::ops::{self, Disk};
+use qmp::commands::chardev::ChardevBackend;
+use qmp::commands::devices::{DeviceSpec, NetdevSpec};
+
+use crate::ops::{self, LONG_WAIT, UNPLUG_WAIT};
 use crate::out::{self, bytes, cell, parse_size, size_cell, Table};
 use crate::outln;
 use crate::progress::Progress;
@@ -67,7 +70,17 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
 }
 
 async fn lifecycle(ctx: &Ctx, command: &str) -> anyhow::Result<()> {
-    ctx.call(command, &()).await?;
+    let c = &ctx.client;
+    ctx.within(command, async {
+        match command {
+            "cont" => c.start().await?,
+            "stop" => c.pause().await?,
+            "system_reset" => c.reset().await?,
+            _ => c.powerdown().await?,
+        }
+        Ok(())
+    })
+    .await?;
     let after = ctx.call("query-status", &()).await?;
     let line = match command {
         "system_powerdown" => format!(
@@ -81,9 +94,9 @@ async fn lifecycle(ctx: &Ctx, command: &str) -> anyhow::Result<()> {
 }
 
 async fn quit(ctx: &Ctx) -> anyhow::Result<()> {
-    ctx.call("quit", &()).await?;
-    // QEMU closes the socket once it has gone.
     ctx.within("quit", async {
+        ctx.client.quit().await?;
+        // QEMU closes the socket once it has gone.
         ctx.client.closed().await;
         Ok(())
     })
@@ -133,13 +146,8 @@ async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result<()>
             let v = ctx.call("query-memory-size-summary", &()).await?;
             emit(ctx, &v, || {
                 outln!("base memory:    {}", size_cell(&v["base-memory"]))?;
-                outln!(
-                    "plugged memory: {}",
-                    v["plugged-memory"]
-                        .as_u64()
-                        .map(bytes)
-                        .unwrap_or_else(|| "0 B".into())
-                )
+                let plugged = v["plugged-memory"].as_u64().unwrap_or(0);
+                outln!("plugged memory: {}", bytes(plugged))
             })
         }
         Some(MemoryCommand::Balloon { size: None }) => {
@@ -150,7 +158,11 @@ async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result<()>
         }
         Some(MemoryCommand::Balloon { size: Some(size) }) => {
             let target = parse_size(&size)?;
-            ctx.call("balloon", &json!({"value": target})).await?;
+            let signed = i64::try_from(target).map_err(|_| usage(format!("{size} is too large")))?;
+            ctx.within("balloon", async {
+                Ok(ctx.client.set_memory_balloon_size_bytes(signed).await?)
+            })
+            .await?;
             done(
                 ctx,
                 json!({"target": target}),
@@ -195,17 +207,18 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
                         .filter(|s| !s.is_empty())
                         .or(b["device"].as_str())
                         .unwrap_or("-");
+                    let file = if ins.is_null() {
+                        "(no medium)".into()
+                    } else {
+                        cell(&ins["file"])
+                    };
                     t.row(vec![
                         short_qdev(name),
                         cell(&ins["node-name"]),
                         cell(&ins["drv"]),
                         size_cell(&ins["image"]["virtual-size"]),
                         cell(&ins["ro"]),
-                        if ins.is_null() {
-                            "(no medium)".into()
-                        } else {
-                            cell(&ins["file"])
-                        },
+                        file,
                     ]);
                 }
                 t.print("no block devices")
@@ -261,16 +274,23 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             })
         }
         BlockCommand::Add(a) => {
-            let disk = Disk {
-                id: &a.id,
-                file: &a.file,
-                format: &a.format,
-                driver: &a.driver,
-                bus: a.bus.as_deref(),
-                read_only: a.read_only,
-                device: !a.no_device,
-            };
-            ctx.within("block add", ops::add_disk(client, &disk)).await?;
+            let file = ops::absolute(&a.file)?;
+            let node = json!({
+                "driver": a.format, "node-name": a.id, "read-only": a.read_only,
+                "file": {"driver": "file", "filename": file},
+            });
+            if a.no_device {
+                ctx.call("blockdev-add", &node).await?;
+            } else {
+                let mut dev = json!({"driver": a.driver, "id": a.id, "drive": a.id});
+                if let Some(bus) = &a.bus {
+                    dev["bus"] = json!(bus);
+                }
+                ctx.within("block add", async {
+                    Ok(client.add_block_device(&node, &dev, false).await?)
+                })
+                .await?;
+            }
             let what = if a.no_device { "block node" } else { "disk" };
             done(
                 ctx,
@@ -279,14 +299,14 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             )
         }
         BlockCommand::Remove { id, keep_node } => {
-            let budget = ctx.timeout.unwrap_or(ops::UNPLUG_WAIT);
-            ctx.within("block remove", ops::remove_disk(client, &id, keep_node, budget))
+            ctx.within("block remove", remove_disk(ctx, &id, keep_node))
                 .await?;
             done(ctx, json!({"id": id}), &format!("removed {id}"))
         }
         BlockCommand::Snapshot { node, overlay, name } => {
             let name = name.unwrap_or_else(|| format!("{node}-snap"));
             let file = ops::absolute(&overlay)?;
+            // QEMU creates the overlay file itself.
             ctx.call(
                 "blockdev-snapshot-sync",
                 &json!({"node-name": node, "snapshot-file": file, "snapshot-node-name": name, "format": "qcow2"}),
@@ -299,26 +319,35 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             )
         }
         BlockCommand::Commit(a) => {
-            let mut args = json!({"job-id": a.job_id, "device": a.node, "auto-dismiss": false});
-            if let Some(top) = &a.top {
-                args["top-node"] = json!(top);
-            }
-            if let Some(base) = &a.base {
-                args["base-node"] = json!(base);
-            }
-            block_job(ctx, "block-commit", args, &a.job_id, a.no_wait, "commit").await
+            let bar = Progress::bytes("commit", ctx.json);
+            let budget = ctx.timeout.unwrap_or(LONG_WAIT);
+            let work = client.block_commit(&a.node, a.top.as_deref(), a.base.as_deref(), budget);
+            ops::with_progress(work, || ops::job_progress(client, &a.node, &bar)).await?;
+            bar.finish();
+            done(
+                ctx,
+                json!({"job": a.node}),
+                &format!("commit of {} completed", a.node),
+            )
         }
         BlockCommand::Mirror(a) => {
-            let args = json!({
-                "job-id": a.job_id, "device": a.node, "target": a.target,
-                "sync": a.sync, "auto-dismiss": false,
-            });
-            block_job(ctx, "blockdev-mirror", args, &a.job_id, a.no_wait, "mirror").await
+            let bar = Progress::bytes("mirror", ctx.json);
+            let budget = ctx.timeout.unwrap_or(LONG_WAIT);
+            let work = client.block_dev_mirror(&a.node, &a.target, budget);
+            ops::with_progress(work, || ops::job_progress(client, &a.node, &bar)).await?;
+            bar.finish();
+            done(
+                ctx,
+                json!({"job": a.node, "target": a.target}),
+                &format!("mirror of {} completed: {} took its place", a.node, a.target),
+            )
         }
         BlockCommand::Resize { node, size } => {
             let size = parse_size(&size)?;
-            ctx.call("block_resize", &json!({"node-name": node, "size": size}))
-                .await?;
+            ctx.within("resize", async {
+                Ok(client.update_block_size(&node, size).await?)
+            })
+            .await?;
             done(
                 ctx,
                 json!({"node": node, "size": size}),
@@ -326,13 +355,11 @@ async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             )
         }
         BlockCommand::Throttle(a) => {
-            ctx.call(
-                "block_set_io_throttle",
-                &json!({
-                    "id": a.device, "bps": 0, "bps_rd": a.bps_read, "bps_wr": a.bps_write,
-                    "iops": 0, "iops_rd": a.iops_read, "iops_wr": a.iops_write,
-                }),
-            )
+            ctx.within("throttle", async {
+                Ok(client
+                    .set_block_throttle(&a.device, a.bps_read, a.bps_write, a.iops_read, a.iops_write)
+                    .await?)
+            })
             .await?;
             done(
                 ctx,
@@ -370,69 +397,58 @@ fn short_qdev(name: &str) -> String {
         .to_owned()
 }
 
-async fn block_job(
-    ctx: &Ctx,
-    command: &str,
-    args: Value,
-    job_id: &str,
-    no_wait: bool,
-    label: &str,
-) -> anyhow::Result<()> {
-    if no_wait {
-        ctx.call(command, &args).await?;
-        return done(
-            ctx,
-            json!({"job": job_id}),
-            &format!("started job {job_id} (see `qmpctl block jobs`)"),
-        );
+/// Removes a disk: its device (waiting until the guest lets go), then its
+/// node. A name that is neither is QEMU's not-found error.
+async fn remove_disk(ctx: &Ctx, id: &str, keep_node: bool) -> anyhow::Result<()> {
+    let client = &ctx.client;
+    let device = ops::qom_devices(client).await?.iter().any(|(d, _)| d == id);
+    if device {
+        client
+            .remove_device(id, ctx.timeout.unwrap_or(UNPLUG_WAIT))
+            .await?;
     }
-    let bar = Progress::bytes(label, ctx.json);
-    let last = ctx
-        .within(label, ops::run_job(&ctx.client, job_id, (command, args), &bar))
-        .await?;
-    done(
-        ctx,
-        json!({"job": job_id, "result": last}),
-        &format!(
-            "job {job_id} ({label}) completed: {}",
-            bytes(last["total-progress"].as_u64().unwrap_or(0))
-        ),
-    )
+    if keep_node {
+        return Ok(());
+    }
+    if client.query_named_block_nodes().await?.iter().any(|n| n == id) {
+        client.remove_block_device(id).await?;
+    } else if !device {
+        // Let QEMU say that there is no such node.
+        ctx.call("blockdev-del", &json!({"node-name": id})).await?;
+    }
+    Ok(())
 }
 
 async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
+    let client = &ctx.client;
     match command {
         NbdCommand::Start { address, tcp } => {
-            let addr = if tcp {
+            if tcp {
                 let (host, port) = address
                     .rsplit_once(':')
                     .ok_or_else(|| usage(format!("--tcp needs HOST:PORT, got {address:?}")))?;
-                json!({"type": "inet", "data": {"host": host, "port": port}})
+                let addr = json!({"type": "inet", "data": {"host": host, "port": port}});
+                ctx.call("nbd-server-start", &json!({"addr": addr})).await?;
             } else {
-                json!({"type": "unix", "data": {"path": ops::absolute(Path::new(&address))?}})
-            };
-            ctx.call("nbd-server-start", &json!({"addr": addr})).await?;
+                let path = ops::absolute(Path::new(&address))?;
+                ctx.within("nbd start", async {
+                    Ok(client.nbd_unix_server_start(&path).await?)
+                })
+                .await?;
+            }
             done(
                 ctx,
-                json!({"addr": addr}),
+                json!({"address": address}),
                 &format!("NBD server listening on {address}"),
             )
         }
-        NbdCommand::Export { node, name, writable } => {
-            let name = name.unwrap_or_else(|| node.clone());
-            ctx.call(
-                "block-export-add",
-                &json!({"type": "nbd", "id": name, "node-name": node, "name": name, "writable": writable}),
-            )
+        NbdCommand::Export { node, writable } => {
+            ctx.within("nbd export", async {
+                Ok(client.nbd_block_export_add::<&str>(&node, writable, &[]).await?)
+            })
             .await?;
-            done(
-                ctx,
-                json!({"export": name, "node": node}),
-                &format!(
-                    "exported {node} as {name:?}{}",
-                    if writable { " (writable)" } else { "" }
-                ),
-            )
+            let rw = if writable { " (writable)" } else { "" };
+            done(ctx, json!({"export": node}), &format!("exported {node}{rw}"))
         }
         NbdCommand::Unexport { name } => {
             ctx.call("block-export-del", &json!({"id": name})).await?;
@@ -454,7 +470,8 @@ async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
             })
         }
         NbdCommand::Stop => {
-            ctx.call("nbd-server-stop", &()).await?;
+            ctx.within("nbd stop", async { Ok(client.nbd_server_stop().await?) })
+                .await?;
             done(ctx, json!({}), "NBD server stopped")
         }
     }
@@ -463,16 +480,18 @@ async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
 async fn device(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
     match command {
         DeviceCommand::Add { driver, id, props } => {
-            let mut args = crate::exec::parse_pairs(props.iter().map(String::as_str))?;
-            args["driver"] = json!(driver);
-            args["id"] = json!(id);
-            ctx.call("device_add", &args).await?;
+            let props = crate::exec::parse_pairs(props.iter().map(String::as_str))?;
+            let mut spec = DeviceSpec::new(&driver).id(&id);
+            for (k, v) in props.as_object().into_iter().flatten() {
+                spec = spec.prop(k, v.clone());
+            }
+            ctx.within("device add", async { Ok(ctx.client.add_device(&spec).await?) })
+                .await?;
             done(ctx, json!({"id": id}), &format!("added {driver} {id}"))
         }
         DeviceCommand::Remove { id } => {
-            let budget = ctx.timeout.unwrap_or(ops::UNPLUG_WAIT);
-            ctx.within("device remove", ops::remove_device(&ctx.client, &id, budget))
-                .await?;
+            let budget = ctx.timeout.unwrap_or(UNPLUG_WAIT);
+            ctx.client.remove_device(&id, budget).await?;
             done(ctx, json!({"id": id}), &format!("removed {id}"))
         }
         DeviceCommand::List => {
@@ -495,22 +514,32 @@ async fn device(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
 async fn chardev(ctx: &Ctx, command: ChardevCommand) -> anyhow::Result<()> {
     match command {
         ChardevCommand::Add { id, backend, options } => {
-            let data = crate::exec::parse_pairs(options.iter().map(String::as_str))?;
-            let v = ctx
-                .call(
-                    "chardev-add",
-                    &json!({"id": id, "backend": {"type": backend, "data": data}}),
-                )
+            let data = match crate::exec::parse_pairs(options.iter().map(String::as_str))? {
+                Value::Object(m) => m,
+                _ => unreachable!("parse_pairs makes an object"),
+            };
+            let spec = ChardevBackend::new(&backend, data);
+            let added = ctx
+                .within("chardev add", async {
+                    Ok(ctx.client.add_char_device(&id, &spec).await?)
+                })
                 .await?;
-            let pty = v["pty"].as_str().map(|p| format!(" on {p}")).unwrap_or_default();
+            let pty = added
+                .pty
+                .as_deref()
+                .map(|p| format!(" on {p}"))
+                .unwrap_or_default();
             done(
                 ctx,
-                json!({"id": id, "reply": v}),
+                json!({"id": id, "pty": added.pty}),
                 &format!("added chardev {id} ({backend}){pty}"),
             )
         }
         ChardevCommand::Remove { id } => {
-            ctx.call("chardev-remove", &json!({"id": id})).await?;
+            ctx.within("chardev remove", async {
+                Ok(ctx.client.remove_char_device(&id).await?)
+            })
+            .await?;
             done(ctx, json!({"id": id}), &format!("removed chardev {id}"))
         }
         ChardevCommand::List => {
@@ -540,21 +569,18 @@ async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
             bus,
             link_down,
         } => {
-            ctx.call("netdev_add", &json!({"type": netdev, "id": id})).await?;
-            let mut dev = json!({"driver": model, "id": id, "netdev": id});
+            let mut dev = DeviceSpec::new(&model).id(&id);
             if let Some(mac) = &mac {
-                dev["mac"] = json!(mac);
+                dev = dev.prop("mac", mac.as_str());
             }
             if let Some(bus) = &bus {
-                dev["bus"] = json!(bus);
+                dev = dev.bus(bus);
             }
-            if let Err(e) = ctx.call("device_add", &dev).await {
-                let _ = ctx.call("netdev_del", &json!({"id": id})).await;
-                return Err(e);
-            }
-            if link_down {
-                ctx.call("set_link", &json!({"name": id, "up": false})).await?;
-            }
+            let backend = NetdevSpec::new(&netdev, &id);
+            ctx.within("nic add", async {
+                Ok(ctx.client.add_nic(&backend, &dev, !link_down).await?)
+            })
+            .await?;
             done(
                 ctx,
                 json!({"id": id}),
@@ -562,20 +588,15 @@ async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
             )
         }
         NicCommand::Remove { id } => {
-            let budget = ctx.timeout.unwrap_or(ops::UNPLUG_WAIT);
-            ctx.within("nic remove", ops::remove_device(&ctx.client, &id, budget))
-                .await?;
-            ctx.call("netdev_del", &json!({"id": id})).await?;
+            let budget = ctx.timeout.unwrap_or(UNPLUG_WAIT);
+            ctx.client.remove_nic(&id, Some(&id), budget).await?;
             done(ctx, json!({"id": id}), &format!("removed {id} and its backend"))
         }
         NicCommand::Link { id, state } => {
-            ctx.call("set_link", &json!({"name": id, "up": state == "up"}))
+            let up = state == "up";
+            ctx.within("nic link", async { Ok(ctx.client.set_nic_link(&id, up).await?) })
                 .await?;
-            done(
-                ctx,
-                json!({"id": id, "up": state == "up"}),
-                &format!("{id}: link {state}"),
-            )
+            done(ctx, json!({"id": id, "up": up}), &format!("{id}: link {state}"))
         }
     }
 }
@@ -583,7 +604,9 @@ async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
 async fn console(ctx: &Ctx, a: ConsoleArgs) -> anyhow::Result<()> {
     loop {
         let text = ctx
-            .within("console", ops::drain_ringbuf(&ctx.client, &a.chardev))
+            .within("console", async {
+                Ok(ctx.client.ringbuf_read(&a.chardev).await?)
+            })
             .await?;
         if ctx.json {
             if !a.follow || !text.is_empty() {
@@ -598,17 +621,23 @@ async fn console(ctx: &Ctx, a: ConsoleArgs) -> anyhow::Result<()> {
         if !a.follow {
             return Ok(());
         }
+        // A ring buffer has no event for new data: poll it.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
 async fn screendump(ctx: &Ctx, a: ScreendumpArgs) -> anyhow::Result<()> {
     let file = ops::absolute(&a.file)?;
-    let mut args = json!({"filename": file, "format": a.format});
-    if let Some(d) = &a.device {
-        args["device"] = json!(d);
+    if a.format == "png" && a.device.is_none() {
+        ctx.within("screendump", async { Ok(ctx.client.screendump(&file).await?) })
+            .await?;
+    } else {
+        let mut args = json!({"filename": file, "format": a.format});
+        if let Some(d) = &a.device {
+            args["device"] = json!(d);
+        }
+        ctx.call("screendump", &args).await?;
     }
-    ctx.call("screendump", &args).await?;
     let size = std::fs::metadata(&file)
         .with_context(|| format!("QEMU reported success but {} cannot be read", file.display()))?
         .len();
@@ -666,46 +695,46 @@ fn migration_uri(target: &str) -> anyhow::Result<String> {
     Ok(format!("unix:{}", ops::absolute(Path::new(target))?.display()))
 }
 
+/// The name under which `migrate to --fd` hands its descriptor to QEMU.
+const MIGRATION_FD: &str = "qmpctl-migration";
+
 async fn migrate(ctx: &Ctx, command: MigrateCommand) -> anyhow::Result<()> {
     let client = &ctx.client;
+    let budget = ctx.timeout.unwrap_or(LONG_WAIT);
     match command {
         MigrateCommand::To { target, fd, no_wait } => {
             let uri = match (target, fd) {
-                (Some(t), _) => migration_uri(&t)?,
+                (Some(t), _) => {
+                    let uri = migration_uri(&t)?;
+                    ctx.within("migrate", ops::migrate_to_uri(client, &uri)).await?;
+                    uri
+                }
                 (None, Some(fd)) => {
                     let owned = dup_fd(fd)?;
-                    client
-                        .call_with::<_, Value>(
-                            "getfd",
-                            &json!({"fdname": "qmpctl-migration"}),
-                            qmp::CallOptions::new().fds([owned]),
-                        )
-                        .await?;
-                    "fd:qmpctl-migration".to_owned()
+                    ctx.within("migrate", async {
+                        client.send_file(MIGRATION_FD, owned).await?;
+                        Ok(client.migrate(MIGRATION_FD).await?)
+                    })
+                    .await?;
+                    format!("fd:{MIGRATION_FD}")
                 }
                 (None, None) => return Err(usage("migrate to needs a target or --fd")),
             };
-            let args = json!({"uri": uri});
             if no_wait {
-                ops::enable_migration_events(client).await?;
-                ctx.call("migrate", &args).await?;
                 return done(ctx, json!({"uri": uri}), &format!("migration to {uri} started"));
             }
             let bar = Progress::bytes("migrate", ctx.json);
-            let info = ctx
-                .within("migrate", ops::migrate_and_wait(client, Some(args), &bar))
-                .await?;
-            let line = migration_summary(&info);
+            let info = ops::wait_migration(client, budget, &bar).await?;
             done(
                 ctx,
                 json!({"uri": uri, "result": info}),
-                &format!("migration to {uri} completed: {line}"),
+                &format!("migration to {uri} completed: {}", migration_summary(&info)),
             )
         }
         MigrateCommand::Incoming { address, wait } => {
             let uri = migration_uri(&address)?;
-            ops::enable_migration_events(client).await?;
-            ctx.call("migrate-incoming", &json!({"uri": uri})).await?;
+            ctx.within("migrate incoming", ops::migrate_incoming_uri(client, &uri))
+                .await?;
             if !wait {
                 return done(
                     ctx,
@@ -715,7 +744,7 @@ async fn migrate(ctx: &Ctx, command: MigrateCommand) -> anyhow::Result<()> {
             }
             let bar = Progress::bytes("incoming", ctx.json);
             let info = ctx
-                .within("migrate incoming", ops::migrate_and_wait(client, None, &bar))
+                .within("migrate incoming", ops::wait_migration(client, budget, &bar))
                 .await?;
             done(
                 ctx,

@@ -19,7 +19,11 @@ use serde_json::{json, Value};
 use crate::cli::{Globals, TourArgs};
 use crate::conn::{connect_options, scratch_vm};
 use crate::exit::Deadline;
-use crate::ops::{self, query, run as cmd, Disk};
+use qmp::commands::vm::RunState;
+use qmp::monitor::constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
+use qmp::monitor::{Monitor, MonitorOptions};
+
+use crate::ops::{self, run as cmd};
 use crate::out::bytes;
 use crate::outln;
 use crate::progress::Progress;
@@ -145,13 +149,19 @@ impl Tour {
             .await?;
         steps.run("screendump", screendump(&c, &work)).await?;
         steps.run("events as they arrive", events(&c)).await?;
+        let agent_socket = self
+            .source
+            .as_ref()
+            .map(|v| v.socket("agent"))
+            .unwrap_or_default();
         steps
-            .run("guest agent detection through its ring buffer", agent(&c))
+            .run(
+                "guest agent detection through its ring buffer",
+                agent(&c, &agent_socket),
+            )
             .await?;
         steps.run("unplug the disk", unplug(&c)).await?;
-        let target = steps
-            .run("live migration to a second VM", migrate(&c, g, &work))
-            .await?;
+        let target = steps.run("live migration to a second VM", migrate(&c, g)).await?;
         self.target = Some(target);
         let target_client = self.target.as_ref().map(|t| t.client().clone());
         steps
@@ -161,11 +171,13 @@ impl Tour {
     }
 }
 
-/// The scratch VM, plus a ring buffer for the agent and a QMP socket for the tour.
+/// The scratch VM, plus a ring buffer for the agent, a QMP socket for the
+/// tour and one for the agent's monitor.
 async fn launch(g: &Globals, incoming: bool) -> anyhow::Result<Qemu> {
     let mut b = scratch_vm()
         .args(["-chardev", "ringbuf,id=agent0,size=4096"])
         .extra_qmp_socket("tour")
+        .extra_qmp_socket("agent")
         .connect_options(connect_options(g));
     if incoming {
         b = b.args(["-incoming", "defer"]);
@@ -194,46 +206,42 @@ async fn handshake(socket: &Path, g: &Globals) -> anyhow::Result<Client> {
 }
 
 async fn status(c: &Client) -> anyhow::Result<()> {
-    let before = ops::status(c).await?;
+    let before = c.status().await?;
     let mut resumed = c.subscribe(EventFilter::names(["RESUME"]));
-    cmd(c, "cont", Value::Null).await?;
+    c.start().await?;
     resumed.next().await.context("no RESUME event after cont")?;
-    let after = ops::status(c).await?;
+    let after = c.status().await?;
     say(&format!(
-        "status: {before}; after cont (RESUME event seen): {after}"
+        "status: {}; after start (cont; RESUME event seen): {}",
+        before.as_str(),
+        after.as_str()
     ))?;
-    ensure!(after == "running", "the VM is {after}, not running, after cont");
+    ensure!(
+        after == RunState::Running,
+        "the VM is {}, not running, after cont",
+        after.as_str()
+    );
     Ok(())
 }
 
 async fn cpus_and_memory(c: &Client) -> anyhow::Result<()> {
-    let cpus = query(c, "query-cpus-fast").await?;
-    let list = cpus.as_array().cloned().unwrap_or_default();
-    ensure!(!list.is_empty(), "query-cpus-fast listed no CPUs");
-    for cpu in &list {
+    let cpus = c.query_cpus().await?;
+    ensure!(!cpus.is_empty(), "query-cpus-fast listed no CPUs");
+    for cpu in &cpus {
         say(&format!(
             "CPU {}: {} on host thread {}",
-            cpu["cpu-index"],
-            cpu["target"].as_str().unwrap_or("?"),
-            cpu["thread-id"]
+            cpu.cpu_index, cpu.target, cpu.thread_id
         ))?;
     }
-    let slots = query(c, "query-hotpluggable-cpus").await?;
-    let free = slots
-        .as_array()
-        .map(|a| a.iter().filter(|s| s["qom-path"].is_null()).count())
-        .unwrap_or(0);
+    let slots = c.query_hotpluggable_cpus().await?;
+    let free = slots.iter().filter(|s| s.qom_path.is_none()).count();
+    say(&format!("hotpluggable CPU slots: {} ({free} free)", slots.len()))?;
+    let size = c.memory_size_bytes().await?;
+    let balloon = c.memory_balloon_size_bytes().await?;
     say(&format!(
-        "hotpluggable CPU slots: {} ({free} free)",
-        slots.as_array().map_or(0, Vec::len)
-    ))?;
-    let mem = query(c, "query-memory-size-summary").await?;
-    let balloon = query(c, "query-balloon").await?;
-    say(&format!(
-        "memory: {} base, {} hotplugged; the balloon leaves the guest {}",
-        bytes(mem["base-memory"].as_u64().unwrap_or(0)),
-        bytes(mem["plugged-memory"].as_u64().unwrap_or(0)),
-        bytes(balloon["actual"].as_u64().unwrap_or(0))
+        "memory: {}; the balloon leaves the guest {}",
+        bytes(size),
+        bytes(balloon.max(0) as u64)
     ))?;
     Ok(())
 }
@@ -272,16 +280,10 @@ async fn hotplug(c: &Client, work: &Path) -> anyhow::Result<()> {
         "qemu-img made {} (64 MiB, first MiB filled with 0x{BASE_BYTE:x})",
         image.display()
     ))?;
-    let disk = Disk {
-        id: "disk0",
-        file: &image,
-        format: "qcow2",
-        driver: "scsi-hd",
-        bus: None,
-        read_only: false,
-        device: true,
-    };
-    ops::add_disk(c, &disk).await?;
+    let node =
+        json!({"driver": "qcow2", "node-name": "disk0", "file": {"driver": "file", "filename": image}});
+    let device = json!({"driver": "scsi-hd", "id": "disk0", "drive": "disk0"});
+    c.add_block_device(&node, &device, false).await?;
     say("blockdev-add node disk0, device_add scsi-hd disk0 on the virtio-scsi controller")?;
     let node = device_node(c, "disk0").await?;
     say(&format!("query-block: device disk0 reads node {node}"))?;
@@ -291,31 +293,30 @@ async fn hotplug(c: &Client, work: &Path) -> anyhow::Result<()> {
 
 /// The node a device's medium is, from query-block.
 async fn device_node(c: &Client, qdev: &str) -> anyhow::Result<String> {
-    let blocks = query(c, "query-block").await?;
-    blocks
-        .as_array()
+    c.query_block()
+        .await?
         .into_iter()
-        .flatten()
-        .find(|b| {
-            b["qdev"]
-                .as_str()
-                .is_some_and(|q| q == qdev || q.ends_with(&format!("/{qdev}/virtio-backend")))
-        })
-        .and_then(|b| b["inserted"]["node-name"].as_str().map(str::to_owned))
+        .find(|b| b.qdev.as_deref() == Some(qdev))
+        .and_then(|b| b.inserted.map(|i| i.node_name))
         .with_context(|| format!("query-block does not list device {qdev}"))
 }
 
 async fn snapshot(c: &Client, work: &Path) -> anyhow::Result<()> {
+    let base = work.join("tour-disk.qcow2");
     let overlay = work.join("tour-overlay.qcow2");
     let _ = std::fs::remove_file(&overlay);
-    cmd(
-        c,
-        "blockdev-snapshot-sync",
-        json!({"node-name": "disk0", "snapshot-file": overlay, "snapshot-node-name": "disk0-snap", "format": "qcow2"}),
-    )
-    .await?;
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"],
+        &[&base, &overlay],
+    )?;
+    let node = json!({
+        "driver": "qcow2", "node-name": "disk0-snap", "backing": null,
+        "file": {"driver": "file", "filename": overlay},
+    });
+    c.call::<_, qmp::Empty>("blockdev-add", &node).await?;
+    c.block_dev_snapshot("disk0", "disk0-snap").await?;
     say(&format!(
-        "blockdev-snapshot-sync: new overlay disk0-snap ({})",
+        "blockdev-snapshot: overlay disk0-snap ({}) on top of disk0",
         overlay.display()
     ))?;
     // Write as the guest would, through the device's own block backend.
@@ -339,16 +340,9 @@ async fn snapshot(c: &Client, work: &Path) -> anyhow::Result<()> {
 async fn commit(c: &Client) -> anyhow::Result<()> {
     let bar = Progress::bytes("commit", false);
     let mut job_events = c.subscribe(EventFilter::names(["JOB_STATUS_CHANGE"]));
-    let last = ops::run_job(
-        c,
-        "tour-commit",
-        (
-            "block-commit",
-            json!({"job-id": "tour-commit", "device": "disk0-snap", "auto-dismiss": false}),
-        ),
-        &bar,
-    )
-    .await?;
+    let work = c.block_commit("disk0-snap", None, None, STEP_BUDGET);
+    ops::with_progress(work, || ops::job_progress(c, "disk0-snap", &bar)).await?;
+    bar.finish();
     let mut seen = Vec::new();
     while let Some(e) = job_events.try_next() {
         if let Some(s) = e.data()["status"].as_str() {
@@ -356,33 +350,22 @@ async fn commit(c: &Client) -> anyhow::Result<()> {
         }
     }
     say(&format!("block-commit job states: {}", seen.join(" -> ")))?;
-    say(&format!(
-        "committed {} from the overlay into disk0; job-complete pivoted the device",
-        bytes(last["total-progress"].as_u64().unwrap_or(0))
-    ))?;
     let node = device_node(c, "disk0").await?;
     ensure!(
         node == "disk0",
         "after the commit device disk0 reads {node}, not disk0"
     );
-    say("the device reads node disk0 again")?;
+    say("the overlay is merged into disk0 and the device reads node disk0 again")?;
+    // The overlay node was added by the tour, so the tour removes it.
+    c.remove_block_device("disk0-snap").await?;
+    say("blockdev-del disk0-snap: the overlay node is gone")?;
     Ok(())
 }
 
 async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
     let sock = work.join("tour-nbd.sock");
-    cmd(
-        c,
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-    )
-    .await?;
-    cmd(
-        c,
-        "block-export-add",
-        json!({"type": "nbd", "id": "disk0", "node-name": "disk0", "name": "disk0", "writable": false}),
-    )
-    .await?;
+    c.nbd_unix_server_start(&sock).await?;
+    c.nbd_block_export_add::<&str>("disk0", false, &[]).await?;
     say(&format!("NBD server on {}, export disk0", sock.display()))?;
     let copy = work.join("tour-nbd-copy.raw");
     let url = format!("if=nbd+unix:///disk0?socket={}", sock.display());
@@ -394,7 +377,7 @@ async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
     let mut removed = c.subscribe(EventFilter::names(["BLOCK_EXPORT_DELETED"]));
     cmd(c, "block-export-del", json!({"id": "disk0"})).await?;
     removed.wait_for("BLOCK_EXPORT_DELETED").await;
-    cmd(c, "nbd-server-stop", Value::Null).await?;
+    c.nbd_server_stop().await?;
     read?;
     let data = std::fs::read(&copy).with_context(|| format!("cannot read {}", copy.display()))?;
     ensure!(
@@ -419,7 +402,7 @@ async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
 
 async fn screendump(c: &Client, work: &Path) -> anyhow::Result<()> {
     let file = work.join("tour-screen.png");
-    cmd(c, "screendump", json!({"filename": file, "format": "png"})).await?;
+    c.screendump(&file).await?;
     let (w, h) = crate::subcommands::image_size(&file).context("the screendump is not a PNG image")?;
     let size = std::fs::metadata(&file)?.len();
     say(&format!("{}: PNG, {w}x{h}, {}", file.display(), bytes(size)))?;
@@ -430,69 +413,80 @@ async fn events(c: &Client) -> anyhow::Result<()> {
     let mut events = c.subscribe(EventFilter::names(["STOP", "RESUME", "RESET"]));
     // Reset while paused: resetting running CPUs trips KVM now and then
     // under nested virtualisation.
-    for command in ["stop", "system_reset", "cont"] {
-        cmd(c, command, Value::Null).await?;
+    for step in ["pause", "reset", "start"] {
+        match step {
+            "pause" => c.pause().await?,
+            "reset" => c.reset().await?,
+            _ => c.start().await?,
+        }
         let e = events.next().await.context("the connection closed")?;
-        say(&format!("{command:<12} -> {}", crate::events::human_line(&e)))?;
+        say(&format!("{step:<6} -> {}", crate::events::human_line(&e)))?;
     }
     Ok(())
 }
 
-async fn agent(c: &Client) -> anyhow::Result<()> {
-    // The guest agent announces itself with lines on its serial port; the
-    // tour plays the agent by writing them into the port's ring buffer.
-    let mut transitions = Vec::new();
-    let mut partial = String::new();
-    for chunk in ["STAR", "TED\n", "STOPPED\nSTARTED\n"] {
-        cmd(c, "ringbuf-write", json!({"device": "agent0", "data": chunk})).await?;
-        let text = ops::drain_ringbuf(c, "agent0").await?;
-        partial.push_str(&text);
-        while let Some(i) = partial.find('\n') {
-            let line: String = partial.drain(..=i).collect();
-            match line.trim() {
-                "STARTED" => transitions.push("AGENT-STARTED"),
-                "STOPPED" => transitions.push("AGENT-STOPPED"),
-                _ => {}
+async fn agent(c: &Client, socket: &Path) -> anyhow::Result<()> {
+    // A Monitor on a second QMP socket watches the agent's ring buffer; the
+    // tour plays the agent, writing its status lines into the buffer.
+    let (tx, mut transitions) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let options = MonitorOptions::new()
+        .serial_chardev("agent0")
+        .event_handler(move |_, ev| {
+            if ev.name().starts_with("AGENT-") {
+                let _ = tx.send(ev.name().to_owned());
             }
-        }
-        say(&format!(
-            "agent wrote {chunk:?}: transitions so far {transitions:?}"
-        ))?;
+        });
+    let monitor = Monitor::connect(socket, options).await?;
+    say("Monitor connected, watching ring buffer agent0")?;
+    for chunk in ["STAR", "TED\n", "STOPPED\nSTARTED\n"] {
+        c.ringbuf_write("agent0", chunk).await?;
+        let running = monitor.check_agent().await?;
+        say(&format!("agent wrote {chunk:?}: agent running: {running}"))?;
     }
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(transitions.recv().await.context("the monitor ended")?);
+    }
+    say(&format!("events from the monitor's handler: {}", seen.join(", ")))?;
     ensure!(
-        transitions == ["AGENT-STARTED", "AGENT-STOPPED", "AGENT-STARTED"],
-        "agent transitions were {transitions:?}"
+        seen == [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED],
+        "agent transitions were {seen:?}"
     );
-    say("agent running")?;
+    ensure!(
+        monitor.agent_started(),
+        "the monitor does not see the agent running"
+    );
+    monitor.disconnect();
     Ok(())
 }
 
 async fn unplug(c: &Client) -> anyhow::Result<()> {
-    ops::remove_disk(c, "disk0", false, ops::UNPLUG_WAIT).await?;
+    c.remove_device("disk0", ops::UNPLUG_WAIT).await?;
+    c.remove_block_device("disk0").await?;
     say("device_del disk0 (DEVICE_DELETED seen), blockdev-del disk0")?;
-    let blocks = query(c, "query-block").await?;
+    let blocks = c.query_block().await?;
     ensure!(
-        blocks
-            .as_array()
-            .map_or(true, |a| a.iter().all(|b| b["qdev"].as_str() != Some("disk0"))),
+        blocks.iter().all(|b| b.qdev.as_deref() != Some("disk0")),
         "query-block still lists disk0"
     );
     say("query-block no longer lists it")?;
     Ok(())
 }
 
-async fn migrate(c: &Client, g: &Globals, work: &Path) -> anyhow::Result<Qemu> {
+async fn migrate(c: &Client, g: &Globals) -> anyhow::Result<Qemu> {
     let target = launch(g, true).await?;
-    let tc = target.client();
-    let uri = format!("unix:{}", work.join("tour-migration.sock").display());
-    ops::enable_migration_events(tc).await?;
-    cmd(tc, "migrate-incoming", json!({"uri": uri})).await?;
-    say(&format!(
-        "target listens on {uri} (-incoming defer, migrate-incoming)"
-    ))?;
+    let tc = target.client().clone();
+    // The two ends of one socket pair, handed to the two QEMUs as fds.
+    let (a, b) = std::os::unix::net::UnixStream::pair().context("cannot make a socket pair")?;
+    c.send_file("migration", a).await?;
+    tc.send_file("migration", b).await?;
+    say("a socket pair: one end to each QEMU (getfd, SCM_RIGHTS)")?;
+    let incoming = tokio::spawn(async move { tc.migrate_incoming("migration", STEP_BUDGET).await });
     let mut states = c.subscribe(EventFilter::names(["MIGRATION"]));
+    c.migrate("migration").await?;
     let bar = Progress::bytes("migrate", false);
-    let info = ops::migrate_and_wait(c, Some(json!({"uri": uri})), &bar).await?;
+    let info = ops::wait_migration(c, STEP_BUDGET, &bar).await?;
+    incoming.await.context("the incoming side panicked")??;
     let mut seen = Vec::new();
     while let Some(e) = states.try_next() {
         if let Some(s) = e.data()["status"].as_str() {
@@ -501,27 +495,39 @@ async fn migrate(c: &Client, g: &Globals, work: &Path) -> anyhow::Result<Qemu> {
     }
     say(&format!("MIGRATION events on the source: {}", seen.join(" -> ")))?;
     say(&crate::subcommands::migration_summary(&info))?;
-    // The target finishes loading on its own schedule; wait for its own event.
-    ops::migrate_and_wait(tc, None, &Progress::hidden()).await?;
-    let landed = ops::status(tc).await?;
+    let tc = target.client();
+    let landed = tc.status().await?;
     ensure!(
-        landed == "paused",
-        "the target arrived {landed}, not paused; its QEMU said: {}",
+        landed == RunState::Paused,
+        "the target arrived {}, not paused; its QEMU said: {}",
+        landed.as_str(),
         target.stderr().trim()
     );
-    cmd(tc, "cont", Value::Null).await?;
+    tc.start().await?;
     // The source's run state moves from finish-migrate to postmigrate just
     // after the migration reports completed.
-    let mut src = ops::status(c).await?;
+    let mut src = c.status().await?;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while src == "finish-migrate" && Instant::now() < deadline {
+    while src == RunState::FinishMigrate && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        src = ops::status(c).await?;
+        src = c.status().await?;
     }
-    let dst = ops::status(tc).await?;
-    say(&format!("source is {src}; target is {dst} after cont"))?;
-    ensure!(src == "postmigrate", "the source is {src}, not postmigrate");
-    ensure!(dst == "running", "the target is {dst}, not running");
+    let dst = tc.status().await?;
+    say(&format!(
+        "source is {}; target is {} after start",
+        src.as_str(),
+        dst.as_str()
+    ))?;
+    ensure!(
+        src == RunState::Postmigrate,
+        "the source is {}, not postmigrate",
+        src.as_str()
+    );
+    ensure!(
+        dst == RunState::Running,
+        "the target is {}, not running",
+        dst.as_str()
+    );
     Ok(target)
 }
 
@@ -529,7 +535,7 @@ async fn quit(c: &Client, target: Option<&Client>, all: &mut qmp::EventStream) -
     for (name, client) in [("source", Some(c)), ("target", target)] {
         let Some(client) = client else { continue };
         let mut shutdown = client.subscribe(EventFilter::names(["SHUTDOWN"]));
-        cmd(client, "quit", Value::Null).await?;
+        client.quit().await?;
         let e = shutdown
             .next()
             .await
