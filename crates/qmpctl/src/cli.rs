@@ -424,7 +424,7 @@ pub enum MigrateCommand {
         /// A socket path or a migration URI.
         #[arg(required_unless_present = "fd", conflicts_with = "fd")]
         target: Option<String>,
-        /// Send over this file descriptor of qmpctl's (for example 3 with `3<>target`).
+        /// Send over this inherited descriptor: a connected socket, or a file (`--fd 3 3>vm.state`).
         #[arg(long)]
         fd: Option<i32>,
         /// Return once the migration started.

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
@@ -168,18 +169,31 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs one command per line of stdin (for scripts); stops at the first error.
+/// Runs one command per line of stdin (for scripts and coprocesses: each
+/// line runs as soon as it arrives); stops at the first error.
 async fn run_script(ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let lines: Vec<String> = std::io::stdin().lock().lines().collect::<Result<_, _>>()?;
-    for (n, line) in lines.iter().enumerate() {
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    // A thread of its own: a blocking read of stdin must not hold up the
+    // runtime, nor its shutdown.
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut n = 0;
+    while let Some(line) = lines.recv().await {
+        let line = line.context("cannot read stdin")?;
+        n += 1;
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        match run_line(ctx, line).await {
+        match run_line(ctx, &line).await {
             Ok(Some(reply)) => crate::outln!("{}", pretty(&reply, ctx.json))?,
             Ok(None) if line.trim() == "exit" => break,
             Ok(None) => {}
-            Err(e) => return Err(e.context(format!("line {}: {}", n + 1, line.trim()))),
+            Err(e) => return Err(e.context(format!("line {n}: {}", line.trim()))),
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -800,7 +800,7 @@ fn dup_fd(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     rustix::io::fcntl_dupfd_cloexec(borrowed, 3).map_err(|e| {
         usage(format!(
-            "--fd {fd}: {} (open it in the shell, e.g. `3<>FILE`)",
+            "--fd {fd}: {} (give qmpctl the descriptor, e.g. `qmpctl migrate to --fd 3 3>vm.state`)",
             std::io::Error::from(e)
         ))
     })

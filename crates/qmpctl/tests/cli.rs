@@ -713,6 +713,40 @@ async fn launch_shell_script_and_broken_pipe() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launched_qemu_goes_away_with_sigterm() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    // The shell reading a pipe runs each line as it arrives: the reply
+    // shows that qmpctl and its QEMU are up.
+    let mut child = spawn_with_stdin(&["--launch", "--json", "shell"]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"query-status\n").await.unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let reply = within(30, out.next_line()).await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&reply).unwrap()["status"],
+        "prelaunch"
+    );
+    let pid = child.id().unwrap();
+    let qemu: Vec<u32> = children(pid)
+        .into_iter()
+        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.starts_with("qemu")))
+        .collect();
+    assert_eq!(qemu.len(), 1, "one QEMU child: {qemu:?}");
+
+    let target = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(target, rustix::process::Signal::TERM).unwrap();
+    let r = finish(child).await;
+    r.fails(130, "interrupted by SIGTERM");
+    within(10, async {
+        while alive(qemu[0]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(stdin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tour_walks_every_step() {
     let keep = tempfile::tempdir().unwrap();
     let r = run_ctl(&["tour", "--keep", keep.path().to_str().unwrap()], None, None)

@@ -316,3 +316,31 @@ pub async fn incoming_completed(c: &qmp::Client) {
     })
     .await
 }
+
+/// Spawns qmpctl with a pipe on its stdin.
+pub fn spawn_with_stdin(args: &[&str]) -> Child {
+    let mut cmd = command(args);
+    cmd.stdin(Stdio::piped());
+    cmd.spawn().expect("run qmpctl")
+}
+
+/// The pids of a process's children.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        found.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    found
+}
+
+/// True while the process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
