@@ -69,6 +69,7 @@ pub struct QemuBuilder {
     qmp_path: Option<PathBuf>,
     options: ConnectOptions,
     start_timeout: Duration,
+    die_with_parent: bool,
 }
 
 impl Default for QemuBuilder {
@@ -91,6 +92,7 @@ impl QemuBuilder {
             qmp_path: None,
             options: ConnectOptions::new(),
             start_timeout: Duration::from_secs(20),
+            die_with_parent: true,
         }
     }
 
@@ -165,6 +167,16 @@ impl QemuBuilder {
         self
     }
 
+    /// Whether QEMU is killed when the thread that started it ends (default
+    /// true), so that a test process killed with SIGKILL leaves no QEMU
+    /// behind. Linux ties this to the starting *thread*: turn it off when
+    /// spawning from a short-lived thread (for example inside
+    /// `spawn_blocking`) whose QEMU must outlive it.
+    pub fn die_with_parent(mut self, die: bool) -> Self {
+        self.die_with_parent = die;
+        self
+    }
+
     /// Starts QEMU, waits for its QMP socket and connects.
     pub async fn spawn(self) -> Result<Qemu, LaunchError> {
         let dir = tempfile::Builder::new()
@@ -201,6 +213,17 @@ impl QemuBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
+        if self.die_with_parent {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the child between fork and exec, where only
+            // async-signal-safe calls are allowed: this is one prctl(2).
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             binary: self.binary.to_string_lossy().into_owned(),
             source,

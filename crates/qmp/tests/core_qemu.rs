@@ -471,3 +471,52 @@ async fn exec_oob_runs_commands_that_allow_it() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
 }
+
+/// True when the process is gone or a zombie (dead, not yet reaped).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_dies_with_the_process_that_launched_it() {
+    const CHILD: &str = "QMP_TEST_LAUNCH_AND_HANG";
+    if std::env::var_os(CHILD).is_some() {
+        // The child's part: launch, say which pid, and hang until killed.
+        let vm = vm().await;
+        println!("QEMU-PID {}", vm.pid());
+        std::future::pending::<()>().await;
+    }
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "qemu_dies_with_the_process_that_launched_it",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let pid: u32 = tokio::task::spawn_blocking(move || {
+        stdout
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("QEMU-PID ").and_then(|p| p.trim().parse().ok()))
+    })
+    .await
+    .unwrap()
+    .expect("the child launched QEMU");
+    assert!(!dead(pid), "QEMU runs while its launcher does");
+    // SIGKILL: no destructor runs in the child, yet QEMU must not survive it.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    common::eventually(10, || async { dead(pid).then_some(()) }).await;
+}
