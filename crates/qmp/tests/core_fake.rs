@@ -698,3 +698,58 @@ async fn events_before_the_capabilities_reply_are_kept_in_order() {
     assert_eq!(within(5, events.next()).await.unwrap().name(), "SECOND");
     assert_eq!(client.execute_raw("x", Value::Null).await.unwrap()["name"], "x");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_are_set_per_command_name_and_per_call() {
+    // The server answers everything but "slow", which it never answers.
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        while let Ok(Some(req)) = conn.recv().await {
+            if req.name.as_deref() != Some("slow") {
+                let name = req.name.clone();
+                conn.reply(&req, json!({ "name": name })).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let client = ConnectOptions::new()
+        .command_timeout(Duration::from_secs(30))
+        .timeout_for("slow", Duration::from_millis(150))
+        .connect(srv.path())
+        .await
+        .unwrap();
+    match within(5, client.execute_raw("slow", Value::Null)).await {
+        Err(Error::Timeout { command, budget }) => {
+            assert_eq!(command, "slow");
+            assert_eq!(budget, Duration::from_millis(150), "the per-name budget applies");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // A per-call budget overrides the per-name one.
+    let opts = CallOptions::new().timeout(Duration::from_millis(50));
+    match within(5, client.call_with::<_, Value>("slow", &json!({}), opts)).await {
+        Err(Error::Timeout { budget, .. }) => assert_eq!(budget, Duration::from_millis(50)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // Other commands are unaffected, and the connection is up.
+    assert_eq!(
+        client.execute_raw("fast", Value::Null).await.unwrap()["name"],
+        "fast"
+    );
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traffic_log_that_cannot_be_written_never_fails_a_command() {
+    let srv = FakeServer::instant().await.unwrap();
+    // Every write to /dev/full fails with ENOSPC, as on a full disk.
+    let client = ConnectOptions::new()
+        .traffic_log("/dev/full")
+        .connect(srv.path())
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let r = client.execute_raw("query-status", Value::Null).await.unwrap();
+        assert_eq!(r["status"], "running");
+    }
+}
