@@ -31,25 +31,10 @@ impl Drop for Finish {
 }
 
 /// Runs until the connection closes and every event has been handled.
-///
-/// `lifecycle` is a second subscription to SHUTDOWN and RESUME only: should
-/// the handler fall so far behind that its queue drops QEMU's SHUTDOWN, that
-/// one still becomes the shutdown notice, rather than a made-up one.
-pub(crate) async fn run(
-    mon: Monitor,
-    mut events: EventStream,
-    mut lifecycle: EventStream,
-    mut own: mpsc::UnboundedReceiver<Event>,
-) {
+pub(crate) async fn run(mon: Monitor, mut events: EventStream, mut own: mpsc::UnboundedReceiver<Event>) {
     let finish = Finish(mon);
     let mon = &finish.0;
     let mut state = State::default();
-    let mut final_shutdown = None;
-    let mut track = |lifecycle_event: Event| match lifecycle_event.known() {
-        KnownEvent::Shutdown { .. } => final_shutdown = Some(lifecycle_event),
-        KnownEvent::Resume => final_shutdown = None,
-        _ => {}
-    };
     loop {
         tokio::select! {
             // The monitor's own events (agent transitions) were made before
@@ -71,12 +56,6 @@ pub(crate) async fn run(
                 None => break,
             },
         }
-        while let Some(ev) = lifecycle.try_next() {
-            track(ev);
-        }
-    }
-    while let Some(ev) = lifecycle.next().await {
-        track(ev);
     }
     // The connection is gone and every QEMU event was read; hand over what
     // the agent watcher queued before it noticed.
@@ -86,7 +65,10 @@ pub(crate) async fn run(
     if state.shutdown_seen {
         return;
     }
-    if let Some(ev) = final_shutdown {
+    // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
+    // should the handler have fallen so far behind that its queue dropped
+    // it, that one still becomes the notice, rather than a made-up one.
+    if let Some(ev) = mon.inner.client.shutdown_event() {
         // QEMU's own, lost from the handler's queue: late beats never.
         deliver(mon, &ev).await;
     } else if mon.is_initialized() && !mon.disconnect_requested() {

@@ -72,7 +72,7 @@ pub use registry::MonitorRegistry;
 
 use agent::Agent;
 use channels::Channels;
-use constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN};
+use constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
 use options::{EjectedFn, Handler};
 use registry::Slots;
 
@@ -144,7 +144,6 @@ impl Monitor {
         // Subscribed before anything else: the first subscriber also gets
         // the events that came with the handshake.
         let events = client.subscribe(EventFilter::all().capacity(options.event_queue));
-        let lifecycle = client.subscribe(EventFilter::names([EVENT_VM_SHUTDOWN, "RESUME"]));
         let (own_events, own_rx) = mpsc::unbounded_channel();
         let agent = options.serial_chardev.as_ref().map(|chardev| {
             Arc::new(Agent::new(
@@ -173,7 +172,7 @@ impl Monitor {
             mon.inner.client.disconnect();
             return Err(e);
         }
-        tokio::spawn(dispatch::run(mon.clone(), events, lifecycle, own_rx));
+        tokio::spawn(dispatch::run(mon.clone(), events, own_rx));
         if let Some(agent) = mon.inner.agent.clone() {
             let announcer = mon.clone();
             tokio::spawn(async move {
