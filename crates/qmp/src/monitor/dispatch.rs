@@ -1,21 +1,39 @@
-//! The monitor's event task: one per monitor, it hands every event to the
-//! handler in QEMU's order, reacts to ejected media, routes block-job events
-//! to device channels, and gives the one shutdown notice at the end.
+//! The monitor's one task: it hands every event to the handler in QEMU's
+//! order, reacts to ejected media, routes block-job events to device
+//! channels, polls the guest agent's ring buffer, and gives the one shutdown
+//! notice at the end.
 //!
 //! It reads the monitor's own subscription, so the connection's reader never
 //! waits for it, and a handler that runs QMP commands cannot deadlock: their
 //! replies travel on the reader, not through this task.
+//!
+//! The agent's ring-buffer read is a future of its own, kept beside the
+//! task's other work and polled whenever the task waits for anything (the
+//! next event, the poll timer, a handler, the ring buffer's lock). So a slow
+//! read never holds up events, and a handler that calls
+//! [`Monitor::check_agent`], whose read waits for the one in flight to
+//! release the ring buffer, never waits for a read that nobody polls.
+//! Transitions found by any read are queued in the [`Agent`] and handed to
+//! the handler by this task between events: those found while an event was
+//! being handled follow that event, before the next one.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 
+use crate::client::Client;
+use crate::error::Result;
 use crate::event::{Event, EventItem, EventStream, KnownEvent};
 
+use super::agent::Agent;
 use super::constants::{
-    EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN, SHUTDOWN_REASON_DISCONNECT,
+    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN,
+    SHUTDOWN_REASON_DISCONNECT,
 };
 use super::options::Handler;
 use super::{now, Monitor};
@@ -31,22 +49,34 @@ impl Drop for Finish {
 }
 
 /// Runs until the connection closes and every event has been handled.
-pub(crate) async fn run(mon: Monitor, mut events: EventStream, mut own: mpsc::UnboundedReceiver<Event>) {
+pub(crate) async fn run(mon: Monitor, mut events: EventStream) {
     let finish = Finish(mon);
     let mon = &finish.0;
+    let agent = mon.inner.agent.as_ref();
+    // Connect has just read the ring buffer: the first poll is one interval on.
+    let timer = tokio::time::sleep(agent.map_or(Duration::MAX, |a| a.interval));
+    tokio::pin!(timer);
+    let mut poller = Poller {
+        agent,
+        client: &mon.inner.client,
+        read: None,
+        again: false,
+        stopped: agent.is_none(),
+        timer,
+    };
     let mut state = State::default();
     loop {
+        // Transitions found so far come before any QEMU event not yet handled.
+        state.hand_over_agent(mon, &mut poller).await;
         tokio::select! {
-            // The monitor's own events (agent transitions) were made before
-            // any QEMU event that is ready at the same time.
             biased;
-            Some(ev) = own.recv() => deliver(mon, &ev).await,
+            done = in_flight(&mut poller.read) => poller.done(done),
+            () = queued(agent) => {}
             item = events.recv() => match item {
                 Some(EventItem::Event(ev)) => {
-                    state.qemu_event(mon, &ev).await;
-                    if let Some(agent) = &mon.inner.agent {
-                        agent.wake.notify_one();
-                    }
+                    state.qemu_event(mon, &ev, &mut poller).await;
+                    // Any event prompts a read: the guest may have reacted.
+                    poller.request();
                 }
                 Some(EventItem::Missed(n)) => tracing::warn!(
                     path = %mon.path().display(),
@@ -55,13 +85,17 @@ pub(crate) async fn run(mon: Monitor, mut events: EventStream, mut own: mpsc::Un
                 ),
                 None => break,
             },
+            () = &mut poller.timer, if poller.read.is_none() && !poller.stopped => poller.request(),
         }
     }
-    // The connection is gone and every QEMU event was read; hand over what
-    // the agent watcher queued before it noticed.
-    while let Ok(ev) = own.try_recv() {
-        deliver(mon, &ev).await;
+    // The connection is gone and every QEMU event was read. A read in flight
+    // fails at once now; the transitions found before it are handed over
+    // ahead of the shutdown notice.
+    if let Some(read) = poller.read.take() {
+        let _ = read.await;
     }
+    poller.stopped = true;
+    state.hand_over_agent(mon, &mut poller).await;
     if state.shutdown_seen {
         return;
     }
@@ -70,15 +104,105 @@ pub(crate) async fn run(mon: Monitor, mut events: EventStream, mut own: mpsc::Un
     // it, that one still becomes the notice, rather than a made-up one.
     if let Some(ev) = mon.inner.client.shutdown_event() {
         // QEMU's own, lost from the handler's queue: late beats never.
-        deliver(mon, &ev).await;
+        deliver(mon, &ev, &mut poller).await;
     } else if mon.is_initialized() && !mon.disconnect_requested() {
         let ev = Event::new(
             EVENT_VM_SHUTDOWN,
             json!({"guest": false, "reason": SHUTDOWN_REASON_DISCONNECT}),
             now(),
         );
-        deliver(mon, &ev).await;
+        deliver(mon, &ev, &mut poller).await;
     }
+}
+
+/// A ring-buffer read in flight (see [`Agent::check`]).
+type Read<'a> = Pin<Box<dyn Future<Output = Result<bool>> + Send + 'a>>;
+
+/// The agent poller's side of the event task: at most one read in flight,
+/// boxed only while it is, so an idle monitor holds none.
+struct Poller<'a> {
+    agent: Option<&'a Agent>,
+    client: &'a Client,
+    read: Option<Read<'a>>,
+    /// A read was asked for while one was in flight: another follows it.
+    again: bool,
+    /// No agent, or the connection is gone: no more reads.
+    stopped: bool,
+    /// The next periodic read, one interval after the last read ended.
+    timer: Pin<&'a mut Sleep>,
+}
+
+impl Poller<'_> {
+    /// Starts a read now, or right after the one in flight.
+    fn request(&mut self) {
+        let Some(agent) = self.agent.filter(|_| !self.stopped) else {
+            return;
+        };
+        if self.read.is_some() {
+            self.again = true;
+        } else {
+            self.read = Some(Box::pin(agent.check(self.client)));
+        }
+    }
+
+    /// A read ended (its transitions are queued in the agent).
+    fn done(&mut self, outcome: Result<bool>) {
+        self.read = None;
+        match outcome {
+            Ok(_) => {}
+            Err(e) if e.is_disconnected() => {
+                self.stopped = true;
+                return;
+            }
+            Err(e) => {
+                let chardev = self.agent.map_or("", |a| a.chardev.as_str());
+                tracing::debug!(chardev, error = %e, "agent ring buffer read failed");
+            }
+        }
+        if std::mem::take(&mut self.again) {
+            self.request();
+        } else if let Some(agent) = self.agent {
+            self.timer.as_mut().reset(Instant::now() + agent.interval);
+        }
+    }
+
+    /// Awaits `work` while keeping the read in flight going, so that `work`
+    /// may wait for that read (through the ring buffer's lock) without a deadlock.
+    async fn drive<F: Future>(&mut self, work: F) -> F::Output {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                done = in_flight(&mut self.read) => self.done(done),
+            }
+        }
+    }
+}
+
+/// The outcome of the read in flight; never, when there is none.
+async fn in_flight(read: &mut Option<Read<'_>>) -> Result<bool> {
+    match read {
+        Some(read) => read.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when a read outside the event task (a `check_agent` call) queued a transition.
+async fn queued(agent: Option<&Agent>) {
+    match agent {
+        Some(agent) => agent.queued.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn agent_event(started: bool) -> Event {
+    let name = if started {
+        EVENT_AGENT_STARTED
+    } else {
+        EVENT_AGENT_STOPPED
+    };
+    Event::new(name, serde_json::Value::Null, now())
 }
 
 #[derive(Default)]
@@ -90,7 +214,17 @@ struct State {
 }
 
 impl State {
-    async fn qemu_event(&mut self, mon: &Monitor, ev: &Event) {
+    /// Hands every queued agent transition to the handler, oldest first.
+    async fn hand_over_agent(&mut self, mon: &Monitor, poller: &mut Poller<'_>) {
+        let Some(agent) = mon.inner.agent.as_ref() else {
+            return;
+        };
+        while let Some(started) = agent.next_transition() {
+            deliver(mon, &agent_event(started), poller).await;
+        }
+    }
+
+    async fn qemu_event(&mut self, mon: &Monitor, ev: &Event, poller: &mut Poller<'_>) {
         let known = ev.known();
         match &known {
             KnownEvent::Shutdown { .. } => self.shutdown_seen = true,
@@ -103,19 +237,19 @@ impl State {
             _ => {}
         }
         // A reset takes the guest's agent down with it (it says STARTED again
-        // when the guest is back): the handler sees the RESET with the agent
-        // already stopped, then the AGENT-STOPPED.
-        let agent_was_up = match (&known, &mon.inner.agent) {
-            (KnownEvent::Reset { .. }, Some(agent)) => agent.forget().await,
-            _ => false,
+        // when the guest is back): the handler sees the transitions read
+        // before it, the RESET with the agent already stopped, then the
+        // AGENT-STOPPED.
+        let (earlier, agent_was_up) = match (&known, &mon.inner.agent) {
+            (KnownEvent::Reset { .. }, Some(agent)) => poller.drive(agent.forget()).await,
+            _ => (VecDeque::new(), false),
         };
-        deliver(mon, ev).await;
+        for started in earlier {
+            deliver(mon, &agent_event(started), poller).await;
+        }
+        deliver(mon, ev, poller).await;
         if agent_was_up {
-            deliver(
-                mon,
-                &Event::new(EVENT_AGENT_STOPPED, serde_json::Value::Null, now()),
-            )
-            .await;
+            deliver(mon, &agent_event(false), poller).await;
         }
         if let KnownEvent::DeviceTrayMoved {
             device,
@@ -146,7 +280,7 @@ impl State {
 
 /// Hands one event to the current handler. A panicking handler is logged
 /// and the next event is handled as usual.
-async fn deliver(mon: &Monitor, ev: &Event) {
+async fn deliver(mon: &Monitor, ev: &Event, poller: &mut Poller<'_>) {
     let handler = mon
         .inner
         .handler
@@ -163,7 +297,8 @@ async fn deliver(mon: &Monitor, ev: &Event) {
         }
         Some(Handler::Async(h)) => {
             // Its own task, awaited at once: order is kept and a panic stays in it.
-            if let Err(e) = tokio::spawn(h(mon.clone(), ev.clone())).await {
+            // The read in flight goes on meanwhile: the handler may wait for it.
+            if let Err(e) = poller.drive(tokio::spawn(h(mon.clone(), ev.clone()))).await {
                 tracing::error!(event = ev.name(), error = %e, "monitor event handler failed");
             }
         }

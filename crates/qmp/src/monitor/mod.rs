@@ -72,7 +72,6 @@ pub use registry::MonitorRegistry;
 
 use agent::Agent;
 use channels::Channels;
-use constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
 use options::{EjectedFn, Handler};
 use registry::Slots;
 
@@ -95,9 +94,7 @@ struct Inner {
     handler: Mutex<Option<Handler>>,
     on_ejected: Mutex<Option<EjectedFn>>,
     channels: Channels,
-    agent: Option<Arc<Agent>>,
-    /// The monitor's own events (agent transitions), to the event task.
-    own_events: mpsc::UnboundedSender<Event>,
+    agent: Option<Agent>,
     /// True once the event task has handled the last event.
     finished: watch::Sender<bool>,
     registry: Weak<Slots>,
@@ -144,13 +141,12 @@ impl Monitor {
         // Subscribed before anything else: the first subscriber also gets
         // the events that came with the handshake.
         let events = client.subscribe(EventFilter::all().capacity(options.event_queue));
-        let (own_events, own_rx) = mpsc::unbounded_channel();
         let agent = options.serial_chardev.as_ref().map(|chardev| {
-            Arc::new(Agent::new(
+            Agent::new(
                 chardev.clone(),
                 options.ringbuf_read_size,
                 options.agent_poll_interval,
-            ))
+            )
         });
         let mon = Monitor {
             inner: Arc::new(Inner {
@@ -162,7 +158,6 @@ impl Monitor {
                 on_ejected: Mutex::new(options.on_ejected.clone()),
                 channels: Channels::default(),
                 agent,
-                own_events,
                 finished: watch::channel(false).0,
                 registry,
             }),
@@ -172,16 +167,8 @@ impl Monitor {
             mon.inner.client.disconnect();
             return Err(e);
         }
-        tokio::spawn(dispatch::run(mon.clone(), events, own_rx));
-        if let Some(agent) = mon.inner.agent.clone() {
-            let announcer = mon.clone();
-            tokio::spawn(async move {
-                let client = announcer.inner.client.clone();
-                agent
-                    .poll(client, |started| announcer.announce_agent(started))
-                    .await;
-            });
-        }
+        // One task per monitor: events, the agent poller, the shutdown notice.
+        tokio::spawn(dispatch::run(mon.clone(), events));
         Ok(mon)
     }
 
@@ -218,15 +205,6 @@ impl Monitor {
         if let Some(slots) = self.inner.registry.upgrade() {
             slots.forget(self);
         }
-    }
-
-    fn announce_agent(&self, started: bool) {
-        let name = if started {
-            EVENT_AGENT_STARTED
-        } else {
-            EVENT_AGENT_STOPPED
-        };
-        let _ = self.inner.own_events.send(Event::new(name, Value::Null, now()));
     }
 
     /// The underlying client.
@@ -291,11 +269,7 @@ impl Monitor {
 
     async fn check_agent_inner(&self) -> Result<bool> {
         match &self.inner.agent {
-            Some(agent) => {
-                agent
-                    .check(&self.inner.client, |started| self.announce_agent(started))
-                    .await
-            }
+            Some(agent) => agent.check(&self.inner.client).await,
             None => Ok(false),
         }
     }
