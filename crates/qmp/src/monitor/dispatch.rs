@@ -17,7 +17,6 @@
 //! the handler by this task between events: those found while an event was
 //! being handled follow that event, before the next one.
 
-use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -27,7 +26,6 @@ use serde_json::json;
 use tokio::time::{Instant, Sleep};
 
 use crate::client::Client;
-use crate::error::Result;
 use crate::event::{Event, EventItem, EventStream, KnownEvent};
 
 use super::agent::Agent;
@@ -49,74 +47,82 @@ impl Drop for Finish {
 }
 
 /// Runs until the connection closes and every event has been handled.
-pub(crate) async fn run(mon: Monitor, mut events: EventStream) {
+///
+/// The task's future is the larger part of a monitor's memory, so it is kept
+/// small: the arguments are bound before the `async` block (an `async fn`
+/// would keep them twice), and rare or large waits are boxed.
+pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()> + Send + 'static {
     let finish = Finish(mon);
-    let mon = &finish.0;
-    let agent = mon.inner.agent.as_ref();
-    // Connect has just read the ring buffer: the first poll is one interval on.
-    let timer = tokio::time::sleep(agent.map_or(Duration::MAX, |a| a.interval));
-    tokio::pin!(timer);
-    let mut poller = Poller {
-        agent,
-        client: &mon.inner.client,
-        read: None,
-        again: false,
-        stopped: agent.is_none(),
-        timer,
-    };
-    let mut state = State::default();
-    loop {
-        // Transitions found so far come before any QEMU event not yet handled.
-        state.hand_over_agent(mon, &mut poller).await;
-        tokio::select! {
-            biased;
-            done = in_flight(&mut poller.read) => poller.done(done),
-            () = queued(agent) => {}
-            item = events.recv() => match item {
-                Some(EventItem::Event(ev)) => {
-                    state.qemu_event(mon, &ev, &mut poller).await;
-                    // Any event prompts a read: the guest may have reacted.
-                    poller.request();
-                }
-                Some(EventItem::Missed(n)) => tracing::warn!(
-                    path = %mon.path().display(),
-                    missed = n,
-                    "monitor event handler fell behind; events were dropped"
-                ),
-                None => break,
-            },
-            () = &mut poller.timer, if poller.read.is_none() && !poller.stopped => poller.request(),
+    let mut events = events;
+    async move {
+        let mon = &finish.0;
+        let agent = mon.inner.agent.as_ref();
+        // Connect has just read the ring buffer: the first poll is one interval on.
+        let timer = tokio::time::sleep(agent.map_or(Duration::MAX, |a| a.interval));
+        tokio::pin!(timer);
+        let mut poller = Poller {
+            agent,
+            client: &mon.inner.client,
+            read: None,
+            again: false,
+            stopped: agent.is_none(),
+            timer,
+        };
+        let mut state = State::default();
+        loop {
+            // Transitions found so far come before any QEMU event not yet handled.
+            state.hand_over_agent(mon, &mut poller).await;
+            tokio::select! {
+                biased;
+                done = in_flight(&mut poller.read) => poller.done(done),
+                () = queued(agent) => {}
+                item = events.recv() => match item {
+                    Some(EventItem::Event(ev)) => {
+                        state.qemu_event(mon, &ev, &mut poller).await;
+                        // Any event prompts a read: the guest may have reacted.
+                        poller.request();
+                    }
+                    Some(EventItem::Missed(n)) => tracing::warn!(
+                        path = %mon.path().display(),
+                        missed = n,
+                        "monitor event handler fell behind; events were dropped"
+                    ),
+                    None => break,
+                },
+                () = &mut poller.timer, if poller.read.is_none() && !poller.stopped => poller.request(),
+            }
         }
-    }
-    // The connection is gone and every QEMU event was read. A read in flight
-    // fails at once now; the transitions found before it are handed over
-    // ahead of the shutdown notice.
-    if let Some(read) = poller.read.take() {
-        let _ = read.await;
-    }
-    poller.stopped = true;
-    state.hand_over_agent(mon, &mut poller).await;
-    if state.shutdown_seen {
-        return;
-    }
-    // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
-    // should the handler have fallen so far behind that its queue dropped
-    // it, that one still becomes the notice, rather than a made-up one.
-    if let Some(ev) = mon.inner.client.shutdown_event() {
-        // QEMU's own, lost from the handler's queue: late beats never.
-        deliver(mon, &ev, &mut poller).await;
-    } else if mon.is_initialized() && !mon.disconnect_requested() {
-        let ev = Event::new(
-            EVENT_VM_SHUTDOWN,
-            json!({"guest": false, "reason": SHUTDOWN_REASON_DISCONNECT}),
-            now(),
-        );
-        deliver(mon, &ev, &mut poller).await;
+        // The connection is gone and every QEMU event was read. A read in flight
+        // fails at once now; the transitions found before it are handed over
+        // ahead of the shutdown notice.
+        if let Some(read) = poller.read.take() {
+            let _ = read.await;
+        }
+        poller.stopped = true;
+        state.hand_over_agent(mon, &mut poller).await;
+        if state.shutdown_seen {
+            return;
+        }
+        // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
+        // should the handler have fallen so far behind that its queue dropped
+        // it, that one still becomes the notice, rather than a made-up one.
+        if let Some(ev) = mon.inner.client.shutdown_event() {
+            // QEMU's own, lost from the handler's queue: late beats never.
+            deliver(mon, &ev, &mut poller).await;
+        } else if mon.is_initialized() && !mon.disconnect_requested() {
+            let ev = Event::new(
+                EVENT_VM_SHUTDOWN,
+                json!({"guest": false, "reason": SHUTDOWN_REASON_DISCONNECT}),
+                now(),
+            );
+            deliver(mon, &ev, &mut poller).await;
+        }
     }
 }
 
-/// A ring-buffer read in flight (see [`Agent::check`]).
-type Read<'a> = Pin<Box<dyn Future<Output = Result<bool>> + Send + 'a>>;
+/// A ring-buffer read in flight (see [`Agent::check`]); true when it found
+/// the connection gone.
+type Read<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 
 /// The agent poller's side of the event task: at most one read in flight,
 /// boxed only while it is, so an idle monitor holds none.
@@ -140,24 +146,27 @@ impl Poller<'_> {
         };
         if self.read.is_some() {
             self.again = true;
-        } else {
-            self.read = Some(Box::pin(agent.check(self.client)));
+            return;
         }
+        let client = self.client;
+        self.read = Some(Box::pin(async move {
+            match agent.check(client).await {
+                Ok(_) => false,
+                Err(e) if e.is_disconnected() => true,
+                Err(e) => {
+                    tracing::debug!(chardev = %agent.chardev, error = %e, "agent ring buffer read failed");
+                    false
+                }
+            }
+        }));
     }
 
     /// A read ended (its transitions are queued in the agent).
-    fn done(&mut self, outcome: Result<bool>) {
+    fn done(&mut self, gone: bool) {
         self.read = None;
-        match outcome {
-            Ok(_) => {}
-            Err(e) if e.is_disconnected() => {
-                self.stopped = true;
-                return;
-            }
-            Err(e) => {
-                let chardev = self.agent.map_or("", |a| a.chardev.as_str());
-                tracing::debug!(chardev, error = %e, "agent ring buffer read failed");
-            }
+        if gone {
+            self.stopped = true;
+            return;
         }
         if std::mem::take(&mut self.again) {
             self.request();
@@ -181,7 +190,7 @@ impl Poller<'_> {
 }
 
 /// The outcome of the read in flight; never, when there is none.
-async fn in_flight(read: &mut Option<Read<'_>>) -> Result<bool> {
+async fn in_flight(read: &mut Option<Read<'_>>) -> bool {
     match read {
         Some(read) => read.await,
         None => std::future::pending().await,
@@ -209,8 +218,9 @@ fn agent_event(started: bool) -> Event {
 struct State {
     /// QEMU sent a SHUTDOWN and the VM has not run since.
     shutdown_seen: bool,
-    /// Devices whose tray is open, so a repeated "opened" is not a new eject.
-    open_trays: HashSet<String>,
+    /// Devices whose tray is open, so a repeated "opened" is not a new eject
+    /// (a handful at most: a list is smaller than a set).
+    open_trays: Vec<String>,
 }
 
 impl State {
@@ -225,43 +235,66 @@ impl State {
     }
 
     async fn qemu_event(&mut self, mon: &Monitor, ev: &Event, poller: &mut Poller<'_>) {
-        let known = ev.known();
-        match &known {
-            KnownEvent::Shutdown { .. } => self.shutdown_seen = true,
+        // The typed view is not kept across an await: this future lives in
+        // every monitor's task, and is the larger for whatever it keeps.
+        let reset = match ev.known() {
+            KnownEvent::Shutdown { .. } => {
+                self.shutdown_seen = true;
+                false
+            }
             // Running again (after `-no-shutdown`): a later loss of the
             // connection is a new shutdown.
-            KnownEvent::Resume => self.shutdown_seen = false,
-            KnownEvent::BlockJob { device, .. } => {
-                mon.inner.channels.push(device, ev.clone());
+            KnownEvent::Resume => {
+                self.shutdown_seen = false;
+                false
             }
-            _ => {}
-        }
+            KnownEvent::BlockJob { device, .. } => {
+                mon.inner.channels.push(&device, ev.clone());
+                false
+            }
+            KnownEvent::Reset { .. } => true,
+            _ => false,
+        };
         // A reset takes the guest's agent down with it (it says STARTED again
         // when the guest is back): the handler sees the transitions read
         // before it, the RESET with the agent already stopped, then the
         // AGENT-STOPPED.
-        let (earlier, agent_was_up) = match (&known, &mon.inner.agent) {
-            (KnownEvent::Reset { .. }, Some(agent)) => poller.drive(agent.forget()).await,
-            _ => (VecDeque::new(), false),
-        };
-        for started in earlier {
-            deliver(mon, &agent_event(started), poller).await;
+        let mut agent_was_up = false;
+        if let (true, Some(agent)) = (reset, mon.inner.agent.as_ref()) {
+            // Boxed, as it is rare, rather than room for it in every task.
+            let (earlier, was_up) = Box::pin(poller.drive(agent.forget())).await;
+            agent_was_up = was_up;
+            for started in earlier {
+                deliver(mon, &agent_event(started), poller).await;
+            }
         }
         deliver(mon, ev, poller).await;
         if agent_was_up {
             deliver(mon, &agent_event(false), poller).await;
         }
-        if let KnownEvent::DeviceTrayMoved {
+        if ev.name() == EVENT_DISK_EJECTED {
+            self.tray_moved(mon, ev);
+        }
+    }
+
+    /// Calls the ejected-media callback when a tray opens, once per opening.
+    fn tray_moved(&mut self, mon: &Monitor, ev: &Event) {
+        let KnownEvent::DeviceTrayMoved {
             device,
             id,
             tray_open,
-        } = known
-        {
-            debug_assert_eq!(ev.name(), EVENT_DISK_EJECTED);
-            let name = if id.is_empty() { device } else { id };
-            if !tray_open {
-                self.open_trays.remove(&name);
-            } else if self.open_trays.insert(name.clone()) {
+        } = ev.known()
+        else {
+            return;
+        };
+        let name = if id.is_empty() { device } else { id };
+        let was_open = self.open_trays.iter().position(|t| *t == name);
+        match (tray_open, was_open) {
+            (false, Some(i)) => {
+                self.open_trays.swap_remove(i);
+            }
+            (true, None) => {
+                self.open_trays.push(name.clone());
                 let callback = mon
                     .inner
                     .on_ejected
@@ -274,6 +307,7 @@ impl State {
                     }
                 }
             }
+            _ => {}
         }
     }
 }
@@ -281,26 +315,33 @@ impl State {
 /// Hands one event to the current handler. A panicking handler is logged
 /// and the next event is handled as usual.
 async fn deliver(mon: &Monitor, ev: &Event, poller: &mut Poller<'_>) {
+    if let Some(task) = start_handler(mon, ev) {
+        // Awaited at once: order is kept and a panic stays in the task. The
+        // read in flight goes on meanwhile, as the handler may wait for it.
+        // Boxed: only async handlers need it, and they spawn a task per event anyway.
+        if let Err(e) = Box::pin(poller.drive(task)).await {
+            tracing::error!(event = ev.name(), error = %e, "monitor event handler failed");
+        }
+    }
+}
+
+/// Runs a plain handler to completion, or starts an async one on a task of
+/// its own and returns that task.
+fn start_handler(mon: &Monitor, ev: &Event) -> Option<tokio::task::JoinHandle<()>> {
     let handler = mon
         .inner
         .handler
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    match handler {
-        None => {}
-        Some(Handler::Sync(h)) => {
+    match handler? {
+        Handler::Sync(h) => {
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| h(mon, ev)));
             if outcome.is_err() {
                 tracing::error!(event = ev.name(), "monitor event handler panicked");
             }
+            None
         }
-        Some(Handler::Async(h)) => {
-            // Its own task, awaited at once: order is kept and a panic stays in it.
-            // The read in flight goes on meanwhile: the handler may wait for it.
-            if let Err(e) = poller.drive(tokio::spawn(h(mon.clone(), ev.clone()))).await {
-                tracing::error!(event = ev.name(), error = %e, "monitor event handler failed");
-            }
-        }
+        Handler::Async(h) => Some(tokio::spawn(h(mon.clone(), ev.clone()))),
     }
 }

@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Notify};
 
 use crate::client::{Client, Empty};
 use crate::error::{Error, Result};
@@ -96,7 +96,10 @@ struct Inner {
     channels: Channels,
     agent: Option<Agent>,
     /// True once the event task has handled the last event.
-    finished: watch::Sender<bool>,
+    finished: AtomicBool,
+    /// Wakes [`Monitor::wait`]ers when `finished` turns true (inline, where a
+    /// watch channel would be an allocation of its own).
+    finished_notify: Notify,
     registry: Weak<Slots>,
 }
 
@@ -106,7 +109,7 @@ impl std::fmt::Debug for Monitor {
             .field("client", &self.inner.client)
             .field("initialized", &self.is_initialized())
             .field("agent_started", &self.agent_started())
-            .field("finished", &*self.inner.finished.borrow())
+            .field("finished", &self.is_finished())
             .finish()
     }
 }
@@ -158,7 +161,8 @@ impl Monitor {
                 on_ejected: Mutex::new(options.on_ejected.clone()),
                 channels: Channels::default(),
                 agent,
-                finished: watch::channel(false).0,
+                finished: AtomicBool::new(false),
+                finished_notify: Notify::new(),
                 registry,
             }),
         };
@@ -184,7 +188,11 @@ impl Monitor {
 
     /// Alive: connected, not asked to disconnect, and its event task running.
     fn is_alive(&self) -> bool {
-        !self.inner.client.is_closed() && !self.disconnect_requested() && !*self.inner.finished.borrow()
+        !self.inner.client.is_closed() && !self.disconnect_requested() && !self.is_finished()
+    }
+
+    fn is_finished(&self) -> bool {
+        self.inner.finished.load(Ordering::Acquire)
     }
 
     fn disconnect_requested(&self) -> bool {
@@ -198,7 +206,8 @@ impl Monitor {
         }
         self.inner.channels.close_all();
         self.forget();
-        self.inner.finished.send_replace(true);
+        self.inner.finished.store(true, Ordering::Release);
+        self.inner.finished_notify.notify_waiters();
     }
 
     fn forget(&self) {
@@ -229,9 +238,13 @@ impl Monitor {
     /// returns holds it up; for the moment the socket closes, use
     /// [`Client::closed`].
     pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut finished = self.inner.finished.subscribe();
+        let inner = self.inner.clone();
         async move {
-            let _ = finished.wait_for(|done| *done).await;
+            // Made before the check: a notify_waiters between the two still reaches it.
+            let notified = inner.finished_notify.notified();
+            if !inner.finished.load(Ordering::Acquire) {
+                notified.await;
+            }
         }
     }
 
