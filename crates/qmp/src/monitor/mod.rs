@@ -44,7 +44,7 @@
 //!
 //! A monitor lives until its connection ends (QEMU exits or closes the
 //! socket) or [`Monitor::disconnect`] is called; dropping every handle does
-//! not close it, because the registry and the monitor's own tasks keep it.
+//! not close it, because the registry and the monitor's own task keep it.
 
 mod agent;
 mod channels;
@@ -138,7 +138,7 @@ impl Monitor {
         MonitorRegistry::global().connect(path, options).await
     }
 
-    /// Connects, checks the agent chardev, and starts the monitor's tasks.
+    /// Connects, checks the agent chardev, and starts the monitor's task.
     async fn open(path: &Path, options: &MonitorOptions, registry: Weak<Slots>) -> Result<Monitor> {
         let client = options.connect.connect(path).await?;
         // Subscribed before anything else: the first subscriber also gets

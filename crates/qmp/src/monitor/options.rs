@@ -164,7 +164,8 @@ impl MonitorOptions {
         self
     }
 
-    /// How often the agent's ring buffer is read when no event prompts a read (default 10 s).
+    /// How often the agent's ring buffer is read when no event prompts a
+    /// read: this long after the last read ended (default 10 s).
     pub fn agent_poll_interval(mut self, interval: Duration) -> Self {
         self.agent_poll_interval = interval;
         self
