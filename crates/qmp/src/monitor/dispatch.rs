@@ -23,9 +23,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
-use crate::client::Client;
 use crate::event::{Event, EventItem, EventStream, KnownEvent};
 
 use super::agent::Agent;
@@ -46,77 +46,59 @@ impl Drop for Finish {
     }
 }
 
+/// Never notified: the wake-up of a monitor that watches no agent.
+static NO_AGENT: Notify = Notify::const_new();
+
 /// Runs until the connection closes and every event has been handled.
 ///
-/// The task's future is the larger part of a monitor's memory, so it is kept
-/// small: the arguments are bound before the `async` block (an `async fn`
-/// would keep them twice), and rare or large waits are boxed.
+/// The task's future is the larger part of a monitor's own memory, so it is
+/// kept small: the arguments are bound before the `async` block (an `async
+/// fn` would keep them twice), the task's state is one struct, nothing used
+/// only at the start is bound to a name, and rare or large waits are boxed.
+/// On x86-64 tokio adds 112 bytes to a task and rounds it up to 128: at 400
+/// bytes or less (392 now) the task takes 512, above that 640. To see the
+/// size: `cargo +nightly rustc --release -p qmp --lib -- -Zprint-type-sizes`
+/// and look for the async block of this file.
 pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()> + Send + 'static {
     let finish = Finish(mon);
     let mut events = events;
     async move {
-        let mon = &finish.0;
-        let agent = mon.inner.agent.as_ref();
         // Connect has just read the ring buffer: the first poll is one interval on.
-        let timer = tokio::time::sleep(agent.map_or(Duration::MAX, |a| a.interval));
+        let timer = tokio::time::sleep(poll_interval(&finish.0));
         tokio::pin!(timer);
-        let mut poller = Poller {
-            agent,
-            client: &mon.inner.client,
+        let mut task = Task {
+            mon: &finish.0,
             read: None,
-            again: false,
-            stopped: agent.is_none(),
             timer,
+            open_trays: Vec::new(),
+            again: false,
+            stopped: finish.0.inner.agent.is_none(),
+            shutdown_seen: false,
         };
-        let mut state = State::default();
         loop {
             // Transitions found so far come before any QEMU event not yet handled.
-            state.hand_over_agent(mon, &mut poller).await;
+            task.hand_over_agent().await;
             tokio::select! {
                 biased;
-                done = in_flight(&mut poller.read) => poller.done(done),
-                () = queued(agent) => {}
+                gone = in_flight(&mut task.read) => task.read_done(gone),
+                () = wake(task.mon).notified() => {}
                 item = events.recv() => match item {
                     Some(EventItem::Event(ev)) => {
-                        state.qemu_event(mon, &ev, &mut poller).await;
+                        task.qemu_event(&ev).await;
                         // Any event prompts a read: the guest may have reacted.
-                        poller.request();
+                        task.request_read();
                     }
                     Some(EventItem::Missed(n)) => tracing::warn!(
-                        path = %mon.path().display(),
+                        path = %task.mon.path().display(),
                         missed = n,
                         "monitor event handler fell behind; events were dropped"
                     ),
                     None => break,
                 },
-                () = &mut poller.timer, if poller.read.is_none() && !poller.stopped => poller.request(),
+                () = &mut task.timer, if task.read.is_none() && !task.stopped => task.request_read(),
             }
         }
-        // The connection is gone and every QEMU event was read. A read in flight
-        // fails at once now; the transitions found before it are handed over
-        // ahead of the shutdown notice.
-        if let Some(read) = poller.read.take() {
-            let _ = read.await;
-        }
-        poller.stopped = true;
-        state.hand_over_agent(mon, &mut poller).await;
-        if state.shutdown_seen {
-            return;
-        }
-        // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
-        // should the handler have fallen so far behind that its queue dropped
-        // it, that one still becomes the notice, rather than a made-up one.
-        if let Some(ev) = mon.inner.client.shutdown_event() {
-            // QEMU's own, lost from the handler's queue: late beats never.
-            deliver(mon, &ev, &mut poller).await;
-        } else if mon.is_initialized() && !mon.disconnect_requested() {
-            let ev = Event::new(
-                EVENT_VM_SHUTDOWN,
-                json!({"guest": false, "reason": SHUTDOWN_REASON_DISCONNECT}),
-                now(),
-            );
-            deliver(mon, &ev, &mut poller).await;
-        }
+        task.end().await;
     }
 }
 
@@ -124,31 +106,40 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
 /// the connection gone.
 type Read<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 
-/// The agent poller's side of the event task: at most one read in flight,
-/// boxed only while it is, so an idle monitor holds none.
-struct Poller<'a> {
-    agent: Option<&'a Agent>,
-    client: &'a Client,
+/// The event task's state.
+struct Task<'a> {
+    mon: &'a Monitor,
+    /// The agent's ring-buffer read in flight, if any: at most one, boxed
+    /// only while it is, so an idle monitor holds none.
     read: Option<Read<'a>>,
+    /// The next periodic read, one interval after the last read ended.
+    timer: Pin<&'a mut Sleep>,
+    /// Devices whose tray is open, so a repeated "opened" is not a new eject
+    /// (a handful at most: a list is smaller than a set).
+    open_trays: Vec<String>,
     /// A read was asked for while one was in flight: another follows it.
     again: bool,
     /// No agent, or the connection is gone: no more reads.
     stopped: bool,
-    /// The next periodic read, one interval after the last read ended.
-    timer: Pin<&'a mut Sleep>,
+    /// QEMU sent a SHUTDOWN and the VM has not run since.
+    shutdown_seen: bool,
 }
 
-impl Poller<'_> {
+impl<'a> Task<'a> {
+    fn agent(&self) -> Option<&'a Agent> {
+        self.mon.inner.agent.as_ref()
+    }
+
     /// Starts a read now, or right after the one in flight.
-    fn request(&mut self) {
-        let Some(agent) = self.agent.filter(|_| !self.stopped) else {
+    fn request_read(&mut self) {
+        let Some(agent) = self.agent().filter(|_| !self.stopped) else {
             return;
         };
         if self.read.is_some() {
             self.again = true;
             return;
         }
-        let client = self.client;
+        let client = &self.mon.inner.client;
         self.read = Some(Box::pin(async move {
             match agent.check(client).await {
                 Ok(_) => false,
@@ -162,15 +153,15 @@ impl Poller<'_> {
     }
 
     /// A read ended (its transitions are queued in the agent).
-    fn done(&mut self, gone: bool) {
+    fn read_done(&mut self, gone: bool) {
         self.read = None;
         if gone {
             self.stopped = true;
             return;
         }
         if std::mem::take(&mut self.again) {
-            self.request();
-        } else if let Some(agent) = self.agent {
+            self.request_read();
+        } else if let Some(agent) = self.agent() {
             self.timer.as_mut().reset(Instant::now() + agent.interval);
         }
     }
@@ -183,58 +174,22 @@ impl Poller<'_> {
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                done = in_flight(&mut self.read) => self.done(done),
+                gone = in_flight(&mut self.read) => self.read_done(gone),
             }
         }
     }
-}
 
-/// The outcome of the read in flight; never, when there is none.
-async fn in_flight(read: &mut Option<Read<'_>>) -> bool {
-    match read {
-        Some(read) => read.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when a read outside the event task (a `check_agent` call) queued a transition.
-async fn queued(agent: Option<&Agent>) {
-    match agent {
-        Some(agent) => agent.queued.notified().await,
-        None => std::future::pending().await,
-    }
-}
-
-fn agent_event(started: bool) -> Event {
-    let name = if started {
-        EVENT_AGENT_STARTED
-    } else {
-        EVENT_AGENT_STOPPED
-    };
-    Event::new(name, serde_json::Value::Null, now())
-}
-
-#[derive(Default)]
-struct State {
-    /// QEMU sent a SHUTDOWN and the VM has not run since.
-    shutdown_seen: bool,
-    /// Devices whose tray is open, so a repeated "opened" is not a new eject
-    /// (a handful at most: a list is smaller than a set).
-    open_trays: Vec<String>,
-}
-
-impl State {
     /// Hands every queued agent transition to the handler, oldest first.
-    async fn hand_over_agent(&mut self, mon: &Monitor, poller: &mut Poller<'_>) {
-        let Some(agent) = mon.inner.agent.as_ref() else {
+    async fn hand_over_agent(&mut self) {
+        let Some(agent) = self.agent() else {
             return;
         };
         while let Some(started) = agent.next_transition() {
-            deliver(mon, &agent_event(started), poller).await;
+            deliver(self, &agent_event(started)).await;
         }
     }
 
-    async fn qemu_event(&mut self, mon: &Monitor, ev: &Event, poller: &mut Poller<'_>) {
+    async fn qemu_event(&mut self, ev: &Event) {
         // The typed view is not kept across an await: this future lives in
         // every monitor's task, and is the larger for whatever it keeps.
         let reset = match ev.known() {
@@ -249,7 +204,7 @@ impl State {
                 false
             }
             KnownEvent::BlockJob { device, .. } => {
-                mon.inner.channels.push(&device, ev.clone());
+                self.mon.inner.channels.push(&device, ev.clone());
                 false
             }
             KnownEvent::Reset { .. } => true,
@@ -260,25 +215,25 @@ impl State {
         // before it, the RESET with the agent already stopped, then the
         // AGENT-STOPPED.
         let mut agent_was_up = false;
-        if let (true, Some(agent)) = (reset, mon.inner.agent.as_ref()) {
+        if let (true, Some(agent)) = (reset, self.agent()) {
             // Boxed, as it is rare, rather than room for it in every task.
-            let (earlier, was_up) = Box::pin(poller.drive(agent.forget())).await;
+            let (earlier, was_up) = Box::pin(self.drive(agent.forget())).await;
             agent_was_up = was_up;
             for started in earlier {
-                deliver(mon, &agent_event(started), poller).await;
+                deliver(self, &agent_event(started)).await;
             }
         }
-        deliver(mon, ev, poller).await;
+        deliver(self, ev).await;
         if agent_was_up {
-            deliver(mon, &agent_event(false), poller).await;
+            deliver(self, &agent_event(false)).await;
         }
         if ev.name() == EVENT_DISK_EJECTED {
-            self.tray_moved(mon, ev);
+            self.tray_moved(ev);
         }
     }
 
     /// Calls the ejected-media callback when a tray opens, once per opening.
-    fn tray_moved(&mut self, mon: &Monitor, ev: &Event) {
+    fn tray_moved(&mut self, ev: &Event) {
         let KnownEvent::DeviceTrayMoved {
             device,
             id,
@@ -295,7 +250,8 @@ impl State {
             }
             (true, None) => {
                 self.open_trays.push(name.clone());
-                let callback = mon
+                let callback = self
+                    .mon
                     .inner
                     .on_ejected
                     .lock()
@@ -310,16 +266,72 @@ impl State {
             _ => {}
         }
     }
+
+    /// After the last QEMU event: the read in flight, the transitions found
+    /// so far, then the one shutdown notice.
+    async fn end(&mut self) {
+        // The connection is gone, so a read in flight fails at once; what it
+        // and the reads before it found is handed over ahead of the notice.
+        if let Some(read) = self.read.take() {
+            read.await;
+        }
+        self.stopped = true;
+        self.hand_over_agent().await;
+        if self.shutdown_seen {
+            return;
+        }
+        // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
+        // should the handler have fallen so far behind that its queue dropped
+        // it, that one still becomes the notice, rather than a made-up one.
+        if let Some(ev) = self.mon.inner.client.shutdown_event() {
+            // QEMU's own, lost from the handler's queue: late beats never.
+            deliver(self, &ev).await;
+        } else if self.mon.is_initialized() && !self.mon.disconnect_requested() {
+            let ev = Event::new(
+                EVENT_VM_SHUTDOWN,
+                json!({"guest": false, "reason": SHUTDOWN_REASON_DISCONNECT}),
+                now(),
+            );
+            deliver(self, &ev).await;
+        }
+    }
+}
+
+/// The outcome of the read in flight; never, when there is none.
+async fn in_flight(read: &mut Option<Read<'_>>) -> bool {
+    match read {
+        Some(read) => read.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long after a read the next periodic one comes (forever without an agent).
+fn poll_interval(mon: &Monitor) -> Duration {
+    mon.inner.agent.as_ref().map_or(Duration::MAX, |a| a.interval)
+}
+
+/// Notified when a read outside the event task (a `check_agent` call) queued a transition.
+fn wake(mon: &Monitor) -> &Notify {
+    mon.inner.agent.as_ref().map_or(&NO_AGENT, |a| &a.queued)
+}
+
+fn agent_event(started: bool) -> Event {
+    let name = if started {
+        EVENT_AGENT_STARTED
+    } else {
+        EVENT_AGENT_STOPPED
+    };
+    Event::new(name, serde_json::Value::Null, now())
 }
 
 /// Hands one event to the current handler. A panicking handler is logged
 /// and the next event is handled as usual.
-async fn deliver(mon: &Monitor, ev: &Event, poller: &mut Poller<'_>) {
-    if let Some(task) = start_handler(mon, ev) {
+async fn deliver(task: &mut Task<'_>, ev: &Event) {
+    if let Some(handle) = start_handler(task.mon, ev) {
         // Awaited at once: order is kept and a panic stays in the task. The
         // read in flight goes on meanwhile, as the handler may wait for it.
         // Boxed: only async handlers need it, and they spawn a task per event anyway.
-        if let Err(e) = Box::pin(poller.drive(task)).await {
+        if let Err(e) = Box::pin(task.drive(handle)).await {
             tracing::error!(event = ev.name(), error = %e, "monitor event handler failed");
         }
     }
