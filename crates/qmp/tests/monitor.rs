@@ -948,3 +948,161 @@ async fn qemus_shutdown_survives_a_handler_that_fell_behind() {
     assert_eq!(shutdowns.len(), 1, "{all:?}");
     assert_eq!(shutdowns[0].data()["reason"], "guest-shutdown");
 }
+
+/// `STARTED\n`, as `ringbuf-read` returns it in base64.
+const STARTED_B64: &str = "U1RBUlRFRAo=";
+
+/// A fake QEMU whose second ring-buffer read (the first periodic poll) gets
+/// no answer until the client sends `go`, then finds `STARTED`; meanwhile it
+/// sends `burst`. Every other read finds the buffer empty. Also returns the
+/// number of reads so far.
+async fn fake_with_a_stuck_read(
+    burst: Vec<(&'static str, Value)>,
+) -> (FakeServer, Arc<std::sync::atomic::AtomicUsize>) {
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reads.clone();
+    let server = FakeServer::start(move |mut conn: FakeConn| {
+        let (reads, burst) = (counted.clone(), burst.clone());
+        async move {
+            if conn.handshake().await.is_err() {
+                return;
+            }
+            let mut held = None;
+            while let Ok(Some(req)) = conn.recv().await {
+                let r = match req.name.as_deref() {
+                    Some("ringbuf-read") if reads.fetch_add(1, Ordering::SeqCst) == 1 => {
+                        held = Some(req);
+                        let mut r = Ok(());
+                        for (name, data) in &burst {
+                            r = r.and(conn.event(name, data.clone()).await);
+                        }
+                        r
+                    }
+                    Some("ringbuf-read") => conn.reply(&req, json!("")).await,
+                    Some("go") => {
+                        let read = held.take().expect("the held read");
+                        let r = conn.reply(&read, json!(STARTED_B64)).await;
+                        r.and(conn.reply(&req, json!({})).await)
+                    }
+                    _ => conn.reply(&req, json!({})).await,
+                };
+                if r.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    (server, reads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_agent_read_holds_up_no_event_and_a_handler_may_check_the_agent() {
+    let ticks = (0..20).map(|n| ("TICK", json!({"n": n}))).collect();
+    let (server, reads) = fake_with_a_stuck_read(ticks).await;
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let options = MonitorOptions::new()
+        .serial_chardev("agent0")
+        .agent_poll_interval(Duration::from_millis(50))
+        .async_event_handler(move |mon, ev| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ev.name().to_owned());
+                if ev.name() == "TICK" && ev.data()["n"] == 19 {
+                    // Waits for the stuck read to give up the ring buffer:
+                    // the monitor must keep that read going meanwhile.
+                    let started = mon.check_agent().await.expect("check_agent in the handler");
+                    let _ = tx.send(format!("checked {started}"));
+                }
+            }
+        });
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    // All 20 events reach the handler while the read is still unanswered.
+    for n in 0..20 {
+        assert_eq!(within(10, seen.recv()).await.unwrap(), "TICK", "event {n}");
+    }
+    assert!(!mon.agent_started());
+    let _: Value = within(10, mon.call("go", &())).await.unwrap();
+    // The handler's own check ends once the stuck read has (no deadlock),
+    // and the transition that read found follows the event being handled.
+    assert_eq!(within(10, seen.recv()).await.unwrap(), "checked true");
+    assert_eq!(within(10, seen.recv()).await.unwrap(), EVENT_AGENT_STARTED);
+    assert!(mon.agent_started());
+    // Polling goes on after the stuck read.
+    let after = reads.load(Ordering::SeqCst);
+    eventually(10, || async {
+        (reads.load(Ordering::SeqCst) >= after + 3).then_some(())
+    })
+    .await;
+    mon.disconnect();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_transition_read_as_qemu_vanishes_comes_before_the_shutdown_notice() {
+    // The first periodic read finds STARTED, and QEMU is gone right after.
+    let server = FakeServer::start(|mut conn: FakeConn| async move {
+        if conn.handshake().await.is_err() {
+            return;
+        }
+        let mut reads = 0;
+        while let Ok(Some(req)) = conn.recv().await {
+            let ret = match req.name.as_deref() {
+                Some("ringbuf-read") => {
+                    reads += 1;
+                    json!(if reads == 2 { STARTED_B64 } else { "" })
+                }
+                _ => json!({}),
+            };
+            if conn.reply(&req, ret).await.is_err() || reads == 2 {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_poll_interval(Duration::from_millis(50)),
+    );
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    mon.set_initialized(true);
+    within(10, mon.wait()).await;
+    let names: Vec<String> = drain(&mut events).iter().map(|e| e.name().to_owned()).collect();
+    assert_eq!(names, [EVENT_AGENT_STARTED, EVENT_VM_SHUTDOWN]);
+    assert!(!mon.agent_started(), "forgotten once the monitor ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_during_a_stuck_agent_read_waits_for_it_and_keeps_the_order() {
+    let (server, reads) =
+        fake_with_a_stuck_read(vec![("RESET", json!({"guest": true, "reason": "guest-reset"}))]).await;
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_poll_interval(Duration::from_millis(50)),
+    );
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    // The RESET forgets the agent, which waits for the read in flight; the
+    // monitor keeps that read going, so the reply to it ends the wait.
+    eventually(10, || async { (reads.load(Ordering::SeqCst) >= 2).then_some(()) }).await;
+    let _: Value = within(10, mon.call("go", &())).await.unwrap();
+    let mut names = Vec::new();
+    while names.len() < 3 {
+        names.push(within(10, events.recv()).await.unwrap().name().to_owned());
+    }
+    // What the read found, then the RESET that took the agent down.
+    assert_eq!(names, [EVENT_AGENT_STARTED, EVENT_VM_RESET, EVENT_AGENT_STOPPED]);
+    assert!(!mon.agent_started());
+    mon.disconnect();
+}

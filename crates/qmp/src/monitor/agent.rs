@@ -7,12 +7,12 @@
 //! read that holds `STARTED\nSTOPPED\n` is two transitions, and a line split
 //! across two reads is put back together. Anything else is ignored.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{Mutex, Notify};
-use tokio::time::MissedTickBehavior;
 
 use crate::client::{CallOptions, Client};
 use crate::error::{Error, Result};
@@ -87,7 +87,8 @@ pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()
 }
 
-/// The agent watcher's state, shared by the poller and [`super::Monitor::check_agent`].
+/// The agent watcher's state, shared by the monitor's event task (which polls)
+/// and [`super::Monitor::check_agent`].
 pub(crate) struct Agent {
     pub chardev: String,
     pub read_size: usize,
@@ -96,8 +97,11 @@ pub(crate) struct Agent {
     /// Held across a read and the processing of its bytes, so that reads are
     /// processed in the order QEMU answered them.
     lines: Mutex<LineBuffer>,
-    /// Asks the poller for a read now (after each event).
-    pub wake: Notify,
+    /// Transitions found and not yet handed to the event handler, oldest
+    /// first (true for started). Only ever locked briefly, never across an await.
+    pending: std::sync::Mutex<VecDeque<bool>>,
+    /// Wakes the event task when a transition is queued.
+    pub queued: Notify,
 }
 
 #[derive(Serialize)]
@@ -115,7 +119,8 @@ impl Agent {
             interval,
             started: AtomicBool::new(false),
             lines: Mutex::new(LineBuffer::default()),
-            wake: Notify::new(),
+            pending: std::sync::Mutex::new(VecDeque::new()),
+            queued: Notify::new(),
         }
     }
 
@@ -129,17 +134,28 @@ impl Agent {
         self.started.store(false, Ordering::Release);
     }
 
-    /// Forgets the agent and any partial line (the guest was reset); true
-    /// when it was running, which is a transition to report.
-    pub(crate) async fn forget(&self) -> bool {
-        let mut lines = self.lines.lock().await;
-        *lines = LineBuffer::default();
-        self.started.swap(false, Ordering::AcqRel)
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<bool>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drains the ring buffer and reports every transition through `announce`
-    /// (true for started), in order. Returns the state afterwards.
-    pub(crate) async fn check(&self, client: &Client, mut announce: impl FnMut(bool)) -> Result<bool> {
+    /// The oldest transition not yet handed to the handler (true for started).
+    pub(crate) fn next_transition(&self) -> Option<bool> {
+        self.pending().pop_front()
+    }
+
+    /// Forgets the agent and any partial line (the guest was reset). Returns
+    /// the transitions found before, still to be handed over, and whether the
+    /// agent was running, which is one more transition to report.
+    pub(crate) async fn forget(&self) -> (VecDeque<bool>, bool) {
+        let mut lines = self.lines.lock().await;
+        *lines = LineBuffer::default();
+        let earlier = std::mem::take(&mut *self.pending());
+        (earlier, self.started.swap(false, Ordering::AcqRel))
+    }
+
+    /// Drains the ring buffer and queues every transition, in order, for
+    /// the event task (see [`Agent::next_transition`]). Returns the state afterwards.
+    pub(crate) async fn check(&self, client: &Client) -> Result<bool> {
         let mut lines = self.lines.lock().await;
         for _ in 0..MAX_READS_PER_CHECK {
             let args = RingbufRead {
@@ -160,7 +176,8 @@ impl Agent {
             for status in lines.feed(&bytes) {
                 let now = status == Status::Started;
                 if self.started.swap(now, Ordering::AcqRel) != now {
-                    announce(now);
+                    self.pending().push_back(now);
+                    self.queued.notify_one();
                 }
             }
             if bytes.len() < self.read_size {
@@ -168,28 +185,6 @@ impl Agent {
             }
         }
         Ok(self.started())
-    }
-
-    /// Reads at once, then every interval and whenever woken, until the
-    /// connection closes.
-    pub(crate) async fn poll(&self, client: Client, announce: impl Fn(bool)) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        tick.tick().await; // The first tick is immediate; connect has just read.
-        loop {
-            tokio::select! {
-                _ = client.closed() => return,
-                _ = tick.tick() => {}
-                _ = self.wake.notified() => {}
-            }
-            match self.check(&client, &announce).await {
-                Ok(_) => {}
-                Err(e) if e.is_disconnected() => return,
-                Err(e) => {
-                    tracing::debug!(chardev = %self.chardev, error = %e, "agent ring buffer read failed")
-                }
-            }
-        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! Per-device event channels: a caller waiting for one device's events (a
 //! block job's completion, say) gets them on a channel of its own.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use tokio::sync::mpsc;
@@ -29,15 +28,22 @@ pub enum Delivery {
     ReaderGone,
 }
 
-/// The registered channels of one monitor, by device name.
+/// The registered channels of one monitor, by device name: a short list
+/// (one per block job in progress), smaller in every monitor than a map.
 #[derive(Default)]
 pub(crate) struct Channels {
-    map: Mutex<HashMap<String, mpsc::Sender<Event>>>,
+    list: Mutex<List>,
+}
+
+type List = Vec<(String, mpsc::Sender<Event>)>;
+
+fn position(list: &List, device: &str) -> Option<usize> {
+    list.iter().position(|(name, _)| name == device)
 }
 
 impl Channels {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Event>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, List> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn create(&self, device: &str) -> Result<mpsc::Receiver<Event>> {
@@ -46,34 +52,43 @@ impl Channels {
                 "an event channel needs a device name".into(),
             ));
         }
-        let mut map = self.lock();
-        if let Some(tx) = map.get(device) {
-            // A channel whose reader is gone is as good as none.
-            if !tx.is_closed() {
-                return Err(Error::InvalidRequest(format!(
-                    "an event channel for device {device:?} already exists"
-                )));
-            }
+        let mut list = self.lock();
+        let found = position(&list, device);
+        // A channel whose reader is gone is as good as none.
+        if found.is_some_and(|i| !list[i].1.is_closed()) {
+            return Err(Error::InvalidRequest(format!(
+                "an event channel for device {device:?} already exists"
+            )));
         }
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
-        map.insert(device.to_owned(), tx);
+        match found {
+            Some(i) => list[i].1 = tx,
+            None => list.push((device.to_owned(), tx)),
+        }
         Ok(rx)
     }
 
     pub(crate) fn cleanup(&self, device: &str) -> bool {
-        self.lock().remove(device).is_some()
+        let mut list = self.lock();
+        match position(&list, device) {
+            Some(i) => {
+                list.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     pub(crate) fn push(&self, device: &str, event: Event) -> Delivery {
-        let mut map = self.lock();
-        let Some(tx) = map.get(device) else {
+        let mut list = self.lock();
+        let Some(i) = position(&list, device) else {
             return Delivery::NoChannel;
         };
-        match tx.try_send(event) {
+        match list[i].1.try_send(event) {
             Ok(()) => Delivery::Delivered,
             Err(mpsc::error::TrySendError::Full(_)) => Delivery::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                map.remove(device);
+                list.swap_remove(i);
                 Delivery::ReaderGone
             }
         }

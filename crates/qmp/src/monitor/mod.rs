@@ -44,7 +44,7 @@
 //!
 //! A monitor lives until its connection ends (QEMU exits or closes the
 //! socket) or [`Monitor::disconnect`] is called; dropping every handle does
-//! not close it, because the registry and the monitor's own tasks keep it.
+//! not close it, because the registry and the monitor's own task keep it.
 
 mod agent;
 mod channels;
@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Notify};
 
 use crate::client::{Client, Empty};
 use crate::error::{Error, Result};
@@ -72,7 +72,6 @@ pub use registry::MonitorRegistry;
 
 use agent::Agent;
 use channels::Channels;
-use constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN};
 use options::{EjectedFn, Handler};
 use registry::Slots;
 
@@ -95,11 +94,12 @@ struct Inner {
     handler: Mutex<Option<Handler>>,
     on_ejected: Mutex<Option<EjectedFn>>,
     channels: Channels,
-    agent: Option<Arc<Agent>>,
-    /// The monitor's own events (agent transitions), to the event task.
-    own_events: mpsc::UnboundedSender<Event>,
+    agent: Option<Agent>,
     /// True once the event task has handled the last event.
-    finished: watch::Sender<bool>,
+    finished: AtomicBool,
+    /// Wakes [`Monitor::wait`]ers when `finished` turns true (inline, where a
+    /// watch channel would be an allocation of its own).
+    finished_notify: Notify,
     registry: Weak<Slots>,
 }
 
@@ -109,7 +109,7 @@ impl std::fmt::Debug for Monitor {
             .field("client", &self.inner.client)
             .field("initialized", &self.is_initialized())
             .field("agent_started", &self.agent_started())
-            .field("finished", &*self.inner.finished.borrow())
+            .field("finished", &self.is_finished())
             .finish()
     }
 }
@@ -138,20 +138,18 @@ impl Monitor {
         MonitorRegistry::global().connect(path, options).await
     }
 
-    /// Connects, checks the agent chardev, and starts the monitor's tasks.
+    /// Connects, checks the agent chardev, and starts the monitor's task.
     async fn open(path: &Path, options: &MonitorOptions, registry: Weak<Slots>) -> Result<Monitor> {
         let client = options.connect.connect(path).await?;
         // Subscribed before anything else: the first subscriber also gets
         // the events that came with the handshake.
         let events = client.subscribe(EventFilter::all().capacity(options.event_queue));
-        let lifecycle = client.subscribe(EventFilter::names([EVENT_VM_SHUTDOWN, "RESUME"]));
-        let (own_events, own_rx) = mpsc::unbounded_channel();
         let agent = options.serial_chardev.as_ref().map(|chardev| {
-            Arc::new(Agent::new(
+            Agent::new(
                 chardev.clone(),
                 options.ringbuf_read_size,
                 options.agent_poll_interval,
-            ))
+            )
         });
         let mon = Monitor {
             inner: Arc::new(Inner {
@@ -163,8 +161,8 @@ impl Monitor {
                 on_ejected: Mutex::new(options.on_ejected.clone()),
                 channels: Channels::default(),
                 agent,
-                own_events,
-                finished: watch::channel(false).0,
+                finished: AtomicBool::new(false),
+                finished_notify: Notify::new(),
                 registry,
             }),
         };
@@ -173,16 +171,8 @@ impl Monitor {
             mon.inner.client.disconnect();
             return Err(e);
         }
-        tokio::spawn(dispatch::run(mon.clone(), events, lifecycle, own_rx));
-        if let Some(agent) = mon.inner.agent.clone() {
-            let announcer = mon.clone();
-            tokio::spawn(async move {
-                let client = announcer.inner.client.clone();
-                agent
-                    .poll(client, |started| announcer.announce_agent(started))
-                    .await;
-            });
-        }
+        // One task per monitor: events, the agent poller, the shutdown notice.
+        tokio::spawn(dispatch::run(mon.clone(), events));
         Ok(mon)
     }
 
@@ -198,7 +188,11 @@ impl Monitor {
 
     /// Alive: connected, not asked to disconnect, and its event task running.
     fn is_alive(&self) -> bool {
-        !self.inner.client.is_closed() && !self.disconnect_requested() && !*self.inner.finished.borrow()
+        !self.inner.client.is_closed() && !self.disconnect_requested() && !self.is_finished()
+    }
+
+    fn is_finished(&self) -> bool {
+        self.inner.finished.load(Ordering::Acquire)
     }
 
     fn disconnect_requested(&self) -> bool {
@@ -212,22 +206,14 @@ impl Monitor {
         }
         self.inner.channels.close_all();
         self.forget();
-        self.inner.finished.send_replace(true);
+        self.inner.finished.store(true, Ordering::Release);
+        self.inner.finished_notify.notify_waiters();
     }
 
     fn forget(&self) {
         if let Some(slots) = self.inner.registry.upgrade() {
             slots.forget(self);
         }
-    }
-
-    fn announce_agent(&self, started: bool) {
-        let name = if started {
-            EVENT_AGENT_STARTED
-        } else {
-            EVENT_AGENT_STOPPED
-        };
-        let _ = self.inner.own_events.send(Event::new(name, Value::Null, now()));
     }
 
     /// The underlying client.
@@ -252,9 +238,13 @@ impl Monitor {
     /// returns holds it up; for the moment the socket closes, use
     /// [`Client::closed`].
     pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut finished = self.inner.finished.subscribe();
+        let inner = self.inner.clone();
         async move {
-            let _ = finished.wait_for(|done| *done).await;
+            // Made before the check: a notify_waiters between the two still reaches it.
+            let notified = inner.finished_notify.notified();
+            if !inner.finished.load(Ordering::Acquire) {
+                notified.await;
+            }
         }
     }
 
@@ -292,11 +282,7 @@ impl Monitor {
 
     async fn check_agent_inner(&self) -> Result<bool> {
         match &self.inner.agent {
-            Some(agent) => {
-                agent
-                    .check(&self.inner.client, |started| self.announce_agent(started))
-                    .await
-            }
+            Some(agent) => agent.check(&self.inner.client).await,
             None => Ok(false),
         }
     }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::connection::ConnectOptions;
@@ -15,6 +15,11 @@ use super::Monitor;
 
 type SyncHandler = dyn Fn(&Monitor, &Event) + Send + Sync;
 type AsyncHandler = dyn Fn(Monitor, Event) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
+
+/// The default connection options, made once: a clone shares their
+/// settings (copied only when changed), where `ConnectOptions::new()` makes
+/// a fresh copy that every connection made with it then keeps.
+static DEFAULT_CONNECT: LazyLock<ConnectOptions> = LazyLock::new(ConnectOptions::new);
 
 /// An event handler, in one of its two shapes.
 #[derive(Clone)]
@@ -83,7 +88,7 @@ impl MonitorOptions {
             ringbuf_read_size: DEFAULT_RINGBUF_READ_SIZE,
             agent_poll_interval: DEFAULT_AGENT_POLL_INTERVAL,
             event_queue: DEFAULT_MONITOR_EVENT_QUEUE,
-            connect: ConnectOptions::new(),
+            connect: DEFAULT_CONNECT.clone(),
         }
     }
 
@@ -159,7 +164,8 @@ impl MonitorOptions {
         self
     }
 
-    /// How often the agent's ring buffer is read when no event prompts a read (default 10 s).
+    /// How often the agent's ring buffer is read when no event prompts a
+    /// read: this long after the last read ended (default 10 s).
     pub fn agent_poll_interval(mut self, interval: Duration) -> Self {
         self.agent_poll_interval = interval;
         self
