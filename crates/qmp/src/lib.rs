@@ -73,7 +73,8 @@ mod wire;
 
 pub use client::{CallOptions, Client, Command, Empty};
 pub use connection::{
-    ConnectOptions, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE,
+    ConnectOptions, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
+    DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use error::{Error, ErrorClass, QmpError, Result};
 pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};

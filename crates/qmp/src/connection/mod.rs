@@ -108,16 +108,20 @@ impl ConnectOptions {
     /// slow commands such as `blockdev-add`, `device_add` or
     /// `dump-guest-memory`), 64 MiB messages, `oob` enabled when offered, no log.
     pub fn new() -> Self {
-        ConnectOptions {
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            oob: true,
-            log_file: None,
-            config: Arc::new(Config {
+        // Every connection made with default settings shares one copy of them.
+        static DEFAULT_CONFIG: std::sync::LazyLock<Arc<Config>> = std::sync::LazyLock::new(|| {
+            Arc::new(Config {
                 default_timeout: DEFAULT_COMMAND_TIMEOUT,
                 command_timeouts: HashMap::new(),
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
                 log_excluded: None,
-            }),
+            })
+        });
+        ConnectOptions {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            oob: true,
+            log_file: None,
+            config: DEFAULT_CONFIG.clone(),
         }
     }
 

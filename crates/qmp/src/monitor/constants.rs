@@ -58,7 +58,7 @@ pub const SHUTDOWN_REASON_QUIT: &str = "quit";
 pub const SHUTDOWN_REASON_HOST_QMP_QUIT: &str = "host-qmp-quit";
 
 /// Commands kept out of the traffic log: the agent poller's frequent ring-buffer reads.
-pub const EXCLUDED_COMMANDS: &[&str] = &["ringbuf-read"];
+pub const EXCLUDED_COMMANDS: &[&str] = crate::DEFAULT_LOG_EXCLUDED;
 
 /// How many bytes one read of the agent's serial ring buffer asks for, unless set otherwise.
 pub const DEFAULT_RINGBUF_READ_SIZE: usize = 16 * 1024;
