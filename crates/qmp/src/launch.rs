@@ -126,6 +126,31 @@ impl QemuBuilder {
         self
     }
 
+    /// Gives the VM the devices that most operations can be tried on without
+    /// a guest: a SCSI controller `scsi0` and a USB controller `usb0` (whose
+    /// disks and devices unplug without the guest's help), a balloon
+    /// `balloon0`, a VGA display `vga0` (for screendumps), a ring-buffer serial
+    /// console `console0`, two memory slots up to 1 GiB and a spare CPU slot.
+    /// `qmpctl --launch` and `qmpctl tour` use it.
+    pub fn scratch_devices(self) -> Self {
+        self.memory("128M,slots=2,maxmem=1G").args([
+            "-smp",
+            "1,maxcpus=2",
+            "-device",
+            "virtio-scsi-pci,id=scsi0",
+            "-device",
+            "qemu-xhci,id=usb0",
+            "-device",
+            "virtio-balloon-pci,id=balloon0",
+            "-device",
+            "VGA,id=vga0",
+            "-chardev",
+            "ringbuf,id=console0,size=65536",
+            "-serial",
+            "chardev:console0",
+        ])
+    }
+
     /// Adds one argument.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());

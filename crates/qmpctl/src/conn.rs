@@ -92,22 +92,7 @@ pub fn connect_options(g: &Globals) -> ConnectOptions {
 /// a guest's help), a balloon, a VGA display, a ring-buffer serial console
 /// `console0`, memory slots and a spare CPU slot.
 pub fn scratch_vm() -> QemuBuilder {
-    QemuBuilder::new().memory("128M,slots=2,maxmem=1G").args([
-        "-smp",
-        "1,maxcpus=2",
-        "-device",
-        "virtio-scsi-pci,id=scsi0",
-        "-device",
-        "qemu-xhci,id=usb0",
-        "-device",
-        "virtio-balloon-pci,id=balloon0",
-        "-device",
-        "VGA,id=vga0",
-        "-chardev",
-        "ringbuf,id=console0,size=65536",
-        "-serial",
-        "chardev:console0",
-    ])
+    QemuBuilder::new().scratch_devices()
 }
 
 /// Connects to a QMP socket, explaining in plain words why it did not work.

@@ -25,23 +25,7 @@ pub async fn vm() -> Qemu {
 /// [`vm`] with extra QEMU arguments.
 pub async fn vm_with(extra: &[&str]) -> Qemu {
     let b = QemuBuilder::new()
-        .memory("128M,slots=2,maxmem=1G")
-        .args([
-            "-smp",
-            "1,maxcpus=2",
-            "-device",
-            "virtio-scsi-pci,id=scsi0",
-            "-device",
-            "qemu-xhci,id=usb0",
-            "-device",
-            "virtio-balloon-pci,id=balloon0",
-            "-device",
-            "VGA,id=vga0",
-            "-chardev",
-            "ringbuf,id=console0,size=65536",
-            "-serial",
-            "chardev:console0",
-        ])
+        .scratch_devices()
         .args(extra)
         .extra_qmp_socket("cli");
     match b.spawn().await {
