@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::connection::{Config, ConnectOptions, Outgoing, ToDriver};
+use crate::connection::{Config, ConnectOptions, Outgoing, Reply, ToDriver};
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream, Subscribers};
 use crate::wire::{encode_request, Greeting};
@@ -193,7 +192,7 @@ impl Client {
                 options,
             )
             .await?;
-        decode(C::NAME, &raw)
+        raw.decode(C::NAME)
     }
 
     /// Runs a command by name with any serialisable arguments and decodes the
@@ -219,7 +218,7 @@ impl Client {
                 options,
             )
             .await?;
-        decode(name, &raw)
+        raw.decode(name)
     }
 
     /// Runs a command by name with JSON arguments (`Value::Null` for none)
@@ -326,7 +325,7 @@ impl Client {
         name: Cow<'static, str>,
         encode: impl FnOnce(&mut Vec<u8>, u64, bool) -> Result<(), serde_json::Error>,
         options: CallOptions,
-    ) -> Result<Box<RawValue>> {
+    ) -> Result<Reply> {
         let shared = &self.inner.shared;
         if self.is_closed() {
             return Err(self.close_reason());
@@ -375,8 +374,4 @@ impl Client {
             }
         }
     }
-}
-
-fn decode<R: DeserializeOwned>(name: &str, raw: &RawValue) -> Result<R> {
-    serde_json::from_str(raw.get()).map_err(|e| Error::decode(name, e))
 }

@@ -200,6 +200,35 @@ async fn garbage_and_unparseable_messages_are_skipped() {
     assert!(!client.is_closed());
 }
 
+/// A reply shaped like QEMU's (`return` first, numeric `id` last) goes to its
+/// caller without being parsed first; if it is not valid JSON inside, that
+/// caller gets a decode error at once (not a timeout) and nothing else is hurt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_reply_fails_its_own_command_with_a_decode_error() {
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        let mut first = true;
+        while let Ok(Some(req)) = conn.recv().await {
+            if std::mem::take(&mut first) {
+                let id = req.id.clone().unwrap();
+                conn.send_raw(format!("{{\"return\": {{\"a\": tru}}, \"id\": {id}}}\r\n").as_bytes())
+                    .await
+                    .unwrap();
+            } else {
+                conn.reply(&req, json!({"ok": true})).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let client = Client::connect(srv.path()).await.unwrap();
+    let err = within(5, client.execute_raw("x", Value::Null)).await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+    assert!(err.to_string().contains("reply to x:"), "{err}");
+    let r = within(5, client.execute_raw("y", Value::Null)).await.unwrap();
+    assert_eq!(r["ok"], true);
+    assert!(!client.is_closed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_reply_fails_its_command_only() {
     let srv = server(|mut conn| async move {

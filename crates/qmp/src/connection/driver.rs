@@ -21,6 +21,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
@@ -35,14 +36,35 @@ use crate::client::{Client, Shared};
 use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::{Event, Subscribers};
 use crate::wire::splitter::{Frame, Oversized};
-use crate::wire::{Incoming, Timestamp};
+use crate::wire::{success_reply_id, Incoming, ReturnOf, Timestamp};
 
 /// QEMU queues at most this many in-band commands when OOB is enabled
 /// (QMP_REQ_QUEUE_LEN_MAX) and stops reading beyond that.
 const QEMU_QUEUE_LIMIT: usize = 8;
 
-/// What a caller gets back: the raw `return` value, or an error.
-pub(crate) type ReplyResult = Result<Box<RawValue>, Error>;
+/// What a caller gets back: a success reply, or an error.
+pub(crate) type ReplyResult = Result<Reply, Error>;
+
+/// A success reply on its way to the caller, who decodes it.
+pub(crate) enum Reply {
+    /// A whole `{"return": VALUE, "id": ID}` message, recognised without
+    /// parsing it (see [`success_reply_id`]): the caller's typed decode is
+    /// then the only pass over it.
+    Message(Box<[u8]>),
+    /// The `return` value of a message that needed the full parse.
+    Value(Box<RawValue>),
+}
+
+impl Reply {
+    /// Decodes the `return` value into the caller's type.
+    pub(crate) fn decode<R: serde::de::DeserializeOwned>(&self, command: &str) -> Result<R, Error> {
+        match self {
+            Reply::Message(bytes) => serde_json::from_slice::<ReturnOf<R>>(bytes).map(|r| r.value),
+            Reply::Value(raw) => serde_json::from_str(raw.get()),
+        }
+        .map_err(|e| Error::decode(command, e))
+    }
+}
 
 /// A message to the task.
 pub(crate) enum ToDriver {
@@ -150,7 +172,7 @@ struct State {
 /// wait goes straight to `epoll_wait` instead of first making a `recvfrom`
 /// that can only fail with `EAGAIN`: one system call less per round trip.
 fn read_now(stream: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::task::{Context, Poll, Waker};
+    use std::task::Waker;
     use tokio::io::{AsyncRead, ReadBuf};
     // A no-op waker is enough: the task re-registers its own waker with
     // `readable()` before it sleeps, and readiness set in between is kept.
@@ -201,57 +223,56 @@ impl Driver {
         self.process_frames();
         self.state.flush_events();
         self.return_read_buffer();
-        let ending = loop {
-            // Requests first, without waiting: a server flooding us with
-            // events must not starve the callers.
-            if let Some(stop) = self.take_requests() {
-                break stop;
-            }
-            if let Err(e) = self.write_ready() {
-                break self.after_write_error(e);
-            }
-            let want_write = self.state.wpos < self.state.wbuf.len();
-            tokio::select! {
-                biased;
-                ready = self.stream.readable() => {
-                    if let Err(e) = ready {
-                        break Ending::Io(e);
-                    }
-                    match self.read_ready() {
-                        Ok(Read::Drained) => {}
-                        // A fast server can keep the socket full forever: let
-                        // the callers and subscribers on this thread run too.
-                        Ok(Read::More) => tokio::task::yield_now().await,
-                        Ok(Read::Eof) => break Ending::Eof,
-                        Err(e) => break Ending::Io(e),
-                    }
-                }
-                msg = self.rx.recv() => {
-                    match msg {
-                        Some(ToDriver::Command(out)) => self.state.enqueue(out),
-                        Some(ToDriver::Disconnect) => break Ending::Requested,
-                        None => break Ending::Dropped,
-                    }
-                }
-                ready = self.stream.writable(), if want_write => {
-                    if let Err(e) = ready {
-                        break Ending::Io(e);
-                    }
-                }
-            }
-        };
+        let ending = std::future::poll_fn(|cx| self.poll_connection(cx)).await;
         self.shutdown(ending);
     }
 
-    /// Takes every request queued now (so that they go out in one write);
-    /// returns how the connection ends if a disconnect was asked for.
-    fn take_requests(&mut self) -> Option<Ending> {
+    /// Does everything that can be done without waiting (take requests,
+    /// write, read and dispatch) and returns `Pending` once each source it
+    /// waits on has this task's waker; `Ready` only when the connection ends.
+    ///
+    /// Written as one poll function rather than a `select!` loop: polling the
+    /// socket's readiness directly registers one waker per direction, where
+    /// `readable()` futures would join and leave a waiter list (two lock
+    /// round trips) on every pass; per command, that difference shows.
+    fn poll_connection(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
         loop {
-            match self.rx.try_recv() {
-                Ok(ToDriver::Command(out)) => self.state.enqueue(out),
-                Ok(ToDriver::Disconnect) => return Some(Ending::Requested),
-                Err(mpsc::error::TryRecvError::Empty) => return None,
-                Err(mpsc::error::TryRecvError::Disconnected) => return Some(Ending::Dropped),
+            // Requests first: a server flooding us with events must not
+            // starve the callers. All of those queued now go out in one write.
+            loop {
+                match self.rx.poll_recv(cx) {
+                    Poll::Ready(Some(ToDriver::Command(out))) => self.state.enqueue(out),
+                    Poll::Ready(Some(ToDriver::Disconnect)) => return Poll::Ready(Ending::Requested),
+                    Poll::Ready(None) => return Poll::Ready(Ending::Dropped),
+                    Poll::Pending => break,
+                }
+            }
+            if let Err(e) = self.write_ready() {
+                return Poll::Ready(self.after_write_error(e));
+            }
+            if self.state.wpos < self.state.wbuf.len() {
+                // The socket is full: be woken when it drains.
+                match self.stream.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Ending::Io(e)),
+                    Poll::Pending => {}
+                }
+            }
+            match self.stream.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Ending::Io(e)),
+                Poll::Ready(Ok(())) => match self.read_ready() {
+                    // Round again: new requests, then sleep on the socket.
+                    Ok(Read::Drained) => {}
+                    Ok(Read::More) => {
+                        // A fast server can keep the socket full forever: let
+                        // the callers and subscribers on this thread run too.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    Ok(Read::Eof) => return Poll::Ready(Ending::Eof),
+                    Err(e) => return Poll::Ready(Ending::Io(e)),
+                },
             }
         }
     }
@@ -488,6 +509,10 @@ impl State {
     }
 
     fn handle_message(&mut self, bytes: &[u8]) {
+        if let Some(id) = success_reply_id(bytes) {
+            self.deliver(id, bytes, |_| Ok(Reply::Message(bytes.into())));
+            return;
+        }
         let msg: Incoming = match serde_json::from_slice(bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -547,6 +572,20 @@ impl State {
                 return;
             }
         };
+        let (error, ret) = (msg.error, msg.ret);
+        self.deliver(id, bytes, |command| match (error, ret) {
+            (Some(err), _) => Err(Error::Qmp(QmpError {
+                command: command.to_string(),
+                class: ErrorClass::from_name(&err.class),
+                desc: err.desc,
+            })),
+            (None, Some(ret)) => Ok(Reply::Value(ret.to_owned())),
+            (None, None) => unreachable!("checked above"),
+        });
+    }
+
+    /// Hands a reply to the caller waiting for `id`, if it still waits.
+    fn deliver(&mut self, id: u64, bytes: &[u8], result: impl FnOnce(&str) -> ReplyResult) {
         let Some(p) = self.take_pending(id) else {
             tracing::debug!(id, "QMP: dropped a late reply (its caller timed out)");
             return;
@@ -559,15 +598,7 @@ impl State {
                 log.reply(bytes);
             }
         }
-        let result = match (msg.error, msg.ret) {
-            (Some(err), _) => Err(Error::Qmp(QmpError {
-                command: p.name.to_string(),
-                class: ErrorClass::from_name(&err.class),
-                desc: err.desc,
-            })),
-            (None, Some(ret)) => Ok(ret.to_owned()),
-            (None, None) => unreachable!("checked above"),
-        };
+        let result = result(&p.name);
         tracing::debug!(
             command = %p.name,
             id,

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::client::Client;
 use crate::error::{Error, Result};
 
-pub(crate) use driver::{Outgoing, ToDriver};
+pub(crate) use driver::{Outgoing, Reply, ToDriver};
 
 /// The default size limit of one message from QEMU: 64 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;

@@ -138,6 +138,46 @@ impl Incoming<'_> {
     }
 }
 
+/// The id of a plain success reply, found without parsing the message.
+///
+/// QEMU writes every success reply as `{"return": VALUE, "id": ID}`, the id
+/// last. When a message starts with a `return` member and ends with a numeric
+/// `id` member, it is such a reply, and the caller can decode the whole
+/// message in one pass instead of the connection parsing it first. Anything
+/// else (errors, events, another member order, a non-numeric id) gives `None`
+/// and goes through the full parse.
+///
+/// The tail is unambiguous because the splitter hands over exactly one
+/// top-level object: the final `}` closes it, so a number directly before it,
+/// keyed `"id"` and preceded by a comma, is a member of the top-level object.
+pub(crate) fn success_reply_id(message: &[u8]) -> Option<u64> {
+    let head = message.trim_ascii_start().strip_prefix(b"{")?;
+    if !head.trim_ascii_start().starts_with(b"\"return\"") {
+        return None;
+    }
+    let body = message.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
+    let digits_at = body.iter().rposition(|b| !b.is_ascii_digit())? + 1;
+    let digits = &body[digits_at..];
+    // JSON numbers have no leading zeros; u64 has at most 20 digits.
+    if digits.is_empty() || digits.len() > 20 || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    let before = body[..digits_at].trim_ascii_end().strip_suffix(b":")?;
+    let before = before.trim_ascii_end().strip_suffix(b"\"id\"")?.trim_ascii_end();
+    if !before.ends_with(b",") {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The `return` member of a whole reply, decoded in the same pass that
+/// checks the rest of the message.
+#[derive(Deserialize)]
+pub(crate) struct ReturnOf<R> {
+    #[serde(rename = "return")]
+    pub value: R,
+}
+
 /// Serialises a request: `{"execute": NAME, "arguments": ARGS, "id": ID}`.
 ///
 /// Arguments that serialise to nothing (unit, `None`) or to an empty object
@@ -173,6 +213,39 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn success_reply_ids_are_found_without_parsing() {
+        assert_eq!(success_reply_id(br#"{"return": {}, "id": 7}"#), Some(7));
+        assert_eq!(
+            success_reply_id(b"  {\"return\":{\"a\":[1,{\"id\":3}]} , \"id\" :  18446744073709551615 }\r\n"),
+            Some(u64::MAX)
+        );
+        // Not plain success replies: full parse.
+        for msg in [
+            &br#"{"id": 7, "return": {}}"#[..],
+            br#"{"error": {"class": "GenericError", "desc": "x"}, "id": 7}"#,
+            br#"{"return": {"id": 7}}"#,
+            br#"{"return": {}, "id": "seven"}"#,
+            br#"{"return": {}, "id": 07}"#,
+            br#"{"return": {}, "id": 184467440737095516150}"#,
+            br#"{"return": {}, "xid": 7}"#,
+            br#"{"return": {}, "x\"id": 7}"#,
+            br#"{"return": 7}"#,
+            br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+            b"{}",
+            b"",
+        ] {
+            assert_eq!(success_reply_id(msg), None, "{}", String::from_utf8_lossy(msg));
+        }
+    }
+
+    #[test]
+    fn a_whole_reply_decodes_its_return_member() {
+        let r: ReturnOf<serde_json::Value> =
+            serde_json::from_slice(br#"{"return": {"running": true}, "id": 3}"#).unwrap();
+        assert_eq!(r.value["running"], true);
+    }
 
     #[test]
     fn greeting_from_qemu_10() {
