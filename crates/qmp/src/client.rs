@@ -343,7 +343,6 @@ impl Client {
             .unwrap_or_else(|| shared.config.timeout_for(&name));
         let log = !options.no_log && !shared.config.log_excludes(&name);
         let (reply, rx) = oneshot::channel();
-        let command = name.clone();
         // Boxed: the channel's slots stay one pointer wide, which keeps an
         // idle connection small.
         let out = Box::new(Outgoing {
@@ -353,6 +352,8 @@ impl Client {
             fds: options.fds,
             oob: options.oob,
             log,
+            budget,
+            deadline: None,
             reply,
         });
         if let Err(mpsc::error::SendError(ToDriver::Command(out))) =
@@ -361,17 +362,10 @@ impl Client {
             drop(out);
             return Err(self.close_reason());
         }
-        match tokio::time::timeout(budget, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(self.close_reason()),
-            Err(_) => {
-                // Dropping `rx` tells the task: if the request is not written
-                // yet it never will be, and a late reply is discarded.
-                Err(Error::Timeout {
-                    command: command.into_owned(),
-                    budget,
-                })
-            }
-        }
+        // The connection's task keeps the deadline (one timer for the whole
+        // connection, not one per call) and answers `Error::Timeout` when it
+        // passes. Dropping this future instead (cancellation) works too: a
+        // request not written yet never will be, and its reply is discarded.
+        rx.await.unwrap_or_else(|_| Err(self.close_reason()))
     }
 }

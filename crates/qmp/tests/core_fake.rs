@@ -728,6 +728,71 @@ async fn events_before_the_capabilities_reply_are_kept_in_order() {
     assert_eq!(client.execute_raw("x", Value::Null).await.unwrap()["name"], "x");
 }
 
+/// The connection keeps one timer for all its deadlines; a short budget
+/// issued after long ones still ends on time, each caller gets its own
+/// budget back, and the long ones keep waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_deadlines_behind_long_ones_end_on_time_and_alone() {
+    // The server never answers "slow".
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        while let Ok(Some(req)) = conn.recv().await {
+            if req.name.as_deref() != Some("slow") {
+                conn.reply(&req, json!({})).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let client = ConnectOptions::new()
+        .command_timeout(Duration::from_secs(60))
+        .connect(srv.path())
+        .await
+        .unwrap();
+    let long = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute_raw("slow", Value::Null).await })
+    };
+    // Make sure the long one reached the connection first.
+    within(5, client.execute_raw("fast", Value::Null)).await.unwrap();
+    let started = std::time::Instant::now();
+    let budgets = [300u64, 100, 200];
+    let short = budgets.map(|ms| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let opts = CallOptions::new().timeout(Duration::from_millis(ms));
+            let err = client
+                .call_with::<_, Value>("slow", &json!({}), opts)
+                .await
+                .unwrap_err();
+            (ms, err)
+        })
+    });
+    for task in short {
+        let (ms, err) = within(10, task).await.unwrap();
+        match err {
+            Error::Timeout { command, budget } => {
+                assert_eq!(command, "slow");
+                assert_eq!(budget, Duration::from_millis(ms));
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "no caller gave up early"
+    );
+    assert!(
+        !long.is_finished(),
+        "the 60 s command was timed out with the short ones"
+    );
+    within(5, client.execute_raw("fast", Value::Null)).await.unwrap();
+    client.disconnect();
+    assert!(matches!(
+        within(5, long).await.unwrap(),
+        Err(Error::Disconnected { .. })
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_are_set_per_command_name_and_per_call() {
     // The server answers everything but "slow", which it never answers.

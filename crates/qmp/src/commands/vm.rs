@@ -118,8 +118,18 @@ impl fmt::Display for RunState {
 
 impl<'de> Deserialize<'de> for RunState {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        Ok(RunState::from_name(&name))
+        // A visitor rather than `String`: the known states need no allocation.
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = RunState;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a run state name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> std::result::Result<RunState, E> {
+                Ok(RunState::from_name(name))
+            }
+        }
+        d.deserialize_str(Name)
     }
 }
 

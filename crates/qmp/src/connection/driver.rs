@@ -16,17 +16,20 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Sleep;
 
 use super::handshake::Handshaken;
 use super::socket;
@@ -80,13 +83,23 @@ pub(crate) struct Outgoing {
     pub fds: Vec<OwnedFd>,
     pub oob: bool,
     pub log: bool,
+    /// How long the caller waits for the reply.
+    pub budget: Duration,
+    /// When the caller gives up; set by the task when the request reaches it
+    /// (`None`: a budget too large to represent, so never).
+    pub deadline: Option<Instant>,
     pub reply: oneshot::Sender<ReplyResult>,
 }
 
 /// A request written (or being written) to QEMU and not yet answered.
 struct Pending {
     name: Cow<'static, str>,
-    reply: oneshot::Sender<ReplyResult>,
+    /// `None` once the caller was told it timed out: QEMU still has the
+    /// command (it counts towards QEMU's queue limit), and its late reply
+    /// is dropped.
+    reply: Option<oneshot::Sender<ReplyResult>>,
+    budget: Duration,
+    deadline: Option<Instant>,
     oob: bool,
     log: bool,
     /// When it was written; only measured when debug tracing is on, since
@@ -127,6 +140,7 @@ pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>
             wfds: Vec::new(),
             fd_command: None,
             events: Vec::new(),
+            deadline_timer: None,
         },
     };
     tokio::spawn(driver.run());
@@ -163,6 +177,31 @@ struct State {
     fd_command: Option<u64>,
     /// Events parsed from the current read, handed over in one batch.
     events: Vec<Event>,
+    /// Wakes the task at the earliest deadline it knows of (it may be one
+    /// that was met since; it is not moved back on every reply, so a busy
+    /// connection does not touch the timer per command). `None` while
+    /// nothing has a deadline.
+    deadline_timer: Option<DeadlineTimer>,
+}
+
+/// The connection's one timer, for the earliest deadline it knows of.
+struct DeadlineTimer {
+    at: Instant,
+    sleep: Pin<Box<Sleep>>,
+    /// Whether the sleep holds this task's waker since it was last set. A
+    /// task's waker does not change, so after that a cheap `is_elapsed`
+    /// tells whether it fired, without polling it on every pass.
+    polled: bool,
+}
+
+impl DeadlineTimer {
+    fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.polled && !self.sleep.is_elapsed() {
+            return false;
+        }
+        self.polled = true;
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// Reads what the socket holds now, without waiting.
@@ -239,9 +278,14 @@ impl Driver {
         loop {
             // Requests first: a server flooding us with events must not
             // starve the callers. All of those queued now go out in one write.
+            let mut now = None;
             loop {
                 match self.rx.poll_recv(cx) {
-                    Poll::Ready(Some(ToDriver::Command(out))) => self.state.enqueue(out),
+                    Poll::Ready(Some(ToDriver::Command(out))) => {
+                        // One clock read for everything that arrived together.
+                        let now = *now.get_or_insert_with(Instant::now);
+                        self.state.enqueue(out, now);
+                    }
                     Poll::Ready(Some(ToDriver::Disconnect)) => return Poll::Ready(Ending::Requested),
                     Poll::Ready(None) => return Poll::Ready(Ending::Dropped),
                     Poll::Pending => break,
@@ -249,6 +293,14 @@ impl Driver {
             }
             if let Err(e) = self.write_ready() {
                 return Poll::Ready(self.after_write_error(e));
+            }
+            if let Some(timer) = &mut self.state.deadline_timer {
+                if timer.fired(cx) {
+                    self.state.deadline_timer = None;
+                    self.state.expire_overdue(Instant::now());
+                    // Round again, so that a re-armed timer is polled.
+                    continue;
+                }
             }
             if self.state.wpos < self.state.wbuf.len() {
                 // The socket is full: be woken when it drains.
@@ -427,7 +479,9 @@ impl Driver {
             let _ = out.reply.send(Err(err.clone()));
         }
         for (_, p) in st.pending.drain() {
-            let _ = p.reply.send(Err(err.clone()));
+            if let Some(reply) = p.reply {
+                let _ = reply.send(Err(err.clone()));
+            }
         }
         st.shared.subscribers.close();
         st.shared.closed.send_replace(true);
@@ -436,11 +490,78 @@ impl Driver {
 }
 
 impl State {
-    fn enqueue(&mut self, out: Box<Outgoing>) {
+    fn enqueue(&mut self, mut out: Box<Outgoing>, now: Instant) {
+        out.deadline = now.checked_add(out.budget);
+        if let Some(deadline) = out.deadline {
+            self.arm_deadline_timer(deadline);
+        }
         if out.oob {
             self.oob_queue.push_back(out);
         } else {
             self.queue.push_back(out);
+        }
+    }
+
+    /// Makes sure the task wakes by `deadline`.
+    fn arm_deadline_timer(&mut self, deadline: Instant) {
+        match &mut self.deadline_timer {
+            Some(timer) if timer.at <= deadline => {}
+            Some(timer) => {
+                timer.sleep.as_mut().reset(deadline.into());
+                timer.at = deadline;
+                timer.polled = false;
+            }
+            None => {
+                self.deadline_timer = Some(DeadlineTimer {
+                    at: deadline,
+                    sleep: Box::pin(tokio::time::sleep_until(deadline.into())),
+                    polled: false,
+                });
+            }
+        }
+    }
+
+    /// Tells every caller whose deadline has passed that its command timed
+    /// out, and sets the timer for the next deadline. A request not written
+    /// yet is dropped, so it never reaches QEMU; a written one stays known
+    /// until QEMU answers, and that late reply is dropped by id.
+    fn expire_overdue(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        let timeout = |name: &str, budget: Duration| Error::Timeout {
+            command: name.to_owned(),
+            budget,
+        };
+        for queue in [&mut self.queue, &mut self.oob_queue] {
+            for out in std::mem::take(queue) {
+                match out.deadline {
+                    Some(d) if d <= now => {
+                        tracing::debug!(command = %out.name, id = out.id, "QMP: timed out before it was written");
+                        let _ = out.reply.send(Err(timeout(&out.name, out.budget)));
+                    }
+                    d => {
+                        if let Some(d) = d {
+                            next = Some(next.map_or(d, |n| n.min(d)));
+                        }
+                        queue.push_back(out);
+                    }
+                }
+            }
+        }
+        for (id, p) in &mut self.pending {
+            let Some(d) = p.deadline.filter(|_| p.reply.is_some()) else {
+                continue;
+            };
+            if d <= now {
+                tracing::debug!(command = %p.name, id, "QMP: timed out waiting for the reply");
+                if let Some(reply) = p.reply.take() {
+                    let _ = reply.send(Err(timeout(&p.name, p.budget)));
+                }
+            } else {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        }
+        if let Some(d) = next {
+            self.arm_deadline_timer(d);
         }
     }
 
@@ -499,7 +620,9 @@ impl State {
             out.id,
             Pending {
                 name: out.name,
-                reply: out.reply,
+                reply: Some(out.reply),
+                budget: out.budget,
+                deadline: out.deadline,
                 oob: out.oob,
                 log: out.log,
                 sent_at: tracing::enabled!(tracing::Level::DEBUG).then(Instant::now),
@@ -587,7 +710,11 @@ impl State {
     /// Hands a reply to the caller waiting for `id`, if it still waits.
     fn deliver(&mut self, id: u64, bytes: &[u8], result: impl FnOnce(&str) -> ReplyResult) {
         let Some(p) = self.take_pending(id) else {
-            tracing::debug!(id, "QMP: dropped a late reply (its caller timed out)");
+            tracing::debug!(id, "QMP: dropped a reply to a command this client did not send");
+            return;
+        };
+        let Some(reply) = p.reply else {
+            tracing::debug!(command = %p.name, id, "QMP: dropped a late reply (its caller timed out)");
             return;
         };
         // Events QEMU sent before this reply are visible to subscribers by
@@ -606,7 +733,7 @@ impl State {
             ok = result.is_ok(),
             "QMP reply"
         );
-        let _ = p.reply.send(result);
+        let _ = reply.send(result);
     }
 
     /// The command an error without an id belongs to, when that is certain:
@@ -652,7 +779,9 @@ impl State {
         match id.and_then(|id| self.take_pending(id)) {
             Some(p) => {
                 tracing::warn!(command = %p.name, size = o.size, limit, "QMP: reply larger than the message size limit");
-                let _ = p.reply.send(Err(Error::MessageTooLarge { size: o.size, limit }));
+                if let Some(reply) = p.reply {
+                    let _ = reply.send(Err(Error::MessageTooLarge { size: o.size, limit }));
+                }
             }
             None => tracing::warn!(
                 size = o.size,
