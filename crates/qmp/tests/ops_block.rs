@@ -55,6 +55,19 @@ fn qcow2(node: &str, path: &Path) -> Value {
            "file": {"driver": "file", "filename": path}})
 }
 
+/// Adds the block node `spec` and a virtio-blk-pci disk "disk0" using it, on
+/// the VM's spare PCIe root port.
+async fn attach_disk0(c: &Client, spec: &Value) {
+    let node = spec["node-name"].as_str().expect("the spec names its node");
+    c.add_block_device(
+        spec,
+        &json!({"driver": "virtio-blk-pci", "id": "disk0", "drive": node, "bus": "rp1"}),
+        false,
+    )
+    .await
+    .unwrap();
+}
+
 async fn node(c: &Client, name: &str) -> Option<BlockDeviceInfo> {
     c.query_block_nodes()
         .await
@@ -101,13 +114,7 @@ async fn pci_disk_is_added_queried_and_refused_removal_while_attached() {
     let c = vm.client();
     let img = image(vm.dir(), "d0.qcow2", None, None);
     within(30, async {
-        c.add_block_device(
-            &qcow2("d0", &img),
-            &json!({"driver": "virtio-blk-pci", "id": "disk0", "drive": "d0", "bus": "rp1"}),
-            false,
-        )
-        .await
-        .unwrap();
+        attach_disk0(c, &qcow2("d0", &img)).await;
         assert!(c
             .query_named_block_nodes()
             .await
@@ -239,13 +246,7 @@ async fn throttle_resize_and_stats_show_in_queries() {
     let c = vm.client();
     let img = image(vm.dir(), "d0.qcow2", None, None);
     within(60, async {
-        c.add_block_device(
-            &qcow2("d0", &img),
-            &json!({"driver": "virtio-blk-pci", "id": "disk0", "drive": "d0", "bus": "rp1"}),
-            false,
-        )
-        .await
-        .unwrap();
+        attach_disk0(c, &qcow2("d0", &img)).await;
 
         // Let the firmware run: it reads the disk's first sector looking for a boot loader.
         let qdev = c.query_block().await.unwrap()[0].qdev.clone().unwrap();
@@ -395,13 +396,7 @@ async fn commit_of_the_active_layer_completes_and_switches_the_device() {
     let base = image(vm.dir(), "base.qcow2", None, Some((0xaa, 0, 65536)));
     let top = image(vm.dir(), "top.qcow2", Some(&base), Some((0xcc, 65536, 65536)));
     within(60, async {
-        c.add_block_device(
-            &qcow2("top", &top),
-            &json!({"driver": "virtio-blk-pci", "id": "disk0", "drive": "top", "bus": "rp1"}),
-            false,
-        )
-        .await
-        .unwrap();
+        attach_disk0(c, &qcow2("top", &top)).await;
         let base_node = node_of_file(c, &base).await.unwrap();
         let mut jobs = c.subscribe(qmp::EventFilter::names(["JOB_STATUS_CHANGE"]));
 
@@ -433,13 +428,7 @@ async fn mirror_completes_and_the_target_takes_over() {
         raw(c, "blockdev-add", qcow2("base", &base)).await.unwrap();
         let mut spec = qcow2("top", &top);
         spec["backing"] = json!("base");
-        c.add_block_device(
-            &spec,
-            &json!({"driver": "virtio-blk-pci", "id": "disk0", "drive": "top", "bus": "rp1"}),
-            false,
-        )
-        .await
-        .unwrap();
+        attach_disk0(c, &spec).await;
         let mut spec = qcow2("tgt", &tgt);
         spec["backing"] = json!("base");
         raw(c, "blockdev-add", spec).await.unwrap();
@@ -580,13 +569,7 @@ async fn cancel_and_complete_of_jobs_started_elsewhere() {
         assert!(e.is_qmp(), "{e:?}");
 
         // A ready mirror started by someone else is completed: the device switches.
-        c.add_block_device(
-            &qcow2("src", &src),
-            &json!({"driver": "virtio-blk-pci", "id": "disk0", "drive": "src", "bus": "rp1"}),
-            false,
-        )
-        .await
-        .unwrap();
+        attach_disk0(c, &qcow2("src", &src)).await;
         raw(c, "blockdev-add", qcow2("tgt", &tgt)).await.unwrap();
         let mut watch = c.watch_job("m");
         let mut ready = c.subscribe(qmp::EventFilter::names(["BLOCK_JOB_READY"]));

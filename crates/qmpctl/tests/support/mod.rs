@@ -139,14 +139,7 @@ pub async fn run_ctl(args: &[&str], stdin: Option<&str>, read_limit: Option<usiz
         let mut buf = vec![0u8; limit];
         within(60, out.read_exact(&mut buf)).await.unwrap();
         drop(out);
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let err = read_stderr(&mut child).await;
         let status = within(60, child.wait()).await.unwrap();
         return Run {
             code: status.code().unwrap_or(-1),
@@ -228,14 +221,7 @@ impl Stream {
         while let Some(line) = within(10, self.lines.recv()).await {
             self.seen.push(line);
         }
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .await
-            .unwrap();
+        let err = read_stderr(&mut self.child).await;
         Run {
             code: status.code().unwrap_or(-1),
             stdout: self.seen.join("\n"),
@@ -327,4 +313,12 @@ pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
         .unwrap_or(false)
+}
+
+/// Everything the child writes to its (piped) standard error, to its end.
+async fn read_stderr(child: &mut Child) -> String {
+    let mut err = String::new();
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    stderr.read_to_string(&mut err).await.unwrap();
+    err
 }
