@@ -23,6 +23,18 @@ const FIRST_BUFFER: usize = 64 * 1024;
 /// How many bytes of an oversized message's head and tail are kept.
 const SKIP_KEEP: usize = 256;
 
+/// How far a string is scanned byte by byte before `memchr2` takes over.
+const LONG_STRING: usize = 32;
+
+/// The bytes that change the scanner's state outside strings.
+const STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'}' as usize] = true;
+    table
+};
+
 /// One unit of output found in the stream.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Frame {
@@ -263,50 +275,58 @@ impl Splitter {
 
     /// Scans from `pos` to `end`; returns the end of the object if it closed.
     ///
-    /// Byte by byte, which for QEMU's typical replies (short strings, a
-    /// few dozen structural bytes) costs less than starting a vector search
-    /// at every quote; a long string (console data in base64, a big
-    /// schema description) is crossed with `memchr2` once it shows itself.
+    /// Tight loops skip the bytes that cannot change the state, which for
+    /// QEMU's typical replies (short keys and values) costs less than
+    /// starting a vector search at every quote; a string still open after
+    /// [`LONG_STRING`] bytes (console data in base64, schema text) is crossed
+    /// with `memchr2`.
     fn scan(&mut self) -> Option<usize> {
-        /// Plain bytes seen in a row inside a string before jumping ahead.
-        const LONG_STRING: u32 = 32;
         let end = self.end;
         let buf = &self.buf[..end];
         let (mut pos, mut depth) = (self.pos, self.depth);
         let (mut in_str, mut escaped) = (self.in_str, self.escaped);
-        let mut run = 0u32;
         let mut closed = None;
         while pos < end {
-            let b = buf[pos];
-            pos += 1;
-            if in_str {
-                if escaped {
-                    escaped = false;
-                } else if b == b'\\' {
-                    escaped = true;
-                } else if b == b'"' {
-                    in_str = false;
-                    run = 0;
-                } else {
-                    run += 1;
-                    if run == LONG_STRING {
-                        run = 0;
-                        pos = memchr2(b'"', b'\\', &buf[pos..]).map_or(end, |i| pos + i);
-                    }
-                }
+            if escaped {
+                escaped = false;
+                pos += 1;
                 continue;
             }
+            if in_str {
+                let stop = end.min(pos + LONG_STRING);
+                let near = buf[pos..stop].iter().position(|&b| b == b'"' || b == b'\\');
+                match near.or_else(|| memchr2(b'"', b'\\', &buf[stop..]).map(|i| i + stop - pos)) {
+                    Some(i) => pos += i,
+                    None => {
+                        pos = end;
+                        break;
+                    }
+                }
+                // A quote ends the string; a backslash escapes the next byte.
+                escaped = buf[pos] == b'\\';
+                in_str = escaped;
+                pos += 1;
+                continue;
+            }
+            match buf[pos..].iter().position(|&b| STRUCTURAL[usize::from(b)]) {
+                Some(i) => pos += i,
+                None => {
+                    pos = end;
+                    break;
+                }
+            }
+            let b = buf[pos];
+            pos += 1;
             match b {
                 b'"' => in_str = true,
                 b'{' => depth += 1,
-                b'}' => {
+                _ => {
                     depth -= 1;
                     if depth == 0 {
                         closed = Some(pos);
                         break;
                     }
                 }
-                _ => {}
             }
         }
         self.pos = pos;
