@@ -35,12 +35,14 @@ impl Progress {
         Progress { bar }
     }
 
-    /// Sets the position and the total.
+    /// Sets the position and the total. The position never goes back: QEMU
+    /// zeroes a migration's counters when it is cancelled, and the bar's last
+    /// frame should show how far it got.
     pub fn set(&self, done: u64, total: u64) {
         if total > 0 {
             self.bar.set_length(total);
         }
-        self.bar.set_position(done.min(total.max(done)));
+        self.bar.set_position(done.max(self.bar.position()));
     }
 
     /// Sets the text after the bar (a state such as `active` or `ready`).
@@ -57,5 +59,20 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_position_never_goes_back() {
+        let p = Progress::bytes("migrate", true);
+        p.set(10, 100);
+        p.set(0, 100); // a cancelled migration's zeroed counters
+        assert_eq!(p.bar.position(), 10);
+        p.set(50, 200);
+        assert_eq!((p.bar.position(), p.bar.length()), (50, Some(200)));
     }
 }
