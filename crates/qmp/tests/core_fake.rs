@@ -793,6 +793,40 @@ async fn short_deadlines_behind_long_ones_end_on_time_and_alone() {
     ));
 }
 
+/// Hundreds of requests reaching the connection at once use up tokio's
+/// per-poll budget before the deadline timer is first polled; the timer must
+/// still be armed, and every one of them must time out.
+#[tokio::test]
+async fn a_burst_that_exhausts_the_poll_budget_still_times_out() {
+    // The server reads everything and answers nothing.
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        while let Ok(Some(_)) = conn.recv().await {}
+    })
+    .await;
+    let client = ConnectOptions::new()
+        .command_timeout(Duration::from_millis(200))
+        .connect(srv.path())
+        .await
+        .unwrap();
+    // On this one-thread runtime all 400 callers queue their request before
+    // the connection's task runs again.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..400 {
+        let client = client.clone();
+        calls.spawn(async move { client.execute_raw("slow", Value::Null).await });
+    }
+    let mut timed_out = 0;
+    while let Some(result) = within(10, calls.join_next()).await {
+        match result.unwrap() {
+            Err(Error::Timeout { .. }) => timed_out += 1,
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    assert_eq!(timed_out, 400);
+    assert!(!client.is_closed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_are_set_per_command_name_and_per_call() {
     // The server answers everything but "slow", which it never answers.

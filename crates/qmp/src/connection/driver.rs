@@ -208,7 +208,12 @@ impl DeadlineTimer {
             return false;
         }
         self.polled = true;
-        self.sleep.as_mut().poll(cx).is_ready()
+        // Outside tokio's per-poll budget: a poll refused for lack of budget
+        // would return Pending without arming the timer at all, and
+        // `is_elapsed` would then never turn true (a burst of hundreds of
+        // requests did exactly that: none of them ever timed out).
+        let mut sleep = tokio::task::unconstrained(self.sleep.as_mut());
+        Pin::new(&mut sleep).poll(cx).is_ready()
     }
 }
 
