@@ -657,6 +657,63 @@ async fn what_the_server_sent_before_closing_is_delivered_even_if_a_write_fails(
     }
 }
 
+/// The write that fails because QEMU has exited comes before tokio has seen
+/// what QEMU sent last: the drain that follows must read the socket itself
+/// (tokio's readiness would still say "empty"), or the SHUTDOWN is lost.
+/// One-thread runtime and a server on its own thread, so that the test
+/// decides when the connection's task runs.
+#[tokio::test]
+async fn a_failed_write_still_drains_what_tokio_has_not_seen_yet() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (got_quit, wait_got_quit) = std::sync::mpsc::channel();
+    let (go, wait_go) = std::sync::mpsc::channel::<()>();
+    let (closed, wait_closed) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let (mut out, _) = listener.accept().unwrap();
+        let mut lines = BufReader::new(out.try_clone().unwrap());
+        let mut line = String::new();
+        out.write_all(br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}"#)
+            .unwrap();
+        out.write_all(b"\r\n").unwrap();
+        lines.read_line(&mut line).unwrap();
+        out.write_all(b"{\"return\": {}}\r\n").unwrap();
+        line.clear();
+        lines.read_line(&mut line).unwrap();
+        got_quit.send(()).unwrap();
+        wait_go.recv().unwrap();
+        out.write_all(b"{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": false, \"reason\": \"host-qmp-quit\"}, \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\r\n")
+            .unwrap();
+        drop(lines);
+        drop(out);
+        closed.send(()).unwrap();
+    });
+    let client = Client::connect(&path).await.unwrap();
+    let mut events = client.events();
+    let quit = {
+        let client = client.clone();
+        tokio::spawn(async move { client.execute_raw("quit", Value::Null).await })
+    };
+    // Let the connection write "quit"; nothing arrives while we wait.
+    while wait_got_quit.try_recv().is_err() {
+        tokio::task::yield_now().await;
+    }
+    // QEMU answers with its last event and exits while this thread (and so
+    // the connection's task) is held here: tokio learns of it only later.
+    go.send(()).unwrap();
+    wait_closed.recv().unwrap();
+    let later = client.execute_raw("query-status", Value::Null).await;
+    assert!(later.unwrap_err().is_disconnected());
+    assert!(within(5, quit).await.unwrap().unwrap_err().is_disconnected());
+    let e = within(5, events.next())
+        .await
+        .expect("the SHUTDOWN sent before closing");
+    assert_eq!(e.name(), "SHUTDOWN");
+    server.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_flood_never_starves_commands() {
     let srv = server(|mut conn| async move {

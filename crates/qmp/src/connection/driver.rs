@@ -248,6 +248,17 @@ const POOLED_BUFFER_MAX: usize = 256 * 1024;
 /// How many reads one wake-up may do before the task lets others run.
 const READS_PER_WAKE: usize = 4;
 
+/// How a read reaches the socket.
+#[derive(Clone, Copy)]
+enum ReadVia {
+    /// Through tokio: the usual reads, which know when the socket is empty
+    /// without a system call and yield when the task's budget is spent.
+    Reactor,
+    /// A plain non-blocking `recv`, for when everything there must be read
+    /// now (draining after a failed write).
+    Socket,
+}
+
 /// What a round of reading found.
 enum Read {
     /// The socket has nothing more for now.
@@ -326,7 +337,7 @@ impl Driver {
             match self.stream.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Ending::Io(e)),
-                Poll::Ready(Ok(())) => match self.read_ready() {
+                Poll::Ready(Ok(())) => match self.read_ready(ReadVia::Reactor) {
                     // Round again: new requests, then sleep on the socket.
                     Ok(Read::Drained) => {}
                     Ok(Read::More) => {
@@ -345,9 +356,14 @@ impl Driver {
     /// A write failed (QEMU closed its end, typically after `quit`): what
     /// QEMU sent before closing is already here, so read it to the end
     /// before giving up: a SHUTDOWN event or the last replies are not lost.
+    ///
+    /// These reads go straight to the socket, not through tokio: this may
+    /// run in a poll that used up tokio's budget, and tokio's readiness may
+    /// not know yet of what arrived since the last wait; either would make
+    /// the socket look empty and lose what QEMU sent last.
     fn after_write_error(&mut self, write_error: io::Error) -> Ending {
         loop {
-            match self.read_ready() {
+            match self.read_ready(ReadVia::Socket) {
                 Ok(Read::Eof) => return Ending::Eof,
                 Ok(Read::More) => continue,
                 Ok(Read::Drained) | Err(_) => return Ending::Io(write_error),
@@ -361,11 +377,11 @@ impl Driver {
     /// An idle connection owns no read buffer: it borrows the thread's for
     /// the read and gives it back once every message in it was handled. Only
     /// a connection left holding part of a message keeps one.
-    fn read_ready(&mut self) -> io::Result<Read> {
+    fn read_ready(&mut self, via: ReadVia) -> io::Result<Read> {
         if self.splitter.is_drained() {
             READ_BUFFER.with(|pool| self.splitter.adopt(std::mem::take(&mut *pool.borrow_mut())));
         }
-        let outcome = self.read_some();
+        let outcome = self.read_some(via);
         self.return_read_buffer();
         outcome
     }
@@ -385,12 +401,18 @@ impl Driver {
         }
     }
 
-    fn read_some(&mut self) -> io::Result<Read> {
+    fn read_some(&mut self, via: ReadVia) -> io::Result<Read> {
         let mut outcome = Read::More;
         for _ in 0..READS_PER_WAKE {
             let spare = self.splitter.spare();
             let room = spare.len();
-            match read_now(&mut self.stream, spare) {
+            let read = match via {
+                ReadVia::Reactor => read_now(&mut self.stream, spare),
+                ReadVia::Socket => rustix::net::recv(&self.stream, spare, rustix::net::RecvFlags::DONTWAIT)
+                    .map(|(n, _)| n)
+                    .map_err(io::Error::from),
+            };
+            match read {
                 Ok(0) => {
                     self.process_frames();
                     if self.splitter.has_partial() {
