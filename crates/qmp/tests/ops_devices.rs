@@ -165,7 +165,12 @@ async fn nic_hotplug_shows_in_pci_and_remove_nic_cleans_up() {
             c.check_pci_device("nic0").await.unwrap().then_some(())
         })
         .await;
-        assert!(pci_ids(c).await.contains(&"nic0".to_owned()));
+        // The firmware may still be renumbering buses, during which QEMU
+        // briefly lists the bridge's devices under no bus: poll again.
+        eventually(20, || async {
+            pci_ids(c).await.contains(&"nic0".to_owned()).then_some(())
+        })
+        .await;
         // rp1 itself sits on the root bus, not behind a bridge.
         assert!(!c.check_pci_device("rp1").await.unwrap());
         assert!(!c.check_pci_device("nope").await.unwrap());
