@@ -40,7 +40,7 @@ use crate::client::{Client, Shared};
 use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::{Event, Subscribers};
 use crate::wire::splitter::{Frame, Oversized};
-use crate::wire::{success_reply_id, Incoming, ReturnOf, Timestamp};
+use crate::wire::{quick_event, success_reply_id, Incoming, ReturnOf, Timestamp};
 
 /// QEMU queues at most this many in-band commands when OOB is enabled
 /// (QMP_REQ_QUEUE_LEN_MAX) and stops reading beyond that.
@@ -671,6 +671,18 @@ impl State {
             self.deliver(id, bytes, |_| Ok(Reply::Message(bytes.into())));
             return;
         }
+        if let Some(event) = quick_event(bytes) {
+            let data = match event.data {
+                None => Some(serde_json::Value::Null),
+                // Fails on anything that is not exactly one JSON value, such
+                // as further members after `data`: the general parse decides.
+                Some(text) => serde_json::from_str(text).ok(),
+            };
+            if let Some(data) = data {
+                self.handle_event(bytes, event.name, data, event.timestamp);
+                return;
+            }
+        }
         // UTF-8 checked once for the whole message, then parsed from `str`:
         // `from_slice` would check every string on its own, a tenth of the
         // cost of an event.
@@ -685,32 +697,16 @@ impl State {
             }
         };
         if let Some(name) = msg.event.as_deref() {
-            if let Some(log) = &self.log {
-                log.event(bytes);
-            }
-            let data = msg.data.unwrap_or(serde_json::Value::Null);
-            tracing::trace!(event = name, "QMP event");
-            let event = Event::new(
+            let timestamp = msg.timestamp.unwrap_or(Timestamp {
+                seconds: -1,
+                microseconds: -1,
+            });
+            self.handle_event(
+                bytes,
                 name,
-                data,
-                msg.timestamp.unwrap_or(Timestamp {
-                    seconds: -1,
-                    microseconds: -1,
-                }),
+                msg.data.unwrap_or(serde_json::Value::Null),
+                timestamp,
             );
-            let remember = match name {
-                "SHUTDOWN" => Some(Some(event.clone())),
-                "RESUME" => Some(None),
-                _ => None,
-            };
-            if let Some(value) = remember {
-                *self
-                    .shared
-                    .last_shutdown
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = value;
-            }
-            self.events.push(event);
             return;
         }
         if msg.ret.is_none() && msg.error.is_none() {
@@ -746,6 +742,29 @@ impl State {
             (None, Some(ret)) => Ok(Reply::Value(ret.to_owned())),
             (None, None) => unreachable!("checked above"),
         });
+    }
+
+    /// Logs an event, remembers the last SHUTDOWN, and queues the event
+    /// for the subscribers (handed over after the current read).
+    fn handle_event(&mut self, bytes: &[u8], name: &str, data: serde_json::Value, timestamp: Timestamp) {
+        if let Some(log) = &self.log {
+            log.event(bytes);
+        }
+        tracing::trace!(event = name, "QMP event");
+        let event = Event::new(name, data, timestamp);
+        let remember = match name {
+            "SHUTDOWN" => Some(Some(event.clone())),
+            "RESUME" => Some(None),
+            _ => None,
+        };
+        if let Some(value) = remember {
+            *self
+                .shared
+                .last_shutdown
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = value;
+        }
+        self.events.push(event);
     }
 
     /// Hands a reply to the caller waiting for `id`, if it still waits.
