@@ -785,6 +785,59 @@ async fn events_before_the_capabilities_reply_are_kept_in_order() {
     assert_eq!(client.execute_raw("x", Value::Null).await.unwrap()["name"], "x");
 }
 
+/// Events in QEMU's layout take a fast path; every other valid shape must
+/// arrive the same, with its name, data and timestamp intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_in_any_valid_layout_arrive_intact() {
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        let req = conn.recv().await.unwrap().unwrap();
+        let ts = r#""timestamp": {"seconds": 7, "microseconds": 8}"#;
+        for raw in [
+            // QEMU's own layout, with and without data, compact or not.
+            format!(r#"{{{ts}, "event": "A", "data": {{"x": "}}{{", "n": [1, 2]}}}}"#),
+            format!(r#"{{{ts}, "event": "B"}}"#),
+            r#"{"timestamp":{"seconds":7,"microseconds":8},"event":"C","data":null}"#.to_owned(),
+            // Other orders and extra members: the general parse.
+            format!(r#"{{"event": "D", "data": {{"x": 1}}, {ts}}}"#),
+            format!(r#"{{{ts}, "event": "E", "data": {{"x": 1}}, "extra": true}}"#),
+            format!(r#"{{{ts}, "event": "F\u0047"}}"#),
+            format!("{{\n  {ts},\n  \"event\": \"H\",\n  \"data\": 5\n}}"),
+        ] {
+            conn.send_raw(format!("{raw}\r\n").as_bytes()).await.unwrap();
+        }
+        conn.reply(&req, json!({})).await.unwrap();
+        while let Ok(Some(_)) = conn.recv().await {}
+    })
+    .await;
+    let client = Client::connect(srv.path()).await.unwrap();
+    let mut events = client.events();
+    client.execute_raw("go", Value::Null).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..7 {
+        let e = within(5, events.next()).await.unwrap();
+        assert_eq!(
+            (e.timestamp().seconds, e.timestamp().microseconds),
+            (7, 8),
+            "{}",
+            e.name()
+        );
+        got.push((e.name().to_owned(), e.data().clone()));
+    }
+    assert_eq!(
+        got,
+        [
+            ("A".to_owned(), json!({"x": "}{", "n": [1, 2]})),
+            ("B".to_owned(), Value::Null),
+            ("C".to_owned(), Value::Null),
+            ("D".to_owned(), json!({"x": 1})),
+            ("E".to_owned(), json!({"x": 1})),
+            ("FG".to_owned(), Value::Null),
+            ("H".to_owned(), json!(5)),
+        ]
+    );
+}
+
 /// The connection keeps one timer for all its deadlines; a short budget
 /// issued after long ones still ends on time, each caller gets its own
 /// budget back, and the long ones keep waiting.
