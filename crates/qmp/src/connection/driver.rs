@@ -40,7 +40,7 @@ use crate::client::{Client, Shared};
 use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::{Event, Subscribers};
 use crate::wire::splitter::{Frame, Oversized};
-use crate::wire::{quick_event, success_reply_id, Incoming, ReturnOf, Timestamp};
+use crate::wire::{parse_message, quick_event, success_reply_id, Incoming, ReturnOf, Timestamp};
 
 /// QEMU queues at most this many in-band commands when OOB is enabled
 /// (QMP_REQ_QUEUE_LEN_MAX) and stops reading beyond that.
@@ -63,12 +63,7 @@ impl Reply {
     /// Decodes the `return` value into the caller's type.
     pub(crate) fn decode<R: serde::de::DeserializeOwned>(&self, command: &str) -> Result<R, Error> {
         match self {
-            // Validating the UTF-8 once and parsing from `str` is cheaper than
-            // `from_slice`, which validates every string on its own.
-            Reply::Message(bytes) => std::str::from_utf8(bytes)
-                .map_err(serde::de::Error::custom)
-                .and_then(serde_json::from_str::<ReturnOf<R>>)
-                .map(|r| r.value),
+            Reply::Message(bytes) => parse_message::<ReturnOf<R>>(bytes).map(|r| r.value),
             Reply::Value(raw) => serde_json::from_str(raw.get()),
         }
         .map_err(|e| Error::decode(command, e))
@@ -226,8 +221,8 @@ impl DeadlineTimer {
 fn read_now(stream: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
     use std::task::Waker;
     use tokio::io::{AsyncRead, ReadBuf};
-    // A no-op waker is enough: the task re-registers its own waker with
-    // `readable()` before it sleeps, and readiness set in between is kept.
+    // A no-op waker is enough: the task registers its own waker with
+    // `poll_read_ready` before it sleeps, and readiness set in between is kept.
     let mut cx = Context::from_waker(Waker::noop());
     let mut rb = ReadBuf::new(buf);
     match std::pin::Pin::new(stream).poll_read(&mut cx, &mut rb) {
@@ -562,6 +557,7 @@ impl State {
     /// until QEMU answers, and that late reply is dropped by id.
     fn expire_overdue(&mut self, now: Instant) {
         let mut next: Option<Instant> = None;
+        let mut still_waiting = |d: Instant| next = Some(next.map_or(d, |n| n.min(d)));
         let timeout = |name: &str, budget: Duration| Error::Timeout {
             command: name.to_owned(),
             budget,
@@ -575,7 +571,7 @@ impl State {
                     }
                     d => {
                         if let Some(d) = d {
-                            next = Some(next.map_or(d, |n| n.min(d)));
+                            still_waiting(d);
                         }
                         queue.push_back(out);
                     }
@@ -592,7 +588,7 @@ impl State {
                     let _ = reply.send(Err(timeout(&p.name, p.budget)));
                 }
             } else {
-                next = Some(next.map_or(d, |n| n.min(d)));
+                still_waiting(d);
             }
         }
         if let Some(d) = next {
@@ -683,13 +679,7 @@ impl State {
                 return;
             }
         }
-        // UTF-8 checked once for the whole message, then parsed from `str`:
-        // `from_slice` would check every string on its own, a tenth of the
-        // cost of an event.
-        let parsed = std::str::from_utf8(bytes)
-            .map_err(serde::de::Error::custom)
-            .and_then(serde_json::from_str::<Incoming>);
-        let msg = match parsed {
+        let msg = match parse_message::<Incoming>(bytes) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, message = %String::from_utf8_lossy(&bytes[..bytes.len().min(200)]), "QMP: skipped an unparseable message");

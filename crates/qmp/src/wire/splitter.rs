@@ -73,18 +73,13 @@ impl Oversized {
 fn find_numeric_id(bytes: &[u8]) -> Option<u64> {
     let at = memchr::memmem::rfind(bytes, b"\"id\"")?;
     let rest = &bytes[at + 4..];
-    let rest = trim_start(rest).strip_prefix(b":")?;
-    let rest = trim_start(rest);
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+    let rest = rest.trim_ascii_start();
     let end = rest
         .iter()
         .position(|b| !b.is_ascii_digit())
         .unwrap_or(rest.len());
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
-fn trim_start(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    &b[n..]
 }
 
 /// A resumable JSON object splitter over a growable buffer.
