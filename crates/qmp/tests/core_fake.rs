@@ -229,6 +229,32 @@ async fn a_malformed_reply_fails_its_own_command_with_a_decode_error() {
     assert!(!client.is_closed());
 }
 
+/// A reply that starts like a plain one and ends with a numeric id, but has
+/// other members between (valid JSON, though QEMU never writes it): the
+/// typed decode, which reads the `return` value alone, must not fail on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_members_between_return_and_id_still_decode() {
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        while let Ok(Some(req)) = conn.recv().await {
+            let id = req.id.clone().unwrap();
+            let reply = match req.name.as_deref().unwrap_or("") {
+                "query-status" => format!(
+                    "{{\"return\": {{\"status\": \"paused\", \"running\": false, \"singlestep\": false}}, \"x\": [1, {{\"id\": 2}}], \"id\": {id}}}\r\n"
+                ),
+                _ => format!("{{\"return\": 7 , \"y\": \"}}\", \"id\": {id}}}\r\n"),
+            };
+            conn.send_raw(reply.as_bytes()).await.unwrap();
+        }
+    })
+    .await;
+    let client = Client::connect(srv.path()).await.unwrap();
+    let status = within(5, client.status()).await.unwrap();
+    assert_eq!(status, qmp::commands::vm::RunState::Paused);
+    let n: u64 = within(5, client.call("n", &())).await.unwrap();
+    assert_eq!(n, 7);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_reply_fails_its_command_only() {
     let srv = server(|mut conn| async move {

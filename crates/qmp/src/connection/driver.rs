@@ -40,7 +40,7 @@ use crate::client::{Client, Shared};
 use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::{Event, Subscribers};
 use crate::wire::splitter::{Frame, Oversized};
-use crate::wire::{parse_message, quick_event, success_reply_id, Incoming, ReturnOf, Timestamp};
+use crate::wire::{parse_message, quick_event, success_reply, Incoming, ReturnOf, Timestamp};
 
 /// QEMU queues at most this many in-band commands when OOB is enabled
 /// (QMP_REQ_QUEUE_LEN_MAX) and stops reading beyond that.
@@ -52,9 +52,12 @@ pub(crate) type ReplyResult = Result<Reply, Error>;
 /// A success reply on its way to the caller, who decodes it.
 pub(crate) enum Reply {
     /// A whole `{"return": VALUE, "id": ID}` message, recognised without
-    /// parsing it (see [`success_reply_id`]): the caller's typed decode is
-    /// then the only pass over it.
-    Message(Box<[u8]>),
+    /// parsing it (see [`success_reply`]), and where VALUE lies in it: the
+    /// caller's typed decode is then the only pass over it.
+    Message {
+        bytes: Box<[u8]>,
+        value: std::ops::Range<usize>,
+    },
     /// The `return` value of a message that needed the full parse.
     Value(Box<RawValue>),
 }
@@ -63,7 +66,11 @@ impl Reply {
     /// Decodes the `return` value into the caller's type.
     pub(crate) fn decode<R: serde::de::DeserializeOwned>(&self, command: &str) -> Result<R, Error> {
         match self {
-            Reply::Message(bytes) => parse_message::<ReturnOf<R>>(bytes).map(|r| r.value),
+            // The value alone first; if its bytes are not one JSON value
+            // (a message only shaped like a plain reply), the whole message
+            // decides, and gives the error if there is one.
+            Reply::Message { bytes, value } => parse_message::<R>(&bytes[value.clone()])
+                .or_else(|_| parse_message::<ReturnOf<R>>(bytes).map(|r| r.value)),
             Reply::Value(raw) => serde_json::from_str(raw.get()),
         }
         .map_err(|e| Error::decode(command, e))
@@ -663,8 +670,13 @@ impl State {
     }
 
     fn handle_message(&mut self, bytes: &[u8]) {
-        if let Some(id) = success_reply_id(bytes) {
-            self.deliver(id, bytes, |_| Ok(Reply::Message(bytes.into())));
+        if let Some(reply) = success_reply(bytes) {
+            self.deliver(reply.id, bytes, |_| {
+                Ok(Reply::Message {
+                    bytes: bytes.into(),
+                    value: reply.value,
+                })
+            });
             return;
         }
         if let Some(event) = quick_event(bytes) {

@@ -137,23 +137,27 @@ impl Incoming<'_> {
     }
 }
 
-/// The id of a plain success reply, found without parsing the message.
+/// A plain success reply, found without parsing the message.
 ///
 /// QEMU writes every success reply as `{"return": VALUE, "id": ID}`, the id
 /// last. When a message starts with a `return` member and ends with a numeric
-/// `id` member, it is such a reply, and the caller can decode the whole
-/// message in one pass instead of the connection parsing it first. Anything
-/// else (errors, events, another member order, a non-numeric id) gives `None`
-/// and goes through the full parse.
+/// `id` member, it is such a reply: the caller can decode VALUE straight from
+/// its bytes, the only pass over them. Anything else (errors, events, another
+/// member order, a non-numeric id) gives `None` and goes through the full
+/// parse.
 ///
 /// The tail is unambiguous because the splitter hands over exactly one
 /// top-level object: the final `}` closes it, so a number directly before it,
 /// keyed `"id"` and preceded by a comma, is a member of the top-level object.
-pub(crate) fn success_reply_id(message: &[u8]) -> Option<u64> {
+/// What lies between the `return` key and that comma is VALUE, if the
+/// message is what it looks like; if it is not one JSON value (say, another
+/// member follows it), decoding it fails, and the decoder falls back to the
+/// whole message.
+pub(crate) fn success_reply(message: &[u8]) -> Option<SuccessReply> {
     let head = message.trim_ascii_start().strip_prefix(b"{")?;
-    if !head.trim_ascii_start().starts_with(b"\"return\"") {
-        return None;
-    }
+    let head = head.trim_ascii_start().strip_prefix(b"\"return\"")?;
+    let value_text = head.trim_ascii_start().strip_prefix(b":")?;
+    let value_start = message.len() - value_text.len();
     let body = message.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
     let digits_at = body.iter().rposition(|b| !b.is_ascii_digit())? + 1;
     let digits = &body[digits_at..];
@@ -163,10 +167,23 @@ pub(crate) fn success_reply_id(message: &[u8]) -> Option<u64> {
     }
     let before = body[..digits_at].trim_ascii_end().strip_suffix(b":")?;
     let before = before.trim_ascii_end().strip_suffix(b"\"id\"")?.trim_ascii_end();
-    if !before.ends_with(b",") {
+    let value_end = before.strip_suffix(b",")?.len();
+    if value_end <= value_start {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    let id = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(SuccessReply {
+        id,
+        value: value_start..value_end,
+    })
+}
+
+/// Where [`success_reply`] found a reply's parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SuccessReply {
+    pub id: u64,
+    /// The bytes of the `return` value (possibly with whitespace around it).
+    pub value: std::ops::Range<usize>,
 }
 
 /// Parses one JSON message: its UTF-8 checked once, then parsed from `str`.
@@ -311,11 +328,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn success_reply_ids_are_found_without_parsing() {
-        assert_eq!(success_reply_id(br#"{"return": {}, "id": 7}"#), Some(7));
+    fn success_replies_are_found_without_parsing() {
+        let value_of = |msg: &'static [u8]| {
+            let r = success_reply(msg).unwrap();
+            (r.id, std::str::from_utf8(&msg[r.value]).unwrap().trim())
+        };
+        assert_eq!(value_of(br#"{"return": {}, "id": 7}"#), (7, "{}"));
         assert_eq!(
-            success_reply_id(b"  {\"return\":{\"a\":[1,{\"id\":3}]} , \"id\" :  18446744073709551615 }\r\n"),
-            Some(u64::MAX)
+            value_of(b"  {\"return\":{\"a\":[1,{\"id\":3}]} , \"id\" :  18446744073709551615 }\r\n"),
+            (u64::MAX, r#"{"a":[1,{"id":3}]}"#)
+        );
+        assert_eq!(value_of(br#"{"return":"x","id":0}"#), (0, r#""x""#));
+        // Shaped like one but with more members: found, and the value's
+        // bytes are not one JSON value, which the decoder notices.
+        assert_eq!(
+            value_of(br#"{"return": 1, "x": 2, "id": 3}"#),
+            (3, r#"1, "x": 2"#)
         );
         // Not plain success replies: full parse.
         for msg in [
@@ -328,11 +356,13 @@ mod tests {
             br#"{"return": {}, "xid": 7}"#,
             br#"{"return": {}, "x\"id": 7}"#,
             br#"{"return": 7}"#,
+            br#"{"return", "id": 7}"#,
+            br#"{"return":, "id": 7}"#,
             br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
             b"{}",
             b"",
         ] {
-            assert_eq!(success_reply_id(msg), None, "{}", String::from_utf8_lossy(msg));
+            assert_eq!(success_reply(msg), None, "{}", String::from_utf8_lossy(msg));
         }
     }
 
