@@ -10,7 +10,6 @@
 //! | 5 | timeout |
 //! | 130 | interrupted by SIGINT or SIGTERM |
 
-use std::fmt;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -28,16 +27,9 @@ pub const TIMEOUT: u8 = 5;
 pub const INTERRUPTED: u8 = 130;
 
 /// The user asked for something that cannot work as asked; nothing was done.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
 
 /// Makes a usage error.
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
@@ -45,40 +37,19 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 /// The socket could not be reached or did not speak QMP.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct ConnectFailure(pub String);
 
-impl fmt::Display for ConnectFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConnectFailure {}
-
 /// An operation ran out of the time `--timeout` gave it.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Deadline(pub String);
 
-impl fmt::Display for Deadline {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Deadline {}
-
 /// SIGINT or SIGTERM arrived.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}")]
 pub struct Interrupted(&'static str);
-
-impl fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "interrupted by {}", self.0)
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 /// Resolves when SIGINT or SIGTERM arrives (so that a launched QEMU is still
 /// cleaned up: the error unwinds through its owner's `Drop`).
