@@ -743,9 +743,9 @@ async fn migrate(ctx: &Ctx, command: MigrateCommand) -> anyhow::Result<()> {
                 );
             }
             let bar = Progress::bytes("incoming", ctx.json);
-            let info = ctx
-                .within("migrate incoming", ops::wait_migration(client, budget, &bar))
-                .await?;
+            // The wait keeps `--timeout` itself (its budget); a second
+            // timer of the same length would race it for the message.
+            let info = ops::wait_migration(client, budget, &bar).await?;
             done(
                 ctx,
                 json!({"uri": uri, "result": info}),
