@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Measures qmp-rs against the floor client (../shared/bench/floor) in one run
+# Measures qmpkit against the floor client (../shared/bench/floor) in one run
 # on one machine: the floor's instant fake server at depths 1, 8 and 64, a real
 # QEMU at depths 1 and 8 (the floor with OOB), and events per second.
-# Each figure is the median of ROUNDS interleaved runs; ratios are qmp-rs / floor.
+# Each figure is the median of ROUNDS interleaved runs; ratios are qmpkit / floor.
 #
 # Usage: bench/compare.sh            (N=20000 fake, 5000 QEMU, ROUNDS=3)
 #        N=50000 QEMU_N=10000 ROUNDS=5 bench/compare.sh
@@ -14,7 +14,7 @@ QEMU_N=${QEMU_N:-5000}
 ROUNDS=${ROUNDS:-3}
 EVENTS=${EVENTS:-200000}
 
-floor_target=${TMPDIR:-/tmp}/qmp-rs-floor-target
+floor_target=${TMPDIR:-/tmp}/qmpkit-floor-target
 echo "building the floor (out of tree) and qmpctl (release)..." >&2
 CARGO_TARGET_DIR=$floor_target cargo build -q --release --manifest-path "$shared/bench/floor/Cargo.toml"
 cargo build -q --release -p qmpctl --manifest-path "$root/Cargo.toml"
@@ -48,11 +48,11 @@ wait_socket "$work/qemu.sock"
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-printf '| server | depth | n | floor µs/cmd | qmp-rs µs/cmd | ratio |\n| --- | --- | --- | --- | --- | --- |\n'
+printf '| server | depth | n | floor µs/cmd | qmpkit µs/cmd | ratio |\n| --- | --- | --- | --- | --- | --- |\n'
 # Both clients negotiate the same capabilities in each row: without oob
 # against the fake server (as the floor does by default), with oob against
-# QEMU (OOB=1 for the floor; qmp-rs negotiates it whenever QEMU offers it).
-# With oob, qmp-rs keeps at most 8 in-band commands in QEMU's queue so that
+# QEMU (OOB=1 for the floor; qmpkit negotiates it whenever QEMU offers it).
+# With oob, qmpkit keeps at most 8 in-band commands in QEMU's queue so that
 # an exec-oob command is never stuck behind them: the last fake row shows
 # what that costs at depth 64 against a server that has no such queue.
 row() { # server socket n depth floor-env qmpctl-flags

@@ -50,7 +50,7 @@ pub struct BenchArgs {
     /// With `--scale`: the monitors' guest-agent poll interval, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub agent_poll_secs: f64,
-    /// With `--scale`: the fake server binary (default: `qmp-fake-server`
+    /// With `--scale`: the fake server binary (default: `qmpkit-fake-server`
     /// beside this program, else on PATH).
     #[arg(long)]
     pub fake_server: Option<PathBuf>,
@@ -101,14 +101,14 @@ impl Figure {
     fn json(&self) -> String {
         if self.events {
             format!(
-                r#"{{"client":"qmp-rs","n":{},"total_s":{:.6},"us_per_event":{:.3}}}"#,
+                r#"{{"client":"qmpkit","n":{},"total_s":{:.6},"us_per_event":{:.3}}}"#,
                 self.n,
                 self.total.as_secs_f64(),
                 self.per_item_us()
             )
         } else {
             format!(
-                r#"{{"client":"qmp-rs","n":{},"depth":{},"total_s":{:.6},"us_per_cmd":{:.2}}}"#,
+                r#"{{"client":"qmpkit","n":{},"depth":{},"total_s":{:.6},"us_per_cmd":{:.2}}}"#,
                 self.n,
                 self.depth,
                 self.total.as_secs_f64(),
@@ -139,7 +139,7 @@ impl Figure {
 }
 
 async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
-    let client = qmp::ConnectOptions::new()
+    let client = qmpkit::ConnectOptions::new()
         .oob(!args.no_oob)
         .connect(&socket)
         .await
@@ -171,7 +171,7 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
                         if !reply["status"].is_string() {
                             bail!("query-status returned {reply}");
                         }
-                    } else if let qmp::commands::vm::RunState::Other(state) = client.status().await? {
+                    } else if let qmpkit::commands::vm::RunState::Other(state) = client.status().await? {
                         bail!("query-status returned an unknown state {state:?}");
                     }
                 }
@@ -190,12 +190,12 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
     })
 }
 
-async fn measure_events(client: qmp::Client, k: usize) -> anyhow::Result<Figure> {
+async fn measure_events(client: qmpkit::Client, k: usize) -> anyhow::Result<Figure> {
     if k < 2 {
         bail!("--events needs at least 2 events");
     }
     // A queue as large as the burst: this measures throughput, not drops.
-    let mut events = client.subscribe(qmp::EventFilter::all().capacity(k));
+    let mut events = client.subscribe(qmpkit::EventFilter::all().capacity(k));
     let first = events
         .next()
         .await

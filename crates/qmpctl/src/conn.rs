@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use qmp::launch::{Qemu, QemuBuilder};
-use qmp::{Client, ConnectOptions};
+use qmpkit::launch::{Qemu, QemuBuilder};
+use qmpkit::{Client, ConnectOptions};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -127,13 +127,13 @@ pub async fn connect(
     }
     options.connect(path).await.map_err(|e| {
         let msg = match &e {
-            qmp::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+            qmpkit::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => format!(
                 "nobody is listening on {shown}: QEMU has exited and left its socket file behind, or another program owns the path"
             ),
-            qmp::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            qmpkit::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 format!("no permission to connect to {shown}: run as the user that owns the VM")
             }
-            qmp::Error::Handshake(m) if m.contains("within") => format!(
+            qmpkit::Error::Handshake(m) if m.contains("within") => format!(
                 "no QMP greeting from {shown} within {}: another client probably holds the socket (QEMU serves one client at a time on each QMP socket), or QEMU is frozen",
                 humantime::format_duration(greeting_budget)
             ),

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use qmp::{Event, EventFilter, EventItem};
+use qmpkit::{Event, EventFilter, EventItem};
 use serde_json::{json, Value};
 
 use crate::cli::EventsArgs;

@@ -113,10 +113,10 @@ pub fn parse_pairs<'a>(pairs: impl IntoIterator<Item = &'a str>) -> anyhow::Resu
 
 /// Runs a command by name; when QEMU says there is no such command, the
 /// error names the closest commands of the server's schema.
-pub async fn call_checked(client: &qmp::Client, name: &str, args: &Value) -> anyhow::Result<Value> {
+pub async fn call_checked(client: &qmpkit::Client, name: &str, args: &Value) -> anyhow::Result<Value> {
     match client.call::<Value, Value>(name, args).await {
         Ok(v) => Ok(v),
-        Err(e) if e.class() == Some(&qmp::ErrorClass::CommandNotFound) => {
+        Err(e) if e.class() == Some(&qmpkit::ErrorClass::CommandNotFound) => {
             let names = match client.schema().await {
                 Ok(schema) => schema.command_names().into_iter().map(str::to_owned).collect(),
                 Err(_) => Vec::new(),

@@ -82,29 +82,29 @@ pub fn code_of(err: &anyhow::Error) -> u8 {
         return TIMEOUT;
     }
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<qmp::Error>() {
+        if let Some(e) = cause.downcast_ref::<qmpkit::Error>() {
             return qmp_code(e);
         }
-        if let Some(qmp::launch::LaunchError::Connect(e)) = cause.downcast_ref() {
+        if let Some(qmpkit::launch::LaunchError::Connect(e)) = cause.downcast_ref() {
             return qmp_code(e);
         }
     }
     FAILURE
 }
 
-fn qmp_code(e: &qmp::Error) -> u8 {
+fn qmp_code(e: &qmpkit::Error) -> u8 {
     match e {
-        qmp::Error::Qmp(_)
-        | qmp::Error::InUse(_)
-        | qmp::Error::BadConsole(_)
-        | qmp::Error::NotARingbuf(_) => QMP_ERROR,
-        qmp::Error::Timeout { .. } => TIMEOUT,
-        qmp::Error::Connect { .. }
-        | qmp::Error::Handshake(_)
-        | qmp::Error::Disconnected { .. }
-        | qmp::Error::Io(_)
-        | qmp::Error::Protocol(_) => CONNECTION,
-        qmp::Error::InvalidRequest(_) => USAGE,
+        qmpkit::Error::Qmp(_)
+        | qmpkit::Error::InUse(_)
+        | qmpkit::Error::BadConsole(_)
+        | qmpkit::Error::NotARingbuf(_) => QMP_ERROR,
+        qmpkit::Error::Timeout { .. } => TIMEOUT,
+        qmpkit::Error::Connect { .. }
+        | qmpkit::Error::Handshake(_)
+        | qmpkit::Error::Disconnected { .. }
+        | qmpkit::Error::Io(_)
+        | qmpkit::Error::Protocol(_) => CONNECTION,
+        qmpkit::Error::InvalidRequest(_) => USAGE,
         _ => FAILURE,
     }
 }
@@ -158,15 +158,15 @@ mod tests {
 
     #[test]
     fn codes_follow_the_first_telling_cause() {
-        let e = anyhow::Error::new(qmp::Error::InvalidRequest("x".into())).context("running exec");
+        let e = anyhow::Error::new(qmpkit::Error::InvalidRequest("x".into())).context("running exec");
         assert_eq!(code_of(&e), USAGE);
-        let e = anyhow::Error::new(qmp::Error::Timeout {
+        let e = anyhow::Error::new(qmpkit::Error::Timeout {
             command: "stop".into(),
             budget: std::time::Duration::from_secs(1),
         });
         assert_eq!(code_of(&e), TIMEOUT);
         let e =
-            anyhow::Error::new(qmp::Error::InvalidRequest("x".into())).context(ConnectFailure("y".into()));
+            anyhow::Error::new(qmpkit::Error::InvalidRequest("x".into())).context(ConnectFailure("y".into()));
         assert_eq!(code_of(&e), CONNECTION);
         assert_eq!(code_of(&anyhow::anyhow!("plain")), FAILURE);
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use qmp::{Client, EventFilter};
+use qmpkit::{Client, EventFilter};
 use serde_json::{json, Value};
 
 use crate::progress::Progress;

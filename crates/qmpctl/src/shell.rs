@@ -125,8 +125,8 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     let forward = tokio::spawn(async move {
         while let Some(item) = events.recv().await {
             let line = match item {
-                qmp::EventItem::Event(e) => format!("event: {}\n", crate::events::human_line(&e)),
-                qmp::EventItem::Missed(n) => format!("({n} events missed)\n"),
+                qmpkit::EventItem::Event(e) => format!("event: {}\n", crate::events::human_line(&e)),
+                qmpkit::EventItem::Missed(n) => format!("({n} events missed)\n"),
             };
             if ev_tx.send(line).is_err() {
                 return;

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use crate::cli::*;
 use crate::conn::Ctx;
 use crate::exit::usage;
-use qmp::commands::chardev::ChardevBackend;
-use qmp::commands::devices::{DeviceSpec, NetdevSpec};
+use qmpkit::commands::chardev::ChardevBackend;
+use qmpkit::commands::devices::{DeviceSpec, NetdevSpec};
 
 use crate::ops::{self, LONG_WAIT, UNPLUG_WAIT};
 use crate::out::{self, bytes, cell, parse_size, size_cell, Table};

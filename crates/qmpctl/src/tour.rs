@@ -12,16 +12,16 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use qmp::launch::Qemu;
-use qmp::{Client, EventFilter};
+use qmpkit::launch::Qemu;
+use qmpkit::{Client, EventFilter};
 use serde_json::{json, Value};
 
 use crate::cli::{Globals, TourArgs};
 use crate::conn::{connect_options, scratch_vm};
 use crate::exit::Deadline;
-use qmp::commands::vm::RunState;
-use qmp::monitor::constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
-use qmp::monitor::{Monitor, MonitorOptions};
+use qmpkit::commands::vm::RunState;
+use qmpkit::monitor::constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
+use qmpkit::monitor::{Monitor, MonitorOptions};
 
 use crate::ops::{self, run as cmd};
 use crate::out::bytes;
@@ -313,7 +313,7 @@ async fn snapshot(c: &Client, work: &Path) -> anyhow::Result<()> {
         "driver": "qcow2", "node-name": "disk0-snap", "backing": null,
         "file": {"driver": "file", "filename": overlay},
     });
-    c.call::<_, qmp::Empty>("blockdev-add", &node).await?;
+    c.call::<_, qmpkit::Empty>("blockdev-add", &node).await?;
     c.block_dev_snapshot("disk0", "disk0-snap").await?;
     say(&format!(
         "blockdev-snapshot: overlay disk0-snap ({}) on top of disk0",
@@ -531,7 +531,7 @@ async fn migrate(c: &Client, g: &Globals) -> anyhow::Result<Qemu> {
     Ok(target)
 }
 
-async fn quit(c: &Client, target: Option<&Client>, all: &mut qmp::EventStream) -> anyhow::Result<()> {
+async fn quit(c: &Client, target: Option<&Client>, all: &mut qmpkit::EventStream) -> anyhow::Result<()> {
     for (name, client) in [("source", Some(c)), ("target", target)] {
         let Some(client) = client else { continue };
         let mut shutdown = client.subscribe(EventFilter::names(["SHUTDOWN"]));

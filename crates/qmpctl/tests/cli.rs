@@ -34,7 +34,7 @@ async fn lifecycle_status_start_pause_reset_powerdown_quit() {
     assert_eq!(r.stdout.trim(), "paused");
     assert_eq!(status(&c).await, "paused");
 
-    let mut events = c.subscribe(qmp::EventFilter::names(["RESET", "POWERDOWN"]));
+    let mut events = c.subscribe(qmpkit::EventFilter::names(["RESET", "POWERDOWN"]));
     ctl(&sock, &["reset"]).await.ok();
     let e = within(10, events.next()).await.unwrap();
     assert_eq!(e.name(), "RESET");
@@ -637,7 +637,7 @@ async fn connection_failures_are_explained() {
 
     let vm = vm().await;
     let held = vm.socket("cli");
-    let holder = qmp::Client::connect(&held).await.unwrap();
+    let holder = qmpkit::Client::connect(&held).await.unwrap();
     let r = ctl(&held, &["--connect-timeout", "300ms", "status"]).await;
     r.fails(4, "another client probably holds the socket");
     holder.disconnect();

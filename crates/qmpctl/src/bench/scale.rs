@@ -1,6 +1,6 @@
 //! `qmpctl bench --scale N`: thousands of monitors in one process.
 //!
-//! Each is a full [`qmp::monitor::Monitor`] with guest-agent polling on (a
+//! Each is a full [`qmpkit::monitor::Monitor`] with guest-agent polling on (a
 //! ring-buffer read at connect and every poll interval) and an event handler.
 //! A fake QMP server runs in another process (the open-file limit is per
 //! process) and is reached through N hard links to its socket, so that every
@@ -70,7 +70,7 @@ pub async fn run(n: usize, args: &BenchArgs, json: bool) -> anyhow::Result<()> {
     .await??;
     if json {
         println!(
-            r#"{{"client":"qmp-rs","monitors":{},"agent_poll_s":{},"rss_kib_per_monitor":{:.2},"idle_cpu_percent":{:.3},"all_at_once_ms":{:.1},"connect_all_ms":{:.1}}}"#,
+            r#"{{"client":"qmpkit","monitors":{},"agent_poll_s":{},"rss_kib_per_monitor":{:.2},"idle_cpu_percent":{:.3},"all_at_once_ms":{:.1},"connect_all_ms":{:.1}}}"#,
             n,
             args.agent_poll_secs,
             figures.rss_per_conn_kib,
@@ -100,9 +100,9 @@ struct Figures {
 
 async fn measure(paths: Vec<PathBuf>, idle: Duration, poll: Duration) -> anyhow::Result<Figures> {
     let n = paths.len();
-    let registry = std::sync::Arc::new(qmp::monitor::MonitorRegistry::new());
+    let registry = std::sync::Arc::new(qmpkit::monitor::MonitorRegistry::new());
     let options = || {
-        qmp::monitor::MonitorOptions::new()
+        qmpkit::monitor::MonitorOptions::new()
             .serial_chardev("agent0")
             .agent_poll_interval(poll)
             .event_handler(|_monitor, _event| {})
@@ -124,7 +124,7 @@ async fn measure(paths: Vec<PathBuf>, idle: Duration, poll: Duration) -> anyhow:
             let p = p.clone();
             set.spawn(async move { (i, registry.connect(&p, options).await) });
         }
-        let mut got: Vec<Option<qmp::monitor::Monitor>> = vec![None; batch.len()];
+        let mut got: Vec<Option<qmpkit::monitor::Monitor>> = vec![None; batch.len()];
         while let Some(r) = set.join_next().await {
             let (i, c) = r?;
             got[i] = Some(c.with_context(|| format!("connect {}", batch[i].display()))?);
@@ -155,7 +155,7 @@ async fn measure(paths: Vec<PathBuf>, idle: Duration, poll: Duration) -> anyhow:
 }
 
 /// Issues `query-status` on every connection at once; returns milliseconds.
-async fn all_at_once(clients: &[qmp::monitor::Monitor]) -> anyhow::Result<f64> {
+async fn all_at_once(clients: &[qmpkit::monitor::Monitor]) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for c in clients {
@@ -171,10 +171,10 @@ async fn all_at_once(clients: &[qmp::monitor::Monitor]) -> anyhow::Result<f64> {
 fn default_fake_server() -> PathBuf {
     let beside = std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("qmp-fake-server")));
+        .and_then(|p| p.parent().map(|d| d.join("qmpkit-fake-server")));
     match beside {
         Some(p) if p.exists() => p,
-        _ => PathBuf::from("qmp-fake-server"),
+        _ => PathBuf::from("qmpkit-fake-server"),
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use qmp::launch::{Qemu, QemuBuilder};
+use qmpkit::launch::{Qemu, QemuBuilder};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -197,7 +197,7 @@ impl Stream {
 
     /// Runs `commands` (which make QEMU send events) until qmpctl has printed
     /// `n` lines or exited; the stream may have subscribed after the first pokes.
-    pub async fn poke_until(&mut self, client: &qmp::Client, commands: &[(&str, Value)], n: usize) {
+    pub async fn poke_until(&mut self, client: &qmpkit::Client, commands: &[(&str, Value)], n: usize) {
         within(30, async {
             loop {
                 for (name, args) in commands {
@@ -244,13 +244,13 @@ pub fn qemu_img(args: &[&str]) {
 }
 
 /// The VM's run state, asked by the test's own connection.
-pub async fn status(c: &qmp::Client) -> String {
+pub async fn status(c: &qmpkit::Client) -> String {
     let v: Value = c.call("query-status", &()).await.unwrap();
     v["status"].as_str().unwrap().to_owned()
 }
 
 /// The node a device reads, from query-block (None: no such device).
-pub async fn device_node(c: &qmp::Client, qdev: &str) -> Option<String> {
+pub async fn device_node(c: &qmpkit::Client, qdev: &str) -> Option<String> {
     let v: Value = c.call("query-block", &()).await.unwrap();
     v.as_array()?
         .iter()
@@ -259,7 +259,7 @@ pub async fn device_node(c: &qmp::Client, qdev: &str) -> Option<String> {
 }
 
 /// The ids of the devices added with one.
-pub async fn peripherals(c: &qmp::Client) -> Vec<String> {
+pub async fn peripherals(c: &qmpkit::Client) -> Vec<String> {
     let v: Value = c
         .call("qom-list", &json!({"path": "/machine/peripheral"}))
         .await
@@ -273,7 +273,7 @@ pub async fn peripherals(c: &qmp::Client) -> Vec<String> {
 }
 
 /// Waits until an incoming migration has completed on the target.
-pub async fn incoming_completed(c: &qmp::Client) {
+pub async fn incoming_completed(c: &qmpkit::Client) {
     within(30, async {
         loop {
             let v: Value = c.call("query-migrate", &()).await.unwrap();

@@ -1,0 +1,371 @@
+//! The cheap, cloneable handle through which commands are sent.
+
+use std::borrow::Cow;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::connection::{Config, ConnectOptions, Outgoing, Reply, ToDriver};
+use crate::error::{Error, Result};
+use crate::event::{EventFilter, EventStream, Subscribers};
+use crate::wire::{encode_request, Greeting};
+
+/// A QMP command with typed arguments and a typed reply.
+///
+/// The struct's fields are the command's arguments (serialised as a JSON
+/// object; a unit struct or `()` means none).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize)]
+/// struct QueryStatus;
+///
+/// #[derive(Deserialize)]
+/// struct StatusInfo { status: String, running: bool }
+///
+/// impl qmpkit::Command for QueryStatus {
+///     const NAME: &'static str = "query-status";
+///     type Returns = StatusInfo;
+/// }
+/// ```
+pub trait Command: Serialize {
+    /// QEMU's name for the command.
+    const NAME: &'static str;
+    /// What a successful reply's `return` member decodes into ([`Empty`] for `{}`).
+    type Returns: DeserializeOwned;
+}
+
+/// The `{}` that commands without a result return.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Empty {}
+
+/// Per-call settings: a budget of its own, file descriptors to pass,
+/// out-of-band execution, and whether the traffic log records it.
+#[derive(Debug, Default)]
+pub struct CallOptions {
+    timeout: Option<Duration>,
+    fds: Vec<OwnedFd>,
+    oob: bool,
+    no_log: bool,
+}
+
+impl CallOptions {
+    /// The defaults: the connection's budget for this command, no fds, in-band, logged.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The budget of this call, overriding the connection's.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Passes these file descriptors with the command (SCM_RIGHTS, on the
+    /// same `sendmsg` as the command's first byte), for `getfd`, `add-fd` and
+    /// the like. They are moved in: the client closes its copies once they
+    /// are sent, or when the call fails before sending.
+    pub fn fds(mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Self {
+        self.fds.extend(fds);
+        self
+    }
+
+    /// Sends the command with `exec-oob` (it jumps QEMU's queue; needs the
+    /// `oob` capability and a command that allows it).
+    pub fn oob(mut self, oob: bool) -> Self {
+        self.oob = oob;
+        self
+    }
+
+    /// Keeps this call out of the traffic log.
+    pub fn unlogged(mut self) -> Self {
+        self.no_log = true;
+        self
+    }
+}
+
+/// State shared by a connection's task and its handles.
+pub(crate) struct Shared {
+    pub next_id: AtomicU64,
+    pub config: Arc<Config>,
+    pub greeting: Greeting,
+    pub oob: bool,
+    pub subscribers: Subscribers,
+    pub closed: watch::Sender<bool>,
+    pub close_reason: OnceLock<Error>,
+    pub path: PathBuf,
+    pub schema: tokio::sync::OnceCell<Arc<crate::schema::Schema>>,
+    /// QEMU's last SHUTDOWN event, unless a RESUME came after it.
+    pub last_shutdown: std::sync::Mutex<Option<crate::event::Event>>,
+}
+
+struct Inner {
+    // Dropping the last handle drops this sender, which ends the task.
+    tx: mpsc::UnboundedSender<ToDriver>,
+    shared: Arc<Shared>,
+}
+
+/// A connection to a QMP server. Cheap to clone; every clone talks over the
+/// same socket, and any number of commands may be in flight from any number
+/// of tasks at once.
+///
+/// ```no_run
+/// # async fn f() -> qmpkit::Result<()> {
+/// let client = qmpkit::Client::connect("/run/vm1/qmp.sock").await?;
+/// let status: serde_json::Value = client.execute_raw("query-status", serde_json::json!({})).await?;
+/// println!("{}", status["status"]);
+/// let mut events = client.events();
+/// client.execute_raw("stop", serde_json::Value::Null).await?;
+/// println!("{:?}", events.next().await);
+/// # Ok(()) }
+/// ```
+///
+/// The connection closes when QEMU closes it, on [`Client::disconnect`], or
+/// when the last handle is dropped.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("path", &self.inner.shared.path)
+            .field("version", &self.inner.shared.greeting.version)
+            .field("oob", &self.inner.shared.oob)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Client {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<ToDriver>, shared: Arc<Shared>) -> Self {
+        Client {
+            inner: Arc::new(Inner { tx, shared }),
+        }
+    }
+
+    /// Connects with the default [`ConnectOptions`].
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        ConnectOptions::new().connect(path).await
+    }
+
+    /// Options for connecting.
+    pub fn options() -> ConnectOptions {
+        ConnectOptions::new()
+    }
+
+    /// The server's greeting.
+    pub fn greeting(&self) -> &Greeting {
+        &self.inner.shared.greeting
+    }
+
+    /// True when out-of-band execution was negotiated.
+    pub fn oob_enabled(&self) -> bool {
+        self.inner.shared.oob
+    }
+
+    /// The socket path this client connected to.
+    pub fn path(&self) -> &Path {
+        &self.inner.shared.path
+    }
+
+    /// Runs a typed command.
+    pub async fn execute<C: Command>(&self, command: &C) -> Result<C::Returns> {
+        self.execute_with(command, CallOptions::new()).await
+    }
+
+    /// Runs a typed command with per-call options.
+    pub async fn execute_with<C: Command>(&self, command: &C, options: CallOptions) -> Result<C::Returns> {
+        let raw = self
+            .roundtrip(
+                Cow::Borrowed(C::NAME),
+                |out, id, oob| encode_request(out, C::NAME, command, id, oob),
+                options,
+            )
+            .await?;
+        raw.decode(C::NAME)
+    }
+
+    /// Runs a command by name with any serialisable arguments and decodes the
+    /// reply into any type (`serde_json::Value` for raw JSON).
+    pub async fn call<A, R>(&self, name: &str, args: &A) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_with(name, args, CallOptions::new()).await
+    }
+
+    /// [`Client::call`] with per-call options.
+    pub async fn call_with<A, R>(&self, name: &str, args: &A, options: CallOptions) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let raw = self
+            .roundtrip(
+                Cow::Owned(name.to_owned()),
+                |out, id, oob| encode_request(out, name, args, id, oob),
+                options,
+            )
+            .await?;
+        raw.decode(name)
+    }
+
+    /// Runs a command by name with JSON arguments (`Value::Null` for none)
+    /// and returns QEMU's `return` value as JSON.
+    pub async fn execute_raw(&self, name: &str, args: Value) -> Result<Value> {
+        self.call(name, &args).await
+    }
+
+    /// Runs a whole JSON request as text, such as
+    /// `{"execute": "query-status"}`. Any `id` in it is replaced by the
+    /// client's own (replies are matched by id). `exec-oob` requests are sent
+    /// out-of-band. Invalid JSON is refused before anything is sent.
+    pub async fn execute_json(&self, request: &str) -> Result<Value> {
+        self.execute_json_with(request, CallOptions::new()).await
+    }
+
+    /// [`Client::execute_json`] with per-call options.
+    pub async fn execute_json_with(&self, request: &str, options: CallOptions) -> Result<Value> {
+        let mut obj: serde_json::Map<String, Value> = serde_json::from_str(request)
+            .map_err(|e| Error::InvalidRequest(format!("not a JSON object: {e}")))?;
+        obj.remove("id");
+        let (name, oob) = match (obj.remove("execute"), obj.remove("exec-oob")) {
+            (Some(Value::String(n)), None) => (n, false),
+            (None, Some(Value::String(n))) => (n, true),
+            _ => {
+                return Err(Error::InvalidRequest(
+                    "a request needs exactly one of \"execute\" or \"exec-oob\" naming the command".into(),
+                ))
+            }
+        };
+        let args = obj.remove("arguments").unwrap_or(Value::Null);
+        if let Some(extra) = obj.keys().next() {
+            return Err(Error::InvalidRequest(format!("unknown request member {extra:?}")));
+        }
+        self.call_with(&name, &args, options.oob(oob)).await
+    }
+
+    /// Subscribes to every event. See [`Client::subscribe`].
+    pub fn events(&self) -> EventStream {
+        self.subscribe(EventFilter::all())
+    }
+
+    /// Subscribes to events. Each subscription has its own bounded queue; the
+    /// connection never waits for a subscriber, and one that falls behind is
+    /// told how many events it missed. The first subscription also receives
+    /// the events that arrived before it (from the handshake on).
+    pub fn subscribe(&self, filter: EventFilter) -> EventStream {
+        self.inner.shared.subscribers.subscribe(filter)
+    }
+
+    /// The `SHUTDOWN` event QEMU sent on this connection, unless the VM ran
+    /// again after it (a `RESUME`). Kept by the connection itself, so it is
+    /// known even to someone who was not subscribed, or whose queue dropped
+    /// it: after a disconnect it tells a shutdown QEMU announced from a crash.
+    pub fn shutdown_event(&self) -> Option<crate::event::Event> {
+        self.inner
+            .shared
+            .last_shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// True once the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.shared.closed.borrow()
+    }
+
+    /// Waits until the connection is gone and returns why.
+    pub async fn closed(&self) -> Error {
+        let mut rx = self.inner.shared.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+        self.close_reason()
+    }
+
+    fn close_reason(&self) -> Error {
+        self.inner
+            .shared
+            .close_reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Error::disconnected("connection closed"))
+    }
+
+    /// Closes the connection: pending commands fail with
+    /// [`Error::Disconnected`], later ones fail at once, event streams end.
+    pub fn disconnect(&self) {
+        let _ = self.inner.tx.send(ToDriver::Disconnect);
+    }
+
+    /// Returns a fresh id from the connection's counter (the Go package's
+    /// `IncreaseID`). The client numbers its own requests from the same counter.
+    pub fn next_id(&self) -> u64 {
+        self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// Sends one request and waits for its reply within its budget.
+    async fn roundtrip(
+        &self,
+        name: Cow<'static, str>,
+        encode: impl FnOnce(&mut Vec<u8>, u64, bool) -> Result<(), serde_json::Error>,
+        options: CallOptions,
+    ) -> Result<Reply> {
+        let shared = &self.inner.shared;
+        if self.is_closed() {
+            return Err(self.close_reason());
+        }
+        if options.oob && !shared.oob {
+            return Err(Error::InvalidRequest(format!(
+                "{name}: exec-oob needs the oob capability, which this connection did not negotiate"
+            )));
+        }
+        let id = self.next_id();
+        let mut bytes = Vec::with_capacity(96);
+        encode(&mut bytes, id, options.oob).map_err(|e| Error::InvalidRequest(format!("{name}: {e}")))?;
+        let budget = options
+            .timeout
+            .unwrap_or_else(|| shared.config.timeout_for(&name));
+        let log = !options.no_log && !shared.config.log_excludes(&name);
+        let (reply, rx) = oneshot::channel();
+        // Boxed: the channel's slots stay one pointer wide, which keeps an
+        // idle connection small.
+        let out = Box::new(Outgoing {
+            id,
+            name,
+            bytes,
+            fds: options.fds,
+            oob: options.oob,
+            log,
+            budget,
+            deadline: None,
+            reply,
+        });
+        if let Err(mpsc::error::SendError(ToDriver::Command(out))) =
+            self.inner.tx.send(ToDriver::Command(out))
+        {
+            drop(out);
+            return Err(self.close_reason());
+        }
+        // The connection's task keeps the deadline (one timer for the whole
+        // connection, not one per call) and answers `Error::Timeout` when it
+        // passes. Dropping this future instead (cancellation) works too: a
+        // request not written yet never will be, and its reply is discarded.
+        rx.await.unwrap_or_else(|_| Err(self.close_reason()))
+    }
+}

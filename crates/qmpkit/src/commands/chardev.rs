@@ -1,0 +1,245 @@
+//! Character devices: adding, removing and re-plumbing them, and reading
+//! ring buffers (where a guest agent's serial port usually ends up).
+//!
+//! ```no_run
+//! # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+//! use qmpkit::commands::chardev::ChardevBackend;
+//! client.add_char_device("console0", &ChardevBackend::ringbuf(Some(65536))).await?;
+//! // ... a serial port writes into it ...
+//! let text = client.ringbuf_read("console0").await?;
+//! print!("{text}");
+//! # Ok(()) }
+//! ```
+
+use std::os::fd::OwnedFd;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::client::{CallOptions, Client, Empty};
+use crate::error::{Error, Result};
+
+/// How much one `ringbuf-read` asks for while draining a ring buffer.
+const RINGBUF_READ_CHUNK: u64 = 64 * 1024;
+
+/// A chardev backend: its type and that type's options, as `chardev-add`
+/// and `chardev-change` take them.
+///
+/// ```
+/// use qmpkit::commands::chardev::ChardevBackend;
+/// let b = ChardevBackend::socket_unix("/run/vm1/console.sock", true);
+/// assert_eq!(serde_json::to_value(&b).unwrap()["data"]["addr"]["type"], "unix");
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChardevBackend {
+    /// The backend type: `ringbuf`, `null`, `file`, `socket`, `pty`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The type's options.
+    pub data: Map<String, Value>,
+}
+
+impl ChardevBackend {
+    /// A backend of any type with these options.
+    pub fn new(kind: impl Into<String>, data: Map<String, Value>) -> Self {
+        ChardevBackend {
+            kind: kind.into(),
+            data,
+        }
+    }
+
+    /// A ring buffer of `size` bytes (a power of two; QEMU's default 64 KiB when `None`).
+    pub fn ringbuf(size: Option<u64>) -> Self {
+        let mut data = Map::new();
+        if let Some(size) = size {
+            data.insert("size".into(), size.into());
+        }
+        Self::new("ringbuf", data)
+    }
+
+    /// A backend that discards output and never has input.
+    pub fn null() -> Self {
+        Self::new("null", Map::new())
+    }
+
+    /// Output appended to a file.
+    pub fn file(path: &str) -> Self {
+        Self::new("file", obj(json!({ "out": path })))
+    }
+
+    /// A Unix socket at `path`: QEMU listens when `server` (without waiting
+    /// for a client), else it connects.
+    pub fn socket_unix(path: &str, server: bool) -> Self {
+        let mut data = obj(json!({
+            "addr": {"type": "unix", "data": {"path": path}},
+            "server": server,
+        }));
+        if server {
+            data.insert("wait".into(), false.into());
+        }
+        Self::new("socket", data)
+    }
+
+    /// A connected socket QEMU already holds under an fd name (see
+    /// [`Client::send_file`]).
+    pub fn socket_fd(fdname: &str) -> Self {
+        Self::new(
+            "socket",
+            obj(json!({"addr": {"type": "fd", "data": {"str": fdname}}, "server": false})),
+        )
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// What `chardev-add` reports back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ChardevAdded {
+    /// The path of the pseudo-terminal, for a `pty` backend.
+    #[serde(default)]
+    pub pty: Option<String>,
+}
+
+/// A character device (an entry of `query-chardev`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChardevInfo {
+    /// Its id.
+    pub label: String,
+    /// QEMU's description of the backend: `ringbuf`, `null`, `unix:PATH,server=on`, ...
+    #[serde(default)]
+    pub filename: String,
+    /// True when the device using it (its frontend) has opened it.
+    #[serde(rename = "frontend-open", default)]
+    pub frontend_open: bool,
+}
+
+impl ChardevInfo {
+    /// True for a ring buffer (the `ringbuf` backend or its alias `memory`).
+    pub fn is_ringbuf(&self) -> bool {
+        self.filename == "ringbuf" || self.filename == "memory"
+    }
+}
+
+/// A new backend for [`Client::chardev_change`] (the Go package's
+/// `ChardevChangeInfo`).
+#[derive(Debug)]
+pub enum ChardevChange {
+    /// A connected socket, for example one end of a socket pair. It is
+    /// passed to QEMU under `fdname` first ([`Client::send_file`]).
+    Socket {
+        /// The socket; moved in and closed here once sent.
+        file: OwnedFd,
+        /// The name QEMU holds it under until the backend takes it.
+        fdname: String,
+    },
+    /// A ring buffer of `size` bytes (QEMU's default when `None`).
+    Ringbuf {
+        /// Its size, a power of two.
+        size: Option<u64>,
+    },
+    /// Any other backend.
+    Backend(ChardevBackend),
+}
+
+impl Client {
+    /// Adds a character device (`chardev-add`).
+    #[doc(alias = "AddCharDevice")]
+    #[doc(alias = "chardev-add")]
+    pub async fn add_char_device(&self, id: &str, backend: &ChardevBackend) -> Result<ChardevAdded> {
+        self.call("chardev-add", &json!({"id": id, "backend": backend}))
+            .await
+    }
+
+    /// Removes a character device (`chardev-remove`). One still used by a
+    /// device is [`Error::InUse`]; an unknown id is a not-found error.
+    #[doc(alias = "RemoveCharDevice")]
+    #[doc(alias = "chardev-remove")]
+    pub async fn remove_char_device(&self, id: &str) -> Result<()> {
+        self.call::<_, Empty>("chardev-remove", &json!({ "id": id }))
+            .await
+            .map(drop)
+            .map_err(Error::classify_in_use)
+    }
+
+    /// The character devices (`query-chardev`).
+    #[doc(alias = "query-chardev")]
+    pub async fn query_chardev(&self) -> Result<Vec<ChardevInfo>> {
+        self.call("query-chardev", &()).await
+    }
+
+    /// Writes text into a ring buffer (`ringbuf-write`), as if the device
+    /// behind it had written it.
+    #[doc(alias = "ringbuf-write")]
+    pub async fn ringbuf_write(&self, device: &str, data: &str) -> Result<()> {
+        self.call::<_, Empty>("ringbuf-write", &json!({"device": device, "data": data}))
+            .await
+            .map(drop)
+    }
+
+    /// Drains a ring buffer and returns everything it held (`ringbuf-read`
+    /// until it comes back empty). The reads are kept out of the traffic log.
+    ///
+    /// QEMU returns the bytes as UTF-8 text, replacing invalid sequences.
+    /// A chardev that does not exist is [`Error::BadConsole`]; one that is not
+    /// a ring buffer is [`Error::NotARingbuf`].
+    #[doc(alias = "RingbufRead")]
+    #[doc(alias = "ringbuf-read")]
+    pub async fn ringbuf_read(&self, device: &str) -> Result<String> {
+        let chardevs = self.query_chardev().await?;
+        match chardevs.iter().find(|c| c.label == device) {
+            None => return Err(Error::BadConsole(device.to_owned())),
+            Some(c) if !c.is_ringbuf() => return Err(Error::NotARingbuf(device.to_owned())),
+            Some(_) => {}
+        }
+        let mut out = String::new();
+        loop {
+            let chunk: String = self
+                .call_with(
+                    "ringbuf-read",
+                    &json!({"device": device, "size": RINGBUF_READ_CHUNK, "format": "utf8"}),
+                    CallOptions::new().unlogged(),
+                )
+                .await?;
+            if chunk.is_empty() {
+                return Ok(out);
+            }
+            out.push_str(&chunk);
+        }
+    }
+
+    /// Gives a character device a new backend (`chardev-change`) while the
+    /// device using it stays. The frontend must support the swap (serial
+    /// ports do, `virtserialport` does not: QEMU refuses).
+    ///
+    /// For [`ChardevChange::Socket`] the socket is first passed with `getfd`;
+    /// when the change then fails, that fd name is closed again so nothing
+    /// stays behind in QEMU.
+    #[doc(alias = "ChardevChange")]
+    #[doc(alias = "chardev-change")]
+    pub async fn chardev_change(&self, id: &str, change: ChardevChange) -> Result<()> {
+        let (backend, fdname) = match change {
+            ChardevChange::Socket { file, fdname } => {
+                self.send_file(&fdname, file).await?;
+                (ChardevBackend::socket_fd(&fdname), Some(fdname))
+            }
+            ChardevChange::Ringbuf { size } => (ChardevBackend::ringbuf(size), None),
+            ChardevChange::Backend(b) => (b, None),
+        };
+        let result = self
+            .call::<_, Value>("chardev-change", &json!({"id": id, "backend": backend}))
+            .await;
+        match (result, fdname) {
+            (Ok(_), _) => Ok(()),
+            (Err(e), Some(name)) => {
+                let _ = self.close_file(&name).await;
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Block jobs: commit, mirror, cancel and complete, each run to its end.
+//!
+//! Every operation here waits for its job to finish, driven by QEMU's job
+//! events rather than by polling:
+//!
+//! - the event subscription is made *before* the job is started, so a job
+//!   that fails at once cannot slip by unseen;
+//! - jobs are started with `auto-dismiss: false`, so that when a job
+//!   concludes its error can still be read (`query-jobs`); the wait then
+//!   dismisses it;
+//! - a job that becomes `ready` (a mirror, or a commit of the active layer)
+//!   is completed, and the wait goes on until it has concluded;
+//! - a job that concludes with an error is [`Error::JobFailed`] with
+//!   QEMU's own message;
+//! - `query-jobs` is consulted only when events were missed and, as a
+//!   safety net, every few seconds.
+//!
+//! Each wait takes a timeout. When it runs out, a job this crate started is
+//! cancelled and dismissed, and [`Error::Timeout`] is returned. Dropping the
+//! future of [`Client::block_commit`] or [`Client::block_dev_mirror`] does the
+//! same cleanup in a background task, so no orphaned job is left in QEMU.
+//!
+//! ```no_run
+//! # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+//! use std::time::Duration;
+//! // Merge the active layer "top" into its backing image.
+//! client.block_commit("top", None, None, Duration::from_secs(600)).await?;
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::client::{Client, Empty};
+use crate::error::{Error, Result};
+use crate::event::{BlockJobEvent, EventFilter, EventItem, EventStream, KnownEvent};
+
+/// How often `query-jobs` is consulted while waiting, in case an event was lost.
+const SAFETY_POLL: Duration = Duration::from_secs(5);
+
+/// How long cleaning up an abandoned job may take.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(10);
+
+/// A job as `query-jobs` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct JobInfo {
+    /// The job's id.
+    pub id: String,
+    /// The job type (`commit`, `mirror`, `stream`, ...).
+    #[serde(rename = "type")]
+    pub job_type: String,
+    /// Its status (`created`, `running`, `ready`, `concluded`, ...).
+    pub status: String,
+    /// Progress so far, in an arbitrary unit.
+    #[serde(rename = "current-progress")]
+    pub current_progress: u64,
+    /// The progress value at which the job is done.
+    #[serde(rename = "total-progress")]
+    pub total_progress: u64,
+    /// QEMU's error message, once the job has concluded with an error.
+    pub error: Option<String>,
+}
+
+/// What a wait does when the job becomes `ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnReady {
+    /// Tell the job to complete (commit of the active layer, mirror).
+    Complete,
+    /// Nothing; keep waiting for it to conclude (after a cancel or complete).
+    Wait,
+}
+
+/// Follows one job through its events until it concludes.
+///
+/// Make it (with [`Client::watch_job`]) *before* starting the job, for
+/// jobs started by other means than this module:
+///
+/// ```no_run
+/// # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+/// use std::time::Duration;
+/// let mut watch = client.watch_job("backup0");
+/// client
+///     .execute_raw("blockdev-backup", serde_json::json!({
+///         "job-id": "backup0", "device": "disk0", "target": "backup", "sync": "full"}))
+///     .await?;
+/// watch.wait(false, Duration::from_secs(3600)).await?;
+/// # Ok(()) }
+/// ```
+pub struct JobWatch {
+    client: Client,
+    id: String,
+    events: EventStream,
+    /// The error from `BLOCK_JOB_COMPLETED`, for jobs that dismiss themselves.
+    event_error: Option<String>,
+    /// `BLOCK_JOB_CANCELLED` was seen.
+    cancelled_event: bool,
+    /// This wait asked for the job to be cancelled.
+    cancel_requested: bool,
+    /// The job went through `concluded` (it may be gone by now).
+    concluded: bool,
+    /// Complete was already asked for.
+    completing: bool,
+}
+
+impl std::fmt::Debug for JobWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobWatch")
+            .field("id", &self.id)
+            .field("concluded", &self.concluded)
+            .field("completing", &self.completing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a watched job ended.
+enum Outcome {
+    /// Concluded without an error.
+    Done,
+    /// Concluded after being cancelled.
+    Cancelled,
+    /// Concluded with this error.
+    Failed(String),
+}
+
+impl Client {
+    /// Starts the job `id` with `command` and runs it to its end: completes
+    /// it when it becomes ready, cancels it when the wait is given up
+    /// (timeout, or the future dropped).
+    async fn run_job(
+        &self,
+        id: &str,
+        command: &str,
+        args: &Value,
+        deadline: Instant,
+        budget: Duration,
+    ) -> Result<()> {
+        let mut watch = self.watch_job(id);
+        // Armed before the command is sent: a caller that gives up while the
+        // command is in flight leaves no job behind either.
+        let mut guard = Abandon {
+            client: Some((self.clone(), id.to_owned())),
+        };
+        if let Err(e) = self.call::<_, Empty>(command, args).await {
+            guard.disarm();
+            return Err(e.classify_in_use());
+        }
+        let result = watch.wait_end(OnReady::Complete, deadline, command, budget).await;
+        guard.disarm();
+        if matches!(result, Err(Error::Timeout { .. })) {
+            cleanup(self, id).await;
+        }
+        result
+    }
+
+    /// Starts following the job `id`: subscribes to its events now, so
+    /// nothing is missed between starting the job and waiting for it.
+    pub fn watch_job(&self, id: &str) -> JobWatch {
+        let events = self.subscribe(EventFilter::names([
+            "JOB_STATUS_CHANGE",
+            "BLOCK_JOB_COMPLETED",
+            "BLOCK_JOB_CANCELLED",
+            "BLOCK_JOB_READY",
+            "BLOCK_JOB_ERROR",
+        ]));
+        JobWatch {
+            client: self.clone(),
+            id: id.to_owned(),
+            events,
+            event_error: None,
+            cancelled_event: false,
+            cancel_requested: false,
+            concluded: false,
+            completing: false,
+        }
+    }
+
+    /// Every job QEMU knows, running or concluded (`query-jobs`).
+    pub async fn query_jobs(&self) -> Result<Vec<JobInfo>> {
+        self.call("query-jobs", &()).await
+    }
+
+    /// Merges the images from `top` down to just above `base` into `base`
+    /// (`block-commit`) and waits until the job has finished and is
+    /// dismissed. `device` is the chain's top node; the job's id is
+    /// `device` too. `top` defaults to `device` (commit of the active
+    /// layer) and `base` to the bottom of the chain.
+    ///
+    /// A commit of the active layer becomes `ready` and is then completed
+    /// (the device switches to `base`); a commit of a lower layer finishes
+    /// by itself. A failed job is [`Error::JobFailed`]; at `timeout` the job
+    /// is cancelled and [`Error::Timeout`] returned.
+    #[doc(alias = "BlockCommit")]
+    pub async fn block_commit(
+        &self,
+        device: &str,
+        top: Option<&str>,
+        base: Option<&str>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut args = json!({"device": device, "job-id": device, "auto-dismiss": false});
+        if let Some(top) = top {
+            args["top-node"] = json!(top);
+        }
+        if let Some(base) = base {
+            args["base-node"] = json!(base);
+        }
+        self.run_job(device, "block-commit", &args, deadline, timeout)
+            .await
+    }
+
+    /// Copies the node `device` to the node `target` (`blockdev-mirror`,
+    /// only the top image, writes copied synchronously once in sync), then
+    /// completes the job so that `target` replaces `device` in the graph,
+    /// and waits until the job is finished and dismissed. The job's id is
+    /// `device`.
+    ///
+    /// A failed job is [`Error::JobFailed`]; at `timeout` the job is
+    /// cancelled (the source stays in use) and [`Error::Timeout`] returned.
+    #[doc(alias = "BlockDevMirror")]
+    pub async fn block_dev_mirror(&self, device: &str, target: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut args = json!({
+            "device": device, "target": target, "job-id": device,
+            "sync": "top", "auto-dismiss": false,
+        });
+        if self.schema().await?.has_argument("blockdev-mirror", "copy-mode") {
+            args["copy-mode"] = json!("write-blocking");
+        }
+        self.run_job(device, "blockdev-mirror", &args, deadline, timeout)
+            .await
+    }
+
+    /// Cancels the block job `id` (`block-job-cancel`) and waits until it
+    /// has ended (and dismisses it if it waits for that). A mirror that was
+    /// `ready` stops without switching to its target. A job that failed by
+    /// itself before the cancel took effect is [`Error::JobFailed`].
+    #[doc(alias = "BlockJobCancel")]
+    pub async fn block_job_cancel(&self, id: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut watch = self.watch_job(id);
+        if self.schema().await?.has_command("block-job-cancel") {
+            self.call::<_, Empty>("block-job-cancel", &json!({"device": id}))
+                .await?;
+        } else {
+            self.call::<_, Empty>("job-cancel", &json!({"id": id})).await?;
+        }
+        watch.cancel_requested = true;
+        watch
+            .wait_end(OnReady::Wait, deadline, "block-job-cancel", timeout)
+            .await
+    }
+
+    /// Completes the `ready` job `id` (`job-complete`, or
+    /// `block-job-complete` on a QEMU without it) and waits until it has
+    /// concluded, then dismisses it.
+    #[doc(alias = "BlockJobComplete")]
+    pub async fn block_job_complete(&self, id: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut watch = self.watch_job(id);
+        watch.complete().await?;
+        watch
+            .wait_end(OnReady::Wait, deadline, "block-job-complete", timeout)
+            .await
+    }
+}
+
+/// Cancels and dismisses a job this crate started if the wait for it is
+/// abandoned (dropped) before the job ended.
+struct Abandon {
+    client: Option<(Client, String)>,
+}
+
+impl Abandon {
+    fn disarm(&mut self) {
+        self.client = None;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some((client, id)) = self.client.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { cleanup(&client, &id).await });
+            }
+        }
+    }
+}
+
+/// Best effort: cancels the job, waits a little for it to conclude, dismisses it.
+async fn cleanup(client: &Client, id: &str) {
+    let mut watch = client.watch_job(id);
+    let _ = client.call::<_, Empty>("job-cancel", &json!({"id": id})).await;
+    watch.cancel_requested = true;
+    let _ = watch
+        .wait_end(
+            OnReady::Wait,
+            Instant::now() + CLEANUP_BUDGET,
+            "job-cancel",
+            CLEANUP_BUDGET,
+        )
+        .await;
+    let _ = client.call::<_, Empty>("job-dismiss", &json!({"id": id})).await;
+}
+
+impl JobWatch {
+    /// The job's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits until the job has concluded, completing it when it becomes
+    /// `ready` if `complete_when_ready`, and dismisses it. A job that ended
+    /// with an error is [`Error::JobFailed`]; when `timeout` runs out,
+    /// [`Error::Timeout`] (the job is left as it is).
+    pub async fn wait(&mut self, complete_when_ready: bool, timeout: Duration) -> Result<()> {
+        let on_ready = if complete_when_ready {
+            OnReady::Complete
+        } else {
+            OnReady::Wait
+        };
+        let deadline = Instant::now() + timeout;
+        self.wait_end(on_ready, deadline, "job wait", timeout).await
+    }
+
+    async fn complete(&mut self) -> Result<()> {
+        self.completing = true;
+        if self.client.schema().await?.has_command("job-complete") {
+            self.client
+                .call::<_, Empty>("job-complete", &json!({"id": self.id}))
+                .await?;
+        } else {
+            self.client
+                .call::<_, Empty>("block-job-complete", &json!({"device": self.id}))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the job to conclude, then reads its error and dismisses it.
+    async fn wait_end(
+        &mut self,
+        on_ready: OnReady,
+        deadline: Instant,
+        command: &str,
+        budget: Duration,
+    ) -> Result<()> {
+        // The job may already be past some states: look once now.
+        let mut status = self.poll().await?;
+        loop {
+            match status.as_deref() {
+                Some("ready") if on_ready == OnReady::Complete && !self.completing => {
+                    self.complete().await?;
+                }
+                Some("concluded") => self.concluded = true,
+                // Gone: dismissed by itself (auto-dismiss) or by someone else.
+                None | Some("null") => {
+                    // Take in what is already queued: it may say how it ended.
+                    while let Some(e) = self.events.try_next() {
+                        self.note(&e.known());
+                    }
+                    let ended = self.concluded
+                        || self.cancel_requested
+                        || self.completing
+                        || self.cancelled_event
+                        || self.event_error.is_some();
+                    if ended {
+                        break;
+                    }
+                    return Err(Error::JobFailed {
+                        job: self.id.clone(),
+                        message: "the job does not exist (or vanished before it concluded)".into(),
+                    });
+                }
+                _ => {}
+            }
+            if self.concluded {
+                break;
+            }
+            status = tokio::select! {
+                item = self.events.recv() => match item {
+                    None => return Err(self.client.closed().await),
+                    Some(EventItem::Missed(_)) => self.poll().await?,
+                    Some(EventItem::Event(e)) => match self.note(&e.known()) {
+                        Some(s) => Some(s),
+                        None => continue,
+                    },
+                },
+                _ = tokio::time::sleep(SAFETY_POLL) => self.poll().await?,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::Timeout { command: command.to_owned(), budget });
+                }
+            };
+        }
+        match self.finish().await? {
+            Outcome::Done | Outcome::Cancelled => Ok(()),
+            Outcome::Failed(message) => Err(Error::JobFailed {
+                job: self.id.clone(),
+                message,
+            }),
+        }
+    }
+
+    /// Takes in one event; returns the job's new status if the event says it.
+    fn note(&mut self, event: &KnownEvent) -> Option<String> {
+        match event {
+            KnownEvent::JobStatusChange { id, status } if *id == self.id => {
+                if status == "concluded" {
+                    self.concluded = true;
+                }
+                Some(status.clone())
+            }
+            KnownEvent::BlockJob {
+                kind, device, error, ..
+            } if *device == self.id => {
+                match kind {
+                    BlockJobEvent::Completed if error.is_some() => {
+                        self.event_error = error.clone();
+                    }
+                    BlockJobEvent::Cancelled => self.cancelled_event = true,
+                    _ => {}
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The job's status from `query-jobs`; `None` when it is not listed.
+    async fn poll(&mut self) -> Result<Option<String>> {
+        let jobs = self.client.query_jobs().await?;
+        Ok(jobs.into_iter().find(|j| j.id == self.id).map(|j| j.status))
+    }
+
+    /// After `concluded`: reads the error and dismisses the job if it is still there.
+    async fn finish(&mut self) -> Result<Outcome> {
+        let jobs = self.client.query_jobs().await?;
+        // BLOCK_JOB_COMPLETED with an error: the job failed by itself.
+        let failed_event = self.event_error.take();
+        let error = match jobs.into_iter().find(|j| j.id == self.id) {
+            Some(job) => {
+                if job.status == "concluded" {
+                    self.client
+                        .call::<_, Value>("job-dismiss", &json!({"id": self.id}))
+                        .await?;
+                }
+                job.error.or_else(|| failed_event.clone())
+            }
+            None => failed_event.clone(),
+        };
+        Ok(match error {
+            None => Outcome::Done,
+            // The cancel this wait asked for, not a failure of the job's own.
+            Some(_) if self.cancel_requested && failed_event.is_none() => Outcome::Cancelled,
+            Some(message) => Outcome::Failed(message),
+        })
+    }
+}

@@ -1,0 +1,218 @@
+//! Connecting: options, the handshake, and the task that owns the socket.
+
+mod driver;
+mod handshake;
+mod socket;
+pub(crate) mod traffic_log;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+pub(crate) use driver::{Outgoing, Reply, ToDriver};
+
+/// The default size limit of one message from QEMU: 64 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
+
+/// The default budget of a command without a budget of its own.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default budget of the whole handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default budget of commands that legitimately take long on a busy
+/// host. Too tight a budget fails healthy VMs; too loose a one only delays
+/// the report of a frozen QEMU.
+fn slow_command_budget(name: &str) -> Option<Duration> {
+    let secs = match name {
+        "dump-guest-memory" => 600,
+        "blockdev-create" => 300,
+        "blockdev-add" | "blockdev-del" | "device_add" | "device_del" | "cont" | "stop" | "transaction"
+        | "block_resize" | "x-blockdev-change" | "object-add" => 120,
+        "system_reset" | "screendump" | "query-migrate" | "migrate" | "migrate-incoming" => 60,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+/// The commands kept out of the traffic log unless told otherwise (the Go
+/// package's `ExcludedCommands`).
+pub const DEFAULT_LOG_EXCLUDED: &[&str] = &["ringbuf-read"];
+
+/// Settings shared by a connection and its handles. Connections made from
+/// one [`ConnectOptions`] share one copy.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub default_timeout: Duration,
+    /// Budgets set by the user, by command name (usually empty).
+    pub command_timeouts: HashMap<String, Duration>,
+    pub max_message_size: usize,
+    /// `None` means [`DEFAULT_LOG_EXCLUDED`].
+    pub log_excluded: Option<Vec<String>>,
+}
+
+impl Config {
+    /// The budget of a command by name.
+    pub(crate) fn timeout_for(&self, name: &str) -> Duration {
+        if let Some(t) = self.command_timeouts.get(name) {
+            return *t;
+        }
+        slow_command_budget(name).unwrap_or(self.default_timeout)
+    }
+
+    /// True when the traffic log leaves this command out.
+    pub(crate) fn log_excludes(&self, name: &str) -> bool {
+        match &self.log_excluded {
+            Some(list) => list.iter().any(|x| x == name),
+            None => DEFAULT_LOG_EXCLUDED.contains(&name),
+        }
+    }
+}
+
+/// How to connect: timeouts, size limit, capabilities, traffic log.
+///
+/// ```no_run
+/// # async fn f() -> qmpkit::Result<()> {
+/// use std::time::Duration;
+/// let client = qmpkit::ConnectOptions::new()
+///     .handshake_timeout(Duration::from_secs(2))
+///     .command_timeout(Duration::from_secs(10))
+///     .timeout_for("blockdev-add", Duration::from_secs(300))
+///     .traffic_log("/var/log/vm1-qmp.log")
+///     .connect("/run/vm1/qmp.sock")
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    handshake_timeout: Duration,
+    oob: bool,
+    log_file: Option<PathBuf>,
+    config: Arc<Config>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectOptions {
+    /// The defaults: 5 s handshake, 30 s per command (60 to 600 s for known
+    /// slow commands such as `blockdev-add`, `device_add` or
+    /// `dump-guest-memory`), 64 MiB messages, `oob` enabled when offered, no log.
+    pub fn new() -> Self {
+        // Every connection made with default settings shares one copy of them.
+        static DEFAULT_CONFIG: std::sync::LazyLock<Arc<Config>> = std::sync::LazyLock::new(|| {
+            Arc::new(Config {
+                default_timeout: DEFAULT_COMMAND_TIMEOUT,
+                command_timeouts: HashMap::new(),
+                max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+                log_excluded: None,
+            })
+        });
+        ConnectOptions {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            oob: true,
+            log_file: None,
+            config: DEFAULT_CONFIG.clone(),
+        }
+    }
+
+    /// The budget for connecting, reading the greeting and negotiating capabilities.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The budget of every command that has no budget of its own.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.config).default_timeout = timeout;
+        self
+    }
+
+    /// The budget of one command by name, overriding the default.
+    pub fn timeout_for(mut self, command: &str, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.config)
+            .command_timeouts
+            .insert(command.to_owned(), timeout);
+        self
+    }
+
+    /// The largest message accepted from QEMU. A larger one fails the command
+    /// it answers with [`Error::MessageTooLarge`] and is skipped.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_message_size = bytes;
+        self
+    }
+
+    /// Whether to enable out-of-band execution when QEMU offers it (default
+    /// true). With it, QEMU queues up to 8 commands, so pipelining pays off.
+    pub fn oob(mut self, enable: bool) -> Self {
+        self.oob = enable;
+        self
+    }
+
+    /// Appends a transcript of the traffic to this file (mode 0600, secrets
+    /// redacted). If the file cannot be opened, there is no log and no error.
+    pub fn traffic_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.log_file = Some(path.into());
+        self
+    }
+
+    /// Commands kept out of the traffic log (default: `ringbuf-read`).
+    pub fn log_excluded<I, S>(mut self, commands: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Arc::make_mut(&mut self.config).log_excluded = Some(commands.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Connects and negotiates capabilities.
+    ///
+    /// The whole of it has the handshake budget; on failure nothing is left
+    /// behind (socket, log file, task). Events that QEMU sends right after the
+    /// handshake are kept for the first subscriber.
+    pub async fn connect(&self, path: impl AsRef<Path>) -> Result<Client> {
+        let path = path.as_ref();
+        let span = tracing::debug_span!("qmp_connect", path = %path.display());
+        async {
+            let started = std::time::Instant::now();
+            let attempt = async {
+                let stream = socket::connect(path).await.map_err(|e| Error::Connect {
+                    path: path.to_owned(),
+                    source: Arc::new(e),
+                })?;
+                handshake::run(stream, self.oob, self.config.max_message_size).await
+            };
+            let done = tokio::time::timeout(self.handshake_timeout, attempt)
+                .await
+                .map_err(|_| {
+                    Error::Handshake(format!(
+                        "no complete handshake from {} within {:?} (is another client connected, or is QEMU frozen?)",
+                        path.display(),
+                        self.handshake_timeout
+                    ))
+                })??;
+            let log = self.log_file.as_deref().and_then(traffic_log::TrafficLog::open);
+            let client = driver::spawn(done, self.config.clone(), log, path.to_owned());
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                version = %client.greeting().version,
+                oob = client.oob_enabled(),
+                "connected"
+            );
+            Ok(client)
+        }
+        .instrument(span)
+        .await
+    }
+}

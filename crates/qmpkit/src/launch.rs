@@ -1,0 +1,380 @@
+//! Starting a throwaway QEMU with a QMP socket, for tests, examples and tools.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let vm = qmpkit::launch::QemuBuilder::new().spawn().await?;
+//! let status: serde_json::Value = vm.client().execute_raw("query-status", serde_json::Value::Null).await?;
+//! assert_eq!(status["status"], "prelaunch");
+//! // Dropping `vm` kills QEMU, reaps it and removes its directory.
+//! # Ok(()) }
+//! ```
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::Client;
+use crate::connection::ConnectOptions;
+
+/// The QEMU binary used unless told otherwise (`QMP_QEMU` in the environment overrides it).
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// Why QEMU could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    /// The temporary directory could not be made.
+    #[error("cannot create a directory for QEMU: {0}")]
+    TempDir(#[source] std::io::Error),
+    /// The binary could not be run.
+    #[error("cannot run {binary}: {source} (is QEMU installed? see README)")]
+    Spawn {
+        /// The binary.
+        binary: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited before its QMP socket was ready.
+    #[error("QEMU exited with {status} before its QMP socket was ready: {stderr}")]
+    Exited {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The socket did not accept a QMP connection in time.
+    #[error("QEMU's QMP socket was not ready within {0:?}")]
+    Timeout(Duration),
+    /// Connecting to the socket failed.
+    #[error("cannot connect to QEMU: {0}")]
+    Connect(#[from] crate::Error),
+}
+
+/// Builds the command line of a throwaway QEMU.
+///
+/// By default: `-machine q35,accel=kvm:tcg -m 128M -nodefaults -display none -S`
+/// (KVM when it works, TCG otherwise; CPUs stopped in `prelaunch`), and a QMP
+/// socket in a fresh temporary directory.
+#[derive(Debug, Clone)]
+pub struct QemuBuilder {
+    binary: OsString,
+    base: bool,
+    paused: bool,
+    memory: String,
+    machine: String,
+    args: Vec<OsString>,
+    extra_sockets: Vec<String>,
+    qmp_path: Option<PathBuf>,
+    options: ConnectOptions,
+    start_timeout: Duration,
+    die_with_parent: bool,
+}
+
+impl Default for QemuBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QemuBuilder {
+    /// The defaults described above.
+    pub fn new() -> Self {
+        QemuBuilder {
+            binary: std::env::var_os("QMP_QEMU").unwrap_or_else(|| DEFAULT_QEMU.into()),
+            base: true,
+            paused: true,
+            memory: "128M".into(),
+            machine: "q35,accel=kvm:tcg".into(),
+            args: Vec::new(),
+            extra_sockets: Vec::new(),
+            qmp_path: None,
+            options: ConnectOptions::new(),
+            start_timeout: Duration::from_secs(20),
+            die_with_parent: true,
+        }
+    }
+
+    /// The QEMU binary to run.
+    pub fn binary(mut self, binary: impl Into<OsString>) -> Self {
+        self.binary = binary.into();
+        self
+    }
+
+    /// The `-machine` value (default `q35,accel=kvm:tcg`).
+    pub fn machine(mut self, machine: impl Into<String>) -> Self {
+        self.machine = machine.into();
+        self
+    }
+
+    /// The `-m` value (default `128M`); for example `"256M,slots=4,maxmem=1G"`.
+    pub fn memory(mut self, memory: impl Into<String>) -> Self {
+        self.memory = memory.into();
+        self
+    }
+
+    /// Whether to pass `-S` (default true: CPUs stay stopped until `cont`).
+    pub fn paused(mut self, paused: bool) -> Self {
+        self.paused = paused;
+        self
+    }
+
+    /// Leaves out every default argument but the QMP socket.
+    pub fn bare(mut self) -> Self {
+        self.base = false;
+        self
+    }
+
+    /// Gives the VM the devices that most operations can be tried on without
+    /// a guest: a SCSI controller `scsi0` and a USB controller `usb0` (whose
+    /// disks and devices unplug without the guest's help), a balloon
+    /// `balloon0`, a VGA display `vga0` (for screendumps), a ring-buffer serial
+    /// console `console0`, two memory slots up to 1 GiB and a spare CPU slot.
+    /// `qmpctl --launch` and `qmpctl tour` use it.
+    pub fn scratch_devices(self) -> Self {
+        self.memory("128M,slots=2,maxmem=1G").args([
+            "-smp",
+            "1,maxcpus=2",
+            "-device",
+            "virtio-scsi-pci,id=scsi0",
+            "-device",
+            "qemu-xhci,id=usb0",
+            "-device",
+            "virtio-balloon-pci,id=balloon0",
+            "-device",
+            "VGA,id=vga0",
+            "-chardev",
+            "ringbuf,id=console0,size=65536",
+            "-serial",
+            "chardev:console0",
+        ])
+    }
+
+    /// Adds one argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds a second QMP socket `NAME.sock` in the VM's directory (a control
+    /// channel for a test); see [`Qemu::socket`].
+    pub fn extra_qmp_socket(mut self, name: &str) -> Self {
+        self.extra_sockets.push(name.to_owned());
+        self
+    }
+
+    /// Puts the main QMP socket at this path instead of the temporary directory.
+    pub fn qmp_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.qmp_path = Some(path.into());
+        self
+    }
+
+    /// Options for the connection the launcher makes.
+    pub fn connect_options(mut self, options: ConnectOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// How long QEMU may take to open its socket (default 20 s).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// Whether QEMU is killed when the thread that started it ends (default
+    /// true), so that a test process killed with SIGKILL leaves no QEMU
+    /// behind. Linux ties this to the starting *thread*: turn it off when
+    /// spawning from a short-lived thread (for example inside
+    /// `spawn_blocking`) whose QEMU must outlive it.
+    pub fn die_with_parent(mut self, die: bool) -> Self {
+        self.die_with_parent = die;
+        self
+    }
+
+    /// Starts QEMU, waits for its QMP socket and connects.
+    pub async fn spawn(self) -> Result<Qemu, LaunchError> {
+        let dir = tempfile::Builder::new()
+            .prefix("qmpkit-")
+            .tempdir()
+            .map_err(LaunchError::TempDir)?;
+        let qmp_path = self
+            .qmp_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("qmp.sock"));
+        let stderr_path = dir.path().join("qemu.stderr");
+        let stderr = std::fs::File::create(&stderr_path).map_err(LaunchError::TempDir)?;
+        let mut cmd = Command::new(&self.binary);
+        if self.base {
+            cmd.args([
+                "-machine",
+                &self.machine,
+                "-m",
+                &self.memory,
+                "-nodefaults",
+                "-display",
+                "none",
+            ]);
+            if self.paused {
+                cmd.arg("-S");
+            }
+        }
+        cmd.arg("-qmp").arg(qmp_arg(&qmp_path));
+        for name in &self.extra_sockets {
+            cmd.arg("-qmp")
+                .arg(qmp_arg(&dir.path().join(format!("{name}.sock"))));
+        }
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        if self.die_with_parent {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the child between fork and exec, where only
+            // async-signal-safe calls are allowed: this is one prctl(2).
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            binary: self.binary.to_string_lossy().into_owned(),
+            source,
+        })?;
+        let mut qemu = Qemu {
+            child,
+            dir,
+            qmp_path,
+            stderr_path,
+            client: None,
+        };
+        let client = qemu.await_socket(&self.options, self.start_timeout).await?;
+        qemu.client = Some(client);
+        Ok(qemu)
+    }
+}
+
+fn qmp_arg(path: &Path) -> OsString {
+    let mut s = OsString::from("unix:");
+    s.push(path.as_os_str());
+    s.push(",server=on,wait=off");
+    s
+}
+
+/// A running QEMU. Dropping it kills QEMU (SIGKILL), reaps it and removes
+/// its temporary directory, also when a test panics.
+#[derive(Debug)]
+pub struct Qemu {
+    child: Child,
+    dir: tempfile::TempDir,
+    qmp_path: PathBuf,
+    stderr_path: PathBuf,
+    client: Option<Client>,
+}
+
+impl Qemu {
+    async fn await_socket(
+        &mut self,
+        options: &ConnectOptions,
+        budget: Duration,
+    ) -> Result<Client, LaunchError> {
+        let deadline = Instant::now() + budget;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                return Err(LaunchError::Exited {
+                    status,
+                    stderr: self.stderr(),
+                });
+            }
+            match options.connect(&self.qmp_path).await {
+                Ok(client) => return Ok(client),
+                // Not there yet (or not listening yet): poll until the deadline.
+                Err(crate::Error::Connect { .. }) if Instant::now() < deadline => {}
+                Err(crate::Error::Connect { .. }) => return Err(LaunchError::Timeout(budget)),
+                Err(e) => return Err(e.into()),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The connection the launcher made.
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().expect("connected at spawn")
+    }
+
+    /// The main QMP socket's path.
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_path
+    }
+
+    /// The path of an extra QMP socket added with [`QemuBuilder::extra_qmp_socket`].
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// The VM's temporary directory (for images, dumps, sockets of a test's own).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What QEMU has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Kills QEMU with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for QEMU to exit by itself, polling up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends a signal to QEMU (for example `SIGSTOP` to freeze it in a test).
+    pub fn signal(&self, signal: rustix::process::Signal) -> std::io::Result<()> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32)
+            .ok_or_else(|| std::io::Error::other("no pid"))?;
+        rustix::process::kill_process(pid, signal).map_err(Into::into)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Some(c) = &self.client {
+            c.disconnect();
+        }
+        // A stopped QEMU still dies of SIGKILL.
+        self.kill();
+    }
+}

@@ -1,0 +1,81 @@
+//! A client for the QEMU Machine Protocol (QMP): the JSON protocol on QEMU's
+//! monitor socket through which VM managers control their VMs.
+//!
+//! ```no_run
+//! # async fn f() -> qmpkit::Result<()> {
+//! let client = qmpkit::Client::connect("/run/vm1/qmp.sock").await?;
+//! println!("QEMU {}", client.greeting().version);
+//!
+//! let mut events = client.events();
+//! let status: serde_json::Value = client.execute_raw("query-status", serde_json::Value::Null).await?;
+//! println!("{}", status["status"]);
+//!
+//! while let Some(event) = events.next().await {
+//!     println!("{} at {:?}", event.name(), event.timestamp());
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Behaviour
+//!
+//! - **Pipelining.** One task owns the socket. Any number of tasks may have
+//!   commands in flight through clones of one [`Client`]; replies are matched
+//!   by id, never by order. With the `oob` capability (negotiated when QEMU
+//!   offers it) QEMU queues up to 8 commands, so the client keeps at most 8
+//!   in-band commands at QEMU and queues the rest itself.
+//!
+//!   ```text
+//!   task A ──execute──┐                       ┌──reply #1──> task A
+//!   task B ──execute──┼─> [connection task] ──┼──reply #2──> task B
+//!   task C ──subscribe┘     one socket        └──events────> task C (bounded queue)
+//!   ```
+//! - **Deadlines.** Every command has a budget (30 s by default, longer for
+//!   known slow commands, settable per command name and per call). A timeout
+//!   fails that call only: the connection stays up, a request not yet written
+//!   is never written, and a late reply is dropped by id.
+//! - **Failure.** Only end-of-stream or a socket error means the connection is
+//!   gone: then every pending call fails with [`Error::Disconnected`] at once,
+//!   later calls fail at once, and [`Client::closed`] wakes.
+//! - **Framing.** The stream is split as JSON, not by lines, with no line
+//!   length cap; a message over the size limit (64 MiB by default) fails the
+//!   command it answers with [`Error::MessageTooLarge`] and is skipped.
+//! - **Events** go to every subscriber through its own bounded queue, in the
+//!   order QEMU sent them; a subscriber that falls behind is told how many it
+//!   missed ([`EventItem::Missed`]) and never slows anything else.
+//! - **File descriptors** travel as SCM_RIGHTS on the `sendmsg` that carries
+//!   their command's first byte ([`CallOptions::fds`]); the client closes its
+//!   copies exactly once.
+//!
+//! # Layers
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`Client`], [`ConnectOptions`] | the async client |
+//! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
+//! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
+//! | [`event`] | subscriptions and typed views of events |
+//! | [`schema`] | the server's command schema, for version-dependent choices |
+//! | [`blocking`] | the same client for synchronous code |
+//! | [`launch`] | start a throwaway QEMU for tests and tools |
+
+#![warn(missing_docs)]
+
+pub mod blocking;
+mod client;
+pub mod commands;
+mod connection;
+mod error;
+pub mod event;
+pub mod launch;
+pub mod monitor;
+pub mod schema;
+mod wire;
+
+pub use client::{CallOptions, Client, Command, Empty};
+pub use connection::{
+    ConnectOptions, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
+    DEFAULT_MAX_MESSAGE_SIZE,
+};
+pub use error::{Error, ErrorClass, QmpError, Result};
+pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};
+pub use wire::{Greeting, Timestamp, Version};

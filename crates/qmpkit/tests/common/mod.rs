@@ -1,0 +1,64 @@
+//! Shared helpers for tests that run a real QEMU.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use qmpkit::launch::{Qemu, QemuBuilder};
+
+/// A throwaway QEMU with the defaults (q35, 128M, paused, no devices).
+pub async fn vm() -> Qemu {
+    vm_with(|b| b).await
+}
+
+/// A throwaway QEMU with the builder adjusted by `f`.
+pub async fn vm_with(f: impl FnOnce(QemuBuilder) -> QemuBuilder) -> Qemu {
+    let builder = f(QemuBuilder::new());
+    match builder.spawn().await {
+        Ok(vm) => vm,
+        Err(e) => panic!("cannot launch QEMU: {e}"),
+    }
+}
+
+/// Runs `fut`, failing the test if it takes longer than `secs` seconds
+/// (a hang is a failure, never a stuck CI run).
+pub async fn within<T>(secs: u64, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {secs} s"))
+}
+
+/// Polls `check` until it returns `Some`, up to `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Creates a qcow2 (or raw) image with qemu-img.
+pub fn qemu_img_create(path: &std::path::Path, format: &str, size: &str, backing: Option<&std::path::Path>) {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", format]);
+    if let Some(b) = backing {
+        cmd.arg("-b").arg(b).args(["-F", "qcow2"]);
+    }
+    cmd.arg(path).arg(size);
+    let out = cmd.output().expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
