@@ -4,17 +4,17 @@ use std::borrow::Cow;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::{Config, ConnectOptions, Outgoing, Reply, ToDriver};
+use crate::connection::{ConnectOptions, Outgoing, Reply, Shared, ToDriver};
 use crate::error::{Error, Result};
-use crate::event::{EventFilter, EventStream, Subscribers};
+use crate::event::{EventFilter, EventStream};
 use crate::wire::{encode_request, Greeting};
 
 /// A QMP command with typed arguments and a typed reply.
@@ -42,6 +42,10 @@ pub trait Command: Serialize {
     /// What a successful reply's `return` member decodes into ([`Empty`] for `{}`).
     type Returns: DeserializeOwned;
 }
+
+/// The most file descriptors one call may pass: Linux refuses more than
+/// this in one `sendmsg` (SCM_MAX_FD).
+pub const MAX_FDS_PER_CALL: usize = 253;
 
 /// The `{}` that commands without a result return.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -72,7 +76,9 @@ impl CallOptions {
     /// Passes these file descriptors with the command (SCM_RIGHTS, on the
     /// same `sendmsg` as the command's first byte), for `getfd`, `add-fd` and
     /// the like. They are moved in: the client closes its copies once they
-    /// are sent, or when the call fails before sending.
+    /// are sent, or when the call fails before sending. More than
+    /// [`MAX_FDS_PER_CALL`] fail the call with [`Error::TooManyFds`] before
+    /// anything is sent.
     pub fn fds(mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Self {
         self.fds.extend(fds);
         self
@@ -92,25 +98,13 @@ impl CallOptions {
     }
 }
 
-/// State shared by a connection's task and its handles.
-pub(crate) struct Shared {
-    pub next_id: AtomicU64,
-    pub config: Arc<Config>,
-    pub greeting: Greeting,
-    pub oob: bool,
-    pub subscribers: Subscribers,
-    pub closed: watch::Sender<bool>,
-    pub close_reason: OnceLock<Error>,
-    pub path: PathBuf,
-    pub schema: tokio::sync::OnceCell<Arc<crate::schema::Schema>>,
-    /// QEMU's last SHUTDOWN event, unless a RESUME came after it.
-    pub last_shutdown: std::sync::Mutex<Option<crate::event::Event>>,
-}
-
 struct Inner {
     // Dropping the last handle drops this sender, which ends the task.
     tx: mpsc::UnboundedSender<ToDriver>,
     shared: Arc<Shared>,
+    next_id: AtomicU64,
+    path: PathBuf,
+    schema: tokio::sync::OnceCell<Arc<crate::schema::Schema>>,
 }
 
 /// A connection to a QMP server. Cheap to clone; every clone talks over the
@@ -138,7 +132,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("path", &self.inner.shared.path)
+            .field("path", &self.inner.path)
             .field("version", &self.inner.shared.greeting.version)
             .field("oob", &self.inner.shared.oob)
             .field("closed", &self.is_closed())
@@ -147,9 +141,15 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(tx: mpsc::UnboundedSender<ToDriver>, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<ToDriver>, shared: Arc<Shared>, path: PathBuf) -> Self {
         Client {
-            inner: Arc::new(Inner { tx, shared }),
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                next_id: AtomicU64::new(1),
+                path,
+                schema: Default::default(),
+            }),
         }
     }
 
@@ -175,7 +175,7 @@ impl Client {
 
     /// The socket path this client connected to.
     pub fn path(&self) -> &Path {
-        &self.inner.shared.path
+        &self.inner.path
     }
 
     /// Runs a typed command.
@@ -312,11 +312,12 @@ impl Client {
     /// Returns a fresh id from the connection's counter (the Go package's
     /// `IncreaseID`). The client numbers its own requests from the same counter.
     pub fn next_id(&self) -> u64 {
-        self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.inner.shared
+    /// Where this connection keeps the server's schema once fetched.
+    pub(crate) fn schema_cell(&self) -> &tokio::sync::OnceCell<Arc<crate::schema::Schema>> {
+        &self.inner.schema
     }
 
     /// Sends one request and waits for its reply within its budget.
@@ -334,6 +335,12 @@ impl Client {
             return Err(Error::InvalidRequest(format!(
                 "{name}: exec-oob needs the oob capability, which this connection did not negotiate"
             )));
+        }
+        if options.fds.len() > MAX_FDS_PER_CALL {
+            return Err(Error::TooManyFds {
+                count: options.fds.len(),
+                max: MAX_FDS_PER_CALL,
+            });
         }
         let id = self.next_id();
         let mut bytes = Vec::with_capacity(96);

@@ -75,14 +75,38 @@ pub enum Error {
         limit: usize,
     },
 
-    /// A reply could not be decoded into the expected Rust type.
-    #[error("cannot decode the reply to {command}: {source}")]
+    /// A reply could not be decoded: it was malformed (not a valid reply,
+    /// or cut short by the next message), or not of the expected Rust type.
+    /// The connection is still usable.
+    #[error("cannot decode the reply to {command}: {source} (reply: {reply})")]
     Decode {
         /// The command whose reply was malformed.
         command: String,
+        /// The reply as received (its first 500 bytes, lossily as UTF-8).
+        reply: Arc<str>,
         /// The decoding error.
         #[source]
         source: Arc<serde_json::Error>,
+    },
+
+    /// QEMU answered a command written after this one first, so this one's
+    /// reply was lost on the way (corrupt, cut short or dropped): QEMU
+    /// answers in-band commands in order. Whether the command ran is
+    /// unknown; the connection is still usable.
+    #[error("the reply to {command} was lost: QEMU answered a later command first")]
+    ReplyLost {
+        /// The command whose reply was lost.
+        command: String,
+    },
+
+    /// A call passed more file descriptors than one message can carry.
+    /// Nothing was sent.
+    #[error("{count} file descriptors in one call; at most {max} can be passed")]
+    TooManyFds {
+        /// How many were given.
+        count: usize,
+        /// The most one call can pass ([`crate::MAX_FDS_PER_CALL`]).
+        max: usize,
     },
 
     /// The arguments given were not valid (for example a raw request that is
@@ -170,9 +194,15 @@ impl Error {
         }
     }
 
-    pub(crate) fn decode(command: &str, source: serde_json::Error) -> Self {
+    pub(crate) fn decode(command: &str, reply: &[u8], source: serde_json::Error) -> Self {
+        const QUOTED: usize = 500;
+        let mut quoted = String::from_utf8_lossy(&reply[..reply.len().min(QUOTED)]).into_owned();
+        if reply.len() > QUOTED {
+            quoted.push_str("...");
+        }
         Error::Decode {
             command: command.to_owned(),
+            reply: quoted.into(),
             source: Arc::new(source),
         }
     }

@@ -71,7 +71,7 @@ pub mod monitor;
 pub mod schema;
 mod wire;
 
-pub use client::{CallOptions, Client, Command, Empty};
+pub use client::{CallOptions, Client, Command, Empty, MAX_FDS_PER_CALL};
 pub use connection::{
     ConnectOptions, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
     DEFAULT_MAX_MESSAGE_SIZE,

@@ -140,8 +140,7 @@ impl Schema {
 impl Client {
     /// The server's schema, fetched on first use and kept for the connection.
     pub async fn schema(&self) -> Result<Arc<Schema>> {
-        self.shared()
-            .schema
+        self.schema_cell()
             .get_or_try_init(|| async {
                 let reply: serde_json::Value = self.call("query-qmp-schema", &()).await?;
                 Ok(Arc::new(Schema::from_reply(&reply)))

@@ -14,46 +14,44 @@
 //! only when the previous batch is fully written, and a request whose caller
 //! has already given up is dropped before it is written.
 
-use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
 use super::handshake::Handshaken;
+use super::inflight::{self, InFlight, Pending};
 use super::socket;
 use super::traffic_log::TrafficLog;
-use super::Config;
-use crate::client::{Client, Shared};
+use super::Shared;
 use crate::error::{Error, ErrorClass, QmpError};
-use crate::event::{Event, Subscribers};
-use crate::wire::splitter::{Frame, Oversized};
-use crate::wire::{parse_message, quick_event, success_reply, Incoming, ReturnOf, Timestamp};
-
-/// QEMU queues at most this many in-band commands when OOB is enabled
-/// (QMP_REQ_QUEUE_LEN_MAX) and stops reading beyond that.
-const QEMU_QUEUE_LIMIT: usize = 8;
+use crate::event::Event;
+use crate::wire::message::{classify, Message, Outcome};
+use crate::wire::splitter::{Fragment, Frame};
+use crate::wire::{parse_message, ReturnOf, Timestamp};
 
 /// What a caller gets back: a success reply, or an error.
 pub(crate) type ReplyResult = Result<Reply, Error>;
 
+/// Where a caller waits for its result.
+pub(crate) type ReplySlot = oneshot::Sender<ReplyResult>;
+
+/// One request on its way to QEMU, as the connection's task takes it.
+pub(crate) type Outgoing = inflight::Outgoing<ReplySlot>;
+
 /// A success reply on its way to the caller, who decodes it.
 pub(crate) enum Reply {
     /// A whole `{"return": VALUE, "id": ID}` message, recognised without
-    /// parsing it (see [`success_reply`]), and where VALUE lies in it: the
-    /// caller's typed decode is then the only pass over it.
+    /// parsing it, and where VALUE lies in it: the caller's typed decode is
+    /// then the only pass over it.
     Message {
         bytes: Box<[u8]>,
         value: std::ops::Range<usize>,
@@ -70,10 +68,12 @@ impl Reply {
             // (a message only shaped like a plain reply), the whole message
             // decides, and gives the error if there is one.
             Reply::Message { bytes, value } => parse_message::<R>(&bytes[value.clone()])
-                .or_else(|_| parse_message::<ReturnOf<R>>(bytes).map(|r| r.value)),
-            Reply::Value(raw) => serde_json::from_str(raw.get()),
+                .or_else(|_| parse_message::<ReturnOf<R>>(bytes).map(|r| r.value))
+                .map_err(|e| Error::decode(command, bytes, e)),
+            Reply::Value(raw) => {
+                serde_json::from_str(raw.get()).map_err(|e| Error::decode(command, raw.get().as_bytes(), e))
+            }
         }
-        .map_err(|e| Error::decode(command, e))
     }
 }
 
@@ -83,76 +83,33 @@ pub(crate) enum ToDriver {
     Disconnect,
 }
 
-/// One serialised request on its way to QEMU.
-pub(crate) struct Outgoing {
-    pub id: u64,
-    pub name: Cow<'static, str>,
-    pub bytes: Vec<u8>,
-    pub fds: Vec<OwnedFd>,
-    pub oob: bool,
-    pub log: bool,
-    /// How long the caller waits for the reply.
-    pub budget: Duration,
-    /// When the caller gives up; set by the task when the request reaches it
-    /// (`None`: a budget too large to represent, so never).
-    pub deadline: Option<Instant>,
-    pub reply: oneshot::Sender<ReplyResult>,
-}
-
-/// A request written (or being written) to QEMU and not yet answered.
-struct Pending {
-    name: Cow<'static, str>,
-    /// `None` once the caller was told it timed out: QEMU still has the
-    /// command (it counts towards QEMU's queue limit), and its late reply
-    /// is dropped.
-    reply: Option<oneshot::Sender<ReplyResult>>,
-    budget: Duration,
-    deadline: Option<Instant>,
-    oob: bool,
-    log: bool,
-    /// When it was written; only measured when debug tracing is on, since
-    /// reading the clock is a visible share of a command's cost.
-    sent_at: Option<Instant>,
-}
-
-/// Starts the task for a connection that completed its handshake.
-pub(crate) fn spawn(hs: Handshaken, config: Arc<Config>, log: Option<TrafficLog>, path: PathBuf) -> Client {
+/// Starts the task for a connection that completed its handshake; returns
+/// the channel that reaches it. The task and the handles share `shared`.
+pub(crate) fn spawn(
+    hs: Handshaken,
+    shared: Arc<Shared>,
+    log: Option<TrafficLog>,
+) -> mpsc::UnboundedSender<ToDriver> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let (closed, _) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        next_id: AtomicU64::new(1),
-        config,
-        greeting: hs.greeting,
-        oob: hs.oob,
-        subscribers: Subscribers::new(),
-        closed,
-        close_reason: OnceLock::new(),
-        path,
-        schema: Default::default(),
-        last_shutdown: Default::default(),
-    });
+    let probe_budget = shared.config.default_timeout;
     let driver = Driver {
         stream: hs.stream,
         early_events: hs.early_events,
         splitter: hs.splitter,
         rx,
         state: State {
-            shared: shared.clone(),
+            inflight: InFlight::new(shared.oob, shared.config.replies_in_order, probe_budget),
+            shared,
             log,
-            pending: FxHashMap::default(),
-            inband_order: VecDeque::new(),
-            queue: VecDeque::new(),
-            oob_queue: VecDeque::new(),
             wbuf: Vec::new(),
             wpos: 0,
             wfds: Vec::new(),
-            fd_command: None,
             events: Vec::new(),
             deadline_timer: None,
         },
     };
     tokio::spawn(driver.run());
-    Client::new(tx, shared)
+    tx
 }
 
 struct Driver {
@@ -168,23 +125,14 @@ struct Driver {
 struct State {
     shared: Arc<Shared>,
     log: Option<TrafficLog>,
-    /// Keyed by our own ids, so a fast non-keyed hash is safe: SipHash was
-    /// ~300 instructions per command.
-    pending: FxHashMap<u64, Pending>,
-    /// In-band ids written and unanswered, oldest first.
-    inband_order: VecDeque<u64>,
-    /// Requests not yet written, in-band and out-of-band.
-    queue: VecDeque<Box<Outgoing>>,
-    oob_queue: VecDeque<Box<Outgoing>>,
+    /// Every request between the callers and QEMU.
+    inflight: InFlight<ReplySlot>,
     /// Bytes committed to the socket, written up to `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
     /// File descriptors to attach to the next write (which starts at the
     /// first byte of the command they belong to).
     wfds: Vec<OwnedFd>,
-    /// The unanswered command that carried fds: QEMU keeps only the latest
-    /// fds it received, so a second one must wait for the first's reply.
-    fd_command: Option<u64>,
     /// Events parsed from the current read, handed over in one batch.
     events: Vec<Event>,
     /// Wakes the task at the earliest deadline it knows of (it may be one
@@ -451,6 +399,7 @@ impl Driver {
                     tracing::warn!(bytes = n, "QMP: skipped bytes that are not JSON objects");
                 }
                 Frame::TooLarge(o) => self.state.handle_oversized(o),
+                Frame::Corrupt(c) => self.state.handle_corrupt(c),
             }
         }
     }
@@ -512,14 +461,7 @@ impl Driver {
                 let _ = out.reply.send(Err(err.clone()));
             }
         }
-        for out in st.queue.drain(..).chain(st.oob_queue.drain(..)) {
-            let _ = out.reply.send(Err(err.clone()));
-        }
-        for (_, p) in st.pending.drain() {
-            if let Some(reply) = p.reply {
-                let _ = reply.send(Err(err.clone()));
-            }
-        }
+        st.inflight.fail_all(&err);
         st.shared.subscribers.close();
         st.shared.closed.send_replace(true);
         // The socket closes when `self.stream` drops here.
@@ -527,15 +469,9 @@ impl Driver {
 }
 
 impl State {
-    fn enqueue(&mut self, mut out: Box<Outgoing>, now: Instant) {
-        out.deadline = now.checked_add(out.budget);
-        if let Some(deadline) = out.deadline {
+    fn enqueue(&mut self, out: Box<Outgoing>, now: Instant) {
+        if let Some(deadline) = self.inflight.enqueue(out, now) {
             self.arm_deadline_timer(deadline);
-        }
-        if out.oob {
-            self.oob_queue.push_back(out);
-        } else {
-            self.queue.push_back(out);
         }
     }
 
@@ -558,192 +494,107 @@ impl State {
         }
     }
 
-    /// Tells every caller whose deadline has passed that its command timed
-    /// out, and sets the timer for the next deadline. A request not written
-    /// yet is dropped, so it never reaches QEMU; a written one stays known
-    /// until QEMU answers, and that late reply is dropped by id.
+    /// Times out every caller whose deadline passed and sets the timer for
+    /// the next deadline.
     fn expire_overdue(&mut self, now: Instant) {
-        let mut next: Option<Instant> = None;
-        let mut still_waiting = |d: Instant| next = Some(next.map_or(d, |n| n.min(d)));
-        let timeout = |name: &str, budget: Duration| Error::Timeout {
-            command: name.to_owned(),
-            budget,
-        };
-        for queue in [&mut self.queue, &mut self.oob_queue] {
-            for out in std::mem::take(queue) {
-                match out.deadline {
-                    Some(d) if d <= now => {
-                        tracing::debug!(command = %out.name, id = out.id, "QMP: timed out before it was written");
-                        let _ = out.reply.send(Err(timeout(&out.name, out.budget)));
-                    }
-                    d => {
-                        if let Some(d) = d {
-                            still_waiting(d);
-                        }
-                        queue.push_back(out);
-                    }
-                }
-            }
-        }
-        for (id, p) in &mut self.pending {
-            let Some(d) = p.deadline.filter(|_| p.reply.is_some()) else {
-                continue;
-            };
-            if d <= now {
-                tracing::debug!(command = %p.name, id, "QMP: timed out waiting for the reply");
-                if let Some(reply) = p.reply.take() {
-                    let _ = reply.send(Err(timeout(&p.name, p.budget)));
-                }
-            } else {
-                still_waiting(d);
-            }
-        }
-        if let Some(d) = next {
-            self.arm_deadline_timer(d);
+        if let Some(next) = self.inflight.expire(now) {
+            self.arm_deadline_timer(next);
         }
     }
 
-    /// Commits queued requests to the (empty) write buffer: out-of-band ones
-    /// first, then in-band ones up to QEMU's queue limit. A request with fds
-    /// goes alone: its `sendmsg` carries its bytes and nothing else, so the
-    /// server can tell whose fds they are.
+    /// Commits what may be written now to the (empty) write buffer.
     fn fill_write_buffer(&mut self) {
-        let limit = if self.shared.oob {
-            QEMU_QUEUE_LIMIT
-        } else {
-            usize::MAX
-        };
-        loop {
-            let from_oob = !self.oob_queue.is_empty();
-            let queue = if from_oob {
-                &mut self.oob_queue
-            } else {
-                &mut self.queue
-            };
-            let Some(next) = queue.front() else { return };
-            if !from_oob && self.inband_order.len() >= limit {
-                return;
+        // Latencies are measured only when debug tracing is on: reading the
+        // clock is a visible share of a command's cost.
+        let now = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+        let log = self.log.as_ref();
+        let filled = self.inflight.fill(&mut self.wbuf, now, |out| {
+            if let Some(log) = log.filter(|_| out.log) {
+                log.query(&out.bytes);
             }
-            let with_fds = !next.fds.is_empty();
-            if with_fds && (!self.wbuf.is_empty() || self.fd_command.is_some()) {
-                return;
-            }
-            let out = queue.pop_front().expect("front exists");
-            if self.commit(*out) && with_fds {
-                return;
-            }
+        });
+        self.wfds = filled.fds;
+        if let Some(deadline) = filled.probe_deadline {
+            self.arm_deadline_timer(deadline);
         }
-    }
-
-    /// Adds a request to the write buffer; false if its caller gave up already.
-    fn commit(&mut self, out: Outgoing) -> bool {
-        if out.reply.is_closed() {
-            // The caller gave up (timeout or cancellation) before the request
-            // was written: it never reaches QEMU. Its fds close on drop.
-            tracing::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
-            return false;
-        }
-        if let Some(log) = self.log.as_ref().filter(|_| out.log) {
-            log.query(&out.bytes);
-        }
-        self.wbuf.extend_from_slice(&out.bytes);
-        if !out.fds.is_empty() {
-            self.wfds = out.fds;
-            self.fd_command = Some(out.id);
-        }
-        if !out.oob {
-            self.inband_order.push_back(out.id);
-        }
-        self.pending.insert(
-            out.id,
-            Pending {
-                name: out.name,
-                reply: Some(out.reply),
-                budget: out.budget,
-                deadline: out.deadline,
-                oob: out.oob,
-                log: out.log,
-                sent_at: tracing::enabled!(tracing::Level::DEBUG).then(Instant::now),
-            },
-        );
-        true
     }
 
     fn handle_message(&mut self, bytes: &[u8]) {
-        if let Some(reply) = success_reply(bytes) {
-            self.deliver(reply.id, bytes, |_| {
-                Ok(Reply::Message {
-                    bytes: bytes.into(),
-                    value: reply.value,
-                })
-            });
-            return;
-        }
-        if let Some(event) = quick_event(bytes) {
-            let data = match event.data {
-                None => Some(serde_json::Value::Null),
-                // Fails on anything that is not exactly one JSON value, such
-                // as further members after `data`: the general parse decides.
-                Some(text) => serde_json::from_str(text).ok(),
-            };
-            if let Some(data) = data {
-                self.handle_event(bytes, event.name, data, event.timestamp);
-                return;
-            }
-        }
-        let msg = match parse_message::<Incoming>(bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, message = %String::from_utf8_lossy(&bytes[..bytes.len().min(200)]), "QMP: skipped an unparseable message");
-                return;
-            }
-        };
-        if let Some(name) = msg.event.as_deref() {
-            let timestamp = msg.timestamp.unwrap_or(Timestamp {
-                seconds: -1,
-                microseconds: -1,
-            });
-            self.handle_event(
-                bytes,
+        match classify(bytes) {
+            Message::Reply { id, outcome } => self.handle_reply(id, bytes, outcome),
+            Message::Event {
                 name,
-                msg.data.unwrap_or(serde_json::Value::Null),
+                data,
                 timestamp,
-            );
-            return;
-        }
-        if msg.ret.is_none() && msg.error.is_none() {
-            if msg.greeting.is_none() {
-                tracing::warn!(message = %String::from_utf8_lossy(&bytes[..bytes.len().min(200)]), "QMP: skipped a message that is neither reply nor event");
-            }
-            return;
-        }
-        let id = match msg.id {
-            Some(_) => match msg.numeric_id() {
-                Some(id) => Some(id),
+            } => self.handle_event(bytes, &name, data, timestamp),
+            Message::IdlessError(error) => match self.inflight.owner_of_idless_error() {
+                Some(id) => self.handle_reply(id, bytes, Outcome::Error(error)),
                 None => {
-                    tracing::warn!(id = %msg.id.map(|r| r.get()).unwrap_or(""), "QMP: reply with an id this client did not send");
-                    return;
+                    tracing::warn!(message = %String::from_utf8_lossy(bytes), "QMP: error without an id, and no way to tell which command caused it")
                 }
             },
-            None => None,
-        };
-        let id = match id.or_else(|| self.owner_of_idless_error()) {
-            Some(id) => id,
-            None => {
-                tracing::warn!(message = %String::from_utf8_lossy(bytes), "QMP: error without an id, and no way to tell which command caused it");
-                return;
+            Message::ForeignReply { id } => {
+                tracing::warn!(%id, "QMP: reply with an id this client did not send")
             }
+            Message::Greeting => tracing::warn!("QMP: skipped a second greeting"),
+            Message::Unrecognised { why } => {
+                tracing::warn!(%why, message = %quote(bytes), "QMP: skipped a message that is neither reply nor event")
+            }
+        }
+    }
+
+    /// Hands a reply to the caller waiting for `id`, if it still waits.
+    fn handle_reply(&mut self, id: u64, bytes: &[u8], outcome: Outcome<'_>) {
+        // Events QEMU sent before this reply are visible to subscribers by
+        // the time any caller has a result (this one, or one released as lost).
+        self.flush_events();
+        let Some(p) = self.inflight.answer(id) else {
+            tracing::debug!(id, "QMP: dropped a reply to a command this client did not send");
+            return;
         };
-        let (error, ret) = (msg.error, msg.ret);
-        self.deliver(id, bytes, |command| match (error, ret) {
-            (Some(err), _) => Err(Error::Qmp(QmpError {
-                command: command.to_string(),
+        let Pending {
+            name,
+            reply,
+            log,
+            sent_at,
+            ..
+        } = p;
+        let Some(reply) = reply else {
+            tracing::debug!(command = %name, id, "QMP: dropped a late reply (its caller timed out)");
+            return;
+        };
+        if log {
+            if let Some(traffic_log) = &self.log {
+                traffic_log.reply(bytes);
+            }
+        }
+        let result = match outcome {
+            Outcome::Plain(value) => Ok(Reply::Message {
+                bytes: bytes.into(),
+                value,
+            }),
+            Outcome::Return(raw) => Ok(Reply::Value(raw.to_owned())),
+            Outcome::Empty => Ok(Reply::Value(
+                RawValue::from_string("{}".to_owned()).expect("{} is JSON"),
+            )),
+            Outcome::Error(err) => Err(Error::Qmp(QmpError {
+                command: name.to_string(),
                 class: ErrorClass::from_name(&err.class),
                 desc: err.desc,
             })),
-            (None, Some(ret)) => Ok(Reply::Value(ret.to_owned())),
-            (None, None) => unreachable!("checked above"),
-        });
+            Outcome::Malformed(e) => {
+                tracing::warn!(command = %name, id, error = %e, "QMP: malformed reply");
+                Err(Error::decode(&name, bytes, e))
+            }
+        };
+        tracing::debug!(
+            command = %name,
+            id,
+            latency_us = sent_at.map(|t| t.elapsed().as_micros() as u64),
+            ok = result.is_ok(),
+            "QMP reply"
+        );
+        let _ = reply.send(result);
     }
 
     /// Logs an event, remembers the last SHUTDOWN, and queues the event
@@ -769,62 +620,9 @@ impl State {
         self.events.push(event);
     }
 
-    /// Hands a reply to the caller waiting for `id`, if it still waits.
-    fn deliver(&mut self, id: u64, bytes: &[u8], result: impl FnOnce(&str) -> ReplyResult) {
-        let Some(p) = self.take_pending(id) else {
-            tracing::debug!(id, "QMP: dropped a reply to a command this client did not send");
-            return;
-        };
-        let Some(reply) = p.reply else {
-            tracing::debug!(command = %p.name, id, "QMP: dropped a late reply (its caller timed out)");
-            return;
-        };
-        // Events QEMU sent before this reply are visible to subscribers by
-        // the time the caller has the reply.
-        self.flush_events();
-        if p.log {
-            if let Some(log) = &self.log {
-                log.reply(bytes);
-            }
-        }
-        let result = result(&p.name);
-        tracing::debug!(
-            command = %p.name,
-            id,
-            latency_us = p.sent_at.map(|t| t.elapsed().as_micros() as u64),
-            ok = result.is_ok(),
-            "QMP reply"
-        );
-        let _ = reply.send(result);
-    }
-
-    /// The command an error without an id belongs to, when that is certain:
-    /// the only one in flight, or without OOB (where QEMU answers strictly
-    /// in order) the oldest one.
-    fn owner_of_idless_error(&self) -> Option<u64> {
-        if self.pending.len() == 1 {
-            return self.pending.keys().next().copied();
-        }
-        if !self.shared.oob {
-            return self.inband_order.front().copied();
-        }
-        None
-    }
-
-    fn take_pending(&mut self, id: u64) -> Option<Pending> {
-        let p = self.pending.remove(&id)?;
-        if !p.oob {
-            if let Some(i) = self.inband_order.iter().position(|&x| x == id) {
-                self.inband_order.remove(i);
-            }
-        }
-        if self.fd_command == Some(id) {
-            self.fd_command = None;
-        }
-        Some(p)
-    }
-
-    fn handle_oversized(&mut self, o: Oversized) {
+    /// A message too large to keep: fails the command it answers, if that
+    /// can be told.
+    fn handle_oversized(&mut self, o: Fragment) {
         let limit = self.shared.config.max_message_size;
         if o.looks_like_event() {
             tracing::warn!(
@@ -834,11 +632,7 @@ impl State {
             );
             return;
         }
-        let id = o
-            .id()
-            .filter(|id| self.pending.contains_key(id))
-            .or_else(|| self.owner_of_idless_error());
-        match id.and_then(|id| self.take_pending(id)) {
+        match self.owner_of_fragment(&o).and_then(|id| self.inflight.answer(id)) {
             Some(p) => {
                 tracing::warn!(command = %p.name, size = o.size, limit, "QMP: reply larger than the message size limit");
                 if let Some(reply) = p.reply {
@@ -853,10 +647,49 @@ impl State {
         }
     }
 
+    /// A message cut short by the next one: fails the command it answers,
+    /// if that can be told; otherwise the loss is logged (and a later reply
+    /// releases the command, see [`inflight`]).
+    fn handle_corrupt(&mut self, c: Fragment) {
+        if c.looks_like_event() {
+            tracing::warn!(size = c.size, head = %quote(&c.head), "QMP: lost an event cut short by the next message");
+            return;
+        }
+        match self.owner_of_fragment(&c).and_then(|id| self.inflight.answer(id)) {
+            Some(p) => {
+                tracing::warn!(command = %p.name, size = c.size, "QMP: reply cut short by the next message");
+                if let Some(reply) = p.reply {
+                    let e = serde_json::from_slice::<serde::de::IgnoredAny>(&c.head)
+                        .err()
+                        .unwrap_or_else(|| serde::de::Error::custom("the message was cut short"));
+                    let _ = reply.send(Err(Error::decode(&p.name, &c.head, e)));
+                }
+            }
+            None => tracing::warn!(
+                size = c.size,
+                head = %quote(&c.head),
+                "QMP: lost a message cut short by the next one; its command, if any, is released by the next reply"
+            ),
+        }
+    }
+
+    /// The command a fragment answers: its id where QEMU writes one, else
+    /// the only or oldest command as for an error without an id.
+    fn owner_of_fragment(&self, f: &Fragment) -> Option<u64> {
+        f.id()
+            .filter(|&id| self.inflight.is_pending(id))
+            .or_else(|| self.inflight.owner_of_idless_error())
+    }
+
     fn flush_events(&mut self) {
         if !self.events.is_empty() {
             self.shared.subscribers.publish(&self.events);
             self.events.clear();
         }
     }
+}
+
+/// The start of a message, for a log line.
+fn quote(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
 }

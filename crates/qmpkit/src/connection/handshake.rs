@@ -74,7 +74,9 @@ async fn next_message(stream: &mut UnixStream, splitter: &mut Splitter, what: &s
     loop {
         match splitter.next_frame() {
             Some(Frame::Message(range)) => return Ok(splitter.bytes(range).to_vec()),
-            Some(Frame::Garbage(_)) => continue,
+            // Before the greeting, nothing is lost by skipping bytes; a
+            // corrupt capabilities reply ends in a timeout, as silence would.
+            Some(Frame::Garbage(_) | Frame::Corrupt(_)) => continue,
             Some(Frame::TooLarge(o)) => {
                 return Err(Error::Handshake(format!(
                     "{what} of {} bytes is larger than the message size limit",

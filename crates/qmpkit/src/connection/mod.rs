@@ -2,20 +2,37 @@
 
 mod driver;
 mod handshake;
+mod inflight;
 mod socket;
 pub(crate) mod traffic_log;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::event::{Event, Subscribers};
+use crate::wire::Greeting;
 
 pub(crate) use driver::{Outgoing, Reply, ToDriver};
+
+/// What a connection's task and its handles share: what the handshake
+/// found, and what the task keeps up to date for the handles to read.
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub greeting: Greeting,
+    pub oob: bool,
+    pub subscribers: Subscribers,
+    pub closed: watch::Sender<bool>,
+    pub close_reason: OnceLock<Error>,
+    /// QEMU's last SHUTDOWN event, unless a RESUME came after it.
+    pub last_shutdown: Mutex<Option<Event>>,
+}
 
 /// The default size limit of one message from QEMU: 64 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
@@ -55,6 +72,8 @@ pub(crate) struct Config {
     pub max_message_size: usize,
     /// `None` means [`DEFAULT_LOG_EXCLUDED`].
     pub log_excluded: Option<Vec<String>>,
+    /// The server answers in-band commands in the order it read them.
+    pub replies_in_order: bool,
 }
 
 impl Config {
@@ -115,6 +134,7 @@ impl ConnectOptions {
                 command_timeouts: HashMap::new(),
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
                 log_excluded: None,
+                replies_in_order: true,
             })
         });
         ConnectOptions {
@@ -156,6 +176,18 @@ impl ConnectOptions {
     /// true). With it, QEMU queues up to 8 commands, so pipelining pays off.
     pub fn oob(mut self, enable: bool) -> Self {
         self.oob = enable;
+        self
+    }
+
+    /// Whether the server answers in-band commands in the order it read
+    /// them, as QEMU does (default true). Then a reply to a later command
+    /// proves an earlier unanswered one's reply lost: its caller gets
+    /// [`Error::ReplyLost`] at once instead of waiting out its budget, and
+    /// its place in QEMU's queue is freed. Set it to false only for a
+    /// server (a proxy, say) that may reorder replies; replies are matched
+    /// by id either way.
+    pub fn replies_in_order(mut self, in_order: bool) -> Self {
+        Arc::make_mut(&mut self.config).replies_in_order = in_order;
         self
     }
 
@@ -203,7 +235,17 @@ impl ConnectOptions {
                     ))
                 })??;
             let log = self.log_file.as_deref().and_then(traffic_log::TrafficLog::open);
-            let client = driver::spawn(done, self.config.clone(), log, path.to_owned());
+            let shared = Arc::new(Shared {
+                config: self.config.clone(),
+                greeting: done.greeting.clone(),
+                oob: done.oob,
+                subscribers: Subscribers::new(),
+                closed: watch::channel(false).0,
+                close_reason: OnceLock::new(),
+                last_shutdown: Mutex::new(None),
+            });
+            let tx = driver::spawn(done, shared.clone(), log);
+            let client = Client::new(tx, shared, path.to_owned());
             tracing::debug!(
                 elapsed_us = started.elapsed().as_micros() as u64,
                 version = %client.greeting().version,

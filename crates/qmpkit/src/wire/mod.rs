@@ -1,6 +1,7 @@
 //! The wire format: the greeting, requests, replies and events, and the splitter
 //! that finds them in the byte stream. Nothing here does I/O.
 
+pub(crate) mod message;
 pub(crate) mod splitter;
 
 use std::borrow::Cow;
@@ -158,24 +159,55 @@ pub(crate) fn success_reply(message: &[u8]) -> Option<SuccessReply> {
     let head = head.trim_ascii_start().strip_prefix(b"\"return\"")?;
     let value_text = head.trim_ascii_start().strip_prefix(b":")?;
     let value_start = message.len() - value_text.len();
-    let body = message.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
-    let digits_at = body.iter().rposition(|b| !b.is_ascii_digit())? + 1;
-    let digits = &body[digits_at..];
-    // JSON numbers have no leading zeros; u64 has at most 20 digits.
-    if digits.is_empty() || digits.len() > 20 || (digits.len() > 1 && digits[0] == b'0') {
-        return None;
-    }
-    let before = body[..digits_at].trim_ascii_end().strip_suffix(b":")?;
-    let before = before.trim_ascii_end().strip_suffix(b"\"id\"")?.trim_ascii_end();
-    let value_end = before.strip_suffix(b",")?.len();
+    let (id, before) = split_trailing_id(message)?;
+    let value_end = before.trim_ascii_end().strip_suffix(b",")?.len();
     if value_end <= value_start {
         return None;
     }
-    let id = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(SuccessReply {
         id,
         value: value_start..value_end,
     })
+}
+
+/// Splits `..., "id": N}` into N and what comes before `"id"`.
+fn split_trailing_id(message: &[u8]) -> Option<(u64, &[u8])> {
+    let body = message.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
+    let digits_at = body.iter().rposition(|b| !b.is_ascii_digit())? + 1;
+    let id = parse_id(&body[digits_at..])?;
+    let before = body[..digits_at].trim_ascii_end().strip_suffix(b":")?;
+    let before = before.trim_ascii_end().strip_suffix(b"\"id\"")?;
+    Some((id, before))
+}
+
+/// A JSON number as this client writes ids: no sign, no leading zeros, at
+/// most 20 digits.
+fn parse_id(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The numeric id at the end of a top-level object (`..., "id": N}`), as QEMU
+/// writes success replies, without parsing the rest.
+pub(crate) fn trailing_id(message: &[u8]) -> Option<u64> {
+    let (id, before) = split_trailing_id(message)?;
+    before.trim_ascii_end().ends_with(b",").then_some(id)
+}
+
+/// The numeric id at the start of a top-level object (`{"id": N, ...`), as
+/// QEMU writes error replies, without parsing the rest.
+pub(crate) fn leading_id(message: &[u8]) -> Option<u64> {
+    let rest = message.trim_ascii_start().strip_prefix(b"{")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b"\"id\"")?;
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
+    let len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let after = rest[len..].trim_ascii_start();
+    if !(after.starts_with(b",") || after.starts_with(b"}")) {
+        return None;
+    }
+    parse_id(&rest[..len])
 }
 
 /// Where [`success_reply`] found a reply's parts.

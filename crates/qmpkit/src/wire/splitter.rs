@@ -11,8 +11,20 @@
 //! and last bytes are kept so that the reader can still tell which command it
 //! answered (QEMU writes `"id"` first in error replies and last in successful
 //! ones).
+//!
+//! # Recovering from a corrupt stream
+//!
+//! A brace count alone never recovers from one corrupt message: after a lone
+//! `{` or an unterminated string it would wait forever for a close that never
+//! comes. QEMU's output gives a way back. A raw newline cannot occur inside a
+//! JSON string (QEMU escapes it), and QEMU starts every top-level message at
+//! the beginning of a line, also with `pretty=on`, where nested members are
+//! indented. So a line that starts with `{` while a message is still open
+//! means that message was cut short: it is reported as [`Frame::Corrupt`]
+//! and the new line starts the next message. A corrupt message followed by
+//! no newline at all is given up once it passes the size limit.
 
-use memchr::memchr2;
+use memchr::memchr3;
 
 /// The least free space offered to a read.
 const MIN_READ: usize = 16 * 1024;
@@ -26,12 +38,14 @@ const SKIP_KEEP: usize = 256;
 /// How far a string is scanned byte by byte before `memchr2` takes over.
 const LONG_STRING: usize = 32;
 
-/// The bytes that change the scanner's state outside strings.
+/// The bytes that change the scanner's state outside strings (a newline
+/// matters because of what may follow it; see the module docs).
 const STRUCTURAL: [bool; 256] = {
     let mut table = [false; 256];
     table[b'"' as usize] = true;
     table[b'{' as usize] = true;
     table[b'}' as usize] = true;
+    table[b'\n' as usize] = true;
     table
 };
 
@@ -41,15 +55,19 @@ pub(crate) enum Frame {
     /// A complete top-level JSON object (as bytes; it may still be invalid JSON).
     Message(std::ops::Range<usize>),
     /// A message that exceeded the size limit and was skipped.
-    TooLarge(Oversized),
+    TooLarge(Fragment),
+    /// A message cut short: a new message began (a line starting with `{`)
+    /// before it closed. Its bytes are dropped.
+    Corrupt(Fragment),
     /// Bytes outside any object that are neither whitespace nor an object.
     Garbage(usize),
 }
 
-/// What is known of a message that was too large to keep.
+/// What is kept of a message that is not handed over whole: its size, and
+/// its first and last bytes, which may tell which command it answered.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Oversized {
-    /// The size of the whole message.
+pub(crate) struct Fragment {
+    /// The size of the whole message (or of what arrived of it).
     pub size: usize,
     /// Its first bytes.
     pub head: Vec<u8>,
@@ -57,10 +75,20 @@ pub(crate) struct Oversized {
     pub tail: Vec<u8>,
 }
 
-impl Oversized {
-    /// The numeric `"id"` of the message, if one is visible in its head or tail.
+impl Fragment {
+    fn of(bytes: &[u8]) -> Self {
+        Fragment {
+            size: bytes.len(),
+            head: bytes[..bytes.len().min(SKIP_KEEP)].to_vec(),
+            tail: bytes[bytes.len().saturating_sub(SKIP_KEEP)..].to_vec(),
+        }
+    }
+
+    /// The id of the reply, where QEMU puts it: first in an error reply
+    /// (`{"id": N, ...`), last in a success reply (`..., "id": N}`). Only
+    /// those places count: an `"id"` anywhere else may belong to the data.
     pub fn id(&self) -> Option<u64> {
-        find_numeric_id(&self.tail).or_else(|| find_numeric_id(&self.head))
+        super::trailing_id(&self.tail).or_else(|| super::leading_id(&self.head))
     }
 
     /// True when the visible head says this is an event rather than a reply.
@@ -68,18 +96,6 @@ impl Oversized {
         memchr::memmem::find(&self.head, b"\"event\"").is_some()
             && memchr::memmem::find(&self.head, b"\"return\"").is_none()
     }
-}
-
-fn find_numeric_id(bytes: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::rfind(bytes, b"\"id\"")?;
-    let rest = &bytes[at + 4..];
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
-    let rest = rest.trim_ascii_start();
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(rest.len());
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
 /// A resumable JSON object splitter over a growable buffer.
@@ -94,18 +110,25 @@ pub(crate) struct Splitter {
     depth: u32,
     in_str: bool,
     escaped: bool,
+    /// The last byte scanned inside a message was a newline: a `{` next
+    /// starts a new message (see the module docs).
+    line_start: bool,
     limit: usize,
     /// The least free space offered to a read, and the size of a buffer
     /// made from nothing.
     min_read: usize,
     first_buffer: usize,
-    skip: Option<Skipping>,
+    skip: Option<Fragment>,
 }
 
-struct Skipping {
-    size: usize,
-    head: Vec<u8>,
-    tail: Vec<u8>,
+/// Where a scan stopped.
+enum Scan {
+    /// The object closed; the index after its last byte.
+    Closed(usize),
+    /// A line starting with `{` began at this index while the object was open.
+    Cut(usize),
+    /// The buffered bytes end inside the object.
+    Open,
 }
 
 impl Splitter {
@@ -119,6 +142,7 @@ impl Splitter {
             depth: 0,
             in_str: false,
             escaped: false,
+            line_start: false,
             limit: limit.max(4 * SKIP_KEEP),
             min_read: MIN_READ,
             first_buffer: FIRST_BUFFER,
@@ -236,31 +260,25 @@ impl Splitter {
                 }
             }
             // Inside an object: jump between the bytes that matter.
-            let closed = self.scan();
-            if let Some(stop) = closed {
-                let range = self.start..stop;
-                self.pos = stop;
-                self.start = stop;
-                if range.len() > self.limit {
-                    // Arrived whole in one read, but too large all the same.
-                    let bytes = &self.buf[range.clone()];
-                    return Some(Frame::TooLarge(Oversized {
-                        size: bytes.len(),
-                        head: bytes[..SKIP_KEEP].to_vec(),
-                        tail: bytes[bytes.len() - SKIP_KEEP..].to_vec(),
-                    }));
+            match self.scan() {
+                Scan::Closed(stop) => {
+                    let range = self.start..stop;
+                    self.start = stop;
+                    if range.len() > self.limit {
+                        // Arrived whole in one read, but too large all the same.
+                        return Some(Frame::TooLarge(Fragment::of(&self.buf[range])));
+                    }
+                    return Some(Frame::Message(range));
                 }
-                return Some(Frame::Message(range));
+                Scan::Cut(at) => {
+                    let cut = Fragment::of(&self.buf[self.start..at]);
+                    self.start = at;
+                    return Some(Frame::Corrupt(cut));
+                }
+                Scan::Open => {}
             }
             if self.pos - self.start > self.limit {
-                let head = self.buf[self.start..self.start + SKIP_KEEP].to_vec();
-                let size = self.pos - self.start;
-                let tail_from = self.pos.saturating_sub(SKIP_KEEP).max(self.start);
-                self.skip = Some(Skipping {
-                    size,
-                    head,
-                    tail: self.buf[tail_from..self.pos].to_vec(),
-                });
+                self.skip = Some(Fragment::of(&self.buf[self.start..self.pos]));
                 self.start = self.pos;
                 continue;
             }
@@ -268,38 +286,65 @@ impl Splitter {
         }
     }
 
-    /// Scans from `pos` to `end`; returns the end of the object if it closed.
+    /// Forgets the open object's state, so that scanning starts afresh at `at`.
+    fn restart_at(&mut self, at: usize) {
+        self.pos = at;
+        self.depth = 0;
+        self.in_str = false;
+        self.escaped = false;
+        self.line_start = false;
+    }
+
+    /// Scans from `pos` to `end` for the end of the open object, or for a
+    /// line starting with `{` that cuts it short.
     ///
     /// Tight loops skip the bytes that cannot change the state, which for
     /// QEMU's typical replies (short keys and values) costs less than
     /// starting a vector search at every quote; a string still open after
     /// [`LONG_STRING`] bytes (console data in base64, schema text) is crossed
-    /// with `memchr2`.
-    fn scan(&mut self) -> Option<usize> {
+    /// with `memchr3`.
+    fn scan(&mut self) -> Scan {
         let end = self.end;
         let buf = &self.buf[..end];
         let (mut pos, mut depth) = (self.pos, self.depth);
         let (mut in_str, mut escaped) = (self.in_str, self.escaped);
-        let mut closed = None;
-        while pos < end {
+        let mut line_start = self.line_start;
+        let outcome = loop {
+            if pos == end {
+                break Scan::Open;
+            }
+            if line_start {
+                line_start = false;
+                if buf[pos] == b'{' {
+                    break Scan::Cut(pos);
+                }
+            }
             if escaped {
                 escaped = false;
+                line_start = buf[pos] == b'\n';
                 pos += 1;
                 continue;
             }
             if in_str {
                 let stop = end.min(pos + LONG_STRING);
-                let near = buf[pos..stop].iter().position(|&b| b == b'"' || b == b'\\');
-                match near.or_else(|| memchr2(b'"', b'\\', &buf[stop..]).map(|i| i + stop - pos)) {
+                let near = buf[pos..stop]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || b == b'\n');
+                match near.or_else(|| memchr3(b'"', b'\\', b'\n', &buf[stop..]).map(|i| i + stop - pos)) {
                     Some(i) => pos += i,
                     None => {
                         pos = end;
-                        break;
+                        continue;
                     }
                 }
-                // A quote ends the string; a backslash escapes the next byte.
-                escaped = buf[pos] == b'\\';
-                in_str = escaped;
+                // A quote ends the string; a backslash escapes the next byte;
+                // a raw newline is not JSON, but may be where the stream
+                // starts over.
+                match buf[pos] {
+                    b'"' => in_str = false,
+                    b'\\' => escaped = true,
+                    _ => line_start = true,
+                }
                 pos += 1;
                 continue;
             }
@@ -307,7 +352,7 @@ impl Splitter {
                 Some(i) => pos += i,
                 None => {
                     pos = end;
-                    break;
+                    continue;
                 }
             }
             let b = buf[pos];
@@ -315,27 +360,37 @@ impl Splitter {
             match b {
                 b'"' => in_str = true,
                 b'{' => depth += 1,
+                b'\n' => line_start = true,
                 _ => {
                     depth -= 1;
                     if depth == 0 {
-                        closed = Some(pos);
-                        break;
+                        break Scan::Closed(pos);
                     }
                 }
             }
+        };
+        match outcome {
+            Scan::Open => {
+                self.pos = pos;
+                self.depth = depth;
+                self.in_str = in_str;
+                self.escaped = escaped;
+                self.line_start = line_start;
+            }
+            Scan::Closed(at) | Scan::Cut(at) => self.restart_at(at),
         }
-        self.pos = pos;
-        self.depth = depth;
-        self.in_str = in_str;
-        self.escaped = escaped;
-        closed
+        outcome
     }
 
-    /// Discards an oversized message, keeping its head and tail.
+    /// Discards an oversized message, keeping its head and tail. It ends
+    /// where the object closes, or where a new message cuts it short.
     fn skip_message(&mut self) -> Option<Frame> {
         let from = self.pos;
-        let closed = self.scan();
-        let stop = closed.unwrap_or(self.pos);
+        let outcome = self.scan();
+        let stop = match outcome {
+            Scan::Closed(at) | Scan::Cut(at) => at,
+            Scan::Open => self.pos,
+        };
         let skip = self.skip.as_mut().expect("skipping");
         skip.size += stop - from;
         let seen = &self.buf[from..stop];
@@ -348,14 +403,10 @@ impl Splitter {
             skip.tail.drain(..excess);
         }
         self.start = stop;
-        closed.map(|_| {
-            let s = self.skip.take().expect("skipping");
-            Frame::TooLarge(Oversized {
-                size: s.size,
-                head: s.head,
-                tail: s.tail,
-            })
-        })
+        match outcome {
+            Scan::Open => None,
+            _ => self.skip.take().map(Frame::TooLarge),
+        }
     }
 }
 
@@ -370,6 +421,7 @@ mod tests {
                 Frame::Message(r) => out.push(String::from_utf8(s.bytes(r).to_vec()).unwrap()),
                 Frame::Garbage(n) => out.push(format!("garbage:{n}")),
                 Frame::TooLarge(o) => out.push(format!("too-large:{}:{:?}", o.size, o.id())),
+                Frame::Corrupt(c) => out.push(format!("corrupt:{}:{:?}", c.size, c.id())),
             }
         }
         out
@@ -496,7 +548,7 @@ mod tests {
 
     #[test]
     fn oversized_error_reply_keeps_id_from_head() {
-        let o = Oversized {
+        let o = Fragment {
             size: 10,
             head: br#"{"id": 9, "error": {"class": "GenericError", "desc": "xxxx"#.to_vec(),
             tail: br#"xxxxx"}}"#.to_vec(),
@@ -513,5 +565,100 @@ mod tests {
             assert_eq!(all(&mut s).len(), 1);
         }
         assert!(s.buf.len() <= 128 * 1024, "buffer grew to {}", s.buf.len());
+    }
+
+    /// Feeds `stream` cut at every byte boundary (and one byte at a time)
+    /// and checks that each way gives `want` (garbage reported in pieces
+    /// counts as one run).
+    fn splits_everywhere_to(stream: &[u8], limit: usize, want: &[&str]) {
+        fn merged(frames: Vec<String>) -> Vec<String> {
+            let mut out: Vec<String> = Vec::new();
+            for f in frames {
+                let n = |s: &str| s.strip_prefix("garbage:").and_then(|n| n.parse::<usize>().ok());
+                match (out.last().and_then(|l| n(l)), n(&f)) {
+                    (Some(a), Some(b)) => *out.last_mut().unwrap() = format!("garbage:{}", a + b),
+                    _ => out.push(f),
+                }
+            }
+            out
+        }
+        for cut in 0..=stream.len() {
+            let mut s = Splitter::new(limit);
+            let mut got = Vec::new();
+            s.push(&stream[..cut]);
+            got.extend(all(&mut s));
+            s.push(&stream[cut..]);
+            got.extend(all(&mut s));
+            assert_eq!(merged(got), want, "cut at {cut}");
+        }
+        let mut s = Splitter::new(limit);
+        let mut got = Vec::new();
+        for b in stream {
+            s.push(&[*b]);
+            got.extend(all(&mut s));
+        }
+        assert_eq!(merged(got), want, "one byte at a time");
+    }
+
+    #[test]
+    fn a_line_starting_with_a_brace_ends_a_corrupt_message() {
+        let next = "{\"return\": {}, \"id\": 2}";
+        for (corrupt, want_first) in [
+            // An object that never closes, after garbage.
+            ("x{y", vec!["garbage:1", "corrupt:4:None"]),
+            // An unterminated string, after garbage.
+            ("junk{\"", vec!["garbage:4", "corrupt:4:None"]),
+            // A reply cut inside its value.
+            ("{\"return\": \"abc", vec!["corrupt:17:None"]),
+            // A lone quote, then a brace.
+            ("\"{", vec!["garbage:1", "corrupt:3:None"]),
+            // An error reply cut short keeps its id, which QEMU writes first.
+            (
+                "{\"id\": 7, \"error\": {\"class\": \"Gen",
+                vec!["corrupt:35:Some(7)"],
+            ),
+            // A backslash right before the newline.
+            ("{\"return\": \"a\\", vec!["corrupt:16:None"]),
+        ] {
+            let stream = format!("{corrupt}\r\n{next}\r\n{next}\r\n");
+            let mut want = want_first.clone();
+            want.extend([next, next]);
+            splits_everywhere_to(stream.as_bytes(), 1 << 20, &want);
+        }
+    }
+
+    #[test]
+    fn pretty_printed_messages_are_never_cut() {
+        let pretty = "{\n    \"return\": [\n        {\n            \"a\": {\n                \"b\": \"{\"\n            }\n        }\n    ],\n    \"id\": 1\n}\n";
+        let stream = format!("{pretty}{pretty}");
+        let one = pretty.trim_end();
+        splits_everywhere_to(stream.as_bytes(), 1 << 20, &[one, one]);
+    }
+
+    #[test]
+    fn a_corrupt_message_without_newlines_is_given_up_at_the_limit() {
+        // No newline ever comes while the object is open: it grows past the
+        // limit, is skipped, and the next line that starts with `{` ends it.
+        let mut stream = String::from("{\"return\": \"");
+        stream.push_str(&"z".repeat(3000));
+        stream.push_str("\r\n{\"return\": {}, \"id\": 9}\r\n");
+        let mut s = Splitter::new(1000);
+        let mut got = Vec::new();
+        for chunk in stream.as_bytes().chunks(100) {
+            s.push(chunk);
+            got.extend(all(&mut s));
+        }
+        assert_eq!(got, ["too-large:3014:None", "{\"return\": {}, \"id\": 9}"]);
+        assert!(!s.has_partial());
+    }
+
+    #[test]
+    fn ids_are_read_only_where_qemu_puts_them() {
+        let f = |bytes: &[u8]| Fragment::of(bytes).id();
+        assert_eq!(f(br#"{"return": {"id": 5}, "id": 6}"#), Some(6));
+        assert_eq!(f(br#"{"id": 6, "error": {"class": "#), Some(6));
+        // An id inside the data is not the reply's.
+        assert_eq!(f(br#"{"return": {"id": 5"#), None);
+        assert_eq!(f(br#"{"return": [{"id": 5}]"#), None);
     }
 }
