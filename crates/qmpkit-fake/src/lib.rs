@@ -13,6 +13,7 @@
 //! attached to the [`Request`] they arrived with.
 #![warn(missing_docs)]
 
+pub mod hostile;
 mod splitter;
 
 use std::cell::RefCell;

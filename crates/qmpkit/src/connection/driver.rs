@@ -648,14 +648,16 @@ impl State {
     }
 
     /// A message cut short by the next one: fails the command it answers,
-    /// if that can be told; otherwise the loss is logged (and a later reply
-    /// releases the command, see [`inflight`]).
+    /// if its id is visible; otherwise the loss is logged (and a later reply
+    /// releases the command, see [`inflight`]). Unlike an oversized
+    /// message, it is never attributed by order: what is left of it may be
+    /// the late reply to a command whose caller already gave up.
     fn handle_corrupt(&mut self, c: Fragment) {
         if c.looks_like_event() {
             tracing::warn!(size = c.size, head = %quote(&c.head), "QMP: lost an event cut short by the next message");
             return;
         }
-        match self.owner_of_fragment(&c).and_then(|id| self.inflight.answer(id)) {
+        match c.id().and_then(|id| self.inflight.answer(id)) {
             Some(p) => {
                 tracing::warn!(command = %p.name, size = c.size, "QMP: reply cut short by the next message");
                 if let Some(reply) = p.reply {
