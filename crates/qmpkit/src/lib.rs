@@ -66,6 +66,9 @@ pub mod commands;
 mod connection;
 mod error;
 pub mod event;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod launch;
 pub mod monitor;
 pub mod schema;
