@@ -38,7 +38,14 @@
 //!   later calls fail at once, and [`Client::closed`] wakes.
 //! - **Framing.** The stream is split as JSON, not by lines, with no line
 //!   length cap; a message over the size limit (64 MiB by default) fails the
-//!   command it answers with [`Error::MessageTooLarge`] and is skipped.
+//!   command it answers with [`Error::MessageTooLarge`] and is skipped. After
+//!   a corrupt or truncated message the next line that starts with `{` starts
+//!   afresh, so one bad message never silences the connection.
+//! - **Lost replies.** QEMU answers in-band commands in order, so a reply to
+//!   a later command proves an earlier unanswered one's reply lost: its
+//!   caller gets [`Error::ReplyLost`] at once, and its place in QEMU's queue
+//!   is freed. A reply that carries a caller's id but is not a valid reply
+//!   ends that call at once with [`Error::Decode`], quoting it.
 //! - **Events** go to every subscriber through its own bounded queue, in the
 //!   order QEMU sent them; a subscriber that falls behind is told how many it
 //!   missed ([`EventItem::Missed`]) and never slows anything else.
