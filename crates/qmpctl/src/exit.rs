@@ -104,7 +104,7 @@ fn qmp_code(e: &qmpkit::Error) -> u8 {
         | qmpkit::Error::Disconnected { .. }
         | qmpkit::Error::Io(_)
         | qmpkit::Error::Protocol(_) => CONNECTION,
-        qmpkit::Error::InvalidRequest(_) => USAGE,
+        qmpkit::Error::InvalidRequest(_) | qmpkit::Error::TooManyFds { .. } => USAGE,
         _ => FAILURE,
     }
 }
