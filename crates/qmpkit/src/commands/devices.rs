@@ -31,6 +31,12 @@
 //!
 //! A PCIe root port whose slot was empty at reset has its power off, and
 //! QEMU removes a device from a powered-off slot without asking the guest.
+//!
+//! The removals that wait ([`Client::remove_device`],
+//! [`Client::remove_nic`]) keep their caller's timeout as one deadline,
+//! whatever QEMU does (see [the rule](super#waits-keep-their-callers-deadline)):
+//! each command they send gets what is left of it, and they return at the
+//! deadline, with no clean-up margin.
 
 use std::time::Duration;
 
@@ -38,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::client::{CallOptions, Client, Empty};
+use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem};
 
@@ -262,21 +269,29 @@ impl Client {
     /// typo is never mistaken for success; a caller tidying up can treat that
     /// as done. When the unplug needs the guest's cooperation (see the module
     /// docs) and the guest does not give it in time, the result is
-    /// [`Error::Timeout`] and the unplug request stays pending in QEMU.
+    /// [`Error::Timeout`] and the unplug request stays pending in QEMU. The
+    /// call returns at `timeout` also when QEMU does not answer at all.
     #[doc(alias = "RemoveDevice")]
     #[doc(alias = "device_del")]
     pub async fn remove_device(&self, id: &str, timeout: Duration) -> Result<()> {
+        self.remove_device_within(id, &Deadline::after(timeout, "device_del"))
+            .await
+    }
+
+    async fn remove_device_within(&self, id: &str, deadline: &Deadline) -> Result<()> {
         // Subscribe first: the event may arrive before the reply.
         let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED"]));
         let work = async {
-            self.call::<_, Empty>("device_del", &json!({ "id": id })).await?;
+            deadline
+                .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
+                .await?;
             loop {
                 match events.recv().await {
                     Some(EventItem::Event(ev)) if names_device(ev.data(), id) => return Ok(()),
                     Some(EventItem::Event(_)) => {}
                     // The event may be among those missed: ask QEMU directly.
                     Some(EventItem::Missed(_)) => {
-                        if !self.device_exists(id).await? {
+                        if !self.device_exists(id, deadline).await? {
                             return Ok(());
                         }
                     }
@@ -284,24 +299,18 @@ impl Client {
                 }
             }
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                command: "device_del".into(),
-                budget: timeout,
-            }),
-        }
+        deadline.bound(work).await
     }
 
     /// True while QOM has the device `id` (an id or a QOM path).
-    async fn device_exists(&self, id: &str) -> Result<bool> {
+    async fn device_exists(&self, id: &str, deadline: &Deadline) -> Result<bool> {
         let path = if id.starts_with('/') {
             id.to_owned()
         } else {
             format!("/machine/peripheral/{id}")
         };
-        match self
-            .call::<_, Value>("qom-get", &json!({"path": path, "property": "type"}))
+        match deadline
+            .call::<_, Value>(self, "qom-get", &json!({"path": path, "property": "type"}))
             .await
         {
             Ok(_) => Ok(true),
@@ -353,8 +362,8 @@ impl Client {
     }
 
     /// Removes a NIC: its device, when `device_id` is given and the device
-    /// is still there ([`Client::remove_device`], waiting up to `timeout`),
-    /// then its netdev (`netdev_del`).
+    /// is still there ([`Client::remove_device`]), then its netdev
+    /// (`netdev_del`), both within `timeout`, QEMU answering or not.
     ///
     /// A device that is already gone (the guest unplugged it, or an earlier
     /// call got half way) is fine; a netdev that does not exist is QEMU's
@@ -366,14 +375,17 @@ impl Client {
         device_id: Option<&str>,
         timeout: Duration,
     ) -> Result<()> {
+        let deadline = Deadline::after(timeout, "device_del");
         if let Some(id) = device_id {
-            match self.remove_device(id, timeout).await {
+            match self.remove_device_within(id, &deadline).await {
                 Ok(()) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
         }
-        self.call::<_, Empty>("netdev_del", &json!({ "id": netdev_id }))
+        deadline
+            .renamed("netdev_del")
+            .call::<_, Empty>(self, "netdev_del", &json!({ "id": netdev_id }))
             .await
             .map(drop)
             .map_err(Error::classify_in_use)

@@ -15,10 +15,17 @@
 //! - `query-jobs` is consulted only when events were missed and, as a
 //!   safety net, every few seconds.
 //!
-//! Each wait takes a timeout. When it runs out, a job this crate started is
-//! cancelled and dismissed, and [`Error::Timeout`] is returned. Dropping the
-//! future of [`Client::block_commit`] or [`Client::block_dev_mirror`] does the
-//! same cleanup in a background task, so no orphaned job is left in QEMU.
+//! Each wait takes a timeout, a deadline for the whole operation (see
+//! [the rule](super#waits-keep-their-callers-deadline)): every command sent
+//! on the way gets what is left of it, so a QEMU that stops answering cannot
+//! stretch the wait. When it runs out, a job this crate started is cancelled
+//! and dismissed, and [`Error::Timeout`] is returned; the caller waits for
+//! that clean-up [`CLEANUP_BUDGET`] at most. A clean-up that needs longer
+//! (QEMU is not answering, or the job is slow to cancel) goes on in a
+//! background task for up to a minute, which dismisses the job once QEMU
+//! has cancelled it, so that the job's id can be used again. Dropping the future
+//! of [`Client::block_commit`] or [`Client::block_dev_mirror`] does the same
+//! clean-up in the background, so no orphaned job is left in QEMU.
 //!
 //! ```no_run
 //! # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
@@ -32,17 +39,28 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
-use crate::client::{Client, Empty};
+use crate::client::{CallOptions, Client, Empty};
+use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{BlockJobEvent, EventFilter, EventItem, EventStream, KnownEvent};
 
 /// How often `query-jobs` is consulted while waiting, in case an event was lost.
 const SAFETY_POLL: Duration = Duration::from_secs(5);
 
-/// How long cleaning up an abandoned job may take.
-const CLEANUP_BUDGET: Duration = Duration::from_secs(10);
+/// How long a wait that gave up on a job it started goes on past its
+/// deadline, cancelling and dismissing the job: the most by which
+/// [`Client::block_commit`] and [`Client::block_dev_mirror`] overrun their
+/// timeout. A responsive QEMU cancels a job in milliseconds; what is not
+/// done by then goes on in the background (see the module docs).
+pub const CLEANUP_BUDGET: Duration = Duration::from_secs(2);
+
+/// How long the clean-up of a job given up on may go on in the background
+/// (after its wait has returned, or after the wait's future was dropped).
+/// Long enough for a QEMU that was stopped for a while to cancel the job
+/// and for the job to be dismissed; bounded, since the task keeps the
+/// connection open.
+const LATE_CLEANUP: Duration = Duration::from_secs(60);
 
 /// A job as `query-jobs` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -131,28 +149,31 @@ impl Client {
     /// Starts the job `id` with `command` and runs it to its end: completes
     /// it when it becomes ready, cancels it when the wait is given up
     /// (timeout, or the future dropped).
-    async fn run_job(
-        &self,
-        id: &str,
-        command: &str,
-        args: &Value,
-        deadline: Instant,
-        budget: Duration,
-    ) -> Result<()> {
+    async fn run_job(&self, id: &str, command: &str, args: &Value, deadline: &Deadline) -> Result<()> {
         let mut watch = self.watch_job(id);
+        // Past the deadline already: nothing is sent, so nothing to clean up.
+        let left = deadline.remaining()?;
         // Armed before the command is sent: a caller that gives up while the
         // command is in flight leaves no job behind either.
         let mut guard = Abandon {
             client: Some((self.clone(), id.to_owned())),
         };
-        if let Err(e) = self.call::<_, Empty>(command, args).await {
-            guard.disarm();
-            return Err(e.classify_in_use());
-        }
-        let result = watch.wait_end(OnReady::Complete, deadline, command, budget).await;
+        let result = match self
+            .call_with::<_, Empty>(command, args, CallOptions::new().timeout(left))
+            .await
+        {
+            // The command may still reach QEMU and start the job: clean up
+            // as for a job that was running.
+            Err(e) if e.is_timeout() => Err(deadline.expired()),
+            Err(e) => {
+                guard.disarm();
+                return Err(e.classify_in_use());
+            }
+            Ok(_) => watch.wait_end(OnReady::Complete, deadline).await,
+        };
         guard.disarm();
         if matches!(result, Err(Error::Timeout { .. })) {
-            cleanup(self, id).await;
+            cleanup_within_margin(self, id).await;
         }
         result
     }
@@ -193,7 +214,9 @@ impl Client {
     /// A commit of the active layer becomes `ready` and is then completed
     /// (the device switches to `base`); a commit of a lower layer finishes
     /// by itself. A failed job is [`Error::JobFailed`]; at `timeout` the job
-    /// is cancelled and [`Error::Timeout`] returned.
+    /// is cancelled and [`Error::Timeout`] returned, at most
+    /// [`CLEANUP_BUDGET`] after `timeout` even when QEMU does not answer
+    /// (see the module docs).
     #[doc(alias = "BlockCommit")]
     pub async fn block_commit(
         &self,
@@ -202,7 +225,7 @@ impl Client {
         base: Option<&str>,
         timeout: Duration,
     ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout, "block-commit");
         let mut args = json!({"device": device, "job-id": device, "auto-dismiss": false});
         if let Some(top) = top {
             args["top-node"] = json!(top);
@@ -210,8 +233,7 @@ impl Client {
         if let Some(base) = base {
             args["base-node"] = json!(base);
         }
-        self.run_job(device, "block-commit", &args, deadline, timeout)
-            .await
+        self.run_job(device, "block-commit", &args, &deadline).await
     }
 
     /// Copies the node `device` to the node `target` (`blockdev-mirror`,
@@ -221,52 +243,59 @@ impl Client {
     /// `device`.
     ///
     /// A failed job is [`Error::JobFailed`]; at `timeout` the job is
-    /// cancelled (the source stays in use) and [`Error::Timeout`] returned.
+    /// cancelled (the source stays in use) and [`Error::Timeout`] returned,
+    /// at most [`CLEANUP_BUDGET`] after `timeout` even when QEMU does not
+    /// answer (see the module docs).
     #[doc(alias = "BlockDevMirror")]
     pub async fn block_dev_mirror(&self, device: &str, target: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout, "blockdev-mirror");
         let mut args = json!({
             "device": device, "target": target, "job-id": device,
             "sync": "top", "auto-dismiss": false,
         });
-        if self.schema().await?.has_argument("blockdev-mirror", "copy-mode") {
+        if deadline
+            .schema(self)
+            .await?
+            .has_argument("blockdev-mirror", "copy-mode")
+        {
             args["copy-mode"] = json!("write-blocking");
         }
-        self.run_job(device, "blockdev-mirror", &args, deadline, timeout)
-            .await
+        self.run_job(device, "blockdev-mirror", &args, &deadline).await
     }
 
     /// Cancels the block job `id` (`block-job-cancel`) and waits until it
     /// has ended (and dismisses it if it waits for that). A mirror that was
     /// `ready` stops without switching to its target. A job that failed by
-    /// itself before the cancel took effect is [`Error::JobFailed`].
+    /// itself before the cancel took effect is [`Error::JobFailed`]. When
+    /// `timeout` runs out (QEMU answering or not), [`Error::Timeout`]; the
+    /// job is then left to QEMU, which may still cancel it.
     #[doc(alias = "BlockJobCancel")]
     pub async fn block_job_cancel(&self, id: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout, "block-job-cancel");
         let mut watch = self.watch_job(id);
-        if self.schema().await?.has_command("block-job-cancel") {
-            self.call::<_, Empty>("block-job-cancel", &json!({"device": id}))
+        if deadline.schema(self).await?.has_command("block-job-cancel") {
+            deadline
+                .call::<_, Empty>(self, "block-job-cancel", &json!({"device": id}))
                 .await?;
         } else {
-            self.call::<_, Empty>("job-cancel", &json!({"id": id})).await?;
+            deadline
+                .call::<_, Empty>(self, "job-cancel", &json!({"id": id}))
+                .await?;
         }
         watch.cancel_requested = true;
-        watch
-            .wait_end(OnReady::Wait, deadline, "block-job-cancel", timeout)
-            .await
+        watch.wait_end(OnReady::Wait, &deadline).await
     }
 
     /// Completes the `ready` job `id` (`job-complete`, or
     /// `block-job-complete` on a QEMU without it) and waits until it has
-    /// concluded, then dismisses it.
+    /// concluded, then dismisses it. When `timeout` runs out (QEMU
+    /// answering or not), [`Error::Timeout`]; the job is left as it is.
     #[doc(alias = "BlockJobComplete")]
     pub async fn block_job_complete(&self, id: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout, "block-job-complete");
         let mut watch = self.watch_job(id);
-        watch.complete().await?;
-        watch
-            .wait_end(OnReady::Wait, deadline, "block-job-complete", timeout)
-            .await
+        watch.complete(&deadline).await?;
+        watch.wait_end(OnReady::Wait, &deadline).await
     }
 }
 
@@ -286,26 +315,42 @@ impl Drop for Abandon {
     fn drop(&mut self) {
         if let Some((client, id)) = self.client.take() {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move { cleanup(&client, &id).await });
+                let deadline = Deadline::after(LATE_CLEANUP, "job-cancel");
+                handle.spawn(async move { cleanup(&client, &id, &deadline).await });
             }
         }
     }
 }
 
-/// Best effort: cancels the job, waits a little for it to conclude, dismisses it.
-async fn cleanup(client: &Client, id: &str) {
+/// Cleans up a job given up on at a wait's deadline: waits for the clean-up
+/// [`CLEANUP_BUDGET`] at most, and leaves the rest of it to a background
+/// task bounded by [`LATE_CLEANUP`].
+async fn cleanup_within_margin(client: &Client, id: &str) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            let (client, id) = (client.clone(), id.to_owned());
+            let deadline = Deadline::after(LATE_CLEANUP, "job-cancel");
+            let task = handle.spawn(async move { cleanup(&client, &id, &deadline).await });
+            // Dropping the handle at the margin detaches the task; it goes on.
+            let _ = tokio::time::timeout(CLEANUP_BUDGET, task).await;
+        }
+        // Not on a tokio runtime: nothing to hand over to, so the margin is all.
+        Err(_) => cleanup(client, id, &Deadline::after(CLEANUP_BUDGET, "job-cancel")).await,
+    }
+}
+
+/// Best effort, within `deadline`: cancels the job, waits for it to
+/// conclude, dismisses it.
+async fn cleanup(client: &Client, id: &str, deadline: &Deadline) {
     let mut watch = client.watch_job(id);
-    let _ = client.call::<_, Empty>("job-cancel", &json!({"id": id})).await;
-    watch.cancel_requested = true;
-    let _ = watch
-        .wait_end(
-            OnReady::Wait,
-            Instant::now() + CLEANUP_BUDGET,
-            "job-cancel",
-            CLEANUP_BUDGET,
-        )
+    let _ = deadline
+        .call::<_, Empty>(client, "job-cancel", &json!({"id": id}))
         .await;
-    let _ = client.call::<_, Empty>("job-dismiss", &json!({"id": id})).await;
+    watch.cancel_requested = true;
+    let _ = watch.wait_end(OnReady::Wait, deadline).await;
+    let _ = deadline
+        .call::<_, Empty>(client, "job-dismiss", &json!({"id": id}))
+        .await;
 }
 
 impl JobWatch {
@@ -316,46 +361,42 @@ impl JobWatch {
 
     /// Waits until the job has concluded, completing it when it becomes
     /// `ready` if `complete_when_ready`, and dismisses it. A job that ended
-    /// with an error is [`Error::JobFailed`]; when `timeout` runs out,
-    /// [`Error::Timeout`] (the job is left as it is).
+    /// with an error is [`Error::JobFailed`]; when `timeout` runs out (QEMU
+    /// answering or not), [`Error::Timeout`] (the job is left as it is).
     pub async fn wait(&mut self, complete_when_ready: bool, timeout: Duration) -> Result<()> {
         let on_ready = if complete_when_ready {
             OnReady::Complete
         } else {
             OnReady::Wait
         };
-        let deadline = Instant::now() + timeout;
-        self.wait_end(on_ready, deadline, "job wait", timeout).await
+        let deadline = Deadline::after(timeout, "job wait");
+        self.wait_end(on_ready, &deadline).await
     }
 
-    async fn complete(&mut self) -> Result<()> {
+    async fn complete(&mut self, deadline: &Deadline) -> Result<()> {
         self.completing = true;
-        if self.client.schema().await?.has_command("job-complete") {
-            self.client
-                .call::<_, Empty>("job-complete", &json!({"id": self.id}))
+        let client = &self.client;
+        if deadline.schema(client).await?.has_command("job-complete") {
+            deadline
+                .call::<_, Empty>(client, "job-complete", &json!({"id": self.id}))
                 .await?;
         } else {
-            self.client
-                .call::<_, Empty>("block-job-complete", &json!({"device": self.id}))
+            deadline
+                .call::<_, Empty>(client, "block-job-complete", &json!({"device": self.id}))
                 .await?;
         }
         Ok(())
     }
 
     /// Waits for the job to conclude, then reads its error and dismisses it.
-    async fn wait_end(
-        &mut self,
-        on_ready: OnReady,
-        deadline: Instant,
-        command: &str,
-        budget: Duration,
-    ) -> Result<()> {
+    /// Every command it sends is bounded by `deadline`.
+    async fn wait_end(&mut self, on_ready: OnReady, deadline: &Deadline) -> Result<()> {
         // The job may already be past some states: look once now.
-        let mut status = self.poll().await?;
+        let mut status = self.poll(deadline).await?;
         loop {
             match status.as_deref() {
                 Some("ready") if on_ready == OnReady::Complete && !self.completing => {
-                    self.complete().await?;
+                    self.complete(deadline).await?;
                 }
                 Some("concluded") => self.concluded = true,
                 // Gone: dismissed by itself (auto-dismiss) or by someone else.
@@ -385,19 +426,17 @@ impl JobWatch {
             status = tokio::select! {
                 item = self.events.recv() => match item {
                     None => return Err(self.client.closed().await),
-                    Some(EventItem::Missed(_)) => self.poll().await?,
+                    Some(EventItem::Missed(_)) => self.poll(deadline).await?,
                     Some(EventItem::Event(e)) => match self.note(&e.known()) {
                         Some(s) => Some(s),
                         None => continue,
                     },
                 },
-                _ = tokio::time::sleep(SAFETY_POLL) => self.poll().await?,
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(Error::Timeout { command: command.to_owned(), budget });
-                }
+                _ = tokio::time::sleep(SAFETY_POLL) => self.poll(deadline).await?,
+                _ = tokio::time::sleep_until(deadline.at()) => return Err(deadline.expired()),
             };
         }
-        match self.finish().await? {
+        match self.finish(deadline).await? {
             Outcome::Done | Outcome::Cancelled => Ok(()),
             Outcome::Failed(message) => Err(Error::JobFailed {
                 job: self.id.clone(),
@@ -432,21 +471,21 @@ impl JobWatch {
     }
 
     /// The job's status from `query-jobs`; `None` when it is not listed.
-    async fn poll(&mut self) -> Result<Option<String>> {
-        let jobs = self.client.query_jobs().await?;
+    async fn poll(&mut self, deadline: &Deadline) -> Result<Option<String>> {
+        let jobs: Vec<JobInfo> = deadline.call(&self.client, "query-jobs", &()).await?;
         Ok(jobs.into_iter().find(|j| j.id == self.id).map(|j| j.status))
     }
 
     /// After `concluded`: reads the error and dismisses the job if it is still there.
-    async fn finish(&mut self) -> Result<Outcome> {
-        let jobs = self.client.query_jobs().await?;
+    async fn finish(&mut self, deadline: &Deadline) -> Result<Outcome> {
+        let jobs: Vec<JobInfo> = deadline.call(&self.client, "query-jobs", &()).await?;
         // BLOCK_JOB_COMPLETED with an error: the job failed by itself.
         let failed_event = self.event_error.take();
         let error = match jobs.into_iter().find(|j| j.id == self.id) {
             Some(job) => {
                 if job.status == "concluded" {
-                    self.client
-                        .call::<_, Value>("job-dismiss", &json!({"id": self.id}))
+                    deadline
+                        .call::<_, Value>(&self.client, "job-dismiss", &json!({"id": self.id}))
                         .await?;
                 }
                 job.error.or_else(|| failed_event.clone())

@@ -7,10 +7,15 @@
 //!
 //! Waiting ([`Client::migrate_wait`], [`Client::migrate_incoming`])
 //! subscribes to `MIGRATION` events before it first asks for the state, so
-//! no transition is missed; `completed`, `failed` and `cancelled` are final,
-//! and the caller's timeout is honoured. `query-migrate` is polled only as a
-//! safety net (every few seconds), or often when the `events` capability
-//! could not be turned on.
+//! no transition is missed; `completed`, `failed` and `cancelled` are final.
+//! `query-migrate` is polled only as a safety net (every few seconds), or
+//! often when the `events` capability could not be turned on.
+//!
+//! The caller's timeout is one deadline for the whole wait, kept whatever
+//! QEMU does (see [the rule](super#waits-keep-their-callers-deadline)):
+//! every command sent on the way, and the schema lookup, gets what is left
+//! of it. A wait that times out leaves the migration alone, so it returns at
+//! its deadline, with no clean-up margin.
 //!
 //! ```no_run
 //! # async fn f(src: qmpkit::Client) -> qmpkit::Result<()> {
@@ -26,10 +31,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
 use crate::client::{Client, Empty};
 use crate::commands::block::to_object;
+use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem, KnownEvent};
 
@@ -194,7 +199,7 @@ impl Client {
     #[doc(alias = "Migrate")]
     pub async fn migrate(&self, fd_name: &str) -> Result<()> {
         self.enable_migration_events().await?;
-        let args = self.fd_channel("migrate", fd_name).await?;
+        let args = self.fd_channel("migrate", fd_name, None).await?;
         self.call::<_, Empty>("migrate", &args).await?;
         Ok(())
     }
@@ -210,12 +215,13 @@ impl Client {
     ///
     /// A migration that ends in another final state (`completed`, `failed`,
     /// `cancelled`) is [`Error::MigrationFailed`] with QEMU's `error-desc`.
-    /// When `timeout` runs out the migration is left alone and
-    /// [`Error::Timeout`] is returned. Dropping the future stops waiting.
+    /// When `timeout` runs out, QEMU answering or not, the migration is left
+    /// alone and [`Error::Timeout`] is returned. Dropping the future stops
+    /// waiting.
     #[doc(alias = "MigrateWait")]
     pub async fn migrate_wait(&self, state: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        self.migrate_wait_until(state, deadline, timeout).await
+        let deadline = Deadline::after(timeout, format!("waiting for migration state {state}"));
+        self.migrate_wait_until(state, &deadline).await
     }
 
     /// Resumes a migration paused in `from_state` (`migrate-continue`),
@@ -233,24 +239,38 @@ impl Client {
     ///
     /// The `events` capability is turned on first. A failed incoming
     /// migration makes QEMU exit by default, which shows as
-    /// [`Error::Disconnected`]; when `timeout` runs out, [`Error::Timeout`].
+    /// [`Error::Disconnected`]. `timeout` covers the whole call, the
+    /// preparation included; when it runs out, QEMU answering or not,
+    /// [`Error::Timeout`], and an incoming migration already under way is
+    /// left to run.
     #[doc(alias = "MigrateIncoming")]
     pub async fn migrate_incoming(&self, fd_name: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        self.enable_migration_events().await?;
-        let args = self.fd_channel("migrate-incoming", fd_name).await?;
-        self.call::<_, Empty>("migrate-incoming", &args).await?;
-        self.migrate_wait_until("completed", deadline, timeout).await
+        let deadline = Deadline::after(timeout, "migrate-incoming");
+        if !self.migration_events_on(Some(&deadline)).await? {
+            deadline
+                .call::<_, Empty>(self, "migrate-set-capabilities", &events_capability())
+                .await?;
+        }
+        let args = self
+            .fd_channel("migrate-incoming", fd_name, Some(&deadline))
+            .await?;
+        deadline.call::<_, Empty>(self, "migrate-incoming", &args).await?;
+        self.migrate_wait_until("completed", &deadline).await
     }
 
-    /// The arguments naming an fd as the migration channel, in the form this QEMU takes.
-    async fn fd_channel(&self, command: &str, fd_name: &str) -> Result<Value> {
+    /// The arguments naming an fd as the migration channel, in the form this
+    /// QEMU takes; the schema lookup within `deadline`, when given.
+    async fn fd_channel(&self, command: &str, fd_name: &str, deadline: Option<&Deadline>) -> Result<Value> {
         if fd_name.is_empty() {
             return Err(Error::InvalidRequest(format!(
                 "{command}: the fd name must not be empty"
             )));
         }
-        Ok(if self.schema().await?.has_argument(command, "channels") {
+        let schema = match deadline {
+            Some(d) => d.schema(self).await?,
+            None => self.schema().await?,
+        };
+        Ok(if schema.has_argument(command, "channels") {
             json!({"channels": [{
                 "channel-type": "main",
                 "addr": {"transport": "socket", "type": "fd", "str": fd_name},
@@ -260,42 +280,50 @@ impl Client {
         })
     }
 
-    /// True when the `events` capability is on.
-    async fn migration_events_on(&self) -> Result<bool> {
-        let caps: Vec<CapabilityState> = self.call("query-migrate-capabilities", &()).await?;
+    /// True when the `events` capability is on; the query within
+    /// `deadline`, when given.
+    async fn migration_events_on(&self, deadline: Option<&Deadline>) -> Result<bool> {
+        let caps: Vec<CapabilityState> = match deadline {
+            Some(d) => d.call(self, "query-migrate-capabilities", &()).await?,
+            None => self.call("query-migrate-capabilities", &()).await?,
+        };
         Ok(caps.iter().any(|c| c.capability == "events" && c.state))
     }
 
     /// Turns on the `events` capability unless it is on already.
     async fn enable_migration_events(&self) -> Result<()> {
-        if !self.migration_events_on().await? {
+        if !self.migration_events_on(None).await? {
             self.migrate_set_capabilities([("events", true)]).await?;
         }
         Ok(())
     }
 
-    async fn migrate_wait_until(&self, wanted: &str, deadline: Instant, budget: Duration) -> Result<()> {
+    async fn migrate_wait_until(&self, wanted: &str, deadline: &Deadline) -> Result<()> {
         // Subscribe before the first look, so no transition falls in between.
         let mut events = self.subscribe(EventFilter::names(["MIGRATION"]));
-        let events_on = match self.migration_events_on().await? {
+        let events_on = match self.migration_events_on(Some(deadline)).await? {
             true => true,
-            // Cannot be changed while a migration runs; then poll instead.
-            false => self.migrate_set_capabilities([("events", true)]).await.is_ok(),
+            false => match deadline
+                .call::<_, Empty>(self, "migrate-set-capabilities", &events_capability())
+                .await
+            {
+                Ok(_) => true,
+                Err(e) if e.is_timeout() => return Err(e),
+                // Cannot be changed while a migration runs; then poll instead.
+                Err(_) => false,
+            },
         };
         let poll_every = if events_on { SAFETY_POLL } else { FALLBACK_POLL };
-        let timeout = || Error::Timeout {
-            command: format!("waiting for migration state {wanted}"),
-            budget,
-        };
+        let query = || deadline.call::<_, MigrationStatus>(self, "query-migrate", &());
 
-        let mut status = self.query_migrate().await?.status;
+        let mut status = query().await?.status;
         loop {
             if status == wanted {
                 return Ok(());
             }
             if FINAL_STATES.contains(&status.as_str()) {
                 // The event carries no reason; query-migrate has it.
-                let info = self.query_migrate().await?;
+                let info = query().await?;
                 if info.status == wanted {
                     return Ok(());
                 }
@@ -311,13 +339,18 @@ impl Client {
                         KnownEvent::Migration { status } => status,
                         _ => continue,
                     },
-                    Some(EventItem::Missed(_)) => self.query_migrate().await?.status,
+                    Some(EventItem::Missed(_)) => query().await?.status,
                 },
-                _ = tokio::time::sleep(poll_every) => self.query_migrate().await?.status,
-                _ = tokio::time::sleep_until(deadline) => return Err(timeout()),
+                _ = tokio::time::sleep(poll_every) => query().await?.status,
+                _ = tokio::time::sleep_until(deadline.at()) => return Err(deadline.expired()),
             };
         }
     }
+}
+
+/// The arguments of `migrate-set-capabilities` that turn `events` on.
+fn events_capability() -> Value {
+    json!({"capabilities": [Capability { capability: "events", state: true }]})
 }
 
 #[cfg(test)]
