@@ -335,6 +335,9 @@ pub enum EventItem {
 /// - at once when the queue is empty and drops since the last queued event
 ///   have not been reported: a subscriber learns of drops the next time it
 ///   asks, even if no event follows them;
+/// - first of all, for the first subscriber of a connection, when events that
+///   arrived before it subscribed did not fit the connection's backlog of
+///   1,024 (counting only the events its filter wants);
 /// - last, once the connection has closed and the queue is drained, for
 ///   drops not reported yet.
 ///
@@ -565,8 +568,58 @@ struct SubscribersInner {
     list: Vec<Subscriber>,
     /// Events that arrived before anyone subscribed; `None` after the first
     /// subscription, from when on events nobody wants are dropped.
-    backlog: Option<VecDeque<Event>>,
+    backlog: Option<Backlog>,
     closed: bool,
+}
+
+/// How many distinct names of events pushed out of the backlog are counted
+/// one by one (QEMU has about a hundred events; a server inventing names
+/// must not grow this without bound).
+const LOST_NAMES: usize = 256;
+
+/// The events kept for the first subscriber, and a count of those that did
+/// not fit.
+#[derive(Default)]
+struct Backlog {
+    events: VecDeque<Event>,
+    /// Events pushed out for lack of room, by name, so that the first
+    /// subscriber is told how many of the events its filter wants it lost.
+    lost: rustc_hash::FxHashMap<Box<str>, u64>,
+    /// Events pushed out whose names were past [`LOST_NAMES`]: counted
+    /// against every filter, since their names are not known any more.
+    lost_unnamed: u64,
+}
+
+impl Backlog {
+    fn push(&mut self, ev: &Event) {
+        if self.events.len() == BACKLOG {
+            if let Some(old) = self.events.pop_front() {
+                self.count_lost(old.name());
+            }
+        }
+        self.events.push_back(ev.clone());
+    }
+
+    fn count_lost(&mut self, name: &str) {
+        if let Some(n) = self.lost.get_mut(name) {
+            *n += 1;
+        } else if self.lost.len() < LOST_NAMES {
+            self.lost.insert(name.into(), 1);
+        } else {
+            self.lost_unnamed += 1;
+        }
+    }
+
+    /// How many of the lost events `filter` wants.
+    fn lost_for(&self, filter: &EventFilter) -> u64 {
+        let named: u64 = self
+            .lost
+            .iter()
+            .filter(|(name, _)| filter.matches(name))
+            .map(|(_, n)| n)
+            .sum();
+        named + self.lost_unnamed
+    }
 }
 
 impl Subscribers {
@@ -574,14 +627,15 @@ impl Subscribers {
         Subscribers {
             inner: Mutex::new(SubscribersInner {
                 list: Vec::new(),
-                backlog: Some(VecDeque::new()),
+                backlog: Some(Backlog::default()),
                 closed: false,
             }),
         }
     }
 
     /// Adds a subscription. The first one also receives the events that
-    /// arrived before it (up to its capacity).
+    /// arrived before it (up to its capacity), after a note of those that did
+    /// not fit the backlog.
     pub(crate) fn subscribe(&self, filter: EventFilter) -> EventStream {
         let capacity = filter.capacity.unwrap_or(DEFAULT_EVENT_QUEUE);
         let (tx, rx) = mpsc::channel(capacity);
@@ -594,7 +648,16 @@ impl Subscribers {
         };
         let mut inner = lock(&self.inner);
         if let Some(backlog) = inner.backlog.take() {
-            for ev in &backlog {
+            let lost = backlog.lost_for(&sub.filter);
+            if lost > 0 {
+                // They came before the kept events: as unreported drops, the
+                // first offer below puts their note ahead of it (or, if none
+                // matches, the stream reports them when it finds the queue empty).
+                *lock(&drops.unreported) = lost;
+                drops.total.store(lost, Ordering::Release);
+                sub.behind = true;
+            }
+            for ev in &backlog.events {
                 sub.offer(ev);
             }
         }
@@ -609,10 +672,7 @@ impl Subscribers {
         let mut inner = lock(&self.inner);
         if let Some(backlog) = inner.backlog.as_mut() {
             for ev in events {
-                if backlog.len() == BACKLOG {
-                    backlog.pop_front();
-                }
-                backlog.push_back(ev.clone());
+                backlog.push(ev);
             }
             return;
         }
@@ -742,6 +802,49 @@ mod tests {
 
     fn numbered(name: &str, range: std::ops::Range<u64>) -> Vec<Event> {
         range.map(|i| ev(name, json!(i))).collect()
+    }
+
+    #[test]
+    fn first_subscriber_is_told_how_much_of_the_backlog_it_lost() {
+        let subs = Subscribers::new();
+        subs.publish(&numbered("E", 0..5000));
+        let mut s = subs.subscribe(EventFilter::all());
+        let got = ready_now(&mut s);
+        // The lost events came first, so their note does too.
+        assert_eq!(got[0], "missed 3976");
+        assert_eq!(got[1], "E 3976");
+        assert_eq!(got.len(), 1 + 1024);
+        assert_eq!(got[1024], "E 4999");
+        assert_eq!(s.missed(), 3976);
+    }
+
+    #[test]
+    fn backlog_losses_count_only_what_the_filter_wants() {
+        let subs = Subscribers::new();
+        let events: Vec<Event> = (0..2000u64)
+            .map(|i| ev(if i % 2 == 0 { "A" } else { "B" }, json!(i)))
+            .collect();
+        subs.publish(&events);
+        let mut only_b = subs.subscribe(EventFilter::names(["B"]));
+        let got = ready_now(&mut only_b);
+        // 976 lost, half of them B; the 1,024 kept hold 512 B.
+        assert_eq!(got[0], "missed 488");
+        assert_eq!(got[1], "B 977");
+        assert_eq!(got.len(), 1 + 512);
+        assert_eq!(only_b.missed(), 488);
+    }
+
+    #[test]
+    fn a_small_first_subscriber_hears_of_the_lost_backlog_then_of_its_own_overflow() {
+        let subs = Subscribers::new();
+        subs.publish(&numbered("E", 0..5000));
+        let mut s = subs.subscribe(EventFilter::all().capacity(10));
+        let got = ready_now(&mut s);
+        let mut want = vec!["missed 3976".to_owned()];
+        want.extend((3976..3985).map(|i| format!("E {i}")));
+        want.push("missed 1015".into());
+        assert_eq!(got, want);
+        assert_eq!(s.missed(), 5000 - 9);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! A subscriber that falls behind is told what it missed, through a real
 //! connection to a fake server: drops after its last event are reported the
-//! next time it asks (not only when the connection closes), and `wait_for`
-//! never hangs on an event that was dropped.
+//! next time it asks (not only when the connection closes), events lost
+//! before the first subscription are counted, and `wait_for` never hangs on
+//! an event that was dropped.
 
 mod common;
 
@@ -28,7 +29,7 @@ fn burst(n: u64, last: &str) -> Vec<u8> {
 }
 
 /// Answers `burst-100` with 100 events ending in `BLOCK_JOB_COMPLETED`,
-/// sent before the reply, and
+/// `burst-5000` with 5,000 ending in `STOP`, each sent before the reply, and
 /// everything else with `{}`; closes after `quit`. The connection stays open
 /// otherwise.
 async fn script(mut conn: FakeConn) {
@@ -38,6 +39,7 @@ async fn script(mut conn: FakeConn) {
     while let Ok(Some(req)) = conn.recv().await {
         let events = match req.name.as_deref() {
             Some("burst-100") => burst(100, "BLOCK_JOB_COMPLETED"),
+            Some("burst-5000") => burst(5000, "STOP"),
             _ => Vec::new(),
         };
         if conn.send_raw(&events).await.is_err() || conn.reply(&req, json!({})).await.is_err() {
@@ -100,6 +102,28 @@ async fn wait_for_a_dropped_event_fails_with_events_missed() {
     within(10, client.execute_raw("query-jobs", Value::Null))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_subscriber_is_told_of_events_lost_before_it_subscribed() {
+    let (_srv, client) = connect().await;
+    // Nobody subscribed yet: the connection keeps the last 1,024 for the first.
+    within(10, client.execute_raw("burst-5000", Value::Null))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    // The lost ones came first, so their note does too.
+    match within(10, events.recv()).await {
+        Some(EventItem::Missed(3976)) => {}
+        other => panic!("expected a note of 3,976 missed events, got {other:?}"),
+    }
+    assert_eq!(events.missed(), 3976);
+    for i in 3976..5000 {
+        let e = events.try_next().expect("a kept event");
+        assert_eq!(e.data()["n"], i);
+    }
+    assert!(events.try_next().is_none());
+    assert_eq!(events.missed(), 3976);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
