@@ -1,8 +1,9 @@
 //! `events`: print events as they happen.
 
+use std::fmt::Write;
 use std::process::ExitCode;
 
-use qmpkit::{Event, EventFilter, EventItem};
+use qmpkit::{Event, EventFilter, EventItem, Timestamp};
 use serde_json::{json, Value};
 
 use crate::cli::EventsArgs;
@@ -13,15 +14,30 @@ use crate::outln;
 
 /// An event as one readable line: time, name, data.
 pub fn human_line(e: &Event) -> String {
-    let time = e
-        .timestamp()
-        .to_system_time()
-        .map(|t| humantime::format_rfc3339_micros(t).to_string())
-        .unwrap_or_else(|| "(no time)".into());
+    let time = human_time(e.timestamp());
     if e.data().is_null() {
         format!("{time} {}", e.name())
     } else {
         format!("{time} {} {}", e.name(), e.data())
+    }
+}
+
+/// An event's time for people: RFC 3339 in UTC when it has one, else the
+/// numbers QEMU sent (a line must print whatever the server chose).
+pub fn human_time(ts: Timestamp) -> String {
+    if let Some(t) = ts.to_system_time() {
+        // humantime refuses years past 9999 with a formatting error, which
+        // `to_string` would turn into a panic: write it and check instead.
+        let mut s = String::new();
+        if write!(s, "{}", humantime::format_rfc3339_micros(t)).is_ok() {
+            return s;
+        }
+    }
+    match (ts.seconds, ts.microseconds) {
+        // QEMU's mark for a failed host clock.
+        (-1, -1) => "(no time)".into(),
+        (s, us) if s >= 0 && (0..1_000_000).contains(&us) => format!("@{s}.{us:06}"),
+        (s, us) => format!("(seconds {s}, microseconds {us})"),
     }
 }
 
@@ -108,4 +124,47 @@ async fn check_event_names<'a>(ctx: &Ctx, names: impl Iterator<Item = &'a String
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(seconds: i64, microseconds: i64) -> String {
+        let ts = Timestamp {
+            seconds,
+            microseconds,
+        };
+        human_line(&Event::new("STOP", Value::Null, ts))
+    }
+
+    #[test]
+    fn times_in_rfc3339_while_they_fit() {
+        assert_eq!(line(0, 0), "1970-01-01T00:00:00.000000Z STOP");
+        assert_eq!(line(1_700_000_000, 123_456), "2023-11-14T22:13:20.123456Z STOP");
+        assert_eq!(line(253_402_300_799, 999_999), "9999-12-31T23:59:59.999999Z STOP");
+    }
+
+    #[test]
+    fn times_past_year_9999_or_odd_print_as_qemu_sent_them() {
+        // Year 10000 and later: RFC 3339 has no room for them (the
+        // formatter used to fail, and the line panicked).
+        assert_eq!(line(253_402_300_800, 0), "@253402300800.000000 STOP");
+        assert_eq!(line(i64::MAX, 999_999), "@9223372036854775807.999999 STOP");
+        assert_eq!(
+            line(i64::MAX, i64::MAX),
+            "(seconds 9223372036854775807, microseconds 9223372036854775807) STOP"
+        );
+        assert_eq!(
+            line(253_402_300_799, 1_000_000),
+            "(seconds 253402300799, microseconds 1000000) STOP"
+        );
+        assert_eq!(line(-1, -1), "(no time) STOP");
+        assert_eq!(line(-1, 0), "(seconds -1, microseconds 0) STOP");
+        assert_eq!(
+            line(i64::MIN, i64::MIN),
+            format!("(seconds {}, microseconds {}) STOP", i64::MIN, i64::MIN)
+        );
+        assert_eq!(line(0, -5), "(seconds 0, microseconds -5) STOP");
+    }
 }

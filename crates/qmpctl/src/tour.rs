@@ -376,7 +376,7 @@ async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
     );
     let mut removed = c.subscribe(EventFilter::names(["BLOCK_EXPORT_DELETED"]));
     cmd(c, "block-export-del", json!({"id": "disk0"})).await?;
-    removed.wait_for("BLOCK_EXPORT_DELETED").await;
+    removed.wait_for("BLOCK_EXPORT_DELETED").await?;
     c.nbd_server_stop().await?;
     read?;
     let data = std::fs::read(&copy).with_context(|| format!("cannot read {}", copy.display()))?;

@@ -137,6 +137,16 @@ pub enum Error {
         message: String,
     },
 
+    /// Events were dropped while waiting for one (the subscriber's queue was
+    /// full), so it may never come: re-query the state instead.
+    #[error("missed {count} event(s) while waiting for event {event}; it may have been among them")]
+    EventsMissed {
+        /// The event waited for.
+        event: String,
+        /// How many events were dropped.
+        count: u64,
+    },
+
     /// A migration ended in a final state other than the one waited for.
     #[error("migration ended as {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     MigrationFailed {
@@ -176,6 +186,11 @@ impl Error {
     /// True when the connection is gone.
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Disconnected { .. })
+    }
+
+    /// True when events were dropped while waiting for one (see [`Error::EventsMissed`]).
+    pub fn is_events_missed(&self) -> bool {
+        matches!(self, Error::EventsMissed { .. })
     }
 
     /// True when the resource is in use (see [`Error::InUse`]).

@@ -8,13 +8,15 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::error::Error;
 pub use crate::wire::Timestamp;
 
 /// Queue length of a subscriber unless set otherwise.
@@ -323,39 +325,104 @@ pub enum EventItem {
 
 /// A stream of events from one connection, in the order QEMU sent them.
 ///
-/// Dropping it unsubscribes. It ends (returns `None`) when the connection closes.
+/// Each subscription has a bounded queue ([`EventFilter::capacity`]). When it
+/// is full, the connection drops the event rather than wait, and the
+/// subscriber is told with an [`EventItem::Missed`] note carrying the number
+/// dropped. [`EventStream::recv`] delivers a note:
+///
+/// - in the queue, just before the next event that found room after the
+///   drops, when events keep arriving;
+/// - at once when the queue is empty and drops since the last queued event
+///   have not been reported: a subscriber learns of drops the next time it
+///   asks, even if no event follows them;
+/// - first of all, for the first subscriber of a connection, when events that
+///   arrived before it subscribed did not fit the connection's backlog of
+///   1,024 (counting only the events its filter wants);
+/// - last, once the connection has closed and the queue is drained, for
+///   drops not reported yet.
+///
+/// Every drop is reported exactly once, and a note never comes before an
+/// event that was queued ahead of the drops it counts. [`EventStream::next`],
+/// [`EventStream::try_next`] and [`EventStream::blocking_next`] pass over
+/// notes; [`EventStream::wait_for`] ends with [`Error::EventsMissed`] at one,
+/// since the event waited for may be among those dropped.
+///
+/// Dropping it unsubscribes. It ends (returns `None`) when the connection
+/// closes and everything queued has been read.
 pub struct EventStream {
     rx: mpsc::Receiver<EventItem>,
-    /// Every event dropped for this subscriber, reported or not yet.
-    dropped: Arc<AtomicU64>,
-    /// How many of them were reported in the stream so far.
-    reported: u64,
+    drops: Arc<Drops>,
+}
+
+/// What the two sides of a subscription share about dropped events.
+#[derive(Default)]
+struct Drops {
+    /// Drops that neither a note in the queue nor the stream reported yet.
+    /// Behind a lock so that the stream's "the queue is empty and these drops
+    /// are unreported" is one observation, and the connection's "these drops
+    /// are now in a note in the queue" one step: either side may report a
+    /// drop, only one does, and never ahead of an event queued before it.
+    unreported: Mutex<u64>,
+    /// Every drop so far, reported or not.
+    total: AtomicU64,
+}
+
+/// What the stream can hand over without waiting.
+enum Now {
+    Item(EventItem),
+    /// Nothing queued and no drops to report; the connection is up.
+    Empty,
+    /// Nothing queued, nothing to report, and the connection is gone.
+    Closed,
 }
 
 impl EventStream {
     /// The next event or missed-events note; `None` once the connection has
-    /// closed and every queued event was read.
+    /// closed and every queued event was read. Cancel-safe: nothing is lost
+    /// when the future is dropped unfinished (as in `tokio::select!`).
     pub async fn recv(&mut self) -> Option<EventItem> {
-        let item = self.rx.recv().await;
-        self.account(item)
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    /// Counts reported drops, and at the end reports drops that happened
-    /// after the last delivered event.
-    fn account(&mut self, item: Option<EventItem>) -> Option<EventItem> {
-        match item {
-            Some(EventItem::Missed(n)) => {
-                self.reported += n;
-                Some(EventItem::Missed(n))
-            }
-            Some(item) => Some(item),
-            None => {
-                let rest = self.dropped.load(Ordering::Acquire) - self.reported;
-                (rest > 0).then(|| {
-                    self.reported += rest;
-                    EventItem::Missed(rest)
-                })
-            }
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+        match self.take_now() {
+            Now::Item(item) => return Poll::Ready(Some(item)),
+            Now::Closed => return Poll::Ready(None),
+            Now::Empty => {}
+        }
+        // Nothing to give. No drop can happen before the next event arrives
+        // and wakes this poll: a drop needs a full queue, and the queue was
+        // just seen empty.
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(item)),
+            // Closed since the look above: report drops from before the close.
+            Poll::Ready(None) => match self.take_now() {
+                Now::Item(item) => Poll::Ready(Some(item)),
+                Now::Empty | Now::Closed => Poll::Ready(None),
+            },
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The next queued item, or, when the queue is empty, a note of the
+    /// drops no one reported yet.
+    fn take_now(&mut self) -> Now {
+        // A queued item is always in its place: no lock needed to take it.
+        if let Ok(item) = self.rx.try_recv() {
+            return Now::Item(item);
+        }
+        let mut unreported = lock(&self.drops.unreported);
+        // Look again under the lock: the connection may have queued a note
+        // (taking the unreported drops) since the look above.
+        let closed = match self.rx.try_recv() {
+            Ok(item) => return Now::Item(item),
+            Err(mpsc::error::TryRecvError::Empty) => false,
+            Err(mpsc::error::TryRecvError::Disconnected) => true,
+        };
+        match std::mem::take(&mut *unreported) {
+            0 if closed => Now::Closed,
+            0 => Now::Empty,
+            n => Now::Item(EventItem::Missed(n)),
         }
     }
 
@@ -363,89 +430,129 @@ impl EventStream {
     /// [`EventStream::missed`]); `None` once the connection has closed.
     pub async fn next(&mut self) -> Option<Event> {
         loop {
-            match self.recv().await? {
-                EventItem::Event(e) => return Some(e),
-                EventItem::Missed(_) => continue,
-            }
-        }
-    }
-
-    /// The next event if one is queued now, without waiting.
-    pub fn try_next(&mut self) -> Option<Event> {
-        loop {
-            match self.rx.try_recv().ok()? {
-                EventItem::Event(e) => return Some(e),
-                EventItem::Missed(n) => self.reported += n,
-            }
-        }
-    }
-
-    /// Waits for the next event with this name, passing over others.
-    pub async fn wait_for(&mut self, name: &str) -> Option<Event> {
-        loop {
-            let e = self.next().await?;
-            if e.name() == name {
+            if let EventItem::Event(e) = self.recv().await? {
                 return Some(e);
             }
         }
     }
 
-    /// How many events this subscriber has missed so far because it fell behind.
+    /// The next event if one is queued now, without waiting, passing over notes.
+    pub fn try_next(&mut self) -> Option<Event> {
+        loop {
+            match self.take_now() {
+                Now::Item(EventItem::Event(e)) => return Some(e),
+                Now::Item(EventItem::Missed(_)) => continue,
+                Now::Empty | Now::Closed => return None,
+            }
+        }
+    }
+
+    /// Waits for the next event with this name, passing over others.
+    ///
+    /// Fails with [`Error::EventsMissed`] when a missed-events note comes
+    /// first (the event may have been dropped: re-query the state instead of
+    /// waiting on), and with [`Error::Disconnected`] when the connection
+    /// closes first ([`Client::closed`](crate::Client::closed) says why).
+    pub async fn wait_for(&mut self, name: &str) -> Result<Event, Error> {
+        loop {
+            match self.recv().await {
+                Some(EventItem::Event(e)) if e.name() == name => return Ok(e),
+                Some(EventItem::Event(_)) => {}
+                Some(EventItem::Missed(count)) => {
+                    return Err(Error::EventsMissed {
+                        event: name.to_owned(),
+                        count,
+                    })
+                }
+                None => return Err(Error::Disconnected { reason: None }),
+            }
+        }
+    }
+
+    /// How many events this subscriber has missed so far because it fell
+    /// behind, including drops not reported by a note yet.
     pub fn missed(&self) -> u64 {
-        self.dropped.load(Ordering::Acquire)
+        self.drops.total.load(Ordering::Acquire)
     }
 
     /// Blocking version of [`EventStream::next`], for the blocking facade.
     /// Must not be called from inside an async runtime.
     pub fn blocking_next(&mut self) -> Option<Event> {
         loop {
-            let item = self.rx.blocking_recv();
-            match self.account(item)? {
-                EventItem::Event(e) => return Some(e),
-                EventItem::Missed(_) => continue,
+            let item = match self.take_now() {
+                Now::Item(item) => item,
+                Now::Closed => return None,
+                // None: closed meanwhile; look again for drops before the close.
+                Now::Empty => match self.rx.blocking_recv() {
+                    Some(item) => item,
+                    None => continue,
+                },
+            };
+            if let EventItem::Event(e) = item {
+                return Some(e);
             }
         }
     }
+}
+
+/// Locks a mutex, going on after a panic elsewhere (the counts stay usable).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The connection's side of one subscription.
 struct Subscriber {
     tx: mpsc::Sender<EventItem>,
     filter: EventFilter,
-    /// Events dropped since the last successful hand-over.
-    missed: u64,
-    /// Every event dropped, shared with the stream.
-    dropped: Arc<AtomicU64>,
+    drops: Arc<Drops>,
+    /// Set when this side may have left drops unreported. Until it finds them
+    /// reported, offers go through the lock; otherwise they need none.
+    behind: bool,
 }
 
 impl Subscriber {
-    fn drop_one(&mut self) {
-        self.missed += 1;
-        self.dropped.fetch_add(1, Ordering::Release);
-    }
-
     /// Hands over an event without waiting. False when the subscriber is gone.
     fn offer(&mut self, ev: &Event) -> bool {
+        use mpsc::error::TrySendError;
         if !self.filter.matches(ev.name()) {
             return !self.tx.is_closed();
         }
-        if self.missed > 0 {
-            match self.tx.try_send(EventItem::Missed(self.missed)) {
-                Ok(()) => self.missed = 0,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.drop_one();
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        let mut item = EventItem::Event(ev.clone());
+        if !self.behind {
+            match self.tx.try_send(item) {
+                Ok(()) => return true,
+                Err(TrySendError::Closed(_)) => return false,
+                // Full a moment ago; the stream may have read since, so the
+                // drop is decided under the lock (see Drops::unreported).
+                Err(TrySendError::Full(back)) => item = back,
             }
         }
-        match self.tx.try_send(EventItem::Event(ev.clone())) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.drop_one();
+        let mut unreported = lock(&self.drops.unreported);
+        if *unreported > 0 {
+            match self.tx.try_send(EventItem::Missed(*unreported)) {
+                Ok(()) => *unreported = 0,
+                Err(TrySendError::Full(_)) => {
+                    *unreported += 1;
+                    self.drops.total.fetch_add(1, Ordering::Release);
+                    self.behind = true;
+                    return true;
+                }
+                Err(TrySendError::Closed(_)) => return false,
+            }
+        }
+        match self.tx.try_send(item) {
+            Ok(()) => {
+                // Nothing is unreported now, and only this side adds to it.
+                self.behind = false;
                 true
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(TrySendError::Full(_)) => {
+                *unreported += 1;
+                self.drops.total.fetch_add(1, Ordering::Release);
+                self.behind = true;
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -461,8 +568,58 @@ struct SubscribersInner {
     list: Vec<Subscriber>,
     /// Events that arrived before anyone subscribed; `None` after the first
     /// subscription, from when on events nobody wants are dropped.
-    backlog: Option<VecDeque<Event>>,
+    backlog: Option<Backlog>,
     closed: bool,
+}
+
+/// How many distinct names of events pushed out of the backlog are counted
+/// one by one (QEMU has about a hundred events; a server inventing names
+/// must not grow this without bound).
+const LOST_NAMES: usize = 256;
+
+/// The events kept for the first subscriber, and a count of those that did
+/// not fit.
+#[derive(Default)]
+struct Backlog {
+    events: VecDeque<Event>,
+    /// Events pushed out for lack of room, by name, so that the first
+    /// subscriber is told how many of the events its filter wants it lost.
+    lost: rustc_hash::FxHashMap<Box<str>, u64>,
+    /// Events pushed out whose names were past [`LOST_NAMES`]: counted
+    /// against every filter, since their names are not known any more.
+    lost_unnamed: u64,
+}
+
+impl Backlog {
+    fn push(&mut self, ev: &Event) {
+        if self.events.len() == BACKLOG {
+            if let Some(old) = self.events.pop_front() {
+                self.count_lost(old.name());
+            }
+        }
+        self.events.push_back(ev.clone());
+    }
+
+    fn count_lost(&mut self, name: &str) {
+        if let Some(n) = self.lost.get_mut(name) {
+            *n += 1;
+        } else if self.lost.len() < LOST_NAMES {
+            self.lost.insert(name.into(), 1);
+        } else {
+            self.lost_unnamed += 1;
+        }
+    }
+
+    /// How many of the lost events `filter` wants.
+    fn lost_for(&self, filter: &EventFilter) -> u64 {
+        let named: u64 = self
+            .lost
+            .iter()
+            .filter(|(name, _)| filter.matches(name))
+            .map(|(_, n)| n)
+            .sum();
+        named + self.lost_unnamed
+    }
 }
 
 impl Subscribers {
@@ -470,49 +627,52 @@ impl Subscribers {
         Subscribers {
             inner: Mutex::new(SubscribersInner {
                 list: Vec::new(),
-                backlog: Some(VecDeque::new()),
+                backlog: Some(Backlog::default()),
                 closed: false,
             }),
         }
     }
 
     /// Adds a subscription. The first one also receives the events that
-    /// arrived before it (up to its capacity).
+    /// arrived before it (up to its capacity), after a note of those that did
+    /// not fit the backlog.
     pub(crate) fn subscribe(&self, filter: EventFilter) -> EventStream {
         let capacity = filter.capacity.unwrap_or(DEFAULT_EVENT_QUEUE);
         let (tx, rx) = mpsc::channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let drops = Arc::new(Drops::default());
         let mut sub = Subscriber {
             tx,
             filter,
-            missed: 0,
-            dropped: dropped.clone(),
+            drops: drops.clone(),
+            behind: false,
         };
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lock(&self.inner);
         if let Some(backlog) = inner.backlog.take() {
-            for ev in &backlog {
+            let lost = backlog.lost_for(&sub.filter);
+            if lost > 0 {
+                // They came before the kept events: as unreported drops, the
+                // first offer below puts their note ahead of it (or, if none
+                // matches, the stream reports them when it finds the queue empty).
+                *lock(&drops.unreported) = lost;
+                drops.total.store(lost, Ordering::Release);
+                sub.behind = true;
+            }
+            for ev in &backlog.events {
                 sub.offer(ev);
             }
         }
         if !inner.closed {
             inner.list.push(sub);
         }
-        EventStream {
-            rx,
-            dropped,
-            reported: 0,
-        }
+        EventStream { rx, drops }
     }
 
     /// Hands events to every matching subscriber, in order, without waiting.
     pub(crate) fn publish(&self, events: &[Event]) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lock(&self.inner);
         if let Some(backlog) = inner.backlog.as_mut() {
             for ev in events {
-                if backlog.len() == BACKLOG {
-                    backlog.pop_front();
-                }
-                backlog.push_back(ev.clone());
+                backlog.push(ev);
             }
             return;
         }
@@ -523,7 +683,7 @@ impl Subscribers {
 
     /// Ends every subscription (their streams return `None` once drained).
     pub(crate) fn close(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lock(&self.inner);
         inner.closed = true;
         inner.list.clear();
     }
@@ -615,6 +775,225 @@ mod tests {
         assert_eq!(only_b.next().await.unwrap().data(), &Value::Null);
         assert_eq!(only_b.next().await.unwrap().data(), &json!(2));
         assert!(only_b.next().await.is_none());
+    }
+
+    /// Polls `fut` once: `Some` with its output if it is ready at once.
+    fn now<T>(fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// An item as text, for comparing a run of them.
+    fn show(item: EventItem) -> String {
+        match item {
+            EventItem::Event(e) => format!("{} {}", e.name(), e.data()),
+            EventItem::Missed(n) => format!("missed {n}"),
+        }
+    }
+
+    /// Every item ready now, as text.
+    fn ready_now(s: &mut EventStream) -> Vec<String> {
+        std::iter::from_fn(|| now(s.recv()).flatten()).map(show).collect()
+    }
+
+    fn numbered(name: &str, range: std::ops::Range<u64>) -> Vec<Event> {
+        range.map(|i| ev(name, json!(i))).collect()
+    }
+
+    #[test]
+    fn first_subscriber_is_told_how_much_of_the_backlog_it_lost() {
+        let subs = Subscribers::new();
+        subs.publish(&numbered("E", 0..5000));
+        let mut s = subs.subscribe(EventFilter::all());
+        let got = ready_now(&mut s);
+        // The lost events came first, so their note does too.
+        assert_eq!(got[0], "missed 3976");
+        assert_eq!(got[1], "E 3976");
+        assert_eq!(got.len(), 1 + 1024);
+        assert_eq!(got[1024], "E 4999");
+        assert_eq!(s.missed(), 3976);
+    }
+
+    #[test]
+    fn backlog_losses_count_only_what_the_filter_wants() {
+        let subs = Subscribers::new();
+        let events: Vec<Event> = (0..2000u64)
+            .map(|i| ev(if i % 2 == 0 { "A" } else { "B" }, json!(i)))
+            .collect();
+        subs.publish(&events);
+        let mut only_b = subs.subscribe(EventFilter::names(["B"]));
+        let got = ready_now(&mut only_b);
+        // 976 lost, half of them B; the 1,024 kept hold 512 B.
+        assert_eq!(got[0], "missed 488");
+        assert_eq!(got[1], "B 977");
+        assert_eq!(got.len(), 1 + 512);
+        assert_eq!(only_b.missed(), 488);
+    }
+
+    #[test]
+    fn a_small_first_subscriber_hears_of_the_lost_backlog_then_of_its_own_overflow() {
+        let subs = Subscribers::new();
+        subs.publish(&numbered("E", 0..5000));
+        let mut s = subs.subscribe(EventFilter::all().capacity(10));
+        let got = ready_now(&mut s);
+        let mut want = vec!["missed 3976".to_owned()];
+        want.extend((3976..3985).map(|i| format!("E {i}")));
+        want.push("missed 1015".into());
+        assert_eq!(got, want);
+        assert_eq!(s.missed(), 5000 - 9);
+    }
+
+    #[test]
+    fn drops_after_the_last_queued_event_are_reported_once_the_queue_is_empty() {
+        let subs = Subscribers::new();
+        let mut s = subs.subscribe(EventFilter::all().capacity(10));
+        let mut burst = numbered("TICK", 0..99);
+        burst.push(ev("BLOCK_JOB_COMPLETED", json!({"device": "j"})));
+        subs.publish(&burst);
+        // The connection stays open: nothing else will arrive.
+        let got = ready_now(&mut s);
+        let mut want: Vec<String> = (0..10).map(|i| format!("TICK {i}")).collect();
+        want.push("missed 90".into());
+        assert_eq!(got, want);
+        assert_eq!(s.missed(), 90);
+        // Reported once: nothing more to say until something arrives, and
+        // the next event comes without another note.
+        assert!(now(s.recv()).is_none());
+        subs.publish(&[ev("STOP", Value::Null)]);
+        assert_eq!(ready_now(&mut s), ["STOP null"]);
+        assert_eq!(s.missed(), 90);
+    }
+
+    #[test]
+    fn each_drop_is_reported_once_in_the_queue_or_at_its_end() {
+        let subs = Subscribers::new();
+        let mut s = subs.subscribe(EventFilter::all().capacity(2));
+        subs.publish(&numbered("E", 0..10));
+        assert_eq!(show(now(s.recv()).flatten().unwrap()), "E 0");
+        // Room for the note of the 8 dropped, not for the event after it.
+        subs.publish(&numbered("E", 10..11));
+        assert_eq!(ready_now(&mut s), ["E 1", "missed 8", "missed 1"]);
+        subs.publish(&numbered("E", 11..12));
+        subs.close();
+        assert_eq!(ready_now(&mut s), ["E 11"]);
+        assert_eq!(s.missed(), 9);
+    }
+
+    #[test]
+    fn try_next_passes_over_notes_and_counts_them() {
+        let subs = Subscribers::new();
+        let mut s = subs.subscribe(EventFilter::all().capacity(2));
+        subs.publish(&numbered("E", 0..5));
+        assert_eq!(s.try_next().unwrap().data(), &json!(0));
+        assert_eq!(s.try_next().unwrap().data(), &json!(1));
+        assert!(s.try_next().is_none());
+        assert_eq!(s.missed(), 3);
+        // The drops were taken in by try_next: recv has nothing to report.
+        assert!(now(s.recv()).is_none());
+    }
+
+    #[test]
+    fn wait_for_ends_with_events_missed_when_its_event_may_be_dropped() {
+        let subs = Subscribers::new();
+        let mut s = subs.subscribe(EventFilter::all().capacity(10));
+        let mut burst = numbered("TICK", 0..99);
+        burst.push(ev("BLOCK_JOB_COMPLETED", json!({"device": "j"})));
+        subs.publish(&burst);
+        let err = now(s.wait_for("BLOCK_JOB_COMPLETED"))
+            .expect("wait_for hung on a dropped event")
+            .unwrap_err();
+        assert!(err.is_events_missed(), "{err:?}");
+        assert!(matches!(&err, Error::EventsMissed { event, count: 90 } if event == "BLOCK_JOB_COMPLETED"));
+        assert_eq!(
+            err.to_string(),
+            "missed 90 event(s) while waiting for event BLOCK_JOB_COMPLETED; it may have been among them"
+        );
+        // The stream goes on: a later event is found as usual.
+        subs.publish(&[ev("BLOCK_JOB_COMPLETED", json!({"device": "k"}))]);
+        let e = now(s.wait_for("BLOCK_JOB_COMPLETED")).unwrap().unwrap();
+        assert_eq!(e.data(), &json!({"device": "k"}));
+    }
+
+    #[test]
+    fn wait_for_passes_over_other_events_and_fails_when_the_connection_closes() {
+        let subs = Subscribers::new();
+        let mut s = subs.subscribe(EventFilter::all());
+        subs.publish(&[ev("STOP", Value::Null), ev("RESUME", Value::Null)]);
+        assert_eq!(now(s.wait_for("RESUME")).unwrap().unwrap().name(), "RESUME");
+        assert!(now(s.wait_for("RESUME")).is_none());
+        subs.publish(&[ev("STOP", Value::Null)]);
+        subs.close();
+        let err = now(s.wait_for("RESUME")).unwrap().unwrap_err();
+        assert!(err.is_disconnected(), "{err:?}");
+    }
+
+    #[test]
+    fn blocking_next_passes_over_notes_including_the_last_one() {
+        let subs = Subscribers::new();
+        let mut s = subs.subscribe(EventFilter::all().capacity(2));
+        subs.publish(&numbered("E", 0..5));
+        assert_eq!(s.blocking_next().unwrap().data(), &json!(0));
+        assert_eq!(s.blocking_next().unwrap().data(), &json!(1));
+        subs.publish(&numbered("E", 5..6));
+        subs.close();
+        assert_eq!(s.blocking_next().unwrap().data(), &json!(5));
+        assert!(s.blocking_next().is_none());
+        assert_eq!(s.missed(), 3);
+    }
+
+    /// The connection publishes from one thread while the subscriber reads on
+    /// another, so that notes are queued by the one and reported by the other
+    /// in every interleaving: the notes between two delivered events always
+    /// add up to exactly the events missing between them.
+    #[test]
+    fn notes_count_every_gap_exactly_while_both_sides_race() {
+        const N: u64 = 200_000;
+        let subs = Arc::new(Subscribers::new());
+        let mut s = subs.subscribe(EventFilter::all().capacity(4));
+        let publisher = std::thread::spawn({
+            let subs = subs.clone();
+            move || {
+                let mut i = 0;
+                let mut size = 1;
+                while i < N {
+                    let end = (i + size).min(N);
+                    subs.publish(&numbered("E", i..end));
+                    i = end;
+                    size = size % 7 + 1;
+                }
+                subs.close();
+            }
+        });
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (mut next, mut noted, mut notes) = (0, 0, 0);
+        rt.block_on(async {
+            while let Some(item) = s.recv().await {
+                match item {
+                    EventItem::Missed(n) => {
+                        assert!(n > 0);
+                        noted += n;
+                        notes += n;
+                    }
+                    EventItem::Event(e) => {
+                        let i = e.data().as_u64().unwrap();
+                        assert_eq!(
+                            i,
+                            next + noted,
+                            "notes before event {i} count {noted}, not the gap"
+                        );
+                        next = i + 1;
+                        noted = 0;
+                    }
+                }
+            }
+        });
+        publisher.join().unwrap();
+        assert_eq!(next + noted, N);
+        assert_eq!(s.missed(), notes);
     }
 
     #[tokio::test]

@@ -89,16 +89,16 @@ pub struct Timestamp {
 }
 
 impl Timestamp {
-    /// The timestamp as a [`std::time::SystemTime`], unless the clock failed.
+    /// The timestamp as a [`std::time::SystemTime`]; `None` when the clock
+    /// failed (a negative field) or the time is too far out to represent.
     pub fn to_system_time(self) -> Option<std::time::SystemTime> {
-        if self.seconds < 0 || self.microseconds < 0 {
-            return None;
-        }
-        Some(
-            std::time::UNIX_EPOCH
-                + std::time::Duration::from_secs(self.seconds as u64)
-                + std::time::Duration::from_micros(self.microseconds as u64),
-        )
+        // The server chooses both numbers: checked arithmetic, so that an
+        // absurd value gives None instead of a panic.
+        let seconds = u64::try_from(self.seconds).ok()?;
+        let microseconds = u64::try_from(self.microseconds).ok()?;
+        std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::from_secs(seconds))?
+            .checked_add(std::time::Duration::from_micros(microseconds))
     }
 }
 
@@ -358,6 +358,34 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_a_system_time_cannot_hold_give_none() {
+        let ts = |seconds, microseconds| Timestamp {
+            seconds,
+            microseconds,
+        };
+        let epoch = std::time::UNIX_EPOCH;
+        assert_eq!(
+            ts(1, 2).to_system_time(),
+            Some(epoch + std::time::Duration::new(1, 2_000))
+        );
+        assert_eq!(ts(-1, -1).to_system_time(), None);
+        assert_eq!(ts(0, -1).to_system_time(), None);
+        // Values a server may send that no SystemTime holds: none of them
+        // may panic (they used to, adding past the end of SystemTime).
+        assert_eq!(ts(i64::MAX, i64::MAX).to_system_time(), None);
+        assert_eq!(ts(i64::MAX, 1_000_000).to_system_time(), None);
+        assert_eq!(ts(i64::MAX - 5, 6_000_000).to_system_time(), None);
+        // Microseconds beyond one second still count, as plain addition.
+        assert_eq!(
+            ts(1, 2_500_000).to_system_time(),
+            Some(epoch + std::time::Duration::from_millis(3_500))
+        );
+        for (s, u) in [(i64::MAX, 0), (i64::MIN, 0), (0, i64::MAX), (i64::MIN, i64::MIN)] {
+            let _ = ts(s, u).to_system_time();
+        }
+    }
 
     #[test]
     fn success_replies_are_found_without_parsing() {
