@@ -32,7 +32,10 @@ pub fn split(data: &[u8], cuts: &[u8], limit: usize) {
             last = Some(match frame {
                 Frame::Message(range) => {
                     let bytes = s.bytes(range);
-                    assert!(bytes.first() == Some(&b'{') && bytes.last() == Some(&b'}'), "not one object");
+                    assert!(
+                        bytes.first() == Some(&b'{') && bytes.last() == Some(&b'}'),
+                        "not one object"
+                    );
                     bytes.to_vec()
                 }
                 Frame::TooLarge(f) | Frame::Corrupt(f) => {
@@ -46,7 +49,11 @@ pub fn split(data: &[u8], cuts: &[u8], limit: usize) {
             });
         }
     }
-    assert_eq!(last.as_deref(), Some(MARKER.trim_ascii()), "the well-formed reply after the input was lost");
+    assert_eq!(
+        last.as_deref(),
+        Some(MARKER.trim_ascii()),
+        "the well-formed reply after the input was lost"
+    );
     assert!(!s.has_partial(), "a message is still open after the stream ended");
 }
 
