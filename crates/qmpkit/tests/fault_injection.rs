@@ -40,6 +40,15 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// What each open descriptor is, for the message when one leaked.
+fn describe_fds() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| format!("{:?} -> {:?}", e.file_name(), std::fs::read_link(e.path()).ok()))
+        .collect()
+}
+
 fn pipe_fd() -> OwnedFd {
     std::fs::File::open("/dev/null").unwrap().into()
 }
@@ -188,6 +197,7 @@ fn hostile_servers_never_wedge_the_client() {
         .unwrap_or(1);
     // Counted before the runtime exists: its own fds go with it.
     let fds_before = open_fds();
+    let described_before = describe_fds();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -205,14 +215,21 @@ fn hostile_servers_never_wedge_the_client() {
             }
         }
     });
-    drop(rt);
+    // Wait for the runtime's threads to end, so that its own descriptors
+    // (and everything its tasks held) are closed before counting.
+    rt.shutdown_timeout(Duration::from_secs(10));
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
     // Every socket and passed fd is closed once the runs are over.
     let deadline = Instant::now() + Duration::from_secs(5);
     while open_fds() != fds_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(open_fds(), fds_before, "file descriptors leaked");
+    assert_eq!(
+        open_fds(),
+        fds_before,
+        "file descriptors leaked: before {described_before:#?}, after {:#?}",
+        describe_fds()
+    );
 }
 
 trait IntoPanic {
