@@ -521,13 +521,20 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// A caller's end: what it was sent, and whether it still waits.
+    /// What a caller was sent, and whether it gave up.
+    #[derive(Default)]
+    struct CallerState {
+        result: Option<Result<(), Error>>,
+        gave_up: bool,
+    }
+
+    /// A caller's end.
     #[derive(Clone, Default)]
-    struct Caller(Arc<Mutex<(Option<Result<(), Error>>, bool)>>);
+    struct Caller(Arc<Mutex<CallerState>>);
 
     impl Caller {
         fn result(&self) -> Option<Result<(), Error>> {
-            self.0.lock().unwrap().0.clone()
+            self.0.lock().unwrap().result.clone()
         }
         fn lost(&self) -> bool {
             matches!(self.result(), Some(Err(Error::ReplyLost { .. })))
@@ -536,7 +543,7 @@ mod tests {
             matches!(self.result(), Some(Err(Error::Timeout { .. })))
         }
         fn give_up(&self) {
-            self.0.lock().unwrap().1 = true;
+            self.0.lock().unwrap().gave_up = true;
         }
     }
 
@@ -546,10 +553,10 @@ mod tests {
         type Value = ();
         fn is_closed(&self) -> bool {
             let state = self.0 .0.lock().unwrap();
-            state.1 || state.0.is_some()
+            state.gave_up || state.result.is_some()
         }
         fn send(self, result: Result<(), Error>) {
-            self.0 .0.lock().unwrap().0 = Some(result);
+            self.0 .0.lock().unwrap().result = Some(result);
         }
     }
 
