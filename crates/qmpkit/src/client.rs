@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::connection::{ConnectOptions, Outgoing, Reply, Shared, ToDriver};
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream};
+use crate::schema::Schema;
 use crate::wire::{encode_request, Greeting};
 
 /// A QMP command with typed arguments and a typed reply.
@@ -98,13 +99,26 @@ impl CallOptions {
     }
 }
 
+impl ConnectOptions {
+    /// Connects and negotiates capabilities.
+    ///
+    /// The whole of it has the handshake budget; on failure nothing is left
+    /// behind (socket, log file, task). Events that QEMU sends right after the
+    /// handshake are kept for the first subscriber.
+    pub async fn connect(&self, path: impl AsRef<Path>) -> Result<Client> {
+        let path = path.as_ref();
+        let (tx, shared) = self.open(path).await?;
+        Ok(Client::new(tx, shared, path.to_owned()))
+    }
+}
+
 struct Inner {
     // Dropping the last handle drops this sender, which ends the task.
     tx: mpsc::UnboundedSender<ToDriver>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     path: PathBuf,
-    schema: tokio::sync::OnceCell<Arc<crate::schema::Schema>>,
+    schema: tokio::sync::OnceCell<Arc<Schema>>,
 }
 
 /// A connection to a QMP server. Cheap to clone; every clone talks over the
@@ -315,9 +329,16 @@ impl Client {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Where this connection keeps the server's schema once fetched.
-    pub(crate) fn schema_cell(&self) -> &tokio::sync::OnceCell<Arc<crate::schema::Schema>> {
-        &self.inner.schema
+    /// The server's schema, fetched on first use and kept for the connection.
+    pub async fn schema(&self) -> Result<Arc<Schema>> {
+        self.inner
+            .schema
+            .get_or_try_init(|| async {
+                let reply: Value = self.call("query-qmp-schema", &()).await?;
+                Ok(Arc::new(Schema::from_reply(&reply)))
+            })
+            .await
+            .cloned()
     }
 
     /// Sends one request and waits for its reply within its budget.

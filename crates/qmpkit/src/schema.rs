@@ -3,12 +3,8 @@
 //! across QEMU versions, and by tools for completion.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use serde::Deserialize;
-
-use crate::client::Client;
-use crate::error::Result;
 
 /// The commands, events and argument names a QMP server supports.
 #[derive(Debug, Default)]
@@ -134,19 +130,6 @@ impl Schema {
     pub fn has_argument(&self, command: &str, argument: &str) -> bool {
         self.arguments(command)
             .is_some_and(|args| args.iter().any(|m| m.name == argument))
-    }
-}
-
-impl Client {
-    /// The server's schema, fetched on first use and kept for the connection.
-    pub async fn schema(&self) -> Result<Arc<Schema>> {
-        self.schema_cell()
-            .get_or_try_init(|| async {
-                let reply: serde_json::Value = self.call("query-qmp-schema", &()).await?;
-                Ok(Arc::new(Schema::from_reply(&reply)))
-            })
-            .await
-            .cloned()
     }
 }
 

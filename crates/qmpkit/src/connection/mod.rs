@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
@@ -208,13 +207,9 @@ impl ConnectOptions {
         self
     }
 
-    /// Connects and negotiates capabilities.
-    ///
-    /// The whole of it has the handshake budget; on failure nothing is left
-    /// behind (socket, log file, task). Events that QEMU sends right after the
-    /// handshake are kept for the first subscriber.
-    pub async fn connect(&self, path: impl AsRef<Path>) -> Result<Client> {
-        let path = path.as_ref();
+    /// Connects, negotiates capabilities and starts the connection's task:
+    /// everything [`ConnectOptions::connect`] does but making the handle.
+    pub(crate) async fn open(&self, path: &Path) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
         let span = tracing::debug_span!("qmp_connect", path = %path.display());
         async {
             let started = std::time::Instant::now();
@@ -244,15 +239,14 @@ impl ConnectOptions {
                 close_reason: OnceLock::new(),
                 last_shutdown: Mutex::new(None),
             });
-            let tx = driver::spawn(done, shared.clone(), log);
-            let client = Client::new(tx, shared, path.to_owned());
             tracing::debug!(
                 elapsed_us = started.elapsed().as_micros() as u64,
-                version = %client.greeting().version,
-                oob = client.oob_enabled(),
+                version = %shared.greeting.version,
+                oob = shared.oob,
                 "connected"
             );
-            Ok(client)
+            let tx = driver::spawn(done, shared.clone(), log);
+            Ok((tx, shared))
         }
         .instrument(span)
         .await
