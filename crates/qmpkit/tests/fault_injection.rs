@@ -9,7 +9,7 @@
 //! - no caller gets another caller's reply;
 //! - once the server behaves, every call succeeds again (or, if the server
 //!   hung up, every call says the connection is closed);
-//! - no file descriptor is left open.
+//! - no file descriptor is left open, and memory goes back to where it was.
 //!
 //! The seed set is fixed, so a failure reproduces. `QMPKIT_FUZZ_RUNS=N` runs
 //! N seeds instead of the default; `QMPKIT_FUZZ_SEED=S` starts from seed S.
@@ -26,6 +26,37 @@ use qmpkit_fake::FakeServer;
 use serde_json::Value;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts the bytes allocated and not yet freed, so that the test can
+/// check that memory goes back to where it started.
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// What may stay allocated after all runs: statics initialised once (the
+/// default connection settings, tracing's registrations), not per run.
+const MEMORY_SLACK: usize = 64 * 1024;
 
 /// The budget of each call in the hostile phase.
 const BUDGET: Duration = Duration::from_millis(250);
@@ -198,6 +229,7 @@ fn hostile_servers_never_wedge_the_client() {
     // Counted before the runtime exists: its own fds go with it.
     let fds_before = open_fds();
     let described_before = describe_fds();
+    let memory_before = LIVE_BYTES.load(Ordering::SeqCst);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -219,6 +251,12 @@ fn hostile_servers_never_wedge_the_client() {
     // (and everything its tasks held) are closed before counting.
     rt.shutdown_timeout(Duration::from_secs(10));
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+    let memory_after = LIVE_BYTES.load(Ordering::SeqCst);
+    eprintln!("live heap: {memory_before} bytes before the runs, {memory_after} after");
+    assert!(
+        memory_after <= memory_before + MEMORY_SLACK,
+        "memory not given back: {memory_before} bytes live before the runs, {memory_after} after"
+    );
     // Every socket and passed fd is closed once the runs are over.
     let deadline = Instant::now() + Duration::from_secs(5);
     while open_fds() != fds_before && Instant::now() < deadline {
