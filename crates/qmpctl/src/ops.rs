@@ -53,7 +53,15 @@ where
         tokio::select! {
             biased;
             done = &mut work => return done,
-            _ = tick.tick() => poll().await,
+            _ = tick.tick() => {
+                // A progress query on a frozen QEMU waits out its own budget:
+                // it must never hold back the work's end (its deadline).
+                tokio::select! {
+                    biased;
+                    done = &mut work => return done,
+                    () = poll() => {}
+                }
+            }
         }
     }
 }
