@@ -373,10 +373,10 @@ async fn quit_gives_one_shutdown_with_qemus_reason() {
     let mon = within(10, registry.connect(vm.socket("mon"), options))
         .await
         .unwrap();
-    mon.set_initialized(true);
-    assert!(mon.is_initialized());
+    assert!(mon.is_initialized(), "a new monitor is initialized, as in Go");
     let _ = ctl.call::<_, Value>("quit", &()).await;
     within(20, mon.wait()).await;
+    assert!(!mon.is_initialized(), "QEMU's SHUTDOWN reached the handler");
     let shutdowns: Vec<Event> = drain(&mut events)
         .into_iter()
         .filter(|e| e.name() == EVENT_VM_SHUTDOWN)
@@ -426,16 +426,67 @@ async fn kill_gives_one_synthesized_shutdown_and_ends_everything() {
     assert!(registry.get(&path).is_none() && registry.is_empty());
 }
 
+/// Incus's daemon restarts and reconnects to running VMs without calling
+/// SetInitialized: Go's Connect has marked the monitor initialized, so a
+/// crash after the reconnect still reaches the handler as a SHUTDOWN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_shutdown_is_made_up_before_initialization_or_on_our_own_disconnect() {
-    // Not initialized: the socket drops, nothing is synthesised.
+async fn a_crash_after_a_plain_connect_gives_one_disconnect_shutdown() {
+    let mut vm = agent_vm(&[]).await;
+    let (options, mut events) = recording(MonitorOptions::new());
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
+        .await
+        .unwrap();
+    assert!(mon.is_initialized());
+    vm.kill();
+    within(20, mon.wait()).await;
+    let all = drain(&mut events);
+    let shutdowns: Vec<&Event> = all.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
+    assert_eq!(shutdowns.len(), 1, "{all:?}");
+    assert_eq!(shutdowns[0].data()["reason"], SHUTDOWN_REASON_DISCONNECT);
+}
+
+/// Incus connects with no handler before it sends `quit`, so that the
+/// SHUTDOWN which follows reaches nobody: a connect to a live monitor
+/// replaces its handler with the caller's, none included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_without_a_handler_silences_the_old_one() {
+    let vm = agent_vm(&[]).await;
+    let ctl = control(&vm).await;
+    let path = vm.socket("mon");
+    let registry = MonitorRegistry::new();
+    let (options, mut first) = recording(MonitorOptions::new());
+    let mon = within(10, registry.connect(&path, options)).await.unwrap();
+    let _: Value = ctl.call("cont", &()).await.unwrap();
+    next_named(&mut first, "RESUME").await;
+    drain(&mut first);
+
+    let again = within(10, registry.connect(&path, MonitorOptions::new()))
+        .await
+        .unwrap();
+    assert!(again == mon, "the live monitor, not a new one");
+    let _ = within(10, again.quit()).await;
+    within(20, mon.wait()).await;
+    assert!(
+        drain(&mut first).is_empty(),
+        "the replaced handler saw nothing after the second connect"
+    );
+    // Go clears the flag only when a handler takes the SHUTDOWN.
+    assert!(mon.is_initialized());
+    assert!(registry.get(&path).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_shutdown_is_made_up_when_turned_off_or_on_our_own_disconnect() {
+    // Turned off: the socket drops, nothing is synthesised.
     let server = FakeServer::instant().await.unwrap();
     let (options, mut events) = recording(MonitorOptions::new());
     let registry = MonitorRegistry::new();
     let mon = within(10, registry.connect(server.path(), options))
         .await
         .unwrap();
-    assert!(!mon.is_initialized());
+    assert!(mon.is_initialized());
+    mon.set_initialized(false);
     drop(server);
     within(10, mon.wait()).await;
     assert!(drain(&mut events).is_empty());

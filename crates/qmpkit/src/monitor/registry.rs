@@ -89,9 +89,13 @@ impl MonitorRegistry {
 
     /// Returns the live monitor for `path`, or connects a new one (the Go `Connect`).
     ///
-    /// A live monitor is returned as it is, except that a handler or
-    /// ejected-media callback in `options` replaces the current one (the
-    /// other options only apply to a new connection). A monitor whose
+    /// A live monitor is returned as it is, except that its event handler
+    /// becomes the one in `options`, or none if `options` has none, as in Go:
+    /// connecting with no handler before a deliberate `quit` silences the
+    /// `SHUTDOWN` that follows. An ejected-media callback in `options`
+    /// replaces the current one; the other options only apply to a new
+    /// connection. A new monitor starts
+    /// [initialized](super::Monitor::set_initialized). A monitor whose
     /// connection ended is forgotten, and a new one is made. Concurrent
     /// connects to one path share one attempt and its outcome.
     ///
