@@ -206,25 +206,10 @@ async fn agent_is_read_at_connect_and_polled_in_small_reads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_agent_chardev_and_bad_options_are_typed_errors() {
-    let vm = agent_vm(&["-chardev", "null,id=plain0"]).await;
+async fn bad_options_are_typed_errors() {
+    let vm = agent_vm(&[]).await;
     let registry = MonitorRegistry::new();
     let path = vm.socket("mon");
-
-    let e = within(
-        10,
-        registry.connect(&path, MonitorOptions::new().serial_chardev("nope")),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(&e, Error::BadConsole(c) if c == "nope"), "{e:?}");
-    let e = within(
-        10,
-        registry.connect(&path, MonitorOptions::new().serial_chardev("plain0")),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(&e, Error::NotARingbuf(c) if c == "plain0"), "{e:?}");
     for bad in [
         MonitorOptions::new().ringbuf_read_size(0),
         MonitorOptions::new().agent_poll_interval(Duration::ZERO),
@@ -245,6 +230,58 @@ async fn bad_agent_chardev_and_bad_options_are_typed_errors() {
     assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
     assert!(!mon.agent_started());
     mon.disconnect();
+}
+
+/// Incus connects its feature-probe QEMU, which has no agent port, with the
+/// port's chardev name: Go's Connect succeeds, so ours must too, and it
+/// must never claim an agent. A chardev of the wrong kind is treated alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_chardev_the_vm_lacks_connects_and_never_reports_the_agent() {
+    let vm = vm_with(|b| {
+        b.args(["-chardev", "null,id=plain0"])
+            .extra_qmp_socket("ctl")
+            .extra_qmp_socket("mon")
+            .extra_qmp_socket("mon2")
+    })
+    .await;
+    let ctl = control(&vm).await;
+    let registry = MonitorRegistry::new();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("qemu_serial-chardev")
+            .agent_poll_interval(Duration::from_millis(1)),
+    );
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
+        .await
+        .unwrap();
+    assert!(!mon.agent_started());
+    assert_eq!(status(&mon).await.unwrap(), "prelaunch");
+    let _: Value = ctl.call("cont", &()).await.unwrap();
+    next_named(&mut events, "RESUME").await;
+    let _: Value = ctl.call("stop", &()).await.unwrap();
+    next_named(&mut events, "STOP").await;
+    assert_eq!(status(&mon).await.unwrap(), "paused");
+    assert!(!mon.agent_started());
+    assert!(
+        drain(&mut events).iter().all(|e| !e.name().starts_with("AGENT-")),
+        "no agent event"
+    );
+    // Asked directly, the monitor says why.
+    let e = within(10, mon.check_agent()).await.unwrap_err();
+    assert!(matches!(&e, Error::BadConsole(c) if c == "qemu_serial-chardev"), "{e:?}");
+    mon.disconnect();
+
+    // Not a ring buffer: the same.
+    let other = within(
+        10,
+        registry.connect(vm.socket("mon2"), MonitorOptions::new().serial_chardev("plain0")),
+    )
+    .await
+    .unwrap();
+    assert!(!other.agent_started());
+    let e = within(10, other.check_agent()).await.unwrap_err();
+    assert!(matches!(&e, Error::NotARingbuf(c) if c == "plain0"), "{e:?}");
+    other.disconnect();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -998,6 +1035,59 @@ async fn qemus_shutdown_survives_a_handler_that_fell_behind() {
     let shutdowns: Vec<&Event> = all.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
     assert_eq!(shutdowns.len(), 1, "{all:?}");
     assert_eq!(shutdowns[0].data()["reason"], "guest-shutdown");
+}
+
+/// A missing agent chardev is read once, at connect, and never polled after:
+/// every read would fail the same way (the fake counts them, which QEMU cannot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_agent_chardev_is_not_polled() {
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reads.clone();
+    let server = FakeServer::start(move |mut conn: FakeConn| {
+        let reads = counted.clone();
+        async move {
+            if conn.handshake().await.is_err() {
+                return;
+            }
+            while let Ok(Some(req)) = conn.recv().await {
+                let r = match req.name.as_deref() {
+                    Some("ringbuf-read") => {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        conn.reply_error(&req, "GenericError", "Device 'agent0' not found")
+                            .await
+                    }
+                    Some("poke") => {
+                        let r = conn.event("POKED", json!({})).await;
+                        r.and(conn.reply(&req, json!({})).await)
+                    }
+                    _ => conn.reply(&req, json!({})).await,
+                };
+                if r.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_poll_interval(Duration::from_millis(1)),
+    );
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    assert_eq!(reads.load(Ordering::SeqCst), 1, "the read at connect");
+    // Each event would prompt a read, and the poll is due every millisecond.
+    for _ in 0..20 {
+        let _: Value = within(10, mon.call("poke", &())).await.unwrap();
+        next_named(&mut events, "POKED").await;
+    }
+    assert_eq!(reads.load(Ordering::SeqCst), 1, "no read after connect");
+    assert!(!mon.agent_started());
+    mon.disconnect();
 }
 
 /// `STARTED\n`, as `ringbuf-read` returns it in base64.

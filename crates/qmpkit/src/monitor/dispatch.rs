@@ -72,7 +72,7 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
             timer,
             open_trays: Vec::new(),
             again: false,
-            stopped: finish.0.inner.agent.is_none(),
+            stopped: finish.0.inner.agent.as_ref().is_none_or(Agent::disabled),
             shutdown_seen: false,
         };
         loop {

@@ -170,10 +170,27 @@ impl Monitor {
                 registry,
             }),
         };
-        if let Err(e) = mon.check_agent_inner().await {
-            mon.inner.disconnect_requested.store(true, Ordering::Release);
-            mon.inner.client.disconnect();
-            return Err(e);
+        match mon.check_agent_inner().await {
+            Ok(_) => {}
+            // Go's Connect never looks: Incus connects its feature-probe
+            // QEMU, which has no agent port, with the port's name. So the
+            // monitor connects, and watches no agent rather than poll a
+            // chardev that cannot answer.
+            Err(e @ (Error::BadConsole(_) | Error::NotARingbuf(_))) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "the guest agent's serial chardev is unusable; not watching the agent"
+                );
+                if let Some(agent) = &mon.inner.agent {
+                    agent.disable();
+                }
+            }
+            Err(e) => {
+                mon.inner.disconnect_requested.store(true, Ordering::Release);
+                mon.inner.client.disconnect();
+                return Err(e);
+            }
         }
         // One task per monitor: events, the agent poller, the shutdown notice.
         tokio::spawn(dispatch::run(mon.clone(), events));
@@ -289,8 +306,9 @@ impl Monitor {
     }
 
     /// Whether the guest agent is running, as last read from its serial ring
-    /// buffer (the Go `AgenStarted`). Always false without a serial chardev,
-    /// after a `RESET`, and once the connection has ended.
+    /// buffer (the Go `AgenStarted`). Always false without a serial chardev
+    /// or with one that was missing or no ring buffer at connect, after a
+    /// `RESET`, and once the connection has ended.
     pub fn agent_started(&self) -> bool {
         self.inner.agent.as_ref().is_some_and(|a| a.started())
     }
@@ -298,7 +316,9 @@ impl Monitor {
     /// Reads the agent's ring buffer now rather than at the next poll, hands
     /// any transitions to the handler, and returns whether the agent is running.
     ///
-    /// Errors: [`Error::InvalidRequest`] without a serial chardev, else those of `ringbuf-read`.
+    /// Errors: [`Error::InvalidRequest`] without a serial chardev, else those
+    /// of `ringbuf-read` ([`Error::BadConsole`] for a chardev that does not
+    /// exist, [`Error::NotARingbuf`] for one of another kind).
     pub async fn check_agent(&self) -> Result<bool> {
         if self.inner.agent.is_none() {
             return Err(Error::InvalidRequest(

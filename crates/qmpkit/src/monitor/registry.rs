@@ -100,10 +100,10 @@ impl MonitorRegistry {
     /// connects to one path share one attempt and its outcome.
     ///
     /// Errors: invalid options ([`Error::InvalidRequest`](crate::Error::InvalidRequest)),
-    /// connection and handshake failures, and, when a serial chardev is set,
-    /// [`Error::BadConsole`](crate::Error::BadConsole) or
-    /// [`Error::NotARingbuf`](crate::Error::NotARingbuf) if it is missing or
-    /// not a ring buffer.
+    /// connection and handshake failures, and those of the first read of the
+    /// agent's ring buffer other than its absence: a serial chardev that is
+    /// missing or not a ring buffer is logged as a warning and the monitor
+    /// connects without watching the agent, as Go's does.
     pub async fn connect(&self, path: impl AsRef<Path>, options: MonitorOptions) -> Result<Monitor> {
         options.validate()?;
         let path = path.as_ref();
