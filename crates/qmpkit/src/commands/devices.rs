@@ -53,7 +53,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::client::{CallOptions, Client, Empty};
+use crate::client::{Client, Empty};
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem};
@@ -464,15 +464,12 @@ impl Client {
     }
 
     /// Adds a QOM object such as a memory backend or an iothread
-    /// (`object-add`). Objects of type `secret` are kept out of the traffic log.
+    /// (`object-add`). The traffic log shows it, as Go's does, but with the
+    /// `data` of a `secret` object blanked out.
     #[doc(alias = "AddObject")]
     #[doc(alias = "object-add")]
     pub async fn add_object(&self, object: &ObjectSpec) -> Result<()> {
-        let mut options = CallOptions::new();
-        if object.qom_type == "secret" {
-            options = options.unlogged();
-        }
-        self.call_with::<_, Empty>("object-add", object, options)
+        self.call::<_, Empty>("object-add", object)
             .await
             .map(drop)
             .map_err(Error::classify_in_use)
@@ -489,7 +486,8 @@ impl Client {
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,
-    /// passwords of network block devices, ...). Never logged.
+    /// passwords of network block devices, ...). The traffic log shows the
+    /// request with the secret blanked out.
     ///
     /// A secret with this id that already exists is not an error, and it
     /// keeps its current value: secrets are immutable in QEMU.

@@ -149,9 +149,10 @@ impl MonitorOptions {
         self
     }
 
-    /// Appends a transcript of the traffic to this file, except the agent
-    /// poller's ring-buffer reads. No log, and no error, when the file cannot
-    /// be opened (for example when its directory is missing).
+    /// Appends a transcript of the traffic to this file in the Go package's
+    /// format (see [`ConnectOptions::traffic_log`]), except the agent
+    /// poller's ring-buffer reads (the Go `logFile`). No log, and no error,
+    /// when the file cannot be opened (for example when its directory is missing).
     pub fn traffic_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.connect = self.connect.traffic_log(path);
         self
