@@ -12,8 +12,9 @@ use std::time::Duration;
 use common::{eventually, qemu_img_create, vm_with, within};
 use qmpkit::launch::{Qemu, QemuBuilder};
 use qmpkit::monitor::constants::{
-    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_BLOCK_JOB_COMPLETED, EVENT_CHANNEL_CAPACITY,
-    EVENT_VM_RESET, EVENT_VM_SHUTDOWN, SHUTDOWN_REASON_DISCONNECT, SHUTDOWN_REASON_HOST_QMP_QUIT,
+    DEFAULT_RINGBUF_READ_SIZE, EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_BLOCK_JOB_COMPLETED,
+    EVENT_CHANNEL_CAPACITY, EVENT_VM_RESET, EVENT_VM_SHUTDOWN, RINGBUF_SIZE, SHUTDOWN_REASON_DISCONNECT,
+    SHUTDOWN_REASON_HOST_QMP_QUIT,
 };
 use qmpkit::monitor::{Delivery, Monitor, MonitorOptions, MonitorRegistry};
 use qmpkit::{Client, ConnectOptions, Error, Event};
@@ -203,6 +204,79 @@ async fn agent_is_read_at_connect_and_polled_in_small_reads() {
     next_named(&mut events, EVENT_AGENT_STARTED).await;
     assert!(mon.agent_started());
     mon.disconnect();
+}
+
+/// Incus gives the agent a 16-byte ring buffer. QEMU keeps the newest 16
+/// bytes when more arrive between two reads, so a read can start inside a
+/// line; Go's reader takes only the last complete line of each read, so it
+/// misses a status whose line a read splits. Ours keeps the partial line and
+/// misses nothing that is still in the buffer, whatever it reads at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_detection_works_with_incuss_16_byte_ring_buffer() {
+    for read_size in [DEFAULT_RINGBUF_READ_SIZE, RINGBUF_SIZE] {
+        let vm = vm_with(|b| {
+            b.args([
+                "-device",
+                "virtio-serial-pci,id=vs0",
+                "-chardev",
+                &format!("ringbuf,id=qemu_serial-chardev,size={RINGBUF_SIZE}"),
+                "-device",
+                "virtserialport,chardev=qemu_serial-chardev,name=org.linuxcontainers.incus",
+            ])
+            .extra_qmp_socket("ctl")
+            .extra_qmp_socket("mon")
+        })
+        .await;
+        let ctl = control(&vm).await;
+        let write = |data: &'static str| {
+            let ctl = ctl.clone();
+            async move {
+                let _: Value = ctl
+                    .call(
+                        "ringbuf-write",
+                        &json!({"device": "qemu_serial-chardev", "data": data}),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let (options, mut events) = recording(
+            MonitorOptions::new()
+                .serial_chardev("qemu_serial-chardev")
+                .ringbuf_read_size(read_size)
+                .agent_poll_interval(Duration::from_secs(3600)),
+        );
+        let registry = MonitorRegistry::new();
+        let mon = within(10, registry.connect(vm.socket("mon"), options))
+            .await
+            .unwrap();
+
+        write("STARTED\n").await;
+        assert!(within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        // 24 bytes: the first line is lost, the last one counts.
+        write("STARTED\nSTARTED\nSTOPPED\n").await;
+        assert!(!within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        // 20 bytes: the buffer holds "TED\nSTOPPED\nSTAR", a cut line at
+        // each end; the one at the end is finished by the next write.
+        write("STOPPED\nSTOPPED\nSTAR").await;
+        assert!(!within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        write("TED\n").await;
+        // Go reads "TED\n" here and misses the agent's start.
+        assert!(within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        assert!(mon.agent_started());
+
+        let mut agent = Vec::new();
+        while agent.len() < 3 {
+            let ev = within(10, events.recv()).await.unwrap();
+            if ev.name().starts_with("AGENT-") {
+                agent.push(ev.name().to_owned());
+            }
+        }
+        assert_eq!(agent, [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED]);
+        mon.disconnect();
+        within(10, mon.wait()).await;
+        assert!(drain(&mut events).iter().all(|e| !e.name().starts_with("AGENT-")));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

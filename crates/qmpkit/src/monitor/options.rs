@@ -159,7 +159,9 @@ impl MonitorOptions {
     }
 
     /// How many bytes one read of the agent's ring buffer asks for (default
-    /// 16 KiB, the Go `RingbufSize`). A full read is followed by another at once.
+    /// 16 KiB, [`DEFAULT_RINGBUF_READ_SIZE`]; the Go package reads
+    /// [`RINGBUF_SIZE`](super::constants::RINGBUF_SIZE), 16 bytes). A full
+    /// read is followed by another at once, so any size drains the buffer.
     pub fn ringbuf_read_size(mut self, bytes: usize) -> Self {
         self.ringbuf_read_size = bytes;
         self
