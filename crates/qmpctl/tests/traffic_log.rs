@@ -49,7 +49,12 @@ fn offsets(text: &str) -> Vec<String> {
 async fn log_times_carry_the_local_offset() {
     // POSIX rules, so no time zone database is needed: +05:30 and -03:00
     // all year, and UTC, which Go writes as Z.
-    for (tz, want) in [("<+0530>-5:30", "+05:30"), ("<-03>3", "-03:00"), ("UTC0", "Z"), ("", "Z")] {
+    for (tz, want) in [
+        ("<+0530>-5:30", "+05:30"),
+        ("<-03>3", "-03:00"),
+        ("UTC0", "Z"),
+        ("", "Z"),
+    ] {
         let text = log_under(tz).await;
         for offset in offsets(&text) {
             assert_eq!(offset, want, "TZ={tz:?}: {text}");

@@ -415,19 +415,35 @@ async fn traffic_log_records_commands_replies_and_events_without_secrets() {
         if body.starts_with("REPLY: ") {
             assert_eq!(lines.next(), Some(""), "no empty line after {line:?}: {text}");
         } else {
-            assert!(body.starts_with("QUERY: ") || body.starts_with("Event: "), "{line:?}");
+            assert!(
+                body.starts_with("QUERY: ") || body.starts_with("Event: "),
+                "{line:?}"
+            );
         }
         bodies.push(body.to_owned());
     }
     // Requests as written (key order kept), secrets blanked in place.
     let id_of = |name: &str| {
         let prefix = format!("QUERY: {{\"execute\":\"{name}\"");
-        let body = bodies.iter().find(|b| b.starts_with(&prefix)).unwrap_or_else(|| panic!("no {name}: {text}"));
-        body.rsplit_once("\"id\":").unwrap().1.trim_end_matches('}').to_owned()
+        let body = bodies
+            .iter()
+            .find(|b| b.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {name}: {text}"));
+        body.rsplit_once("\"id\":")
+            .unwrap()
+            .1
+            .trim_end_matches('}')
+            .to_owned()
     };
     let stop = id_of("stop");
-    assert!(bodies.contains(&format!("QUERY: {{\"execute\":\"stop\",\"id\":{stop}}}")), "{text}");
-    assert!(bodies.contains(&format!("REPLY: {{\"return\": {{}}, \"id\": {stop}}}")), "{text}");
+    assert!(
+        bodies.contains(&format!("QUERY: {{\"execute\":\"stop\",\"id\":{stop}}}")),
+        "{text}"
+    );
+    assert!(
+        bodies.contains(&format!("REPLY: {{\"return\": {{}}, \"id\": {stop}}}")),
+        "{text}"
+    );
     let add = id_of("object-add");
     assert!(
         bodies.contains(&format!(
@@ -437,15 +453,23 @@ async fn traffic_log_records_commands_replies_and_events_without_secrets() {
     );
     assert!(!text.contains("hunter2"), "secret leaked: {text}");
     assert!(!text.contains("ringbuf-read"), "excluded command logged: {text}");
-    assert!(!text.contains("getfd"), "a call passing a file was logged: {text}");
+    assert!(
+        !text.contains("getfd"),
+        "a call passing a file was logged: {text}"
+    );
     let bad = id_of("no-such-command");
+    assert!(
+        bodies.iter().any(|b| b.starts_with("REPLY: {")
+            && b.contains("\"error\"")
+            && b.contains(&format!("\"id\": {bad}"))),
+        "{text}"
+    );
     assert!(
         bodies
             .iter()
-            .any(|b| b.starts_with("REPLY: {") && b.contains("\"error\"") && b.contains(&format!("\"id\": {bad}"))),
+            .any(|b| b.starts_with("Event: {") && b.contains("\"RESUME\"")),
         "{text}"
     );
-    assert!(bodies.iter().any(|b| b.starts_with("Event: {") && b.contains("\"RESUME\"")), "{text}");
 
     // A log in a missing directory is no log, not an error.
     let vm2 =

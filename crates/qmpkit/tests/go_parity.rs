@@ -50,7 +50,9 @@ where
                 if req.name.as_deref() != Some("qmp_capabilities") {
                     return Err(format!("expected qmp_capabilities, got {:?}", req.name));
                 }
-                conn.send_raw(&id_only_reply(&req)).await.map_err(|e| e.to_string())?;
+                conn.send_raw(&id_only_reply(&req))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 then(conn).await
             }
             .await;
@@ -129,7 +131,10 @@ async fn test_listen_empty_stream() {
     .await;
     let client = within(10, Client::connect(server.path())).await.unwrap();
     let mut events = client.events();
-    assert!(within(10, events.next()).await.is_none(), "the event stream ended");
+    assert!(
+        within(10, events.next()).await.is_none(),
+        "the event stream ended"
+    );
     assert!(within(10, client.closed()).await.is_disconnected());
     let err = client.execute_raw("query-status", Value::Null).await.unwrap_err();
     assert!(err.is_disconnected(), "{err:?}");
@@ -181,9 +186,15 @@ async fn test_listen_scanner_err() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_listen_invalid_json() {
     let (server, mut outcome) = go_mock(|mut conn| async move {
-        let req = conn.recv().await.map_err(|e| e.to_string())?.ok_or("no request")?;
+        let req = conn
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no request")?;
         conn.send_raw(b"<html>\n").await.map_err(|e| e.to_string())?;
-        conn.reply(&req, json!({"after": "html"})).await.map_err(|e| e.to_string())?;
+        conn.reply(&req, json!({"after": "html"}))
+            .await
+            .map_err(|e| e.to_string())?;
         until_hang_up(conn).await
     })
     .await;
@@ -205,12 +216,20 @@ async fn test_listen_invalid_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_listen_stream_response() {
     let (server, mut outcome) = go_mock(|mut conn| async move {
-        let req = conn.recv().await.map_err(|e| e.to_string())?.ok_or("no request")?;
+        let req = conn
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no request")?;
         let id = req.id.clone().ok_or("a request without an id")?;
         let line = format!("{{\"foo\": \"bar\", \"id\": {id}}}\n");
         conn.send_raw(line.as_bytes()).await.map_err(|e| e.to_string())?;
         // The connection is fine afterwards.
-        let req = conn.recv().await.map_err(|e| e.to_string())?.ok_or("no request")?;
+        let req = conn
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no request")?;
         conn.reply(&req, json!({})).await.map_err(|e| e.to_string())?;
         until_hang_up(conn).await
     })
@@ -237,8 +256,14 @@ async fn test_listen_stream_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_listen_event_no_listeners() {
     let (server, mut outcome) = go_mock(|mut conn| async move {
-        let req = conn.recv().await.map_err(|e| e.to_string())?.ok_or("no request")?;
-        conn.send_raw(b"{\"event\":\"STOP\"}\n").await.map_err(|e| e.to_string())?;
+        let req = conn
+            .recv()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no request")?;
+        conn.send_raw(b"{\"event\":\"STOP\"}\n")
+            .await
+            .map_err(|e| e.to_string())?;
         conn.reply(&req, json!({})).await.map_err(|e| e.to_string())?;
         Ok(())
     })
@@ -247,9 +272,7 @@ async fn test_listen_event_no_listeners() {
     drop(client.events());
     // The event comes before the reply, so it has been handed out (to
     // nobody) when the call returns.
-    within(10, client.execute_raw("poke", Value::Null))
-        .await
-        .unwrap();
+    within(10, client.execute_raw("poke", Value::Null)).await.unwrap();
     let mut late = client.events();
     within(10, client.closed()).await;
     assert!(within(10, late.next()).await.is_none(), "the STOP was dropped");
@@ -260,7 +283,9 @@ async fn test_listen_event_no_listeners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_listen_event_one_listener() {
     let (server, mut outcome) = go_mock(|mut conn| async move {
-        conn.send_raw(b"{\"event\":\"STOP\"}\n").await.map_err(|e| e.to_string())?;
+        conn.send_raw(b"{\"event\":\"STOP\"}\n")
+            .await
+            .map_err(|e| e.to_string())?;
         until_hang_up(conn).await
     })
     .await;
@@ -319,9 +344,7 @@ async fn test_qmp_log_write() {
         .await
         .unwrap();
     while client.next_id() < 25 {}
-    within(10, client.execute_raw("cont", Value::Null))
-        .await
-        .unwrap();
+    within(10, client.execute_raw("cont", Value::Null)).await.unwrap();
     let command = r#"{"execute":"cont","id":26}"#;
     let reply = r#"{"return": {}, "id": 26}"#;
     let text = std::fs::read_to_string(&log).unwrap();
@@ -349,9 +372,7 @@ async fn test_qmp_log_close() {
             tokio::spawn(async move { client.execute_raw("query-status", Value::Null).await })
         })
         .collect();
-    within(10, client.execute_raw("cont", Value::Null))
-        .await
-        .unwrap();
+    within(10, client.execute_raw("cont", Value::Null)).await.unwrap();
     for t in tasks {
         within(10, t).await.unwrap().unwrap();
     }
@@ -360,7 +381,23 @@ async fn test_qmp_log_close() {
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     assert!(lines.iter().all(|l| l.starts_with('[')), "a torn line: {text}");
-    assert_eq!(lines.iter().filter(|l| l.contains("] Event: {\"event\":\"STOP\"}")).count(), 10, "{text}");
-    assert!(lines.iter().any(|l| l.contains("] QUERY: {\"execute\":\"cont\",")), "{text}");
-    assert_eq!(lines.iter().filter(|l| l.contains("] REPLY: ")).count(), 5, "{text}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("] Event: {\"event\":\"STOP\"}"))
+            .count(),
+        10,
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("] QUERY: {\"execute\":\"cont\",")),
+        "{text}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("] REPLY: ")).count(),
+        5,
+        "{text}"
+    );
 }

@@ -252,17 +252,29 @@ async fn agent_detection_works_with_incuss_16_byte_ring_buffer() {
             .unwrap();
 
         write("STARTED\n").await;
-        assert!(within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        assert!(
+            within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
         // 24 bytes: the first line is lost, the last one counts.
         write("STARTED\nSTARTED\nSTOPPED\n").await;
-        assert!(!within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        assert!(
+            !within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
         // 20 bytes: the buffer holds "TED\nSTOPPED\nSTAR", a cut line at
         // each end; the one at the end is finished by the next write.
         write("STOPPED\nSTOPPED\nSTAR").await;
-        assert!(!within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        assert!(
+            !within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
         write("TED\n").await;
         // Go reads "TED\n" here and misses the agent's start.
-        assert!(within(10, mon.check_agent()).await.unwrap(), "read size {read_size}");
+        assert!(
+            within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
         assert!(mon.agent_started());
 
         let mut agent = Vec::new();
@@ -272,7 +284,10 @@ async fn agent_detection_works_with_incuss_16_byte_ring_buffer() {
                 agent.push(ev.name().to_owned());
             }
         }
-        assert_eq!(agent, [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED]);
+        assert_eq!(
+            agent,
+            [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED]
+        );
         mon.disconnect();
         within(10, mon.wait()).await;
         assert!(drain(&mut events).iter().all(|e| !e.name().starts_with("AGENT-")));
@@ -342,7 +357,10 @@ async fn an_agent_chardev_the_vm_lacks_connects_and_never_reports_the_agent() {
     );
     // Asked directly, the monitor says why.
     let e = within(10, mon.check_agent()).await.unwrap_err();
-    assert!(matches!(&e, Error::BadConsole(c) if c == "qemu_serial-chardev"), "{e:?}");
+    assert!(
+        matches!(&e, Error::BadConsole(c) if c == "qemu_serial-chardev"),
+        "{e:?}"
+    );
     mon.disconnect();
 
     // Not a ring buffer: the same.

@@ -158,7 +158,9 @@ pub(crate) fn redacted(request: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// A member name whose value is a secret wherever it appears.
@@ -368,14 +370,17 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn redact(request: &str) -> String {
-        String::from_utf8(redacted(request.as_bytes()).unwrap_or_else(|| request.as_bytes().to_vec())).unwrap()
+        String::from_utf8(redacted(request.as_bytes()).unwrap_or_else(|| request.as_bytes().to_vec()))
+            .unwrap()
     }
 
     #[test]
     fn secrets_are_blanked_in_place_and_the_rest_kept_byte_for_byte() {
         // The data of a secret object, wherever execute and qom-type sit.
         assert_eq!(
-            redact(r#"{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"hunter2","format":"raw"},"id":3}"#),
+            redact(
+                r#"{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"hunter2","format":"raw"},"id":3}"#
+            ),
             r#"{"execute":"object-add","arguments":{"qom-type":"secret","id":"s0","data":"<redacted>","format":"raw"},"id":3}"#
         );
         assert_eq!(
@@ -383,11 +388,14 @@ mod tests {
             r#"{"arguments":{"data":"<redacted>","qom-type":"secret_keyring"},"execute":"object-add"}"#
         );
         // Not a secret object: its data stays.
-        let plain = r#"{"execute":"object-add","arguments":{"qom-type":"memory-backend-ram","data":1},"id":4}"#;
+        let plain =
+            r#"{"execute":"object-add","arguments":{"qom-type":"memory-backend-ram","data":1},"id":4}"#;
         assert_eq!(redact(plain), plain);
         // Password-like members at any depth, any case, any value; an escaped name too.
         assert_eq!(
-            redact(r#"{"execute":"x","arguments":{"list":[{"Password":{"a":[1,2]}},{"new-password" : "pw"}],"passphrase":"p","key-secret-data":"k","pass\u0077ord":1}}"#),
+            redact(
+                r#"{"execute":"x","arguments":{"list":[{"Password":{"a":[1,2]}},{"new-password" : "pw"}],"passphrase":"p","key-secret-data":"k","pass\u0077ord":1}}"#
+            ),
             r#"{"execute":"x","arguments":{"list":[{"Password":"<redacted>"},{"new-password" : "<redacted>"}],"passphrase":"<redacted>","key-secret-data":"<redacted>","pass\u0077ord":"<redacted>"}}"#
         );
         // Nested secrets inside a secret: one blank.
@@ -399,7 +407,10 @@ mod tests {
         assert!(redacted(br#"{"execute":"query-status","id":7}"#).is_none());
         assert!(redacted(br#"{"execute":"x","arguments":{"passive":true},"id":7}"#).is_none());
         // Not JSON, and mentioning a password: withheld.
-        assert_eq!(redact(r#"{"password": "pw""#), r#""<withheld: not a JSON object>""#);
+        assert_eq!(
+            redact(r#"{"password": "pw""#),
+            r#""<withheld: not a JSON object>""#
+        );
         let deep = format!("{}\"password\"{}", "[".repeat(1000), "]".repeat(1000));
         assert_eq!(redact(&deep), r#""<withheld: not a JSON object>""#);
     }
@@ -417,7 +428,10 @@ mod tests {
             fmt(TimeZone::fixed(Offset::from_seconds(5 * 3600 + 1800).unwrap())),
             "2025-12-02T15:30:00+05:30"
         );
-        assert_eq!(fmt(TimeZone::fixed(Offset::constant(-3))), "2025-12-02T07:00:00-03:00");
+        assert_eq!(
+            fmt(TimeZone::fixed(Offset::constant(-3))),
+            "2025-12-02T07:00:00-03:00"
+        );
         // Go prints whole minutes, cut toward zero, and keeps the sign it had.
         assert_eq!(
             fmt(TimeZone::fixed(Offset::from_seconds(-(3600 + 59)).unwrap())),
