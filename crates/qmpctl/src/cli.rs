@@ -63,7 +63,8 @@ pub struct Globals {
     #[arg(long, global = true, value_parser = humantime::parse_duration, default_value = "5s", value_name = "DURATION")]
     pub connect_timeout: Duration,
 
-    /// Append a transcript of the QMP traffic to this file (secrets redacted).
+    /// Append a transcript of the QMP traffic to this file, in the format of
+    /// Incus's qemu.qmp.log (secrets redacted).
     #[arg(long, global = true, value_name = "FILE")]
     pub log: Option<PathBuf>,
 

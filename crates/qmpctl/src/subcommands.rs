@@ -404,7 +404,7 @@ async fn remove_disk(ctx: &Ctx, id: &str, keep_node: bool) -> anyhow::Result<()>
     let device = ops::qom_devices(client).await?.iter().any(|(d, _)| d == id);
     if device {
         client
-            .remove_device(id, ctx.timeout.unwrap_or(UNPLUG_WAIT))
+            .remove_device_and_wait(id, ctx.timeout.unwrap_or(UNPLUG_WAIT))
             .await?;
     }
     if keep_node {
@@ -491,7 +491,7 @@ async fn device(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
         }
         DeviceCommand::Remove { id } => {
             let budget = ctx.timeout.unwrap_or(UNPLUG_WAIT);
-            ctx.client.remove_device(&id, budget).await?;
+            ctx.client.remove_device_and_wait(&id, budget).await?;
             done(ctx, json!({"id": id}), &format!("removed {id}"))
         }
         DeviceCommand::List => {
@@ -589,7 +589,7 @@ async fn nic(ctx: &Ctx, command: NicCommand) -> anyhow::Result<()> {
         }
         NicCommand::Remove { id } => {
             let budget = ctx.timeout.unwrap_or(UNPLUG_WAIT);
-            ctx.client.remove_nic(&id, Some(&id), budget).await?;
+            ctx.client.remove_nic_and_wait(&id, Some(&id), budget).await?;
             done(ctx, json!({"id": id}), &format!("removed {id} and its backend"))
         }
         NicCommand::Link { id, state } => {

@@ -461,7 +461,7 @@ async fn agent(c: &Client, socket: &Path) -> anyhow::Result<()> {
 }
 
 async fn unplug(c: &Client) -> anyhow::Result<()> {
-    c.remove_device("disk0", ops::UNPLUG_WAIT).await?;
+    c.remove_device_and_wait("disk0", ops::UNPLUG_WAIT).await?;
     c.remove_block_device("disk0").await?;
     say("device_del disk0 (DEVICE_DELETED seen), blockdev-del disk0")?;
     let blocks = c.query_block().await?;

@@ -79,7 +79,8 @@ impl CallOptions {
     /// the like. They are moved in: the client closes its copies once they
     /// are sent, or when the call fails before sending. More than
     /// [`MAX_FDS_PER_CALL`] fail the call with [`Error::TooManyFds`] before
-    /// anything is sent.
+    /// anything is sent. A call that passes fds is kept out of the traffic
+    /// log, as the Go package's `SendFile` and `SendFileWithFDSet` are.
     pub fn fds(mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Self {
         self.fds.extend(fds);
         self
@@ -369,7 +370,8 @@ impl Client {
         let budget = options
             .timeout
             .unwrap_or_else(|| shared.config.timeout_for(&name));
-        let log = !options.no_log && !shared.config.log_excludes(&name);
+        // Go logs what goes through its RunJSON, and fd passing does not.
+        let log = !options.no_log && options.fds.is_empty() && !shared.config.log_excludes(&name);
         let (reply, rx) = oneshot::channel();
         // Boxed: the channel's slots stay one pointer wide, which keeps an
         // idle connection small.

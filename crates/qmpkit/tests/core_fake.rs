@@ -1029,3 +1029,40 @@ async fn a_traffic_log_that_cannot_be_written_never_fails_a_command() {
         assert_eq!(r["status"], "running");
     }
 }
+
+/// Go leaves the agent port's VSERPORT_CHANGE events out of its log (a guest
+/// opens and closes the port often); QEMU sends them only for a guest, so the
+/// fake sends one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traffic_log_leaves_out_vserport_change_as_go_does() {
+    let srv = server(|mut conn: FakeConn| async move {
+        if conn.handshake().await.is_err() {
+            return;
+        }
+        while let Ok(Some(req)) = conn.recv().await {
+            let r = conn
+                .event("VSERPORT_CHANGE", json!({"id": "channel0", "open": true}))
+                .await;
+            let r = r.and(conn.event("STOP", Value::Null).await);
+            if r.and(conn.reply(&req, json!({})).await).is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("qmp.log");
+    let client = ConnectOptions::new()
+        .traffic_log(&log)
+        .connect(srv.path())
+        .await
+        .unwrap();
+    let mut events = client.events();
+    client.execute_raw("poke", Value::Null).await.unwrap();
+    assert_eq!(within(10, events.next()).await.unwrap().name(), "VSERPORT_CHANGE");
+    client.disconnect();
+    within(10, client.closed()).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("] Event: {\"event\": \"STOP\""), "{text}");
+    assert!(!text.contains("VSERPORT_CHANGE"), "{text}");
+}

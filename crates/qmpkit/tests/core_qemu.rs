@@ -357,6 +357,24 @@ async fn a_100_kb_ringbuf_read_reply_arrives_whole() {
     assert_eq!(st["status"], "prelaunch");
 }
 
+/// Checks that `line` reads `[TIME] KIND: ...` with TIME as Go's RFC 3339
+/// prints it in UTC (the test machines' zone), and returns what follows "] ".
+fn go_log_line(line: &str) -> &str {
+    let (stamp, rest) = line
+        .strip_prefix('[')
+        .and_then(|l| l.split_once("] "))
+        .unwrap_or_else(|| panic!("not a log line: {line:?}"));
+    let shape: String = stamp
+        .chars()
+        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+        .collect();
+    assert!(
+        shape == "9999-99-99T99:99:99Z" || (shape.len() == 25 && shape.starts_with("9999-99-99T99:99:99")),
+        "not Go's RFC 3339: {stamp:?}"
+    );
+    rest
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_log_records_commands_replies_and_events_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
@@ -368,25 +386,91 @@ async fn traffic_log_records_commands_replies_and_events_without_secrets() {
     .await;
     let c = vm.client();
     c.execute_raw("stop", Value::Null).await.unwrap();
-    c.call::<_, qmpkit::Empty>(
-        "object-add",
-        &json!({"qom-type": "secret", "id": "sec0", "data": "hunter2"}),
-    )
-    .await
-    .unwrap();
+    // Its arguments serialise as qom-type, id, data, format: not sorted.
+    c.add_secret("sec0", "hunter2").await.unwrap();
     let _: String = c
         .call("ringbuf-read", &json!({"device": "rb0", "size": 10}))
         .await
         .unwrap();
+    // Passing a file: Go's SendFile does not log, and neither do we.
+    c.send_file("fd0", std::fs::File::open("/dev/null").unwrap())
+        .await
+        .unwrap();
+    // An error reply: logged, where Go logs none.
+    c.execute_raw("no-such-command", Value::Null).await.unwrap_err();
     let mut events = c.events();
     c.execute_raw("cont", Value::Null).await.unwrap();
     within(10, events.wait_for("RESUME")).await.unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("] QUERY: {\"execute\":\"stop\""), "{text}");
-    assert!(text.contains("] REPLY: {\"return\": {}"), "{text}");
-    assert!(text.contains("] Event: {") && text.contains("RESUME"), "{text}");
+
+    // Line by line, in Go's format: every reply is followed by an empty line.
+    let mut lines = text.split('\n').peekable();
+    let mut bodies = Vec::new();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            assert!(lines.peek().is_none(), "an empty line not after a reply: {text}");
+            break;
+        }
+        let body = go_log_line(line);
+        if body.starts_with("REPLY: ") {
+            assert_eq!(lines.next(), Some(""), "no empty line after {line:?}: {text}");
+        } else {
+            assert!(
+                body.starts_with("QUERY: ") || body.starts_with("Event: "),
+                "{line:?}"
+            );
+        }
+        bodies.push(body.to_owned());
+    }
+    // Requests as written (key order kept), secrets blanked in place.
+    let id_of = |name: &str| {
+        let prefix = format!("QUERY: {{\"execute\":\"{name}\"");
+        let body = bodies
+            .iter()
+            .find(|b| b.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {name}: {text}"));
+        body.rsplit_once("\"id\":")
+            .unwrap()
+            .1
+            .trim_end_matches('}')
+            .to_owned()
+    };
+    let stop = id_of("stop");
+    assert!(
+        bodies.contains(&format!("QUERY: {{\"execute\":\"stop\",\"id\":{stop}}}")),
+        "{text}"
+    );
+    assert!(
+        bodies.contains(&format!("REPLY: {{\"return\": {{}}, \"id\": {stop}}}")),
+        "{text}"
+    );
+    let add = id_of("object-add");
+    assert!(
+        bodies.contains(&format!(
+            "QUERY: {{\"execute\":\"object-add\",\"arguments\":{{\"qom-type\":\"secret\",\"id\":\"sec0\",\"data\":\"<redacted>\",\"format\":\"raw\"}},\"id\":{add}}}"
+        )),
+        "{text}"
+    );
     assert!(!text.contains("hunter2"), "secret leaked: {text}");
     assert!(!text.contains("ringbuf-read"), "excluded command logged: {text}");
+    assert!(
+        !text.contains("getfd"),
+        "a call passing a file was logged: {text}"
+    );
+    let bad = id_of("no-such-command");
+    assert!(
+        bodies.iter().any(|b| b.starts_with("REPLY: {")
+            && b.contains("\"error\"")
+            && b.contains(&format!("\"id\": {bad}"))),
+        "{text}"
+    );
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b.starts_with("Event: {") && b.contains("\"RESUME\"")),
+        "{text}"
+    );
+
     // A log in a missing directory is no log, not an error.
     let vm2 =
         vm_with(|b| b.connect_options(ConnectOptions::new().traffic_log(dir.path().join("no/such/dir/log"))))

@@ -330,7 +330,7 @@ async fn block_job_cancel_on_a_frozen_qemu_ends_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_device_on_a_frozen_qemu_ends_at_its_deadline() {
+async fn remove_device_and_wait_on_a_frozen_qemu_ends_at_its_deadline() {
     let vm = vm_with(|b| b.args(["-device", "qemu-xhci,id=xhci"])).await;
     let c = vm.client();
     within(60, async {
@@ -340,14 +340,14 @@ async fn remove_device_on_a_frozen_qemu_ends_at_its_deadline() {
 
         let frozen = Frozen::new(&vm);
         let start = Instant::now();
-        let result = c.remove_device("kbd0", BUDGET).await;
+        let result = c.remove_device_and_wait("kbd0", BUDGET).await;
         let elapsed = start.elapsed();
         frozen.thaw();
-        assert_bounded("remove_device", &result, elapsed, BUDGET, Duration::ZERO);
+        assert_bounded("remove_device_and_wait", &result, elapsed, BUDGET, Duration::ZERO);
 
         // Thawed: the unplug request, if it reached QEMU, completes; either
         // way a second removal leaves the device gone.
-        match c.remove_device("kbd0", LONG).await {
+        match c.remove_device_and_wait("kbd0", LONG).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => panic!("{e:?}"),

@@ -12,8 +12,9 @@ use std::time::Duration;
 use common::{eventually, qemu_img_create, vm_with, within};
 use qmpkit::launch::{Qemu, QemuBuilder};
 use qmpkit::monitor::constants::{
-    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_BLOCK_JOB_COMPLETED, EVENT_CHANNEL_CAPACITY,
-    EVENT_VM_RESET, EVENT_VM_SHUTDOWN, SHUTDOWN_REASON_DISCONNECT, SHUTDOWN_REASON_HOST_QMP_QUIT,
+    DEFAULT_RINGBUF_READ_SIZE, EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_BLOCK_JOB_COMPLETED,
+    EVENT_CHANNEL_CAPACITY, EVENT_VM_RESET, EVENT_VM_SHUTDOWN, RINGBUF_SIZE, SHUTDOWN_REASON_DISCONNECT,
+    SHUTDOWN_REASON_HOST_QMP_QUIT,
 };
 use qmpkit::monitor::{Delivery, Monitor, MonitorOptions, MonitorRegistry};
 use qmpkit::{Client, ConnectOptions, Error, Event};
@@ -205,26 +206,99 @@ async fn agent_is_read_at_connect_and_polled_in_small_reads() {
     mon.disconnect();
 }
 
+/// Incus gives the agent a 16-byte ring buffer. QEMU keeps the newest 16
+/// bytes when more arrive between two reads, so a read can start inside a
+/// line; Go's reader takes only the last complete line of each read, so it
+/// misses a status whose line a read splits. Ours keeps the partial line and
+/// misses nothing that is still in the buffer, whatever it reads at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_agent_chardev_and_bad_options_are_typed_errors() {
-    let vm = agent_vm(&["-chardev", "null,id=plain0"]).await;
+async fn agent_detection_works_with_incuss_16_byte_ring_buffer() {
+    for read_size in [DEFAULT_RINGBUF_READ_SIZE, RINGBUF_SIZE] {
+        let vm = vm_with(|b| {
+            b.args([
+                "-device",
+                "virtio-serial-pci,id=vs0",
+                "-chardev",
+                &format!("ringbuf,id=qemu_serial-chardev,size={RINGBUF_SIZE}"),
+                "-device",
+                "virtserialport,chardev=qemu_serial-chardev,name=org.linuxcontainers.incus",
+            ])
+            .extra_qmp_socket("ctl")
+            .extra_qmp_socket("mon")
+        })
+        .await;
+        let ctl = control(&vm).await;
+        let write = |data: &'static str| {
+            let ctl = ctl.clone();
+            async move {
+                let _: Value = ctl
+                    .call(
+                        "ringbuf-write",
+                        &json!({"device": "qemu_serial-chardev", "data": data}),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let (options, mut events) = recording(
+            MonitorOptions::new()
+                .serial_chardev("qemu_serial-chardev")
+                .ringbuf_read_size(read_size)
+                .agent_poll_interval(Duration::from_secs(3600)),
+        );
+        let registry = MonitorRegistry::new();
+        let mon = within(10, registry.connect(vm.socket("mon"), options))
+            .await
+            .unwrap();
+
+        write("STARTED\n").await;
+        assert!(
+            within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
+        // 24 bytes: the first line is lost, the last one counts.
+        write("STARTED\nSTARTED\nSTOPPED\n").await;
+        assert!(
+            !within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
+        // 20 bytes: the buffer holds "TED\nSTOPPED\nSTAR", a cut line at
+        // each end; the one at the end is finished by the next write.
+        write("STOPPED\nSTOPPED\nSTAR").await;
+        assert!(
+            !within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
+        write("TED\n").await;
+        // Go reads "TED\n" here and misses the agent's start.
+        assert!(
+            within(10, mon.check_agent()).await.unwrap(),
+            "read size {read_size}"
+        );
+        assert!(mon.agent_started());
+
+        let mut agent = Vec::new();
+        while agent.len() < 3 {
+            let ev = within(10, events.recv()).await.unwrap();
+            if ev.name().starts_with("AGENT-") {
+                agent.push(ev.name().to_owned());
+            }
+        }
+        assert_eq!(
+            agent,
+            [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED]
+        );
+        mon.disconnect();
+        within(10, mon.wait()).await;
+        assert!(drain(&mut events).iter().all(|e| !e.name().starts_with("AGENT-")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_are_typed_errors() {
+    let vm = agent_vm(&[]).await;
     let registry = MonitorRegistry::new();
     let path = vm.socket("mon");
-
-    let e = within(
-        10,
-        registry.connect(&path, MonitorOptions::new().serial_chardev("nope")),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(&e, Error::BadConsole(c) if c == "nope"), "{e:?}");
-    let e = within(
-        10,
-        registry.connect(&path, MonitorOptions::new().serial_chardev("plain0")),
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(&e, Error::NotARingbuf(c) if c == "plain0"), "{e:?}");
     for bad in [
         MonitorOptions::new().ringbuf_read_size(0),
         MonitorOptions::new().agent_poll_interval(Duration::ZERO),
@@ -245,6 +319,61 @@ async fn bad_agent_chardev_and_bad_options_are_typed_errors() {
     assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
     assert!(!mon.agent_started());
     mon.disconnect();
+}
+
+/// Incus connects its feature-probe QEMU, which has no agent port, with the
+/// port's chardev name: Go's Connect succeeds, so ours must too, and it
+/// must never claim an agent. A chardev of the wrong kind is treated alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_chardev_the_vm_lacks_connects_and_never_reports_the_agent() {
+    let vm = vm_with(|b| {
+        b.args(["-chardev", "null,id=plain0"])
+            .extra_qmp_socket("ctl")
+            .extra_qmp_socket("mon")
+            .extra_qmp_socket("mon2")
+    })
+    .await;
+    let ctl = control(&vm).await;
+    let registry = MonitorRegistry::new();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("qemu_serial-chardev")
+            .agent_poll_interval(Duration::from_millis(1)),
+    );
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
+        .await
+        .unwrap();
+    assert!(!mon.agent_started());
+    assert_eq!(status(&mon).await.unwrap(), "prelaunch");
+    let _: Value = ctl.call("cont", &()).await.unwrap();
+    next_named(&mut events, "RESUME").await;
+    let _: Value = ctl.call("stop", &()).await.unwrap();
+    next_named(&mut events, "STOP").await;
+    assert_eq!(status(&mon).await.unwrap(), "paused");
+    assert!(!mon.agent_started());
+    assert!(
+        drain(&mut events).iter().all(|e| !e.name().starts_with("AGENT-")),
+        "no agent event"
+    );
+    // Asked directly, the monitor says why.
+    let e = within(10, mon.check_agent()).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::BadConsole(c) if c == "qemu_serial-chardev"),
+        "{e:?}"
+    );
+    mon.disconnect();
+
+    // Not a ring buffer: the same.
+    let other = within(
+        10,
+        registry.connect(vm.socket("mon2"), MonitorOptions::new().serial_chardev("plain0")),
+    )
+    .await
+    .unwrap();
+    assert!(!other.agent_started());
+    let e = within(10, other.check_agent()).await.unwrap_err();
+    assert!(matches!(&e, Error::NotARingbuf(c) if c == "plain0"), "{e:?}");
+    other.disconnect();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,10 +502,10 @@ async fn quit_gives_one_shutdown_with_qemus_reason() {
     let mon = within(10, registry.connect(vm.socket("mon"), options))
         .await
         .unwrap();
-    mon.set_initialized(true);
-    assert!(mon.is_initialized());
+    assert!(mon.is_initialized(), "a new monitor is initialized, as in Go");
     let _ = ctl.call::<_, Value>("quit", &()).await;
     within(20, mon.wait()).await;
+    assert!(!mon.is_initialized(), "QEMU's SHUTDOWN reached the handler");
     let shutdowns: Vec<Event> = drain(&mut events)
         .into_iter()
         .filter(|e| e.name() == EVENT_VM_SHUTDOWN)
@@ -426,16 +555,67 @@ async fn kill_gives_one_synthesized_shutdown_and_ends_everything() {
     assert!(registry.get(&path).is_none() && registry.is_empty());
 }
 
+/// Incus's daemon restarts and reconnects to running VMs without calling
+/// SetInitialized: Go's Connect has marked the monitor initialized, so a
+/// crash after the reconnect still reaches the handler as a SHUTDOWN.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_shutdown_is_made_up_before_initialization_or_on_our_own_disconnect() {
-    // Not initialized: the socket drops, nothing is synthesised.
+async fn a_crash_after_a_plain_connect_gives_one_disconnect_shutdown() {
+    let mut vm = agent_vm(&[]).await;
+    let (options, mut events) = recording(MonitorOptions::new());
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
+        .await
+        .unwrap();
+    assert!(mon.is_initialized());
+    vm.kill();
+    within(20, mon.wait()).await;
+    let all = drain(&mut events);
+    let shutdowns: Vec<&Event> = all.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
+    assert_eq!(shutdowns.len(), 1, "{all:?}");
+    assert_eq!(shutdowns[0].data()["reason"], SHUTDOWN_REASON_DISCONNECT);
+}
+
+/// Incus connects with no handler before it sends `quit`, so that the
+/// SHUTDOWN which follows reaches nobody: a connect to a live monitor
+/// replaces its handler with the caller's, none included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_without_a_handler_silences_the_old_one() {
+    let vm = agent_vm(&[]).await;
+    let ctl = control(&vm).await;
+    let path = vm.socket("mon");
+    let registry = MonitorRegistry::new();
+    let (options, mut first) = recording(MonitorOptions::new());
+    let mon = within(10, registry.connect(&path, options)).await.unwrap();
+    let _: Value = ctl.call("cont", &()).await.unwrap();
+    next_named(&mut first, "RESUME").await;
+    drain(&mut first);
+
+    let again = within(10, registry.connect(&path, MonitorOptions::new()))
+        .await
+        .unwrap();
+    assert!(again == mon, "the live monitor, not a new one");
+    let _ = within(10, again.quit()).await;
+    within(20, mon.wait()).await;
+    assert!(
+        drain(&mut first).is_empty(),
+        "the replaced handler saw nothing after the second connect"
+    );
+    // Go clears the flag only when a handler takes the SHUTDOWN.
+    assert!(mon.is_initialized());
+    assert!(registry.get(&path).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_shutdown_is_made_up_when_turned_off_or_on_our_own_disconnect() {
+    // Turned off: the socket drops, nothing is synthesised.
     let server = FakeServer::instant().await.unwrap();
     let (options, mut events) = recording(MonitorOptions::new());
     let registry = MonitorRegistry::new();
     let mon = within(10, registry.connect(server.path(), options))
         .await
         .unwrap();
-    assert!(!mon.is_initialized());
+    assert!(mon.is_initialized());
+    mon.set_initialized(false);
     drop(server);
     within(10, mon.wait()).await;
     assert!(drain(&mut events).is_empty());
@@ -947,6 +1127,59 @@ async fn qemus_shutdown_survives_a_handler_that_fell_behind() {
     let shutdowns: Vec<&Event> = all.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
     assert_eq!(shutdowns.len(), 1, "{all:?}");
     assert_eq!(shutdowns[0].data()["reason"], "guest-shutdown");
+}
+
+/// A missing agent chardev is read once, at connect, and never polled after:
+/// every read would fail the same way (the fake counts them, which QEMU cannot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_agent_chardev_is_not_polled() {
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = reads.clone();
+    let server = FakeServer::start(move |mut conn: FakeConn| {
+        let reads = counted.clone();
+        async move {
+            if conn.handshake().await.is_err() {
+                return;
+            }
+            while let Ok(Some(req)) = conn.recv().await {
+                let r = match req.name.as_deref() {
+                    Some("ringbuf-read") => {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        conn.reply_error(&req, "GenericError", "Device 'agent0' not found")
+                            .await
+                    }
+                    Some("poke") => {
+                        let r = conn.event("POKED", json!({})).await;
+                        r.and(conn.reply(&req, json!({})).await)
+                    }
+                    _ => conn.reply(&req, json!({})).await,
+                };
+                if r.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_poll_interval(Duration::from_millis(1)),
+    );
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    assert_eq!(reads.load(Ordering::SeqCst), 1, "the read at connect");
+    // Each event would prompt a read, and the poll is due every millisecond.
+    for _ in 0..20 {
+        let _: Value = within(10, mon.call("poke", &())).await.unwrap();
+        next_named(&mut events, "POKED").await;
+    }
+    assert_eq!(reads.load(Ordering::SeqCst), 1, "no read after connect");
+    assert!(!mon.agent_started());
+    mon.disconnect();
 }
 
 /// `STARTED\n`, as `ringbuf-read` returns it in base64.

@@ -145,7 +145,7 @@ async fn add_nic_disconnected_and_set_nic_link_switch_the_wire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nic_hotplug_shows_in_pci_and_remove_nic_cleans_up() {
+async fn nic_hotplug_shows_in_pci_and_remove_nic_and_wait_cleans_up() {
     let vm = pcie_vm().await;
     let c = vm.client();
     within(30, async {
@@ -175,7 +175,7 @@ async fn nic_hotplug_shows_in_pci_and_remove_nic_cleans_up() {
         assert!(!c.check_pci_device("rp1").await.unwrap());
         assert!(!c.check_pci_device("nope").await.unwrap());
 
-        c.remove_nic("net0", Some("nic0"), UNPLUG).await.unwrap();
+        c.remove_nic_and_wait("net0", Some("nic0"), UNPLUG).await.unwrap();
         assert!(!pci_ids(c).await.contains(&"nic0".to_owned()));
         assert!(!qom_children(c, "/machine/peripheral")
             .await
@@ -185,9 +185,9 @@ async fn nic_hotplug_shows_in_pci_and_remove_nic_cleans_up() {
             .await
             .unwrap();
         // A NIC whose device is already gone still loses its netdev...
-        c.remove_nic("net0", Some("nic0"), UNPLUG).await.unwrap();
+        c.remove_nic_and_wait("net0", Some("nic0"), UNPLUG).await.unwrap();
         // ...and a netdev that does not exist is a not-found error.
-        let err = c.remove_nic("net0", None, UNPLUG).await.unwrap_err();
+        let err = c.remove_nic_and_wait("net0", None, UNPLUG).await.unwrap_err();
         assert!(err.is_not_found(), "{err:?}");
     })
     .await;
@@ -237,7 +237,7 @@ async fn add_nic_failure_undoes_the_netdev() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_device_waits_for_device_deleted() {
+async fn remove_device_and_wait_waits_for_device_deleted() {
     let vm = vm_with(|b| b.args(["-device", "qemu-xhci,id=xhci"])).await;
     let c = vm.client();
     within(30, async {
@@ -247,13 +247,13 @@ async fn remove_device_waits_for_device_deleted() {
         assert!(qom_children(c, "/machine/peripheral")
             .await
             .contains(&"kbd0".to_owned()));
-        c.remove_device("kbd0", UNPLUG).await.unwrap();
+        c.remove_device_and_wait("kbd0", UNPLUG).await.unwrap();
         // Gone as soon as the call returns: it waited for DEVICE_DELETED.
         assert!(!qom_children(c, "/machine/peripheral")
             .await
             .contains(&"kbd0".to_owned()));
 
-        let err = c.remove_device("kbd0", UNPLUG).await.unwrap_err();
+        let err = c.remove_device_and_wait("kbd0", UNPLUG).await.unwrap_err();
         assert!(err.is_not_found(), "{err:?}");
         let err = c
             .add_device(&DeviceSpec::new("no-such-device").id("x"))
@@ -265,10 +265,10 @@ async fn remove_device_waits_for_device_deleted() {
 }
 
 /// Under q35's default ACPI PCI hotplug an unplug waits for the guest OS;
-/// with none, `remove_device` gives up at the caller's deadline and the
-/// device stays.
+/// with none, `remove_device_and_wait` gives up at the caller's deadline and
+/// the device stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_device_times_out_when_the_guest_must_cooperate() {
+async fn remove_device_and_wait_times_out_when_the_guest_must_cooperate() {
     let vm = vm_with(|b| b.args(["-device", "pcie-root-port,id=rp1,chassis=1"])).await;
     let c = vm.client();
     within(30, async {
@@ -281,7 +281,7 @@ async fn remove_device_times_out_when_the_guest_must_cooperate() {
         .await
         .unwrap();
         let err = c
-            .remove_device("nic0", Duration::from_millis(300))
+            .remove_device_and_wait("nic0", Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(err.is_timeout(), "{err:?}");
@@ -289,6 +289,113 @@ async fn remove_device_times_out_when_the_guest_must_cooperate() {
         assert!(qom_children(c, "/machine/peripheral")
             .await
             .contains(&"nic0".to_owned()));
+    })
+    .await;
+}
+
+/// The Go `RemoveDevice`: the request is sent and the call returns once QEMU
+/// accepts it, whether or not the device is gone yet; a device that does not
+/// exist is success; any other refusal is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_device_returns_once_qemu_accepts_and_a_missing_device_is_success() {
+    let vm = vm_with(|b| {
+        b.args([
+            "-device",
+            "pcie-root-port,id=rp1,chassis=1",
+            "-device",
+            "qemu-xhci,id=xhci",
+            "-device",
+            "virtio-rng-pci,id=rng0",
+        ])
+    })
+    .await;
+    let c = vm.client();
+    within(30, async {
+        // ACPI PCI hotplug and no guest: the unplug never completes, yet
+        // the call returns, and the device is still there.
+        c.add_device(
+            &DeviceSpec::new("virtio-net-pci")
+                .id("nic0")
+                .bus("rp1")
+                .prop("romfile", ""),
+        )
+        .await
+        .unwrap();
+        c.remove_device("nic0").await.unwrap();
+        assert!(qom_children(c, "/machine/peripheral")
+            .await
+            .contains(&"nic0".to_owned()));
+        // Asking again while that unplug is pending is QEMU's error, as in Go.
+        let err = c.remove_device("nic0").await.unwrap_err();
+        assert!(err.is_qmp() && !err.is_not_found(), "{err:?}");
+
+        // An unplug that completes by itself: gone soon after, not waited for.
+        c.add_device(&DeviceSpec::new("usb-kbd").id("kbd0"))
+            .await
+            .unwrap();
+        c.remove_device("kbd0").await.unwrap();
+        eventually(10, || async {
+            (!qom_children(c, "/machine/peripheral")
+                .await
+                .contains(&"kbd0".to_owned()))
+            .then_some(())
+        })
+        .await;
+        // Gone, or never there: success.
+        c.remove_device("kbd0").await.unwrap();
+        c.remove_device("no-such-device").await.unwrap();
+        c.remove_device("").await.unwrap();
+
+        // A device on the root bus cannot be unplugged: QEMU's refusal stays an error.
+        let err = c.remove_device("rng0").await.unwrap_err();
+        assert!(err.is_qmp(), "{err:?}");
+    })
+    .await;
+}
+
+/// The Go `RemoveNIC`: `netdev_del` only; a netdev that does not exist is
+/// success, any other refusal an error, and the NIC's device stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_nic_deletes_the_netdev_and_a_missing_netdev_is_success() {
+    let vm = vm_with(|b| {
+        b.args([
+            "-device",
+            "pcie-root-port,id=rp1,chassis=1",
+            // A legacy `-net` client: found by netdev_del, but refused.
+            "-net",
+            "user,id=legacy0",
+        ])
+    })
+    .await;
+    let c = vm.client();
+    within(30, async {
+        c.add_nic(
+            &NetdevSpec::new("user", "net0"),
+            &nic("nic0", "rp1", "net0", "52:54:00:00:00:01"),
+            true,
+        )
+        .await
+        .unwrap();
+        c.remove_nic("net0").await.unwrap();
+        // The netdev's id is free again; the device is untouched.
+        c.call::<_, Value>("netdev_add", &json!({"type": "user", "id": "net0"}))
+            .await
+            .unwrap();
+        assert!(qom_children(c, "/machine/peripheral")
+            .await
+            .contains(&"nic0".to_owned()));
+        c.remove_nic("net0").await.unwrap();
+        // Gone, or never there: success.
+        c.remove_nic("net0").await.unwrap();
+        c.remove_nic("").await.unwrap();
+        // A NIC's own id is no netdev's: not found, so success, and the NIC stays.
+        c.remove_nic("nic0").await.unwrap();
+        assert!(qom_children(c, "/machine/peripheral")
+            .await
+            .contains(&"nic0".to_owned()));
+        // Any other refusal is an error ("... is not a netdev").
+        let err = c.remove_nic("legacy0").await.unwrap_err();
+        assert!(err.is_qmp() && !err.is_not_found(), "{err:?}");
     })
     .await;
 }

@@ -108,6 +108,13 @@ pub async fn ctl(socket: &Path, args: &[&str]) -> Run {
     run_ctl(&with_socket(socket, args), None, None).await
 }
 
+/// Runs qmpctl on a socket with these environment variables set.
+pub async fn ctl_env(socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = command(&with_socket(socket, args));
+    cmd.envs(env.iter().copied());
+    finish(cmd.spawn().expect("run qmpctl")).await
+}
+
 /// Runs qmpctl on a socket with text on its stdin.
 pub async fn ctl_stdin(socket: &Path, args: &[&str], stdin: &str) -> Run {
     run_ctl(&with_socket(socket, args), Some(stdin), None).await

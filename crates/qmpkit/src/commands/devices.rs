@@ -10,14 +10,24 @@
 //!     true,
 //! ).await?;
 //! client.set_nic_link("nic0", false).await?;
-//! client.remove_nic("net0", Some("nic0"), Duration::from_secs(10)).await?;
+//! client.remove_nic_and_wait("net0", Some("nic0"), Duration::from_secs(10)).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Asking for removal, or waiting for it
+//!
+//! [`Client::remove_device`] and [`Client::remove_nic`] are the Go
+//! package's `RemoveDevice` and `RemoveNIC`: they send the request, return
+//! once QEMU accepts it, and count a device or netdev that does not exist as
+//! removed. Incus calls them on clean-up paths and checks for itself
+//! afterwards. [`Client::remove_device_and_wait`] and
+//! [`Client::remove_nic_and_wait`] also wait, within a deadline, until the
+//! device is gone.
 //!
 //! # Unplugging without a guest
 //!
 //! `device_del` only asks for removal; the device is gone when QEMU sends
-//! `DEVICE_DELETED`, which [`Client::remove_device`] waits for. For many
+//! `DEVICE_DELETED`, which [`Client::remove_device_and_wait`] waits for. For many
 //! buses that needs the guest's help, so with no guest OS the event never
 //! comes. Measured on QEMU 10.0 (q35, no guest OS, CPUs stopped or running):
 //!
@@ -32,8 +42,8 @@
 //! A PCIe root port whose slot was empty at reset has its power off, and
 //! QEMU removes a device from a powered-off slot without asking the guest.
 //!
-//! The removals that wait ([`Client::remove_device`],
-//! [`Client::remove_nic`]) keep their caller's timeout as one deadline,
+//! The removals that wait ([`Client::remove_device_and_wait`],
+//! [`Client::remove_nic_and_wait`]) keep their caller's timeout as one deadline,
 //! whatever QEMU does (see [the rule](super#waits-keep-their-callers-deadline)):
 //! each command they send gets what is left of it, and they return at the
 //! deadline, with no clean-up margin.
@@ -43,7 +53,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::client::{CallOptions, Client, Empty};
+use crate::client::{Client, Empty};
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem};
@@ -243,6 +253,14 @@ impl PciDevice {
     }
 }
 
+/// The Go package's test for a device or netdev that is already gone: the
+/// error's text mentions "not found". Go tests `class: desc`, and no QMP
+/// class name has those words, so the description is what counts
+/// (`Device 'x' not found` from both `device_del` and `netdev_del`).
+fn gone_by_go_rule(e: &Error) -> bool {
+    e.as_qmp().is_some_and(|q| q.desc.contains("not found"))
+}
+
 /// True when a `DEVICE_DELETED` event's data names the device `id` (by id
 /// or by QOM path).
 fn names_device(data: &Value, id: &str) -> bool {
@@ -261,6 +279,28 @@ impl Client {
             .map_err(Error::classify_in_use)
     }
 
+    /// Asks QEMU to remove a device (`device_del`) and returns once QEMU
+    /// has accepted the request, not when the device is gone (the Go
+    /// `RemoveDevice`; see [`Client::remove_device_and_wait`] for that).
+    ///
+    /// `id` is the device's id or QOM path. As in Go, an empty `id` sends
+    /// nothing, and a device that does not exist (an error whose description
+    /// says "not found") is success: the call is meant for clean-up paths.
+    /// Other errors are QEMU's, such as an unplug already under way or a bus
+    /// that cannot hot-unplug.
+    #[doc(alias = "RemoveDevice")]
+    #[doc(alias = "device_del")]
+    pub async fn remove_device(&self, id: &str) -> Result<()> {
+        if id.is_empty() {
+            return Ok(());
+        }
+        match self.call::<_, Empty>("device_del", &json!({ "id": id })).await {
+            Ok(_) => Ok(()),
+            Err(e) if gone_by_go_rule(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes a device and waits, up to `timeout`, until QEMU reports it
     /// gone (`device_del`, then the `DEVICE_DELETED` event for it).
     ///
@@ -271,9 +311,7 @@ impl Client {
     /// docs) and the guest does not give it in time, the result is
     /// [`Error::Timeout`] and the unplug request stays pending in QEMU. The
     /// call returns at `timeout` also when QEMU does not answer at all.
-    #[doc(alias = "RemoveDevice")]
-    #[doc(alias = "device_del")]
-    pub async fn remove_device(&self, id: &str, timeout: Duration) -> Result<()> {
+    pub async fn remove_device_and_wait(&self, id: &str, timeout: Duration) -> Result<()> {
         self.remove_device_within(id, &Deadline::after(timeout, "device_del"))
             .await
     }
@@ -361,15 +399,38 @@ impl Client {
         Ok(())
     }
 
+    /// Removes a NIC's netdev (`netdev_del`), as the Go `RemoveNIC` does:
+    /// the NIC's device is left alone (remove it with
+    /// [`Client::remove_device`]), and the call returns once QEMU has
+    /// accepted the request.
+    ///
+    /// As in Go, an empty `netdev_id` sends nothing, and a netdev that does
+    /// not exist (an error whose description says "not found") is success:
+    /// not every NIC has one.
+    #[doc(alias = "RemoveNIC")]
+    #[doc(alias = "netdev_del")]
+    pub async fn remove_nic(&self, netdev_id: &str) -> Result<()> {
+        if netdev_id.is_empty() {
+            return Ok(());
+        }
+        match self
+            .call::<_, Empty>("netdev_del", &json!({ "id": netdev_id }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if gone_by_go_rule(&e) => Ok(()),
+            Err(e) => Err(e.classify_in_use()),
+        }
+    }
+
     /// Removes a NIC: its device, when `device_id` is given and the device
-    /// is still there ([`Client::remove_device`]), then its netdev
+    /// is still there ([`Client::remove_device_and_wait`]), then its netdev
     /// (`netdev_del`), both within `timeout`, QEMU answering or not.
     ///
     /// A device that is already gone (the guest unplugged it, or an earlier
     /// call got half way) is fine; a netdev that does not exist is QEMU's
     /// not-found error ([`Error::is_not_found`]).
-    #[doc(alias = "RemoveNIC")]
-    pub async fn remove_nic(
+    pub async fn remove_nic_and_wait(
         &self,
         netdev_id: &str,
         device_id: Option<&str>,
@@ -403,15 +464,12 @@ impl Client {
     }
 
     /// Adds a QOM object such as a memory backend or an iothread
-    /// (`object-add`). Objects of type `secret` are kept out of the traffic log.
+    /// (`object-add`). The traffic log shows it, as Go's does, but with the
+    /// `data` of a `secret` object blanked out.
     #[doc(alias = "AddObject")]
     #[doc(alias = "object-add")]
     pub async fn add_object(&self, object: &ObjectSpec) -> Result<()> {
-        let mut options = CallOptions::new();
-        if object.qom_type == "secret" {
-            options = options.unlogged();
-        }
-        self.call_with::<_, Empty>("object-add", object, options)
+        self.call::<_, Empty>("object-add", object)
             .await
             .map(drop)
             .map_err(Error::classify_in_use)
@@ -428,7 +486,8 @@ impl Client {
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,
-    /// passwords of network block devices, ...). Never logged.
+    /// passwords of network block devices, ...). The traffic log shows the
+    /// request with the secret blanked out.
     ///
     /// A secret with this id that already exists is not an error, and it
     /// keeps its current value: secrets are immutable in QEMU.

@@ -601,7 +601,7 @@ impl State {
     /// for the subscribers (handed over after the current read).
     fn handle_event(&mut self, bytes: &[u8], name: &str, data: serde_json::Value, timestamp: Timestamp) {
         if let Some(log) = &self.log {
-            log.event(bytes);
+            log.event(name, bytes);
         }
         tracing::trace!(event = name, "QMP event");
         let event = Event::new(name, data, timestamp);

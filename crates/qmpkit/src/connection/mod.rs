@@ -190,8 +190,13 @@ impl ConnectOptions {
         self
     }
 
-    /// Appends a transcript of the traffic to this file (mode 0600, secrets
-    /// redacted). If the file cannot be opened, there is no log and no error.
+    /// Appends a transcript of the traffic to this file in the Go package's
+    /// format (`[2006-01-02T15:04:05+07:00] QUERY: ...`, `REPLY:` and an empty
+    /// line, `Event:`; local time), mode 0600. Unlike Go's, it blanks out
+    /// secrets and also logs error replies. Left out, as in Go: the commands
+    /// of [`ConnectOptions::log_excluded`], calls that pass file descriptors,
+    /// and `VSERPORT_CHANGE` events. If the file cannot be opened, there is
+    /// no log and no error.
     pub fn traffic_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.log_file = Some(path.into());
         self

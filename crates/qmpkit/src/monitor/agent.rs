@@ -94,6 +94,9 @@ pub(crate) struct Agent {
     pub read_size: usize,
     pub interval: Duration,
     started: AtomicBool,
+    /// The chardev was missing or no ring buffer at connect: the monitor
+    /// does not poll it, and never reports the agent.
+    disabled: AtomicBool,
     /// Held across a read and the processing of its bytes, so that reads are
     /// processed in the order QEMU answered them.
     lines: Mutex<LineBuffer>,
@@ -118,6 +121,7 @@ impl Agent {
             read_size,
             interval,
             started: AtomicBool::new(false),
+            disabled: AtomicBool::new(false),
             lines: Mutex::new(LineBuffer::default()),
             pending: std::sync::Mutex::new(VecDeque::new()),
             queued: Notify::new(),
@@ -127,6 +131,17 @@ impl Agent {
     /// Whether the agent is running, as last seen.
     pub(crate) fn started(&self) -> bool {
         self.started.load(Ordering::Acquire)
+    }
+
+    /// Stops watching for good: the chardev cannot be read.
+    pub(crate) fn disable(&self) {
+        self.disabled.store(true, Ordering::Release);
+        self.started.store(false, Ordering::Release);
+    }
+
+    /// True once [`Agent::disable`] was called.
+    pub(crate) fn disabled(&self) -> bool {
+        self.disabled.load(Ordering::Acquire)
     }
 
     /// Forgets the agent (the VM is gone).

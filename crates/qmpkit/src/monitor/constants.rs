@@ -14,7 +14,7 @@
 //! | `EventVMShutdownReasonGuestShutdown` | [`SHUTDOWN_REASON_GUEST_SHUTDOWN`] |
 //! | `EventVMShutdownReasonQuit` | [`SHUTDOWN_REASON_QUIT`] |
 //! | `ExcludedCommands` | [`EXCLUDED_COMMANDS`] |
-//! | `RingbufSize` | [`DEFAULT_RINGBUF_READ_SIZE`] (a setting: [`MonitorOptions::ringbuf_read_size`](super::MonitorOptions::ringbuf_read_size)) |
+//! | `RingbufSize` | [`RINGBUF_SIZE`] (16 bytes: the size of the agent's ring buffer as Incus creates it, and how much Go reads at a time); our read size is [`DEFAULT_RINGBUF_READ_SIZE`], a setting: [`MonitorOptions::ringbuf_read_size`](super::MonitorOptions::ringbuf_read_size) |
 
 use std::time::Duration;
 
@@ -60,7 +60,17 @@ pub const SHUTDOWN_REASON_HOST_QMP_QUIT: &str = "host-qmp-quit";
 /// Commands kept out of the traffic log: the agent poller's frequent ring-buffer reads.
 pub const EXCLUDED_COMMANDS: &[&str] = crate::DEFAULT_LOG_EXCLUDED;
 
-/// How many bytes one read of the agent's serial ring buffer asks for, unless set otherwise.
+/// The size in bytes of the agent's serial ring buffer as Incus creates it
+/// (`-chardev ringbuf,id=qemu_serial-chardev,size=16`), which is also how
+/// much the Go package reads at a time (the Go `RingbufSize`). When the
+/// agent writes more than this between two reads, QEMU keeps the newest 16
+/// bytes, so a read may start inside a line.
+pub const RINGBUF_SIZE: usize = 16;
+
+/// How many bytes one read of the agent's serial ring buffer asks for,
+/// unless set otherwise: 16 KiB, so that one read drains Incus's 16-byte
+/// ring buffer and any other of up to that size. (Go reads [`RINGBUF_SIZE`]
+/// bytes, which from a larger ring buffer is not all there is.)
 pub const DEFAULT_RINGBUF_READ_SIZE: usize = 16 * 1024;
 
 /// How often the agent's serial ring buffer is read when nothing else prompts a read.

@@ -72,7 +72,7 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
             timer,
             open_trays: Vec::new(),
             again: false,
-            stopped: finish.0.inner.agent.is_none(),
+            stopped: finish.0.inner.agent.as_ref().is_none_or(Agent::disabled),
             shutdown_seen: false,
         };
         loop {
@@ -121,7 +121,7 @@ struct Task<'a> {
     again: bool,
     /// No agent, or the connection is gone: no more reads.
     stopped: bool,
-    /// QEMU sent a SHUTDOWN and the VM has not run since.
+    /// This task handled QEMU's SHUTDOWN and the VM has not run since.
     shutdown_seen: bool,
 }
 
@@ -195,10 +195,12 @@ impl<'a> Task<'a> {
         let reset = match ev.known() {
             KnownEvent::Shutdown { .. } => {
                 self.shutdown_seen = true;
+                self.mon.shutdown_reached_handler();
                 false
             }
-            // Running again (after `-no-shutdown`): a later loss of the
-            // connection is a new shutdown.
+            // Running again (after `-no-shutdown`): the connection forgets
+            // its SHUTDOWN as well, so the two stay in step. Whether a later
+            // loss is a notice is up to the initialized flag, as in Go.
             KnownEvent::Resume => {
                 self.shutdown_seen = false;
                 false
@@ -277,16 +279,20 @@ impl<'a> Task<'a> {
         }
         self.stopped = true;
         self.hand_over_agent().await;
-        if self.shutdown_seen {
-            return;
-        }
         // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
         // should the handler have fallen so far behind that its queue dropped
-        // it, that one still becomes the notice, rather than a made-up one.
-        if let Some(ev) = self.mon.inner.client.shutdown_event() {
-            // QEMU's own, lost from the handler's queue: late beats never.
-            deliver(self, &ev).await;
-        } else if self.mon.is_initialized() && !self.mon.disconnect_requested() {
+        // it, it is handed over now, late rather than never, and counts as
+        // QEMU's notice, as it would have in Go, where no event is dropped.
+        if !self.shutdown_seen {
+            if let Some(ev) = self.mon.inner.client.shutdown_event() {
+                self.mon.shutdown_reached_handler();
+                deliver(self, &ev).await;
+            }
+        }
+        // Go's rule: a notice while initialized and a handler is set (without
+        // one, `deliver` does nothing); a disconnect the caller asked for is
+        // no shutdown of the VM.
+        if self.mon.is_initialized() && !self.mon.disconnect_requested() {
             let ev = Event::new(
                 EVENT_VM_SHUTDOWN,
                 json!({"guest": false, "reason": SHUTDOWN_REASON_DISCONNECT}),

@@ -13,6 +13,9 @@
 //!   VM: QEMU's own, or, when the connection drops while the monitor is
 //!   [initialized](Monitor::set_initialized), one with reason
 //!   [`SHUTDOWN_REASON_DISCONNECT`](constants::SHUTDOWN_REASON_DISCONNECT).
+//!   As in Go, a new monitor starts initialized (a daemon that reconnects to
+//!   a running VM hears of its crash without further ado), and QEMU's own
+//!   `SHUTDOWN` reaching a handler clears the flag.
 //! - **Ejected media.** A tray that opens calls the ejected-media callback
 //!   once, even when QEMU repeats the event.
 //! - **Guest agent.** With a serial chardev set, the agent's `STARTED` and
@@ -35,7 +38,6 @@
 //!         _ => {}
 //!     });
 //! let mon = Monitor::connect("/run/vm1/qmp.sock", options).await?;
-//! mon.set_initialized(true);
 //! let status: serde_json::Value = mon.call("query-status", &()).await?;
 //! println!("{}", status["status"]);
 //! mon.wait().await; // until QEMU is gone and the handler saw the last event
@@ -154,7 +156,9 @@ impl Monitor {
         let mon = Monitor {
             inner: Arc::new(Inner {
                 client,
-                initialized: AtomicBool::new(false),
+                // As Go's Connect: losing the connection is a shutdown
+                // until QEMU's own SHUTDOWN (or the caller) says otherwise.
+                initialized: AtomicBool::new(true),
                 expecting_reset: AtomicBool::new(false),
                 disconnect_requested: AtomicBool::new(false),
                 handler: Mutex::new(options.handler.clone()),
@@ -166,21 +170,38 @@ impl Monitor {
                 registry,
             }),
         };
-        if let Err(e) = mon.check_agent_inner().await {
-            mon.inner.disconnect_requested.store(true, Ordering::Release);
-            mon.inner.client.disconnect();
-            return Err(e);
+        match mon.check_agent_inner().await {
+            Ok(_) => {}
+            // Go's Connect never looks: Incus connects its feature-probe
+            // QEMU, which has no agent port, with the port's name. So the
+            // monitor connects, and watches no agent rather than poll a
+            // chardev that cannot answer.
+            Err(e @ (Error::BadConsole(_) | Error::NotARingbuf(_))) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "the guest agent's serial chardev is unusable; not watching the agent"
+                );
+                if let Some(agent) = &mon.inner.agent {
+                    agent.disable();
+                }
+            }
+            Err(e) => {
+                mon.inner.disconnect_requested.store(true, Ordering::Release);
+                mon.inner.client.disconnect();
+                return Err(e);
+            }
         }
         // One task per monitor: events, the agent poller, the shutdown notice.
         tokio::spawn(dispatch::run(mon.clone(), events));
         Ok(mon)
     }
 
-    /// Takes over a later connect's handler and callback, if it brought any.
+    /// Takes over a later connect's handler, none included (Go's Connect
+    /// does so: Incus connects with no handler before `quit` to silence the
+    /// SHUTDOWN that follows), and its ejected-media callback if it brought one.
     fn adopt(&self, options: &MonitorOptions) {
-        if let Some(h) = &options.handler {
-            *self.inner.handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
-        }
+        *self.inner.handler.lock().unwrap_or_else(|e| e.into_inner()) = options.handler.clone();
         if let Some(f) = &options.on_ejected {
             *self.inner.on_ejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(f.clone());
         }
@@ -248,21 +269,46 @@ impl Monitor {
         }
     }
 
-    /// Marks the VM as fully started (true) or not: while it is, losing the
-    /// connection without a `SHUTDOWN` from QEMU makes the monitor synthesise
-    /// one with reason `disconnect` (the Go `SetInitialized`).
+    /// Turns the shutdown notice on (true) or off (the Go `SetInitialized`):
+    /// while it is on, losing the connection without a `SHUTDOWN` from QEMU
+    /// makes the monitor hand the handler one with reason `disconnect`.
+    ///
+    /// A new monitor starts with it on, and QEMU's own `SHUTDOWN` turns it
+    /// off when it reaches a handler, so that the handler sees one notice,
+    /// not two (a `SHUTDOWN` that arrives while no handler is set leaves it
+    /// as it is, as in Go). Turn it off before stopping a VM whose loss the
+    /// handler should not hear of, or on again once a VM that shut down runs
+    /// again.
     pub fn set_initialized(&self, initialized: bool) {
         self.inner.initialized.store(initialized, Ordering::Release);
     }
 
-    /// Whether the VM is marked as fully started (the Go `IsInitialized`).
+    /// Whether the shutdown notice is on (the Go `IsInitialized`): true
+    /// from connect until QEMU's `SHUTDOWN` reaches a handler or
+    /// [`Monitor::set_initialized`] says otherwise.
     pub fn is_initialized(&self) -> bool {
         self.inner.initialized.load(Ordering::Acquire)
     }
 
+    /// QEMU's SHUTDOWN is about to reach the handler: as Go's event loop
+    /// does, that ends the initialized state, so the connection's end is no
+    /// second notice. Without a handler Go leaves the flag alone, and so do we.
+    fn shutdown_reached_handler(&self) {
+        let has_handler = self
+            .inner
+            .handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if has_handler {
+            self.set_initialized(false);
+        }
+    }
+
     /// Whether the guest agent is running, as last read from its serial ring
-    /// buffer (the Go `AgenStarted`). Always false without a serial chardev,
-    /// after a `RESET`, and once the connection has ended.
+    /// buffer (the Go `AgenStarted`). Always false without a serial chardev
+    /// or with one that was missing or no ring buffer at connect, after a
+    /// `RESET`, and once the connection has ended.
     pub fn agent_started(&self) -> bool {
         self.inner.agent.as_ref().is_some_and(|a| a.started())
     }
@@ -270,7 +316,9 @@ impl Monitor {
     /// Reads the agent's ring buffer now rather than at the next poll, hands
     /// any transitions to the handler, and returns whether the agent is running.
     ///
-    /// Errors: [`Error::InvalidRequest`] without a serial chardev, else those of `ringbuf-read`.
+    /// Errors: [`Error::InvalidRequest`] without a serial chardev, else those
+    /// of `ringbuf-read` ([`Error::BadConsole`] for a chardev that does not
+    /// exist, [`Error::NotARingbuf`] for one of another kind).
     pub async fn check_agent(&self) -> Result<bool> {
         if self.inner.agent.is_none() {
             return Err(Error::InvalidRequest(

@@ -149,16 +149,19 @@ impl MonitorOptions {
         self
     }
 
-    /// Appends a transcript of the traffic to this file, except the agent
-    /// poller's ring-buffer reads. No log, and no error, when the file cannot
-    /// be opened (for example when its directory is missing).
+    /// Appends a transcript of the traffic to this file in the Go package's
+    /// format (see [`ConnectOptions::traffic_log`]), except the agent
+    /// poller's ring-buffer reads (the Go `logFile`). No log, and no error,
+    /// when the file cannot be opened (for example when its directory is missing).
     pub fn traffic_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.connect = self.connect.traffic_log(path);
         self
     }
 
     /// How many bytes one read of the agent's ring buffer asks for (default
-    /// 16 KiB, the Go `RingbufSize`). A full read is followed by another at once.
+    /// 16 KiB, [`DEFAULT_RINGBUF_READ_SIZE`]; the Go package reads
+    /// [`RINGBUF_SIZE`](super::constants::RINGBUF_SIZE), 16 bytes). A full
+    /// read is followed by another at once, so any size drains the buffer.
     pub fn ringbuf_read_size(mut self, bytes: usize) -> Self {
         self.ringbuf_read_size = bytes;
         self

@@ -89,17 +89,21 @@ impl MonitorRegistry {
 
     /// Returns the live monitor for `path`, or connects a new one (the Go `Connect`).
     ///
-    /// A live monitor is returned as it is, except that a handler or
-    /// ejected-media callback in `options` replaces the current one (the
-    /// other options only apply to a new connection). A monitor whose
+    /// A live monitor is returned as it is, except that its event handler
+    /// becomes the one in `options`, or none if `options` has none, as in Go:
+    /// connecting with no handler before a deliberate `quit` silences the
+    /// `SHUTDOWN` that follows. An ejected-media callback in `options`
+    /// replaces the current one; the other options only apply to a new
+    /// connection. A new monitor starts
+    /// [initialized](super::Monitor::set_initialized). A monitor whose
     /// connection ended is forgotten, and a new one is made. Concurrent
     /// connects to one path share one attempt and its outcome.
     ///
     /// Errors: invalid options ([`Error::InvalidRequest`](crate::Error::InvalidRequest)),
-    /// connection and handshake failures, and, when a serial chardev is set,
-    /// [`Error::BadConsole`](crate::Error::BadConsole) or
-    /// [`Error::NotARingbuf`](crate::Error::NotARingbuf) if it is missing or
-    /// not a ring buffer.
+    /// connection and handshake failures, and those of the first read of the
+    /// agent's ring buffer other than its absence: a serial chardev that is
+    /// missing or not a ring buffer is logged as a warning and the monitor
+    /// connects without watching the agent, as Go's does.
     pub async fn connect(&self, path: impl AsRef<Path>, options: MonitorOptions) -> Result<Monitor> {
         options.validate()?;
         let path = path.as_ref();
