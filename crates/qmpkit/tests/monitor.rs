@@ -986,7 +986,8 @@ async fn blockdev(mon: &Monitor, args: Value) {
 async fn block_job_events_reach_the_device_channel() {
     let vm = agent_vm(&[]).await;
     let registry = MonitorRegistry::new();
-    let mon = within(10, registry.connect(vm.socket("mon"), MonitorOptions::new()))
+    let options = MonitorOptions::new().route_block_job_events(true);
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
         .await
         .unwrap();
     let mut job = mon.create_event_channel("job0").unwrap();
@@ -1041,6 +1042,52 @@ async fn block_job_events_reach_the_device_channel() {
     assert!(mon.cleanup_event_channel("job0"));
     assert!(!mon.cleanup_event_channel("job0"));
     assert!(within(5, job.recv()).await.is_none());
+    mon.disconnect();
+}
+
+/// Incus's own wiring: the monitor leaves block-job events to the handler,
+/// which pushes them to the device's channel, so the channel gets each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incus_style_handler_pushes_each_block_job_event_once() {
+    let vm = agent_vm(&[]).await;
+    let registry = MonitorRegistry::new();
+    let (pushed_tx, mut pushed) = tokio::sync::mpsc::unbounded_channel();
+    let options = MonitorOptions::new().event_handler(move |mon, ev| {
+        if ev.name() == EVENT_BLOCK_JOB_COMPLETED {
+            let delivery = mon.push_event(ev.name(), ev.data().clone()).unwrap();
+            let _ = pushed_tx.send(delivery);
+        }
+    });
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
+        .await
+        .unwrap();
+    let mut job = mon.create_event_channel("job1").unwrap();
+    blockdev(
+        &mon,
+        json!({"driver": "null-co", "node-name": "src", "size": 1 << 20, "read-zeroes": true}),
+    )
+    .await;
+    blockdev(
+        &mon,
+        json!({"driver": "null-co", "node-name": "dst", "size": 1 << 20}),
+    )
+    .await;
+    let _: Value = mon
+        .call(
+            "blockdev-backup",
+            &json!({"device": "src", "target": "dst", "sync": "full", "job-id": "job1"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(within(20, pushed.recv()).await, Some(Delivery::Delivered));
+    let ev = within(10, job.recv()).await.unwrap();
+    assert_eq!(
+        (ev.name(), ev.data()["device"].as_str()),
+        (EVENT_BLOCK_JOB_COMPLETED, Some("job1"))
+    );
+    // The handler has pushed; nothing else was: the closed channel is empty.
+    assert!(mon.cleanup_event_channel("job1"));
+    assert!(within(5, job.recv()).await.is_none(), "the event arrived twice");
     mon.disconnect();
 }
 

@@ -1,6 +1,6 @@
 //! The monitor's one task: it hands every event to the handler in QEMU's
 //! order, reacts to ejected media, routes block-job events to device
-//! channels, polls the guest agent's ring buffer, and gives the one shutdown
+//! channels (when asked to), polls the guest agent's ring buffer, and gives the one shutdown
 //! notice at the end.
 //!
 //! It reads the monitor's own subscription, so the connection's reader never
@@ -206,7 +206,9 @@ impl<'a> Task<'a> {
                 false
             }
             KnownEvent::BlockJob { device, .. } => {
-                self.mon.inner.channels.push(&device, ev.clone());
+                if self.mon.inner.route_block_jobs {
+                    self.mon.inner.channels.push(&device, ev.clone());
+                }
                 false
             }
             KnownEvent::Reset { .. } => true,

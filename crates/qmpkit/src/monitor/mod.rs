@@ -96,6 +96,8 @@ struct Inner {
     handler: Mutex<Option<Handler>>,
     on_ejected: Mutex<Option<EjectedFn>>,
     channels: Channels,
+    /// Block-job events go to the device channels without the handler.
+    route_block_jobs: bool,
     agent: Option<Agent>,
     /// True once the event task has handled the last event.
     finished: AtomicBool,
@@ -164,6 +166,7 @@ impl Monitor {
                 handler: Mutex::new(options.handler.clone()),
                 on_ejected: Mutex::new(options.on_ejected.clone()),
                 channels: Channels::default(),
+                route_block_jobs: options.route_block_jobs,
                 agent,
                 finished: AtomicBool::new(false),
                 finished_notify: Notify::new(),

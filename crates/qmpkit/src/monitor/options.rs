@@ -54,6 +54,7 @@ pub struct MonitorOptions {
     pub(crate) ringbuf_read_size: usize,
     pub(crate) agent_poll_interval: Duration,
     pub(crate) event_queue: usize,
+    pub(crate) route_block_jobs: bool,
     pub(crate) connect: ConnectOptions,
 }
 
@@ -88,8 +89,20 @@ impl MonitorOptions {
             ringbuf_read_size: DEFAULT_RINGBUF_READ_SIZE,
             agent_poll_interval: DEFAULT_AGENT_POLL_INTERVAL,
             event_queue: DEFAULT_MONITOR_EVENT_QUEUE,
+            route_block_jobs: false,
             connect: DEFAULT_CONNECT.clone(),
         }
+    }
+
+    /// Whether the monitor itself hands `BLOCK_JOB_COMPLETED` and
+    /// `BLOCK_JOB_ERROR` events to the device's event channel (default
+    /// false). Incus's Go monitor leaves that to the event handler, which
+    /// calls `PushEvent` (here [`Monitor::push_event`](super::Monitor::push_event));
+    /// a handler ported from Incus does the same, and with routing on would
+    /// deliver each event twice. Turn it on when there is no such handler.
+    pub fn route_block_job_events(mut self, route: bool) -> Self {
+        self.route_block_jobs = route;
+        self
     }
 
     /// The `ringbuf` chardev behind the guest agent's serial port; the
