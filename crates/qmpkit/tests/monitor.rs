@@ -411,12 +411,20 @@ async fn kill_gives_one_synthesized_shutdown_and_ends_everything() {
         let r = within(10, t).await.unwrap();
         assert!(r.is_ok() || r.as_ref().unwrap_err().is_disconnected(), "{r:?}");
     }
-    let shutdowns: Vec<Event> = drain(&mut events)
-        .into_iter()
-        .filter(|e| e.name() == EVENT_VM_SHUTDOWN)
-        .collect();
+    let seen = drain(&mut events);
+    let shutdowns: Vec<&Event> = seen.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
     assert_eq!(shutdowns.len(), 1, "{shutdowns:?}");
     assert_eq!(shutdowns[0].data()["reason"], SHUTDOWN_REASON_DISCONNECT);
+    // The agent was up: it went with QEMU, and the handler hears so first.
+    let agent: Vec<&str> = seen
+        .iter()
+        .map(|e| e.name())
+        .filter(|n| n.starts_with("AGENT-") || *n == EVENT_VM_SHUTDOWN)
+        .collect();
+    assert_eq!(
+        agent,
+        [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN]
+    );
     assert!(status(&mon).await.unwrap_err().is_disconnected());
     assert!(!mon.agent_started());
     assert!(
@@ -1076,7 +1084,11 @@ async fn an_agent_transition_read_as_qemu_vanishes_comes_before_the_shutdown_not
     mon.set_initialized(true);
     within(10, mon.wait()).await;
     let names: Vec<String> = drain(&mut events).iter().map(|e| e.name().to_owned()).collect();
-    assert_eq!(names, [EVENT_AGENT_STARTED, EVENT_VM_SHUTDOWN]);
+    // QEMU vanished with the agent up: it stopped too, before the notice.
+    assert_eq!(
+        names,
+        [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN]
+    );
     assert!(!mon.agent_started(), "forgotten once the monitor ended");
 }
 

@@ -56,7 +56,7 @@ static NO_AGENT: Notify = Notify::const_new();
 /// fn` would keep them twice), the task's state is one struct, nothing used
 /// only at the start is bound to a name, and rare or large waits are boxed.
 /// On x86-64 tokio adds 112 bytes to a task and rounds it up to 128: at 400
-/// bytes or less (392 now) the task takes 512, above that 640. To see the
+/// bytes or less (384 now) the task takes 512, above that 640. To see the
 /// size: `cargo +nightly rustc --release -p qmp --lib -- -Zprint-type-sizes`
 /// and look for the async block of this file.
 pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()> + Send + 'static {
@@ -123,6 +123,13 @@ struct Task<'a> {
     stopped: bool,
     /// QEMU sent a SHUTDOWN and the VM has not run since.
     shutdown_seen: bool,
+}
+
+/// What a SHUTDOWN or a RESET does to the guest (and its agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GuestEnd {
+    Shutdown,
+    Reset,
 }
 
 impl<'a> Task<'a> {
@@ -192,30 +199,33 @@ impl<'a> Task<'a> {
     async fn qemu_event(&mut self, ev: &Event) {
         // The typed view is not kept across an await: this future lives in
         // every monitor's task, and is the larger for whatever it keeps.
-        let reset = match ev.known() {
+        let ends_guest = match ev.known() {
             KnownEvent::Shutdown { .. } => {
                 self.shutdown_seen = true;
-                false
+                Some(GuestEnd::Shutdown)
             }
             // Running again (after `-no-shutdown`): a later loss of the
             // connection is a new shutdown.
             KnownEvent::Resume => {
                 self.shutdown_seen = false;
-                false
+                None
             }
             KnownEvent::BlockJob { device, .. } => {
                 self.mon.inner.channels.push(&device, ev.clone());
-                false
+                None
             }
-            KnownEvent::Reset { .. } => true,
-            _ => false,
+            KnownEvent::Reset { .. } => Some(GuestEnd::Reset),
+            _ => None,
         };
-        // A reset takes the guest's agent down with it (it says STARTED again
-        // when the guest is back): the handler sees the transitions read
-        // before it, the RESET with the agent already stopped, then the
-        // AGENT-STOPPED.
+        // A reset or a shutdown takes the guest's agent down with it (after a
+        // reset it says STARTED again when the guest is back). The handler
+        // sees the transitions read before, then: for a RESET, the RESET
+        // with the agent already stopped and then the AGENT-STOPPED; for a
+        // SHUTDOWN, the AGENT-STOPPED first, so that the shutdown notice
+        // stays the last word on the VM. The guest's own STOPPED, written
+        // as it powers off, is often still unread when QEMU exits.
         let mut agent_was_up = false;
-        if let (true, Some(agent)) = (reset, self.agent()) {
+        if let (Some(_), Some(agent)) = (ends_guest, self.agent()) {
             // Boxed, as it is rare, rather than room for it in every task.
             let (earlier, was_up) = Box::pin(self.drive(agent.forget())).await;
             agent_was_up = was_up;
@@ -223,8 +233,11 @@ impl<'a> Task<'a> {
                 deliver(self, &agent_event(started)).await;
             }
         }
+        if agent_was_up && ends_guest == Some(GuestEnd::Shutdown) {
+            deliver(self, &agent_event(false)).await;
+        }
         deliver(self, ev).await;
-        if agent_was_up {
+        if agent_was_up && ends_guest != Some(GuestEnd::Shutdown) {
             deliver(self, &agent_event(false)).await;
         }
         if ev.name() == EVENT_DISK_EJECTED {
@@ -277,6 +290,16 @@ impl<'a> Task<'a> {
         }
         self.stopped = true;
         self.hand_over_agent().await;
+        // QEMU is gone, and the agent with it, whether or not its STOPPED
+        // was read (or written) in time: said before the shutdown notice.
+        // A disconnect of our own ends the watch, not the agent.
+        // (Every transition read is handed over by now, and no read of the
+        // task's own is in flight: the state is all there is to forget.)
+        if let Some(agent) = self.agent().filter(|_| !self.mon.disconnect_requested()) {
+            if agent.stop() {
+                deliver(self, &agent_event(false)).await;
+            }
+        }
         if self.shutdown_seen {
             return;
         }

@@ -17,7 +17,9 @@
 //!   once, even when QEMU repeats the event.
 //! - **Guest agent.** With a serial chardev set, the agent's `STARTED` and
 //!   `STOPPED` lines on its ring buffer become `AGENT-STARTED` and
-//!   `AGENT-STOPPED` events and [`Monitor::agent_started`].
+//!   `AGENT-STOPPED` events and [`Monitor::agent_started`]. A running agent
+//!   also stops, for the handler, with the guest: after a `RESET`, before a
+//!   `SHUTDOWN`, and before the shutdown notice when QEMU vanishes.
 //! - **Deliberate resets** ([`Monitor::reset`], [`Monitor::expect_reset`],
 //!   [`Monitor::handle_reset`]) tell a handler which `RESET` it caused itself.
 //! - **Per-device event channels** for callers waiting on one device's
@@ -262,7 +264,7 @@ impl Monitor {
 
     /// Whether the guest agent is running, as last read from its serial ring
     /// buffer (the Go `AgenStarted`). Always false without a serial chardev,
-    /// after a `RESET`, and once the connection has ended.
+    /// after a `RESET` or a `SHUTDOWN`, and once the connection has ended.
     pub fn agent_started(&self) -> bool {
         self.inner.agent.as_ref().is_some_and(|a| a.started())
     }
