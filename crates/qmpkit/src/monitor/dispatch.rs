@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -27,11 +28,12 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::event::{Event, EventItem, EventStream, KnownEvent};
+use crate::wire::Timestamp;
 
 use super::agent::Agent;
 use super::constants::{
     EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN,
-    SHUTDOWN_REASON_DISCONNECT,
+    FIRMWARE_RESET_WINDOW, SHUTDOWN_REASON_DISCONNECT,
 };
 use super::options::Handler;
 use super::{now, Monitor};
@@ -74,6 +76,7 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
             again: false,
             stopped: finish.0.inner.agent.is_none(),
             shutdown_seen: false,
+            resets: Resets::default(),
         };
         loop {
             // Transitions found so far come before any QEMU event not yet handled.
@@ -123,13 +126,74 @@ struct Task<'a> {
     stopped: bool,
     /// QEMU sent a SHUTDOWN and the VM has not run since.
     shutdown_seen: bool,
+    /// Tells the firmware's reset after a deliberate one.
+    resets: Resets,
 }
 
 /// What a SHUTDOWN or a RESET does to the guest (and its agent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GuestEnd {
     Shutdown,
-    Reset,
+    Reset(ResetKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetKind {
+    /// Any reset but the one below.
+    Plain,
+    /// The reset SeaBIOS makes as it starts after a reset (a warm start it
+    /// turns into a cold one): `RESET {guest: true, reason: "guest-reset"}`
+    /// 40-150 ms after the first. It follows a guest reboot and
+    /// `system_reset` alike, but never a cold start.
+    FirmwareFollowUp,
+}
+
+/// Remembers the last deliberate reset, to recognise the firmware's reset
+/// that follows it ([`FIRMWARE_RESET_WINDOW`]).
+#[derive(Debug, Default)]
+struct Resets {
+    /// QEMU's time of the last deliberate RESET (or of the RESUME that let
+    /// the firmware run after it), in microseconds since the epoch; 0 for
+    /// none, or once the follow-up was seen.
+    deliberate_at: u64,
+}
+
+impl Resets {
+    /// Classifies a RESET. One the monitor was told to expect is
+    /// deliberate (the handler's [`Monitor::handle_reset`] will say so);
+    /// the first guest reset after it, within the window by QEMU's clock,
+    /// is its firmware follow-up.
+    fn classify(&mut self, mon: &Monitor, ev: &Event, guest: bool, reason: &str) -> ResetKind {
+        let at = micros(ev.timestamp());
+        if mon.inner.expecting_reset.load(Ordering::Acquire) {
+            self.deliberate_at = at;
+            return ResetKind::Plain;
+        }
+        let since = std::mem::take(&mut self.deliberate_at);
+        let window = FIRMWARE_RESET_WINDOW.as_micros() as u64;
+        if guest && reason == "guest-reset" && since != 0 && at >= since && at - since <= window {
+            ResetKind::FirmwareFollowUp
+        } else {
+            ResetKind::Plain
+        }
+    }
+
+    /// A RESUME: a deliberate reset of a paused VM is followed by the
+    /// firmware's once the VM runs, so the window starts again here.
+    fn resumed(&mut self, ev: &Event) {
+        if self.deliberate_at != 0 {
+            self.deliberate_at = micros(ev.timestamp());
+        }
+    }
+}
+
+/// A QMP timestamp in microseconds since the epoch; 0 when the host clock
+/// failed (QEMU sends -1).
+fn micros(t: Timestamp) -> u64 {
+    match (u64::try_from(t.seconds), u64::try_from(t.microseconds)) {
+        (Ok(s), Ok(us)) => s.saturating_mul(1_000_000).saturating_add(us),
+        _ => 0,
+    }
 }
 
 impl<'a> Task<'a> {
@@ -208,13 +272,16 @@ impl<'a> Task<'a> {
             // connection is a new shutdown.
             KnownEvent::Resume => {
                 self.shutdown_seen = false;
+                self.resets.resumed(ev);
                 None
             }
             KnownEvent::BlockJob { device, .. } => {
                 self.mon.inner.channels.push(&device, ev.clone());
                 None
             }
-            KnownEvent::Reset { .. } => Some(GuestEnd::Reset),
+            KnownEvent::Reset { guest, reason } => {
+                Some(GuestEnd::Reset(self.resets.classify(self.mon, ev, guest, &reason)))
+            }
             _ => None,
         };
         // A reset or a shutdown takes the guest's agent down with it (after a
@@ -236,7 +303,17 @@ impl<'a> Task<'a> {
         if agent_was_up && ends_guest == Some(GuestEnd::Shutdown) {
             deliver(self, &agent_event(false)).await;
         }
-        deliver(self, ev).await;
+        match ends_guest {
+            // The firmware's reset that follows a deliberate one is part of
+            // it: handle_reset says so while the handler has it.
+            Some(GuestEnd::Reset(ResetKind::FirmwareFollowUp)) => {
+                let firmware_reset = &self.mon.inner.firmware_reset;
+                firmware_reset.store(true, Ordering::Release);
+                deliver(self, ev).await;
+                firmware_reset.store(false, Ordering::Release);
+            }
+            _ => deliver(self, ev).await,
+        }
         if agent_was_up && ends_guest != Some(GuestEnd::Shutdown) {
             deliver(self, &agent_event(false)).await;
         }
