@@ -185,6 +185,11 @@ impl QemuBuilder {
     /// waiting; what the guest prints while nobody is connected is lost, so
     /// connect before starting the CPUs. Writing to the socket types on the
     /// guest's console.
+    ///
+    /// Once connected, keep reading: QEMU passes the guest's output on a
+    /// byte at a time, a few hundred unread bytes fill the socket, and the
+    /// guest's serial output then crawls (a kernel panic's report takes
+    /// half a minute, and the panic reaches QEMU only after it).
     pub fn console_socket(mut self) -> Self {
         self.console_socket = true;
         self

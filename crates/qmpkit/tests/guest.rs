@@ -32,7 +32,7 @@ use qmpkit::monitor::{Monitor, MonitorOptions, MonitorRegistry};
 use qmpkit::ErrorClass;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -103,10 +103,16 @@ fn guest_image() -> &'static GuestImage {
 // ------------------------------------------------------------ the console
 
 /// The guest's serial console: lines it printed, and commands typed into it.
+///
+/// A task of its own reads the console all the time, not only when a test
+/// waits for a line: QEMU writes the guest's serial output to the socket a
+/// byte at a time, a few hundred unread bytes fill a Unix socket, and from
+/// then on every byte the guest prints waits for the UART (a kernel panic's
+/// report alone then takes half a minute).
 struct Console {
-    reader: BufReader<OwnedReadHalf>,
+    lines: mpsc::UnboundedReceiver<String>,
     writer: OwnedWriteHalf,
-    /// Everything read so far, for failure messages.
+    /// Every line taken so far, for failure messages.
     transcript: String,
 }
 
@@ -116,8 +122,26 @@ impl Console {
             .await
             .expect("connect to the guest's console");
         let (reader, writer) = stream.into_split();
+        let (tx, lines) = mpsc::unbounded_channel();
+        // Ends when QEMU closes the socket (or the test, the receiver).
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(reader);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match reader.read_until(b'\n', &mut raw).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&raw).replace('\r', "");
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
         Console {
-            reader: BufReader::new(reader),
+            lines,
             writer,
             transcript: String::new(),
         }
@@ -136,14 +160,8 @@ impl Console {
     /// others (kernel messages, earlier answers).
     async fn line_with(&mut self, needle: &str, secs: u64) -> String {
         let found = tokio::time::timeout(Duration::from_secs(secs), async {
-            let mut raw = Vec::new();
             loop {
-                raw.clear();
-                let n = self.reader.read_until(b'\n', &mut raw).await.ok()?;
-                if n == 0 {
-                    return None; // QEMU is gone.
-                }
-                let line = String::from_utf8_lossy(&raw).replace('\r', "");
+                let line = self.lines.recv().await?; // None: QEMU is gone.
                 self.transcript.push_str(&line);
                 if line.contains(needle) {
                     return Some(line.trim().to_owned());
@@ -155,6 +173,13 @@ impl Console {
             Ok(Some(line)) => line,
             Ok(None) => panic!("the console closed before {needle:?}; it said:\n{}", self.tail()),
             Err(_) => panic!("no {needle:?} on the console within {secs} s; it said:\n{}", self.tail()),
+        }
+    }
+
+    /// Adds the lines read so far to the transcript (for a failure message).
+    fn take_what_is_there(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.transcript.push_str(&line);
         }
     }
 
@@ -392,7 +417,15 @@ impl Guest {
     /// Waits for QEMU to exit by itself and for the monitor to finish.
     async fn exited(&mut self) -> &[Seen] {
         let status = self.vm.wait_exit(Duration::from_secs(GUEST_SECS)).await;
-        assert!(status.is_some_and(|s| s.success()), "QEMU: {status:?}\n{}", self.vm.stderr());
+        if !status.is_some_and(|s| s.success()) {
+            self.console.take_what_is_there();
+            panic!(
+                "QEMU: {status:?}, stderr: {}\nevents: {:#?}\nconsole:\n{}",
+                self.vm.stderr(),
+                self.events.collect(),
+                self.console.tail()
+            );
+        }
         within(GUEST_SECS, self.mon.wait()).await;
         self.events.collect()
     }
