@@ -172,7 +172,10 @@ impl Console {
         match found {
             Ok(Some(line)) => line,
             Ok(None) => panic!("the console closed before {needle:?}; it said:\n{}", self.tail()),
-            Err(_) => panic!("no {needle:?} on the console within {secs} s; it said:\n{}", self.tail()),
+            Err(_) => panic!(
+                "no {needle:?} on the console within {secs} s; it said:\n{}",
+                self.tail()
+            ),
         }
     }
 
@@ -485,7 +488,9 @@ async fn the_agent_is_seen_starting_and_stopping_around_a_guest_poweroff() {
     assert!(g.mon.agent_started());
 
     g.console.send("poweroff").await;
-    g.console.line_with("guest: powering off (console)", GUEST_SECS).await;
+    g.console
+        .line_with("guest: powering off (console)", GUEST_SECS)
+        .await;
     let seen = g.exited().await;
     let names: Vec<&str> = seen
         .iter()
@@ -559,13 +564,14 @@ async fn pcie_nic_and_disk_hot_unplug_round_after_round() {
         assert!(g.mon.check_pci_device("disk0").await.unwrap(), "round {round}");
 
         // The guest lets both go.
-        within(UNPLUG.as_secs() + 10, g.mon.remove_nic("net0", Some("nic0"), UNPLUG))
-            .await
-            .unwrap();
+        within(
+            UNPLUG.as_secs() + 10,
+            g.mon.remove_nic("net0", Some("nic0"), UNPLUG),
+        )
+        .await
+        .unwrap();
         unplug_and_wait(&g.mon, "disk0").await;
-        within(10, g.mon.remove_block_device("disk0-node"))
-            .await
-            .unwrap();
+        within(10, g.mon.remove_block_device("disk0-node")).await.unwrap();
 
         g.events
             .next_where("DEVICE_DELETED of nic0", |e| {
@@ -707,7 +713,10 @@ async fn an_unplug_asked_for_while_the_guest_boots_is_dropped() {
         })
         .await;
     let guest = &g;
-    eventually(GUEST_SECS, || async move { (!guest.qom_has("cpu1").await).then_some(()) }).await;
+    eventually(GUEST_SECS, || async move {
+        (!guest.qom_has("cpu1").await).then_some(())
+    })
+    .await;
     assert_eq!(g.console.ask("net").await, "lo");
     g.console.wait_online_cpus(1).await;
 }
@@ -752,7 +761,11 @@ async fn hotplugged_memory_reaches_memtotal_and_a_refused_unplug_keeps_it() {
     let pid = g.console.ask("dirty").await;
     assert!(pid.parse::<u32>().is_ok(), "dirty answered {pid:?}");
     let mon = &g.mon;
-    eventually(GUEST_SECS, || async move { (dirty_rate(mon).await > 0).then_some(()) }).await;
+    eventually(
+        GUEST_SECS,
+        || async move { (dirty_rate(mon).await > 0).then_some(()) },
+    )
+    .await;
 }
 
 /// Measures the guest's dirty rate over 2 s (`calc-dirty-rate`, sampling
@@ -789,8 +802,7 @@ async fn the_balloon_inflates_and_deflates_in_the_guests_memtotal() {
         let mon = mon.clone();
         async move { (mon.memory_balloon_size_bytes().await.unwrap() == bytes).then_some(()) }
     };
-    eventually(GUEST_SECS, || balloon_is(full - taken))
-    .await;
+    eventually(GUEST_SECS, || balloon_is(full - taken)).await;
 
     within(10, g.mon.set_memory_balloon_size_bytes(full))
         .await
@@ -798,8 +810,7 @@ async fn the_balloon_inflates_and_deflates_in_the_guests_memtotal() {
     g.console
         .ask_until("meminfo", |a| a.parse::<u64>().ok() == Some(before))
         .await;
-    eventually(GUEST_SECS, || balloon_is(full))
-    .await;
+    eventually(GUEST_SECS, || balloon_is(full)).await;
     g.events.next("BALLOON_CHANGE").await;
 }
 
@@ -853,7 +864,8 @@ async fn a_guest_reboot_is_the_guests_and_monitor_reset_is_ours_firmware_reset_i
         "{resets:#?}"
     );
     assert_eq!(
-        g.events.names_among(from, &[EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED]),
+        g.events
+            .names_among(from, &[EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED]),
         [EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED]
     );
 
@@ -870,12 +882,10 @@ async fn a_guest_reboot_is_the_guests_and_monitor_reset_is_ours_firmware_reset_i
         .collect();
     assert_eq!(resets[0].data["reason"], "host-qmp-system-reset", "{resets:#?}");
     assert!(resets.len() >= 2, "the firmware's own reset: {resets:#?}");
-    assert!(
-        resets.iter().all(|e| e.deliberate == Some(true)),
-        "{resets:#?}"
-    );
+    assert!(resets.iter().all(|e| e.deliberate == Some(true)), "{resets:#?}");
     assert_eq!(
-        g.events.names_among(from, &[EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED]),
+        g.events
+            .names_among(from, &[EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED]),
         [EVENT_AGENT_STOPPED, EVENT_AGENT_STARTED]
     );
     // And the guest is the same guest, running again.

@@ -607,9 +607,7 @@ async fn the_firmwares_reset_after_a_deliberate_one_is_recognised_by_qemus_clock
     ];
     for (n, want) in expected.iter().enumerate() {
         mon.expect_reset();
-        let _: Value = within(10, mon.call(&format!("phase{n}"), &()))
-            .await
-            .unwrap();
+        let _: Value = within(10, mon.call(&format!("phase{n}"), &())).await.unwrap();
         let mut got = Vec::new();
         while got.len() < want.len() {
             got.push(within(10, resets.recv()).await.unwrap());

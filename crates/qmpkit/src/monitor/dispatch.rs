@@ -32,8 +32,8 @@ use crate::wire::Timestamp;
 
 use super::agent::Agent;
 use super::constants::{
-    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN,
-    FIRMWARE_RESET_WINDOW, SHUTDOWN_REASON_DISCONNECT,
+    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN, FIRMWARE_RESET_WINDOW,
+    SHUTDOWN_REASON_DISCONNECT,
 };
 use super::options::Handler;
 use super::{now, Monitor};
@@ -279,9 +279,9 @@ impl<'a> Task<'a> {
                 self.mon.inner.channels.push(&device, ev.clone());
                 None
             }
-            KnownEvent::Reset { guest, reason } => {
-                Some(GuestEnd::Reset(self.resets.classify(self.mon, ev, guest, &reason)))
-            }
+            KnownEvent::Reset { guest, reason } => Some(GuestEnd::Reset(
+                self.resets.classify(self.mon, ev, guest, &reason),
+            )),
             _ => None,
         };
         // A reset or a shutdown takes the guest's agent down with it (after a
