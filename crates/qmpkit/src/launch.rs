@@ -8,6 +8,28 @@
 //! // Dropping `vm` kills QEMU, reaps it and removes its directory.
 //! # Ok(()) }
 //! ```
+//!
+//! # Booting a guest
+//!
+//! Most tests need no guest OS at all. Those that do boot a kernel and an
+//! initramfs directly, usually under TCG (a guest kernel may not run under
+//! every KVM), with a serial console on a socket and Incus's agent port:
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use qmpkit::launch::{QemuBuilder, INCUS_AGENT_CHARDEV};
+//! let vm = QemuBuilder::new()
+//!     .accel("tcg")
+//!     .kernel("/path/to/vmlinux", "/path/to/initrd.img", "console=ttyS0 quiet")
+//!     .console_socket()
+//!     .incus_agent_port()
+//!     .spawn()
+//!     .await?;
+//! // Connect to vm.console_socket() before starting the CPUs, so that no
+//! // output is lost; the agent's lines are in the ring buffer INCUS_AGENT_CHARDEV.
+//! vm.client().start().await?;
+//! # Ok(()) }
+//! ```
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -19,6 +41,19 @@ use crate::connection::ConnectOptions;
 
 /// The QEMU binary used unless told otherwise (`QMP_QEMU` in the environment overrides it).
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// The id of the ring-buffer chardev behind Incus's agent port, as Incus
+/// names it (see [`QemuBuilder::incus_agent_port`]); give it to
+/// [`MonitorOptions::serial_chardev`](crate::monitor::MonitorOptions::serial_chardev).
+pub const INCUS_AGENT_CHARDEV: &str = "qemu_serial-chardev";
+
+/// The name of Incus's agent port, by which the guest finds it
+/// (`/sys/class/virtio-ports/*/name`).
+pub const INCUS_AGENT_PORT: &str = "org.linuxcontainers.incus";
+
+/// The file name of the serial console's socket in the VM's directory
+/// (see [`QemuBuilder::console_socket`]).
+const CONSOLE_SOCKET: &str = "console.sock";
 
 /// Why QEMU could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +99,10 @@ pub struct QemuBuilder {
     paused: bool,
     memory: String,
     machine: String,
+    accel: String,
+    /// `-kernel`, `-initrd` and `-append`.
+    kernel: Option<(PathBuf, PathBuf, String)>,
+    console_socket: bool,
     args: Vec<OsString>,
     extra_sockets: Vec<String>,
     qmp_path: Option<PathBuf>,
@@ -86,7 +125,10 @@ impl QemuBuilder {
             base: true,
             paused: true,
             memory: "128M".into(),
-            machine: "q35,accel=kvm:tcg".into(),
+            machine: "q35".into(),
+            accel: "kvm:tcg".into(),
+            kernel: None,
+            console_socket: false,
             args: Vec::new(),
             extra_sockets: Vec::new(),
             qmp_path: None,
@@ -102,10 +144,72 @@ impl QemuBuilder {
         self
     }
 
-    /// The `-machine` value (default `q35,accel=kvm:tcg`).
+    /// The `-machine` type and its options (default `q35`). The accelerator
+    /// is added as `accel=` (see [`QemuBuilder::accel`]) unless this value
+    /// already has one.
     pub fn machine(mut self, machine: impl Into<String>) -> Self {
         self.machine = machine.into();
         self
+    }
+
+    /// The accelerator, or a `:`-separated list of them tried in turn
+    /// (default `kvm:tcg`: KVM when it works, TCG otherwise).
+    ///
+    /// Choose `tcg` to boot a guest kernel where KVM is present but cannot
+    /// run one: on a paravirtual KVM, QEMU without a guest runs fine, but a
+    /// real guest kernel hangs early in its boot.
+    pub fn accel(mut self, accel: impl Into<String>) -> Self {
+        self.accel = accel.into();
+        self
+    }
+
+    /// Boots this kernel directly (`-kernel`), with this initramfs
+    /// (`-initrd`) and kernel command line (`-append`), instead of looking
+    /// for a disk to boot from. An uncompressed `vmlinux` with a PVH entry
+    /// point (as Debian's kernels have) boots fastest under TCG: QEMU loads
+    /// it as it is, with no decompression in the guest.
+    ///
+    /// `scripts/build-guest-image` builds a kernel and initramfs for tests.
+    pub fn kernel(
+        mut self,
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+        append: impl Into<String>,
+    ) -> Self {
+        self.kernel = Some((kernel.into(), initrd.into(), append.into()));
+        self
+    }
+
+    /// Gives the VM a serial port (the guest's `ttyS0`) on a Unix socket,
+    /// [`Qemu::console_socket`], in the VM's directory. QEMU listens without
+    /// waiting; what the guest prints while nobody is connected is lost, so
+    /// connect before starting the CPUs. Writing to the socket types on the
+    /// guest's console.
+    ///
+    /// Once connected, keep reading: QEMU passes the guest's output on a
+    /// byte at a time, a few hundred unread bytes fill the socket, and the
+    /// guest's serial output then crawls (a kernel panic's report takes
+    /// half a minute, and the panic reaches QEMU only after it).
+    pub fn console_socket(mut self) -> Self {
+        self.console_socket = true;
+        self
+    }
+
+    /// Adds Incus's agent port, as Incus wires it: a `virtio-serial-pci`
+    /// controller and a port named [`INCUS_AGENT_PORT`] whose host side is
+    /// the 16-byte ring buffer [`INCUS_AGENT_CHARDEV`]. The agent in the
+    /// guest writes `STARTED` and `STOPPED` lines to the port, and a
+    /// [`Monitor`](crate::monitor::Monitor) connected with that chardev
+    /// reads them.
+    pub fn incus_agent_port(self) -> Self {
+        self.args([
+            "-device".to_owned(),
+            "virtio-serial-pci,id=qemu_serial".to_owned(),
+            "-chardev".to_owned(),
+            format!("ringbuf,id={INCUS_AGENT_CHARDEV},size=16"),
+            "-device".to_owned(),
+            format!("virtserialport,name={INCUS_AGENT_PORT},chardev={INCUS_AGENT_CHARDEV}"),
+        ])
     }
 
     /// The `-m` value (default `128M`); for example `"256M,slots=4,maxmem=1G"`.
@@ -216,9 +320,14 @@ impl QemuBuilder {
         let stderr = std::fs::File::create(&stderr_path).map_err(LaunchError::TempDir)?;
         let mut cmd = Command::new(&self.binary);
         if self.base {
+            let machine = if self.machine.contains("accel=") {
+                self.machine.clone()
+            } else {
+                format!("{},accel={}", self.machine, self.accel)
+            };
             cmd.args([
                 "-machine",
-                &self.machine,
+                &machine,
                 "-m",
                 &self.memory,
                 "-nodefaults",
@@ -228,6 +337,17 @@ impl QemuBuilder {
             if self.paused {
                 cmd.arg("-S");
             }
+        }
+        if let Some((kernel, initrd, append)) = &self.kernel {
+            cmd.arg("-kernel").arg(kernel);
+            cmd.arg("-initrd").arg(initrd);
+            cmd.arg("-append").arg(append);
+        }
+        if self.console_socket {
+            let mut chardev = OsString::from("socket,id=console-sock,server=on,wait=off,path=");
+            chardev.push(dir.path().join(CONSOLE_SOCKET));
+            cmd.arg("-chardev").arg(chardev);
+            cmd.args(["-serial", "chardev:console-sock"]);
         }
         cmd.arg("-qmp").arg(qmp_arg(&qmp_path));
         for name in &self.extra_sockets {
@@ -324,6 +444,11 @@ impl Qemu {
     /// The path of an extra QMP socket added with [`QemuBuilder::extra_qmp_socket`].
     pub fn socket(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// The serial console's socket (see [`QemuBuilder::console_socket`]).
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.path().join(CONSOLE_SOCKET)
     }
 
     /// The VM's temporary directory (for images, dumps, sockets of a test's own).

@@ -540,12 +540,20 @@ async fn kill_gives_one_synthesized_shutdown_and_ends_everything() {
         let r = within(10, t).await.unwrap();
         assert!(r.is_ok() || r.as_ref().unwrap_err().is_disconnected(), "{r:?}");
     }
-    let shutdowns: Vec<Event> = drain(&mut events)
-        .into_iter()
-        .filter(|e| e.name() == EVENT_VM_SHUTDOWN)
-        .collect();
+    let seen = drain(&mut events);
+    let shutdowns: Vec<&Event> = seen.iter().filter(|e| e.name() == EVENT_VM_SHUTDOWN).collect();
     assert_eq!(shutdowns.len(), 1, "{shutdowns:?}");
     assert_eq!(shutdowns[0].data()["reason"], SHUTDOWN_REASON_DISCONNECT);
+    // The agent was up: it went with QEMU, and the handler hears so first.
+    let agent: Vec<&str> = seen
+        .iter()
+        .map(|e| e.name())
+        .filter(|n| n.starts_with("AGENT-") || *n == EVENT_VM_SHUTDOWN)
+        .collect();
+    assert_eq!(
+        agent,
+        [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN]
+    );
     assert!(status(&mon).await.unwrap_err().is_disconnected());
     assert!(!mon.agent_started());
     assert!(
@@ -699,6 +707,94 @@ async fn reset_is_recognised_by_handle_reset() {
             EVENT_VM_RESET,
         ]
     );
+    mon.disconnect();
+}
+
+/// A RESET as QEMU sends it, at `at` (seconds, microseconds) by its clock.
+fn reset_at(at: (i64, i64), guest: bool, reason: &str) -> Value {
+    json!({"event": "RESET", "data": {"guest": guest, "reason": reason},
+           "timestamp": {"seconds": at.0, "microseconds": at.1}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_firmwares_reset_after_a_deliberate_one_is_recognised_by_qemus_clock() {
+    // Each command `phaseN` is answered, then its events follow (the
+    // deliberate reset is announced before the command is sent).
+    let host = "host-qmp-system-reset";
+    let phases: Vec<Vec<Value>> = vec![
+        // The firmware's reset 130 ms after ours is ours; a second guest
+        // reset is the guest's.
+        vec![
+            reset_at((1000, 0), false, host),
+            reset_at((1000, 130_000), true, "guest-reset"),
+            reset_at((1000, 200_000), true, "guest-reset"),
+        ],
+        // A paused VM: the firmware runs, and resets, after the RESUME.
+        vec![
+            reset_at((2000, 0), false, host),
+            json!({"event": "RESUME", "timestamp": {"seconds": 2060, "microseconds": 0}}),
+            reset_at((2060, 130_000), true, "guest-reset"),
+        ],
+        // Outside the window: the guest's.
+        vec![
+            reset_at((3000, 0), false, host),
+            reset_at((3006, 0), true, "guest-reset"),
+        ],
+        // No clock (QEMU's -1): nothing to go by, so the guest's.
+        vec![
+            reset_at((-1, -1), false, host),
+            reset_at((-1, -1), true, "guest-reset"),
+        ],
+    ];
+    let server = FakeServer::start(move |mut conn: FakeConn| {
+        let phases = phases.clone();
+        async move {
+            if conn.handshake().await.is_err() {
+                return;
+            }
+            while let Ok(Some(req)) = conn.recv().await {
+                if conn.reply(&req, json!({})).await.is_err() {
+                    return;
+                }
+                let phase = req.name.as_deref().and_then(|n| n.strip_prefix("phase"));
+                if let Some(n) = phase.and_then(|n| n.parse::<usize>().ok()) {
+                    for ev in &phases[n] {
+                        if conn.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (tx, mut resets) = mpsc::unbounded_channel();
+    let options = MonitorOptions::new().event_handler(move |mon, ev| {
+        if ev.name() == EVENT_VM_RESET {
+            let _ = tx.send((ev.data()["guest"].as_bool().unwrap(), mon.handle_reset()));
+        }
+    });
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    let expected: [&[(bool, bool)]; 4] = [
+        &[(false, true), (true, true), (true, false)],
+        &[(false, true), (true, true)],
+        &[(false, true), (true, false)],
+        &[(false, true), (true, false)],
+    ];
+    for (n, want) in expected.iter().enumerate() {
+        mon.expect_reset();
+        let _: Value = within(10, mon.call(&format!("phase{n}"), &())).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            got.push(within(10, resets.recv()).await.unwrap());
+        }
+        assert_eq!(got, *want, "phase {n}: (guest, handle_reset)");
+    }
+    assert!(!mon.handle_reset(), "nothing left over");
     mon.disconnect();
 }
 
@@ -1356,7 +1452,11 @@ async fn an_agent_transition_read_as_qemu_vanishes_comes_before_the_shutdown_not
     mon.set_initialized(true);
     within(10, mon.wait()).await;
     let names: Vec<String> = drain(&mut events).iter().map(|e| e.name().to_owned()).collect();
-    assert_eq!(names, [EVENT_AGENT_STARTED, EVENT_VM_SHUTDOWN]);
+    // QEMU vanished with the agent up: it stopped too, before the notice.
+    assert_eq!(
+        names,
+        [EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_SHUTDOWN]
+    );
     assert!(!mon.agent_started(), "forgotten once the monitor ended");
 }
 

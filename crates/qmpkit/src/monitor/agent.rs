@@ -149,6 +149,12 @@ impl Agent {
         self.started.store(false, Ordering::Release);
     }
 
+    /// Forgets the agent and returns whether it was running: one more
+    /// transition to report (QEMU is gone, and the agent with it).
+    pub(crate) fn stop(&self) -> bool {
+        self.started.swap(false, Ordering::AcqRel)
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<bool>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -73,6 +73,19 @@ pub const RINGBUF_SIZE: usize = 16;
 /// bytes, which from a larger ring buffer is not all there is.)
 pub const DEFAULT_RINGBUF_READ_SIZE: usize = 16 * 1024;
 
+/// How long after a deliberate reset ([`Monitor::reset`](super::Monitor::reset),
+/// [`Monitor::expect_reset`](super::Monitor::expect_reset)), by QEMU's
+/// timestamps, a guest reset counts as the firmware's part of it.
+///
+/// On q35 with SeaBIOS every reset is followed, 40-150 ms later, by a
+/// second `RESET {guest: true, reason: "guest-reset"}`: the firmware turning
+/// the warm start into a cold one, long before any guest OS runs.
+/// [`Monitor::handle_reset`](super::Monitor::handle_reset) is true for that
+/// one too. Only the first guest reset after a deliberate one is taken, and
+/// only within this window (counted from the VM's next `RESUME` when it was
+/// paused), which no OS can boot and reboot in.
+pub const FIRMWARE_RESET_WINDOW: Duration = Duration::from_secs(5);
+
 /// How often the agent's serial ring buffer is read when nothing else prompts a read.
 pub const DEFAULT_AGENT_POLL_INTERVAL: Duration = Duration::from_secs(10);
 

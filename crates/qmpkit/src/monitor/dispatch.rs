@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
@@ -27,10 +28,11 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use crate::event::{Event, EventItem, EventStream, KnownEvent};
+use crate::wire::Timestamp;
 
 use super::agent::Agent;
 use super::constants::{
-    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN,
+    EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_DISK_EJECTED, EVENT_VM_SHUTDOWN, FIRMWARE_RESET_WINDOW,
     SHUTDOWN_REASON_DISCONNECT,
 };
 use super::options::Handler;
@@ -56,7 +58,7 @@ static NO_AGENT: Notify = Notify::const_new();
 /// fn` would keep them twice), the task's state is one struct, nothing used
 /// only at the start is bound to a name, and rare or large waits are boxed.
 /// On x86-64 tokio adds 112 bytes to a task and rounds it up to 128: at 400
-/// bytes or less (392 now) the task takes 512, above that 640. To see the
+/// bytes or less (384 now) the task takes 512, above that 640. To see the
 /// size: `cargo +nightly rustc --release -p qmp --lib -- -Zprint-type-sizes`
 /// and look for the async block of this file.
 pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()> + Send + 'static {
@@ -74,6 +76,7 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
             again: false,
             stopped: finish.0.inner.agent.as_ref().is_none_or(Agent::disabled),
             shutdown_seen: false,
+            resets: Resets::default(),
         };
         loop {
             // Transitions found so far come before any QEMU event not yet handled.
@@ -123,6 +126,74 @@ struct Task<'a> {
     stopped: bool,
     /// This task handled QEMU's SHUTDOWN and the VM has not run since.
     shutdown_seen: bool,
+    /// Tells the firmware's reset after a deliberate one.
+    resets: Resets,
+}
+
+/// What a SHUTDOWN or a RESET does to the guest (and its agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GuestEnd {
+    Shutdown,
+    Reset(ResetKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetKind {
+    /// Any reset but the one below.
+    Plain,
+    /// The reset SeaBIOS makes as it starts after a reset (a warm start it
+    /// turns into a cold one): `RESET {guest: true, reason: "guest-reset"}`
+    /// 40-150 ms after the first. It follows a guest reboot and
+    /// `system_reset` alike, but never a cold start.
+    FirmwareFollowUp,
+}
+
+/// Remembers the last deliberate reset, to recognise the firmware's reset
+/// that follows it ([`FIRMWARE_RESET_WINDOW`]).
+#[derive(Debug, Default)]
+struct Resets {
+    /// QEMU's time of the last deliberate RESET (or of the RESUME that let
+    /// the firmware run after it), in microseconds since the epoch; 0 for
+    /// none, or once the follow-up was seen.
+    deliberate_at: u64,
+}
+
+impl Resets {
+    /// Classifies a RESET. One the monitor was told to expect is
+    /// deliberate (the handler's [`Monitor::handle_reset`] will say so);
+    /// the first guest reset after it, within the window by QEMU's clock,
+    /// is its firmware follow-up.
+    fn classify(&mut self, mon: &Monitor, ev: &Event, guest: bool, reason: &str) -> ResetKind {
+        let at = micros(ev.timestamp());
+        if mon.inner.expecting_reset.load(Ordering::Acquire) {
+            self.deliberate_at = at;
+            return ResetKind::Plain;
+        }
+        let since = std::mem::take(&mut self.deliberate_at);
+        let window = FIRMWARE_RESET_WINDOW.as_micros() as u64;
+        if guest && reason == "guest-reset" && since != 0 && at >= since && at - since <= window {
+            ResetKind::FirmwareFollowUp
+        } else {
+            ResetKind::Plain
+        }
+    }
+
+    /// A RESUME: a deliberate reset of a paused VM is followed by the
+    /// firmware's once the VM runs, so the window starts again here.
+    fn resumed(&mut self, ev: &Event) {
+        if self.deliberate_at != 0 {
+            self.deliberate_at = micros(ev.timestamp());
+        }
+    }
+}
+
+/// A QMP timestamp in microseconds since the epoch; 0 when the host clock
+/// failed (QEMU sends -1).
+fn micros(t: Timestamp) -> u64 {
+    match (u64::try_from(t.seconds), u64::try_from(t.microseconds)) {
+        (Ok(s), Ok(us)) => s.saturating_mul(1_000_000).saturating_add(us),
+        _ => 0,
+    }
 }
 
 impl<'a> Task<'a> {
@@ -192,34 +263,40 @@ impl<'a> Task<'a> {
     async fn qemu_event(&mut self, ev: &Event) {
         // The typed view is not kept across an await: this future lives in
         // every monitor's task, and is the larger for whatever it keeps.
-        let reset = match ev.known() {
+        let ends_guest = match ev.known() {
             KnownEvent::Shutdown { .. } => {
                 self.shutdown_seen = true;
                 self.mon.shutdown_reached_handler();
-                false
+                Some(GuestEnd::Shutdown)
             }
             // Running again (after `-no-shutdown`): the connection forgets
             // its SHUTDOWN as well, so the two stay in step. Whether a later
             // loss is a notice is up to the initialized flag, as in Go.
             KnownEvent::Resume => {
                 self.shutdown_seen = false;
-                false
+                self.resets.resumed(ev);
+                None
             }
             KnownEvent::BlockJob { device, .. } => {
                 if self.mon.inner.route_block_jobs {
                     self.mon.inner.channels.push(&device, ev.clone());
                 }
-                false
+                None
             }
-            KnownEvent::Reset { .. } => true,
-            _ => false,
+            KnownEvent::Reset { guest, reason } => Some(GuestEnd::Reset(
+                self.resets.classify(self.mon, ev, guest, &reason),
+            )),
+            _ => None,
         };
-        // A reset takes the guest's agent down with it (it says STARTED again
-        // when the guest is back): the handler sees the transitions read
-        // before it, the RESET with the agent already stopped, then the
-        // AGENT-STOPPED.
+        // A reset or a shutdown takes the guest's agent down with it (after a
+        // reset it says STARTED again when the guest is back). The handler
+        // sees the transitions read before, then: for a RESET, the RESET
+        // with the agent already stopped and then the AGENT-STOPPED; for a
+        // SHUTDOWN, the AGENT-STOPPED first, so that the shutdown notice
+        // stays the last word on the VM. The guest's own STOPPED, written
+        // as it powers off, is often still unread when QEMU exits.
         let mut agent_was_up = false;
-        if let (true, Some(agent)) = (reset, self.agent()) {
+        if let (Some(_), Some(agent)) = (ends_guest, self.agent()) {
             // Boxed, as it is rare, rather than room for it in every task.
             let (earlier, was_up) = Box::pin(self.drive(agent.forget())).await;
             agent_was_up = was_up;
@@ -227,8 +304,21 @@ impl<'a> Task<'a> {
                 deliver(self, &agent_event(started)).await;
             }
         }
-        deliver(self, ev).await;
-        if agent_was_up {
+        if agent_was_up && ends_guest == Some(GuestEnd::Shutdown) {
+            deliver(self, &agent_event(false)).await;
+        }
+        match ends_guest {
+            // The firmware's reset that follows a deliberate one is part of
+            // it: handle_reset says so while the handler has it.
+            Some(GuestEnd::Reset(ResetKind::FirmwareFollowUp)) => {
+                let firmware_reset = &self.mon.inner.firmware_reset;
+                firmware_reset.store(true, Ordering::Release);
+                deliver(self, ev).await;
+                firmware_reset.store(false, Ordering::Release);
+            }
+            _ => deliver(self, ev).await,
+        }
+        if agent_was_up && ends_guest != Some(GuestEnd::Shutdown) {
             deliver(self, &agent_event(false)).await;
         }
         if ev.name() == EVENT_DISK_EJECTED {
@@ -281,6 +371,16 @@ impl<'a> Task<'a> {
         }
         self.stopped = true;
         self.hand_over_agent().await;
+        // QEMU is gone, and the agent with it, whether or not its STOPPED
+        // was read (or written) in time: said before the shutdown notice.
+        // A disconnect of our own ends the watch, not the agent.
+        // (Every transition read is handed over by now, and no read of the
+        // task's own is in flight: the state is all there is to forget.)
+        if let Some(agent) = self.agent().filter(|_| !self.mon.disconnect_requested()) {
+            if agent.stop() {
+                deliver(self, &agent_event(false)).await;
+            }
+        }
         // The connection keeps QEMU's last SHUTDOWN (unless a RESUME followed):
         // should the handler have fallen so far behind that its queue dropped
         // it, it is handed over now, late rather than never, and counts as

@@ -20,9 +20,12 @@
 //!   once, even when QEMU repeats the event.
 //! - **Guest agent.** With a serial chardev set, the agent's `STARTED` and
 //!   `STOPPED` lines on its ring buffer become `AGENT-STARTED` and
-//!   `AGENT-STOPPED` events and [`Monitor::agent_started`].
+//!   `AGENT-STOPPED` events and [`Monitor::agent_started`]. A running agent
+//!   also stops, for the handler, with the guest: after a `RESET`, before a
+//!   `SHUTDOWN`, and before the shutdown notice when QEMU vanishes.
 //! - **Deliberate resets** ([`Monitor::reset`], [`Monitor::expect_reset`],
-//!   [`Monitor::handle_reset`]) tell a handler which `RESET` it caused itself.
+//!   [`Monitor::handle_reset`]) tell a handler which `RESET` it caused
+//!   itself, the firmware's reset that follows it included.
 //! - **Per-device event channels** for callers waiting on one device's
 //!   block-job events.
 //!
@@ -92,6 +95,9 @@ struct Inner {
     client: Client,
     initialized: AtomicBool,
     expecting_reset: AtomicBool,
+    /// True while the handler has the firmware's reset that follows a
+    /// deliberate one (see [`constants::FIRMWARE_RESET_WINDOW`]).
+    firmware_reset: AtomicBool,
     disconnect_requested: AtomicBool,
     handler: Mutex<Option<Handler>>,
     on_ejected: Mutex<Option<EjectedFn>>,
@@ -162,6 +168,7 @@ impl Monitor {
                 // until QEMU's own SHUTDOWN (or the caller) says otherwise.
                 initialized: AtomicBool::new(true),
                 expecting_reset: AtomicBool::new(false),
+                firmware_reset: AtomicBool::new(false),
                 disconnect_requested: AtomicBool::new(false),
                 handler: Mutex::new(options.handler.clone()),
                 on_ejected: Mutex::new(options.on_ejected.clone()),
@@ -311,7 +318,7 @@ impl Monitor {
     /// Whether the guest agent is running, as last read from its serial ring
     /// buffer (the Go `AgenStarted`). Always false without a serial chardev
     /// or with one that was missing or no ring buffer at connect, after a
-    /// `RESET`, and once the connection has ended.
+    /// `RESET` or a `SHUTDOWN`, and once the connection has ended.
     pub fn agent_started(&self) -> bool {
         self.inner.agent.as_ref().is_some_and(|a| a.started())
     }
@@ -346,8 +353,16 @@ impl Monitor {
 
     /// True, once, if a reset was announced: call it from the handler on a
     /// `RESET` to tell a deliberate reset from a guest reboot (the Go `HandleReset`).
+    ///
+    /// Also true, once, while the handler has the `RESET` the firmware makes
+    /// right after a deliberate one (see
+    /// [`constants::FIRMWARE_RESET_WINDOW`]): that reset is part of ours, not
+    /// a reboot by the guest.
     pub fn handle_reset(&self) -> bool {
-        self.inner.expecting_reset.swap(false, Ordering::AcqRel)
+        // The firmware's first, so that an announcement made meanwhile is
+        // kept for the reset it announces.
+        self.inner.firmware_reset.swap(false, Ordering::AcqRel)
+            || self.inner.expecting_reset.swap(false, Ordering::AcqRel)
     }
 
     /// Resets the VM with `system_reset`, announcing it first so that the
