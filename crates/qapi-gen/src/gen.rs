@@ -359,8 +359,12 @@ impl Gen<'_> {
         }
     }
 
-    fn nullable_alternate(&self, ty: &TypeRef) -> bool {
+    /// True when JSON `null` is a value of the type: `any`, or an alternate
+    /// with a `null` branch. An optional member of such a type keeps an
+    /// explicit `null` apart from an absent member (`Some(null)` vs `None`).
+    fn nullable(&self, ty: &TypeRef) -> bool {
         match ty {
+            TypeRef::Named(n) if n == "any" => true,
             TypeRef::Named(n) => matches!(
                 self.schema.get(n).map(|d| &d.kind),
                 Some(Kind::Alternate { variants }) if variants.iter().any(|v| v.ty == "null")
@@ -396,7 +400,7 @@ impl Gen<'_> {
                 serde.push(format!("rename = {}", lit(&m.name)));
             }
             if m.optional {
-                if self.nullable_alternate(&m.ty) {
+                if self.nullable(&m.ty) {
                     serde.push("default".into());
                     serde.push("deserialize_with = \"crate::de::present\"".into());
                 }

@@ -68,7 +68,7 @@ fn struct_with_base_types_arrays_and_any() {
             "pub u: u32,",
             "pub ratio: f64,",
             "pub on: bool,",
-            "#[serde(skip_serializing_if = \"Option::is_none\")]",
+            "#[serde(default, deserialize_with = \"crate::de::present\", skip_serializing_if = \"Option::is_none\")]",
             "pub blob: Option<serde_json::Value>,",
             "pub tags: Vec<String>,",
             "pub kids: Option<Vec<Base>>,",

@@ -124,8 +124,9 @@ pub struct Empty {}
 pub mod de {
     use serde::{Deserialize, Deserializer};
 
-    /// For optional members whose type has a `null` branch: a JSON `null`
-    /// is that branch (`Some`), not an absent member (`None`).
+    /// For optional members that can be JSON `null` (`any`, or an alternate
+    /// with a `null` branch): an explicit `null` is `Some`, not an absent
+    /// member (`None`).
     pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
         T::deserialize(d).map(Some)
     }

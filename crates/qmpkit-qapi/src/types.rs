@@ -13638,7 +13638,11 @@ pub struct SchemaInfoObjectMember {
     /// `type`.
     pub r#type: String,
     /// `default` (optional).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::de::present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub default: Option<serde_json::Value>,
     /// `features` (optional; Since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -13725,7 +13729,12 @@ pub struct ObjectPropertyInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// `default-value` (optional; Since QEMU 5.0).
-    #[serde(rename = "default-value", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "default-value",
+        default,
+        deserialize_with = "crate::de::present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub default_value: Option<serde_json::Value>,
 }
 
@@ -16550,7 +16559,11 @@ pub struct CpuModelInfo {
     /// `name`.
     pub name: String,
     /// `props` (optional).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::de::present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub props: Option<serde_json::Value>,
 }
 
