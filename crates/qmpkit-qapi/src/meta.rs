@@ -14,6 +14,13 @@ mod tables;
 
 pub use tables::{BUILD, COMMANDS, EVENTS, MEMBERS, OMITTED, QEMU_VERSION, TYPES};
 
+/// What the generated types accept, as JSON: for each definition (by QEMU's
+/// name) its kind and members (with optionality and type), a union's tag and
+/// branches, an alternate's branch types, a command's arguments and return
+/// type, an event's data. Much like `query-qmp-schema`, but with QEMU's type
+/// names: the tests check the generated code against a live QEMU with it.
+pub const SHAPE: &str = include_str!("../shape.json");
+
 /// A command, event or type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Item {
