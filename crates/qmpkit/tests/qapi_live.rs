@@ -1218,3 +1218,252 @@ async fn block_bitmap_job_and_nbd_commands() {
         "BLOCK_EXPORT_DELETED",
     ]);
 }
+
+/// The overlay node's backing node, from the debug block graph.
+fn backing_of(graph: &t::XDbgBlockGraph, name: &str) -> Option<String> {
+    let id = graph.nodes.iter().find(|n| n.name == name)?.id;
+    let edge = graph
+        .edges
+        .iter()
+        .find(|e| e.parent == id && e.name == "backing")?;
+    graph
+        .nodes
+        .iter()
+        .find(|n| n.id == edge.child)
+        .map(|n| n.name.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_snapshots_two_disks_at_once() {
+    let vm = vm_with(|b| b.scratch_devices()).await;
+    let q = vm.client().clone();
+    let dir = vm.dir().to_owned();
+    let rec = Recorder::new(&q);
+    // Two disks in use by SCSI devices (an overlay that blockdev-snapshot-sync
+    // makes is kept by the node's users; a node nobody uses keeps none).
+    for disk in ["a", "b"] {
+        let path = image(&dir, &format!("{disk}.qcow2"), "32M");
+        run(&q, &qcow2_node(disk, &path, None)).await;
+        let drive = serde_json::json!({ "drive": disk });
+        run(
+            &q,
+            &device_add("scsi-hd", &format!("sd-{disk}"), Some("scsi0.0"), drive),
+        )
+        .await;
+    }
+
+    // blockdev-snapshot-sync: QEMU creates both overlays, in one transaction.
+    let sync = |node: &str| {
+        t::TransactionAction::BlockdevSnapshotSync(t::BlockdevSnapshotSyncWrapper {
+            data: t::BlockdevSnapshotSync {
+                device: None,
+                node_name: Some(node.into()),
+                snapshot_file: dir.join(format!("{node}-snap.qcow2")).to_str().unwrap().into(),
+                snapshot_node_name: Some(format!("{node}-snap")),
+                format: Some("qcow2".into()),
+                mode: Some(t::NewImageMode::AbsolutePaths),
+            },
+        })
+    };
+    run(
+        &q,
+        &c::Transaction {
+            actions: vec![sync("a"), sync("b")],
+            properties: Some(t::TransactionProperties {
+                completion_mode: Some(t::ActionCompletionMode::Individual),
+            }),
+        },
+    )
+    .await;
+    let graph = run(&q, &c::XDebugQueryBlockGraph).await;
+    for disk in ["a", "b"] {
+        assert_eq!(
+            backing_of(&graph, &format!("{disk}-snap")).as_deref(),
+            Some(disk),
+            "{graph:?}"
+        );
+        let snap = node(&q, &format!("{disk}-snap")).await.expect("overlay node");
+        let backing = dir.join(format!("{disk}.qcow2"));
+        assert_eq!(snap.backing_file.as_deref(), backing.to_str());
+    }
+
+    // One action failing fails the whole transaction: neither overlay appears.
+    let err = fails(
+        &q,
+        &c::Transaction {
+            actions: vec![sync("a-snap"), sync("no-such-node")],
+            properties: None,
+        },
+    )
+    .await;
+    assert!(err.contains("no-such-node"), "{err}");
+    assert!(node(&q, "a-snap-snap").await.is_none());
+    let blocks = run(&q, &c::QueryBlock).await;
+    let sd_a = blocks.iter().find(|b| b.qdev.as_deref() == Some("sd-a")).unwrap();
+    assert_eq!(
+        sd_a.inserted.as_ref().unwrap().node_name.as_deref(),
+        Some("a-snap")
+    );
+
+    // blockdev-snapshot: overlays the caller made, attached atomically.
+    let mut actions = Vec::new();
+    for disk in ["a-snap", "b-snap"] {
+        let path = image(&dir, &format!("{disk}-2.qcow2"), "32M");
+        run(
+            &q,
+            &qcow2_node(&format!("{disk}-2"), &path, Some(t::BlockdevRefOrNull::Null)),
+        )
+        .await;
+        actions.push(t::TransactionAction::BlockdevSnapshot(
+            t::BlockdevSnapshotWrapper {
+                data: t::BlockdevSnapshot {
+                    node: disk.into(),
+                    overlay: format!("{disk}-2"),
+                },
+            },
+        ));
+    }
+    run(
+        &q,
+        &c::Transaction {
+            actions,
+            properties: None,
+        },
+    )
+    .await;
+    let graph = run(&q, &c::XDebugQueryBlockGraph).await;
+    assert_eq!(backing_of(&graph, "a-snap-2").as_deref(), Some("a-snap"));
+    assert_eq!(backing_of(&graph, "b-snap-2").as_deref(), Some("b-snap"));
+    // And the devices now write to the newest overlays.
+    let blocks = run(&q, &c::QueryBlock).await;
+    for (dev, top) in [("sd-a", "a-snap-2"), ("sd-b", "b-snap-2")] {
+        let b = blocks.iter().find(|b| b.qdev.as_deref() == Some(dev)).unwrap();
+        assert_eq!(b.inserted.as_ref().unwrap().node_name.as_deref(), Some(top));
+    }
+    rec.finish(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chardev_netdev_and_migration_commands() {
+    let vm = vm().await;
+    let q = vm.client().clone();
+    let dir = vm.dir().to_owned();
+    let rec = Recorder::new(&q);
+    let mut events = q.events();
+
+    // A ring-buffer chardev: written, read back, removed.
+    let ret = run(
+        &q,
+        &c::ChardevAdd {
+            id: "rb0".into(),
+            backend: t::ChardevBackend::Ringbuf(t::ChardevRingbufWrapper {
+                data: t::ChardevRingbuf {
+                    logfile: None,
+                    logappend: None,
+                    size: Some(1024),
+                },
+            }),
+        },
+    )
+    .await;
+    assert_eq!(ret.pty, None);
+    let chardevs = run(&q, &c::QueryChardev).await;
+    assert!(chardevs.iter().any(|c| c.label == "rb0"), "{chardevs:?}");
+    run(
+        &q,
+        &c::RingbufWrite {
+            device: "rb0".into(),
+            data: "hello".into(),
+            format: Some(t::DataFormat::Utf8),
+        },
+    )
+    .await;
+    let read = run(
+        &q,
+        &c::RingbufRead {
+            device: "rb0".into(),
+            size: 100,
+            format: None,
+        },
+    )
+    .await;
+    assert_eq!(read, "hello");
+    run(&q, &c::ChardevRemove { id: "rb0".into() }).await;
+    assert!(run(&q, &c::QueryChardev).await.iter().all(|c| c.label != "rb0"));
+    let backends = run(&q, &c::QueryChardevBackends).await;
+    assert!(backends.iter().any(|b| b.name == "ringbuf"));
+
+    // A hub port netdev.
+    run(
+        &q,
+        &c::NetdevAdd(t::Netdev {
+            id: "hp0".into(),
+            branch: t::NetdevBranch::Hubport(t::NetdevHubPortOptions {
+                hubid: 0,
+                netdev: None,
+            }),
+        }),
+    )
+    .await;
+    let hmp = |line: &str| c::HumanMonitorCommand {
+        command_line: line.into(),
+        cpu_index: None,
+    };
+    assert!(run(&q, &hmp("info network")).await.contains("hp0"));
+    run(&q, &c::NetdevDel { id: "hp0".into() }).await;
+    assert!(!run(&q, &hmp("info network")).await.contains("hp0"));
+
+    // Migration to a file, with MIGRATION events on.
+    assert_eq!(run(&q, &c::QueryMigrate).await.status, None);
+    run(
+        &q,
+        &c::MigrateSetCapabilities {
+            capabilities: vec![t::MigrationCapabilityStatus {
+                capability: t::MigrationCapability::Events,
+                state: true,
+            }],
+        },
+    )
+    .await;
+    let caps = run(&q, &c::QueryMigrateCapabilities).await;
+    assert!(caps
+        .iter()
+        .any(|c| c.capability == t::MigrationCapability::Events && c.state));
+    run(
+        &q,
+        &c::MigrateSetParameters(t::MigrateSetParameters {
+            max_bandwidth: Some(1 << 30),
+            downtime_limit: Some(500),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let params = run(&q, &c::QueryMigrateParameters).await;
+    assert_eq!(
+        (params.max_bandwidth, params.downtime_limit),
+        (Some(1 << 30), Some(500))
+    );
+    let file = dir.join("vm.mig");
+    run(
+        &q,
+        &c::Migrate {
+            uri: Some(format!("file:{}", file.display())),
+            channels: None,
+            detach: None,
+            resume: None,
+        },
+    )
+    .await;
+    loop {
+        match next_event(&mut events, "MIGRATION").await {
+            Typed::Migration(m) if m.status == t::MigrationStatus::Completed => break,
+            Typed::Migration(m) => assert_ne!(m.status, t::MigrationStatus::Failed),
+            other => panic!("{other:?}"),
+        }
+    }
+    let info = run(&q, &c::QueryMigrate).await;
+    assert_eq!(info.status, Some(t::MigrationStatus::Completed));
+    assert!(info.ram.is_some_and(|r| r.total > 0));
+    assert!(std::fs::metadata(&file).unwrap().len() > 0);
+    rec.finish(&["MIGRATION"]);
+}
