@@ -43,7 +43,8 @@ pub fn camel(name: &str) -> String {
 
 /// A QAPI type's Rust name: its own when it is already one identifier
 /// (`BlockdevOptions`, `ACPIOSTInfo`), else camel-cased; `Qapi` in front of
-/// names that [`RESERVED_TYPES`] lists.
+/// Rust prelude names and the few the generated code itself uses (`Value`,
+/// `Empty`, `Command`, `Event`).
 pub fn type_name(name: &str) -> String {
     let ident =
         name.chars().all(|c| c.is_ascii_alphanumeric()) && name.starts_with(|c: char| c.is_ascii_uppercase());
