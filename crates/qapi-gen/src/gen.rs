@@ -725,10 +725,14 @@ impl Gen<'_> {
                 return Err(format!("two commands are {rname}"));
             }
             w.line(0, "");
+            let link = |n: &str| match builtin_rust(n) {
+                Some(_) => format!("`{n}`"),
+                None => format!("[`{n}`](types::{})", type_name(n)),
+            };
             let ret = match returns {
                 None => "nothing (`{}`)".to_owned(),
-                Some(TypeRef::Named(n)) => format!("`{n}`"),
-                Some(TypeRef::Array(n)) => format!("`[{n}]`"),
+                Some(TypeRef::Named(n)) => link(n),
+                Some(TypeRef::Array(n)) => format!("a list of {}", link(n)),
             };
             w.doc(
                 0,

@@ -240,6 +240,10 @@ fn commands() {
         ],
     );
     has(
+        &c("pub struct QueryInfo;"),
+        &["/// QMP command `query-info`; QEMU answers with a list of [`Info`](types::Info)."],
+    );
+    has(
         &c("impl crate::Command for QueryInfo {"),
         &["type Returns = Vec<types::Info>;"],
     );

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::types;
 
-/// QMP command `query-status`; QEMU answers with `StatusInfo`.
+/// QMP command `query-status`; QEMU answers with [`StatusInfo`](types::StatusInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -156,7 +156,7 @@ impl crate::Command for JobFinalize {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-jobs`; QEMU answers with `[JobInfo]`.
+/// QMP command `query-jobs`; QEMU answers with a list of [`JobInfo`](types::JobInfo).
 ///
 /// Since QEMU 3.0.
 ///
@@ -169,7 +169,7 @@ impl crate::Command for QueryJobs {
     type Returns = Vec<types::JobInfo>;
 }
 
-/// QMP command `query-block`; QEMU answers with `[BlockInfo]`.
+/// QMP command `query-block`; QEMU answers with a list of [`BlockInfo`](types::BlockInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -182,7 +182,7 @@ impl crate::Command for QueryBlock {
     type Returns = Vec<types::BlockInfo>;
 }
 
-/// QMP command `query-blockstats`; QEMU answers with `[BlockStats]`.
+/// QMP command `query-blockstats`; QEMU answers with a list of [`BlockStats`](types::BlockStats).
 ///
 /// Since QEMU 0.14.
 ///
@@ -199,7 +199,7 @@ impl crate::Command for QueryBlockstats {
     type Returns = Vec<types::BlockStats>;
 }
 
-/// QMP command `query-block-jobs`; QEMU answers with `[BlockJobInfo]`.
+/// QMP command `query-block-jobs`; QEMU answers with a list of [`BlockJobInfo`](types::BlockJobInfo).
 ///
 /// Since QEMU 1.1.
 ///
@@ -367,7 +367,7 @@ impl crate::Command for BlockdevBackup {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-named-block-nodes`; QEMU answers with `[BlockDeviceInfo]`.
+/// QMP command `query-named-block-nodes`; QEMU answers with a list of [`BlockDeviceInfo`](types::BlockDeviceInfo).
 ///
 /// Since QEMU 2.0.
 ///
@@ -384,7 +384,7 @@ impl crate::Command for QueryNamedBlockNodes {
     type Returns = Vec<types::BlockDeviceInfo>;
 }
 
-/// QMP command `x-debug-query-block-graph`; QEMU answers with `XDbgBlockGraph`.
+/// QMP command `x-debug-query-block-graph`; QEMU answers with [`XDbgBlockGraph`](types::XDbgBlockGraph).
 ///
 /// Since QEMU 4.0. Features: `unstable`.
 ///
@@ -495,7 +495,7 @@ impl crate::Command for BlockDirtyBitmapMerge {
     type Returns = crate::Empty;
 }
 
-/// QMP command `x-debug-block-dirty-bitmap-sha256`; QEMU answers with `BlockDirtyBitmapSha256`.
+/// QMP command `x-debug-block-dirty-bitmap-sha256`; QEMU answers with [`BlockDirtyBitmapSha256`](types::BlockDirtyBitmapSha256).
 ///
 /// Since QEMU 2.10. Features: `unstable`.
 ///
@@ -930,7 +930,7 @@ impl crate::Command for BlockdevSnapshotInternalSync {
     type Returns = crate::Empty;
 }
 
-/// QMP command `blockdev-snapshot-delete-internal-sync`; QEMU answers with `SnapshotInfo`.
+/// QMP command `blockdev-snapshot-delete-internal-sync`; QEMU answers with [`SnapshotInfo`](types::SnapshotInfo).
 ///
 /// Since QEMU 1.7.
 ///
@@ -952,7 +952,7 @@ impl crate::Command for BlockdevSnapshotDeleteInternalSync {
     type Returns = types::SnapshotInfo;
 }
 
-/// QMP command `query-pr-managers`; QEMU answers with `[PRManagerInfo]`.
+/// QMP command `query-pr-managers`; QEMU answers with a list of [`PRManagerInfo`](types::PRManagerInfo).
 ///
 /// Since QEMU 3.0.
 ///
@@ -1241,7 +1241,7 @@ impl crate::Command for BlockExportDel {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-block-exports`; QEMU answers with `[BlockExportInfo]`.
+/// QMP command `query-block-exports`; QEMU answers with a list of [`BlockExportInfo`](types::BlockExportInfo).
 ///
 /// Since QEMU 5.2.
 ///
@@ -1254,7 +1254,7 @@ impl crate::Command for QueryBlockExports {
     type Returns = Vec<types::BlockExportInfo>;
 }
 
-/// QMP command `query-chardev`; QEMU answers with `[ChardevInfo]`.
+/// QMP command `query-chardev`; QEMU answers with a list of [`ChardevInfo`](types::ChardevInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -1267,7 +1267,7 @@ impl crate::Command for QueryChardev {
     type Returns = Vec<types::ChardevInfo>;
 }
 
-/// QMP command `query-chardev-backends`; QEMU answers with `[ChardevBackendInfo]`.
+/// QMP command `query-chardev-backends`; QEMU answers with a list of [`ChardevBackendInfo`](types::ChardevBackendInfo).
 ///
 /// Since QEMU 2.0.
 ///
@@ -1322,7 +1322,7 @@ impl crate::Command for RingbufRead {
     type Returns = String;
 }
 
-/// QMP command `chardev-add`; QEMU answers with `ChardevReturn`.
+/// QMP command `chardev-add`; QEMU answers with [`ChardevReturn`](types::ChardevReturn).
 ///
 /// Since QEMU 1.4.
 ///
@@ -1340,7 +1340,7 @@ impl crate::Command for ChardevAdd {
     type Returns = types::ChardevReturn;
 }
 
-/// QMP command `chardev-change`; QEMU answers with `ChardevReturn`.
+/// QMP command `chardev-change`; QEMU answers with [`ChardevReturn`](types::ChardevReturn).
 ///
 /// Since QEMU 2.10.
 ///
@@ -1420,7 +1420,7 @@ impl crate::Command for DumpGuestMemory {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-dump`; QEMU answers with `DumpQueryResult`.
+/// QMP command `query-dump`; QEMU answers with [`DumpQueryResult`](types::DumpQueryResult).
 ///
 /// Since QEMU 2.6.
 ///
@@ -1433,7 +1433,7 @@ impl crate::Command for QueryDump {
     type Returns = types::DumpQueryResult;
 }
 
-/// QMP command `query-dump-guest-memory-capability`; QEMU answers with `DumpGuestMemoryCapability`.
+/// QMP command `query-dump-guest-memory-capability`; QEMU answers with [`DumpGuestMemoryCapability`](types::DumpGuestMemoryCapability).
 ///
 /// Since QEMU 2.0.
 ///
@@ -1494,7 +1494,7 @@ impl crate::Command for NetdevDel {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-rx-filter`; QEMU answers with `[RxFilterInfo]`.
+/// QMP command `query-rx-filter`; QEMU answers with a list of [`RxFilterInfo`](types::RxFilterInfo).
 ///
 /// Since QEMU 1.6.
 ///
@@ -1525,7 +1525,7 @@ impl crate::Command for AnnounceSelf {
     type Returns = crate::Empty;
 }
 
-/// QMP command `request-ebpf`; QEMU answers with `EbpfObject`.
+/// QMP command `request-ebpf`; QEMU answers with [`EbpfObject`](types::EbpfObject).
 ///
 /// Since QEMU 9.0. Compiled in only where `CONFIG_EBPF` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1541,7 +1541,7 @@ impl crate::Command for RequestEbpf {
     type Returns = types::EbpfObject;
 }
 
-/// QMP command `query-rocker`; QEMU answers with `RockerSwitch`.
+/// QMP command `query-rocker`; QEMU answers with [`RockerSwitch`](types::RockerSwitch).
 ///
 /// Since QEMU 2.4.
 ///
@@ -1557,7 +1557,7 @@ impl crate::Command for QueryRocker {
     type Returns = types::RockerSwitch;
 }
 
-/// QMP command `query-rocker-ports`; QEMU answers with `[RockerPort]`.
+/// QMP command `query-rocker-ports`; QEMU answers with a list of [`RockerPort`](types::RockerPort).
 ///
 /// Since QEMU 2.4.
 ///
@@ -1573,7 +1573,7 @@ impl crate::Command for QueryRockerPorts {
     type Returns = Vec<types::RockerPort>;
 }
 
-/// QMP command `query-rocker-of-dpa-flows`; QEMU answers with `[RockerOfDpaFlow]`.
+/// QMP command `query-rocker-of-dpa-flows`; QEMU answers with a list of [`RockerOfDpaFlow`](types::RockerOfDpaFlow).
 ///
 /// Since QEMU 2.4.
 ///
@@ -1592,7 +1592,7 @@ impl crate::Command for QueryRockerOfDpaFlows {
     type Returns = Vec<types::RockerOfDpaFlow>;
 }
 
-/// QMP command `query-rocker-of-dpa-groups`; QEMU answers with `[RockerOfDpaGroup]`.
+/// QMP command `query-rocker-of-dpa-groups`; QEMU answers with a list of [`RockerOfDpaGroup`](types::RockerOfDpaGroup).
 ///
 /// Since QEMU 2.4.
 ///
@@ -1611,7 +1611,7 @@ impl crate::Command for QueryRockerOfDpaGroups {
     type Returns = Vec<types::RockerOfDpaGroup>;
 }
 
-/// QMP command `query-tpm-models`; QEMU answers with `[TpmModel]`.
+/// QMP command `query-tpm-models`; QEMU answers with a list of [`TpmModel`](types::TpmModel).
 ///
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1624,7 +1624,7 @@ impl crate::Command for QueryTpmModels {
     type Returns = Vec<types::TpmModel>;
 }
 
-/// QMP command `query-tpm-types`; QEMU answers with `[TpmType]`.
+/// QMP command `query-tpm-types`; QEMU answers with a list of [`TpmType`](types::TpmType).
 ///
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1637,7 +1637,7 @@ impl crate::Command for QueryTpmTypes {
     type Returns = Vec<types::TpmType>;
 }
 
-/// QMP command `query-tpm`; QEMU answers with `[TPMInfo]`.
+/// QMP command `query-tpm`; QEMU answers with a list of [`TPMInfo`](types::TPMInfo).
 ///
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1703,7 +1703,7 @@ impl crate::Command for Screendump {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-spice`; QEMU answers with `SpiceInfo`.
+/// QMP command `query-spice`; QEMU answers with [`SpiceInfo`](types::SpiceInfo).
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1716,7 +1716,7 @@ impl crate::Command for QuerySpice {
     type Returns = types::SpiceInfo;
 }
 
-/// QMP command `query-vnc`; QEMU answers with `VncInfo`.
+/// QMP command `query-vnc`; QEMU answers with [`VncInfo`](types::VncInfo).
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1729,7 +1729,7 @@ impl crate::Command for QueryVnc {
     type Returns = types::VncInfo;
 }
 
-/// QMP command `query-vnc-servers`; QEMU answers with `[VncInfo2]`.
+/// QMP command `query-vnc-servers`; QEMU answers with a list of [`VncInfo2`](types::VncInfo2).
 ///
 /// Since QEMU 2.3. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -1758,7 +1758,7 @@ impl crate::Command for ChangeVncPassword {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-mice`; QEMU answers with `[MouseInfo]`.
+/// QMP command `query-mice`; QEMU answers with a list of [`MouseInfo`](types::MouseInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -1812,7 +1812,7 @@ impl crate::Command for InputSendEvent {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-display-options`; QEMU answers with `DisplayOptions`.
+/// QMP command `query-display-options`; QEMU answers with [`DisplayOptions`](types::DisplayOptions).
 ///
 /// Since QEMU 3.1.
 ///
@@ -1880,7 +1880,7 @@ impl crate::Command for ClientMigrateInfo {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-migrate`; QEMU answers with `MigrationInfo`.
+/// QMP command `query-migrate`; QEMU answers with [`MigrationInfo`](types::MigrationInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -1909,7 +1909,7 @@ impl crate::Command for MigrateSetCapabilities {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-migrate-capabilities`; QEMU answers with `[MigrationCapabilityStatus]`.
+/// QMP command `query-migrate-capabilities`; QEMU answers with a list of [`MigrationCapabilityStatus`](types::MigrationCapabilityStatus).
 ///
 /// Since QEMU 1.2.
 ///
@@ -1936,7 +1936,7 @@ impl crate::Command for MigrateSetParameters {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-migrate-parameters`; QEMU answers with `MigrationParameters`.
+/// QMP command `query-migrate-parameters`; QEMU answers with [`MigrationParameters`](types::MigrationParameters).
 ///
 /// Since QEMU 2.4.
 ///
@@ -2125,7 +2125,7 @@ impl crate::Command for XenSetReplication {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-xen-replication-status`; QEMU answers with `ReplicationStatus`.
+/// QMP command `query-xen-replication-status`; QEMU answers with [`ReplicationStatus`](types::ReplicationStatus).
 ///
 /// Since QEMU 2.9. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -2151,7 +2151,7 @@ impl crate::Command for XenColoDoCheckpoint {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-colo-status`; QEMU answers with `COLOStatus`.
+/// QMP command `query-colo-status`; QEMU answers with [`COLOStatus`](types::COLOStatus).
 ///
 /// Since QEMU 3.1. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -2219,7 +2219,7 @@ impl crate::Command for CalcDirtyRate {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-dirty-rate`; QEMU answers with `DirtyRateInfo`.
+/// QMP command `query-dirty-rate`; QEMU answers with [`DirtyRateInfo`](types::DirtyRateInfo).
 ///
 /// Since QEMU 5.2.
 ///
@@ -2273,7 +2273,7 @@ impl crate::Command for CancelVcpuDirtyLimit {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-vcpu-dirty-limit`; QEMU answers with `[DirtyLimitInfo]`.
+/// QMP command `query-vcpu-dirty-limit`; QEMU answers with a list of [`DirtyLimitInfo`](types::DirtyLimitInfo).
 ///
 /// Since QEMU 7.1.
 ///
@@ -2286,7 +2286,7 @@ impl crate::Command for QueryVcpuDirtyLimit {
     type Returns = Vec<types::DirtyLimitInfo>;
 }
 
-/// QMP command `query-migrationthreads`; QEMU answers with `[MigrationThreadInfo]`.
+/// QMP command `query-migrationthreads`; QEMU answers with a list of [`MigrationThreadInfo`](types::MigrationThreadInfo).
 ///
 /// Since QEMU 7.2. Features: `deprecated`.
 ///
@@ -2386,7 +2386,7 @@ impl crate::Command for Transaction {
     type Returns = crate::Empty;
 }
 
-/// QMP command `trace-event-get-state`; QEMU answers with `[TraceEventInfo]`.
+/// QMP command `trace-event-get-state`; QEMU answers with a list of [`TraceEventInfo`](types::TraceEventInfo).
 ///
 /// Since QEMU 2.2.
 ///
@@ -2440,7 +2440,7 @@ impl crate::Command for QmpCapabilities {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-version`; QEMU answers with `VersionInfo`.
+/// QMP command `query-version`; QEMU answers with [`VersionInfo`](types::VersionInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -2453,7 +2453,7 @@ impl crate::Command for QueryVersion {
     type Returns = types::VersionInfo;
 }
 
-/// QMP command `query-commands`; QEMU answers with `[CommandInfo]`.
+/// QMP command `query-commands`; QEMU answers with a list of [`CommandInfo`](types::CommandInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -2479,7 +2479,7 @@ impl crate::Command for Quit {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-qmp-schema`; QEMU answers with `[SchemaInfo]`.
+/// QMP command `query-qmp-schema`; QEMU answers with a list of [`SchemaInfo`](types::SchemaInfo).
 ///
 /// Since QEMU 2.5.
 ///
@@ -2492,7 +2492,7 @@ impl crate::Command for QueryQmpSchema {
     type Returns = Vec<types::SchemaInfo>;
 }
 
-/// QMP command `qom-list`; QEMU answers with `[ObjectPropertyInfo]`.
+/// QMP command `qom-list`; QEMU answers with a list of [`ObjectPropertyInfo`](types::ObjectPropertyInfo).
 ///
 /// Since QEMU 1.2.
 ///
@@ -2546,7 +2546,7 @@ impl crate::Command for QomSet {
     type Returns = crate::Empty;
 }
 
-/// QMP command `qom-list-types`; QEMU answers with `[ObjectTypeInfo]`.
+/// QMP command `qom-list-types`; QEMU answers with a list of [`ObjectTypeInfo`](types::ObjectTypeInfo).
 ///
 /// Since QEMU 1.1.
 ///
@@ -2566,7 +2566,7 @@ impl crate::Command for QomListTypes {
     type Returns = Vec<types::ObjectTypeInfo>;
 }
 
-/// QMP command `qom-list-properties`; QEMU answers with `[ObjectPropertyInfo]`.
+/// QMP command `qom-list-properties`; QEMU answers with a list of [`ObjectPropertyInfo`](types::ObjectPropertyInfo).
 ///
 /// Since QEMU 2.12.
 ///
@@ -2612,7 +2612,7 @@ impl crate::Command for ObjectDel {
     type Returns = crate::Empty;
 }
 
-/// QMP command `device-list-properties`; QEMU answers with `[ObjectPropertyInfo]`.
+/// QMP command `device-list-properties`; QEMU answers with a list of [`ObjectPropertyInfo`](types::ObjectPropertyInfo).
 ///
 /// Since QEMU 1.2.
 ///
@@ -2685,7 +2685,7 @@ impl crate::Command for DeviceSyncConfig {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-cpus-fast`; QEMU answers with `[CpuInfoFast]`.
+/// QMP command `query-cpus-fast`; QEMU answers with a list of [`CpuInfoFast`](types::CpuInfoFast).
 ///
 /// Since QEMU 2.12.
 ///
@@ -2698,7 +2698,7 @@ impl crate::Command for QueryCpusFast {
     type Returns = Vec<types::CpuInfoFast>;
 }
 
-/// QMP command `query-machines`; QEMU answers with `[MachineInfo]`.
+/// QMP command `query-machines`; QEMU answers with a list of [`MachineInfo`](types::MachineInfo).
 ///
 /// Since QEMU 1.2.
 ///
@@ -2715,7 +2715,7 @@ impl crate::Command for QueryMachines {
     type Returns = Vec<types::MachineInfo>;
 }
 
-/// QMP command `query-current-machine`; QEMU answers with `CurrentMachineParams`.
+/// QMP command `query-current-machine`; QEMU answers with [`CurrentMachineParams`](types::CurrentMachineParams).
 ///
 /// Since QEMU 4.0.
 ///
@@ -2728,7 +2728,7 @@ impl crate::Command for QueryCurrentMachine {
     type Returns = types::CurrentMachineParams;
 }
 
-/// QMP command `query-target`; QEMU answers with `TargetInfo`.
+/// QMP command `query-target`; QEMU answers with [`TargetInfo`](types::TargetInfo).
 ///
 /// Since QEMU 1.2.
 ///
@@ -2741,7 +2741,7 @@ impl crate::Command for QueryTarget {
     type Returns = types::TargetInfo;
 }
 
-/// QMP command `query-uuid`; QEMU answers with `UuidInfo`.
+/// QMP command `query-uuid`; QEMU answers with [`UuidInfo`](types::UuidInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -2754,7 +2754,7 @@ impl crate::Command for QueryUuid {
     type Returns = types::UuidInfo;
 }
 
-/// QMP command `query-vm-generation-id`; QEMU answers with `GuidInfo`.
+/// QMP command `query-vm-generation-id`; QEMU answers with [`GuidInfo`](types::GuidInfo).
 ///
 /// Since QEMU 2.9.
 ///
@@ -2819,7 +2819,7 @@ impl crate::Command for InjectNmi {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-kvm`; QEMU answers with `KvmInfo`.
+/// QMP command `query-kvm`; QEMU answers with [`KvmInfo`](types::KvmInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -2875,7 +2875,7 @@ impl crate::Command for Pmemsave {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-memdev`; QEMU answers with `[Memdev]`.
+/// QMP command `query-memdev`; QEMU answers with a list of [`Memdev`](types::Memdev).
 ///
 /// Since QEMU 2.1.
 ///
@@ -2888,7 +2888,7 @@ impl crate::Command for QueryMemdev {
     type Returns = Vec<types::Memdev>;
 }
 
-/// QMP command `query-hotpluggable-cpus`; QEMU answers with `[HotpluggableCPU]`.
+/// QMP command `query-hotpluggable-cpus`; QEMU answers with a list of [`HotpluggableCPU`](types::HotpluggableCPU).
 ///
 /// Since QEMU 2.7.
 ///
@@ -2931,7 +2931,7 @@ impl crate::Command for Balloon {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-balloon`; QEMU answers with `BalloonInfo`.
+/// QMP command `query-balloon`; QEMU answers with [`BalloonInfo`](types::BalloonInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -2944,7 +2944,7 @@ impl crate::Command for QueryBalloon {
     type Returns = types::BalloonInfo;
 }
 
-/// QMP command `query-hv-balloon-status-report`; QEMU answers with `HvBalloonInfo`.
+/// QMP command `query-hv-balloon-status-report`; QEMU answers with [`HvBalloonInfo`](types::HvBalloonInfo).
 ///
 /// Since QEMU 8.2.
 ///
@@ -2957,7 +2957,7 @@ impl crate::Command for QueryHvBalloonStatusReport {
     type Returns = types::HvBalloonInfo;
 }
 
-/// QMP command `query-memory-size-summary`; QEMU answers with `MemoryInfo`.
+/// QMP command `query-memory-size-summary`; QEMU answers with [`MemoryInfo`](types::MemoryInfo).
 ///
 /// Since QEMU 2.11.
 ///
@@ -2970,7 +2970,7 @@ impl crate::Command for QueryMemorySizeSummary {
     type Returns = types::MemoryInfo;
 }
 
-/// QMP command `query-memory-devices`; QEMU answers with `[MemoryDeviceInfo]`.
+/// QMP command `query-memory-devices`; QEMU answers with a list of [`MemoryDeviceInfo`](types::MemoryDeviceInfo).
 ///
 /// Since QEMU 2.1.
 ///
@@ -2983,7 +2983,7 @@ impl crate::Command for QueryMemoryDevices {
     type Returns = Vec<types::MemoryDeviceInfo>;
 }
 
-/// QMP command `x-query-irq`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-irq`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`.
 ///
@@ -2996,7 +2996,7 @@ impl crate::Command for XQueryIrq {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `x-query-jit`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-jit`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`. Compiled in only where `CONFIG_TCG` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3009,7 +3009,7 @@ impl crate::Command for XQueryJit {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `x-query-numa`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-numa`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`.
 ///
@@ -3022,7 +3022,7 @@ impl crate::Command for XQueryNuma {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `x-query-opcount`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-opcount`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`. Compiled in only where `CONFIG_TCG` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3035,7 +3035,7 @@ impl crate::Command for XQueryOpcount {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `x-query-ramblock`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-ramblock`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`.
 ///
@@ -3048,7 +3048,7 @@ impl crate::Command for XQueryRamblock {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `x-query-roms`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-roms`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`.
 ///
@@ -3061,7 +3061,7 @@ impl crate::Command for XQueryRoms {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `x-query-usb`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-usb`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 6.2. Features: `unstable`.
 ///
@@ -3090,7 +3090,7 @@ impl crate::Command for Dumpdtb {
     type Returns = crate::Empty;
 }
 
-/// QMP command `x-query-interrupt-controllers`; QEMU answers with `HumanReadableText`.
+/// QMP command `x-query-interrupt-controllers`; QEMU answers with [`HumanReadableText`](types::HumanReadableText).
 ///
 /// Since QEMU 9.1. Features: `unstable`.
 ///
@@ -3103,7 +3103,7 @@ impl crate::Command for XQueryInterruptControllers {
     type Returns = types::HumanReadableText;
 }
 
-/// QMP command `query-cpu-model-expansion`; QEMU answers with `CpuModelExpansionInfo`.
+/// QMP command `query-cpu-model-expansion`; QEMU answers with [`CpuModelExpansionInfo`](types::CpuModelExpansionInfo).
 ///
 /// Since QEMU 2.8. Compiled in only where `any(TARGET_S390X, TARGET_I386, TARGET_ARM, TARGET_LOONGARCH64, TARGET_RISCV)` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3121,7 +3121,7 @@ impl crate::Command for QueryCpuModelExpansion {
     type Returns = types::CpuModelExpansionInfo;
 }
 
-/// QMP command `query-cpu-definitions`; QEMU answers with `[CpuDefinitionInfo]`.
+/// QMP command `query-cpu-definitions`; QEMU answers with a list of [`CpuDefinitionInfo`](types::CpuDefinitionInfo).
 ///
 /// Since QEMU 1.2. Compiled in only where `any(TARGET_PPC, TARGET_ARM, TARGET_I386, TARGET_S390X, TARGET_MIPS, TARGET_LOONGARCH64, TARGET_RISCV)` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3134,7 +3134,7 @@ impl crate::Command for QueryCpuDefinitions {
     type Returns = Vec<types::CpuDefinitionInfo>;
 }
 
-/// QMP command `query-replay`; QEMU answers with `ReplayInfo`.
+/// QMP command `query-replay`; QEMU answers with [`ReplayInfo`](types::ReplayInfo).
 ///
 /// Since QEMU 5.2.
 ///
@@ -3208,7 +3208,7 @@ impl crate::Command for Yank {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-yank`; QEMU answers with `[YankInstance]`.
+/// QMP command `query-yank`; QEMU answers with a list of [`YankInstance`](types::YankInstance).
 ///
 /// Since QEMU 6.0.
 ///
@@ -3245,7 +3245,7 @@ impl crate::Command for AddClient {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-name`; QEMU answers with `NameInfo`.
+/// QMP command `query-name`; QEMU answers with [`NameInfo`](types::NameInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -3258,7 +3258,7 @@ impl crate::Command for QueryName {
     type Returns = types::NameInfo;
 }
 
-/// QMP command `query-iothreads`; QEMU answers with `[IOThreadInfo]`.
+/// QMP command `query-iothreads`; QEMU answers with a list of [`IOThreadInfo`](types::IOThreadInfo).
 ///
 /// Since QEMU 2.0.
 ///
@@ -3362,7 +3362,7 @@ impl crate::Command for Closefd {
     type Returns = crate::Empty;
 }
 
-/// QMP command `add-fd`; QEMU answers with `AddfdInfo`.
+/// QMP command `add-fd`; QEMU answers with [`AddfdInfo`](types::AddfdInfo).
 ///
 /// Since QEMU 1.2.
 ///
@@ -3402,7 +3402,7 @@ impl crate::Command for RemoveFd {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-fdsets`; QEMU answers with `[FdsetInfo]`.
+/// QMP command `query-fdsets`; QEMU answers with a list of [`FdsetInfo`](types::FdsetInfo).
 ///
 /// Since QEMU 1.2.
 ///
@@ -3415,7 +3415,7 @@ impl crate::Command for QueryFdsets {
     type Returns = Vec<types::FdsetInfo>;
 }
 
-/// QMP command `query-command-line-options`; QEMU answers with `[CommandLineOptionInfo]`.
+/// QMP command `query-command-line-options`; QEMU answers with a list of [`CommandLineOptionInfo`](types::CommandLineOptionInfo).
 ///
 /// Since QEMU 1.5.
 ///
@@ -3445,7 +3445,7 @@ impl crate::Command for RtcResetReinjection {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-sev`; QEMU answers with `SevInfo`.
+/// QMP command `query-sev`; QEMU answers with [`SevInfo`](types::SevInfo).
 ///
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3458,7 +3458,7 @@ impl crate::Command for QuerySev {
     type Returns = types::SevInfo;
 }
 
-/// QMP command `query-sev-launch-measure`; QEMU answers with `SevLaunchMeasureInfo`.
+/// QMP command `query-sev-launch-measure`; QEMU answers with [`SevLaunchMeasureInfo`](types::SevLaunchMeasureInfo).
 ///
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3471,7 +3471,7 @@ impl crate::Command for QuerySevLaunchMeasure {
     type Returns = types::SevLaunchMeasureInfo;
 }
 
-/// QMP command `query-sev-capabilities`; QEMU answers with `SevCapability`.
+/// QMP command `query-sev-capabilities`; QEMU answers with [`SevCapability`](types::SevCapability).
 ///
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3506,7 +3506,7 @@ impl crate::Command for SevInjectLaunchSecret {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-sev-attestation-report`; QEMU answers with `SevAttestationReport`.
+/// QMP command `query-sev-attestation-report`; QEMU answers with [`SevAttestationReport`](types::SevAttestationReport).
 ///
 /// Since QEMU 6.1. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3522,7 +3522,7 @@ impl crate::Command for QuerySevAttestationReport {
     type Returns = types::SevAttestationReport;
 }
 
-/// QMP command `query-sgx`; QEMU answers with `SGXInfo`.
+/// QMP command `query-sgx`; QEMU answers with [`SGXInfo`](types::SGXInfo).
 ///
 /// Since QEMU 6.2. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3535,7 +3535,7 @@ impl crate::Command for QuerySgx {
     type Returns = types::SGXInfo;
 }
 
-/// QMP command `query-sgx-capabilities`; QEMU answers with `SGXInfo`.
+/// QMP command `query-sgx-capabilities`; QEMU answers with [`SGXInfo`](types::SGXInfo).
 ///
 /// Since QEMU 6.2. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3548,7 +3548,7 @@ impl crate::Command for QuerySgxCapabilities {
     type Returns = types::SGXInfo;
 }
 
-/// QMP command `xen-event-list`; QEMU answers with `[EvtchnInfo]`.
+/// QMP command `xen-event-list`; QEMU answers with a list of [`EvtchnInfo`](types::EvtchnInfo).
 ///
 /// Since QEMU 8.0. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
@@ -3577,7 +3577,7 @@ impl crate::Command for XenEventInject {
     type Returns = crate::Empty;
 }
 
-/// QMP command `query-audiodevs`; QEMU answers with `[Audiodev]`.
+/// QMP command `query-audiodevs`; QEMU answers with a list of [`Audiodev`](types::Audiodev).
 ///
 /// Since QEMU 8.0.
 ///
@@ -3590,7 +3590,7 @@ impl crate::Command for QueryAudiodevs {
     type Returns = Vec<types::Audiodev>;
 }
 
-/// QMP command `query-acpi-ospm-status`; QEMU answers with `[ACPIOSTInfo]`.
+/// QMP command `query-acpi-ospm-status`; QEMU answers with a list of [`ACPIOSTInfo`](types::ACPIOSTInfo).
 ///
 /// Since QEMU 2.1.
 ///
@@ -3603,7 +3603,7 @@ impl crate::Command for QueryAcpiOspmStatus {
     type Returns = Vec<types::ACPIOSTInfo>;
 }
 
-/// QMP command `query-pci`; QEMU answers with `[PciInfo]`.
+/// QMP command `query-pci`; QEMU answers with a list of [`PciInfo`](types::PciInfo).
 ///
 /// Since QEMU 0.14.
 ///
@@ -3616,7 +3616,7 @@ impl crate::Command for QueryPci {
     type Returns = Vec<types::PciInfo>;
 }
 
-/// QMP command `query-stats`; QEMU answers with `[StatsResult]`.
+/// QMP command `query-stats`; QEMU answers with a list of [`StatsResult`](types::StatsResult).
 ///
 /// Since QEMU 7.1.
 ///
@@ -3630,7 +3630,7 @@ impl crate::Command for QueryStats {
     type Returns = Vec<types::StatsResult>;
 }
 
-/// QMP command `query-stats-schemas`; QEMU answers with `[StatsSchema]`.
+/// QMP command `query-stats-schemas`; QEMU answers with a list of [`StatsSchema`](types::StatsSchema).
 ///
 /// Since QEMU 7.1.
 ///
@@ -3647,7 +3647,7 @@ impl crate::Command for QueryStatsSchemas {
     type Returns = Vec<types::StatsSchema>;
 }
 
-/// QMP command `x-query-virtio`; QEMU answers with `[VirtioInfo]`.
+/// QMP command `x-query-virtio`; QEMU answers with a list of [`VirtioInfo`](types::VirtioInfo).
 ///
 /// Since QEMU 7.2. Features: `unstable`.
 ///
@@ -3660,7 +3660,7 @@ impl crate::Command for XQueryVirtio {
     type Returns = Vec<types::VirtioInfo>;
 }
 
-/// QMP command `x-query-virtio-status`; QEMU answers with `VirtioStatus`.
+/// QMP command `x-query-virtio-status`; QEMU answers with [`VirtioStatus`](types::VirtioStatus).
 ///
 /// Since QEMU 7.2. Features: `unstable`.
 ///
@@ -3676,7 +3676,7 @@ impl crate::Command for XQueryVirtioStatus {
     type Returns = types::VirtioStatus;
 }
 
-/// QMP command `x-query-virtio-queue-status`; QEMU answers with `VirtQueueStatus`.
+/// QMP command `x-query-virtio-queue-status`; QEMU answers with [`VirtQueueStatus`](types::VirtQueueStatus).
 ///
 /// Since QEMU 7.2. Features: `unstable`.
 ///
@@ -3694,7 +3694,7 @@ impl crate::Command for XQueryVirtioQueueStatus {
     type Returns = types::VirtQueueStatus;
 }
 
-/// QMP command `x-query-virtio-vhost-queue-status`; QEMU answers with `VirtVhostQueueStatus`.
+/// QMP command `x-query-virtio-vhost-queue-status`; QEMU answers with [`VirtVhostQueueStatus`](types::VirtVhostQueueStatus).
 ///
 /// Since QEMU 7.2. Features: `unstable`.
 ///
@@ -3712,7 +3712,7 @@ impl crate::Command for XQueryVirtioVhostQueueStatus {
     type Returns = types::VirtVhostQueueStatus;
 }
 
-/// QMP command `x-query-virtio-queue-element`; QEMU answers with `VirtioQueueElement`.
+/// QMP command `x-query-virtio-queue-element`; QEMU answers with [`VirtioQueueElement`](types::VirtioQueueElement).
 ///
 /// Since QEMU 7.2. Features: `unstable`.
 ///
@@ -3733,7 +3733,7 @@ impl crate::Command for XQueryVirtioQueueElement {
     type Returns = types::VirtioQueueElement;
 }
 
-/// QMP command `query-cryptodev`; QEMU answers with `[QCryptodevInfo]`.
+/// QMP command `query-cryptodev`; QEMU answers with a list of [`QCryptodevInfo`](types::QCryptodevInfo).
 ///
 /// Since QEMU 8.0.
 ///
