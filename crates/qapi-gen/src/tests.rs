@@ -99,12 +99,10 @@ fn enums() {
     has(
         &e,
         &[
-            "#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]",
-            "#[serde(rename = \"read-only\")]",
+            "#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]",
+            "/// `read-only`.",
             "ReadOnly,",
-            "#[serde(rename = \"host_cdrom\")]",
             "HostCdrom,",
-            "#[serde(rename = \"1\")]",
             "V1,",
             "#[deprecated(note = \"QEMU deprecates this value\")]",
             "Old,",
@@ -113,9 +111,19 @@ fn enums() {
     let imp = out.types("impl Mode {");
     has(
         &imp,
+        &["pub const ALL: &'static [Mode] = &[Mode::ReadOnly, Mode::HostCdrom, Mode::V1, Mode::Old];"],
+    );
+    // The strings both ways; serde goes through them.
+    has(
+        out.file("src/types.rs"),
         &[
-            "Mode::HostCdrom => \"host_cdrom\",",
             "pub const fn as_str(self) -> &'static str {",
+            "impl std::str::FromStr for Mode {",
+            "Mode::HostCdrom => \"host_cdrom\",",
+            "\"host_cdrom\" => Ok(Mode::HostCdrom),",
+            "\"1\" => Ok(Mode::V1),",
+            "_ => Err(crate::UnknownValue::new(\"Mode\", s)),",
+            "crate::qapi_enum!(Mode);",
         ],
     );
 }

@@ -119,9 +119,60 @@ pub trait Command: Serialize {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Empty {}
 
+/// A string that is not a value of a QAPI enum (from its `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownValue {
+    /// The enum's Rust name.
+    pub type_name: &'static str,
+    /// The string.
+    pub value: String,
+}
+
+impl UnknownValue {
+    /// `value` is not one of `type_name`'s.
+    pub fn new(type_name: &'static str, value: &str) -> Self {
+        UnknownValue {
+            type_name,
+            value: value.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for UnknownValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} is not a value of {}", self.value, self.type_name)
+    }
+}
+
+impl std::error::Error for UnknownValue {}
+
+/// Serialize and Deserialize for a generated enum, as its string (through
+/// `as_str` and `FromStr`).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! qapi_enum {
+    ($name:ident) => {
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                $crate::de::enum_value(d)
+            }
+        }
+    };
+}
+
 /// Helpers the generated code calls.
 #[doc(hidden)]
 pub mod de {
+    use std::marker::PhantomData;
+    use std::str::FromStr;
+
+    use serde::de::Visitor;
     use serde::{Deserialize, Deserializer};
 
     /// For optional members that can be JSON `null` (`any`, or an alternate
@@ -129,6 +180,27 @@ pub mod de {
     /// member (`None`).
     pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
         T::deserialize(d).map(Some)
+    }
+
+    /// A generated enum from its string.
+    pub fn enum_value<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr<Err = crate::UnknownValue>,
+    {
+        struct V<T>(PhantomData<T>);
+        impl<T: FromStr<Err = crate::UnknownValue>> Visitor<'_> for V<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V(PhantomData))
     }
 
     /// An event's data.

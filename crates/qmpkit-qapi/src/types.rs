@@ -8,26 +8,30 @@ use serde::{Deserialize, Serialize};
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-error.QapiErrorClass)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QapiErrorClass {
     /// `GenericError`.
-    #[serde(rename = "GenericError")]
     Genericerror,
     /// `CommandNotFound`.
-    #[serde(rename = "CommandNotFound")]
     Commandnotfound,
     /// `DeviceNotActive`.
-    #[serde(rename = "DeviceNotActive")]
     Devicenotactive,
     /// `DeviceNotFound`.
-    #[serde(rename = "DeviceNotFound")]
     Devicenotfound,
     /// `KVMMissingCap`.
-    #[serde(rename = "KVMMissingCap")]
     Kvmmissingcap,
 }
 
 impl QapiErrorClass {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QapiErrorClass] = &[
+        QapiErrorClass::Genericerror,
+        QapiErrorClass::Commandnotfound,
+        QapiErrorClass::Devicenotactive,
+        QapiErrorClass::Devicenotfound,
+        QapiErrorClass::Kvmmissingcap,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -40,22 +44,40 @@ impl QapiErrorClass {
     }
 }
 
+impl std::str::FromStr for QapiErrorClass {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "GenericError" => Ok(QapiErrorClass::Genericerror),
+            "CommandNotFound" => Ok(QapiErrorClass::Commandnotfound),
+            "DeviceNotActive" => Ok(QapiErrorClass::Devicenotactive),
+            "DeviceNotFound" => Ok(QapiErrorClass::Devicenotfound),
+            "KVMMissingCap" => Ok(QapiErrorClass::Kvmmissingcap),
+            _ => Err(crate::UnknownValue::new("QapiErrorClass", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QapiErrorClass);
+
 /// QAPI enum `IoOperationType`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.IoOperationType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IoOperationType {
     /// `read`.
-    #[serde(rename = "read")]
     Read,
     /// `write`.
-    #[serde(rename = "write")]
     Write,
 }
 
 impl IoOperationType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [IoOperationType] = &[IoOperationType::Read, IoOperationType::Write];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -65,25 +87,39 @@ impl IoOperationType {
     }
 }
 
+impl std::str::FromStr for IoOperationType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(IoOperationType::Read),
+            "write" => Ok(IoOperationType::Write),
+            _ => Err(crate::UnknownValue::new("IoOperationType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(IoOperationType);
+
 /// QAPI enum `OnOffAuto`.
 ///
 /// Since QEMU 2.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.OnOffAuto)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OnOffAuto {
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
     /// `on`.
-    #[serde(rename = "on")]
     On,
     /// `off`.
-    #[serde(rename = "off")]
     Off,
 }
 
 impl OnOffAuto {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [OnOffAuto] = &[OnOffAuto::Auto, OnOffAuto::On, OnOffAuto::Off];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -94,25 +130,40 @@ impl OnOffAuto {
     }
 }
 
+impl std::str::FromStr for OnOffAuto {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(OnOffAuto::Auto),
+            "on" => Ok(OnOffAuto::On),
+            "off" => Ok(OnOffAuto::Off),
+            _ => Err(crate::UnknownValue::new("OnOffAuto", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(OnOffAuto);
+
 /// QAPI enum `OnOffSplit`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.OnOffSplit)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OnOffSplit {
     /// `on`.
-    #[serde(rename = "on")]
     On,
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `split`.
-    #[serde(rename = "split")]
     Split,
 }
 
 impl OnOffSplit {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [OnOffSplit] = &[OnOffSplit::On, OnOffSplit::Off, OnOffSplit::Split];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -122,6 +173,21 @@ impl OnOffSplit {
         }
     }
 }
+
+impl std::str::FromStr for OnOffSplit {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(OnOffSplit::On),
+            "off" => Ok(OnOffSplit::Off),
+            "split" => Ok(OnOffSplit::Split),
+            _ => Err(crate::UnknownValue::new("OnOffSplit", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(OnOffSplit);
 
 /// QAPI alternate `StrOrNull`: one of its branches, told apart by JSON type.
 ///
@@ -142,35 +208,39 @@ pub enum StrOrNull {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.OffAutoPCIBAR)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OffAutoPCIBAR {
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
     /// `bar0`.
-    #[serde(rename = "bar0")]
     Bar0,
     /// `bar1`.
-    #[serde(rename = "bar1")]
     Bar1,
     /// `bar2`.
-    #[serde(rename = "bar2")]
     Bar2,
     /// `bar3`.
-    #[serde(rename = "bar3")]
     Bar3,
     /// `bar4`.
-    #[serde(rename = "bar4")]
     Bar4,
     /// `bar5`.
-    #[serde(rename = "bar5")]
     Bar5,
 }
 
 impl OffAutoPCIBAR {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [OffAutoPCIBAR] = &[
+        OffAutoPCIBAR::Off,
+        OffAutoPCIBAR::Auto,
+        OffAutoPCIBAR::Bar0,
+        OffAutoPCIBAR::Bar1,
+        OffAutoPCIBAR::Bar2,
+        OffAutoPCIBAR::Bar3,
+        OffAutoPCIBAR::Bar4,
+        OffAutoPCIBAR::Bar5,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -186,34 +256,58 @@ impl OffAutoPCIBAR {
     }
 }
 
+impl std::str::FromStr for OffAutoPCIBAR {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(OffAutoPCIBAR::Off),
+            "auto" => Ok(OffAutoPCIBAR::Auto),
+            "bar0" => Ok(OffAutoPCIBAR::Bar0),
+            "bar1" => Ok(OffAutoPCIBAR::Bar1),
+            "bar2" => Ok(OffAutoPCIBAR::Bar2),
+            "bar3" => Ok(OffAutoPCIBAR::Bar3),
+            "bar4" => Ok(OffAutoPCIBAR::Bar4),
+            "bar5" => Ok(OffAutoPCIBAR::Bar5),
+            _ => Err(crate::UnknownValue::new("OffAutoPCIBAR", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(OffAutoPCIBAR);
+
 /// QAPI enum `PCIELinkSpeed`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.PCIELinkSpeed)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PCIELinkSpeed {
     /// `2_5`.
-    #[serde(rename = "2_5")]
     V25,
     /// `5`.
-    #[serde(rename = "5")]
     V5,
     /// `8`.
-    #[serde(rename = "8")]
     V8,
     /// `16`.
-    #[serde(rename = "16")]
     V16,
     /// `32` (Since QEMU 9.0).
-    #[serde(rename = "32")]
     V32,
     /// `64` (Since QEMU 9.0).
-    #[serde(rename = "64")]
     V64,
 }
 
 impl PCIELinkSpeed {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [PCIELinkSpeed] = &[
+        PCIELinkSpeed::V25,
+        PCIELinkSpeed::V5,
+        PCIELinkSpeed::V8,
+        PCIELinkSpeed::V16,
+        PCIELinkSpeed::V32,
+        PCIELinkSpeed::V64,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -227,37 +321,59 @@ impl PCIELinkSpeed {
     }
 }
 
+impl std::str::FromStr for PCIELinkSpeed {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "2_5" => Ok(PCIELinkSpeed::V25),
+            "5" => Ok(PCIELinkSpeed::V5),
+            "8" => Ok(PCIELinkSpeed::V8),
+            "16" => Ok(PCIELinkSpeed::V16),
+            "32" => Ok(PCIELinkSpeed::V32),
+            "64" => Ok(PCIELinkSpeed::V64),
+            _ => Err(crate::UnknownValue::new("PCIELinkSpeed", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(PCIELinkSpeed);
+
 /// QAPI enum `PCIELinkWidth`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.PCIELinkWidth)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PCIELinkWidth {
     /// `1`.
-    #[serde(rename = "1")]
     V1,
     /// `2`.
-    #[serde(rename = "2")]
     V2,
     /// `4`.
-    #[serde(rename = "4")]
     V4,
     /// `8`.
-    #[serde(rename = "8")]
     V8,
     /// `12`.
-    #[serde(rename = "12")]
     V12,
     /// `16`.
-    #[serde(rename = "16")]
     V16,
     /// `32`.
-    #[serde(rename = "32")]
     V32,
 }
 
 impl PCIELinkWidth {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [PCIELinkWidth] = &[
+        PCIELinkWidth::V1,
+        PCIELinkWidth::V2,
+        PCIELinkWidth::V4,
+        PCIELinkWidth::V8,
+        PCIELinkWidth::V12,
+        PCIELinkWidth::V16,
+        PCIELinkWidth::V32,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -272,28 +388,51 @@ impl PCIELinkWidth {
     }
 }
 
+impl std::str::FromStr for PCIELinkWidth {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "1" => Ok(PCIELinkWidth::V1),
+            "2" => Ok(PCIELinkWidth::V2),
+            "4" => Ok(PCIELinkWidth::V4),
+            "8" => Ok(PCIELinkWidth::V8),
+            "12" => Ok(PCIELinkWidth::V12),
+            "16" => Ok(PCIELinkWidth::V16),
+            "32" => Ok(PCIELinkWidth::V32),
+            _ => Err(crate::UnknownValue::new("PCIELinkWidth", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(PCIELinkWidth);
+
 /// QAPI enum `HostMemPolicy`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.HostMemPolicy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HostMemPolicy {
     /// `default`.
-    #[serde(rename = "default")]
     Default,
     /// `preferred`.
-    #[serde(rename = "preferred")]
     Preferred,
     /// `bind`.
-    #[serde(rename = "bind")]
     Bind,
     /// `interleave`.
-    #[serde(rename = "interleave")]
     Interleave,
 }
 
 impl HostMemPolicy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [HostMemPolicy] = &[
+        HostMemPolicy::Default,
+        HostMemPolicy::Preferred,
+        HostMemPolicy::Bind,
+        HostMemPolicy::Interleave,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -305,25 +444,45 @@ impl HostMemPolicy {
     }
 }
 
+impl std::str::FromStr for HostMemPolicy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "default" => Ok(HostMemPolicy::Default),
+            "preferred" => Ok(HostMemPolicy::Preferred),
+            "bind" => Ok(HostMemPolicy::Bind),
+            "interleave" => Ok(HostMemPolicy::Interleave),
+            _ => Err(crate::UnknownValue::new("HostMemPolicy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(HostMemPolicy);
+
 /// QAPI enum `NetFilterDirection`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.NetFilterDirection)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NetFilterDirection {
     /// `all`.
-    #[serde(rename = "all")]
     All,
     /// `rx`.
-    #[serde(rename = "rx")]
     Rx,
     /// `tx`.
-    #[serde(rename = "tx")]
     Tx,
 }
 
 impl NetFilterDirection {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NetFilterDirection] = &[
+        NetFilterDirection::All,
+        NetFilterDirection::Rx,
+        NetFilterDirection::Tx,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -334,34 +493,53 @@ impl NetFilterDirection {
     }
 }
 
+impl std::str::FromStr for NetFilterDirection {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(NetFilterDirection::All),
+            "rx" => Ok(NetFilterDirection::Rx),
+            "tx" => Ok(NetFilterDirection::Tx),
+            _ => Err(crate::UnknownValue::new("NetFilterDirection", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NetFilterDirection);
+
 /// QAPI enum `GrabToggleKeys`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.GrabToggleKeys)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GrabToggleKeys {
     /// `ctrl-ctrl`.
-    #[serde(rename = "ctrl-ctrl")]
     CtrlCtrl,
     /// `alt-alt`.
-    #[serde(rename = "alt-alt")]
     AltAlt,
     /// `shift-shift`.
-    #[serde(rename = "shift-shift")]
     ShiftShift,
     /// `meta-meta`.
-    #[serde(rename = "meta-meta")]
     MetaMeta,
     /// `scrolllock`.
-    #[serde(rename = "scrolllock")]
     Scrolllock,
     /// `ctrl-scrolllock`.
-    #[serde(rename = "ctrl-scrolllock")]
     CtrlScrolllock,
 }
 
 impl GrabToggleKeys {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [GrabToggleKeys] = &[
+        GrabToggleKeys::CtrlCtrl,
+        GrabToggleKeys::AltAlt,
+        GrabToggleKeys::ShiftShift,
+        GrabToggleKeys::MetaMeta,
+        GrabToggleKeys::Scrolllock,
+        GrabToggleKeys::CtrlScrolllock,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -374,6 +552,24 @@ impl GrabToggleKeys {
         }
     }
 }
+
+impl std::str::FromStr for GrabToggleKeys {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ctrl-ctrl" => Ok(GrabToggleKeys::CtrlCtrl),
+            "alt-alt" => Ok(GrabToggleKeys::AltAlt),
+            "shift-shift" => Ok(GrabToggleKeys::ShiftShift),
+            "meta-meta" => Ok(GrabToggleKeys::MetaMeta),
+            "scrolllock" => Ok(GrabToggleKeys::Scrolllock),
+            "ctrl-scrolllock" => Ok(GrabToggleKeys::CtrlScrolllock),
+            _ => Err(crate::UnknownValue::new("GrabToggleKeys", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(GrabToggleKeys);
 
 /// QAPI struct `HumanReadableText`.
 ///
@@ -392,20 +588,20 @@ pub struct HumanReadableText {
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-common.EndianMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EndianMode {
     /// `unspecified`.
-    #[serde(rename = "unspecified")]
     Unspecified,
     /// `little`.
-    #[serde(rename = "little")]
     Little,
     /// `big`.
-    #[serde(rename = "big")]
     Big,
 }
 
 impl EndianMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [EndianMode] = &[EndianMode::Unspecified, EndianMode::Little, EndianMode::Big];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -416,31 +612,50 @@ impl EndianMode {
     }
 }
 
+impl std::str::FromStr for EndianMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unspecified" => Ok(EndianMode::Unspecified),
+            "little" => Ok(EndianMode::Little),
+            "big" => Ok(EndianMode::Big),
+            _ => Err(crate::UnknownValue::new("EndianMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(EndianMode);
+
 /// QAPI enum `NetworkAddressFamily`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-sockets.NetworkAddressFamily)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NetworkAddressFamily {
     /// `ipv4`.
-    #[serde(rename = "ipv4")]
     Ipv4,
     /// `ipv6`.
-    #[serde(rename = "ipv6")]
     Ipv6,
     /// `unix`.
-    #[serde(rename = "unix")]
     Unix,
     /// `vsock` (Since QEMU 2.8).
-    #[serde(rename = "vsock")]
     Vsock,
     /// `unknown`.
-    #[serde(rename = "unknown")]
     Unknown,
 }
 
 impl NetworkAddressFamily {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NetworkAddressFamily] = &[
+        NetworkAddressFamily::Ipv4,
+        NetworkAddressFamily::Ipv6,
+        NetworkAddressFamily::Unix,
+        NetworkAddressFamily::Vsock,
+        NetworkAddressFamily::Unknown,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -452,6 +667,23 @@ impl NetworkAddressFamily {
         }
     }
 }
+
+impl std::str::FromStr for NetworkAddressFamily {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ipv4" => Ok(NetworkAddressFamily::Ipv4),
+            "ipv6" => Ok(NetworkAddressFamily::Ipv6),
+            "unix" => Ok(NetworkAddressFamily::Unix),
+            "vsock" => Ok(NetworkAddressFamily::Vsock),
+            "unknown" => Ok(NetworkAddressFamily::Unknown),
+            _ => Err(crate::UnknownValue::new("NetworkAddressFamily", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NetworkAddressFamily);
 
 /// QAPI struct `InetSocketAddressBase`.
 ///
@@ -607,23 +839,27 @@ pub enum SocketAddressLegacy {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-sockets.SocketAddressType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SocketAddressType {
     /// `inet`.
-    #[serde(rename = "inet")]
     Inet,
     /// `unix`.
-    #[serde(rename = "unix")]
     Unix,
     /// `vsock`.
-    #[serde(rename = "vsock")]
     Vsock,
     /// `fd`.
-    #[serde(rename = "fd")]
     Fd,
 }
 
 impl SocketAddressType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SocketAddressType] = &[
+        SocketAddressType::Inet,
+        SocketAddressType::Unix,
+        SocketAddressType::Vsock,
+        SocketAddressType::Fd,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -634,6 +870,22 @@ impl SocketAddressType {
         }
     }
 }
+
+impl std::str::FromStr for SocketAddressType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inet" => Ok(SocketAddressType::Inet),
+            "unix" => Ok(SocketAddressType::Unix),
+            "vsock" => Ok(SocketAddressType::Vsock),
+            "fd" => Ok(SocketAddressType::Fd),
+            _ => Err(crate::UnknownValue::new("SocketAddressType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SocketAddressType);
 
 /// QAPI union `SocketAddress`: the branch is chosen by `type`.
 ///
@@ -660,59 +912,63 @@ pub enum SocketAddress {
 /// QAPI enum `RunState`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.RunState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RunState {
     /// `debug`.
-    #[serde(rename = "debug")]
     Debug,
     /// `inmigrate`.
-    #[serde(rename = "inmigrate")]
     Inmigrate,
     /// `internal-error`.
-    #[serde(rename = "internal-error")]
     InternalError,
     /// `io-error`.
-    #[serde(rename = "io-error")]
     IoError,
     /// `paused`.
-    #[serde(rename = "paused")]
     Paused,
     /// `postmigrate`.
-    #[serde(rename = "postmigrate")]
     Postmigrate,
     /// `prelaunch`.
-    #[serde(rename = "prelaunch")]
     Prelaunch,
     /// `finish-migrate`.
-    #[serde(rename = "finish-migrate")]
     FinishMigrate,
     /// `restore-vm`.
-    #[serde(rename = "restore-vm")]
     RestoreVm,
     /// `running`.
-    #[serde(rename = "running")]
     Running,
     /// `save-vm`.
-    #[serde(rename = "save-vm")]
     SaveVm,
     /// `shutdown`.
-    #[serde(rename = "shutdown")]
     Shutdown,
     /// `suspended`.
-    #[serde(rename = "suspended")]
     Suspended,
     /// `watchdog`.
-    #[serde(rename = "watchdog")]
     Watchdog,
     /// `guest-panicked`.
-    #[serde(rename = "guest-panicked")]
     GuestPanicked,
     /// `colo` (Since QEMU 2.8).
-    #[serde(rename = "colo")]
     Colo,
 }
 
 impl RunState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RunState] = &[
+        RunState::Debug,
+        RunState::Inmigrate,
+        RunState::InternalError,
+        RunState::IoError,
+        RunState::Paused,
+        RunState::Postmigrate,
+        RunState::Prelaunch,
+        RunState::FinishMigrate,
+        RunState::RestoreVm,
+        RunState::Running,
+        RunState::SaveVm,
+        RunState::Shutdown,
+        RunState::Suspended,
+        RunState::Watchdog,
+        RunState::GuestPanicked,
+        RunState::Colo,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -736,47 +992,79 @@ impl RunState {
     }
 }
 
+impl std::str::FromStr for RunState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "debug" => Ok(RunState::Debug),
+            "inmigrate" => Ok(RunState::Inmigrate),
+            "internal-error" => Ok(RunState::InternalError),
+            "io-error" => Ok(RunState::IoError),
+            "paused" => Ok(RunState::Paused),
+            "postmigrate" => Ok(RunState::Postmigrate),
+            "prelaunch" => Ok(RunState::Prelaunch),
+            "finish-migrate" => Ok(RunState::FinishMigrate),
+            "restore-vm" => Ok(RunState::RestoreVm),
+            "running" => Ok(RunState::Running),
+            "save-vm" => Ok(RunState::SaveVm),
+            "shutdown" => Ok(RunState::Shutdown),
+            "suspended" => Ok(RunState::Suspended),
+            "watchdog" => Ok(RunState::Watchdog),
+            "guest-panicked" => Ok(RunState::GuestPanicked),
+            "colo" => Ok(RunState::Colo),
+            _ => Err(crate::UnknownValue::new("RunState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RunState);
+
 /// QAPI enum `ShutdownCause`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.ShutdownCause)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ShutdownCause {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `host-error`.
-    #[serde(rename = "host-error")]
     HostError,
     /// `host-qmp-quit`.
-    #[serde(rename = "host-qmp-quit")]
     HostQmpQuit,
     /// `host-qmp-system-reset`.
-    #[serde(rename = "host-qmp-system-reset")]
     HostQmpSystemReset,
     /// `host-signal`.
-    #[serde(rename = "host-signal")]
     HostSignal,
     /// `host-ui`.
-    #[serde(rename = "host-ui")]
     HostUi,
     /// `guest-shutdown`.
-    #[serde(rename = "guest-shutdown")]
     GuestShutdown,
     /// `guest-reset`.
-    #[serde(rename = "guest-reset")]
     GuestReset,
     /// `guest-panic`.
-    #[serde(rename = "guest-panic")]
     GuestPanic,
     /// `subsystem-reset`.
-    #[serde(rename = "subsystem-reset")]
     SubsystemReset,
     /// `snapshot-load` (Since QEMU 7.2).
-    #[serde(rename = "snapshot-load")]
     SnapshotLoad,
 }
 
 impl ShutdownCause {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ShutdownCause] = &[
+        ShutdownCause::None,
+        ShutdownCause::HostError,
+        ShutdownCause::HostQmpQuit,
+        ShutdownCause::HostQmpSystemReset,
+        ShutdownCause::HostSignal,
+        ShutdownCause::HostUi,
+        ShutdownCause::GuestShutdown,
+        ShutdownCause::GuestReset,
+        ShutdownCause::GuestPanic,
+        ShutdownCause::SubsystemReset,
+        ShutdownCause::SnapshotLoad,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -794,6 +1082,29 @@ impl ShutdownCause {
         }
     }
 }
+
+impl std::str::FromStr for ShutdownCause {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(ShutdownCause::None),
+            "host-error" => Ok(ShutdownCause::HostError),
+            "host-qmp-quit" => Ok(ShutdownCause::HostQmpQuit),
+            "host-qmp-system-reset" => Ok(ShutdownCause::HostQmpSystemReset),
+            "host-signal" => Ok(ShutdownCause::HostSignal),
+            "host-ui" => Ok(ShutdownCause::HostUi),
+            "guest-shutdown" => Ok(ShutdownCause::GuestShutdown),
+            "guest-reset" => Ok(ShutdownCause::GuestReset),
+            "guest-panic" => Ok(ShutdownCause::GuestPanic),
+            "subsystem-reset" => Ok(ShutdownCause::SubsystemReset),
+            "snapshot-load" => Ok(ShutdownCause::SnapshotLoad),
+            _ => Err(crate::UnknownValue::new("ShutdownCause", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ShutdownCause);
 
 /// QAPI struct `StatusInfo`.
 ///
@@ -813,32 +1124,36 @@ pub struct StatusInfo {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.WatchdogAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WatchdogAction {
     /// `reset`.
-    #[serde(rename = "reset")]
     Reset,
     /// `shutdown`.
-    #[serde(rename = "shutdown")]
     Shutdown,
     /// `poweroff`.
-    #[serde(rename = "poweroff")]
     Poweroff,
     /// `pause`.
-    #[serde(rename = "pause")]
     Pause,
     /// `debug`.
-    #[serde(rename = "debug")]
     Debug,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `inject-nmi` (Since QEMU 2.4).
-    #[serde(rename = "inject-nmi")]
     InjectNmi,
 }
 
 impl WatchdogAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [WatchdogAction] = &[
+        WatchdogAction::Reset,
+        WatchdogAction::Shutdown,
+        WatchdogAction::Poweroff,
+        WatchdogAction::Pause,
+        WatchdogAction::Debug,
+        WatchdogAction::None,
+        WatchdogAction::InjectNmi,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -853,22 +1168,42 @@ impl WatchdogAction {
     }
 }
 
+impl std::str::FromStr for WatchdogAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reset" => Ok(WatchdogAction::Reset),
+            "shutdown" => Ok(WatchdogAction::Shutdown),
+            "poweroff" => Ok(WatchdogAction::Poweroff),
+            "pause" => Ok(WatchdogAction::Pause),
+            "debug" => Ok(WatchdogAction::Debug),
+            "none" => Ok(WatchdogAction::None),
+            "inject-nmi" => Ok(WatchdogAction::InjectNmi),
+            _ => Err(crate::UnknownValue::new("WatchdogAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(WatchdogAction);
+
 /// QAPI enum `RebootAction`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.RebootAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RebootAction {
     /// `reset`.
-    #[serde(rename = "reset")]
     Reset,
     /// `shutdown`.
-    #[serde(rename = "shutdown")]
     Shutdown,
 }
 
 impl RebootAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RebootAction] = &[RebootAction::Reset, RebootAction::Shutdown];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -878,22 +1213,37 @@ impl RebootAction {
     }
 }
 
+impl std::str::FromStr for RebootAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reset" => Ok(RebootAction::Reset),
+            "shutdown" => Ok(RebootAction::Shutdown),
+            _ => Err(crate::UnknownValue::new("RebootAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RebootAction);
+
 /// QAPI enum `ShutdownAction`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.ShutdownAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ShutdownAction {
     /// `poweroff`.
-    #[serde(rename = "poweroff")]
     Poweroff,
     /// `pause`.
-    #[serde(rename = "pause")]
     Pause,
 }
 
 impl ShutdownAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ShutdownAction] = &[ShutdownAction::Poweroff, ShutdownAction::Pause];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -903,28 +1253,46 @@ impl ShutdownAction {
     }
 }
 
+impl std::str::FromStr for ShutdownAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "poweroff" => Ok(ShutdownAction::Poweroff),
+            "pause" => Ok(ShutdownAction::Pause),
+            _ => Err(crate::UnknownValue::new("ShutdownAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ShutdownAction);
+
 /// QAPI enum `PanicAction`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.PanicAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PanicAction {
     /// `pause`.
-    #[serde(rename = "pause")]
     Pause,
     /// `shutdown`.
-    #[serde(rename = "shutdown")]
     Shutdown,
     /// `exit-failure` (Since QEMU 7.1).
-    #[serde(rename = "exit-failure")]
     ExitFailure,
     /// `none`.
-    #[serde(rename = "none")]
     None,
 }
 
 impl PanicAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [PanicAction] = &[
+        PanicAction::Pause,
+        PanicAction::Shutdown,
+        PanicAction::ExitFailure,
+        PanicAction::None,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -936,25 +1304,45 @@ impl PanicAction {
     }
 }
 
+impl std::str::FromStr for PanicAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pause" => Ok(PanicAction::Pause),
+            "shutdown" => Ok(PanicAction::Shutdown),
+            "exit-failure" => Ok(PanicAction::ExitFailure),
+            "none" => Ok(PanicAction::None),
+            _ => Err(crate::UnknownValue::new("PanicAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(PanicAction);
+
 /// QAPI enum `GuestPanicAction`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.GuestPanicAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GuestPanicAction {
     /// `pause`.
-    #[serde(rename = "pause")]
     Pause,
     /// `poweroff` (Since QEMU 2.8).
-    #[serde(rename = "poweroff")]
     Poweroff,
     /// `run` (Since QEMU 5.0).
-    #[serde(rename = "run")]
     Run,
 }
 
 impl GuestPanicAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [GuestPanicAction] = &[
+        GuestPanicAction::Pause,
+        GuestPanicAction::Poweroff,
+        GuestPanicAction::Run,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -965,22 +1353,39 @@ impl GuestPanicAction {
     }
 }
 
+impl std::str::FromStr for GuestPanicAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pause" => Ok(GuestPanicAction::Pause),
+            "poweroff" => Ok(GuestPanicAction::Poweroff),
+            "run" => Ok(GuestPanicAction::Run),
+            _ => Err(crate::UnknownValue::new("GuestPanicAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(GuestPanicAction);
+
 /// QAPI enum `GuestPanicInformationType`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.GuestPanicInformationType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GuestPanicInformationType {
     /// `hyper-v`.
-    #[serde(rename = "hyper-v")]
     HyperV,
     /// `s390`.
-    #[serde(rename = "s390")]
     S390,
 }
 
 impl GuestPanicInformationType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [GuestPanicInformationType] =
+        &[GuestPanicInformationType::HyperV, GuestPanicInformationType::S390];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -989,6 +1394,20 @@ impl GuestPanicInformationType {
         }
     }
 }
+
+impl std::str::FromStr for GuestPanicInformationType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hyper-v" => Ok(GuestPanicInformationType::HyperV),
+            "s390" => Ok(GuestPanicInformationType::S390),
+            _ => Err(crate::UnknownValue::new("GuestPanicInformationType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(GuestPanicInformationType);
 
 /// QAPI union `GuestPanicInformation`: the branch is chosen by `type`.
 ///
@@ -1030,26 +1449,30 @@ pub struct GuestPanicInformationHyperV {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.S390CrashReason)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum S390CrashReason {
     /// `unknown`.
-    #[serde(rename = "unknown")]
     Unknown,
     /// `disabled-wait`.
-    #[serde(rename = "disabled-wait")]
     DisabledWait,
     /// `extint-loop`.
-    #[serde(rename = "extint-loop")]
     ExtintLoop,
     /// `pgmint-loop`.
-    #[serde(rename = "pgmint-loop")]
     PgmintLoop,
     /// `opint-loop`.
-    #[serde(rename = "opint-loop")]
     OpintLoop,
 }
 
 impl S390CrashReason {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [S390CrashReason] = &[
+        S390CrashReason::Unknown,
+        S390CrashReason::DisabledWait,
+        S390CrashReason::ExtintLoop,
+        S390CrashReason::PgmintLoop,
+        S390CrashReason::OpintLoop,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1061,6 +1484,23 @@ impl S390CrashReason {
         }
     }
 }
+
+impl std::str::FromStr for S390CrashReason {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unknown" => Ok(S390CrashReason::Unknown),
+            "disabled-wait" => Ok(S390CrashReason::DisabledWait),
+            "extint-loop" => Ok(S390CrashReason::ExtintLoop),
+            "pgmint-loop" => Ok(S390CrashReason::PgmintLoop),
+            "opint-loop" => Ok(S390CrashReason::OpintLoop),
+            _ => Err(crate::UnknownValue::new("S390CrashReason", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(S390CrashReason);
 
 /// QAPI struct `GuestPanicInformationS390`.
 ///
@@ -1086,17 +1526,19 @@ pub struct GuestPanicInformationS390 {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.MemoryFailureRecipient)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemoryFailureRecipient {
     /// `hypervisor`.
-    #[serde(rename = "hypervisor")]
     Hypervisor,
     /// `guest`.
-    #[serde(rename = "guest")]
     Guest,
 }
 
 impl MemoryFailureRecipient {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MemoryFailureRecipient] =
+        &[MemoryFailureRecipient::Hypervisor, MemoryFailureRecipient::Guest];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1106,28 +1548,46 @@ impl MemoryFailureRecipient {
     }
 }
 
+impl std::str::FromStr for MemoryFailureRecipient {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hypervisor" => Ok(MemoryFailureRecipient::Hypervisor),
+            "guest" => Ok(MemoryFailureRecipient::Guest),
+            _ => Err(crate::UnknownValue::new("MemoryFailureRecipient", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MemoryFailureRecipient);
+
 /// QAPI enum `MemoryFailureAction`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.MemoryFailureAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemoryFailureAction {
     /// `ignore`.
-    #[serde(rename = "ignore")]
     Ignore,
     /// `inject`.
-    #[serde(rename = "inject")]
     Inject,
     /// `fatal`.
-    #[serde(rename = "fatal")]
     Fatal,
     /// `reset`.
-    #[serde(rename = "reset")]
     Reset,
 }
 
 impl MemoryFailureAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MemoryFailureAction] = &[
+        MemoryFailureAction::Ignore,
+        MemoryFailureAction::Inject,
+        MemoryFailureAction::Fatal,
+        MemoryFailureAction::Reset,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1138,6 +1598,22 @@ impl MemoryFailureAction {
         }
     }
 }
+
+impl std::str::FromStr for MemoryFailureAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ignore" => Ok(MemoryFailureAction::Ignore),
+            "inject" => Ok(MemoryFailureAction::Inject),
+            "fatal" => Ok(MemoryFailureAction::Fatal),
+            "reset" => Ok(MemoryFailureAction::Reset),
+            _ => Err(crate::UnknownValue::new("MemoryFailureAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MemoryFailureAction);
 
 /// QAPI struct `MemoryFailureFlags`.
 ///
@@ -1158,20 +1634,24 @@ pub struct MemoryFailureFlags {
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-run-state.NotifyVmexitOption)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NotifyVmexitOption {
     /// `run`.
-    #[serde(rename = "run")]
     Run,
     /// `internal-error`.
-    #[serde(rename = "internal-error")]
     InternalError,
     /// `disable`.
-    #[serde(rename = "disable")]
     Disable,
 }
 
 impl NotifyVmexitOption {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NotifyVmexitOption] = &[
+        NotifyVmexitOption::Run,
+        NotifyVmexitOption::InternalError,
+        NotifyVmexitOption::Disable,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1182,22 +1662,39 @@ impl NotifyVmexitOption {
     }
 }
 
+impl std::str::FromStr for NotifyVmexitOption {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "run" => Ok(NotifyVmexitOption::Run),
+            "internal-error" => Ok(NotifyVmexitOption::InternalError),
+            "disable" => Ok(NotifyVmexitOption::Disable),
+            _ => Err(crate::UnknownValue::new("NotifyVmexitOption", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NotifyVmexitOption);
+
 /// QAPI enum `QCryptoTLSCredsEndpoint`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoTLSCredsEndpoint)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoTLSCredsEndpoint {
     /// `client`.
-    #[serde(rename = "client")]
     Client,
     /// `server`.
-    #[serde(rename = "server")]
     Server,
 }
 
 impl QCryptoTLSCredsEndpoint {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoTLSCredsEndpoint] =
+        &[QCryptoTLSCredsEndpoint::Client, QCryptoTLSCredsEndpoint::Server];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1207,22 +1704,37 @@ impl QCryptoTLSCredsEndpoint {
     }
 }
 
+impl std::str::FromStr for QCryptoTLSCredsEndpoint {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "client" => Ok(QCryptoTLSCredsEndpoint::Client),
+            "server" => Ok(QCryptoTLSCredsEndpoint::Server),
+            _ => Err(crate::UnknownValue::new("QCryptoTLSCredsEndpoint", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoTLSCredsEndpoint);
+
 /// QAPI enum `QCryptoSecretFormat`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoSecretFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoSecretFormat {
     /// `raw`.
-    #[serde(rename = "raw")]
     Raw,
     /// `base64`.
-    #[serde(rename = "base64")]
     Base64,
 }
 
 impl QCryptoSecretFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoSecretFormat] = &[QCryptoSecretFormat::Raw, QCryptoSecretFormat::Base64];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1232,40 +1744,58 @@ impl QCryptoSecretFormat {
     }
 }
 
+impl std::str::FromStr for QCryptoSecretFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(QCryptoSecretFormat::Raw),
+            "base64" => Ok(QCryptoSecretFormat::Base64),
+            _ => Err(crate::UnknownValue::new("QCryptoSecretFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoSecretFormat);
+
 /// QAPI enum `QCryptoHashAlgo`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoHashAlgo)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoHashAlgo {
     /// `md5`.
-    #[serde(rename = "md5")]
     Md5,
     /// `sha1`.
-    #[serde(rename = "sha1")]
     Sha1,
     /// `sha224` (Since QEMU 2.7).
-    #[serde(rename = "sha224")]
     Sha224,
     /// `sha256`.
-    #[serde(rename = "sha256")]
     Sha256,
     /// `sha384` (Since QEMU 2.7).
-    #[serde(rename = "sha384")]
     Sha384,
     /// `sha512` (Since QEMU 2.7).
-    #[serde(rename = "sha512")]
     Sha512,
     /// `ripemd160` (Since QEMU 2.7).
-    #[serde(rename = "ripemd160")]
     Ripemd160,
     /// `sm3` (Since QEMU 9.2.0).
-    #[serde(rename = "sm3")]
     Sm3,
 }
 
 impl QCryptoHashAlgo {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoHashAlgo] = &[
+        QCryptoHashAlgo::Md5,
+        QCryptoHashAlgo::Sha1,
+        QCryptoHashAlgo::Sha224,
+        QCryptoHashAlgo::Sha256,
+        QCryptoHashAlgo::Sha384,
+        QCryptoHashAlgo::Sha512,
+        QCryptoHashAlgo::Ripemd160,
+        QCryptoHashAlgo::Sm3,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1281,55 +1811,79 @@ impl QCryptoHashAlgo {
     }
 }
 
+impl std::str::FromStr for QCryptoHashAlgo {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "md5" => Ok(QCryptoHashAlgo::Md5),
+            "sha1" => Ok(QCryptoHashAlgo::Sha1),
+            "sha224" => Ok(QCryptoHashAlgo::Sha224),
+            "sha256" => Ok(QCryptoHashAlgo::Sha256),
+            "sha384" => Ok(QCryptoHashAlgo::Sha384),
+            "sha512" => Ok(QCryptoHashAlgo::Sha512),
+            "ripemd160" => Ok(QCryptoHashAlgo::Ripemd160),
+            "sm3" => Ok(QCryptoHashAlgo::Sm3),
+            _ => Err(crate::UnknownValue::new("QCryptoHashAlgo", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoHashAlgo);
+
 /// QAPI enum `QCryptoCipherAlgo`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoCipherAlgo)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoCipherAlgo {
     /// `aes-128`.
-    #[serde(rename = "aes-128")]
     Aes128,
     /// `aes-192`.
-    #[serde(rename = "aes-192")]
     Aes192,
     /// `aes-256`.
-    #[serde(rename = "aes-256")]
     Aes256,
     /// `des` (Since QEMU 6.1).
-    #[serde(rename = "des")]
     Des,
     /// `3des` (Since QEMU 2.9).
-    #[serde(rename = "3des")]
     V3des,
     /// `cast5-128`.
-    #[serde(rename = "cast5-128")]
     Cast5128,
     /// `serpent-128`.
-    #[serde(rename = "serpent-128")]
     Serpent128,
     /// `serpent-192`.
-    #[serde(rename = "serpent-192")]
     Serpent192,
     /// `serpent-256`.
-    #[serde(rename = "serpent-256")]
     Serpent256,
     /// `twofish-128`.
-    #[serde(rename = "twofish-128")]
     Twofish128,
     /// `twofish-192`.
-    #[serde(rename = "twofish-192")]
     Twofish192,
     /// `twofish-256`.
-    #[serde(rename = "twofish-256")]
     Twofish256,
     /// `sm4` (Since QEMU 9.0).
-    #[serde(rename = "sm4")]
     Sm4,
 }
 
 impl QCryptoCipherAlgo {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoCipherAlgo] = &[
+        QCryptoCipherAlgo::Aes128,
+        QCryptoCipherAlgo::Aes192,
+        QCryptoCipherAlgo::Aes256,
+        QCryptoCipherAlgo::Des,
+        QCryptoCipherAlgo::V3des,
+        QCryptoCipherAlgo::Cast5128,
+        QCryptoCipherAlgo::Serpent128,
+        QCryptoCipherAlgo::Serpent192,
+        QCryptoCipherAlgo::Serpent256,
+        QCryptoCipherAlgo::Twofish128,
+        QCryptoCipherAlgo::Twofish192,
+        QCryptoCipherAlgo::Twofish256,
+        QCryptoCipherAlgo::Sm4,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1350,28 +1904,57 @@ impl QCryptoCipherAlgo {
     }
 }
 
+impl std::str::FromStr for QCryptoCipherAlgo {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aes-128" => Ok(QCryptoCipherAlgo::Aes128),
+            "aes-192" => Ok(QCryptoCipherAlgo::Aes192),
+            "aes-256" => Ok(QCryptoCipherAlgo::Aes256),
+            "des" => Ok(QCryptoCipherAlgo::Des),
+            "3des" => Ok(QCryptoCipherAlgo::V3des),
+            "cast5-128" => Ok(QCryptoCipherAlgo::Cast5128),
+            "serpent-128" => Ok(QCryptoCipherAlgo::Serpent128),
+            "serpent-192" => Ok(QCryptoCipherAlgo::Serpent192),
+            "serpent-256" => Ok(QCryptoCipherAlgo::Serpent256),
+            "twofish-128" => Ok(QCryptoCipherAlgo::Twofish128),
+            "twofish-192" => Ok(QCryptoCipherAlgo::Twofish192),
+            "twofish-256" => Ok(QCryptoCipherAlgo::Twofish256),
+            "sm4" => Ok(QCryptoCipherAlgo::Sm4),
+            _ => Err(crate::UnknownValue::new("QCryptoCipherAlgo", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoCipherAlgo);
+
 /// QAPI enum `QCryptoCipherMode`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoCipherMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoCipherMode {
     /// `ecb`.
-    #[serde(rename = "ecb")]
     Ecb,
     /// `cbc`.
-    #[serde(rename = "cbc")]
     Cbc,
     /// `xts`.
-    #[serde(rename = "xts")]
     Xts,
     /// `ctr` (Since QEMU 2.8).
-    #[serde(rename = "ctr")]
     Ctr,
 }
 
 impl QCryptoCipherMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoCipherMode] = &[
+        QCryptoCipherMode::Ecb,
+        QCryptoCipherMode::Cbc,
+        QCryptoCipherMode::Xts,
+        QCryptoCipherMode::Ctr,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1383,25 +1966,45 @@ impl QCryptoCipherMode {
     }
 }
 
+impl std::str::FromStr for QCryptoCipherMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ecb" => Ok(QCryptoCipherMode::Ecb),
+            "cbc" => Ok(QCryptoCipherMode::Cbc),
+            "xts" => Ok(QCryptoCipherMode::Xts),
+            "ctr" => Ok(QCryptoCipherMode::Ctr),
+            _ => Err(crate::UnknownValue::new("QCryptoCipherMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoCipherMode);
+
 /// QAPI enum `QCryptoIVGenAlgo`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoIVGenAlgo)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoIVGenAlgo {
     /// `plain`.
-    #[serde(rename = "plain")]
     Plain,
     /// `plain64`.
-    #[serde(rename = "plain64")]
     Plain64,
     /// `essiv`.
-    #[serde(rename = "essiv")]
     Essiv,
 }
 
 impl QCryptoIVGenAlgo {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoIVGenAlgo] = &[
+        QCryptoIVGenAlgo::Plain,
+        QCryptoIVGenAlgo::Plain64,
+        QCryptoIVGenAlgo::Essiv,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1412,22 +2015,38 @@ impl QCryptoIVGenAlgo {
     }
 }
 
+impl std::str::FromStr for QCryptoIVGenAlgo {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "plain" => Ok(QCryptoIVGenAlgo::Plain),
+            "plain64" => Ok(QCryptoIVGenAlgo::Plain64),
+            "essiv" => Ok(QCryptoIVGenAlgo::Essiv),
+            _ => Err(crate::UnknownValue::new("QCryptoIVGenAlgo", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoIVGenAlgo);
+
 /// QAPI enum `QCryptoBlockFormat`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoBlockFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoBlockFormat {
     /// `qcow`.
-    #[serde(rename = "qcow")]
     Qcow,
     /// `luks`.
-    #[serde(rename = "luks")]
     Luks,
 }
 
 impl QCryptoBlockFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoBlockFormat] = &[QCryptoBlockFormat::Qcow, QCryptoBlockFormat::Luks];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1436,6 +2055,20 @@ impl QCryptoBlockFormat {
         }
     }
 }
+
+impl std::str::FromStr for QCryptoBlockFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qcow" => Ok(QCryptoBlockFormat::Qcow),
+            "luks" => Ok(QCryptoBlockFormat::Luks),
+            _ => Err(crate::UnknownValue::new("QCryptoBlockFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoBlockFormat);
 
 /// QAPI struct `QCryptoBlockOptionsBase`.
 ///
@@ -1623,17 +2256,21 @@ pub enum QCryptoBlockInfo {
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoBlockLUKSKeyslotState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoBlockLUKSKeyslotState {
     /// `active`.
-    #[serde(rename = "active")]
     Active,
     /// `inactive`.
-    #[serde(rename = "inactive")]
     Inactive,
 }
 
 impl QCryptoBlockLUKSKeyslotState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoBlockLUKSKeyslotState] = &[
+        QCryptoBlockLUKSKeyslotState::Active,
+        QCryptoBlockLUKSKeyslotState::Inactive,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1642,6 +2279,20 @@ impl QCryptoBlockLUKSKeyslotState {
         }
     }
 }
+
+impl std::str::FromStr for QCryptoBlockLUKSKeyslotState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(QCryptoBlockLUKSKeyslotState::Active),
+            "inactive" => Ok(QCryptoBlockLUKSKeyslotState::Inactive),
+            _ => Err(crate::UnknownValue::new("QCryptoBlockLUKSKeyslotState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoBlockLUKSKeyslotState);
 
 /// QAPI struct `QCryptoBlockAmendOptionsLUKS`.
 ///
@@ -1845,14 +2496,16 @@ pub struct TlsCredsX509Properties {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoAkCipherAlgo)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoAkCipherAlgo {
     /// `rsa`.
-    #[serde(rename = "rsa")]
     Rsa,
 }
 
 impl QCryptoAkCipherAlgo {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoAkCipherAlgo] = &[QCryptoAkCipherAlgo::Rsa];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1861,22 +2514,37 @@ impl QCryptoAkCipherAlgo {
     }
 }
 
+impl std::str::FromStr for QCryptoAkCipherAlgo {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rsa" => Ok(QCryptoAkCipherAlgo::Rsa),
+            _ => Err(crate::UnknownValue::new("QCryptoAkCipherAlgo", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoAkCipherAlgo);
+
 /// QAPI enum `QCryptoAkCipherKeyType`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoAkCipherKeyType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoAkCipherKeyType {
     /// `public`.
-    #[serde(rename = "public")]
     Public,
     /// `private`.
-    #[serde(rename = "private")]
     Private,
 }
 
 impl QCryptoAkCipherKeyType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoAkCipherKeyType] =
+        &[QCryptoAkCipherKeyType::Public, QCryptoAkCipherKeyType::Private];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1886,22 +2554,38 @@ impl QCryptoAkCipherKeyType {
     }
 }
 
+impl std::str::FromStr for QCryptoAkCipherKeyType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "public" => Ok(QCryptoAkCipherKeyType::Public),
+            "private" => Ok(QCryptoAkCipherKeyType::Private),
+            _ => Err(crate::UnknownValue::new("QCryptoAkCipherKeyType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoAkCipherKeyType);
+
 /// QAPI enum `QCryptoRSAPaddingAlgo`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-crypto.QCryptoRSAPaddingAlgo)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptoRSAPaddingAlgo {
     /// `raw`.
-    #[serde(rename = "raw")]
     Raw,
     /// `pkcs1`.
-    #[serde(rename = "pkcs1")]
     Pkcs1,
 }
 
 impl QCryptoRSAPaddingAlgo {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptoRSAPaddingAlgo] =
+        &[QCryptoRSAPaddingAlgo::Raw, QCryptoRSAPaddingAlgo::Pkcs1];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1910,6 +2594,20 @@ impl QCryptoRSAPaddingAlgo {
         }
     }
 }
+
+impl std::str::FromStr for QCryptoRSAPaddingAlgo {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(QCryptoRSAPaddingAlgo::Raw),
+            "pkcs1" => Ok(QCryptoRSAPaddingAlgo::Pkcs1),
+            _ => Err(crate::UnknownValue::new("QCryptoRSAPaddingAlgo", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptoRSAPaddingAlgo);
 
 /// QAPI struct `QCryptoAkCipherOptionsRSA`.
 ///
@@ -1944,38 +2642,42 @@ pub enum QCryptoAkCipherOptions {
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-job.JobType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobType {
     /// `commit`.
-    #[serde(rename = "commit")]
     Commit,
     /// `stream`.
-    #[serde(rename = "stream")]
     Stream,
     /// `mirror`.
-    #[serde(rename = "mirror")]
     Mirror,
     /// `backup`.
-    #[serde(rename = "backup")]
     Backup,
     /// `create` (Since QEMU 3.0).
-    #[serde(rename = "create")]
     Create,
     /// `amend` (Since QEMU 5.1).
-    #[serde(rename = "amend")]
     Amend,
     /// `snapshot-load` (Since QEMU 6.0).
-    #[serde(rename = "snapshot-load")]
     SnapshotLoad,
     /// `snapshot-save` (Since QEMU 6.0).
-    #[serde(rename = "snapshot-save")]
     SnapshotSave,
     /// `snapshot-delete` (Since QEMU 6.0).
-    #[serde(rename = "snapshot-delete")]
     SnapshotDelete,
 }
 
 impl JobType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [JobType] = &[
+        JobType::Commit,
+        JobType::Stream,
+        JobType::Mirror,
+        JobType::Backup,
+        JobType::Create,
+        JobType::Amend,
+        JobType::SnapshotLoad,
+        JobType::SnapshotSave,
+        JobType::SnapshotDelete,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1992,49 +2694,74 @@ impl JobType {
     }
 }
 
+impl std::str::FromStr for JobType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "commit" => Ok(JobType::Commit),
+            "stream" => Ok(JobType::Stream),
+            "mirror" => Ok(JobType::Mirror),
+            "backup" => Ok(JobType::Backup),
+            "create" => Ok(JobType::Create),
+            "amend" => Ok(JobType::Amend),
+            "snapshot-load" => Ok(JobType::SnapshotLoad),
+            "snapshot-save" => Ok(JobType::SnapshotSave),
+            "snapshot-delete" => Ok(JobType::SnapshotDelete),
+            _ => Err(crate::UnknownValue::new("JobType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(JobType);
+
 /// QAPI enum `JobStatus`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-job.JobStatus)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobStatus {
     /// `undefined`.
-    #[serde(rename = "undefined")]
     Undefined,
     /// `created`.
-    #[serde(rename = "created")]
     Created,
     /// `running`.
-    #[serde(rename = "running")]
     Running,
     /// `paused`.
-    #[serde(rename = "paused")]
     Paused,
     /// `ready`.
-    #[serde(rename = "ready")]
     Ready,
     /// `standby`.
-    #[serde(rename = "standby")]
     Standby,
     /// `waiting`.
-    #[serde(rename = "waiting")]
     Waiting,
     /// `pending`.
-    #[serde(rename = "pending")]
     Pending,
     /// `aborting`.
-    #[serde(rename = "aborting")]
     Aborting,
     /// `concluded`.
-    #[serde(rename = "concluded")]
     Concluded,
     /// `null`.
-    #[serde(rename = "null")]
     Null,
 }
 
 impl JobStatus {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [JobStatus] = &[
+        JobStatus::Undefined,
+        JobStatus::Created,
+        JobStatus::Running,
+        JobStatus::Paused,
+        JobStatus::Ready,
+        JobStatus::Standby,
+        JobStatus::Waiting,
+        JobStatus::Pending,
+        JobStatus::Aborting,
+        JobStatus::Concluded,
+        JobStatus::Null,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -2053,40 +2780,67 @@ impl JobStatus {
     }
 }
 
+impl std::str::FromStr for JobStatus {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "undefined" => Ok(JobStatus::Undefined),
+            "created" => Ok(JobStatus::Created),
+            "running" => Ok(JobStatus::Running),
+            "paused" => Ok(JobStatus::Paused),
+            "ready" => Ok(JobStatus::Ready),
+            "standby" => Ok(JobStatus::Standby),
+            "waiting" => Ok(JobStatus::Waiting),
+            "pending" => Ok(JobStatus::Pending),
+            "aborting" => Ok(JobStatus::Aborting),
+            "concluded" => Ok(JobStatus::Concluded),
+            "null" => Ok(JobStatus::Null),
+            _ => Err(crate::UnknownValue::new("JobStatus", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(JobStatus);
+
 /// QAPI enum `JobVerb`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-job.JobVerb)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobVerb {
     /// `cancel`.
-    #[serde(rename = "cancel")]
     Cancel,
     /// `pause`.
-    #[serde(rename = "pause")]
     Pause,
     /// `resume`.
-    #[serde(rename = "resume")]
     Resume,
     /// `set-speed`.
-    #[serde(rename = "set-speed")]
     SetSpeed,
     /// `complete`.
-    #[serde(rename = "complete")]
     Complete,
     /// `dismiss`.
-    #[serde(rename = "dismiss")]
     Dismiss,
     /// `finalize`.
-    #[serde(rename = "finalize")]
     Finalize,
     /// `change` (Since QEMU 8.2).
-    #[serde(rename = "change")]
     Change,
 }
 
 impl JobVerb {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [JobVerb] = &[
+        JobVerb::Cancel,
+        JobVerb::Pause,
+        JobVerb::Resume,
+        JobVerb::SetSpeed,
+        JobVerb::Complete,
+        JobVerb::Dismiss,
+        JobVerb::Finalize,
+        JobVerb::Change,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -2101,6 +2855,26 @@ impl JobVerb {
         }
     }
 }
+
+impl std::str::FromStr for JobVerb {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cancel" => Ok(JobVerb::Cancel),
+            "pause" => Ok(JobVerb::Pause),
+            "resume" => Ok(JobVerb::Resume),
+            "set-speed" => Ok(JobVerb::SetSpeed),
+            "complete" => Ok(JobVerb::Complete),
+            "dismiss" => Ok(JobVerb::Dismiss),
+            "finalize" => Ok(JobVerb::Finalize),
+            "change" => Ok(JobVerb::Change),
+            _ => Err(crate::UnknownValue::new("JobVerb", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(JobVerb);
 
 /// QAPI struct `JobInfo`.
 ///
@@ -2292,26 +3066,30 @@ pub struct ImageInfoSpecificFile {
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.ImageInfoSpecificKind)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ImageInfoSpecificKind {
     /// `qcow2`.
-    #[serde(rename = "qcow2")]
     Qcow2,
     /// `vmdk`.
-    #[serde(rename = "vmdk")]
     Vmdk,
     /// `luks`.
-    #[serde(rename = "luks")]
     Luks,
     /// `rbd`.
-    #[serde(rename = "rbd")]
     Rbd,
     /// `file`.
-    #[serde(rename = "file")]
     File,
 }
 
 impl ImageInfoSpecificKind {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ImageInfoSpecificKind] = &[
+        ImageInfoSpecificKind::Qcow2,
+        ImageInfoSpecificKind::Vmdk,
+        ImageInfoSpecificKind::Luks,
+        ImageInfoSpecificKind::Rbd,
+        ImageInfoSpecificKind::File,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -2323,6 +3101,23 @@ impl ImageInfoSpecificKind {
         }
     }
 }
+
+impl std::str::FromStr for ImageInfoSpecificKind {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qcow2" => Ok(ImageInfoSpecificKind::Qcow2),
+            "vmdk" => Ok(ImageInfoSpecificKind::Vmdk),
+            "luks" => Ok(ImageInfoSpecificKind::Luks),
+            "rbd" => Ok(ImageInfoSpecificKind::Rbd),
+            "file" => Ok(ImageInfoSpecificKind::File),
+            _ => Err(crate::UnknownValue::new("ImageInfoSpecificKind", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ImageInfoSpecificKind);
 
 /// QAPI struct `ImageInfoSpecificQCow2Wrapper`.
 ///
@@ -2745,20 +3540,24 @@ pub struct BlockDeviceInfo {
 /// Since QEMU 1.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockDeviceIoStatus)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockDeviceIoStatus {
     /// `ok`.
-    #[serde(rename = "ok")]
     Ok,
     /// `failed`.
-    #[serde(rename = "failed")]
     Failed,
     /// `nospace`.
-    #[serde(rename = "nospace")]
     Nospace,
 }
 
 impl BlockDeviceIoStatus {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockDeviceIoStatus] = &[
+        BlockDeviceIoStatus::Ok,
+        BlockDeviceIoStatus::Failed,
+        BlockDeviceIoStatus::Nospace,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -2768,6 +3567,21 @@ impl BlockDeviceIoStatus {
         }
     }
 }
+
+impl std::str::FromStr for BlockDeviceIoStatus {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ok" => Ok(BlockDeviceIoStatus::Ok),
+            "failed" => Ok(BlockDeviceIoStatus::Failed),
+            "nospace" => Ok(BlockDeviceIoStatus::Nospace),
+            _ => Err(crate::UnknownValue::new("BlockDeviceIoStatus", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockDeviceIoStatus);
 
 /// QAPI struct `BlockDirtyInfo`.
 ///
@@ -2799,17 +3613,19 @@ pub struct BlockDirtyInfo {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.Qcow2BitmapInfoFlags)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Qcow2BitmapInfoFlags {
     /// `in-use`.
-    #[serde(rename = "in-use")]
     InUse,
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
 }
 
 impl Qcow2BitmapInfoFlags {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [Qcow2BitmapInfoFlags] =
+        &[Qcow2BitmapInfoFlags::InUse, Qcow2BitmapInfoFlags::Auto];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -2818,6 +3634,20 @@ impl Qcow2BitmapInfoFlags {
         }
     }
 }
+
+impl std::str::FromStr for Qcow2BitmapInfoFlags {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "in-use" => Ok(Qcow2BitmapInfoFlags::InUse),
+            "auto" => Ok(Qcow2BitmapInfoFlags::Auto),
+            _ => Err(crate::UnknownValue::new("Qcow2BitmapInfoFlags", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(Qcow2BitmapInfoFlags);
 
 /// QAPI struct `Qcow2BitmapInfo`.
 ///
@@ -3229,26 +4059,30 @@ pub struct BlockStats {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevOnError)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevOnError {
     /// `report`.
-    #[serde(rename = "report")]
     Report,
     /// `ignore`.
-    #[serde(rename = "ignore")]
     Ignore,
     /// `enospc`.
-    #[serde(rename = "enospc")]
     Enospc,
     /// `stop`.
-    #[serde(rename = "stop")]
     Stop,
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
 }
 
 impl BlockdevOnError {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevOnError] = &[
+        BlockdevOnError::Report,
+        BlockdevOnError::Ignore,
+        BlockdevOnError::Enospc,
+        BlockdevOnError::Stop,
+        BlockdevOnError::Auto,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3261,31 +4095,52 @@ impl BlockdevOnError {
     }
 }
 
+impl std::str::FromStr for BlockdevOnError {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "report" => Ok(BlockdevOnError::Report),
+            "ignore" => Ok(BlockdevOnError::Ignore),
+            "enospc" => Ok(BlockdevOnError::Enospc),
+            "stop" => Ok(BlockdevOnError::Stop),
+            "auto" => Ok(BlockdevOnError::Auto),
+            _ => Err(crate::UnknownValue::new("BlockdevOnError", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevOnError);
+
 /// QAPI enum `MirrorSyncMode`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.MirrorSyncMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MirrorSyncMode {
     /// `top`.
-    #[serde(rename = "top")]
     Top,
     /// `full`.
-    #[serde(rename = "full")]
     Full,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `incremental`.
-    #[serde(rename = "incremental")]
     Incremental,
     /// `bitmap`.
-    #[serde(rename = "bitmap")]
     Bitmap,
 }
 
 impl MirrorSyncMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MirrorSyncMode] = &[
+        MirrorSyncMode::Top,
+        MirrorSyncMode::Full,
+        MirrorSyncMode::None,
+        MirrorSyncMode::Incremental,
+        MirrorSyncMode::Bitmap,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3298,25 +4153,46 @@ impl MirrorSyncMode {
     }
 }
 
+impl std::str::FromStr for MirrorSyncMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "top" => Ok(MirrorSyncMode::Top),
+            "full" => Ok(MirrorSyncMode::Full),
+            "none" => Ok(MirrorSyncMode::None),
+            "incremental" => Ok(MirrorSyncMode::Incremental),
+            "bitmap" => Ok(MirrorSyncMode::Bitmap),
+            _ => Err(crate::UnknownValue::new("MirrorSyncMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MirrorSyncMode);
+
 /// QAPI enum `BitmapSyncMode`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BitmapSyncMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BitmapSyncMode {
     /// `on-success`.
-    #[serde(rename = "on-success")]
     OnSuccess,
     /// `never`.
-    #[serde(rename = "never")]
     Never,
     /// `always`.
-    #[serde(rename = "always")]
     Always,
 }
 
 impl BitmapSyncMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BitmapSyncMode] = &[
+        BitmapSyncMode::OnSuccess,
+        BitmapSyncMode::Never,
+        BitmapSyncMode::Always,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3327,22 +4203,38 @@ impl BitmapSyncMode {
     }
 }
 
+impl std::str::FromStr for BitmapSyncMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on-success" => Ok(BitmapSyncMode::OnSuccess),
+            "never" => Ok(BitmapSyncMode::Never),
+            "always" => Ok(BitmapSyncMode::Always),
+            _ => Err(crate::UnknownValue::new("BitmapSyncMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BitmapSyncMode);
+
 /// QAPI enum `MirrorCopyMode`.
 ///
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.MirrorCopyMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MirrorCopyMode {
     /// `background`.
-    #[serde(rename = "background")]
     Background,
     /// `write-blocking`.
-    #[serde(rename = "write-blocking")]
     WriteBlocking,
 }
 
 impl MirrorCopyMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MirrorCopyMode] = &[MirrorCopyMode::Background, MirrorCopyMode::WriteBlocking];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3351,6 +4243,20 @@ impl MirrorCopyMode {
         }
     }
 }
+
+impl std::str::FromStr for MirrorCopyMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "background" => Ok(MirrorCopyMode::Background),
+            "write-blocking" => Ok(MirrorCopyMode::WriteBlocking),
+            _ => Err(crate::UnknownValue::new("MirrorCopyMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MirrorCopyMode);
 
 /// QAPI struct `BlockJobInfoMirror`.
 ///
@@ -3444,17 +4350,18 @@ pub enum BlockJobInfoBranch {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.NewImageMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NewImageMode {
     /// `existing`.
-    #[serde(rename = "existing")]
     Existing,
     /// `absolute-paths`.
-    #[serde(rename = "absolute-paths")]
     AbsolutePaths,
 }
 
 impl NewImageMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NewImageMode] = &[NewImageMode::Existing, NewImageMode::AbsolutePaths];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3463,6 +4370,20 @@ impl NewImageMode {
         }
     }
 }
+
+impl std::str::FromStr for NewImageMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "existing" => Ok(NewImageMode::Existing),
+            "absolute-paths" => Ok(NewImageMode::AbsolutePaths),
+            _ => Err(crate::UnknownValue::new("NewImageMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NewImageMode);
 
 /// QAPI struct `BlockdevSnapshotSync`.
 ///
@@ -3685,20 +4606,24 @@ pub struct BlockdevBackup {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.XDbgBlockGraphNodeType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum XDbgBlockGraphNodeType {
     /// `block-backend`.
-    #[serde(rename = "block-backend")]
     BlockBackend,
     /// `block-job`.
-    #[serde(rename = "block-job")]
     BlockJob,
     /// `block-driver`.
-    #[serde(rename = "block-driver")]
     BlockDriver,
 }
 
 impl XDbgBlockGraphNodeType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [XDbgBlockGraphNodeType] = &[
+        XDbgBlockGraphNodeType::BlockBackend,
+        XDbgBlockGraphNodeType::BlockJob,
+        XDbgBlockGraphNodeType::BlockDriver,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3708,6 +4633,21 @@ impl XDbgBlockGraphNodeType {
         }
     }
 }
+
+impl std::str::FromStr for XDbgBlockGraphNodeType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "block-backend" => Ok(XDbgBlockGraphNodeType::BlockBackend),
+            "block-job" => Ok(XDbgBlockGraphNodeType::BlockJob),
+            "block-driver" => Ok(XDbgBlockGraphNodeType::BlockDriver),
+            _ => Err(crate::UnknownValue::new("XDbgBlockGraphNodeType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(XDbgBlockGraphNodeType);
 
 /// QAPI struct `XDbgBlockGraphNode`.
 ///
@@ -3729,23 +4669,27 @@ pub struct XDbgBlockGraphNode {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockPermission)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockPermission {
     /// `consistent-read`.
-    #[serde(rename = "consistent-read")]
     ConsistentRead,
     /// `write`.
-    #[serde(rename = "write")]
     Write,
     /// `write-unchanged`.
-    #[serde(rename = "write-unchanged")]
     WriteUnchanged,
     /// `resize`.
-    #[serde(rename = "resize")]
     Resize,
 }
 
 impl BlockPermission {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockPermission] = &[
+        BlockPermission::ConsistentRead,
+        BlockPermission::Write,
+        BlockPermission::WriteUnchanged,
+        BlockPermission::Resize,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -3756,6 +4700,22 @@ impl BlockPermission {
         }
     }
 }
+
+impl std::str::FromStr for BlockPermission {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "consistent-read" => Ok(BlockPermission::ConsistentRead),
+            "write" => Ok(BlockPermission::Write),
+            "write-unchanged" => Ok(BlockPermission::WriteUnchanged),
+            "resize" => Ok(BlockPermission::Resize),
+            _ => Err(crate::UnknownValue::new("BlockPermission", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockPermission);
 
 /// QAPI struct `XDbgBlockGraphEdge`.
 ///
@@ -4193,17 +5153,19 @@ pub enum BlockJobChangeOptionsBranch {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevDiscardOptions)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDiscardOptions {
     /// `ignore`.
-    #[serde(rename = "ignore")]
     Ignore,
     /// `unmap`.
-    #[serde(rename = "unmap")]
     Unmap,
 }
 
 impl BlockdevDiscardOptions {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevDiscardOptions] =
+        &[BlockdevDiscardOptions::Ignore, BlockdevDiscardOptions::Unmap];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4213,25 +5175,43 @@ impl BlockdevDiscardOptions {
     }
 }
 
+impl std::str::FromStr for BlockdevDiscardOptions {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ignore" => Ok(BlockdevDiscardOptions::Ignore),
+            "unmap" => Ok(BlockdevDiscardOptions::Unmap),
+            _ => Err(crate::UnknownValue::new("BlockdevDiscardOptions", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevDiscardOptions);
+
 /// QAPI enum `BlockdevDetectZeroesOptions`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevDetectZeroesOptions)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDetectZeroesOptions {
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `on`.
-    #[serde(rename = "on")]
     On,
     /// `unmap`.
-    #[serde(rename = "unmap")]
     Unmap,
 }
 
 impl BlockdevDetectZeroesOptions {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevDetectZeroesOptions] = &[
+        BlockdevDetectZeroesOptions::Off,
+        BlockdevDetectZeroesOptions::On,
+        BlockdevDetectZeroesOptions::Unmap,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4242,25 +5222,44 @@ impl BlockdevDetectZeroesOptions {
     }
 }
 
+impl std::str::FromStr for BlockdevDetectZeroesOptions {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(BlockdevDetectZeroesOptions::Off),
+            "on" => Ok(BlockdevDetectZeroesOptions::On),
+            "unmap" => Ok(BlockdevDetectZeroesOptions::Unmap),
+            _ => Err(crate::UnknownValue::new("BlockdevDetectZeroesOptions", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevDetectZeroesOptions);
+
 /// QAPI enum `BlockdevAioOptions`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevAioOptions)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevAioOptions {
     /// `threads`.
-    #[serde(rename = "threads")]
     Threads,
     /// `native`.
-    #[serde(rename = "native")]
     Native,
     /// `io_uring` (Since QEMU 5.0; Compiled in only where `CONFIG_LINUX_IO_URING` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "io_uring")]
     IoUring,
 }
 
 impl BlockdevAioOptions {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevAioOptions] = &[
+        BlockdevAioOptions::Threads,
+        BlockdevAioOptions::Native,
+        BlockdevAioOptions::IoUring,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4270,6 +5269,21 @@ impl BlockdevAioOptions {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevAioOptions {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "threads" => Ok(BlockdevAioOptions::Threads),
+            "native" => Ok(BlockdevAioOptions::Native),
+            "io_uring" => Ok(BlockdevAioOptions::IoUring),
+            _ => Err(crate::UnknownValue::new("BlockdevAioOptions", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevAioOptions);
 
 /// QAPI struct `BlockdevCacheOptions`.
 ///
@@ -4291,138 +5305,142 @@ pub struct BlockdevCacheOptions {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevDriver)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevDriver {
     /// `blkdebug`.
-    #[serde(rename = "blkdebug")]
     Blkdebug,
     /// `blklogwrites`.
-    #[serde(rename = "blklogwrites")]
     Blklogwrites,
     /// `blkreplay`.
-    #[serde(rename = "blkreplay")]
     Blkreplay,
     /// `blkverify`.
-    #[serde(rename = "blkverify")]
     Blkverify,
     /// `bochs`.
-    #[serde(rename = "bochs")]
     Bochs,
     /// `cloop`.
-    #[serde(rename = "cloop")]
     Cloop,
     /// `compress`.
-    #[serde(rename = "compress")]
     Compress,
     /// `copy-before-write`.
-    #[serde(rename = "copy-before-write")]
     CopyBeforeWrite,
     /// `copy-on-read`.
-    #[serde(rename = "copy-on-read")]
     CopyOnRead,
     /// `dmg`.
-    #[serde(rename = "dmg")]
     Dmg,
     /// `file`.
-    #[serde(rename = "file")]
     File,
     /// `snapshot-access`.
-    #[serde(rename = "snapshot-access")]
     SnapshotAccess,
     /// `ftp`.
-    #[serde(rename = "ftp")]
     Ftp,
     /// `ftps`.
-    #[serde(rename = "ftps")]
     Ftps,
     /// `gluster` (Features: `deprecated`).
-    #[serde(rename = "gluster")]
     #[deprecated(note = "QEMU deprecates this value")]
     Gluster,
     /// `host_cdrom` (Compiled in only where `HAVE_HOST_BLOCK_DEVICE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "host_cdrom")]
     HostCdrom,
     /// `host_device` (Compiled in only where `HAVE_HOST_BLOCK_DEVICE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "host_device")]
     HostDevice,
     /// `http`.
-    #[serde(rename = "http")]
     Http,
     /// `https`.
-    #[serde(rename = "https")]
     Https,
     /// `iscsi`.
-    #[serde(rename = "iscsi")]
     Iscsi,
     /// `luks`.
-    #[serde(rename = "luks")]
     Luks,
     /// `nbd`.
-    #[serde(rename = "nbd")]
     Nbd,
     /// `nfs`.
-    #[serde(rename = "nfs")]
     Nfs,
     /// `null-aio`.
-    #[serde(rename = "null-aio")]
     NullAio,
     /// `null-co`.
-    #[serde(rename = "null-co")]
     NullCo,
     /// `nvme`.
-    #[serde(rename = "nvme")]
     Nvme,
     /// `parallels`.
-    #[serde(rename = "parallels")]
     Parallels,
     /// `preallocate`.
-    #[serde(rename = "preallocate")]
     Preallocate,
     /// `qcow`.
-    #[serde(rename = "qcow")]
     Qcow,
     /// `qcow2`.
-    #[serde(rename = "qcow2")]
     Qcow2,
     /// `qed`.
-    #[serde(rename = "qed")]
     Qed,
     /// `quorum`.
-    #[serde(rename = "quorum")]
     Quorum,
     /// `raw`.
-    #[serde(rename = "raw")]
     Raw,
     /// `rbd`.
-    #[serde(rename = "rbd")]
     Rbd,
     /// `replication` (Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "replication")]
     Replication,
     /// `ssh`.
-    #[serde(rename = "ssh")]
     Ssh,
     /// `throttle`.
-    #[serde(rename = "throttle")]
     Throttle,
     /// `vdi`.
-    #[serde(rename = "vdi")]
     Vdi,
     /// `vhdx`.
-    #[serde(rename = "vhdx")]
     Vhdx,
     /// `vmdk`.
-    #[serde(rename = "vmdk")]
     Vmdk,
     /// `vpc`.
-    #[serde(rename = "vpc")]
     Vpc,
     /// `vvfat`.
-    #[serde(rename = "vvfat")]
     Vvfat,
 }
 
 impl BlockdevDriver {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevDriver] = &[
+        BlockdevDriver::Blkdebug,
+        BlockdevDriver::Blklogwrites,
+        BlockdevDriver::Blkreplay,
+        BlockdevDriver::Blkverify,
+        BlockdevDriver::Bochs,
+        BlockdevDriver::Cloop,
+        BlockdevDriver::Compress,
+        BlockdevDriver::CopyBeforeWrite,
+        BlockdevDriver::CopyOnRead,
+        BlockdevDriver::Dmg,
+        BlockdevDriver::File,
+        BlockdevDriver::SnapshotAccess,
+        BlockdevDriver::Ftp,
+        BlockdevDriver::Ftps,
+        BlockdevDriver::Gluster,
+        BlockdevDriver::HostCdrom,
+        BlockdevDriver::HostDevice,
+        BlockdevDriver::Http,
+        BlockdevDriver::Https,
+        BlockdevDriver::Iscsi,
+        BlockdevDriver::Luks,
+        BlockdevDriver::Nbd,
+        BlockdevDriver::Nfs,
+        BlockdevDriver::NullAio,
+        BlockdevDriver::NullCo,
+        BlockdevDriver::Nvme,
+        BlockdevDriver::Parallels,
+        BlockdevDriver::Preallocate,
+        BlockdevDriver::Qcow,
+        BlockdevDriver::Qcow2,
+        BlockdevDriver::Qed,
+        BlockdevDriver::Quorum,
+        BlockdevDriver::Raw,
+        BlockdevDriver::Rbd,
+        BlockdevDriver::Replication,
+        BlockdevDriver::Ssh,
+        BlockdevDriver::Throttle,
+        BlockdevDriver::Vdi,
+        BlockdevDriver::Vhdx,
+        BlockdevDriver::Vmdk,
+        BlockdevDriver::Vpc,
+        BlockdevDriver::Vvfat,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4471,6 +5489,60 @@ impl BlockdevDriver {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevDriver {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "blkdebug" => Ok(BlockdevDriver::Blkdebug),
+            "blklogwrites" => Ok(BlockdevDriver::Blklogwrites),
+            "blkreplay" => Ok(BlockdevDriver::Blkreplay),
+            "blkverify" => Ok(BlockdevDriver::Blkverify),
+            "bochs" => Ok(BlockdevDriver::Bochs),
+            "cloop" => Ok(BlockdevDriver::Cloop),
+            "compress" => Ok(BlockdevDriver::Compress),
+            "copy-before-write" => Ok(BlockdevDriver::CopyBeforeWrite),
+            "copy-on-read" => Ok(BlockdevDriver::CopyOnRead),
+            "dmg" => Ok(BlockdevDriver::Dmg),
+            "file" => Ok(BlockdevDriver::File),
+            "snapshot-access" => Ok(BlockdevDriver::SnapshotAccess),
+            "ftp" => Ok(BlockdevDriver::Ftp),
+            "ftps" => Ok(BlockdevDriver::Ftps),
+            "gluster" => Ok(BlockdevDriver::Gluster),
+            "host_cdrom" => Ok(BlockdevDriver::HostCdrom),
+            "host_device" => Ok(BlockdevDriver::HostDevice),
+            "http" => Ok(BlockdevDriver::Http),
+            "https" => Ok(BlockdevDriver::Https),
+            "iscsi" => Ok(BlockdevDriver::Iscsi),
+            "luks" => Ok(BlockdevDriver::Luks),
+            "nbd" => Ok(BlockdevDriver::Nbd),
+            "nfs" => Ok(BlockdevDriver::Nfs),
+            "null-aio" => Ok(BlockdevDriver::NullAio),
+            "null-co" => Ok(BlockdevDriver::NullCo),
+            "nvme" => Ok(BlockdevDriver::Nvme),
+            "parallels" => Ok(BlockdevDriver::Parallels),
+            "preallocate" => Ok(BlockdevDriver::Preallocate),
+            "qcow" => Ok(BlockdevDriver::Qcow),
+            "qcow2" => Ok(BlockdevDriver::Qcow2),
+            "qed" => Ok(BlockdevDriver::Qed),
+            "quorum" => Ok(BlockdevDriver::Quorum),
+            "raw" => Ok(BlockdevDriver::Raw),
+            "rbd" => Ok(BlockdevDriver::Rbd),
+            "replication" => Ok(BlockdevDriver::Replication),
+            "ssh" => Ok(BlockdevDriver::Ssh),
+            "throttle" => Ok(BlockdevDriver::Throttle),
+            "vdi" => Ok(BlockdevDriver::Vdi),
+            "vhdx" => Ok(BlockdevDriver::Vhdx),
+            "vmdk" => Ok(BlockdevDriver::Vmdk),
+            "vpc" => Ok(BlockdevDriver::Vpc),
+            "vvfat" => Ok(BlockdevDriver::Vvfat),
+            _ => Err(crate::UnknownValue::new("BlockdevDriver", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevDriver);
 
 /// QAPI struct `BlockdevOptionsFile`.
 ///
@@ -4606,23 +5678,27 @@ pub struct BlockdevOptionsGenericCOWFormat {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.Qcow2OverlapCheckMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Qcow2OverlapCheckMode {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `constant`.
-    #[serde(rename = "constant")]
     Constant,
     /// `cached`.
-    #[serde(rename = "cached")]
     Cached,
     /// `all`.
-    #[serde(rename = "all")]
     All,
 }
 
 impl Qcow2OverlapCheckMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [Qcow2OverlapCheckMode] = &[
+        Qcow2OverlapCheckMode::None,
+        Qcow2OverlapCheckMode::Constant,
+        Qcow2OverlapCheckMode::Cached,
+        Qcow2OverlapCheckMode::All,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4633,6 +5709,22 @@ impl Qcow2OverlapCheckMode {
         }
     }
 }
+
+impl std::str::FromStr for Qcow2OverlapCheckMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Qcow2OverlapCheckMode::None),
+            "constant" => Ok(Qcow2OverlapCheckMode::Constant),
+            "cached" => Ok(Qcow2OverlapCheckMode::Cached),
+            "all" => Ok(Qcow2OverlapCheckMode::All),
+            _ => Err(crate::UnknownValue::new("Qcow2OverlapCheckMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(Qcow2OverlapCheckMode);
 
 /// QAPI struct `Qcow2OverlapCheckFlags`.
 ///
@@ -4692,14 +5784,16 @@ pub enum Qcow2OverlapChecks {
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevQcowEncryptionFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevQcowEncryptionFormat {
     /// `aes`.
-    #[serde(rename = "aes")]
     Aes,
 }
 
 impl BlockdevQcowEncryptionFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevQcowEncryptionFormat] = &[BlockdevQcowEncryptionFormat::Aes];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4707,6 +5801,19 @@ impl BlockdevQcowEncryptionFormat {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevQcowEncryptionFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aes" => Ok(BlockdevQcowEncryptionFormat::Aes),
+            _ => Err(crate::UnknownValue::new("BlockdevQcowEncryptionFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevQcowEncryptionFormat);
 
 /// QAPI union `BlockdevQcowEncryption`: the branch is chosen by `format`.
 ///
@@ -4747,17 +5854,21 @@ pub struct BlockdevOptionsQcow {
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevQcow2EncryptionFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevQcow2EncryptionFormat {
     /// `aes`.
-    #[serde(rename = "aes")]
     Aes,
     /// `luks`.
-    #[serde(rename = "luks")]
     Luks,
 }
 
 impl BlockdevQcow2EncryptionFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevQcow2EncryptionFormat] = &[
+        BlockdevQcow2EncryptionFormat::Aes,
+        BlockdevQcow2EncryptionFormat::Luks,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4766,6 +5877,20 @@ impl BlockdevQcow2EncryptionFormat {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevQcow2EncryptionFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aes" => Ok(BlockdevQcow2EncryptionFormat::Aes),
+            "luks" => Ok(BlockdevQcow2EncryptionFormat::Luks),
+            _ => Err(crate::UnknownValue::new("BlockdevQcow2EncryptionFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevQcow2EncryptionFormat);
 
 /// QAPI union `BlockdevQcow2Encryption`: the branch is chosen by `format`.
 ///
@@ -4862,20 +5987,24 @@ pub struct BlockdevOptionsQcow2 {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.SshHostKeyCheckMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SshHostKeyCheckMode {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `hash`.
-    #[serde(rename = "hash")]
     Hash,
     /// `known_hosts`.
-    #[serde(rename = "known_hosts")]
     KnownHosts,
 }
 
 impl SshHostKeyCheckMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SshHostKeyCheckMode] = &[
+        SshHostKeyCheckMode::None,
+        SshHostKeyCheckMode::Hash,
+        SshHostKeyCheckMode::KnownHosts,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4886,25 +6015,44 @@ impl SshHostKeyCheckMode {
     }
 }
 
+impl std::str::FromStr for SshHostKeyCheckMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(SshHostKeyCheckMode::None),
+            "hash" => Ok(SshHostKeyCheckMode::Hash),
+            "known_hosts" => Ok(SshHostKeyCheckMode::KnownHosts),
+            _ => Err(crate::UnknownValue::new("SshHostKeyCheckMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SshHostKeyCheckMode);
+
 /// QAPI enum `SshHostKeyCheckHashType`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.SshHostKeyCheckHashType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SshHostKeyCheckHashType {
     /// `md5`.
-    #[serde(rename = "md5")]
     Md5,
     /// `sha1`.
-    #[serde(rename = "sha1")]
     Sha1,
     /// `sha256`.
-    #[serde(rename = "sha256")]
     Sha256,
 }
 
 impl SshHostKeyCheckHashType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SshHostKeyCheckHashType] = &[
+        SshHostKeyCheckHashType::Md5,
+        SshHostKeyCheckHashType::Sha1,
+        SshHostKeyCheckHashType::Sha256,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -4914,6 +6062,21 @@ impl SshHostKeyCheckHashType {
         }
     }
 }
+
+impl std::str::FromStr for SshHostKeyCheckHashType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "md5" => Ok(SshHostKeyCheckHashType::Md5),
+            "sha1" => Ok(SshHostKeyCheckHashType::Sha1),
+            "sha256" => Ok(SshHostKeyCheckHashType::Sha256),
+            _ => Err(crate::UnknownValue::new("SshHostKeyCheckHashType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SshHostKeyCheckHashType);
 
 /// QAPI struct `SshHostKeyHash`.
 ///
@@ -4971,155 +6134,159 @@ pub struct BlockdevOptionsSsh {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlkdebugEvent)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlkdebugEvent {
     /// `l1_update`.
-    #[serde(rename = "l1_update")]
     L1Update,
     /// `l1_grow_alloc_table`.
-    #[serde(rename = "l1_grow_alloc_table")]
     L1GrowAllocTable,
     /// `l1_grow_write_table`.
-    #[serde(rename = "l1_grow_write_table")]
     L1GrowWriteTable,
     /// `l1_grow_activate_table`.
-    #[serde(rename = "l1_grow_activate_table")]
     L1GrowActivateTable,
     /// `l2_load`.
-    #[serde(rename = "l2_load")]
     L2Load,
     /// `l2_update`.
-    #[serde(rename = "l2_update")]
     L2Update,
     /// `l2_update_compressed`.
-    #[serde(rename = "l2_update_compressed")]
     L2UpdateCompressed,
     /// `l2_alloc_cow_read`.
-    #[serde(rename = "l2_alloc_cow_read")]
     L2AllocCowRead,
     /// `l2_alloc_write`.
-    #[serde(rename = "l2_alloc_write")]
     L2AllocWrite,
     /// `read_aio`.
-    #[serde(rename = "read_aio")]
     ReadAio,
     /// `read_backing_aio`.
-    #[serde(rename = "read_backing_aio")]
     ReadBackingAio,
     /// `read_compressed`.
-    #[serde(rename = "read_compressed")]
     ReadCompressed,
     /// `write_aio`.
-    #[serde(rename = "write_aio")]
     WriteAio,
     /// `write_compressed`.
-    #[serde(rename = "write_compressed")]
     WriteCompressed,
     /// `vmstate_load`.
-    #[serde(rename = "vmstate_load")]
     VmstateLoad,
     /// `vmstate_save`.
-    #[serde(rename = "vmstate_save")]
     VmstateSave,
     /// `cow_read`.
-    #[serde(rename = "cow_read")]
     CowRead,
     /// `cow_write`.
-    #[serde(rename = "cow_write")]
     CowWrite,
     /// `reftable_load`.
-    #[serde(rename = "reftable_load")]
     ReftableLoad,
     /// `reftable_grow`.
-    #[serde(rename = "reftable_grow")]
     ReftableGrow,
     /// `reftable_update`.
-    #[serde(rename = "reftable_update")]
     ReftableUpdate,
     /// `refblock_load`.
-    #[serde(rename = "refblock_load")]
     RefblockLoad,
     /// `refblock_update`.
-    #[serde(rename = "refblock_update")]
     RefblockUpdate,
     /// `refblock_update_part`.
-    #[serde(rename = "refblock_update_part")]
     RefblockUpdatePart,
     /// `refblock_alloc`.
-    #[serde(rename = "refblock_alloc")]
     RefblockAlloc,
     /// `refblock_alloc_hookup`.
-    #[serde(rename = "refblock_alloc_hookup")]
     RefblockAllocHookup,
     /// `refblock_alloc_write`.
-    #[serde(rename = "refblock_alloc_write")]
     RefblockAllocWrite,
     /// `refblock_alloc_write_blocks`.
-    #[serde(rename = "refblock_alloc_write_blocks")]
     RefblockAllocWriteBlocks,
     /// `refblock_alloc_write_table`.
-    #[serde(rename = "refblock_alloc_write_table")]
     RefblockAllocWriteTable,
     /// `refblock_alloc_switch_table`.
-    #[serde(rename = "refblock_alloc_switch_table")]
     RefblockAllocSwitchTable,
     /// `cluster_alloc`.
-    #[serde(rename = "cluster_alloc")]
     ClusterAlloc,
     /// `cluster_alloc_bytes`.
-    #[serde(rename = "cluster_alloc_bytes")]
     ClusterAllocBytes,
     /// `cluster_free`.
-    #[serde(rename = "cluster_free")]
     ClusterFree,
     /// `flush_to_os`.
-    #[serde(rename = "flush_to_os")]
     FlushToOs,
     /// `flush_to_disk`.
-    #[serde(rename = "flush_to_disk")]
     FlushToDisk,
     /// `pwritev_rmw_head`.
-    #[serde(rename = "pwritev_rmw_head")]
     PwritevRmwHead,
     /// `pwritev_rmw_after_head`.
-    #[serde(rename = "pwritev_rmw_after_head")]
     PwritevRmwAfterHead,
     /// `pwritev_rmw_tail`.
-    #[serde(rename = "pwritev_rmw_tail")]
     PwritevRmwTail,
     /// `pwritev_rmw_after_tail`.
-    #[serde(rename = "pwritev_rmw_after_tail")]
     PwritevRmwAfterTail,
     /// `pwritev`.
-    #[serde(rename = "pwritev")]
     Pwritev,
     /// `pwritev_zero`.
-    #[serde(rename = "pwritev_zero")]
     PwritevZero,
     /// `pwritev_done`.
-    #[serde(rename = "pwritev_done")]
     PwritevDone,
     /// `empty_image_prepare`.
-    #[serde(rename = "empty_image_prepare")]
     EmptyImagePrepare,
     /// `l1_shrink_write_table` (Since QEMU 2.11).
-    #[serde(rename = "l1_shrink_write_table")]
     L1ShrinkWriteTable,
     /// `l1_shrink_free_l2_clusters` (Since QEMU 2.11).
-    #[serde(rename = "l1_shrink_free_l2_clusters")]
     L1ShrinkFreeL2Clusters,
     /// `cor_write` (Since QEMU 2.11).
-    #[serde(rename = "cor_write")]
     CorWrite,
     /// `cluster_alloc_space` (Since QEMU 4.1).
-    #[serde(rename = "cluster_alloc_space")]
     ClusterAllocSpace,
     /// `none` (Since QEMU 4.1).
-    #[serde(rename = "none")]
     None,
 }
 
 impl BlkdebugEvent {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlkdebugEvent] = &[
+        BlkdebugEvent::L1Update,
+        BlkdebugEvent::L1GrowAllocTable,
+        BlkdebugEvent::L1GrowWriteTable,
+        BlkdebugEvent::L1GrowActivateTable,
+        BlkdebugEvent::L2Load,
+        BlkdebugEvent::L2Update,
+        BlkdebugEvent::L2UpdateCompressed,
+        BlkdebugEvent::L2AllocCowRead,
+        BlkdebugEvent::L2AllocWrite,
+        BlkdebugEvent::ReadAio,
+        BlkdebugEvent::ReadBackingAio,
+        BlkdebugEvent::ReadCompressed,
+        BlkdebugEvent::WriteAio,
+        BlkdebugEvent::WriteCompressed,
+        BlkdebugEvent::VmstateLoad,
+        BlkdebugEvent::VmstateSave,
+        BlkdebugEvent::CowRead,
+        BlkdebugEvent::CowWrite,
+        BlkdebugEvent::ReftableLoad,
+        BlkdebugEvent::ReftableGrow,
+        BlkdebugEvent::ReftableUpdate,
+        BlkdebugEvent::RefblockLoad,
+        BlkdebugEvent::RefblockUpdate,
+        BlkdebugEvent::RefblockUpdatePart,
+        BlkdebugEvent::RefblockAlloc,
+        BlkdebugEvent::RefblockAllocHookup,
+        BlkdebugEvent::RefblockAllocWrite,
+        BlkdebugEvent::RefblockAllocWriteBlocks,
+        BlkdebugEvent::RefblockAllocWriteTable,
+        BlkdebugEvent::RefblockAllocSwitchTable,
+        BlkdebugEvent::ClusterAlloc,
+        BlkdebugEvent::ClusterAllocBytes,
+        BlkdebugEvent::ClusterFree,
+        BlkdebugEvent::FlushToOs,
+        BlkdebugEvent::FlushToDisk,
+        BlkdebugEvent::PwritevRmwHead,
+        BlkdebugEvent::PwritevRmwAfterHead,
+        BlkdebugEvent::PwritevRmwTail,
+        BlkdebugEvent::PwritevRmwAfterTail,
+        BlkdebugEvent::Pwritev,
+        BlkdebugEvent::PwritevZero,
+        BlkdebugEvent::PwritevDone,
+        BlkdebugEvent::EmptyImagePrepare,
+        BlkdebugEvent::L1ShrinkWriteTable,
+        BlkdebugEvent::L1ShrinkFreeL2Clusters,
+        BlkdebugEvent::CorWrite,
+        BlkdebugEvent::ClusterAllocSpace,
+        BlkdebugEvent::None,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5175,34 +6342,98 @@ impl BlkdebugEvent {
     }
 }
 
+impl std::str::FromStr for BlkdebugEvent {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "l1_update" => Ok(BlkdebugEvent::L1Update),
+            "l1_grow_alloc_table" => Ok(BlkdebugEvent::L1GrowAllocTable),
+            "l1_grow_write_table" => Ok(BlkdebugEvent::L1GrowWriteTable),
+            "l1_grow_activate_table" => Ok(BlkdebugEvent::L1GrowActivateTable),
+            "l2_load" => Ok(BlkdebugEvent::L2Load),
+            "l2_update" => Ok(BlkdebugEvent::L2Update),
+            "l2_update_compressed" => Ok(BlkdebugEvent::L2UpdateCompressed),
+            "l2_alloc_cow_read" => Ok(BlkdebugEvent::L2AllocCowRead),
+            "l2_alloc_write" => Ok(BlkdebugEvent::L2AllocWrite),
+            "read_aio" => Ok(BlkdebugEvent::ReadAio),
+            "read_backing_aio" => Ok(BlkdebugEvent::ReadBackingAio),
+            "read_compressed" => Ok(BlkdebugEvent::ReadCompressed),
+            "write_aio" => Ok(BlkdebugEvent::WriteAio),
+            "write_compressed" => Ok(BlkdebugEvent::WriteCompressed),
+            "vmstate_load" => Ok(BlkdebugEvent::VmstateLoad),
+            "vmstate_save" => Ok(BlkdebugEvent::VmstateSave),
+            "cow_read" => Ok(BlkdebugEvent::CowRead),
+            "cow_write" => Ok(BlkdebugEvent::CowWrite),
+            "reftable_load" => Ok(BlkdebugEvent::ReftableLoad),
+            "reftable_grow" => Ok(BlkdebugEvent::ReftableGrow),
+            "reftable_update" => Ok(BlkdebugEvent::ReftableUpdate),
+            "refblock_load" => Ok(BlkdebugEvent::RefblockLoad),
+            "refblock_update" => Ok(BlkdebugEvent::RefblockUpdate),
+            "refblock_update_part" => Ok(BlkdebugEvent::RefblockUpdatePart),
+            "refblock_alloc" => Ok(BlkdebugEvent::RefblockAlloc),
+            "refblock_alloc_hookup" => Ok(BlkdebugEvent::RefblockAllocHookup),
+            "refblock_alloc_write" => Ok(BlkdebugEvent::RefblockAllocWrite),
+            "refblock_alloc_write_blocks" => Ok(BlkdebugEvent::RefblockAllocWriteBlocks),
+            "refblock_alloc_write_table" => Ok(BlkdebugEvent::RefblockAllocWriteTable),
+            "refblock_alloc_switch_table" => Ok(BlkdebugEvent::RefblockAllocSwitchTable),
+            "cluster_alloc" => Ok(BlkdebugEvent::ClusterAlloc),
+            "cluster_alloc_bytes" => Ok(BlkdebugEvent::ClusterAllocBytes),
+            "cluster_free" => Ok(BlkdebugEvent::ClusterFree),
+            "flush_to_os" => Ok(BlkdebugEvent::FlushToOs),
+            "flush_to_disk" => Ok(BlkdebugEvent::FlushToDisk),
+            "pwritev_rmw_head" => Ok(BlkdebugEvent::PwritevRmwHead),
+            "pwritev_rmw_after_head" => Ok(BlkdebugEvent::PwritevRmwAfterHead),
+            "pwritev_rmw_tail" => Ok(BlkdebugEvent::PwritevRmwTail),
+            "pwritev_rmw_after_tail" => Ok(BlkdebugEvent::PwritevRmwAfterTail),
+            "pwritev" => Ok(BlkdebugEvent::Pwritev),
+            "pwritev_zero" => Ok(BlkdebugEvent::PwritevZero),
+            "pwritev_done" => Ok(BlkdebugEvent::PwritevDone),
+            "empty_image_prepare" => Ok(BlkdebugEvent::EmptyImagePrepare),
+            "l1_shrink_write_table" => Ok(BlkdebugEvent::L1ShrinkWriteTable),
+            "l1_shrink_free_l2_clusters" => Ok(BlkdebugEvent::L1ShrinkFreeL2Clusters),
+            "cor_write" => Ok(BlkdebugEvent::CorWrite),
+            "cluster_alloc_space" => Ok(BlkdebugEvent::ClusterAllocSpace),
+            "none" => Ok(BlkdebugEvent::None),
+            _ => Err(crate::UnknownValue::new("BlkdebugEvent", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlkdebugEvent);
+
 /// QAPI enum `BlkdebugIOType`.
 ///
 /// Since QEMU 4.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlkdebugIOType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlkdebugIOType {
     /// `read`.
-    #[serde(rename = "read")]
     Read,
     /// `write`.
-    #[serde(rename = "write")]
     Write,
     /// `write-zeroes`.
-    #[serde(rename = "write-zeroes")]
     WriteZeroes,
     /// `discard`.
-    #[serde(rename = "discard")]
     Discard,
     /// `flush`.
-    #[serde(rename = "flush")]
     Flush,
     /// `block-status`.
-    #[serde(rename = "block-status")]
     BlockStatus,
 }
 
 impl BlkdebugIOType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlkdebugIOType] = &[
+        BlkdebugIOType::Read,
+        BlkdebugIOType::Write,
+        BlkdebugIOType::WriteZeroes,
+        BlkdebugIOType::Discard,
+        BlkdebugIOType::Flush,
+        BlkdebugIOType::BlockStatus,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5215,6 +6446,24 @@ impl BlkdebugIOType {
         }
     }
 }
+
+impl std::str::FromStr for BlkdebugIOType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(BlkdebugIOType::Read),
+            "write" => Ok(BlkdebugIOType::Write),
+            "write-zeroes" => Ok(BlkdebugIOType::WriteZeroes),
+            "discard" => Ok(BlkdebugIOType::Discard),
+            "flush" => Ok(BlkdebugIOType::Flush),
+            "block-status" => Ok(BlkdebugIOType::BlockStatus),
+            _ => Err(crate::UnknownValue::new("BlkdebugIOType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlkdebugIOType);
 
 /// QAPI struct `BlkdebugInjectErrorOptions`.
 ///
@@ -5356,17 +6605,18 @@ pub struct BlockdevOptionsBlkreplay {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.QuorumReadPattern)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QuorumReadPattern {
     /// `quorum`.
-    #[serde(rename = "quorum")]
     Quorum,
     /// `fifo`.
-    #[serde(rename = "fifo")]
     Fifo,
 }
 
 impl QuorumReadPattern {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QuorumReadPattern] = &[QuorumReadPattern::Quorum, QuorumReadPattern::Fifo];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5375,6 +6625,20 @@ impl QuorumReadPattern {
         }
     }
 }
+
+impl std::str::FromStr for QuorumReadPattern {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "quorum" => Ok(QuorumReadPattern::Quorum),
+            "fifo" => Ok(QuorumReadPattern::Fifo),
+            _ => Err(crate::UnknownValue::new("QuorumReadPattern", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QuorumReadPattern);
 
 /// QAPI struct `BlockdevOptionsQuorum`.
 ///
@@ -5425,17 +6689,18 @@ pub struct BlockdevOptionsGluster {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.IscsiTransport)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IscsiTransport {
     /// `tcp`.
-    #[serde(rename = "tcp")]
     Tcp,
     /// `iser`.
-    #[serde(rename = "iser")]
     Iser,
 }
 
 impl IscsiTransport {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [IscsiTransport] = &[IscsiTransport::Tcp, IscsiTransport::Iser];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5445,28 +6710,46 @@ impl IscsiTransport {
     }
 }
 
+impl std::str::FromStr for IscsiTransport {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(IscsiTransport::Tcp),
+            "iser" => Ok(IscsiTransport::Iser),
+            _ => Err(crate::UnknownValue::new("IscsiTransport", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(IscsiTransport);
+
 /// QAPI enum `IscsiHeaderDigest`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.IscsiHeaderDigest)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IscsiHeaderDigest {
     /// `crc32c`.
-    #[serde(rename = "crc32c")]
     Crc32c,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `crc32c-none`.
-    #[serde(rename = "crc32c-none")]
     Crc32cNone,
     /// `none-crc32c`.
-    #[serde(rename = "none-crc32c")]
     NoneCrc32c,
 }
 
 impl IscsiHeaderDigest {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [IscsiHeaderDigest] = &[
+        IscsiHeaderDigest::Crc32c,
+        IscsiHeaderDigest::None,
+        IscsiHeaderDigest::Crc32cNone,
+        IscsiHeaderDigest::NoneCrc32c,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5477,6 +6760,22 @@ impl IscsiHeaderDigest {
         }
     }
 }
+
+impl std::str::FromStr for IscsiHeaderDigest {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "crc32c" => Ok(IscsiHeaderDigest::Crc32c),
+            "none" => Ok(IscsiHeaderDigest::None),
+            "crc32c-none" => Ok(IscsiHeaderDigest::Crc32cNone),
+            "none-crc32c" => Ok(IscsiHeaderDigest::NoneCrc32c),
+            _ => Err(crate::UnknownValue::new("IscsiHeaderDigest", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(IscsiHeaderDigest);
 
 /// QAPI struct `BlockdevOptionsIscsi`.
 ///
@@ -5516,17 +6815,18 @@ pub struct BlockdevOptionsIscsi {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.RbdAuthMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RbdAuthMode {
     /// `cephx`.
-    #[serde(rename = "cephx")]
     Cephx,
     /// `none`.
-    #[serde(rename = "none")]
     None,
 }
 
 impl RbdAuthMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RbdAuthMode] = &[RbdAuthMode::Cephx, RbdAuthMode::None];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5536,25 +6836,43 @@ impl RbdAuthMode {
     }
 }
 
+impl std::str::FromStr for RbdAuthMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cephx" => Ok(RbdAuthMode::Cephx),
+            "none" => Ok(RbdAuthMode::None),
+            _ => Err(crate::UnknownValue::new("RbdAuthMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RbdAuthMode);
+
 /// QAPI enum `RbdImageEncryptionFormat`.
 ///
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.RbdImageEncryptionFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RbdImageEncryptionFormat {
     /// `luks`.
-    #[serde(rename = "luks")]
     Luks,
     /// `luks2`.
-    #[serde(rename = "luks2")]
     Luks2,
     /// `luks-any` (Since QEMU 8.0).
-    #[serde(rename = "luks-any")]
     LuksAny,
 }
 
 impl RbdImageEncryptionFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RbdImageEncryptionFormat] = &[
+        RbdImageEncryptionFormat::Luks,
+        RbdImageEncryptionFormat::Luks2,
+        RbdImageEncryptionFormat::LuksAny,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5564,6 +6882,21 @@ impl RbdImageEncryptionFormat {
         }
     }
 }
+
+impl std::str::FromStr for RbdImageEncryptionFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "luks" => Ok(RbdImageEncryptionFormat::Luks),
+            "luks2" => Ok(RbdImageEncryptionFormat::Luks2),
+            "luks-any" => Ok(RbdImageEncryptionFormat::LuksAny),
+            _ => Err(crate::UnknownValue::new("RbdImageEncryptionFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RbdImageEncryptionFormat);
 
 /// QAPI struct `RbdEncryptionOptionsLUKSBase`.
 ///
@@ -5758,17 +7091,18 @@ pub struct BlockdevOptionsRbd {
 /// Since QEMU 2.9. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.ReplicationMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReplicationMode {
     /// `primary`.
-    #[serde(rename = "primary")]
     Primary,
     /// `secondary`.
-    #[serde(rename = "secondary")]
     Secondary,
 }
 
 impl ReplicationMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ReplicationMode] = &[ReplicationMode::Primary, ReplicationMode::Secondary];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5777,6 +7111,20 @@ impl ReplicationMode {
         }
     }
 }
+
+impl std::str::FromStr for ReplicationMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "primary" => Ok(ReplicationMode::Primary),
+            "secondary" => Ok(ReplicationMode::Secondary),
+            _ => Err(crate::UnknownValue::new("ReplicationMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ReplicationMode);
 
 /// QAPI struct `BlockdevOptionsReplication`.
 ///
@@ -5799,14 +7147,16 @@ pub struct BlockdevOptionsReplication {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.NFSTransport)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NFSTransport {
     /// `inet`.
-    #[serde(rename = "inet")]
     Inet,
 }
 
 impl NFSTransport {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NFSTransport] = &[NFSTransport::Inet];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -5814,6 +7164,19 @@ impl NFSTransport {
         }
     }
 }
+
+impl std::str::FromStr for NFSTransport {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inet" => Ok(NFSTransport::Inet),
+            _ => Err(crate::UnknownValue::new("NFSTransport", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NFSTransport);
 
 /// QAPI struct `NFSServer`.
 ///
@@ -6101,17 +7464,18 @@ pub struct BlockdevOptionsCor {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.OnCbwError)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OnCbwError {
     /// `break-guest-write`.
-    #[serde(rename = "break-guest-write")]
     BreakGuestWrite,
     /// `break-snapshot`.
-    #[serde(rename = "break-snapshot")]
     BreakSnapshot,
 }
 
 impl OnCbwError {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [OnCbwError] = &[OnCbwError::BreakGuestWrite, OnCbwError::BreakSnapshot];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6120,6 +7484,20 @@ impl OnCbwError {
         }
     }
 }
+
+impl std::str::FromStr for OnCbwError {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "break-guest-write" => Ok(OnCbwError::BreakGuestWrite),
+            "break-snapshot" => Ok(OnCbwError::BreakSnapshot),
+            _ => Err(crate::UnknownValue::new("OnCbwError", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(OnCbwError);
 
 /// QAPI struct `BlockdevOptionsCbw`.
 ///
@@ -6496,17 +7874,18 @@ pub struct BlockdevCreateOptionsQcow {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevQcow2Version)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevQcow2Version {
     /// `v2`.
-    #[serde(rename = "v2")]
     V2,
     /// `v3`.
-    #[serde(rename = "v3")]
     V3,
 }
 
 impl BlockdevQcow2Version {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevQcow2Version] = &[BlockdevQcow2Version::V2, BlockdevQcow2Version::V3];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6516,22 +7895,38 @@ impl BlockdevQcow2Version {
     }
 }
 
+impl std::str::FromStr for BlockdevQcow2Version {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "v2" => Ok(BlockdevQcow2Version::V2),
+            "v3" => Ok(BlockdevQcow2Version::V3),
+            _ => Err(crate::UnknownValue::new("BlockdevQcow2Version", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevQcow2Version);
+
 /// QAPI enum `Qcow2CompressionType`.
 ///
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.Qcow2CompressionType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Qcow2CompressionType {
     /// `zlib`.
-    #[serde(rename = "zlib")]
     Zlib,
     /// `zstd` (Compiled in only where `CONFIG_ZSTD` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "zstd")]
     Zstd,
 }
 
 impl Qcow2CompressionType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [Qcow2CompressionType] =
+        &[Qcow2CompressionType::Zlib, Qcow2CompressionType::Zstd];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6540,6 +7935,20 @@ impl Qcow2CompressionType {
         }
     }
 }
+
+impl std::str::FromStr for Qcow2CompressionType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "zlib" => Ok(Qcow2CompressionType::Zlib),
+            "zstd" => Ok(Qcow2CompressionType::Zstd),
+            _ => Err(crate::UnknownValue::new("Qcow2CompressionType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(Qcow2CompressionType);
 
 /// QAPI struct `BlockdevCreateOptionsQcow2`.
 ///
@@ -6639,26 +8048,30 @@ pub struct BlockdevCreateOptionsRbd {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevVmdkSubformat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevVmdkSubformat {
     /// `monolithicSparse`.
-    #[serde(rename = "monolithicSparse")]
     Monolithicsparse,
     /// `monolithicFlat`.
-    #[serde(rename = "monolithicFlat")]
     Monolithicflat,
     /// `twoGbMaxExtentSparse`.
-    #[serde(rename = "twoGbMaxExtentSparse")]
     Twogbmaxextentsparse,
     /// `twoGbMaxExtentFlat`.
-    #[serde(rename = "twoGbMaxExtentFlat")]
     Twogbmaxextentflat,
     /// `streamOptimized`.
-    #[serde(rename = "streamOptimized")]
     Streamoptimized,
 }
 
 impl BlockdevVmdkSubformat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevVmdkSubformat] = &[
+        BlockdevVmdkSubformat::Monolithicsparse,
+        BlockdevVmdkSubformat::Monolithicflat,
+        BlockdevVmdkSubformat::Twogbmaxextentsparse,
+        BlockdevVmdkSubformat::Twogbmaxextentflat,
+        BlockdevVmdkSubformat::Streamoptimized,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6671,28 +8084,49 @@ impl BlockdevVmdkSubformat {
     }
 }
 
+impl std::str::FromStr for BlockdevVmdkSubformat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "monolithicSparse" => Ok(BlockdevVmdkSubformat::Monolithicsparse),
+            "monolithicFlat" => Ok(BlockdevVmdkSubformat::Monolithicflat),
+            "twoGbMaxExtentSparse" => Ok(BlockdevVmdkSubformat::Twogbmaxextentsparse),
+            "twoGbMaxExtentFlat" => Ok(BlockdevVmdkSubformat::Twogbmaxextentflat),
+            "streamOptimized" => Ok(BlockdevVmdkSubformat::Streamoptimized),
+            _ => Err(crate::UnknownValue::new("BlockdevVmdkSubformat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevVmdkSubformat);
+
 /// QAPI enum `BlockdevVmdkAdapterType`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevVmdkAdapterType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevVmdkAdapterType {
     /// `ide`.
-    #[serde(rename = "ide")]
     Ide,
     /// `buslogic`.
-    #[serde(rename = "buslogic")]
     Buslogic,
     /// `lsilogic`.
-    #[serde(rename = "lsilogic")]
     Lsilogic,
     /// `legacyESX`.
-    #[serde(rename = "legacyESX")]
     Legacyesx,
 }
 
 impl BlockdevVmdkAdapterType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevVmdkAdapterType] = &[
+        BlockdevVmdkAdapterType::Ide,
+        BlockdevVmdkAdapterType::Buslogic,
+        BlockdevVmdkAdapterType::Lsilogic,
+        BlockdevVmdkAdapterType::Legacyesx,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6703,6 +8137,22 @@ impl BlockdevVmdkAdapterType {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevVmdkAdapterType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ide" => Ok(BlockdevVmdkAdapterType::Ide),
+            "buslogic" => Ok(BlockdevVmdkAdapterType::Buslogic),
+            "lsilogic" => Ok(BlockdevVmdkAdapterType::Lsilogic),
+            "legacyESX" => Ok(BlockdevVmdkAdapterType::Legacyesx),
+            _ => Err(crate::UnknownValue::new("BlockdevVmdkAdapterType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevVmdkAdapterType);
 
 /// QAPI struct `BlockdevCreateOptionsVmdk`.
 ///
@@ -6772,17 +8222,19 @@ pub struct BlockdevCreateOptionsVdi {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevVhdxSubformat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevVhdxSubformat {
     /// `dynamic`.
-    #[serde(rename = "dynamic")]
     Dynamic,
     /// `fixed`.
-    #[serde(rename = "fixed")]
     Fixed,
 }
 
 impl BlockdevVhdxSubformat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevVhdxSubformat] =
+        &[BlockdevVhdxSubformat::Dynamic, BlockdevVhdxSubformat::Fixed];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6791,6 +8243,20 @@ impl BlockdevVhdxSubformat {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevVhdxSubformat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dynamic" => Ok(BlockdevVhdxSubformat::Dynamic),
+            "fixed" => Ok(BlockdevVhdxSubformat::Fixed),
+            _ => Err(crate::UnknownValue::new("BlockdevVhdxSubformat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevVhdxSubformat);
 
 /// QAPI struct `BlockdevCreateOptionsVhdx`.
 ///
@@ -6822,17 +8288,19 @@ pub struct BlockdevCreateOptionsVhdx {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockdevVpcSubformat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevVpcSubformat {
     /// `dynamic`.
-    #[serde(rename = "dynamic")]
     Dynamic,
     /// `fixed`.
-    #[serde(rename = "fixed")]
     Fixed,
 }
 
 impl BlockdevVpcSubformat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevVpcSubformat] =
+        &[BlockdevVpcSubformat::Dynamic, BlockdevVpcSubformat::Fixed];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -6841,6 +8309,20 @@ impl BlockdevVpcSubformat {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevVpcSubformat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dynamic" => Ok(BlockdevVpcSubformat::Dynamic),
+            "fixed" => Ok(BlockdevVpcSubformat::Fixed),
+            _ => Err(crate::UnknownValue::new("BlockdevVpcSubformat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevVpcSubformat);
 
 /// QAPI struct `BlockdevCreateOptionsVpc`.
 ///
@@ -7178,20 +8660,24 @@ pub enum BlockdevAmendOptions {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.BlockErrorAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockErrorAction {
     /// `ignore`.
-    #[serde(rename = "ignore")]
     Ignore,
     /// `report`.
-    #[serde(rename = "report")]
     Report,
     /// `stop`.
-    #[serde(rename = "stop")]
     Stop,
 }
 
 impl BlockErrorAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockErrorAction] = &[
+        BlockErrorAction::Ignore,
+        BlockErrorAction::Report,
+        BlockErrorAction::Stop,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7202,28 +8688,47 @@ impl BlockErrorAction {
     }
 }
 
+impl std::str::FromStr for BlockErrorAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ignore" => Ok(BlockErrorAction::Ignore),
+            "report" => Ok(BlockErrorAction::Report),
+            "stop" => Ok(BlockErrorAction::Stop),
+            _ => Err(crate::UnknownValue::new("BlockErrorAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockErrorAction);
+
 /// QAPI enum `PreallocMode`.
 ///
 /// Since QEMU 2.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.PreallocMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PreallocMode {
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `metadata`.
-    #[serde(rename = "metadata")]
     Metadata,
     /// `falloc`.
-    #[serde(rename = "falloc")]
     Falloc,
     /// `full`.
-    #[serde(rename = "full")]
     Full,
 }
 
 impl PreallocMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [PreallocMode] = &[
+        PreallocMode::Off,
+        PreallocMode::Metadata,
+        PreallocMode::Falloc,
+        PreallocMode::Full,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7235,25 +8740,41 @@ impl PreallocMode {
     }
 }
 
+impl std::str::FromStr for PreallocMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(PreallocMode::Off),
+            "metadata" => Ok(PreallocMode::Metadata),
+            "falloc" => Ok(PreallocMode::Falloc),
+            "full" => Ok(PreallocMode::Full),
+            _ => Err(crate::UnknownValue::new("PreallocMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(PreallocMode);
+
 /// QAPI enum `QuorumOpType`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-core.QuorumOpType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QuorumOpType {
     /// `read`.
-    #[serde(rename = "read")]
     Read,
     /// `write`.
-    #[serde(rename = "write")]
     Write,
     /// `flush`.
-    #[serde(rename = "flush")]
     Flush,
 }
 
 impl QuorumOpType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QuorumOpType] = &[QuorumOpType::Read, QuorumOpType::Write, QuorumOpType::Flush];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7263,6 +8784,21 @@ impl QuorumOpType {
         }
     }
 }
+
+impl std::str::FromStr for QuorumOpType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(QuorumOpType::Read),
+            "write" => Ok(QuorumOpType::Write),
+            "flush" => Ok(QuorumOpType::Flush),
+            _ => Err(crate::UnknownValue::new("QuorumOpType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QuorumOpType);
 
 /// QAPI struct `BlockdevSnapshotInternal`.
 ///
@@ -7294,26 +8830,30 @@ pub struct DummyBlockCoreForceArrays {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block.BiosAtaTranslation)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BiosAtaTranslation {
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `lba`.
-    #[serde(rename = "lba")]
     Lba,
     /// `large`.
-    #[serde(rename = "large")]
     Large,
     /// `rechs`.
-    #[serde(rename = "rechs")]
     Rechs,
 }
 
 impl BiosAtaTranslation {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BiosAtaTranslation] = &[
+        BiosAtaTranslation::Auto,
+        BiosAtaTranslation::None,
+        BiosAtaTranslation::Lba,
+        BiosAtaTranslation::Large,
+        BiosAtaTranslation::Rechs,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7326,31 +8866,52 @@ impl BiosAtaTranslation {
     }
 }
 
+impl std::str::FromStr for BiosAtaTranslation {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BiosAtaTranslation::Auto),
+            "none" => Ok(BiosAtaTranslation::None),
+            "lba" => Ok(BiosAtaTranslation::Lba),
+            "large" => Ok(BiosAtaTranslation::Large),
+            "rechs" => Ok(BiosAtaTranslation::Rechs),
+            _ => Err(crate::UnknownValue::new("BiosAtaTranslation", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BiosAtaTranslation);
+
 /// QAPI enum `FloppyDriveType`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block.FloppyDriveType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FloppyDriveType {
     /// `144`.
-    #[serde(rename = "144")]
     V144,
     /// `288`.
-    #[serde(rename = "288")]
     V288,
     /// `120`.
-    #[serde(rename = "120")]
     V120,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
 }
 
 impl FloppyDriveType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [FloppyDriveType] = &[
+        FloppyDriveType::V144,
+        FloppyDriveType::V288,
+        FloppyDriveType::V120,
+        FloppyDriveType::None,
+        FloppyDriveType::Auto,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7362,6 +8923,23 @@ impl FloppyDriveType {
         }
     }
 }
+
+impl std::str::FromStr for FloppyDriveType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "144" => Ok(FloppyDriveType::V144),
+            "288" => Ok(FloppyDriveType::V288),
+            "120" => Ok(FloppyDriveType::V120),
+            "none" => Ok(FloppyDriveType::None),
+            "auto" => Ok(FloppyDriveType::Auto),
+            _ => Err(crate::UnknownValue::new("FloppyDriveType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(FloppyDriveType);
 
 /// QAPI struct `PRManagerInfo`.
 ///
@@ -7381,20 +8959,24 @@ pub struct PRManagerInfo {
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block.BlockdevChangeReadOnlyMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockdevChangeReadOnlyMode {
     /// `retain`.
-    #[serde(rename = "retain")]
     Retain,
     /// `read-only`.
-    #[serde(rename = "read-only")]
     ReadOnly,
     /// `read-write`.
-    #[serde(rename = "read-write")]
     ReadWrite,
 }
 
 impl BlockdevChangeReadOnlyMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockdevChangeReadOnlyMode] = &[
+        BlockdevChangeReadOnlyMode::Retain,
+        BlockdevChangeReadOnlyMode::ReadOnly,
+        BlockdevChangeReadOnlyMode::ReadWrite,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7404,6 +8986,21 @@ impl BlockdevChangeReadOnlyMode {
         }
     }
 }
+
+impl std::str::FromStr for BlockdevChangeReadOnlyMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "retain" => Ok(BlockdevChangeReadOnlyMode::Retain),
+            "read-only" => Ok(BlockdevChangeReadOnlyMode::ReadOnly),
+            "read-write" => Ok(BlockdevChangeReadOnlyMode::ReadWrite),
+            _ => Err(crate::UnknownValue::new("BlockdevChangeReadOnlyMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockdevChangeReadOnlyMode);
 
 /// QAPI struct `NbdServerOptionsBase`.
 ///
@@ -7524,20 +9121,24 @@ pub struct BlockExportOptionsVhostUserBlk {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-export.FuseExportAllowOther)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FuseExportAllowOther {
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `on`.
-    #[serde(rename = "on")]
     On,
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
 }
 
 impl FuseExportAllowOther {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [FuseExportAllowOther] = &[
+        FuseExportAllowOther::Off,
+        FuseExportAllowOther::On,
+        FuseExportAllowOther::Auto,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7547,6 +9148,21 @@ impl FuseExportAllowOther {
         }
     }
 }
+
+impl std::str::FromStr for FuseExportAllowOther {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(FuseExportAllowOther::Off),
+            "on" => Ok(FuseExportAllowOther::On),
+            "auto" => Ok(FuseExportAllowOther::Auto),
+            _ => Err(crate::UnknownValue::new("FuseExportAllowOther", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(FuseExportAllowOther);
 
 /// QAPI struct `BlockExportOptionsFuse`.
 ///
@@ -7616,17 +9232,19 @@ pub struct NbdServerAddOptions {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-export.BlockExportRemoveMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockExportRemoveMode {
     /// `safe`.
-    #[serde(rename = "safe")]
     Safe,
     /// `hard`.
-    #[serde(rename = "hard")]
     Hard,
 }
 
 impl BlockExportRemoveMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockExportRemoveMode] =
+        &[BlockExportRemoveMode::Safe, BlockExportRemoveMode::Hard];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7636,28 +9254,46 @@ impl BlockExportRemoveMode {
     }
 }
 
+impl std::str::FromStr for BlockExportRemoveMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "safe" => Ok(BlockExportRemoveMode::Safe),
+            "hard" => Ok(BlockExportRemoveMode::Hard),
+            _ => Err(crate::UnknownValue::new("BlockExportRemoveMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockExportRemoveMode);
+
 /// QAPI enum `BlockExportType`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-block-export.BlockExportType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlockExportType {
     /// `nbd`.
-    #[serde(rename = "nbd")]
     Nbd,
     /// `vhost-user-blk` (Since QEMU 5.2; Compiled in only where `CONFIG_VHOST_USER_BLK_SERVER` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "vhost-user-blk")]
     VhostUserBlk,
     /// `fuse` (Compiled in only where `CONFIG_FUSE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "fuse")]
     Fuse,
     /// `vduse-blk` (Since QEMU 7.1; Compiled in only where `CONFIG_VDUSE_BLK_EXPORT` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "vduse-blk")]
     VduseBlk,
 }
 
 impl BlockExportType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [BlockExportType] = &[
+        BlockExportType::Nbd,
+        BlockExportType::VhostUserBlk,
+        BlockExportType::Fuse,
+        BlockExportType::VduseBlk,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7668,6 +9304,22 @@ impl BlockExportType {
         }
     }
 }
+
+impl std::str::FromStr for BlockExportType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nbd" => Ok(BlockExportType::Nbd),
+            "vhost-user-blk" => Ok(BlockExportType::VhostUserBlk),
+            "fuse" => Ok(BlockExportType::Fuse),
+            "vduse-blk" => Ok(BlockExportType::VduseBlk),
+            _ => Err(crate::UnknownValue::new("BlockExportType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(BlockExportType);
 
 /// QAPI union `BlockExportOptions`: the branch is chosen by `type`.
 ///
@@ -7772,17 +9424,18 @@ pub struct ChardevBackendInfo {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-char.DataFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DataFormat {
     /// `utf8`.
-    #[serde(rename = "utf8")]
     Utf8,
     /// `base64`.
-    #[serde(rename = "base64")]
     Base64,
 }
 
 impl DataFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DataFormat] = &[DataFormat::Utf8, DataFormat::Base64];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -7791,6 +9444,20 @@ impl DataFormat {
         }
     }
 }
+
+impl std::str::FromStr for DataFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "utf8" => Ok(DataFormat::Utf8),
+            "base64" => Ok(DataFormat::Base64),
+            _ => Err(crate::UnknownValue::new("DataFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DataFormat);
 
 /// QAPI struct `ChardevCommon`.
 ///
@@ -8107,78 +9774,82 @@ pub struct ChardevPty {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-char.ChardevBackendKind)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ChardevBackendKind {
     /// `file`.
-    #[serde(rename = "file")]
     File,
     /// `serial` (Compiled in only where `HAVE_CHARDEV_SERIAL` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "serial")]
     Serial,
     /// `parallel` (Compiled in only where `HAVE_CHARDEV_PARALLEL` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "parallel")]
     Parallel,
     /// `pipe` (Since QEMU 1.5).
-    #[serde(rename = "pipe")]
     Pipe,
     /// `socket`.
-    #[serde(rename = "socket")]
     Socket,
     /// `udp` (Since QEMU 1.5).
-    #[serde(rename = "udp")]
     Udp,
     /// `pty`.
-    #[serde(rename = "pty")]
     Pty,
     /// `null`.
-    #[serde(rename = "null")]
     Null,
     /// `mux` (Since QEMU 1.5).
-    #[serde(rename = "mux")]
     Mux,
     /// `hub` (Since QEMU 10.0).
-    #[serde(rename = "hub")]
     Hub,
     /// `msmouse` (Since QEMU 1.5).
-    #[serde(rename = "msmouse")]
     Msmouse,
     /// `wctablet` (Since QEMU 2.9).
-    #[serde(rename = "wctablet")]
     Wctablet,
     /// `braille` (Since QEMU 1.5; Compiled in only where `CONFIG_BRLAPI` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "braille")]
     Braille,
     /// `testdev` (Since QEMU 2.2).
-    #[serde(rename = "testdev")]
     Testdev,
     /// `stdio` (Since QEMU 1.5).
-    #[serde(rename = "stdio")]
     Stdio,
     /// `spicevmc` (Since QEMU 1.5; Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "spicevmc")]
     Spicevmc,
     /// `spiceport` (Since QEMU 1.5; Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "spiceport")]
     Spiceport,
     /// `qemu-vdagent` (Since QEMU 6.1; Compiled in only where `CONFIG_SPICE_PROTOCOL` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "qemu-vdagent")]
     QemuVdagent,
     /// `dbus` (Since QEMU 7.0; Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "dbus")]
     Dbus,
     /// `vc` (Since QEMU 1.5).
-    #[serde(rename = "vc")]
     Vc,
     /// `ringbuf` (Since QEMU 1.6).
-    #[serde(rename = "ringbuf")]
     Ringbuf,
     /// `memory` (Since QEMU 1.5; Features: `deprecated`).
-    #[serde(rename = "memory")]
     #[deprecated(note = "QEMU deprecates this value")]
     Memory,
 }
 
 impl ChardevBackendKind {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ChardevBackendKind] = &[
+        ChardevBackendKind::File,
+        ChardevBackendKind::Serial,
+        ChardevBackendKind::Parallel,
+        ChardevBackendKind::Pipe,
+        ChardevBackendKind::Socket,
+        ChardevBackendKind::Udp,
+        ChardevBackendKind::Pty,
+        ChardevBackendKind::Null,
+        ChardevBackendKind::Mux,
+        ChardevBackendKind::Hub,
+        ChardevBackendKind::Msmouse,
+        ChardevBackendKind::Wctablet,
+        ChardevBackendKind::Braille,
+        ChardevBackendKind::Testdev,
+        ChardevBackendKind::Stdio,
+        ChardevBackendKind::Spicevmc,
+        ChardevBackendKind::Spiceport,
+        ChardevBackendKind::QemuVdagent,
+        ChardevBackendKind::Dbus,
+        ChardevBackendKind::Vc,
+        ChardevBackendKind::Ringbuf,
+        ChardevBackendKind::Memory,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -8207,6 +9878,40 @@ impl ChardevBackendKind {
         }
     }
 }
+
+impl std::str::FromStr for ChardevBackendKind {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "file" => Ok(ChardevBackendKind::File),
+            "serial" => Ok(ChardevBackendKind::Serial),
+            "parallel" => Ok(ChardevBackendKind::Parallel),
+            "pipe" => Ok(ChardevBackendKind::Pipe),
+            "socket" => Ok(ChardevBackendKind::Socket),
+            "udp" => Ok(ChardevBackendKind::Udp),
+            "pty" => Ok(ChardevBackendKind::Pty),
+            "null" => Ok(ChardevBackendKind::Null),
+            "mux" => Ok(ChardevBackendKind::Mux),
+            "hub" => Ok(ChardevBackendKind::Hub),
+            "msmouse" => Ok(ChardevBackendKind::Msmouse),
+            "wctablet" => Ok(ChardevBackendKind::Wctablet),
+            "braille" => Ok(ChardevBackendKind::Braille),
+            "testdev" => Ok(ChardevBackendKind::Testdev),
+            "stdio" => Ok(ChardevBackendKind::Stdio),
+            "spicevmc" => Ok(ChardevBackendKind::Spicevmc),
+            "spiceport" => Ok(ChardevBackendKind::Spiceport),
+            "qemu-vdagent" => Ok(ChardevBackendKind::QemuVdagent),
+            "dbus" => Ok(ChardevBackendKind::Dbus),
+            "vc" => Ok(ChardevBackendKind::Vc),
+            "ringbuf" => Ok(ChardevBackendKind::Ringbuf),
+            "memory" => Ok(ChardevBackendKind::Memory),
+            _ => Err(crate::UnknownValue::new("ChardevBackendKind", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ChardevBackendKind);
 
 /// QAPI struct `ChardevFileWrapper`.
 ///
@@ -8467,35 +10172,39 @@ pub struct ChardevReturn {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-dump.DumpGuestMemoryFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DumpGuestMemoryFormat {
     /// `elf`.
-    #[serde(rename = "elf")]
     Elf,
     /// `kdump-zlib`.
-    #[serde(rename = "kdump-zlib")]
     KdumpZlib,
     /// `kdump-lzo`.
-    #[serde(rename = "kdump-lzo")]
     KdumpLzo,
     /// `kdump-snappy`.
-    #[serde(rename = "kdump-snappy")]
     KdumpSnappy,
     /// `kdump-raw-zlib` (Since QEMU 8.2).
-    #[serde(rename = "kdump-raw-zlib")]
     KdumpRawZlib,
     /// `kdump-raw-lzo` (Since QEMU 8.2).
-    #[serde(rename = "kdump-raw-lzo")]
     KdumpRawLzo,
     /// `kdump-raw-snappy` (Since QEMU 8.2).
-    #[serde(rename = "kdump-raw-snappy")]
     KdumpRawSnappy,
     /// `win-dmp` (Since QEMU 2.13).
-    #[serde(rename = "win-dmp")]
     WinDmp,
 }
 
 impl DumpGuestMemoryFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DumpGuestMemoryFormat] = &[
+        DumpGuestMemoryFormat::Elf,
+        DumpGuestMemoryFormat::KdumpZlib,
+        DumpGuestMemoryFormat::KdumpLzo,
+        DumpGuestMemoryFormat::KdumpSnappy,
+        DumpGuestMemoryFormat::KdumpRawZlib,
+        DumpGuestMemoryFormat::KdumpRawLzo,
+        DumpGuestMemoryFormat::KdumpRawSnappy,
+        DumpGuestMemoryFormat::WinDmp,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -8511,28 +10220,52 @@ impl DumpGuestMemoryFormat {
     }
 }
 
+impl std::str::FromStr for DumpGuestMemoryFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "elf" => Ok(DumpGuestMemoryFormat::Elf),
+            "kdump-zlib" => Ok(DumpGuestMemoryFormat::KdumpZlib),
+            "kdump-lzo" => Ok(DumpGuestMemoryFormat::KdumpLzo),
+            "kdump-snappy" => Ok(DumpGuestMemoryFormat::KdumpSnappy),
+            "kdump-raw-zlib" => Ok(DumpGuestMemoryFormat::KdumpRawZlib),
+            "kdump-raw-lzo" => Ok(DumpGuestMemoryFormat::KdumpRawLzo),
+            "kdump-raw-snappy" => Ok(DumpGuestMemoryFormat::KdumpRawSnappy),
+            "win-dmp" => Ok(DumpGuestMemoryFormat::WinDmp),
+            _ => Err(crate::UnknownValue::new("DumpGuestMemoryFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DumpGuestMemoryFormat);
+
 /// QAPI enum `DumpStatus`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-dump.DumpStatus)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DumpStatus {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `active`.
-    #[serde(rename = "active")]
     Active,
     /// `completed`.
-    #[serde(rename = "completed")]
     Completed,
     /// `failed`.
-    #[serde(rename = "failed")]
     Failed,
 }
 
 impl DumpStatus {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DumpStatus] = &[
+        DumpStatus::None,
+        DumpStatus::Active,
+        DumpStatus::Completed,
+        DumpStatus::Failed,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -8543,6 +10276,22 @@ impl DumpStatus {
         }
     }
 }
+
+impl std::str::FromStr for DumpStatus {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(DumpStatus::None),
+            "active" => Ok(DumpStatus::Active),
+            "completed" => Ok(DumpStatus::Completed),
+            "failed" => Ok(DumpStatus::Failed),
+            _ => Err(crate::UnknownValue::new("DumpStatus", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DumpStatus);
 
 /// QAPI struct `DumpQueryResult`.
 ///
@@ -8952,53 +10701,57 @@ pub struct NetdevDgramOptions {
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-net.NetClientDriver)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NetClientDriver {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `nic`.
-    #[serde(rename = "nic")]
     Nic,
     /// `user`.
-    #[serde(rename = "user")]
     User,
     /// `tap`.
-    #[serde(rename = "tap")]
     Tap,
     /// `l2tpv3`.
-    #[serde(rename = "l2tpv3")]
     L2tpv3,
     /// `socket`.
-    #[serde(rename = "socket")]
     Socket,
     /// `stream`.
-    #[serde(rename = "stream")]
     Stream,
     /// `dgram`.
-    #[serde(rename = "dgram")]
     Dgram,
     /// `vde`.
-    #[serde(rename = "vde")]
     Vde,
     /// `bridge`.
-    #[serde(rename = "bridge")]
     Bridge,
     /// `hubport`.
-    #[serde(rename = "hubport")]
     Hubport,
     /// `netmap`.
-    #[serde(rename = "netmap")]
     Netmap,
     /// `vhost-user`.
-    #[serde(rename = "vhost-user")]
     VhostUser,
     /// `vhost-vdpa`.
-    #[serde(rename = "vhost-vdpa")]
     VhostVdpa,
 }
 
 impl NetClientDriver {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NetClientDriver] = &[
+        NetClientDriver::None,
+        NetClientDriver::Nic,
+        NetClientDriver::User,
+        NetClientDriver::Tap,
+        NetClientDriver::L2tpv3,
+        NetClientDriver::Socket,
+        NetClientDriver::Stream,
+        NetClientDriver::Dgram,
+        NetClientDriver::Vde,
+        NetClientDriver::Bridge,
+        NetClientDriver::Hubport,
+        NetClientDriver::Netmap,
+        NetClientDriver::VhostUser,
+        NetClientDriver::VhostVdpa,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9019,6 +10772,32 @@ impl NetClientDriver {
         }
     }
 }
+
+impl std::str::FromStr for NetClientDriver {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(NetClientDriver::None),
+            "nic" => Ok(NetClientDriver::Nic),
+            "user" => Ok(NetClientDriver::User),
+            "tap" => Ok(NetClientDriver::Tap),
+            "l2tpv3" => Ok(NetClientDriver::L2tpv3),
+            "socket" => Ok(NetClientDriver::Socket),
+            "stream" => Ok(NetClientDriver::Stream),
+            "dgram" => Ok(NetClientDriver::Dgram),
+            "vde" => Ok(NetClientDriver::Vde),
+            "bridge" => Ok(NetClientDriver::Bridge),
+            "hubport" => Ok(NetClientDriver::Hubport),
+            "netmap" => Ok(NetClientDriver::Netmap),
+            "vhost-user" => Ok(NetClientDriver::VhostUser),
+            "vhost-vdpa" => Ok(NetClientDriver::VhostVdpa),
+            _ => Err(crate::UnknownValue::new("NetClientDriver", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NetClientDriver);
 
 /// QAPI union `Netdev`: the branch is chosen by `type`.
 ///
@@ -9089,20 +10868,20 @@ pub enum NetdevBranch {
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-net.RxState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RxState {
     /// `normal`.
-    #[serde(rename = "normal")]
     Normal,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `all`.
-    #[serde(rename = "all")]
     All,
 }
 
 impl RxState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RxState] = &[RxState::Normal, RxState::None, RxState::All];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9112,6 +10891,21 @@ impl RxState {
         }
     }
 }
+
+impl std::str::FromStr for RxState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(RxState::Normal),
+            "none" => Ok(RxState::None),
+            "all" => Ok(RxState::All),
+            _ => Err(crate::UnknownValue::new("RxState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RxState);
 
 /// QAPI struct `RxFilterInfo`.
 ///
@@ -9192,14 +10986,16 @@ pub struct EbpfObject {
 /// Since QEMU 9.0. Compiled in only where `CONFIG_EBPF` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ebpf.EbpfProgramID)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EbpfProgramID {
     /// `rss`.
-    #[serde(rename = "rss")]
     Rss,
 }
 
 impl EbpfProgramID {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [EbpfProgramID] = &[EbpfProgramID::Rss];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9207,6 +11003,19 @@ impl EbpfProgramID {
         }
     }
 }
+
+impl std::str::FromStr for EbpfProgramID {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rss" => Ok(EbpfProgramID::Rss),
+            _ => Err(crate::UnknownValue::new("EbpfProgramID", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(EbpfProgramID);
 
 /// QAPI struct `RockerSwitch`.
 ///
@@ -9228,17 +11037,18 @@ pub struct RockerSwitch {
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-rocker.RockerPortDuplex)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RockerPortDuplex {
     /// `half`.
-    #[serde(rename = "half")]
     Half,
     /// `full`.
-    #[serde(rename = "full")]
     Full,
 }
 
 impl RockerPortDuplex {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RockerPortDuplex] = &[RockerPortDuplex::Half, RockerPortDuplex::Full];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9248,22 +11058,37 @@ impl RockerPortDuplex {
     }
 }
 
+impl std::str::FromStr for RockerPortDuplex {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "half" => Ok(RockerPortDuplex::Half),
+            "full" => Ok(RockerPortDuplex::Full),
+            _ => Err(crate::UnknownValue::new("RockerPortDuplex", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RockerPortDuplex);
+
 /// QAPI enum `RockerPortAutoneg`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-rocker.RockerPortAutoneg)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RockerPortAutoneg {
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `on`.
-    #[serde(rename = "on")]
     On,
 }
 
 impl RockerPortAutoneg {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [RockerPortAutoneg] = &[RockerPortAutoneg::Off, RockerPortAutoneg::On];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9272,6 +11097,20 @@ impl RockerPortAutoneg {
         }
     }
 }
+
+impl std::str::FromStr for RockerPortAutoneg {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(RockerPortAutoneg::Off),
+            "on" => Ok(RockerPortAutoneg::On),
+            _ => Err(crate::UnknownValue::new("RockerPortAutoneg", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(RockerPortAutoneg);
 
 /// QAPI struct `RockerPort`.
 ///
@@ -9463,20 +11302,20 @@ pub struct RockerOfDpaGroup {
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-tpm.TpmModel)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TpmModel {
     /// `tpm-tis`.
-    #[serde(rename = "tpm-tis")]
     TpmTis,
     /// `tpm-crb` (Since QEMU 2.12).
-    #[serde(rename = "tpm-crb")]
     TpmCrb,
     /// `tpm-spapr` (Since QEMU 5.0).
-    #[serde(rename = "tpm-spapr")]
     TpmSpapr,
 }
 
 impl TpmModel {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [TpmModel] = &[TpmModel::TpmTis, TpmModel::TpmCrb, TpmModel::TpmSpapr];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9487,22 +11326,38 @@ impl TpmModel {
     }
 }
 
+impl std::str::FromStr for TpmModel {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tpm-tis" => Ok(TpmModel::TpmTis),
+            "tpm-crb" => Ok(TpmModel::TpmCrb),
+            "tpm-spapr" => Ok(TpmModel::TpmSpapr),
+            _ => Err(crate::UnknownValue::new("TpmModel", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(TpmModel);
+
 /// QAPI enum `TpmType`.
 ///
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-tpm.TpmType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TpmType {
     /// `passthrough`.
-    #[serde(rename = "passthrough")]
     Passthrough,
     /// `emulator` (Since QEMU 2.11).
-    #[serde(rename = "emulator")]
     Emulator,
 }
 
 impl TpmType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [TpmType] = &[TpmType::Passthrough, TpmType::Emulator];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9511,6 +11366,20 @@ impl TpmType {
         }
     }
 }
+
+impl std::str::FromStr for TpmType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "passthrough" => Ok(TpmType::Passthrough),
+            "emulator" => Ok(TpmType::Emulator),
+            _ => Err(crate::UnknownValue::new("TpmType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(TpmType);
 
 /// QAPI struct `TPMPassthroughOptions`.
 ///
@@ -9596,17 +11465,18 @@ pub struct TPMInfo {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.DisplayProtocol)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DisplayProtocol {
     /// `vnc`.
-    #[serde(rename = "vnc")]
     Vnc,
     /// `spice`.
-    #[serde(rename = "spice")]
     Spice,
 }
 
 impl DisplayProtocol {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DisplayProtocol] = &[DisplayProtocol::Vnc, DisplayProtocol::Spice];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9616,25 +11486,43 @@ impl DisplayProtocol {
     }
 }
 
+impl std::str::FromStr for DisplayProtocol {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vnc" => Ok(DisplayProtocol::Vnc),
+            "spice" => Ok(DisplayProtocol::Spice),
+            _ => Err(crate::UnknownValue::new("DisplayProtocol", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DisplayProtocol);
+
 /// QAPI enum `SetPasswordAction`.
 ///
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.SetPasswordAction)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SetPasswordAction {
     /// `keep`.
-    #[serde(rename = "keep")]
     Keep,
     /// `fail`.
-    #[serde(rename = "fail")]
     Fail,
     /// `disconnect`.
-    #[serde(rename = "disconnect")]
     Disconnect,
 }
 
 impl SetPasswordAction {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SetPasswordAction] = &[
+        SetPasswordAction::Keep,
+        SetPasswordAction::Fail,
+        SetPasswordAction::Disconnect,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9644,6 +11532,21 @@ impl SetPasswordAction {
         }
     }
 }
+
+impl std::str::FromStr for SetPasswordAction {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "keep" => Ok(SetPasswordAction::Keep),
+            "fail" => Ok(SetPasswordAction::Fail),
+            "disconnect" => Ok(SetPasswordAction::Disconnect),
+            _ => Err(crate::UnknownValue::new("SetPasswordAction", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SetPasswordAction);
 
 /// QAPI union `SetPasswordOptions`: the branch is chosen by `protocol`.
 ///
@@ -9733,17 +11636,18 @@ pub struct ExpirePasswordOptionsVnc {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.ImageFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ImageFormat {
     /// `ppm`.
-    #[serde(rename = "ppm")]
     Ppm,
     /// `png`.
-    #[serde(rename = "png")]
     Png,
 }
 
 impl ImageFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ImageFormat] = &[ImageFormat::Ppm, ImageFormat::Png];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9752,6 +11656,20 @@ impl ImageFormat {
         }
     }
 }
+
+impl std::str::FromStr for ImageFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ppm" => Ok(ImageFormat::Ppm),
+            "png" => Ok(ImageFormat::Png),
+            _ => Err(crate::UnknownValue::new("ImageFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ImageFormat);
 
 /// QAPI struct `SpiceBasicInfo`.
 ///
@@ -9817,20 +11735,24 @@ pub struct SpiceChannel {
 /// Since QEMU 1.1. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.SpiceQueryMouseMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SpiceQueryMouseMode {
     /// `client`.
-    #[serde(rename = "client")]
     Client,
     /// `server`.
-    #[serde(rename = "server")]
     Server,
     /// `unknown`.
-    #[serde(rename = "unknown")]
     Unknown,
 }
 
 impl SpiceQueryMouseMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SpiceQueryMouseMode] = &[
+        SpiceQueryMouseMode::Client,
+        SpiceQueryMouseMode::Server,
+        SpiceQueryMouseMode::Unknown,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -9840,6 +11762,21 @@ impl SpiceQueryMouseMode {
         }
     }
 }
+
+impl std::str::FromStr for SpiceQueryMouseMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "client" => Ok(SpiceQueryMouseMode::Client),
+            "server" => Ok(SpiceQueryMouseMode::Server),
+            "unknown" => Ok(SpiceQueryMouseMode::Unknown),
+            _ => Err(crate::UnknownValue::new("SpiceQueryMouseMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SpiceQueryMouseMode);
 
 /// QAPI struct `SpiceInfo`.
 ///
@@ -9966,38 +11903,42 @@ pub struct VncInfo {
 /// Since QEMU 2.3. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.VncPrimaryAuth)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VncPrimaryAuth {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `vnc`.
-    #[serde(rename = "vnc")]
     Vnc,
     /// `ra2`.
-    #[serde(rename = "ra2")]
     Ra2,
     /// `ra2ne`.
-    #[serde(rename = "ra2ne")]
     Ra2ne,
     /// `tight`.
-    #[serde(rename = "tight")]
     Tight,
     /// `ultra`.
-    #[serde(rename = "ultra")]
     Ultra,
     /// `tls`.
-    #[serde(rename = "tls")]
     Tls,
     /// `vencrypt`.
-    #[serde(rename = "vencrypt")]
     Vencrypt,
     /// `sasl`.
-    #[serde(rename = "sasl")]
     Sasl,
 }
 
 impl VncPrimaryAuth {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [VncPrimaryAuth] = &[
+        VncPrimaryAuth::None,
+        VncPrimaryAuth::Vnc,
+        VncPrimaryAuth::Ra2,
+        VncPrimaryAuth::Ra2ne,
+        VncPrimaryAuth::Tight,
+        VncPrimaryAuth::Ultra,
+        VncPrimaryAuth::Tls,
+        VncPrimaryAuth::Vencrypt,
+        VncPrimaryAuth::Sasl,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10014,43 +11955,68 @@ impl VncPrimaryAuth {
     }
 }
 
+impl std::str::FromStr for VncPrimaryAuth {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(VncPrimaryAuth::None),
+            "vnc" => Ok(VncPrimaryAuth::Vnc),
+            "ra2" => Ok(VncPrimaryAuth::Ra2),
+            "ra2ne" => Ok(VncPrimaryAuth::Ra2ne),
+            "tight" => Ok(VncPrimaryAuth::Tight),
+            "ultra" => Ok(VncPrimaryAuth::Ultra),
+            "tls" => Ok(VncPrimaryAuth::Tls),
+            "vencrypt" => Ok(VncPrimaryAuth::Vencrypt),
+            "sasl" => Ok(VncPrimaryAuth::Sasl),
+            _ => Err(crate::UnknownValue::new("VncPrimaryAuth", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(VncPrimaryAuth);
+
 /// QAPI enum `VncVencryptSubAuth`.
 ///
 /// Since QEMU 2.3. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.VncVencryptSubAuth)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VncVencryptSubAuth {
     /// `plain`.
-    #[serde(rename = "plain")]
     Plain,
     /// `tls-none`.
-    #[serde(rename = "tls-none")]
     TlsNone,
     /// `x509-none`.
-    #[serde(rename = "x509-none")]
     X509None,
     /// `tls-vnc`.
-    #[serde(rename = "tls-vnc")]
     TlsVnc,
     /// `x509-vnc`.
-    #[serde(rename = "x509-vnc")]
     X509Vnc,
     /// `tls-plain`.
-    #[serde(rename = "tls-plain")]
     TlsPlain,
     /// `x509-plain`.
-    #[serde(rename = "x509-plain")]
     X509Plain,
     /// `tls-sasl`.
-    #[serde(rename = "tls-sasl")]
     TlsSasl,
     /// `x509-sasl`.
-    #[serde(rename = "x509-sasl")]
     X509Sasl,
 }
 
 impl VncVencryptSubAuth {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [VncVencryptSubAuth] = &[
+        VncVencryptSubAuth::Plain,
+        VncVencryptSubAuth::TlsNone,
+        VncVencryptSubAuth::X509None,
+        VncVencryptSubAuth::TlsVnc,
+        VncVencryptSubAuth::X509Vnc,
+        VncVencryptSubAuth::TlsPlain,
+        VncVencryptSubAuth::X509Plain,
+        VncVencryptSubAuth::TlsSasl,
+        VncVencryptSubAuth::X509Sasl,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10066,6 +12032,27 @@ impl VncVencryptSubAuth {
         }
     }
 }
+
+impl std::str::FromStr for VncVencryptSubAuth {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "plain" => Ok(VncVencryptSubAuth::Plain),
+            "tls-none" => Ok(VncVencryptSubAuth::TlsNone),
+            "x509-none" => Ok(VncVencryptSubAuth::X509None),
+            "tls-vnc" => Ok(VncVencryptSubAuth::TlsVnc),
+            "x509-vnc" => Ok(VncVencryptSubAuth::X509Vnc),
+            "tls-plain" => Ok(VncVencryptSubAuth::TlsPlain),
+            "x509-plain" => Ok(VncVencryptSubAuth::X509Plain),
+            "tls-sasl" => Ok(VncVencryptSubAuth::TlsSasl),
+            "x509-sasl" => Ok(VncVencryptSubAuth::X509Sasl),
+            _ => Err(crate::UnknownValue::new("VncVencryptSubAuth", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(VncVencryptSubAuth);
 
 /// QAPI struct `VncServerInfo2`.
 ///
@@ -10134,497 +12121,501 @@ pub struct MouseInfo {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.QKeyCode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QKeyCode {
     /// `unmapped`.
-    #[serde(rename = "unmapped")]
     Unmapped,
     /// `shift`.
-    #[serde(rename = "shift")]
     Shift,
     /// `shift_r`.
-    #[serde(rename = "shift_r")]
     ShiftR,
     /// `alt`.
-    #[serde(rename = "alt")]
     Alt,
     /// `alt_r`.
-    #[serde(rename = "alt_r")]
     AltR,
     /// `ctrl`.
-    #[serde(rename = "ctrl")]
     Ctrl,
     /// `ctrl_r`.
-    #[serde(rename = "ctrl_r")]
     CtrlR,
     /// `menu`.
-    #[serde(rename = "menu")]
     Menu,
     /// `esc`.
-    #[serde(rename = "esc")]
     Esc,
     /// `1`.
-    #[serde(rename = "1")]
     V1,
     /// `2`.
-    #[serde(rename = "2")]
     V2,
     /// `3`.
-    #[serde(rename = "3")]
     V3,
     /// `4`.
-    #[serde(rename = "4")]
     V4,
     /// `5`.
-    #[serde(rename = "5")]
     V5,
     /// `6`.
-    #[serde(rename = "6")]
     V6,
     /// `7`.
-    #[serde(rename = "7")]
     V7,
     /// `8`.
-    #[serde(rename = "8")]
     V8,
     /// `9`.
-    #[serde(rename = "9")]
     V9,
     /// `0`.
-    #[serde(rename = "0")]
     V0,
     /// `minus`.
-    #[serde(rename = "minus")]
     Minus,
     /// `equal`.
-    #[serde(rename = "equal")]
     Equal,
     /// `backspace`.
-    #[serde(rename = "backspace")]
     Backspace,
     /// `tab`.
-    #[serde(rename = "tab")]
     Tab,
     /// `q`.
-    #[serde(rename = "q")]
     Q,
     /// `w`.
-    #[serde(rename = "w")]
     W,
     /// `e`.
-    #[serde(rename = "e")]
     E,
     /// `r`.
-    #[serde(rename = "r")]
     R,
     /// `t`.
-    #[serde(rename = "t")]
     T,
     /// `y`.
-    #[serde(rename = "y")]
     Y,
     /// `u`.
-    #[serde(rename = "u")]
     U,
     /// `i`.
-    #[serde(rename = "i")]
     I,
     /// `o`.
-    #[serde(rename = "o")]
     O,
     /// `p`.
-    #[serde(rename = "p")]
     P,
     /// `bracket_left`.
-    #[serde(rename = "bracket_left")]
     BracketLeft,
     /// `bracket_right`.
-    #[serde(rename = "bracket_right")]
     BracketRight,
     /// `ret`.
-    #[serde(rename = "ret")]
     Ret,
     /// `a`.
-    #[serde(rename = "a")]
     A,
     /// `s`.
-    #[serde(rename = "s")]
     S,
     /// `d`.
-    #[serde(rename = "d")]
     D,
     /// `f`.
-    #[serde(rename = "f")]
     F,
     /// `g`.
-    #[serde(rename = "g")]
     G,
     /// `h`.
-    #[serde(rename = "h")]
     H,
     /// `j`.
-    #[serde(rename = "j")]
     J,
     /// `k`.
-    #[serde(rename = "k")]
     K,
     /// `l`.
-    #[serde(rename = "l")]
     L,
     /// `semicolon`.
-    #[serde(rename = "semicolon")]
     Semicolon,
     /// `apostrophe`.
-    #[serde(rename = "apostrophe")]
     Apostrophe,
     /// `grave_accent`.
-    #[serde(rename = "grave_accent")]
     GraveAccent,
     /// `backslash`.
-    #[serde(rename = "backslash")]
     Backslash,
     /// `z`.
-    #[serde(rename = "z")]
     Z,
     /// `x`.
-    #[serde(rename = "x")]
     X,
     /// `c`.
-    #[serde(rename = "c")]
     C,
     /// `v`.
-    #[serde(rename = "v")]
     V,
     /// `b`.
-    #[serde(rename = "b")]
     B,
     /// `n`.
-    #[serde(rename = "n")]
     N,
     /// `m`.
-    #[serde(rename = "m")]
     M,
     /// `comma`.
-    #[serde(rename = "comma")]
     Comma,
     /// `dot`.
-    #[serde(rename = "dot")]
     Dot,
     /// `slash`.
-    #[serde(rename = "slash")]
     Slash,
     /// `asterisk`.
-    #[serde(rename = "asterisk")]
     Asterisk,
     /// `spc`.
-    #[serde(rename = "spc")]
     Spc,
     /// `caps_lock`.
-    #[serde(rename = "caps_lock")]
     CapsLock,
     /// `f1`.
-    #[serde(rename = "f1")]
     F1,
     /// `f2`.
-    #[serde(rename = "f2")]
     F2,
     /// `f3`.
-    #[serde(rename = "f3")]
     F3,
     /// `f4`.
-    #[serde(rename = "f4")]
     F4,
     /// `f5`.
-    #[serde(rename = "f5")]
     F5,
     /// `f6`.
-    #[serde(rename = "f6")]
     F6,
     /// `f7`.
-    #[serde(rename = "f7")]
     F7,
     /// `f8`.
-    #[serde(rename = "f8")]
     F8,
     /// `f9`.
-    #[serde(rename = "f9")]
     F9,
     /// `f10`.
-    #[serde(rename = "f10")]
     F10,
     /// `num_lock`.
-    #[serde(rename = "num_lock")]
     NumLock,
     /// `scroll_lock`.
-    #[serde(rename = "scroll_lock")]
     ScrollLock,
     /// `kp_divide`.
-    #[serde(rename = "kp_divide")]
     KpDivide,
     /// `kp_multiply`.
-    #[serde(rename = "kp_multiply")]
     KpMultiply,
     /// `kp_subtract`.
-    #[serde(rename = "kp_subtract")]
     KpSubtract,
     /// `kp_add`.
-    #[serde(rename = "kp_add")]
     KpAdd,
     /// `kp_enter`.
-    #[serde(rename = "kp_enter")]
     KpEnter,
     /// `kp_decimal`.
-    #[serde(rename = "kp_decimal")]
     KpDecimal,
     /// `sysrq`.
-    #[serde(rename = "sysrq")]
     Sysrq,
     /// `kp_0`.
-    #[serde(rename = "kp_0")]
     Kp0,
     /// `kp_1`.
-    #[serde(rename = "kp_1")]
     Kp1,
     /// `kp_2`.
-    #[serde(rename = "kp_2")]
     Kp2,
     /// `kp_3`.
-    #[serde(rename = "kp_3")]
     Kp3,
     /// `kp_4`.
-    #[serde(rename = "kp_4")]
     Kp4,
     /// `kp_5`.
-    #[serde(rename = "kp_5")]
     Kp5,
     /// `kp_6`.
-    #[serde(rename = "kp_6")]
     Kp6,
     /// `kp_7`.
-    #[serde(rename = "kp_7")]
     Kp7,
     /// `kp_8`.
-    #[serde(rename = "kp_8")]
     Kp8,
     /// `kp_9`.
-    #[serde(rename = "kp_9")]
     Kp9,
     /// `less`.
-    #[serde(rename = "less")]
     Less,
     /// `f11`.
-    #[serde(rename = "f11")]
     F11,
     /// `f12`.
-    #[serde(rename = "f12")]
     F12,
     /// `print`.
-    #[serde(rename = "print")]
     Print,
     /// `home`.
-    #[serde(rename = "home")]
     Home,
     /// `pgup`.
-    #[serde(rename = "pgup")]
     Pgup,
     /// `pgdn`.
-    #[serde(rename = "pgdn")]
     Pgdn,
     /// `end`.
-    #[serde(rename = "end")]
     End,
     /// `left`.
-    #[serde(rename = "left")]
     Left,
     /// `up`.
-    #[serde(rename = "up")]
     Up,
     /// `down`.
-    #[serde(rename = "down")]
     Down,
     /// `right`.
-    #[serde(rename = "right")]
     Right,
     /// `insert`.
-    #[serde(rename = "insert")]
     Insert,
     /// `delete`.
-    #[serde(rename = "delete")]
     Delete,
     /// `stop`.
-    #[serde(rename = "stop")]
     Stop,
     /// `again`.
-    #[serde(rename = "again")]
     Again,
     /// `props`.
-    #[serde(rename = "props")]
     Props,
     /// `undo`.
-    #[serde(rename = "undo")]
     Undo,
     /// `front`.
-    #[serde(rename = "front")]
     Front,
     /// `copy`.
-    #[serde(rename = "copy")]
     Copy,
     /// `open`.
-    #[serde(rename = "open")]
     Open,
     /// `paste`.
-    #[serde(rename = "paste")]
     Paste,
     /// `find`.
-    #[serde(rename = "find")]
     Find,
     /// `cut`.
-    #[serde(rename = "cut")]
     Cut,
     /// `lf`.
-    #[serde(rename = "lf")]
     Lf,
     /// `help`.
-    #[serde(rename = "help")]
     Help,
     /// `meta_l`.
-    #[serde(rename = "meta_l")]
     MetaL,
     /// `meta_r`.
-    #[serde(rename = "meta_r")]
     MetaR,
     /// `compose`.
-    #[serde(rename = "compose")]
     Compose,
     /// `pause`.
-    #[serde(rename = "pause")]
     Pause,
     /// `ro`.
-    #[serde(rename = "ro")]
     Ro,
     /// `hiragana`.
-    #[serde(rename = "hiragana")]
     Hiragana,
     /// `henkan`.
-    #[serde(rename = "henkan")]
     Henkan,
     /// `yen`.
-    #[serde(rename = "yen")]
     Yen,
     /// `muhenkan`.
-    #[serde(rename = "muhenkan")]
     Muhenkan,
     /// `katakanahiragana`.
-    #[serde(rename = "katakanahiragana")]
     Katakanahiragana,
     /// `kp_comma`.
-    #[serde(rename = "kp_comma")]
     KpComma,
     /// `kp_equals`.
-    #[serde(rename = "kp_equals")]
     KpEquals,
     /// `power`.
-    #[serde(rename = "power")]
     Power,
     /// `sleep`.
-    #[serde(rename = "sleep")]
     Sleep,
     /// `wake`.
-    #[serde(rename = "wake")]
     Wake,
     /// `audionext`.
-    #[serde(rename = "audionext")]
     Audionext,
     /// `audioprev`.
-    #[serde(rename = "audioprev")]
     Audioprev,
     /// `audiostop`.
-    #[serde(rename = "audiostop")]
     Audiostop,
     /// `audioplay`.
-    #[serde(rename = "audioplay")]
     Audioplay,
     /// `audiomute`.
-    #[serde(rename = "audiomute")]
     Audiomute,
     /// `volumeup`.
-    #[serde(rename = "volumeup")]
     Volumeup,
     /// `volumedown`.
-    #[serde(rename = "volumedown")]
     Volumedown,
     /// `mediaselect`.
-    #[serde(rename = "mediaselect")]
     Mediaselect,
     /// `mail`.
-    #[serde(rename = "mail")]
     Mail,
     /// `calculator`.
-    #[serde(rename = "calculator")]
     Calculator,
     /// `computer`.
-    #[serde(rename = "computer")]
     Computer,
     /// `ac_home`.
-    #[serde(rename = "ac_home")]
     AcHome,
     /// `ac_back`.
-    #[serde(rename = "ac_back")]
     AcBack,
     /// `ac_forward`.
-    #[serde(rename = "ac_forward")]
     AcForward,
     /// `ac_refresh`.
-    #[serde(rename = "ac_refresh")]
     AcRefresh,
     /// `ac_bookmarks`.
-    #[serde(rename = "ac_bookmarks")]
     AcBookmarks,
     /// `lang1`.
-    #[serde(rename = "lang1")]
     Lang1,
     /// `lang2`.
-    #[serde(rename = "lang2")]
     Lang2,
     /// `f13`.
-    #[serde(rename = "f13")]
     F13,
     /// `f14`.
-    #[serde(rename = "f14")]
     F14,
     /// `f15`.
-    #[serde(rename = "f15")]
     F15,
     /// `f16`.
-    #[serde(rename = "f16")]
     F16,
     /// `f17`.
-    #[serde(rename = "f17")]
     F17,
     /// `f18`.
-    #[serde(rename = "f18")]
     F18,
     /// `f19`.
-    #[serde(rename = "f19")]
     F19,
     /// `f20`.
-    #[serde(rename = "f20")]
     F20,
     /// `f21`.
-    #[serde(rename = "f21")]
     F21,
     /// `f22`.
-    #[serde(rename = "f22")]
     F22,
     /// `f23`.
-    #[serde(rename = "f23")]
     F23,
     /// `f24`.
-    #[serde(rename = "f24")]
     F24,
 }
 
 impl QKeyCode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QKeyCode] = &[
+        QKeyCode::Unmapped,
+        QKeyCode::Shift,
+        QKeyCode::ShiftR,
+        QKeyCode::Alt,
+        QKeyCode::AltR,
+        QKeyCode::Ctrl,
+        QKeyCode::CtrlR,
+        QKeyCode::Menu,
+        QKeyCode::Esc,
+        QKeyCode::V1,
+        QKeyCode::V2,
+        QKeyCode::V3,
+        QKeyCode::V4,
+        QKeyCode::V5,
+        QKeyCode::V6,
+        QKeyCode::V7,
+        QKeyCode::V8,
+        QKeyCode::V9,
+        QKeyCode::V0,
+        QKeyCode::Minus,
+        QKeyCode::Equal,
+        QKeyCode::Backspace,
+        QKeyCode::Tab,
+        QKeyCode::Q,
+        QKeyCode::W,
+        QKeyCode::E,
+        QKeyCode::R,
+        QKeyCode::T,
+        QKeyCode::Y,
+        QKeyCode::U,
+        QKeyCode::I,
+        QKeyCode::O,
+        QKeyCode::P,
+        QKeyCode::BracketLeft,
+        QKeyCode::BracketRight,
+        QKeyCode::Ret,
+        QKeyCode::A,
+        QKeyCode::S,
+        QKeyCode::D,
+        QKeyCode::F,
+        QKeyCode::G,
+        QKeyCode::H,
+        QKeyCode::J,
+        QKeyCode::K,
+        QKeyCode::L,
+        QKeyCode::Semicolon,
+        QKeyCode::Apostrophe,
+        QKeyCode::GraveAccent,
+        QKeyCode::Backslash,
+        QKeyCode::Z,
+        QKeyCode::X,
+        QKeyCode::C,
+        QKeyCode::V,
+        QKeyCode::B,
+        QKeyCode::N,
+        QKeyCode::M,
+        QKeyCode::Comma,
+        QKeyCode::Dot,
+        QKeyCode::Slash,
+        QKeyCode::Asterisk,
+        QKeyCode::Spc,
+        QKeyCode::CapsLock,
+        QKeyCode::F1,
+        QKeyCode::F2,
+        QKeyCode::F3,
+        QKeyCode::F4,
+        QKeyCode::F5,
+        QKeyCode::F6,
+        QKeyCode::F7,
+        QKeyCode::F8,
+        QKeyCode::F9,
+        QKeyCode::F10,
+        QKeyCode::NumLock,
+        QKeyCode::ScrollLock,
+        QKeyCode::KpDivide,
+        QKeyCode::KpMultiply,
+        QKeyCode::KpSubtract,
+        QKeyCode::KpAdd,
+        QKeyCode::KpEnter,
+        QKeyCode::KpDecimal,
+        QKeyCode::Sysrq,
+        QKeyCode::Kp0,
+        QKeyCode::Kp1,
+        QKeyCode::Kp2,
+        QKeyCode::Kp3,
+        QKeyCode::Kp4,
+        QKeyCode::Kp5,
+        QKeyCode::Kp6,
+        QKeyCode::Kp7,
+        QKeyCode::Kp8,
+        QKeyCode::Kp9,
+        QKeyCode::Less,
+        QKeyCode::F11,
+        QKeyCode::F12,
+        QKeyCode::Print,
+        QKeyCode::Home,
+        QKeyCode::Pgup,
+        QKeyCode::Pgdn,
+        QKeyCode::End,
+        QKeyCode::Left,
+        QKeyCode::Up,
+        QKeyCode::Down,
+        QKeyCode::Right,
+        QKeyCode::Insert,
+        QKeyCode::Delete,
+        QKeyCode::Stop,
+        QKeyCode::Again,
+        QKeyCode::Props,
+        QKeyCode::Undo,
+        QKeyCode::Front,
+        QKeyCode::Copy,
+        QKeyCode::Open,
+        QKeyCode::Paste,
+        QKeyCode::Find,
+        QKeyCode::Cut,
+        QKeyCode::Lf,
+        QKeyCode::Help,
+        QKeyCode::MetaL,
+        QKeyCode::MetaR,
+        QKeyCode::Compose,
+        QKeyCode::Pause,
+        QKeyCode::Ro,
+        QKeyCode::Hiragana,
+        QKeyCode::Henkan,
+        QKeyCode::Yen,
+        QKeyCode::Muhenkan,
+        QKeyCode::Katakanahiragana,
+        QKeyCode::KpComma,
+        QKeyCode::KpEquals,
+        QKeyCode::Power,
+        QKeyCode::Sleep,
+        QKeyCode::Wake,
+        QKeyCode::Audionext,
+        QKeyCode::Audioprev,
+        QKeyCode::Audiostop,
+        QKeyCode::Audioplay,
+        QKeyCode::Audiomute,
+        QKeyCode::Volumeup,
+        QKeyCode::Volumedown,
+        QKeyCode::Mediaselect,
+        QKeyCode::Mail,
+        QKeyCode::Calculator,
+        QKeyCode::Computer,
+        QKeyCode::AcHome,
+        QKeyCode::AcBack,
+        QKeyCode::AcForward,
+        QKeyCode::AcRefresh,
+        QKeyCode::AcBookmarks,
+        QKeyCode::Lang1,
+        QKeyCode::Lang2,
+        QKeyCode::F13,
+        QKeyCode::F14,
+        QKeyCode::F15,
+        QKeyCode::F16,
+        QKeyCode::F17,
+        QKeyCode::F18,
+        QKeyCode::F19,
+        QKeyCode::F20,
+        QKeyCode::F21,
+        QKeyCode::F22,
+        QKeyCode::F23,
+        QKeyCode::F24,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10794,22 +12785,197 @@ impl QKeyCode {
     }
 }
 
+impl std::str::FromStr for QKeyCode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unmapped" => Ok(QKeyCode::Unmapped),
+            "shift" => Ok(QKeyCode::Shift),
+            "shift_r" => Ok(QKeyCode::ShiftR),
+            "alt" => Ok(QKeyCode::Alt),
+            "alt_r" => Ok(QKeyCode::AltR),
+            "ctrl" => Ok(QKeyCode::Ctrl),
+            "ctrl_r" => Ok(QKeyCode::CtrlR),
+            "menu" => Ok(QKeyCode::Menu),
+            "esc" => Ok(QKeyCode::Esc),
+            "1" => Ok(QKeyCode::V1),
+            "2" => Ok(QKeyCode::V2),
+            "3" => Ok(QKeyCode::V3),
+            "4" => Ok(QKeyCode::V4),
+            "5" => Ok(QKeyCode::V5),
+            "6" => Ok(QKeyCode::V6),
+            "7" => Ok(QKeyCode::V7),
+            "8" => Ok(QKeyCode::V8),
+            "9" => Ok(QKeyCode::V9),
+            "0" => Ok(QKeyCode::V0),
+            "minus" => Ok(QKeyCode::Minus),
+            "equal" => Ok(QKeyCode::Equal),
+            "backspace" => Ok(QKeyCode::Backspace),
+            "tab" => Ok(QKeyCode::Tab),
+            "q" => Ok(QKeyCode::Q),
+            "w" => Ok(QKeyCode::W),
+            "e" => Ok(QKeyCode::E),
+            "r" => Ok(QKeyCode::R),
+            "t" => Ok(QKeyCode::T),
+            "y" => Ok(QKeyCode::Y),
+            "u" => Ok(QKeyCode::U),
+            "i" => Ok(QKeyCode::I),
+            "o" => Ok(QKeyCode::O),
+            "p" => Ok(QKeyCode::P),
+            "bracket_left" => Ok(QKeyCode::BracketLeft),
+            "bracket_right" => Ok(QKeyCode::BracketRight),
+            "ret" => Ok(QKeyCode::Ret),
+            "a" => Ok(QKeyCode::A),
+            "s" => Ok(QKeyCode::S),
+            "d" => Ok(QKeyCode::D),
+            "f" => Ok(QKeyCode::F),
+            "g" => Ok(QKeyCode::G),
+            "h" => Ok(QKeyCode::H),
+            "j" => Ok(QKeyCode::J),
+            "k" => Ok(QKeyCode::K),
+            "l" => Ok(QKeyCode::L),
+            "semicolon" => Ok(QKeyCode::Semicolon),
+            "apostrophe" => Ok(QKeyCode::Apostrophe),
+            "grave_accent" => Ok(QKeyCode::GraveAccent),
+            "backslash" => Ok(QKeyCode::Backslash),
+            "z" => Ok(QKeyCode::Z),
+            "x" => Ok(QKeyCode::X),
+            "c" => Ok(QKeyCode::C),
+            "v" => Ok(QKeyCode::V),
+            "b" => Ok(QKeyCode::B),
+            "n" => Ok(QKeyCode::N),
+            "m" => Ok(QKeyCode::M),
+            "comma" => Ok(QKeyCode::Comma),
+            "dot" => Ok(QKeyCode::Dot),
+            "slash" => Ok(QKeyCode::Slash),
+            "asterisk" => Ok(QKeyCode::Asterisk),
+            "spc" => Ok(QKeyCode::Spc),
+            "caps_lock" => Ok(QKeyCode::CapsLock),
+            "f1" => Ok(QKeyCode::F1),
+            "f2" => Ok(QKeyCode::F2),
+            "f3" => Ok(QKeyCode::F3),
+            "f4" => Ok(QKeyCode::F4),
+            "f5" => Ok(QKeyCode::F5),
+            "f6" => Ok(QKeyCode::F6),
+            "f7" => Ok(QKeyCode::F7),
+            "f8" => Ok(QKeyCode::F8),
+            "f9" => Ok(QKeyCode::F9),
+            "f10" => Ok(QKeyCode::F10),
+            "num_lock" => Ok(QKeyCode::NumLock),
+            "scroll_lock" => Ok(QKeyCode::ScrollLock),
+            "kp_divide" => Ok(QKeyCode::KpDivide),
+            "kp_multiply" => Ok(QKeyCode::KpMultiply),
+            "kp_subtract" => Ok(QKeyCode::KpSubtract),
+            "kp_add" => Ok(QKeyCode::KpAdd),
+            "kp_enter" => Ok(QKeyCode::KpEnter),
+            "kp_decimal" => Ok(QKeyCode::KpDecimal),
+            "sysrq" => Ok(QKeyCode::Sysrq),
+            "kp_0" => Ok(QKeyCode::Kp0),
+            "kp_1" => Ok(QKeyCode::Kp1),
+            "kp_2" => Ok(QKeyCode::Kp2),
+            "kp_3" => Ok(QKeyCode::Kp3),
+            "kp_4" => Ok(QKeyCode::Kp4),
+            "kp_5" => Ok(QKeyCode::Kp5),
+            "kp_6" => Ok(QKeyCode::Kp6),
+            "kp_7" => Ok(QKeyCode::Kp7),
+            "kp_8" => Ok(QKeyCode::Kp8),
+            "kp_9" => Ok(QKeyCode::Kp9),
+            "less" => Ok(QKeyCode::Less),
+            "f11" => Ok(QKeyCode::F11),
+            "f12" => Ok(QKeyCode::F12),
+            "print" => Ok(QKeyCode::Print),
+            "home" => Ok(QKeyCode::Home),
+            "pgup" => Ok(QKeyCode::Pgup),
+            "pgdn" => Ok(QKeyCode::Pgdn),
+            "end" => Ok(QKeyCode::End),
+            "left" => Ok(QKeyCode::Left),
+            "up" => Ok(QKeyCode::Up),
+            "down" => Ok(QKeyCode::Down),
+            "right" => Ok(QKeyCode::Right),
+            "insert" => Ok(QKeyCode::Insert),
+            "delete" => Ok(QKeyCode::Delete),
+            "stop" => Ok(QKeyCode::Stop),
+            "again" => Ok(QKeyCode::Again),
+            "props" => Ok(QKeyCode::Props),
+            "undo" => Ok(QKeyCode::Undo),
+            "front" => Ok(QKeyCode::Front),
+            "copy" => Ok(QKeyCode::Copy),
+            "open" => Ok(QKeyCode::Open),
+            "paste" => Ok(QKeyCode::Paste),
+            "find" => Ok(QKeyCode::Find),
+            "cut" => Ok(QKeyCode::Cut),
+            "lf" => Ok(QKeyCode::Lf),
+            "help" => Ok(QKeyCode::Help),
+            "meta_l" => Ok(QKeyCode::MetaL),
+            "meta_r" => Ok(QKeyCode::MetaR),
+            "compose" => Ok(QKeyCode::Compose),
+            "pause" => Ok(QKeyCode::Pause),
+            "ro" => Ok(QKeyCode::Ro),
+            "hiragana" => Ok(QKeyCode::Hiragana),
+            "henkan" => Ok(QKeyCode::Henkan),
+            "yen" => Ok(QKeyCode::Yen),
+            "muhenkan" => Ok(QKeyCode::Muhenkan),
+            "katakanahiragana" => Ok(QKeyCode::Katakanahiragana),
+            "kp_comma" => Ok(QKeyCode::KpComma),
+            "kp_equals" => Ok(QKeyCode::KpEquals),
+            "power" => Ok(QKeyCode::Power),
+            "sleep" => Ok(QKeyCode::Sleep),
+            "wake" => Ok(QKeyCode::Wake),
+            "audionext" => Ok(QKeyCode::Audionext),
+            "audioprev" => Ok(QKeyCode::Audioprev),
+            "audiostop" => Ok(QKeyCode::Audiostop),
+            "audioplay" => Ok(QKeyCode::Audioplay),
+            "audiomute" => Ok(QKeyCode::Audiomute),
+            "volumeup" => Ok(QKeyCode::Volumeup),
+            "volumedown" => Ok(QKeyCode::Volumedown),
+            "mediaselect" => Ok(QKeyCode::Mediaselect),
+            "mail" => Ok(QKeyCode::Mail),
+            "calculator" => Ok(QKeyCode::Calculator),
+            "computer" => Ok(QKeyCode::Computer),
+            "ac_home" => Ok(QKeyCode::AcHome),
+            "ac_back" => Ok(QKeyCode::AcBack),
+            "ac_forward" => Ok(QKeyCode::AcForward),
+            "ac_refresh" => Ok(QKeyCode::AcRefresh),
+            "ac_bookmarks" => Ok(QKeyCode::AcBookmarks),
+            "lang1" => Ok(QKeyCode::Lang1),
+            "lang2" => Ok(QKeyCode::Lang2),
+            "f13" => Ok(QKeyCode::F13),
+            "f14" => Ok(QKeyCode::F14),
+            "f15" => Ok(QKeyCode::F15),
+            "f16" => Ok(QKeyCode::F16),
+            "f17" => Ok(QKeyCode::F17),
+            "f18" => Ok(QKeyCode::F18),
+            "f19" => Ok(QKeyCode::F19),
+            "f20" => Ok(QKeyCode::F20),
+            "f21" => Ok(QKeyCode::F21),
+            "f22" => Ok(QKeyCode::F22),
+            "f23" => Ok(QKeyCode::F23),
+            "f24" => Ok(QKeyCode::F24),
+            _ => Err(crate::UnknownValue::new("QKeyCode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QKeyCode);
+
 /// QAPI enum `KeyValueKind`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.KeyValueKind)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KeyValueKind {
     /// `number`.
-    #[serde(rename = "number")]
     Number,
     /// `qcode`.
-    #[serde(rename = "qcode")]
     Qcode,
 }
 
 impl KeyValueKind {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [KeyValueKind] = &[KeyValueKind::Number, KeyValueKind::Qcode];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10818,6 +12984,20 @@ impl KeyValueKind {
         }
     }
 }
+
+impl std::str::FromStr for KeyValueKind {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "number" => Ok(KeyValueKind::Number),
+            "qcode" => Ok(KeyValueKind::Qcode),
+            _ => Err(crate::UnknownValue::new("KeyValueKind", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(KeyValueKind);
 
 /// QAPI struct `IntWrapper`.
 ///
@@ -10862,41 +13042,45 @@ pub enum KeyValue {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.InputButton)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InputButton {
     /// `left`.
-    #[serde(rename = "left")]
     Left,
     /// `middle`.
-    #[serde(rename = "middle")]
     Middle,
     /// `right`.
-    #[serde(rename = "right")]
     Right,
     /// `wheel-up`.
-    #[serde(rename = "wheel-up")]
     WheelUp,
     /// `wheel-down`.
-    #[serde(rename = "wheel-down")]
     WheelDown,
     /// `side` (Since QEMU 2.9).
-    #[serde(rename = "side")]
     Side,
     /// `extra` (Since QEMU 2.9).
-    #[serde(rename = "extra")]
     Extra,
     /// `wheel-left`.
-    #[serde(rename = "wheel-left")]
     WheelLeft,
     /// `wheel-right`.
-    #[serde(rename = "wheel-right")]
     WheelRight,
     /// `touch` (Since QEMU 8.1).
-    #[serde(rename = "touch")]
     Touch,
 }
 
 impl InputButton {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [InputButton] = &[
+        InputButton::Left,
+        InputButton::Middle,
+        InputButton::Right,
+        InputButton::WheelUp,
+        InputButton::WheelDown,
+        InputButton::Side,
+        InputButton::Extra,
+        InputButton::WheelLeft,
+        InputButton::WheelRight,
+        InputButton::Touch,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10914,22 +13098,45 @@ impl InputButton {
     }
 }
 
+impl std::str::FromStr for InputButton {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "left" => Ok(InputButton::Left),
+            "middle" => Ok(InputButton::Middle),
+            "right" => Ok(InputButton::Right),
+            "wheel-up" => Ok(InputButton::WheelUp),
+            "wheel-down" => Ok(InputButton::WheelDown),
+            "side" => Ok(InputButton::Side),
+            "extra" => Ok(InputButton::Extra),
+            "wheel-left" => Ok(InputButton::WheelLeft),
+            "wheel-right" => Ok(InputButton::WheelRight),
+            "touch" => Ok(InputButton::Touch),
+            _ => Err(crate::UnknownValue::new("InputButton", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(InputButton);
+
 /// QAPI enum `InputAxis`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.InputAxis)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InputAxis {
     /// `x`.
-    #[serde(rename = "x")]
     X,
     /// `y`.
-    #[serde(rename = "y")]
     Y,
 }
 
 impl InputAxis {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [InputAxis] = &[InputAxis::X, InputAxis::Y];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10939,31 +13146,49 @@ impl InputAxis {
     }
 }
 
+impl std::str::FromStr for InputAxis {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x" => Ok(InputAxis::X),
+            "y" => Ok(InputAxis::Y),
+            _ => Err(crate::UnknownValue::new("InputAxis", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(InputAxis);
+
 /// QAPI enum `InputMultiTouchType`.
 ///
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.InputMultiTouchType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InputMultiTouchType {
     /// `begin`.
-    #[serde(rename = "begin")]
     Begin,
     /// `update`.
-    #[serde(rename = "update")]
     Update,
     /// `end`.
-    #[serde(rename = "end")]
     End,
     /// `cancel`.
-    #[serde(rename = "cancel")]
     Cancel,
     /// `data`.
-    #[serde(rename = "data")]
     Data,
 }
 
 impl InputMultiTouchType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [InputMultiTouchType] = &[
+        InputMultiTouchType::Begin,
+        InputMultiTouchType::Update,
+        InputMultiTouchType::End,
+        InputMultiTouchType::Cancel,
+        InputMultiTouchType::Data,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -10975,6 +13200,23 @@ impl InputMultiTouchType {
         }
     }
 }
+
+impl std::str::FromStr for InputMultiTouchType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "begin" => Ok(InputMultiTouchType::Begin),
+            "update" => Ok(InputMultiTouchType::Update),
+            "end" => Ok(InputMultiTouchType::End),
+            "cancel" => Ok(InputMultiTouchType::Cancel),
+            "data" => Ok(InputMultiTouchType::Data),
+            _ => Err(crate::UnknownValue::new("InputMultiTouchType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(InputMultiTouchType);
 
 /// QAPI struct `InputKeyEvent`.
 ///
@@ -11040,26 +13282,30 @@ pub struct InputMultiTouchEvent {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.InputEventKind)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InputEventKind {
     /// `key`.
-    #[serde(rename = "key")]
     Key,
     /// `btn`.
-    #[serde(rename = "btn")]
     Btn,
     /// `rel`.
-    #[serde(rename = "rel")]
     Rel,
     /// `abs`.
-    #[serde(rename = "abs")]
     Abs,
     /// `mtt`.
-    #[serde(rename = "mtt")]
     Mtt,
 }
 
 impl InputEventKind {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [InputEventKind] = &[
+        InputEventKind::Key,
+        InputEventKind::Btn,
+        InputEventKind::Rel,
+        InputEventKind::Abs,
+        InputEventKind::Mtt,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11071,6 +13317,23 @@ impl InputEventKind {
         }
     }
 }
+
+impl std::str::FromStr for InputEventKind {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "key" => Ok(InputEventKind::Key),
+            "btn" => Ok(InputEventKind::Btn),
+            "rel" => Ok(InputEventKind::Rel),
+            "abs" => Ok(InputEventKind::Abs),
+            "mtt" => Ok(InputEventKind::Mtt),
+            _ => Err(crate::UnknownValue::new("InputEventKind", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(InputEventKind);
 
 /// QAPI struct `InputKeyEventWrapper`.
 ///
@@ -11200,23 +13463,27 @@ pub struct DisplayDBus {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.DisplayGLMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DisplayGLMode {
     /// `off`.
-    #[serde(rename = "off")]
     Off,
     /// `on`.
-    #[serde(rename = "on")]
     On,
     /// `core`.
-    #[serde(rename = "core")]
     Core,
     /// `es`.
-    #[serde(rename = "es")]
     Es,
 }
 
 impl DisplayGLMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DisplayGLMode] = &[
+        DisplayGLMode::Off,
+        DisplayGLMode::On,
+        DisplayGLMode::Core,
+        DisplayGLMode::Es,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11227,6 +13494,22 @@ impl DisplayGLMode {
         }
     }
 }
+
+impl std::str::FromStr for DisplayGLMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(DisplayGLMode::Off),
+            "on" => Ok(DisplayGLMode::On),
+            "core" => Ok(DisplayGLMode::Core),
+            "es" => Ok(DisplayGLMode::Es),
+            _ => Err(crate::UnknownValue::new("DisplayGLMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DisplayGLMode);
 
 /// QAPI struct `DisplayCurses`.
 ///
@@ -11269,20 +13552,21 @@ pub struct DisplayCocoa {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.HotKeyMod)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HotKeyMod {
     /// `lctrl-lalt`.
-    #[serde(rename = "lctrl-lalt")]
     LctrlLalt,
     /// `lshift-lctrl-lalt`.
-    #[serde(rename = "lshift-lctrl-lalt")]
     LshiftLctrlLalt,
     /// `rctrl`.
-    #[serde(rename = "rctrl")]
     Rctrl,
 }
 
 impl HotKeyMod {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [HotKeyMod] =
+        &[HotKeyMod::LctrlLalt, HotKeyMod::LshiftLctrlLalt, HotKeyMod::Rctrl];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11292,6 +13576,21 @@ impl HotKeyMod {
         }
     }
 }
+
+impl std::str::FromStr for HotKeyMod {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lctrl-lalt" => Ok(HotKeyMod::LctrlLalt),
+            "lshift-lctrl-lalt" => Ok(HotKeyMod::LshiftLctrlLalt),
+            "rctrl" => Ok(HotKeyMod::Rctrl),
+            _ => Err(crate::UnknownValue::new("HotKeyMod", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(HotKeyMod);
 
 /// QAPI struct `DisplaySDL`.
 ///
@@ -11310,35 +13609,39 @@ pub struct DisplaySDL {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.DisplayType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DisplayType {
     /// `default`.
-    #[serde(rename = "default")]
     Default,
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `gtk` (Compiled in only where `CONFIG_GTK` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "gtk")]
     Gtk,
     /// `sdl` (Compiled in only where `CONFIG_SDL` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "sdl")]
     Sdl,
     /// `egl-headless` (Since QEMU 3.1; Compiled in only where `CONFIG_OPENGL` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "egl-headless")]
     EglHeadless,
     /// `curses` (Compiled in only where `CONFIG_CURSES` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "curses")]
     Curses,
     /// `spice-app` (Since QEMU 4.0; Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "spice-app")]
     SpiceApp,
     /// `dbus` (Since QEMU 7.0; Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "dbus")]
     Dbus,
 }
 
 impl DisplayType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DisplayType] = &[
+        DisplayType::Default,
+        DisplayType::None,
+        DisplayType::Gtk,
+        DisplayType::Sdl,
+        DisplayType::EglHeadless,
+        DisplayType::Curses,
+        DisplayType::SpiceApp,
+        DisplayType::Dbus,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11353,6 +13656,26 @@ impl DisplayType {
         }
     }
 }
+
+impl std::str::FromStr for DisplayType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "default" => Ok(DisplayType::Default),
+            "none" => Ok(DisplayType::None),
+            "gtk" => Ok(DisplayType::Gtk),
+            "sdl" => Ok(DisplayType::Sdl),
+            "egl-headless" => Ok(DisplayType::EglHeadless),
+            "curses" => Ok(DisplayType::Curses),
+            "spice-app" => Ok(DisplayType::SpiceApp),
+            "dbus" => Ok(DisplayType::Dbus),
+            _ => Err(crate::UnknownValue::new("DisplayType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DisplayType);
 
 /// QAPI union `DisplayOptions`: the branch is chosen by `type`.
 ///
@@ -11428,14 +13751,16 @@ pub enum DisplayOptionsBranch {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.DisplayReloadType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DisplayReloadType {
     /// `vnc`.
-    #[serde(rename = "vnc")]
     Vnc,
 }
 
 impl DisplayReloadType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DisplayReloadType] = &[DisplayReloadType::Vnc];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11443,6 +13768,19 @@ impl DisplayReloadType {
         }
     }
 }
+
+impl std::str::FromStr for DisplayReloadType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vnc" => Ok(DisplayReloadType::Vnc),
+            _ => Err(crate::UnknownValue::new("DisplayReloadType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DisplayReloadType);
 
 /// QAPI struct `DisplayReloadOptionsVNC`.
 ///
@@ -11474,14 +13812,16 @@ pub enum DisplayReloadOptions {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-ui.DisplayUpdateType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DisplayUpdateType {
     /// `vnc`.
-    #[serde(rename = "vnc")]
     Vnc,
 }
 
 impl DisplayUpdateType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DisplayUpdateType] = &[DisplayUpdateType::Vnc];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11489,6 +13829,19 @@ impl DisplayUpdateType {
         }
     }
 }
+
+impl std::str::FromStr for DisplayUpdateType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vnc" => Ok(DisplayUpdateType::Vnc),
+            _ => Err(crate::UnknownValue::new("DisplayUpdateType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DisplayUpdateType);
 
 /// QAPI struct `DisplayUpdateOptionsVNC`.
 ///
@@ -11520,17 +13873,18 @@ pub enum DisplayUpdateOptions {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-authz.QAuthZListPolicy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QAuthZListPolicy {
     /// `deny`.
-    #[serde(rename = "deny")]
     Deny,
     /// `allow`.
-    #[serde(rename = "allow")]
     Allow,
 }
 
 impl QAuthZListPolicy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QAuthZListPolicy] = &[QAuthZListPolicy::Deny, QAuthZListPolicy::Allow];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11540,22 +13894,37 @@ impl QAuthZListPolicy {
     }
 }
 
+impl std::str::FromStr for QAuthZListPolicy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "deny" => Ok(QAuthZListPolicy::Deny),
+            "allow" => Ok(QAuthZListPolicy::Allow),
+            _ => Err(crate::UnknownValue::new("QAuthZListPolicy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QAuthZListPolicy);
+
 /// QAPI enum `QAuthZListFormat`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-authz.QAuthZListFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QAuthZListFormat {
     /// `exact`.
-    #[serde(rename = "exact")]
     Exact,
     /// `glob`.
-    #[serde(rename = "glob")]
     Glob,
 }
 
 impl QAuthZListFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QAuthZListFormat] = &[QAuthZListFormat::Exact, QAuthZListFormat::Glob];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11564,6 +13933,20 @@ impl QAuthZListFormat {
         }
     }
 }
+
+impl std::str::FromStr for QAuthZListFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(QAuthZListFormat::Exact),
+            "glob" => Ok(QAuthZListFormat::Glob),
+            _ => Err(crate::UnknownValue::new("QAuthZListFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QAuthZListFormat);
 
 /// QAPI struct `QAuthZListRule`.
 ///
@@ -11740,56 +14123,60 @@ pub struct CompressionStats {
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigrationStatus)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationStatus {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `setup`.
-    #[serde(rename = "setup")]
     Setup,
     /// `cancelling`.
-    #[serde(rename = "cancelling")]
     Cancelling,
     /// `cancelled`.
-    #[serde(rename = "cancelled")]
     Cancelled,
     /// `active`.
-    #[serde(rename = "active")]
     Active,
     /// `postcopy-active` (Since QEMU 2.5).
-    #[serde(rename = "postcopy-active")]
     PostcopyActive,
     /// `postcopy-paused` (Since QEMU 3.0).
-    #[serde(rename = "postcopy-paused")]
     PostcopyPaused,
     /// `postcopy-recover-setup` (Since QEMU 9.1).
-    #[serde(rename = "postcopy-recover-setup")]
     PostcopyRecoverSetup,
     /// `postcopy-recover` (Since QEMU 3.0).
-    #[serde(rename = "postcopy-recover")]
     PostcopyRecover,
     /// `completed`.
-    #[serde(rename = "completed")]
     Completed,
     /// `failed`.
-    #[serde(rename = "failed")]
     Failed,
     /// `colo` (Since QEMU 2.8).
-    #[serde(rename = "colo")]
     Colo,
     /// `pre-switchover` (Since QEMU 2.11).
-    #[serde(rename = "pre-switchover")]
     PreSwitchover,
     /// `device` (Since QEMU 2.11).
-    #[serde(rename = "device")]
     Device,
     /// `wait-unplug` (Since QEMU 4.2).
-    #[serde(rename = "wait-unplug")]
     WaitUnplug,
 }
 
 impl MigrationStatus {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MigrationStatus] = &[
+        MigrationStatus::None,
+        MigrationStatus::Setup,
+        MigrationStatus::Cancelling,
+        MigrationStatus::Cancelled,
+        MigrationStatus::Active,
+        MigrationStatus::PostcopyActive,
+        MigrationStatus::PostcopyPaused,
+        MigrationStatus::PostcopyRecoverSetup,
+        MigrationStatus::PostcopyRecover,
+        MigrationStatus::Completed,
+        MigrationStatus::Failed,
+        MigrationStatus::Colo,
+        MigrationStatus::PreSwitchover,
+        MigrationStatus::Device,
+        MigrationStatus::WaitUnplug,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11811,6 +14198,33 @@ impl MigrationStatus {
         }
     }
 }
+
+impl std::str::FromStr for MigrationStatus {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(MigrationStatus::None),
+            "setup" => Ok(MigrationStatus::Setup),
+            "cancelling" => Ok(MigrationStatus::Cancelling),
+            "cancelled" => Ok(MigrationStatus::Cancelled),
+            "active" => Ok(MigrationStatus::Active),
+            "postcopy-active" => Ok(MigrationStatus::PostcopyActive),
+            "postcopy-paused" => Ok(MigrationStatus::PostcopyPaused),
+            "postcopy-recover-setup" => Ok(MigrationStatus::PostcopyRecoverSetup),
+            "postcopy-recover" => Ok(MigrationStatus::PostcopyRecover),
+            "completed" => Ok(MigrationStatus::Completed),
+            "failed" => Ok(MigrationStatus::Failed),
+            "colo" => Ok(MigrationStatus::Colo),
+            "pre-switchover" => Ok(MigrationStatus::PreSwitchover),
+            "device" => Ok(MigrationStatus::Device),
+            "wait-unplug" => Ok(MigrationStatus::WaitUnplug),
+            _ => Err(crate::UnknownValue::new("MigrationStatus", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MigrationStatus);
 
 /// QAPI struct `VfioStats`.
 ///
@@ -11891,78 +14305,82 @@ pub struct MigrationInfo {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigrationCapability)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationCapability {
     /// `xbzrle`.
-    #[serde(rename = "xbzrle")]
     Xbzrle,
     /// `rdma-pin-all` (Since QEMU 2.0).
-    #[serde(rename = "rdma-pin-all")]
     RdmaPinAll,
     /// `auto-converge` (Since QEMU 1.6).
-    #[serde(rename = "auto-converge")]
     AutoConverge,
     /// `zero-blocks` (Since QEMU 1.6; Features: `deprecated`).
-    #[serde(rename = "zero-blocks")]
     #[deprecated(note = "QEMU deprecates this value")]
     ZeroBlocks,
     /// `events` (Since QEMU 2.4).
-    #[serde(rename = "events")]
     Events,
     /// `postcopy-ram` (Since QEMU 2.6).
-    #[serde(rename = "postcopy-ram")]
     PostcopyRam,
     /// `x-colo` (Since QEMU 2.8; Features: `unstable`).
-    #[serde(rename = "x-colo")]
     XColo,
     /// `release-ram` (Since QEMU 2.9).
-    #[serde(rename = "release-ram")]
     ReleaseRam,
     /// `return-path` (Since QEMU 2.10).
-    #[serde(rename = "return-path")]
     ReturnPath,
     /// `pause-before-switchover` (Since QEMU 2.11).
-    #[serde(rename = "pause-before-switchover")]
     PauseBeforeSwitchover,
     /// `multifd` (Since QEMU 4.0).
-    #[serde(rename = "multifd")]
     Multifd,
     /// `dirty-bitmaps` (Since QEMU 2.12).
-    #[serde(rename = "dirty-bitmaps")]
     DirtyBitmaps,
     /// `postcopy-blocktime` (Since QEMU 3.0).
-    #[serde(rename = "postcopy-blocktime")]
     PostcopyBlocktime,
     /// `late-block-activate` (Since QEMU 3.0).
-    #[serde(rename = "late-block-activate")]
     LateBlockActivate,
     /// `x-ignore-shared` (Since QEMU 4.0; Features: `unstable`).
-    #[serde(rename = "x-ignore-shared")]
     XIgnoreShared,
     /// `validate-uuid` (Since QEMU 4.2).
-    #[serde(rename = "validate-uuid")]
     ValidateUuid,
     /// `background-snapshot` (Since QEMU 6.0).
-    #[serde(rename = "background-snapshot")]
     BackgroundSnapshot,
     /// `zero-copy-send` (Since QEMU 7.1).
-    #[serde(rename = "zero-copy-send")]
     ZeroCopySend,
     /// `postcopy-preempt` (Since QEMU 7.1).
-    #[serde(rename = "postcopy-preempt")]
     PostcopyPreempt,
     /// `switchover-ack` (Since QEMU 8.1).
-    #[serde(rename = "switchover-ack")]
     SwitchoverAck,
     /// `dirty-limit` (Since QEMU 8.1).
-    #[serde(rename = "dirty-limit")]
     DirtyLimit,
     /// `mapped-ram` (Since QEMU 9.0).
-    #[serde(rename = "mapped-ram")]
     MappedRam,
 }
 
 impl MigrationCapability {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MigrationCapability] = &[
+        MigrationCapability::Xbzrle,
+        MigrationCapability::RdmaPinAll,
+        MigrationCapability::AutoConverge,
+        MigrationCapability::ZeroBlocks,
+        MigrationCapability::Events,
+        MigrationCapability::PostcopyRam,
+        MigrationCapability::XColo,
+        MigrationCapability::ReleaseRam,
+        MigrationCapability::ReturnPath,
+        MigrationCapability::PauseBeforeSwitchover,
+        MigrationCapability::Multifd,
+        MigrationCapability::DirtyBitmaps,
+        MigrationCapability::PostcopyBlocktime,
+        MigrationCapability::LateBlockActivate,
+        MigrationCapability::XIgnoreShared,
+        MigrationCapability::ValidateUuid,
+        MigrationCapability::BackgroundSnapshot,
+        MigrationCapability::ZeroCopySend,
+        MigrationCapability::PostcopyPreempt,
+        MigrationCapability::SwitchoverAck,
+        MigrationCapability::DirtyLimit,
+        MigrationCapability::MappedRam,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -11992,6 +14410,40 @@ impl MigrationCapability {
     }
 }
 
+impl std::str::FromStr for MigrationCapability {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "xbzrle" => Ok(MigrationCapability::Xbzrle),
+            "rdma-pin-all" => Ok(MigrationCapability::RdmaPinAll),
+            "auto-converge" => Ok(MigrationCapability::AutoConverge),
+            "zero-blocks" => Ok(MigrationCapability::ZeroBlocks),
+            "events" => Ok(MigrationCapability::Events),
+            "postcopy-ram" => Ok(MigrationCapability::PostcopyRam),
+            "x-colo" => Ok(MigrationCapability::XColo),
+            "release-ram" => Ok(MigrationCapability::ReleaseRam),
+            "return-path" => Ok(MigrationCapability::ReturnPath),
+            "pause-before-switchover" => Ok(MigrationCapability::PauseBeforeSwitchover),
+            "multifd" => Ok(MigrationCapability::Multifd),
+            "dirty-bitmaps" => Ok(MigrationCapability::DirtyBitmaps),
+            "postcopy-blocktime" => Ok(MigrationCapability::PostcopyBlocktime),
+            "late-block-activate" => Ok(MigrationCapability::LateBlockActivate),
+            "x-ignore-shared" => Ok(MigrationCapability::XIgnoreShared),
+            "validate-uuid" => Ok(MigrationCapability::ValidateUuid),
+            "background-snapshot" => Ok(MigrationCapability::BackgroundSnapshot),
+            "zero-copy-send" => Ok(MigrationCapability::ZeroCopySend),
+            "postcopy-preempt" => Ok(MigrationCapability::PostcopyPreempt),
+            "switchover-ack" => Ok(MigrationCapability::SwitchoverAck),
+            "dirty-limit" => Ok(MigrationCapability::DirtyLimit),
+            "mapped-ram" => Ok(MigrationCapability::MappedRam),
+            _ => Err(crate::UnknownValue::new("MigrationCapability", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MigrationCapability);
+
 /// QAPI struct `MigrationCapabilityStatus`.
 ///
 /// Since QEMU 1.2.
@@ -12010,20 +14462,24 @@ pub struct MigrationCapabilityStatus {
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MultiFDCompression)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MultiFDCompression {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `zlib`.
-    #[serde(rename = "zlib")]
     Zlib,
     /// `zstd` (Compiled in only where `CONFIG_ZSTD` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "zstd")]
     Zstd,
 }
 
 impl MultiFDCompression {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MultiFDCompression] = &[
+        MultiFDCompression::None,
+        MultiFDCompression::Zlib,
+        MultiFDCompression::Zstd,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12034,23 +14490,38 @@ impl MultiFDCompression {
     }
 }
 
+impl std::str::FromStr for MultiFDCompression {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(MultiFDCompression::None),
+            "zlib" => Ok(MultiFDCompression::Zlib),
+            "zstd" => Ok(MultiFDCompression::Zstd),
+            _ => Err(crate::UnknownValue::new("MultiFDCompression", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MultiFDCompression);
+
 /// QAPI enum `MigMode`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigMode {
     /// `normal` (Since QEMU 8.2).
-    #[serde(rename = "normal")]
     Normal,
     /// `cpr-reboot`.
-    #[serde(rename = "cpr-reboot")]
     CprReboot,
     /// `cpr-transfer`.
-    #[serde(rename = "cpr-transfer")]
     CprTransfer,
 }
 
 impl MigMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MigMode] = &[MigMode::Normal, MigMode::CprReboot, MigMode::CprTransfer];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12061,25 +14532,44 @@ impl MigMode {
     }
 }
 
+impl std::str::FromStr for MigMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "normal" => Ok(MigMode::Normal),
+            "cpr-reboot" => Ok(MigMode::CprReboot),
+            "cpr-transfer" => Ok(MigMode::CprTransfer),
+            _ => Err(crate::UnknownValue::new("MigMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MigMode);
+
 /// QAPI enum `ZeroPageDetection`.
 ///
 /// Since QEMU 9.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.ZeroPageDetection)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ZeroPageDetection {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `legacy`.
-    #[serde(rename = "legacy")]
     Legacy,
     /// `multifd`.
-    #[serde(rename = "multifd")]
     Multifd,
 }
 
 impl ZeroPageDetection {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ZeroPageDetection] = &[
+        ZeroPageDetection::None,
+        ZeroPageDetection::Legacy,
+        ZeroPageDetection::Multifd,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12089,6 +14579,21 @@ impl ZeroPageDetection {
         }
     }
 }
+
+impl std::str::FromStr for ZeroPageDetection {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(ZeroPageDetection::None),
+            "legacy" => Ok(ZeroPageDetection::Legacy),
+            "multifd" => Ok(ZeroPageDetection::Multifd),
+            _ => Err(crate::UnknownValue::new("ZeroPageDetection", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ZeroPageDetection);
 
 /// QAPI struct `BitmapMigrationBitmapAliasTransform`.
 ///
@@ -12139,98 +14644,102 @@ pub struct BitmapMigrationNodeAlias {
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigrationParameter)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationParameter {
     /// `announce-initial` (Since QEMU 4.0).
-    #[serde(rename = "announce-initial")]
     AnnounceInitial,
     /// `announce-max` (Since QEMU 4.0).
-    #[serde(rename = "announce-max")]
     AnnounceMax,
     /// `announce-rounds` (Since QEMU 4.0).
-    #[serde(rename = "announce-rounds")]
     AnnounceRounds,
     /// `announce-step` (Since QEMU 4.0).
-    #[serde(rename = "announce-step")]
     AnnounceStep,
     /// `throttle-trigger-threshold` (Since QEMU 5.0).
-    #[serde(rename = "throttle-trigger-threshold")]
     ThrottleTriggerThreshold,
     /// `cpu-throttle-initial` (Since QEMU 2.7).
-    #[serde(rename = "cpu-throttle-initial")]
     CpuThrottleInitial,
     /// `cpu-throttle-increment` (Since QEMU 2.7).
-    #[serde(rename = "cpu-throttle-increment")]
     CpuThrottleIncrement,
     /// `cpu-throttle-tailslow` (Since QEMU 5.1).
-    #[serde(rename = "cpu-throttle-tailslow")]
     CpuThrottleTailslow,
     /// `tls-creds` (Since QEMU 2.7).
-    #[serde(rename = "tls-creds")]
     TlsCreds,
     /// `tls-hostname` (Since QEMU 2.7).
-    #[serde(rename = "tls-hostname")]
     TlsHostname,
     /// `tls-authz` (Since QEMU 4.0).
-    #[serde(rename = "tls-authz")]
     TlsAuthz,
     /// `max-bandwidth` (Since QEMU 2.8).
-    #[serde(rename = "max-bandwidth")]
     MaxBandwidth,
     /// `avail-switchover-bandwidth` (Since QEMU 8.2).
-    #[serde(rename = "avail-switchover-bandwidth")]
     AvailSwitchoverBandwidth,
     /// `downtime-limit` (Since QEMU 2.8).
-    #[serde(rename = "downtime-limit")]
     DowntimeLimit,
     /// `x-checkpoint-delay` (Since QEMU 2.8; Features: `unstable`).
-    #[serde(rename = "x-checkpoint-delay")]
     XCheckpointDelay,
     /// `multifd-channels` (Since QEMU 4.0).
-    #[serde(rename = "multifd-channels")]
     MultifdChannels,
     /// `xbzrle-cache-size` (Since QEMU 2.11).
-    #[serde(rename = "xbzrle-cache-size")]
     XbzrleCacheSize,
     /// `max-postcopy-bandwidth` (Since QEMU 3.0).
-    #[serde(rename = "max-postcopy-bandwidth")]
     MaxPostcopyBandwidth,
     /// `max-cpu-throttle` (Since QEMU 3.1).
-    #[serde(rename = "max-cpu-throttle")]
     MaxCpuThrottle,
     /// `multifd-compression` (Since QEMU 5.0).
-    #[serde(rename = "multifd-compression")]
     MultifdCompression,
     /// `multifd-zlib-level` (Since QEMU 5.0).
-    #[serde(rename = "multifd-zlib-level")]
     MultifdZlibLevel,
     /// `multifd-zstd-level` (Since QEMU 5.0).
-    #[serde(rename = "multifd-zstd-level")]
     MultifdZstdLevel,
     /// `multifd-qatzip-level` (Since QEMU 9.2).
-    #[serde(rename = "multifd-qatzip-level")]
     MultifdQatzipLevel,
     /// `block-bitmap-mapping` (Since QEMU 5.2).
-    #[serde(rename = "block-bitmap-mapping")]
     BlockBitmapMapping,
     /// `x-vcpu-dirty-limit-period` (Since QEMU 8.1; Features: `unstable`).
-    #[serde(rename = "x-vcpu-dirty-limit-period")]
     XVcpuDirtyLimitPeriod,
     /// `vcpu-dirty-limit` (Since QEMU 8.1).
-    #[serde(rename = "vcpu-dirty-limit")]
     VcpuDirtyLimit,
     /// `mode` (Since QEMU 8.2).
-    #[serde(rename = "mode")]
     Mode,
     /// `zero-page-detection` (Since QEMU 9.0).
-    #[serde(rename = "zero-page-detection")]
     ZeroPageDetection,
     /// `direct-io` (Since QEMU 9.1).
-    #[serde(rename = "direct-io")]
     DirectIo,
 }
 
 impl MigrationParameter {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MigrationParameter] = &[
+        MigrationParameter::AnnounceInitial,
+        MigrationParameter::AnnounceMax,
+        MigrationParameter::AnnounceRounds,
+        MigrationParameter::AnnounceStep,
+        MigrationParameter::ThrottleTriggerThreshold,
+        MigrationParameter::CpuThrottleInitial,
+        MigrationParameter::CpuThrottleIncrement,
+        MigrationParameter::CpuThrottleTailslow,
+        MigrationParameter::TlsCreds,
+        MigrationParameter::TlsHostname,
+        MigrationParameter::TlsAuthz,
+        MigrationParameter::MaxBandwidth,
+        MigrationParameter::AvailSwitchoverBandwidth,
+        MigrationParameter::DowntimeLimit,
+        MigrationParameter::XCheckpointDelay,
+        MigrationParameter::MultifdChannels,
+        MigrationParameter::XbzrleCacheSize,
+        MigrationParameter::MaxPostcopyBandwidth,
+        MigrationParameter::MaxCpuThrottle,
+        MigrationParameter::MultifdCompression,
+        MigrationParameter::MultifdZlibLevel,
+        MigrationParameter::MultifdZstdLevel,
+        MigrationParameter::MultifdQatzipLevel,
+        MigrationParameter::BlockBitmapMapping,
+        MigrationParameter::XVcpuDirtyLimitPeriod,
+        MigrationParameter::VcpuDirtyLimit,
+        MigrationParameter::Mode,
+        MigrationParameter::ZeroPageDetection,
+        MigrationParameter::DirectIo,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12266,6 +14775,47 @@ impl MigrationParameter {
         }
     }
 }
+
+impl std::str::FromStr for MigrationParameter {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "announce-initial" => Ok(MigrationParameter::AnnounceInitial),
+            "announce-max" => Ok(MigrationParameter::AnnounceMax),
+            "announce-rounds" => Ok(MigrationParameter::AnnounceRounds),
+            "announce-step" => Ok(MigrationParameter::AnnounceStep),
+            "throttle-trigger-threshold" => Ok(MigrationParameter::ThrottleTriggerThreshold),
+            "cpu-throttle-initial" => Ok(MigrationParameter::CpuThrottleInitial),
+            "cpu-throttle-increment" => Ok(MigrationParameter::CpuThrottleIncrement),
+            "cpu-throttle-tailslow" => Ok(MigrationParameter::CpuThrottleTailslow),
+            "tls-creds" => Ok(MigrationParameter::TlsCreds),
+            "tls-hostname" => Ok(MigrationParameter::TlsHostname),
+            "tls-authz" => Ok(MigrationParameter::TlsAuthz),
+            "max-bandwidth" => Ok(MigrationParameter::MaxBandwidth),
+            "avail-switchover-bandwidth" => Ok(MigrationParameter::AvailSwitchoverBandwidth),
+            "downtime-limit" => Ok(MigrationParameter::DowntimeLimit),
+            "x-checkpoint-delay" => Ok(MigrationParameter::XCheckpointDelay),
+            "multifd-channels" => Ok(MigrationParameter::MultifdChannels),
+            "xbzrle-cache-size" => Ok(MigrationParameter::XbzrleCacheSize),
+            "max-postcopy-bandwidth" => Ok(MigrationParameter::MaxPostcopyBandwidth),
+            "max-cpu-throttle" => Ok(MigrationParameter::MaxCpuThrottle),
+            "multifd-compression" => Ok(MigrationParameter::MultifdCompression),
+            "multifd-zlib-level" => Ok(MigrationParameter::MultifdZlibLevel),
+            "multifd-zstd-level" => Ok(MigrationParameter::MultifdZstdLevel),
+            "multifd-qatzip-level" => Ok(MigrationParameter::MultifdQatzipLevel),
+            "block-bitmap-mapping" => Ok(MigrationParameter::BlockBitmapMapping),
+            "x-vcpu-dirty-limit-period" => Ok(MigrationParameter::XVcpuDirtyLimitPeriod),
+            "vcpu-dirty-limit" => Ok(MigrationParameter::VcpuDirtyLimit),
+            "mode" => Ok(MigrationParameter::Mode),
+            "zero-page-detection" => Ok(MigrationParameter::ZeroPageDetection),
+            "direct-io" => Ok(MigrationParameter::DirectIo),
+            _ => Err(crate::UnknownValue::new("MigrationParameter", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MigrationParameter);
 
 /// QAPI struct `MigrateSetParameters`.
 ///
@@ -12491,32 +15041,36 @@ pub struct MigrationParameters {
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.COLOMessage)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum COLOMessage {
     /// `checkpoint-ready`.
-    #[serde(rename = "checkpoint-ready")]
     CheckpointReady,
     /// `checkpoint-request`.
-    #[serde(rename = "checkpoint-request")]
     CheckpointRequest,
     /// `checkpoint-reply`.
-    #[serde(rename = "checkpoint-reply")]
     CheckpointReply,
     /// `vmstate-send`.
-    #[serde(rename = "vmstate-send")]
     VmstateSend,
     /// `vmstate-size`.
-    #[serde(rename = "vmstate-size")]
     VmstateSize,
     /// `vmstate-received`.
-    #[serde(rename = "vmstate-received")]
     VmstateReceived,
     /// `vmstate-loaded`.
-    #[serde(rename = "vmstate-loaded")]
     VmstateLoaded,
 }
 
 impl COLOMessage {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [COLOMessage] = &[
+        COLOMessage::CheckpointReady,
+        COLOMessage::CheckpointRequest,
+        COLOMessage::CheckpointReply,
+        COLOMessage::VmstateSend,
+        COLOMessage::VmstateSize,
+        COLOMessage::VmstateReceived,
+        COLOMessage::VmstateLoaded,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12531,25 +15085,44 @@ impl COLOMessage {
     }
 }
 
+impl std::str::FromStr for COLOMessage {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "checkpoint-ready" => Ok(COLOMessage::CheckpointReady),
+            "checkpoint-request" => Ok(COLOMessage::CheckpointRequest),
+            "checkpoint-reply" => Ok(COLOMessage::CheckpointReply),
+            "vmstate-send" => Ok(COLOMessage::VmstateSend),
+            "vmstate-size" => Ok(COLOMessage::VmstateSize),
+            "vmstate-received" => Ok(COLOMessage::VmstateReceived),
+            "vmstate-loaded" => Ok(COLOMessage::VmstateLoaded),
+            _ => Err(crate::UnknownValue::new("COLOMessage", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(COLOMessage);
+
 /// QAPI enum `COLOMode`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.COLOMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum COLOMode {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `primary`.
-    #[serde(rename = "primary")]
     Primary,
     /// `secondary`.
-    #[serde(rename = "secondary")]
     Secondary,
 }
 
 impl COLOMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [COLOMode] = &[COLOMode::None, COLOMode::Primary, COLOMode::Secondary];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12560,31 +15133,50 @@ impl COLOMode {
     }
 }
 
+impl std::str::FromStr for COLOMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(COLOMode::None),
+            "primary" => Ok(COLOMode::Primary),
+            "secondary" => Ok(COLOMode::Secondary),
+            _ => Err(crate::UnknownValue::new("COLOMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(COLOMode);
+
 /// QAPI enum `FailoverStatus`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.FailoverStatus)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailoverStatus {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `require`.
-    #[serde(rename = "require")]
     Require,
     /// `active`.
-    #[serde(rename = "active")]
     Active,
     /// `completed`.
-    #[serde(rename = "completed")]
     Completed,
     /// `relaunch` (Since QEMU 2.9).
-    #[serde(rename = "relaunch")]
     Relaunch,
 }
 
 impl FailoverStatus {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [FailoverStatus] = &[
+        FailoverStatus::None,
+        FailoverStatus::Require,
+        FailoverStatus::Active,
+        FailoverStatus::Completed,
+        FailoverStatus::Relaunch,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12597,28 +15189,49 @@ impl FailoverStatus {
     }
 }
 
+impl std::str::FromStr for FailoverStatus {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(FailoverStatus::None),
+            "require" => Ok(FailoverStatus::Require),
+            "active" => Ok(FailoverStatus::Active),
+            "completed" => Ok(FailoverStatus::Completed),
+            "relaunch" => Ok(FailoverStatus::Relaunch),
+            _ => Err(crate::UnknownValue::new("FailoverStatus", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(FailoverStatus);
+
 /// QAPI enum `COLOExitReason`.
 ///
 /// Since QEMU 3.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.COLOExitReason)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum COLOExitReason {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `request`.
-    #[serde(rename = "request")]
     Request,
     /// `error`.
-    #[serde(rename = "error")]
     Error,
     /// `processing` (Since QEMU 4.0).
-    #[serde(rename = "processing")]
     Processing,
 }
 
 impl COLOExitReason {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [COLOExitReason] = &[
+        COLOExitReason::None,
+        COLOExitReason::Request,
+        COLOExitReason::Error,
+        COLOExitReason::Processing,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12630,28 +15243,48 @@ impl COLOExitReason {
     }
 }
 
+impl std::str::FromStr for COLOExitReason {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(COLOExitReason::None),
+            "request" => Ok(COLOExitReason::Request),
+            "error" => Ok(COLOExitReason::Error),
+            "processing" => Ok(COLOExitReason::Processing),
+            _ => Err(crate::UnknownValue::new("COLOExitReason", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(COLOExitReason);
+
 /// QAPI enum `MigrationAddressType`.
 ///
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigrationAddressType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationAddressType {
     /// `socket`.
-    #[serde(rename = "socket")]
     Socket,
     /// `exec`.
-    #[serde(rename = "exec")]
     Exec,
     /// `rdma`.
-    #[serde(rename = "rdma")]
     Rdma,
     /// `file`.
-    #[serde(rename = "file")]
     File,
 }
 
 impl MigrationAddressType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MigrationAddressType] = &[
+        MigrationAddressType::Socket,
+        MigrationAddressType::Exec,
+        MigrationAddressType::Rdma,
+        MigrationAddressType::File,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12662,6 +15295,22 @@ impl MigrationAddressType {
         }
     }
 }
+
+impl std::str::FromStr for MigrationAddressType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "socket" => Ok(MigrationAddressType::Socket),
+            "exec" => Ok(MigrationAddressType::Exec),
+            "rdma" => Ok(MigrationAddressType::Rdma),
+            "file" => Ok(MigrationAddressType::File),
+            _ => Err(crate::UnknownValue::new("MigrationAddressType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MigrationAddressType);
 
 /// QAPI struct `FileMigrationArgs`.
 ///
@@ -12714,17 +15363,18 @@ pub enum MigrationAddress {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigrationChannelType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationChannelType {
     /// `main`.
-    #[serde(rename = "main")]
     Main,
     /// `cpr`.
-    #[serde(rename = "cpr")]
     Cpr,
 }
 
 impl MigrationChannelType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MigrationChannelType] = &[MigrationChannelType::Main, MigrationChannelType::Cpr];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12733,6 +15383,20 @@ impl MigrationChannelType {
         }
     }
 }
+
+impl std::str::FromStr for MigrationChannelType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "main" => Ok(MigrationChannelType::Main),
+            "cpr" => Ok(MigrationChannelType::Cpr),
+            _ => Err(crate::UnknownValue::new("MigrationChannelType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MigrationChannelType);
 
 /// QAPI struct `MigrationChannel`.
 ///
@@ -12797,20 +15461,24 @@ pub struct DirtyRateVcpu {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.DirtyRateStatus)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DirtyRateStatus {
     /// `unstarted`.
-    #[serde(rename = "unstarted")]
     Unstarted,
     /// `measuring`.
-    #[serde(rename = "measuring")]
     Measuring,
     /// `measured`.
-    #[serde(rename = "measured")]
     Measured,
 }
 
 impl DirtyRateStatus {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DirtyRateStatus] = &[
+        DirtyRateStatus::Unstarted,
+        DirtyRateStatus::Measuring,
+        DirtyRateStatus::Measured,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12821,25 +15489,44 @@ impl DirtyRateStatus {
     }
 }
 
+impl std::str::FromStr for DirtyRateStatus {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unstarted" => Ok(DirtyRateStatus::Unstarted),
+            "measuring" => Ok(DirtyRateStatus::Measuring),
+            "measured" => Ok(DirtyRateStatus::Measured),
+            _ => Err(crate::UnknownValue::new("DirtyRateStatus", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DirtyRateStatus);
+
 /// QAPI enum `DirtyRateMeasureMode`.
 ///
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.DirtyRateMeasureMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DirtyRateMeasureMode {
     /// `page-sampling`.
-    #[serde(rename = "page-sampling")]
     PageSampling,
     /// `dirty-ring`.
-    #[serde(rename = "dirty-ring")]
     DirtyRing,
     /// `dirty-bitmap`.
-    #[serde(rename = "dirty-bitmap")]
     DirtyBitmap,
 }
 
 impl DirtyRateMeasureMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [DirtyRateMeasureMode] = &[
+        DirtyRateMeasureMode::PageSampling,
+        DirtyRateMeasureMode::DirtyRing,
+        DirtyRateMeasureMode::DirtyBitmap,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12850,22 +15537,38 @@ impl DirtyRateMeasureMode {
     }
 }
 
+impl std::str::FromStr for DirtyRateMeasureMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "page-sampling" => Ok(DirtyRateMeasureMode::PageSampling),
+            "dirty-ring" => Ok(DirtyRateMeasureMode::DirtyRing),
+            "dirty-bitmap" => Ok(DirtyRateMeasureMode::DirtyBitmap),
+            _ => Err(crate::UnknownValue::new("DirtyRateMeasureMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(DirtyRateMeasureMode);
+
 /// QAPI enum `TimeUnit`.
 ///
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.TimeUnit)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TimeUnit {
     /// `second`.
-    #[serde(rename = "second")]
     Second,
     /// `millisecond`.
-    #[serde(rename = "millisecond")]
     Millisecond,
 }
 
 impl TimeUnit {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [TimeUnit] = &[TimeUnit::Second, TimeUnit::Millisecond];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12874,6 +15577,20 @@ impl TimeUnit {
         }
     }
 }
+
+impl std::str::FromStr for TimeUnit {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "second" => Ok(TimeUnit::Second),
+            "millisecond" => Ok(TimeUnit::Millisecond),
+            _ => Err(crate::UnknownValue::new("TimeUnit", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(TimeUnit);
 
 /// QAPI struct `DirtyRateInfo`.
 ///
@@ -12951,17 +15668,19 @@ pub struct Abort {}
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-transaction.ActionCompletionMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ActionCompletionMode {
     /// `individual`.
-    #[serde(rename = "individual")]
     Individual,
     /// `grouped`.
-    #[serde(rename = "grouped")]
     Grouped,
 }
 
 impl ActionCompletionMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ActionCompletionMode] =
+        &[ActionCompletionMode::Individual, ActionCompletionMode::Grouped];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -12971,53 +15690,71 @@ impl ActionCompletionMode {
     }
 }
 
+impl std::str::FromStr for ActionCompletionMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "individual" => Ok(ActionCompletionMode::Individual),
+            "grouped" => Ok(ActionCompletionMode::Grouped),
+            _ => Err(crate::UnknownValue::new("ActionCompletionMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ActionCompletionMode);
+
 /// QAPI enum `TransactionActionKind`.
 ///
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-transaction.TransactionActionKind)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TransactionActionKind {
     /// `abort`.
-    #[serde(rename = "abort")]
     Abort,
     /// `block-dirty-bitmap-add`.
-    #[serde(rename = "block-dirty-bitmap-add")]
     BlockDirtyBitmapAdd,
     /// `block-dirty-bitmap-remove`.
-    #[serde(rename = "block-dirty-bitmap-remove")]
     BlockDirtyBitmapRemove,
     /// `block-dirty-bitmap-clear`.
-    #[serde(rename = "block-dirty-bitmap-clear")]
     BlockDirtyBitmapClear,
     /// `block-dirty-bitmap-enable`.
-    #[serde(rename = "block-dirty-bitmap-enable")]
     BlockDirtyBitmapEnable,
     /// `block-dirty-bitmap-disable`.
-    #[serde(rename = "block-dirty-bitmap-disable")]
     BlockDirtyBitmapDisable,
     /// `block-dirty-bitmap-merge`.
-    #[serde(rename = "block-dirty-bitmap-merge")]
     BlockDirtyBitmapMerge,
     /// `blockdev-backup`.
-    #[serde(rename = "blockdev-backup")]
     BlockdevBackup,
     /// `blockdev-snapshot`.
-    #[serde(rename = "blockdev-snapshot")]
     BlockdevSnapshot,
     /// `blockdev-snapshot-internal-sync`.
-    #[serde(rename = "blockdev-snapshot-internal-sync")]
     BlockdevSnapshotInternalSync,
     /// `blockdev-snapshot-sync`.
-    #[serde(rename = "blockdev-snapshot-sync")]
     BlockdevSnapshotSync,
     /// `drive-backup` (Features: `deprecated`).
-    #[serde(rename = "drive-backup")]
     #[deprecated(note = "QEMU deprecates this value")]
     DriveBackup,
 }
 
 impl TransactionActionKind {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [TransactionActionKind] = &[
+        TransactionActionKind::Abort,
+        TransactionActionKind::BlockDirtyBitmapAdd,
+        TransactionActionKind::BlockDirtyBitmapRemove,
+        TransactionActionKind::BlockDirtyBitmapClear,
+        TransactionActionKind::BlockDirtyBitmapEnable,
+        TransactionActionKind::BlockDirtyBitmapDisable,
+        TransactionActionKind::BlockDirtyBitmapMerge,
+        TransactionActionKind::BlockdevBackup,
+        TransactionActionKind::BlockdevSnapshot,
+        TransactionActionKind::BlockdevSnapshotInternalSync,
+        TransactionActionKind::BlockdevSnapshotSync,
+        TransactionActionKind::DriveBackup,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13036,6 +15773,30 @@ impl TransactionActionKind {
         }
     }
 }
+
+impl std::str::FromStr for TransactionActionKind {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "abort" => Ok(TransactionActionKind::Abort),
+            "block-dirty-bitmap-add" => Ok(TransactionActionKind::BlockDirtyBitmapAdd),
+            "block-dirty-bitmap-remove" => Ok(TransactionActionKind::BlockDirtyBitmapRemove),
+            "block-dirty-bitmap-clear" => Ok(TransactionActionKind::BlockDirtyBitmapClear),
+            "block-dirty-bitmap-enable" => Ok(TransactionActionKind::BlockDirtyBitmapEnable),
+            "block-dirty-bitmap-disable" => Ok(TransactionActionKind::BlockDirtyBitmapDisable),
+            "block-dirty-bitmap-merge" => Ok(TransactionActionKind::BlockDirtyBitmapMerge),
+            "blockdev-backup" => Ok(TransactionActionKind::BlockdevBackup),
+            "blockdev-snapshot" => Ok(TransactionActionKind::BlockdevSnapshot),
+            "blockdev-snapshot-internal-sync" => Ok(TransactionActionKind::BlockdevSnapshotInternalSync),
+            "blockdev-snapshot-sync" => Ok(TransactionActionKind::BlockdevSnapshotSync),
+            "drive-backup" => Ok(TransactionActionKind::DriveBackup),
+            _ => Err(crate::UnknownValue::new("TransactionActionKind", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(TransactionActionKind);
 
 /// QAPI struct `AbortWrapper`.
 ///
@@ -13200,20 +15961,24 @@ pub struct TransactionProperties {
 /// Since QEMU 2.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-trace.TraceEventState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TraceEventState {
     /// `unavailable`.
-    #[serde(rename = "unavailable")]
     Unavailable,
     /// `disabled`.
-    #[serde(rename = "disabled")]
     Disabled,
     /// `enabled`.
-    #[serde(rename = "enabled")]
     Enabled,
 }
 
 impl TraceEventState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [TraceEventState] = &[
+        TraceEventState::Unavailable,
+        TraceEventState::Disabled,
+        TraceEventState::Enabled,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13223,6 +15988,21 @@ impl TraceEventState {
         }
     }
 }
+
+impl std::str::FromStr for TraceEventState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unavailable" => Ok(TraceEventState::Unavailable),
+            "disabled" => Ok(TraceEventState::Disabled),
+            "enabled" => Ok(TraceEventState::Enabled),
+            _ => Err(crate::UnknownValue::new("TraceEventState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(TraceEventState);
 
 /// QAPI struct `TraceEventInfo`.
 ///
@@ -13242,20 +16022,24 @@ pub struct TraceEventInfo {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-compat.CompatPolicyInput)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CompatPolicyInput {
     /// `accept`.
-    #[serde(rename = "accept")]
     Accept,
     /// `reject`.
-    #[serde(rename = "reject")]
     Reject,
     /// `crash`.
-    #[serde(rename = "crash")]
     Crash,
 }
 
 impl CompatPolicyInput {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CompatPolicyInput] = &[
+        CompatPolicyInput::Accept,
+        CompatPolicyInput::Reject,
+        CompatPolicyInput::Crash,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13266,22 +16050,38 @@ impl CompatPolicyInput {
     }
 }
 
+impl std::str::FromStr for CompatPolicyInput {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "accept" => Ok(CompatPolicyInput::Accept),
+            "reject" => Ok(CompatPolicyInput::Reject),
+            "crash" => Ok(CompatPolicyInput::Crash),
+            _ => Err(crate::UnknownValue::new("CompatPolicyInput", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CompatPolicyInput);
+
 /// QAPI enum `CompatPolicyOutput`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-compat.CompatPolicyOutput)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CompatPolicyOutput {
     /// `accept`.
-    #[serde(rename = "accept")]
     Accept,
     /// `hide`.
-    #[serde(rename = "hide")]
     Hide,
 }
 
 impl CompatPolicyOutput {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CompatPolicyOutput] = &[CompatPolicyOutput::Accept, CompatPolicyOutput::Hide];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13290,6 +16090,20 @@ impl CompatPolicyOutput {
         }
     }
 }
+
+impl std::str::FromStr for CompatPolicyOutput {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "accept" => Ok(CompatPolicyOutput::Accept),
+            "hide" => Ok(CompatPolicyOutput::Hide),
+            _ => Err(crate::UnknownValue::new("CompatPolicyOutput", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CompatPolicyOutput);
 
 /// QAPI struct `CompatPolicy`.
 ///
@@ -13317,14 +16131,16 @@ pub struct CompatPolicy {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-control.QMPCapability)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QMPCapability {
     /// `oob`.
-    #[serde(rename = "oob")]
     Oob,
 }
 
 impl QMPCapability {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QMPCapability] = &[QMPCapability::Oob];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13332,6 +16148,19 @@ impl QMPCapability {
         }
     }
 }
+
+impl std::str::FromStr for QMPCapability {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "oob" => Ok(QMPCapability::Oob),
+            _ => Err(crate::UnknownValue::new("QMPCapability", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QMPCapability);
 
 /// QAPI struct `VersionTriple`.
 ///
@@ -13377,17 +16206,18 @@ pub struct CommandInfo {
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-control.MonitorMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MonitorMode {
     /// `readline`.
-    #[serde(rename = "readline")]
     Readline,
     /// `control`.
-    #[serde(rename = "control")]
     Control,
 }
 
 impl MonitorMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MonitorMode] = &[MonitorMode::Readline, MonitorMode::Control];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13396,6 +16226,20 @@ impl MonitorMode {
         }
     }
 }
+
+impl std::str::FromStr for MonitorMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "readline" => Ok(MonitorMode::Readline),
+            "control" => Ok(MonitorMode::Control),
+            _ => Err(crate::UnknownValue::new("MonitorMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MonitorMode);
 
 /// QAPI struct `MonitorOptions`.
 ///
@@ -13422,32 +16266,36 @@ pub struct MonitorOptions {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-introspect.SchemaMetaType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SchemaMetaType {
     /// `builtin`.
-    #[serde(rename = "builtin")]
     Builtin,
     /// `enum`.
-    #[serde(rename = "enum")]
     Enum,
     /// `array`.
-    #[serde(rename = "array")]
     Array,
     /// `object`.
-    #[serde(rename = "object")]
     Object,
     /// `alternate`.
-    #[serde(rename = "alternate")]
     Alternate,
     /// `command`.
-    #[serde(rename = "command")]
     Command,
     /// `event`.
-    #[serde(rename = "event")]
     Event,
 }
 
 impl SchemaMetaType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SchemaMetaType] = &[
+        SchemaMetaType::Builtin,
+        SchemaMetaType::Enum,
+        SchemaMetaType::Array,
+        SchemaMetaType::Object,
+        SchemaMetaType::Alternate,
+        SchemaMetaType::Command,
+        SchemaMetaType::Event,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13461,6 +16309,25 @@ impl SchemaMetaType {
         }
     }
 }
+
+impl std::str::FromStr for SchemaMetaType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "builtin" => Ok(SchemaMetaType::Builtin),
+            "enum" => Ok(SchemaMetaType::Enum),
+            "array" => Ok(SchemaMetaType::Array),
+            "object" => Ok(SchemaMetaType::Object),
+            "alternate" => Ok(SchemaMetaType::Alternate),
+            "command" => Ok(SchemaMetaType::Command),
+            "event" => Ok(SchemaMetaType::Event),
+            _ => Err(crate::UnknownValue::new("SchemaMetaType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SchemaMetaType);
 
 /// QAPI union `SchemaInfo`: the branch is chosen by `meta-type`.
 ///
@@ -13525,35 +16392,39 @@ pub struct SchemaInfoBuiltin {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-introspect.JSONType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JSONType {
     /// `string`.
-    #[serde(rename = "string")]
     String,
     /// `number`.
-    #[serde(rename = "number")]
     Number,
     /// `int`.
-    #[serde(rename = "int")]
     Int,
     /// `boolean`.
-    #[serde(rename = "boolean")]
     Boolean,
     /// `null`.
-    #[serde(rename = "null")]
     Null,
     /// `object`.
-    #[serde(rename = "object")]
     Object,
     /// `array`.
-    #[serde(rename = "array")]
     Array,
     /// `value`.
-    #[serde(rename = "value")]
     Value,
 }
 
 impl JSONType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [JSONType] = &[
+        JSONType::String,
+        JSONType::Number,
+        JSONType::Int,
+        JSONType::Boolean,
+        JSONType::Null,
+        JSONType::Object,
+        JSONType::Array,
+        JSONType::Value,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13568,6 +16439,26 @@ impl JSONType {
         }
     }
 }
+
+impl std::str::FromStr for JSONType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "string" => Ok(JSONType::String),
+            "number" => Ok(JSONType::Number),
+            "int" => Ok(JSONType::Int),
+            "boolean" => Ok(JSONType::Boolean),
+            "null" => Ok(JSONType::Null),
+            "object" => Ok(JSONType::Object),
+            "array" => Ok(JSONType::Array),
+            "value" => Ok(JSONType::Value),
+            _ => Err(crate::UnknownValue::new("JSONType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(JSONType);
 
 /// QAPI struct `SchemaInfoEnum`.
 ///
@@ -13857,17 +16748,18 @@ pub struct DBusVMStateProperties {
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-qom.NetfilterInsert)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NetfilterInsert {
     /// `before`.
-    #[serde(rename = "before")]
     Before,
     /// `behind`.
-    #[serde(rename = "behind")]
     Behind,
 }
 
 impl NetfilterInsert {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NetfilterInsert] = &[NetfilterInsert::Before, NetfilterInsert::Behind];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -13876,6 +16768,20 @@ impl NetfilterInsert {
         }
     }
 }
+
+impl std::str::FromStr for NetfilterInsert {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "before" => Ok(NetfilterInsert::Before),
+            "behind" => Ok(NetfilterInsert::Behind),
+            _ => Err(crate::UnknownValue::new("NetfilterInsert", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NetfilterInsert);
 
 /// QAPI struct `NetfilterProperties`.
 ///
@@ -14655,158 +17561,162 @@ pub struct ThreadContextProperties {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-qom.ObjectType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ObjectType {
     /// `acpi-generic-initiator`.
-    #[serde(rename = "acpi-generic-initiator")]
     AcpiGenericInitiator,
     /// `acpi-generic-port`.
-    #[serde(rename = "acpi-generic-port")]
     AcpiGenericPort,
     /// `authz-list`.
-    #[serde(rename = "authz-list")]
     AuthzList,
     /// `authz-listfile`.
-    #[serde(rename = "authz-listfile")]
     AuthzListfile,
     /// `authz-pam`.
-    #[serde(rename = "authz-pam")]
     AuthzPam,
     /// `authz-simple`.
-    #[serde(rename = "authz-simple")]
     AuthzSimple,
     /// `can-bus`.
-    #[serde(rename = "can-bus")]
     CanBus,
     /// `can-host-socketcan` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "can-host-socketcan")]
     CanHostSocketcan,
     /// `colo-compare`.
-    #[serde(rename = "colo-compare")]
     ColoCompare,
     /// `cryptodev-backend`.
-    #[serde(rename = "cryptodev-backend")]
     CryptodevBackend,
     /// `cryptodev-backend-builtin`.
-    #[serde(rename = "cryptodev-backend-builtin")]
     CryptodevBackendBuiltin,
     /// `cryptodev-backend-lkcf`.
-    #[serde(rename = "cryptodev-backend-lkcf")]
     CryptodevBackendLkcf,
     /// `cryptodev-vhost-user` (Compiled in only where `CONFIG_VHOST_CRYPTO` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "cryptodev-vhost-user")]
     CryptodevVhostUser,
     /// `dbus-vmstate`.
-    #[serde(rename = "dbus-vmstate")]
     DbusVmstate,
     /// `filter-buffer`.
-    #[serde(rename = "filter-buffer")]
     FilterBuffer,
     /// `filter-dump`.
-    #[serde(rename = "filter-dump")]
     FilterDump,
     /// `filter-mirror`.
-    #[serde(rename = "filter-mirror")]
     FilterMirror,
     /// `filter-redirector`.
-    #[serde(rename = "filter-redirector")]
     FilterRedirector,
     /// `filter-replay`.
-    #[serde(rename = "filter-replay")]
     FilterReplay,
     /// `filter-rewriter`.
-    #[serde(rename = "filter-rewriter")]
     FilterRewriter,
     /// `input-barrier`.
-    #[serde(rename = "input-barrier")]
     InputBarrier,
     /// `input-linux` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "input-linux")]
     InputLinux,
     /// `iommufd`.
-    #[serde(rename = "iommufd")]
     Iommufd,
     /// `iothread`.
-    #[serde(rename = "iothread")]
     Iothread,
     /// `main-loop`.
-    #[serde(rename = "main-loop")]
     MainLoop,
     /// `memory-backend-epc` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "memory-backend-epc")]
     MemoryBackendEpc,
     /// `memory-backend-file`.
-    #[serde(rename = "memory-backend-file")]
     MemoryBackendFile,
     /// `memory-backend-memfd` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "memory-backend-memfd")]
     MemoryBackendMemfd,
     /// `memory-backend-ram`.
-    #[serde(rename = "memory-backend-ram")]
     MemoryBackendRam,
     /// `memory-backend-shm` (Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "memory-backend-shm")]
     MemoryBackendShm,
     /// `pef-guest`.
-    #[serde(rename = "pef-guest")]
     PefGuest,
     /// `pr-manager-helper` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "pr-manager-helper")]
     PrManagerHelper,
     /// `qtest`.
-    #[serde(rename = "qtest")]
     Qtest,
     /// `rng-builtin`.
-    #[serde(rename = "rng-builtin")]
     RngBuiltin,
     /// `rng-egd`.
-    #[serde(rename = "rng-egd")]
     RngEgd,
     /// `rng-random` (Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "rng-random")]
     RngRandom,
     /// `secret`.
-    #[serde(rename = "secret")]
     Secret,
     /// `secret_keyring` (Compiled in only where `CONFIG_SECRET_KEYRING` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "secret_keyring")]
     SecretKeyring,
     /// `sev-guest`.
-    #[serde(rename = "sev-guest")]
     SevGuest,
     /// `sev-snp-guest`.
-    #[serde(rename = "sev-snp-guest")]
     SevSnpGuest,
     /// `thread-context`.
-    #[serde(rename = "thread-context")]
     ThreadContext,
     /// `s390-pv-guest`.
-    #[serde(rename = "s390-pv-guest")]
     S390PvGuest,
     /// `throttle-group`.
-    #[serde(rename = "throttle-group")]
     ThrottleGroup,
     /// `tls-creds-anon`.
-    #[serde(rename = "tls-creds-anon")]
     TlsCredsAnon,
     /// `tls-creds-psk`.
-    #[serde(rename = "tls-creds-psk")]
     TlsCredsPsk,
     /// `tls-creds-x509`.
-    #[serde(rename = "tls-creds-x509")]
     TlsCredsX509,
     /// `tls-cipher-suites`.
-    #[serde(rename = "tls-cipher-suites")]
     TlsCipherSuites,
     /// `x-remote-object` (Features: `unstable`).
-    #[serde(rename = "x-remote-object")]
     XRemoteObject,
     /// `x-vfio-user-server` (Features: `unstable`).
-    #[serde(rename = "x-vfio-user-server")]
     XVfioUserServer,
 }
 
 impl ObjectType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ObjectType] = &[
+        ObjectType::AcpiGenericInitiator,
+        ObjectType::AcpiGenericPort,
+        ObjectType::AuthzList,
+        ObjectType::AuthzListfile,
+        ObjectType::AuthzPam,
+        ObjectType::AuthzSimple,
+        ObjectType::CanBus,
+        ObjectType::CanHostSocketcan,
+        ObjectType::ColoCompare,
+        ObjectType::CryptodevBackend,
+        ObjectType::CryptodevBackendBuiltin,
+        ObjectType::CryptodevBackendLkcf,
+        ObjectType::CryptodevVhostUser,
+        ObjectType::DbusVmstate,
+        ObjectType::FilterBuffer,
+        ObjectType::FilterDump,
+        ObjectType::FilterMirror,
+        ObjectType::FilterRedirector,
+        ObjectType::FilterReplay,
+        ObjectType::FilterRewriter,
+        ObjectType::InputBarrier,
+        ObjectType::InputLinux,
+        ObjectType::Iommufd,
+        ObjectType::Iothread,
+        ObjectType::MainLoop,
+        ObjectType::MemoryBackendEpc,
+        ObjectType::MemoryBackendFile,
+        ObjectType::MemoryBackendMemfd,
+        ObjectType::MemoryBackendRam,
+        ObjectType::MemoryBackendShm,
+        ObjectType::PefGuest,
+        ObjectType::PrManagerHelper,
+        ObjectType::Qtest,
+        ObjectType::RngBuiltin,
+        ObjectType::RngEgd,
+        ObjectType::RngRandom,
+        ObjectType::Secret,
+        ObjectType::SecretKeyring,
+        ObjectType::SevGuest,
+        ObjectType::SevSnpGuest,
+        ObjectType::ThreadContext,
+        ObjectType::S390PvGuest,
+        ObjectType::ThrottleGroup,
+        ObjectType::TlsCredsAnon,
+        ObjectType::TlsCredsPsk,
+        ObjectType::TlsCredsX509,
+        ObjectType::TlsCipherSuites,
+        ObjectType::XRemoteObject,
+        ObjectType::XVfioUserServer,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -14862,6 +17772,67 @@ impl ObjectType {
         }
     }
 }
+
+impl std::str::FromStr for ObjectType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "acpi-generic-initiator" => Ok(ObjectType::AcpiGenericInitiator),
+            "acpi-generic-port" => Ok(ObjectType::AcpiGenericPort),
+            "authz-list" => Ok(ObjectType::AuthzList),
+            "authz-listfile" => Ok(ObjectType::AuthzListfile),
+            "authz-pam" => Ok(ObjectType::AuthzPam),
+            "authz-simple" => Ok(ObjectType::AuthzSimple),
+            "can-bus" => Ok(ObjectType::CanBus),
+            "can-host-socketcan" => Ok(ObjectType::CanHostSocketcan),
+            "colo-compare" => Ok(ObjectType::ColoCompare),
+            "cryptodev-backend" => Ok(ObjectType::CryptodevBackend),
+            "cryptodev-backend-builtin" => Ok(ObjectType::CryptodevBackendBuiltin),
+            "cryptodev-backend-lkcf" => Ok(ObjectType::CryptodevBackendLkcf),
+            "cryptodev-vhost-user" => Ok(ObjectType::CryptodevVhostUser),
+            "dbus-vmstate" => Ok(ObjectType::DbusVmstate),
+            "filter-buffer" => Ok(ObjectType::FilterBuffer),
+            "filter-dump" => Ok(ObjectType::FilterDump),
+            "filter-mirror" => Ok(ObjectType::FilterMirror),
+            "filter-redirector" => Ok(ObjectType::FilterRedirector),
+            "filter-replay" => Ok(ObjectType::FilterReplay),
+            "filter-rewriter" => Ok(ObjectType::FilterRewriter),
+            "input-barrier" => Ok(ObjectType::InputBarrier),
+            "input-linux" => Ok(ObjectType::InputLinux),
+            "iommufd" => Ok(ObjectType::Iommufd),
+            "iothread" => Ok(ObjectType::Iothread),
+            "main-loop" => Ok(ObjectType::MainLoop),
+            "memory-backend-epc" => Ok(ObjectType::MemoryBackendEpc),
+            "memory-backend-file" => Ok(ObjectType::MemoryBackendFile),
+            "memory-backend-memfd" => Ok(ObjectType::MemoryBackendMemfd),
+            "memory-backend-ram" => Ok(ObjectType::MemoryBackendRam),
+            "memory-backend-shm" => Ok(ObjectType::MemoryBackendShm),
+            "pef-guest" => Ok(ObjectType::PefGuest),
+            "pr-manager-helper" => Ok(ObjectType::PrManagerHelper),
+            "qtest" => Ok(ObjectType::Qtest),
+            "rng-builtin" => Ok(ObjectType::RngBuiltin),
+            "rng-egd" => Ok(ObjectType::RngEgd),
+            "rng-random" => Ok(ObjectType::RngRandom),
+            "secret" => Ok(ObjectType::Secret),
+            "secret_keyring" => Ok(ObjectType::SecretKeyring),
+            "sev-guest" => Ok(ObjectType::SevGuest),
+            "sev-snp-guest" => Ok(ObjectType::SevSnpGuest),
+            "thread-context" => Ok(ObjectType::ThreadContext),
+            "s390-pv-guest" => Ok(ObjectType::S390PvGuest),
+            "throttle-group" => Ok(ObjectType::ThrottleGroup),
+            "tls-creds-anon" => Ok(ObjectType::TlsCredsAnon),
+            "tls-creds-psk" => Ok(ObjectType::TlsCredsPsk),
+            "tls-creds-x509" => Ok(ObjectType::TlsCredsX509),
+            "tls-cipher-suites" => Ok(ObjectType::TlsCipherSuites),
+            "x-remote-object" => Ok(ObjectType::XRemoteObject),
+            "x-vfio-user-server" => Ok(ObjectType::XVfioUserServer),
+            _ => Err(crate::UnknownValue::new("ObjectType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ObjectType);
 
 /// QAPI union `ObjectOptions`: the branch is chosen by `qom-type`.
 ///
@@ -15037,23 +18008,27 @@ pub enum ObjectOptionsBranch {
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine-common.S390CpuEntitlement)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum S390CpuEntitlement {
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
     /// `low`.
-    #[serde(rename = "low")]
     Low,
     /// `medium`.
-    #[serde(rename = "medium")]
     Medium,
     /// `high`.
-    #[serde(rename = "high")]
     High,
 }
 
 impl S390CpuEntitlement {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [S390CpuEntitlement] = &[
+        S390CpuEntitlement::Auto,
+        S390CpuEntitlement::Low,
+        S390CpuEntitlement::Medium,
+        S390CpuEntitlement::High,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15065,43 +18040,63 @@ impl S390CpuEntitlement {
     }
 }
 
+impl std::str::FromStr for S390CpuEntitlement {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(S390CpuEntitlement::Auto),
+            "low" => Ok(S390CpuEntitlement::Low),
+            "medium" => Ok(S390CpuEntitlement::Medium),
+            "high" => Ok(S390CpuEntitlement::High),
+            _ => Err(crate::UnknownValue::new("S390CpuEntitlement", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(S390CpuEntitlement);
+
 /// QAPI enum `CpuTopologyLevel`.
 ///
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine-common.CpuTopologyLevel)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CpuTopologyLevel {
     /// `thread`.
-    #[serde(rename = "thread")]
     Thread,
     /// `core`.
-    #[serde(rename = "core")]
     Core,
     /// `module`.
-    #[serde(rename = "module")]
     Module,
     /// `cluster`.
-    #[serde(rename = "cluster")]
     Cluster,
     /// `die`.
-    #[serde(rename = "die")]
     Die,
     /// `socket`.
-    #[serde(rename = "socket")]
     Socket,
     /// `book`.
-    #[serde(rename = "book")]
     Book,
     /// `drawer`.
-    #[serde(rename = "drawer")]
     Drawer,
     /// `default`.
-    #[serde(rename = "default")]
     Default,
 }
 
 impl CpuTopologyLevel {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CpuTopologyLevel] = &[
+        CpuTopologyLevel::Thread,
+        CpuTopologyLevel::Core,
+        CpuTopologyLevel::Module,
+        CpuTopologyLevel::Cluster,
+        CpuTopologyLevel::Die,
+        CpuTopologyLevel::Socket,
+        CpuTopologyLevel::Book,
+        CpuTopologyLevel::Drawer,
+        CpuTopologyLevel::Default,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15118,28 +18113,53 @@ impl CpuTopologyLevel {
     }
 }
 
+impl std::str::FromStr for CpuTopologyLevel {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "thread" => Ok(CpuTopologyLevel::Thread),
+            "core" => Ok(CpuTopologyLevel::Core),
+            "module" => Ok(CpuTopologyLevel::Module),
+            "cluster" => Ok(CpuTopologyLevel::Cluster),
+            "die" => Ok(CpuTopologyLevel::Die),
+            "socket" => Ok(CpuTopologyLevel::Socket),
+            "book" => Ok(CpuTopologyLevel::Book),
+            "drawer" => Ok(CpuTopologyLevel::Drawer),
+            "default" => Ok(CpuTopologyLevel::Default),
+            _ => Err(crate::UnknownValue::new("CpuTopologyLevel", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CpuTopologyLevel);
+
 /// QAPI enum `CacheLevelAndType`.
 ///
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine-common.CacheLevelAndType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CacheLevelAndType {
     /// `l1d`.
-    #[serde(rename = "l1d")]
     L1d,
     /// `l1i`.
-    #[serde(rename = "l1i")]
     L1i,
     /// `l2`.
-    #[serde(rename = "l2")]
     L2,
     /// `l3`.
-    #[serde(rename = "l3")]
     L3,
 }
 
 impl CacheLevelAndType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CacheLevelAndType] = &[
+        CacheLevelAndType::L1d,
+        CacheLevelAndType::L1i,
+        CacheLevelAndType::L2,
+        CacheLevelAndType::L3,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15150,6 +18170,22 @@ impl CacheLevelAndType {
         }
     }
 }
+
+impl std::str::FromStr for CacheLevelAndType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "l1d" => Ok(CacheLevelAndType::L1d),
+            "l1i" => Ok(CacheLevelAndType::L1i),
+            "l2" => Ok(CacheLevelAndType::L2),
+            "l3" => Ok(CacheLevelAndType::L3),
+            _ => Err(crate::UnknownValue::new("CacheLevelAndType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CacheLevelAndType);
 
 /// QAPI struct `SmpCacheProperties`.
 ///
@@ -15178,98 +18214,102 @@ pub struct SmpCachePropertiesWrapper {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.SysEmuTarget)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SysEmuTarget {
     /// `aarch64`.
-    #[serde(rename = "aarch64")]
     Aarch64,
     /// `alpha`.
-    #[serde(rename = "alpha")]
     Alpha,
     /// `arm`.
-    #[serde(rename = "arm")]
     Arm,
     /// `avr`.
-    #[serde(rename = "avr")]
     Avr,
     /// `hppa`.
-    #[serde(rename = "hppa")]
     Hppa,
     /// `i386`.
-    #[serde(rename = "i386")]
     I386,
     /// `loongarch64`.
-    #[serde(rename = "loongarch64")]
     Loongarch64,
     /// `m68k`.
-    #[serde(rename = "m68k")]
     M68k,
     /// `microblaze`.
-    #[serde(rename = "microblaze")]
     Microblaze,
     /// `microblazeel`.
-    #[serde(rename = "microblazeel")]
     Microblazeel,
     /// `mips`.
-    #[serde(rename = "mips")]
     Mips,
     /// `mips64`.
-    #[serde(rename = "mips64")]
     Mips64,
     /// `mips64el`.
-    #[serde(rename = "mips64el")]
     Mips64el,
     /// `mipsel`.
-    #[serde(rename = "mipsel")]
     Mipsel,
     /// `or1k`.
-    #[serde(rename = "or1k")]
     Or1k,
     /// `ppc`.
-    #[serde(rename = "ppc")]
     Ppc,
     /// `ppc64`.
-    #[serde(rename = "ppc64")]
     Ppc64,
     /// `riscv32`.
-    #[serde(rename = "riscv32")]
     Riscv32,
     /// `riscv64`.
-    #[serde(rename = "riscv64")]
     Riscv64,
     /// `rx`.
-    #[serde(rename = "rx")]
     Rx,
     /// `s390x`.
-    #[serde(rename = "s390x")]
     S390x,
     /// `sh4`.
-    #[serde(rename = "sh4")]
     Sh4,
     /// `sh4eb`.
-    #[serde(rename = "sh4eb")]
     Sh4eb,
     /// `sparc`.
-    #[serde(rename = "sparc")]
     Sparc,
     /// `sparc64`.
-    #[serde(rename = "sparc64")]
     Sparc64,
     /// `tricore`.
-    #[serde(rename = "tricore")]
     Tricore,
     /// `x86_64`.
-    #[serde(rename = "x86_64")]
     X8664,
     /// `xtensa`.
-    #[serde(rename = "xtensa")]
     Xtensa,
     /// `xtensaeb`.
-    #[serde(rename = "xtensaeb")]
     Xtensaeb,
 }
 
 impl SysEmuTarget {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SysEmuTarget] = &[
+        SysEmuTarget::Aarch64,
+        SysEmuTarget::Alpha,
+        SysEmuTarget::Arm,
+        SysEmuTarget::Avr,
+        SysEmuTarget::Hppa,
+        SysEmuTarget::I386,
+        SysEmuTarget::Loongarch64,
+        SysEmuTarget::M68k,
+        SysEmuTarget::Microblaze,
+        SysEmuTarget::Microblazeel,
+        SysEmuTarget::Mips,
+        SysEmuTarget::Mips64,
+        SysEmuTarget::Mips64el,
+        SysEmuTarget::Mipsel,
+        SysEmuTarget::Or1k,
+        SysEmuTarget::Ppc,
+        SysEmuTarget::Ppc64,
+        SysEmuTarget::Riscv32,
+        SysEmuTarget::Riscv64,
+        SysEmuTarget::Rx,
+        SysEmuTarget::S390x,
+        SysEmuTarget::Sh4,
+        SysEmuTarget::Sh4eb,
+        SysEmuTarget::Sparc,
+        SysEmuTarget::Sparc64,
+        SysEmuTarget::Tricore,
+        SysEmuTarget::X8664,
+        SysEmuTarget::Xtensa,
+        SysEmuTarget::Xtensaeb,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15306,31 +18346,76 @@ impl SysEmuTarget {
     }
 }
 
+impl std::str::FromStr for SysEmuTarget {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "aarch64" => Ok(SysEmuTarget::Aarch64),
+            "alpha" => Ok(SysEmuTarget::Alpha),
+            "arm" => Ok(SysEmuTarget::Arm),
+            "avr" => Ok(SysEmuTarget::Avr),
+            "hppa" => Ok(SysEmuTarget::Hppa),
+            "i386" => Ok(SysEmuTarget::I386),
+            "loongarch64" => Ok(SysEmuTarget::Loongarch64),
+            "m68k" => Ok(SysEmuTarget::M68k),
+            "microblaze" => Ok(SysEmuTarget::Microblaze),
+            "microblazeel" => Ok(SysEmuTarget::Microblazeel),
+            "mips" => Ok(SysEmuTarget::Mips),
+            "mips64" => Ok(SysEmuTarget::Mips64),
+            "mips64el" => Ok(SysEmuTarget::Mips64el),
+            "mipsel" => Ok(SysEmuTarget::Mipsel),
+            "or1k" => Ok(SysEmuTarget::Or1k),
+            "ppc" => Ok(SysEmuTarget::Ppc),
+            "ppc64" => Ok(SysEmuTarget::Ppc64),
+            "riscv32" => Ok(SysEmuTarget::Riscv32),
+            "riscv64" => Ok(SysEmuTarget::Riscv64),
+            "rx" => Ok(SysEmuTarget::Rx),
+            "s390x" => Ok(SysEmuTarget::S390x),
+            "sh4" => Ok(SysEmuTarget::Sh4),
+            "sh4eb" => Ok(SysEmuTarget::Sh4eb),
+            "sparc" => Ok(SysEmuTarget::Sparc),
+            "sparc64" => Ok(SysEmuTarget::Sparc64),
+            "tricore" => Ok(SysEmuTarget::Tricore),
+            "x86_64" => Ok(SysEmuTarget::X8664),
+            "xtensa" => Ok(SysEmuTarget::Xtensa),
+            "xtensaeb" => Ok(SysEmuTarget::Xtensaeb),
+            _ => Err(crate::UnknownValue::new("SysEmuTarget", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SysEmuTarget);
+
 /// QAPI enum `S390CpuState`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.S390CpuState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum S390CpuState {
     /// `uninitialized`.
-    #[serde(rename = "uninitialized")]
     Uninitialized,
     /// `stopped`.
-    #[serde(rename = "stopped")]
     Stopped,
     /// `check-stop`.
-    #[serde(rename = "check-stop")]
     CheckStop,
     /// `operating`.
-    #[serde(rename = "operating")]
     Operating,
     /// `load`.
-    #[serde(rename = "load")]
     Load,
 }
 
 impl S390CpuState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [S390CpuState] = &[
+        S390CpuState::Uninitialized,
+        S390CpuState::Stopped,
+        S390CpuState::CheckStop,
+        S390CpuState::Operating,
+        S390CpuState::Load,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15342,6 +18427,23 @@ impl S390CpuState {
         }
     }
 }
+
+impl std::str::FromStr for S390CpuState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uninitialized" => Ok(S390CpuState::Uninitialized),
+            "stopped" => Ok(S390CpuState::Stopped),
+            "check-stop" => Ok(S390CpuState::CheckStop),
+            "operating" => Ok(S390CpuState::Operating),
+            "load" => Ok(S390CpuState::Load),
+            _ => Err(crate::UnknownValue::new("S390CpuState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(S390CpuState);
 
 /// QAPI struct `CpuInfoS390`.
 ///
@@ -15586,20 +18688,24 @@ pub struct GuidInfo {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.LostTickPolicy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LostTickPolicy {
     /// `discard`.
-    #[serde(rename = "discard")]
     Discard,
     /// `delay`.
-    #[serde(rename = "delay")]
     Delay,
     /// `slew`.
-    #[serde(rename = "slew")]
     Slew,
 }
 
 impl LostTickPolicy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [LostTickPolicy] = &[
+        LostTickPolicy::Discard,
+        LostTickPolicy::Delay,
+        LostTickPolicy::Slew,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15609,6 +18715,21 @@ impl LostTickPolicy {
         }
     }
 }
+
+impl std::str::FromStr for LostTickPolicy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "discard" => Ok(LostTickPolicy::Discard),
+            "delay" => Ok(LostTickPolicy::Delay),
+            "slew" => Ok(LostTickPolicy::Slew),
+            _ => Err(crate::UnknownValue::new("LostTickPolicy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(LostTickPolicy);
 
 /// QAPI struct `KvmInfo`.
 ///
@@ -15628,26 +18749,30 @@ pub struct KvmInfo {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.NumaOptionsType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NumaOptionsType {
     /// `node`.
-    #[serde(rename = "node")]
     Node,
     /// `dist` (Since QEMU 2.10).
-    #[serde(rename = "dist")]
     Dist,
     /// `cpu`.
-    #[serde(rename = "cpu")]
     Cpu,
     /// `hmat-lb`.
-    #[serde(rename = "hmat-lb")]
     HmatLb,
     /// `hmat-cache`.
-    #[serde(rename = "hmat-cache")]
     HmatCache,
 }
 
 impl NumaOptionsType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [NumaOptionsType] = &[
+        NumaOptionsType::Node,
+        NumaOptionsType::Dist,
+        NumaOptionsType::Cpu,
+        NumaOptionsType::HmatLb,
+        NumaOptionsType::HmatCache,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15659,6 +18784,23 @@ impl NumaOptionsType {
         }
     }
 }
+
+impl std::str::FromStr for NumaOptionsType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "node" => Ok(NumaOptionsType::Node),
+            "dist" => Ok(NumaOptionsType::Dist),
+            "cpu" => Ok(NumaOptionsType::Cpu),
+            "hmat-lb" => Ok(NumaOptionsType::HmatLb),
+            "hmat-cache" => Ok(NumaOptionsType::HmatCache),
+            _ => Err(crate::UnknownValue::new("NumaOptionsType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(NumaOptionsType);
 
 /// QAPI union `NumaOptions`: the branch is chosen by `type`.
 ///
@@ -15757,35 +18899,39 @@ pub struct CXLFMWProperties {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.X86CPURegister32)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum X86CPURegister32 {
     /// `EAX`.
-    #[serde(rename = "EAX")]
     Eax,
     /// `EBX`.
-    #[serde(rename = "EBX")]
     Ebx,
     /// `ECX`.
-    #[serde(rename = "ECX")]
     Ecx,
     /// `EDX`.
-    #[serde(rename = "EDX")]
     Edx,
     /// `ESP`.
-    #[serde(rename = "ESP")]
     Esp,
     /// `EBP`.
-    #[serde(rename = "EBP")]
     Ebp,
     /// `ESI`.
-    #[serde(rename = "ESI")]
     Esi,
     /// `EDI`.
-    #[serde(rename = "EDI")]
     Edi,
 }
 
 impl X86CPURegister32 {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [X86CPURegister32] = &[
+        X86CPURegister32::Eax,
+        X86CPURegister32::Ebx,
+        X86CPURegister32::Ecx,
+        X86CPURegister32::Edx,
+        X86CPURegister32::Esp,
+        X86CPURegister32::Ebp,
+        X86CPURegister32::Esi,
+        X86CPURegister32::Edi,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15800,6 +18946,26 @@ impl X86CPURegister32 {
         }
     }
 }
+
+impl std::str::FromStr for X86CPURegister32 {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "EAX" => Ok(X86CPURegister32::Eax),
+            "EBX" => Ok(X86CPURegister32::Ebx),
+            "ECX" => Ok(X86CPURegister32::Ecx),
+            "EDX" => Ok(X86CPURegister32::Edx),
+            "ESP" => Ok(X86CPURegister32::Esp),
+            "EBP" => Ok(X86CPURegister32::Ebp),
+            "ESI" => Ok(X86CPURegister32::Esi),
+            "EDI" => Ok(X86CPURegister32::Edi),
+            _ => Err(crate::UnknownValue::new("X86CPURegister32", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(X86CPURegister32);
 
 /// QAPI struct `X86CPUFeatureWordInfo`.
 ///
@@ -15873,23 +19039,27 @@ pub struct NumaCpuOptions {
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.HmatLBMemoryHierarchy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HmatLBMemoryHierarchy {
     /// `memory`.
-    #[serde(rename = "memory")]
     Memory,
     /// `first-level`.
-    #[serde(rename = "first-level")]
     FirstLevel,
     /// `second-level`.
-    #[serde(rename = "second-level")]
     SecondLevel,
     /// `third-level`.
-    #[serde(rename = "third-level")]
     ThirdLevel,
 }
 
 impl HmatLBMemoryHierarchy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [HmatLBMemoryHierarchy] = &[
+        HmatLBMemoryHierarchy::Memory,
+        HmatLBMemoryHierarchy::FirstLevel,
+        HmatLBMemoryHierarchy::SecondLevel,
+        HmatLBMemoryHierarchy::ThirdLevel,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15901,34 +19071,54 @@ impl HmatLBMemoryHierarchy {
     }
 }
 
+impl std::str::FromStr for HmatLBMemoryHierarchy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "memory" => Ok(HmatLBMemoryHierarchy::Memory),
+            "first-level" => Ok(HmatLBMemoryHierarchy::FirstLevel),
+            "second-level" => Ok(HmatLBMemoryHierarchy::SecondLevel),
+            "third-level" => Ok(HmatLBMemoryHierarchy::ThirdLevel),
+            _ => Err(crate::UnknownValue::new("HmatLBMemoryHierarchy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(HmatLBMemoryHierarchy);
+
 /// QAPI enum `HmatLBDataType`.
 ///
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.HmatLBDataType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HmatLBDataType {
     /// `access-latency`.
-    #[serde(rename = "access-latency")]
     AccessLatency,
     /// `read-latency`.
-    #[serde(rename = "read-latency")]
     ReadLatency,
     /// `write-latency`.
-    #[serde(rename = "write-latency")]
     WriteLatency,
     /// `access-bandwidth`.
-    #[serde(rename = "access-bandwidth")]
     AccessBandwidth,
     /// `read-bandwidth`.
-    #[serde(rename = "read-bandwidth")]
     ReadBandwidth,
     /// `write-bandwidth`.
-    #[serde(rename = "write-bandwidth")]
     WriteBandwidth,
 }
 
 impl HmatLBDataType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [HmatLBDataType] = &[
+        HmatLBDataType::AccessLatency,
+        HmatLBDataType::ReadLatency,
+        HmatLBDataType::WriteLatency,
+        HmatLBDataType::AccessBandwidth,
+        HmatLBDataType::ReadBandwidth,
+        HmatLBDataType::WriteBandwidth,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15941,6 +19131,24 @@ impl HmatLBDataType {
         }
     }
 }
+
+impl std::str::FromStr for HmatLBDataType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "access-latency" => Ok(HmatLBDataType::AccessLatency),
+            "read-latency" => Ok(HmatLBDataType::ReadLatency),
+            "write-latency" => Ok(HmatLBDataType::WriteLatency),
+            "access-bandwidth" => Ok(HmatLBDataType::AccessBandwidth),
+            "read-bandwidth" => Ok(HmatLBDataType::ReadBandwidth),
+            "write-bandwidth" => Ok(HmatLBDataType::WriteBandwidth),
+            _ => Err(crate::UnknownValue::new("HmatLBDataType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(HmatLBDataType);
 
 /// QAPI struct `NumaHmatLBOptions`.
 ///
@@ -15971,20 +19179,24 @@ pub struct NumaHmatLBOptions {
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.HmatCacheAssociativity)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HmatCacheAssociativity {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `direct`.
-    #[serde(rename = "direct")]
     Direct,
     /// `complex`.
-    #[serde(rename = "complex")]
     Complex,
 }
 
 impl HmatCacheAssociativity {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [HmatCacheAssociativity] = &[
+        HmatCacheAssociativity::None,
+        HmatCacheAssociativity::Direct,
+        HmatCacheAssociativity::Complex,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -15995,25 +19207,44 @@ impl HmatCacheAssociativity {
     }
 }
 
+impl std::str::FromStr for HmatCacheAssociativity {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(HmatCacheAssociativity::None),
+            "direct" => Ok(HmatCacheAssociativity::Direct),
+            "complex" => Ok(HmatCacheAssociativity::Complex),
+            _ => Err(crate::UnknownValue::new("HmatCacheAssociativity", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(HmatCacheAssociativity);
+
 /// QAPI enum `HmatCacheWritePolicy`.
 ///
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.HmatCacheWritePolicy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HmatCacheWritePolicy {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `write-back`.
-    #[serde(rename = "write-back")]
     WriteBack,
     /// `write-through`.
-    #[serde(rename = "write-through")]
     WriteThrough,
 }
 
 impl HmatCacheWritePolicy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [HmatCacheWritePolicy] = &[
+        HmatCacheWritePolicy::None,
+        HmatCacheWritePolicy::WriteBack,
+        HmatCacheWritePolicy::WriteThrough,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16023,6 +19254,21 @@ impl HmatCacheWritePolicy {
         }
     }
 }
+
+impl std::str::FromStr for HmatCacheWritePolicy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(HmatCacheWritePolicy::None),
+            "write-back" => Ok(HmatCacheWritePolicy::WriteBack),
+            "write-through" => Ok(HmatCacheWritePolicy::WriteThrough),
+            _ => Err(crate::UnknownValue::new("HmatCacheWritePolicy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(HmatCacheWritePolicy);
 
 /// QAPI struct `NumaHmatCacheOptions`.
 ///
@@ -16289,29 +19535,33 @@ pub struct HvBalloonDeviceInfo {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.MemoryDeviceInfoKind)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemoryDeviceInfoKind {
     /// `dimm`.
-    #[serde(rename = "dimm")]
     Dimm,
     /// `nvdimm`.
-    #[serde(rename = "nvdimm")]
     Nvdimm,
     /// `virtio-pmem`.
-    #[serde(rename = "virtio-pmem")]
     VirtioPmem,
     /// `virtio-mem`.
-    #[serde(rename = "virtio-mem")]
     VirtioMem,
     /// `sgx-epc`.
-    #[serde(rename = "sgx-epc")]
     SgxEpc,
     /// `hv-balloon`.
-    #[serde(rename = "hv-balloon")]
     HvBalloon,
 }
 
 impl MemoryDeviceInfoKind {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [MemoryDeviceInfoKind] = &[
+        MemoryDeviceInfoKind::Dimm,
+        MemoryDeviceInfoKind::Nvdimm,
+        MemoryDeviceInfoKind::VirtioPmem,
+        MemoryDeviceInfoKind::VirtioMem,
+        MemoryDeviceInfoKind::SgxEpc,
+        MemoryDeviceInfoKind::HvBalloon,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16324,6 +19574,24 @@ impl MemoryDeviceInfoKind {
         }
     }
 }
+
+impl std::str::FromStr for MemoryDeviceInfoKind {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dimm" => Ok(MemoryDeviceInfoKind::Dimm),
+            "nvdimm" => Ok(MemoryDeviceInfoKind::Nvdimm),
+            "virtio-pmem" => Ok(MemoryDeviceInfoKind::VirtioPmem),
+            "virtio-mem" => Ok(MemoryDeviceInfoKind::VirtioMem),
+            "sgx-epc" => Ok(MemoryDeviceInfoKind::SgxEpc),
+            "hv-balloon" => Ok(MemoryDeviceInfoKind::HvBalloon),
+            _ => Err(crate::UnknownValue::new("MemoryDeviceInfoKind", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(MemoryDeviceInfoKind);
 
 /// QAPI struct `PCDIMMDeviceInfoWrapper`.
 ///
@@ -16507,20 +19775,24 @@ pub struct SMPConfiguration {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine.SmbiosEntryPointType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SmbiosEntryPointType {
     /// `32`.
-    #[serde(rename = "32")]
     V32,
     /// `64`.
-    #[serde(rename = "64")]
     V64,
     /// `auto`.
-    #[serde(rename = "auto")]
     Auto,
 }
 
 impl SmbiosEntryPointType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SmbiosEntryPointType] = &[
+        SmbiosEntryPointType::V32,
+        SmbiosEntryPointType::V64,
+        SmbiosEntryPointType::Auto,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16530,6 +19802,21 @@ impl SmbiosEntryPointType {
         }
     }
 }
+
+impl std::str::FromStr for SmbiosEntryPointType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "32" => Ok(SmbiosEntryPointType::V32),
+            "64" => Ok(SmbiosEntryPointType::V64),
+            "auto" => Ok(SmbiosEntryPointType::Auto),
+            _ => Err(crate::UnknownValue::new("SmbiosEntryPointType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SmbiosEntryPointType);
 
 /// QAPI struct `MemorySizeConfiguration`.
 ///
@@ -16572,17 +19859,19 @@ pub struct CpuModelInfo {
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine-target.CpuModelExpansionType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CpuModelExpansionType {
     /// `static`.
-    #[serde(rename = "static")]
     Static,
     /// `full`.
-    #[serde(rename = "full")]
     Full,
 }
 
 impl CpuModelExpansionType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CpuModelExpansionType] =
+        &[CpuModelExpansionType::Static, CpuModelExpansionType::Full];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16592,28 +19881,46 @@ impl CpuModelExpansionType {
     }
 }
 
+impl std::str::FromStr for CpuModelExpansionType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "static" => Ok(CpuModelExpansionType::Static),
+            "full" => Ok(CpuModelExpansionType::Full),
+            _ => Err(crate::UnknownValue::new("CpuModelExpansionType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CpuModelExpansionType);
+
 /// QAPI enum `CpuModelCompareResult`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-machine-target.CpuModelCompareResult)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CpuModelCompareResult {
     /// `incompatible`.
-    #[serde(rename = "incompatible")]
     Incompatible,
     /// `identical`.
-    #[serde(rename = "identical")]
     Identical,
     /// `superset`.
-    #[serde(rename = "superset")]
     Superset,
     /// `subset`.
-    #[serde(rename = "subset")]
     Subset,
 }
 
 impl CpuModelCompareResult {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CpuModelCompareResult] = &[
+        CpuModelCompareResult::Incompatible,
+        CpuModelCompareResult::Identical,
+        CpuModelCompareResult::Superset,
+        CpuModelCompareResult::Subset,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16624,6 +19931,22 @@ impl CpuModelCompareResult {
         }
     }
 }
+
+impl std::str::FromStr for CpuModelCompareResult {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "incompatible" => Ok(CpuModelCompareResult::Incompatible),
+            "identical" => Ok(CpuModelCompareResult::Identical),
+            "superset" => Ok(CpuModelCompareResult::Superset),
+            "subset" => Ok(CpuModelCompareResult::Subset),
+            _ => Err(crate::UnknownValue::new("CpuModelCompareResult", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CpuModelCompareResult);
 
 /// QAPI struct `CpuModelExpansionInfo`.
 ///
@@ -16667,20 +19990,20 @@ pub struct CpuDefinitionInfo {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-replay.ReplayMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ReplayMode {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `record`.
-    #[serde(rename = "record")]
     Record,
     /// `play`.
-    #[serde(rename = "play")]
     Play,
 }
 
 impl ReplayMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ReplayMode] = &[ReplayMode::None, ReplayMode::Record, ReplayMode::Play];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16690,6 +20013,21 @@ impl ReplayMode {
         }
     }
 }
+
+impl std::str::FromStr for ReplayMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(ReplayMode::None),
+            "record" => Ok(ReplayMode::Record),
+            "play" => Ok(ReplayMode::Play),
+            _ => Err(crate::UnknownValue::new("ReplayMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ReplayMode);
 
 /// QAPI struct `ReplayInfo`.
 ///
@@ -16712,20 +20050,24 @@ pub struct ReplayInfo {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-yank.YankInstanceType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum YankInstanceType {
     /// `block-node`.
-    #[serde(rename = "block-node")]
     BlockNode,
     /// `chardev`.
-    #[serde(rename = "chardev")]
     Chardev,
     /// `migration`.
-    #[serde(rename = "migration")]
     Migration,
 }
 
 impl YankInstanceType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [YankInstanceType] = &[
+        YankInstanceType::BlockNode,
+        YankInstanceType::Chardev,
+        YankInstanceType::Migration,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16735,6 +20077,21 @@ impl YankInstanceType {
         }
     }
 }
+
+impl std::str::FromStr for YankInstanceType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "block-node" => Ok(YankInstanceType::BlockNode),
+            "chardev" => Ok(YankInstanceType::Chardev),
+            "migration" => Ok(YankInstanceType::Migration),
+            _ => Err(crate::UnknownValue::new("YankInstanceType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(YankInstanceType);
 
 /// QAPI struct `YankInstanceBlockNode`.
 ///
@@ -16863,23 +20220,27 @@ pub struct FdsetInfo {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-misc.CommandLineParameterType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CommandLineParameterType {
     /// `string`.
-    #[serde(rename = "string")]
     String,
     /// `boolean`.
-    #[serde(rename = "boolean")]
     Boolean,
     /// `number`.
-    #[serde(rename = "number")]
     Number,
     /// `size`.
-    #[serde(rename = "size")]
     Size,
 }
 
 impl CommandLineParameterType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CommandLineParameterType] = &[
+        CommandLineParameterType::String,
+        CommandLineParameterType::Boolean,
+        CommandLineParameterType::Number,
+        CommandLineParameterType::Size,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16890,6 +20251,22 @@ impl CommandLineParameterType {
         }
     }
 }
+
+impl std::str::FromStr for CommandLineParameterType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "string" => Ok(CommandLineParameterType::String),
+            "boolean" => Ok(CommandLineParameterType::Boolean),
+            "number" => Ok(CommandLineParameterType::Number),
+            "size" => Ok(CommandLineParameterType::Size),
+            _ => Err(crate::UnknownValue::new("CommandLineParameterType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CommandLineParameterType);
 
 /// QAPI struct `CommandLineParameterInfo`.
 ///
@@ -16928,29 +20305,33 @@ pub struct CommandLineOptionInfo {
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-misc-target.SevState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SevState {
     /// `uninit`.
-    #[serde(rename = "uninit")]
     Uninit,
     /// `launch-update`.
-    #[serde(rename = "launch-update")]
     LaunchUpdate,
     /// `launch-secret`.
-    #[serde(rename = "launch-secret")]
     LaunchSecret,
     /// `running`.
-    #[serde(rename = "running")]
     Running,
     /// `send-update`.
-    #[serde(rename = "send-update")]
     SendUpdate,
     /// `receive-update`.
-    #[serde(rename = "receive-update")]
     ReceiveUpdate,
 }
 
 impl SevState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SevState] = &[
+        SevState::Uninit,
+        SevState::LaunchUpdate,
+        SevState::LaunchSecret,
+        SevState::Running,
+        SevState::SendUpdate,
+        SevState::ReceiveUpdate,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16964,22 +20345,41 @@ impl SevState {
     }
 }
 
+impl std::str::FromStr for SevState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "uninit" => Ok(SevState::Uninit),
+            "launch-update" => Ok(SevState::LaunchUpdate),
+            "launch-secret" => Ok(SevState::LaunchSecret),
+            "running" => Ok(SevState::Running),
+            "send-update" => Ok(SevState::SendUpdate),
+            "receive-update" => Ok(SevState::ReceiveUpdate),
+            _ => Err(crate::UnknownValue::new("SevState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SevState);
+
 /// QAPI enum `SevGuestType`.
 ///
 /// Since QEMU 6.2. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-misc-target.SevGuestType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SevGuestType {
     /// `sev`.
-    #[serde(rename = "sev")]
     Sev,
     /// `sev-snp`.
-    #[serde(rename = "sev-snp")]
     SevSnp,
 }
 
 impl SevGuestType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [SevGuestType] = &[SevGuestType::Sev, SevGuestType::SevSnp];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -16988,6 +20388,20 @@ impl SevGuestType {
         }
     }
 }
+
+impl std::str::FromStr for SevGuestType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sev" => Ok(SevGuestType::Sev),
+            "sev-snp" => Ok(SevGuestType::SevSnp),
+            _ => Err(crate::UnknownValue::new("SevGuestType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(SevGuestType);
 
 /// QAPI struct `SevGuestInfo`.
 ///
@@ -17134,29 +20548,33 @@ pub struct SGXInfo {
 /// Since QEMU 8.0. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-misc-target.EvtchnPortType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EvtchnPortType {
     /// `closed`.
-    #[serde(rename = "closed")]
     Closed,
     /// `unbound`.
-    #[serde(rename = "unbound")]
     Unbound,
     /// `interdomain`.
-    #[serde(rename = "interdomain")]
     Interdomain,
     /// `pirq`.
-    #[serde(rename = "pirq")]
     Pirq,
     /// `virq`.
-    #[serde(rename = "virq")]
     Virq,
     /// `ipi`.
-    #[serde(rename = "ipi")]
     Ipi,
 }
 
 impl EvtchnPortType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [EvtchnPortType] = &[
+        EvtchnPortType::Closed,
+        EvtchnPortType::Unbound,
+        EvtchnPortType::Interdomain,
+        EvtchnPortType::Pirq,
+        EvtchnPortType::Virq,
+        EvtchnPortType::Ipi,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -17169,6 +20587,24 @@ impl EvtchnPortType {
         }
     }
 }
+
+impl std::str::FromStr for EvtchnPortType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "closed" => Ok(EvtchnPortType::Closed),
+            "unbound" => Ok(EvtchnPortType::Unbound),
+            "interdomain" => Ok(EvtchnPortType::Interdomain),
+            "pirq" => Ok(EvtchnPortType::Pirq),
+            "virq" => Ok(EvtchnPortType::Virq),
+            "ipi" => Ok(EvtchnPortType::Ipi),
+            _ => Err(crate::UnknownValue::new("EvtchnPortType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(EvtchnPortType);
 
 /// QAPI struct `EvtchnInfo`.
 ///
@@ -17706,32 +21142,36 @@ pub struct AudiodevWavOptions {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-audio.AudioFormat)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AudioFormat {
     /// `u8`.
-    #[serde(rename = "u8")]
     U8,
     /// `s8`.
-    #[serde(rename = "s8")]
     S8,
     /// `u16`.
-    #[serde(rename = "u16")]
     U16,
     /// `s16`.
-    #[serde(rename = "s16")]
     S16,
     /// `u32`.
-    #[serde(rename = "u32")]
     U32,
     /// `s32`.
-    #[serde(rename = "s32")]
     S32,
     /// `f32` (Since QEMU 5.0).
-    #[serde(rename = "f32")]
     F32,
 }
 
 impl AudioFormat {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [AudioFormat] = &[
+        AudioFormat::U8,
+        AudioFormat::S8,
+        AudioFormat::U16,
+        AudioFormat::S16,
+        AudioFormat::U32,
+        AudioFormat::S32,
+        AudioFormat::F32,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -17746,46 +21186,69 @@ impl AudioFormat {
     }
 }
 
+impl std::str::FromStr for AudioFormat {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "u8" => Ok(AudioFormat::U8),
+            "s8" => Ok(AudioFormat::S8),
+            "u16" => Ok(AudioFormat::U16),
+            "s16" => Ok(AudioFormat::S16),
+            "u32" => Ok(AudioFormat::U32),
+            "s32" => Ok(AudioFormat::S32),
+            "f32" => Ok(AudioFormat::F32),
+            _ => Err(crate::UnknownValue::new("AudioFormat", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(AudioFormat);
+
 /// QAPI enum `AudiodevDriver`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-audio.AudiodevDriver)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AudiodevDriver {
     /// `none`.
-    #[serde(rename = "none")]
     None,
     /// `alsa` (Compiled in only where `CONFIG_AUDIO_ALSA` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "alsa")]
     Alsa,
     /// `dbus` (Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "dbus")]
     Dbus,
     /// `jack` (Since QEMU 5.1; Compiled in only where `CONFIG_AUDIO_JACK` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "jack")]
     Jack,
     /// `oss` (Compiled in only where `CONFIG_AUDIO_OSS` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "oss")]
     Oss,
     /// `pa` (Compiled in only where `CONFIG_AUDIO_PA` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "pa")]
     Pa,
     /// `pipewire` (Compiled in only where `CONFIG_AUDIO_PIPEWIRE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "pipewire")]
     Pipewire,
     /// `sdl` (Compiled in only where `CONFIG_AUDIO_SDL` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "sdl")]
     Sdl,
     /// `spice` (Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
-    #[serde(rename = "spice")]
     Spice,
     /// `wav`.
-    #[serde(rename = "wav")]
     Wav,
 }
 
 impl AudiodevDriver {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [AudiodevDriver] = &[
+        AudiodevDriver::None,
+        AudiodevDriver::Alsa,
+        AudiodevDriver::Dbus,
+        AudiodevDriver::Jack,
+        AudiodevDriver::Oss,
+        AudiodevDriver::Pa,
+        AudiodevDriver::Pipewire,
+        AudiodevDriver::Sdl,
+        AudiodevDriver::Spice,
+        AudiodevDriver::Wav,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -17802,6 +21265,28 @@ impl AudiodevDriver {
         }
     }
 }
+
+impl std::str::FromStr for AudiodevDriver {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(AudiodevDriver::None),
+            "alsa" => Ok(AudiodevDriver::Alsa),
+            "dbus" => Ok(AudiodevDriver::Dbus),
+            "jack" => Ok(AudiodevDriver::Jack),
+            "oss" => Ok(AudiodevDriver::Oss),
+            "pa" => Ok(AudiodevDriver::Pa),
+            "pipewire" => Ok(AudiodevDriver::Pipewire),
+            "sdl" => Ok(AudiodevDriver::Sdl),
+            "spice" => Ok(AudiodevDriver::Spice),
+            "wav" => Ok(AudiodevDriver::Wav),
+            _ => Err(crate::UnknownValue::new("AudiodevDriver", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(AudiodevDriver);
 
 /// QAPI union `Audiodev`: the branch is chosen by `driver`.
 ///
@@ -17897,17 +21382,18 @@ pub struct AcpiTableOptions {
 /// QAPI enum `ACPISlotType`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-acpi.ACPISlotType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ACPISlotType {
     /// `DIMM`.
-    #[serde(rename = "DIMM")]
     Dimm,
     /// `CPU` (Since QEMU 2.7).
-    #[serde(rename = "CPU")]
     Cpu,
 }
 
 impl ACPISlotType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [ACPISlotType] = &[ACPISlotType::Dimm, ACPISlotType::Cpu];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -17916,6 +21402,20 @@ impl ACPISlotType {
         }
     }
 }
+
+impl std::str::FromStr for ACPISlotType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "DIMM" => Ok(ACPISlotType::Dimm),
+            "CPU" => Ok(ACPISlotType::Cpu),
+            _ => Err(crate::UnknownValue::new("ACPISlotType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(ACPISlotType);
 
 /// QAPI struct `ACPIOSTInfo`.
 ///
@@ -18091,26 +21591,30 @@ pub struct PciInfo {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-stats.StatsType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StatsType {
     /// `cumulative`.
-    #[serde(rename = "cumulative")]
     Cumulative,
     /// `instant`.
-    #[serde(rename = "instant")]
     Instant,
     /// `peak`.
-    #[serde(rename = "peak")]
     Peak,
     /// `linear-histogram`.
-    #[serde(rename = "linear-histogram")]
     LinearHistogram,
     /// `log2-histogram`.
-    #[serde(rename = "log2-histogram")]
     Log2Histogram,
 }
 
 impl StatsType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [StatsType] = &[
+        StatsType::Cumulative,
+        StatsType::Instant,
+        StatsType::Peak,
+        StatsType::LinearHistogram,
+        StatsType::Log2Histogram,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18123,28 +21627,49 @@ impl StatsType {
     }
 }
 
+impl std::str::FromStr for StatsType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cumulative" => Ok(StatsType::Cumulative),
+            "instant" => Ok(StatsType::Instant),
+            "peak" => Ok(StatsType::Peak),
+            "linear-histogram" => Ok(StatsType::LinearHistogram),
+            "log2-histogram" => Ok(StatsType::Log2Histogram),
+            _ => Err(crate::UnknownValue::new("StatsType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(StatsType);
+
 /// QAPI enum `StatsUnit`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-stats.StatsUnit)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StatsUnit {
     /// `bytes`.
-    #[serde(rename = "bytes")]
     Bytes,
     /// `seconds`.
-    #[serde(rename = "seconds")]
     Seconds,
     /// `cycles`.
-    #[serde(rename = "cycles")]
     Cycles,
     /// `boolean`.
-    #[serde(rename = "boolean")]
     Boolean,
 }
 
 impl StatsUnit {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [StatsUnit] = &[
+        StatsUnit::Bytes,
+        StatsUnit::Seconds,
+        StatsUnit::Cycles,
+        StatsUnit::Boolean,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18156,22 +21681,39 @@ impl StatsUnit {
     }
 }
 
+impl std::str::FromStr for StatsUnit {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bytes" => Ok(StatsUnit::Bytes),
+            "seconds" => Ok(StatsUnit::Seconds),
+            "cycles" => Ok(StatsUnit::Cycles),
+            "boolean" => Ok(StatsUnit::Boolean),
+            _ => Err(crate::UnknownValue::new("StatsUnit", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(StatsUnit);
+
 /// QAPI enum `StatsProvider`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-stats.StatsProvider)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StatsProvider {
     /// `kvm`.
-    #[serde(rename = "kvm")]
     Kvm,
     /// `cryptodev`.
-    #[serde(rename = "cryptodev")]
     Cryptodev,
 }
 
 impl StatsProvider {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [StatsProvider] = &[StatsProvider::Kvm, StatsProvider::Cryptodev];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18181,25 +21723,39 @@ impl StatsProvider {
     }
 }
 
+impl std::str::FromStr for StatsProvider {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kvm" => Ok(StatsProvider::Kvm),
+            "cryptodev" => Ok(StatsProvider::Cryptodev),
+            _ => Err(crate::UnknownValue::new("StatsProvider", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(StatsProvider);
+
 /// QAPI enum `StatsTarget`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-stats.StatsTarget)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StatsTarget {
     /// `vm`.
-    #[serde(rename = "vm")]
     Vm,
     /// `vcpu`.
-    #[serde(rename = "vcpu")]
     Vcpu,
     /// `cryptodev` (Since QEMU 8.0).
-    #[serde(rename = "cryptodev")]
     Cryptodev,
 }
 
 impl StatsTarget {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [StatsTarget] = &[StatsTarget::Vm, StatsTarget::Vcpu, StatsTarget::Cryptodev];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18209,6 +21765,21 @@ impl StatsTarget {
         }
     }
 }
+
+impl std::str::FromStr for StatsTarget {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vm" => Ok(StatsTarget::Vm),
+            "vcpu" => Ok(StatsTarget::Vcpu),
+            "cryptodev" => Ok(StatsTarget::Cryptodev),
+            _ => Err(crate::UnknownValue::new("StatsTarget", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(StatsTarget);
 
 /// QAPI struct `StatsRequest`.
 ///
@@ -18712,26 +22283,30 @@ pub struct DummyVirtioForceArrays {
 /// Since QEMU 9.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-virtio.GranuleMode)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GranuleMode {
     /// `4k`.
-    #[serde(rename = "4k")]
     V4k,
     /// `8k`.
-    #[serde(rename = "8k")]
     V8k,
     /// `16k`.
-    #[serde(rename = "16k")]
     V16k,
     /// `64k`.
-    #[serde(rename = "64k")]
     V64k,
     /// `host`.
-    #[serde(rename = "host")]
     Host,
 }
 
 impl GranuleMode {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [GranuleMode] = &[
+        GranuleMode::V4k,
+        GranuleMode::V8k,
+        GranuleMode::V16k,
+        GranuleMode::V64k,
+        GranuleMode::Host,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18744,25 +22319,46 @@ impl GranuleMode {
     }
 }
 
+impl std::str::FromStr for GranuleMode {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "4k" => Ok(GranuleMode::V4k),
+            "8k" => Ok(GranuleMode::V8k),
+            "16k" => Ok(GranuleMode::V16k),
+            "64k" => Ok(GranuleMode::V64k),
+            "host" => Ok(GranuleMode::Host),
+            _ => Err(crate::UnknownValue::new("GranuleMode", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(GranuleMode);
+
 /// QAPI enum `VMAppleVirtioBlkVariant`.
 ///
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-virtio.VMAppleVirtioBlkVariant)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum VMAppleVirtioBlkVariant {
     /// `unspecified`.
-    #[serde(rename = "unspecified")]
     Unspecified,
     /// `root`.
-    #[serde(rename = "root")]
     Root,
     /// `aux`.
-    #[serde(rename = "aux")]
     Aux,
 }
 
 impl VMAppleVirtioBlkVariant {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [VMAppleVirtioBlkVariant] = &[
+        VMAppleVirtioBlkVariant::Unspecified,
+        VMAppleVirtioBlkVariant::Root,
+        VMAppleVirtioBlkVariant::Aux,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18773,37 +22369,56 @@ impl VMAppleVirtioBlkVariant {
     }
 }
 
+impl std::str::FromStr for VMAppleVirtioBlkVariant {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unspecified" => Ok(VMAppleVirtioBlkVariant::Unspecified),
+            "root" => Ok(VMAppleVirtioBlkVariant::Root),
+            "aux" => Ok(VMAppleVirtioBlkVariant::Aux),
+            _ => Err(crate::UnknownValue::new("VMAppleVirtioBlkVariant", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(VMAppleVirtioBlkVariant);
+
 /// QAPI enum `QapiVfioMigrationState`.
 ///
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-vfio.QapiVfioMigrationState)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QapiVfioMigrationState {
     /// `stop`.
-    #[serde(rename = "stop")]
     Stop,
     /// `running`.
-    #[serde(rename = "running")]
     Running,
     /// `stop-copy`.
-    #[serde(rename = "stop-copy")]
     StopCopy,
     /// `resuming`.
-    #[serde(rename = "resuming")]
     Resuming,
     /// `running-p2p`.
-    #[serde(rename = "running-p2p")]
     RunningP2p,
     /// `pre-copy`.
-    #[serde(rename = "pre-copy")]
     PreCopy,
     /// `pre-copy-p2p`.
-    #[serde(rename = "pre-copy-p2p")]
     PreCopyP2p,
 }
 
 impl QapiVfioMigrationState {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QapiVfioMigrationState] = &[
+        QapiVfioMigrationState::Stop,
+        QapiVfioMigrationState::Running,
+        QapiVfioMigrationState::StopCopy,
+        QapiVfioMigrationState::Resuming,
+        QapiVfioMigrationState::RunningP2p,
+        QapiVfioMigrationState::PreCopy,
+        QapiVfioMigrationState::PreCopyP2p,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18818,22 +22433,43 @@ impl QapiVfioMigrationState {
     }
 }
 
+impl std::str::FromStr for QapiVfioMigrationState {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stop" => Ok(QapiVfioMigrationState::Stop),
+            "running" => Ok(QapiVfioMigrationState::Running),
+            "stop-copy" => Ok(QapiVfioMigrationState::StopCopy),
+            "resuming" => Ok(QapiVfioMigrationState::Resuming),
+            "running-p2p" => Ok(QapiVfioMigrationState::RunningP2p),
+            "pre-copy" => Ok(QapiVfioMigrationState::PreCopy),
+            "pre-copy-p2p" => Ok(QapiVfioMigrationState::PreCopyP2p),
+            _ => Err(crate::UnknownValue::new("QapiVfioMigrationState", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QapiVfioMigrationState);
+
 /// QAPI enum `QCryptodevBackendAlgoType`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cryptodev.QCryptodevBackendAlgoType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptodevBackendAlgoType {
     /// `sym`.
-    #[serde(rename = "sym")]
     Sym,
     /// `asym`.
-    #[serde(rename = "asym")]
     Asym,
 }
 
 impl QCryptodevBackendAlgoType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptodevBackendAlgoType] =
+        &[QCryptodevBackendAlgoType::Sym, QCryptodevBackendAlgoType::Asym];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18843,31 +22479,49 @@ impl QCryptodevBackendAlgoType {
     }
 }
 
+impl std::str::FromStr for QCryptodevBackendAlgoType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sym" => Ok(QCryptodevBackendAlgoType::Sym),
+            "asym" => Ok(QCryptodevBackendAlgoType::Asym),
+            _ => Err(crate::UnknownValue::new("QCryptodevBackendAlgoType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptodevBackendAlgoType);
+
 /// QAPI enum `QCryptodevBackendServiceType`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cryptodev.QCryptodevBackendServiceType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptodevBackendServiceType {
     /// `cipher`.
-    #[serde(rename = "cipher")]
     Cipher,
     /// `hash`.
-    #[serde(rename = "hash")]
     Hash,
     /// `mac`.
-    #[serde(rename = "mac")]
     Mac,
     /// `aead`.
-    #[serde(rename = "aead")]
     Aead,
     /// `akcipher`.
-    #[serde(rename = "akcipher")]
     Akcipher,
 }
 
 impl QCryptodevBackendServiceType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptodevBackendServiceType] = &[
+        QCryptodevBackendServiceType::Cipher,
+        QCryptodevBackendServiceType::Hash,
+        QCryptodevBackendServiceType::Mac,
+        QCryptodevBackendServiceType::Aead,
+        QCryptodevBackendServiceType::Akcipher,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18880,25 +22534,46 @@ impl QCryptodevBackendServiceType {
     }
 }
 
+impl std::str::FromStr for QCryptodevBackendServiceType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cipher" => Ok(QCryptodevBackendServiceType::Cipher),
+            "hash" => Ok(QCryptodevBackendServiceType::Hash),
+            "mac" => Ok(QCryptodevBackendServiceType::Mac),
+            "aead" => Ok(QCryptodevBackendServiceType::Aead),
+            "akcipher" => Ok(QCryptodevBackendServiceType::Akcipher),
+            _ => Err(crate::UnknownValue::new("QCryptodevBackendServiceType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptodevBackendServiceType);
+
 /// QAPI enum `QCryptodevBackendType`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cryptodev.QCryptodevBackendType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QCryptodevBackendType {
     /// `builtin`.
-    #[serde(rename = "builtin")]
     Builtin,
     /// `vhost-user`.
-    #[serde(rename = "vhost-user")]
     VhostUser,
     /// `lkcf`.
-    #[serde(rename = "lkcf")]
     Lkcf,
 }
 
 impl QCryptodevBackendType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [QCryptodevBackendType] = &[
+        QCryptodevBackendType::Builtin,
+        QCryptodevBackendType::VhostUser,
+        QCryptodevBackendType::Lkcf,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18908,6 +22583,21 @@ impl QCryptodevBackendType {
         }
     }
 }
+
+impl std::str::FromStr for QCryptodevBackendType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "builtin" => Ok(QCryptodevBackendType::Builtin),
+            "vhost-user" => Ok(QCryptodevBackendType::VhostUser),
+            "lkcf" => Ok(QCryptodevBackendType::Lkcf),
+            _ => Err(crate::UnknownValue::new("QCryptodevBackendType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(QCryptodevBackendType);
 
 /// QAPI struct `QCryptodevBackendClient`.
 ///
@@ -18942,23 +22632,27 @@ pub struct QCryptodevInfo {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cxl.CxlEventLog)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CxlEventLog {
     /// `informational`.
-    #[serde(rename = "informational")]
     Informational,
     /// `warning`.
-    #[serde(rename = "warning")]
     Warning,
     /// `failure`.
-    #[serde(rename = "failure")]
     Failure,
     /// `fatal`.
-    #[serde(rename = "fatal")]
     Fatal,
 }
 
 impl CxlEventLog {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CxlEventLog] = &[
+        CxlEventLog::Informational,
+        CxlEventLog::Warning,
+        CxlEventLog::Failure,
+        CxlEventLog::Fatal,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -18970,61 +22664,81 @@ impl CxlEventLog {
     }
 }
 
+impl std::str::FromStr for CxlEventLog {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "informational" => Ok(CxlEventLog::Informational),
+            "warning" => Ok(CxlEventLog::Warning),
+            "failure" => Ok(CxlEventLog::Failure),
+            "fatal" => Ok(CxlEventLog::Fatal),
+            _ => Err(crate::UnknownValue::new("CxlEventLog", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CxlEventLog);
+
 /// QAPI enum `CxlUncorErrorType`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cxl.CxlUncorErrorType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CxlUncorErrorType {
     /// `cache-data-parity`.
-    #[serde(rename = "cache-data-parity")]
     CacheDataParity,
     /// `cache-address-parity`.
-    #[serde(rename = "cache-address-parity")]
     CacheAddressParity,
     /// `cache-be-parity`.
-    #[serde(rename = "cache-be-parity")]
     CacheBeParity,
     /// `cache-data-ecc`.
-    #[serde(rename = "cache-data-ecc")]
     CacheDataEcc,
     /// `mem-data-parity`.
-    #[serde(rename = "mem-data-parity")]
     MemDataParity,
     /// `mem-address-parity`.
-    #[serde(rename = "mem-address-parity")]
     MemAddressParity,
     /// `mem-be-parity`.
-    #[serde(rename = "mem-be-parity")]
     MemBeParity,
     /// `mem-data-ecc`.
-    #[serde(rename = "mem-data-ecc")]
     MemDataEcc,
     /// `reinit-threshold`.
-    #[serde(rename = "reinit-threshold")]
     ReinitThreshold,
     /// `rsvd-encoding`.
-    #[serde(rename = "rsvd-encoding")]
     RsvdEncoding,
     /// `poison-received`.
-    #[serde(rename = "poison-received")]
     PoisonReceived,
     /// `receiver-overflow`.
-    #[serde(rename = "receiver-overflow")]
     ReceiverOverflow,
     /// `internal`.
-    #[serde(rename = "internal")]
     Internal,
     /// `cxl-ide-tx`.
-    #[serde(rename = "cxl-ide-tx")]
     CxlIdeTx,
     /// `cxl-ide-rx`.
-    #[serde(rename = "cxl-ide-rx")]
     CxlIdeRx,
 }
 
 impl CxlUncorErrorType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CxlUncorErrorType] = &[
+        CxlUncorErrorType::CacheDataParity,
+        CxlUncorErrorType::CacheAddressParity,
+        CxlUncorErrorType::CacheBeParity,
+        CxlUncorErrorType::CacheDataEcc,
+        CxlUncorErrorType::MemDataParity,
+        CxlUncorErrorType::MemAddressParity,
+        CxlUncorErrorType::MemBeParity,
+        CxlUncorErrorType::MemDataEcc,
+        CxlUncorErrorType::ReinitThreshold,
+        CxlUncorErrorType::RsvdEncoding,
+        CxlUncorErrorType::PoisonReceived,
+        CxlUncorErrorType::ReceiverOverflow,
+        CxlUncorErrorType::Internal,
+        CxlUncorErrorType::CxlIdeTx,
+        CxlUncorErrorType::CxlIdeRx,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -19047,6 +22761,33 @@ impl CxlUncorErrorType {
     }
 }
 
+impl std::str::FromStr for CxlUncorErrorType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cache-data-parity" => Ok(CxlUncorErrorType::CacheDataParity),
+            "cache-address-parity" => Ok(CxlUncorErrorType::CacheAddressParity),
+            "cache-be-parity" => Ok(CxlUncorErrorType::CacheBeParity),
+            "cache-data-ecc" => Ok(CxlUncorErrorType::CacheDataEcc),
+            "mem-data-parity" => Ok(CxlUncorErrorType::MemDataParity),
+            "mem-address-parity" => Ok(CxlUncorErrorType::MemAddressParity),
+            "mem-be-parity" => Ok(CxlUncorErrorType::MemBeParity),
+            "mem-data-ecc" => Ok(CxlUncorErrorType::MemDataEcc),
+            "reinit-threshold" => Ok(CxlUncorErrorType::ReinitThreshold),
+            "rsvd-encoding" => Ok(CxlUncorErrorType::RsvdEncoding),
+            "poison-received" => Ok(CxlUncorErrorType::PoisonReceived),
+            "receiver-overflow" => Ok(CxlUncorErrorType::ReceiverOverflow),
+            "internal" => Ok(CxlUncorErrorType::Internal),
+            "cxl-ide-tx" => Ok(CxlUncorErrorType::CxlIdeTx),
+            "cxl-ide-rx" => Ok(CxlUncorErrorType::CxlIdeRx),
+            _ => Err(crate::UnknownValue::new("CxlUncorErrorType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CxlUncorErrorType);
+
 /// QAPI struct `CXLUncorErrorRecord`.
 ///
 /// Since QEMU 8.0.
@@ -19065,32 +22806,36 @@ pub struct CXLUncorErrorRecord {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cxl.CxlCorErrorType)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CxlCorErrorType {
     /// `cache-data-ecc`.
-    #[serde(rename = "cache-data-ecc")]
     CacheDataEcc,
     /// `mem-data-ecc`.
-    #[serde(rename = "mem-data-ecc")]
     MemDataEcc,
     /// `crc-threshold`.
-    #[serde(rename = "crc-threshold")]
     CrcThreshold,
     /// `retry-threshold`.
-    #[serde(rename = "retry-threshold")]
     RetryThreshold,
     /// `cache-poison-received`.
-    #[serde(rename = "cache-poison-received")]
     CachePoisonReceived,
     /// `mem-poison-received`.
-    #[serde(rename = "mem-poison-received")]
     MemPoisonReceived,
     /// `physical`.
-    #[serde(rename = "physical")]
     Physical,
 }
 
 impl CxlCorErrorType {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CxlCorErrorType] = &[
+        CxlCorErrorType::CacheDataEcc,
+        CxlCorErrorType::MemDataEcc,
+        CxlCorErrorType::CrcThreshold,
+        CxlCorErrorType::RetryThreshold,
+        CxlCorErrorType::CachePoisonReceived,
+        CxlCorErrorType::MemPoisonReceived,
+        CxlCorErrorType::Physical,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -19104,6 +22849,25 @@ impl CxlCorErrorType {
         }
     }
 }
+
+impl std::str::FromStr for CxlCorErrorType {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cache-data-ecc" => Ok(CxlCorErrorType::CacheDataEcc),
+            "mem-data-ecc" => Ok(CxlCorErrorType::MemDataEcc),
+            "crc-threshold" => Ok(CxlCorErrorType::CrcThreshold),
+            "retry-threshold" => Ok(CxlCorErrorType::RetryThreshold),
+            "cache-poison-received" => Ok(CxlCorErrorType::CachePoisonReceived),
+            "mem-poison-received" => Ok(CxlCorErrorType::MemPoisonReceived),
+            "physical" => Ok(CxlCorErrorType::Physical),
+            _ => Err(crate::UnknownValue::new("CxlCorErrorType", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CxlCorErrorType);
 
 /// QAPI struct `CxlDynamicCapacityExtent`.
 ///
@@ -19123,23 +22887,27 @@ pub struct CxlDynamicCapacityExtent {
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cxl.CxlExtentSelectionPolicy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CxlExtentSelectionPolicy {
     /// `free`.
-    #[serde(rename = "free")]
     Free,
     /// `contiguous`.
-    #[serde(rename = "contiguous")]
     Contiguous,
     /// `prescriptive`.
-    #[serde(rename = "prescriptive")]
     Prescriptive,
     /// `enable-shared-access`.
-    #[serde(rename = "enable-shared-access")]
     EnableSharedAccess,
 }
 
 impl CxlExtentSelectionPolicy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CxlExtentSelectionPolicy] = &[
+        CxlExtentSelectionPolicy::Free,
+        CxlExtentSelectionPolicy::Contiguous,
+        CxlExtentSelectionPolicy::Prescriptive,
+        CxlExtentSelectionPolicy::EnableSharedAccess,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -19151,22 +22919,42 @@ impl CxlExtentSelectionPolicy {
     }
 }
 
+impl std::str::FromStr for CxlExtentSelectionPolicy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "free" => Ok(CxlExtentSelectionPolicy::Free),
+            "contiguous" => Ok(CxlExtentSelectionPolicy::Contiguous),
+            "prescriptive" => Ok(CxlExtentSelectionPolicy::Prescriptive),
+            "enable-shared-access" => Ok(CxlExtentSelectionPolicy::EnableSharedAccess),
+            _ => Err(crate::UnknownValue::new("CxlExtentSelectionPolicy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CxlExtentSelectionPolicy);
+
 /// QAPI enum `CxlExtentRemovalPolicy`.
 ///
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-cxl.CxlExtentRemovalPolicy)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CxlExtentRemovalPolicy {
     /// `tag-based`.
-    #[serde(rename = "tag-based")]
     TagBased,
     /// `prescriptive`.
-    #[serde(rename = "prescriptive")]
     Prescriptive,
 }
 
 impl CxlExtentRemovalPolicy {
+    /// Every value, in QEMU's order.
+    pub const ALL: &'static [CxlExtentRemovalPolicy] = &[
+        CxlExtentRemovalPolicy::TagBased,
+        CxlExtentRemovalPolicy::Prescriptive,
+    ];
+
     /// QEMU's string for the value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -19175,6 +22963,20 @@ impl CxlExtentRemovalPolicy {
         }
     }
 }
+
+impl std::str::FromStr for CxlExtentRemovalPolicy {
+    type Err = crate::UnknownValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tag-based" => Ok(CxlExtentRemovalPolicy::TagBased),
+            "prescriptive" => Ok(CxlExtentRemovalPolicy::Prescriptive),
+            _ => Err(crate::UnknownValue::new("CxlExtentRemovalPolicy", s)),
+        }
+    }
+}
+
+crate::qapi_enum!(CxlExtentRemovalPolicy);
 
 /// QAPI struct `UefiVariable`.
 ///
