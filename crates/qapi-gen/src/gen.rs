@@ -302,18 +302,30 @@ impl Gen<'_> {
         format!("{}#{objtype}-QMP-{}.{}", self.opts.doc_base, def.module, def.name)
     }
 
-    /// The doc lines after an item's first line.
+    /// The doc sentences after an item's first line.
     fn extras_doc(&self, extras: &Extras) -> Vec<String> {
+        self.extras_notes(extras)
+            .into_iter()
+            .map(|n| {
+                let mut c = n.chars();
+                let first = c.next().map(|f| f.to_ascii_uppercase()).unwrap_or_default();
+                format!("{first}{}.", c.as_str())
+            })
+            .collect()
+    }
+
+    /// The same as notes for a member's or value's line.
+    fn extras_notes(&self, extras: &Extras) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(s) = &extras.since {
-            out.push(format!("Since QEMU {s}."));
+            out.push(format!("since QEMU {s}"));
         }
         if !extras.features.is_empty() {
-            out.push(format!("Features: {}.", features_list(&extras.features)));
+            out.push(format!("features: {}", features_list(&extras.features)));
         }
         if let Some(c) = &extras.cond {
             out.push(format!(
-                "Compiled in only where `{c}` holds (it does in {}).",
+                "compiled in only where `{c}` holds (it does in {})",
                 self.opts.build
             ));
         }
@@ -388,8 +400,7 @@ impl Gen<'_> {
             if m.optional {
                 notes.push("optional".to_owned());
             }
-            let e = self.extras_doc(&m.extras);
-            notes.extend(e.into_iter().map(|s| s.trim_end_matches('.').to_owned()));
+            notes.extend(self.extras_notes(&m.extras));
             if !notes.is_empty() {
                 let _ = write!(doc, " ({})", notes.join("; "));
             }
@@ -558,11 +569,7 @@ impl Gen<'_> {
                 return Err(format!("{rname}: two values are variant {vname}"));
             }
             let mut doc = format!("`{v}`");
-            let notes: Vec<_> = self
-                .extras_doc(extras)
-                .into_iter()
-                .map(|s| s.trim_end_matches('.').to_owned())
-                .collect();
+            let notes = self.extras_notes(extras);
             if !notes.is_empty() {
                 let _ = write!(doc, " ({})", notes.join("; "));
             }

@@ -344,7 +344,7 @@ fn features_and_versions_become_attributes_docs_and_data() {
         &[
             "#[deprecated(note = \"QEMU deprecates this command\")]",
             "/// Since QEMU 1.0. Features: `deprecated`.",
-            "/// `arg` (optional; Since QEMU 2.5; Features: `deprecated`, `unstable`).",
+            "/// `arg` (optional; since QEMU 2.5; features: `deprecated`, `unstable`).",
             "#[deprecated(note = \"QEMU deprecates this member\")]",
         ],
     );
@@ -372,7 +372,7 @@ fn conditionals_follow_the_profile() {
         &e,
         &[
             "Vnc,",
-            "/// `vnc` (Compiled in only where `YES` holds (it does in the build the profile describes)).",
+            "/// `vnc` (compiled in only where `YES` holds (it does in the build the profile describes)).",
         ],
     );
     lacks(&e, "S390");
@@ -428,4 +428,37 @@ fn a_prelude_name_gets_a_prefix() {
         gen("{ 'struct': 'String', 'data': { 'str': 'str' } }\n{ 'struct': 'W', 'data': { 's': 'String' } }");
     has(&out.types("pub struct QapiString {"), &["pub str: String,"]);
     has(&out.types("pub struct W {"), &["pub s: QapiString,"]);
+}
+
+#[test]
+fn includes_pragmas_and_modules() {
+    let dir = std::env::temp_dir().join(format!("qapi-gen-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(
+        dir.join("top.json"),
+        "{ 'pragma': { 'doc-required': true } }\n\
+         { 'include': 'sub/common.json' }\n\
+         { 'include': 'sub/common.json' }\n\
+         { 'command': 'use-it', 'data': { 'x': 'Shared' } }\n",
+    )
+    .unwrap();
+    // Includes are relative to the including file; a second include of the
+    // same file has no effect.
+    std::fs::write(
+        dir.join("sub/common.json"),
+        "{ 'include': 'leaf.json' }\n{ 'struct': 'Shared', 'data': { 'l': 'Leaf' } }\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("sub/leaf.json"), "{ 'enum': 'Leaf', 'data': [ 'x' ] }\n").unwrap();
+    let schema = Schema::load(&dir.join("top.json"), &Profile::default()).unwrap();
+    let names: Vec<_> = schema
+        .defs
+        .iter()
+        .map(|d| (d.name.as_str(), d.module.as_str()))
+        .collect();
+    assert_eq!(names, [("Leaf", "leaf"), ("Shared", "common"), ("use-it", "top")]);
+    let out = generate(&schema, &Options::default()).unwrap();
+    let types = &out.iter().find(|(n, _)| n == "src/types.rs").unwrap().1;
+    assert!(types.contains("#object-QMP-common.Shared)"), "{types}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -189,7 +189,7 @@ impl crate::Command for QueryBlock {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.query-blockstats)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueryBlockstats {
-    /// `query-nodes` (optional; Since QEMU 2.3).
+    /// `query-nodes` (optional; since QEMU 2.3).
     #[serde(rename = "query-nodes", skip_serializing_if = "Option::is_none")]
     pub query_nodes: Option<bool>,
 }
@@ -222,7 +222,7 @@ pub struct BlockResize {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// `node-name` (optional; Since QEMU 2.0).
+    /// `node-name` (optional; since QEMU 2.0).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// `size`.
@@ -291,7 +291,7 @@ impl crate::Command for ChangeBackingFile {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-commit)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockCommit {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -299,14 +299,14 @@ pub struct BlockCommit {
     /// `base-node` (optional).
     #[serde(rename = "base-node", skip_serializing_if = "Option::is_none")]
     pub base_node: Option<String>,
-    /// `base` (optional; Features: `deprecated`).
+    /// `base` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub base: Option<String>,
     /// `top-node` (optional).
     #[serde(rename = "top-node", skip_serializing_if = "Option::is_none")]
     pub top_node: Option<String>,
-    /// `top` (optional; Features: `deprecated`).
+    /// `top` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub top: Option<String>,
@@ -325,10 +325,10 @@ pub struct BlockCommit {
     /// `filter-node-name` (optional).
     #[serde(rename = "filter-node-name", skip_serializing_if = "Option::is_none")]
     pub filter_node_name: Option<String>,
-    /// `auto-finalize` (optional; Since QEMU 3.1).
+    /// `auto-finalize` (optional; since QEMU 3.1).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 3.1).
+    /// `auto-dismiss` (optional; since QEMU 3.1).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
 }
@@ -374,7 +374,7 @@ impl crate::Command for BlockdevBackup {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.query-named-block-nodes)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueryNamedBlockNodes {
-    /// `flat` (optional; Since QEMU 5.0).
+    /// `flat` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flat: Option<bool>,
 }
@@ -516,7 +516,7 @@ impl crate::Command for XDebugBlockDirtyBitmapSha256 {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-mirror)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockdevMirror {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -549,10 +549,10 @@ pub struct BlockdevMirror {
     /// `copy-mode` (optional).
     #[serde(rename = "copy-mode", skip_serializing_if = "Option::is_none")]
     pub copy_mode: Option<types::MirrorCopyMode>,
-    /// `auto-finalize` (optional; Since QEMU 3.1).
+    /// `auto-finalize` (optional; since QEMU 3.1).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 3.1).
+    /// `auto-dismiss` (optional; since QEMU 3.1).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
 }
@@ -569,7 +569,7 @@ impl crate::Command for BlockdevMirror {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-stream)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockStream {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -577,7 +577,7 @@ pub struct BlockStream {
     /// `base` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
-    /// `base-node` (optional; Since QEMU 2.8).
+    /// `base-node` (optional; since QEMU 2.8).
     #[serde(rename = "base-node", skip_serializing_if = "Option::is_none")]
     pub base_node: Option<String>,
     /// `backing-file` (optional).
@@ -586,22 +586,22 @@ pub struct BlockStream {
     /// `backing-mask-protocol` (optional).
     #[serde(rename = "backing-mask-protocol", skip_serializing_if = "Option::is_none")]
     pub backing_mask_protocol: Option<bool>,
-    /// `bottom` (optional; Since QEMU 6.0).
+    /// `bottom` (optional; since QEMU 6.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bottom: Option<String>,
     /// `speed` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<i64>,
-    /// `on-error` (optional; Since QEMU 1.3).
+    /// `on-error` (optional; since QEMU 1.3).
     #[serde(rename = "on-error", skip_serializing_if = "Option::is_none")]
     pub on_error: Option<types::BlockdevOnError>,
     /// `filter-node-name` (optional).
     #[serde(rename = "filter-node-name", skip_serializing_if = "Option::is_none")]
     pub filter_node_name: Option<String>,
-    /// `auto-finalize` (optional; Since QEMU 3.1).
+    /// `auto-finalize` (optional; since QEMU 3.1).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 3.1).
+    /// `auto-dismiss` (optional; since QEMU 3.1).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
 }
@@ -638,7 +638,7 @@ impl crate::Command for BlockJobSetSpeed {
 pub struct BlockJobCancel {
     /// `device`.
     pub device: String,
-    /// `force` (optional; Since QEMU 1.3).
+    /// `force` (optional; since QEMU 1.3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
 }
@@ -972,7 +972,7 @@ impl crate::Command for QueryPrManagers {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.eject)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Eject {
-    /// `device` (optional; Features: `deprecated`).
+    /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub device: Option<String>,
@@ -996,7 +996,7 @@ impl crate::Command for Eject {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-open-tray)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BlockdevOpenTray {
-    /// `device` (optional; Features: `deprecated`).
+    /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub device: Option<String>,
@@ -1020,7 +1020,7 @@ impl crate::Command for BlockdevOpenTray {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-close-tray)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BlockdevCloseTray {
-    /// `device` (optional; Features: `deprecated`).
+    /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub device: Option<String>,
@@ -1076,7 +1076,7 @@ impl crate::Command for BlockdevInsertMedium {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-change-medium)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockdevChangeMedium {
-    /// `device` (optional; Features: `deprecated`).
+    /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub device: Option<String>,
@@ -1088,7 +1088,7 @@ pub struct BlockdevChangeMedium {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
-    /// `force` (optional; Since QEMU 7.1).
+    /// `force` (optional; since QEMU 7.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
     /// `read-only-mode` (optional).
@@ -1401,7 +1401,7 @@ pub struct DumpGuestMemory {
     pub paging: bool,
     /// `protocol`.
     pub protocol: String,
-    /// `detach` (optional; Since QEMU 2.6).
+    /// `detach` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detach: Option<bool>,
     /// `begin` (optional).
@@ -1410,7 +1410,7 @@ pub struct DumpGuestMemory {
     /// `length` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub length: Option<i64>,
-    /// `format` (optional; Since QEMU 2.0).
+    /// `format` (optional; since QEMU 2.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<types::DumpGuestMemoryFormat>,
 }
@@ -1687,13 +1687,13 @@ impl crate::Command for ExpirePassword {
 pub struct Screendump {
     /// `filename`.
     pub filename: String,
-    /// `device` (optional; Since QEMU 2.12).
+    /// `device` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// `head` (optional; Since QEMU 2.12).
+    /// `head` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head: Option<i64>,
-    /// `format` (optional; Since QEMU 7.1).
+    /// `format` (optional; since QEMU 7.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<types::ImageFormat>,
 }
@@ -2020,7 +2020,7 @@ pub struct Migrate {
     /// `detach` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detach: Option<bool>,
-    /// `resume` (optional; Since QEMU 3.0).
+    /// `resume` (optional; since QEMU 3.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume: Option<bool>,
 }
@@ -2043,7 +2043,7 @@ pub struct MigrateIncoming {
     /// `channels` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channels: Option<Vec<types::MigrationChannel>>,
-    /// `exit-on-error` (optional; Since QEMU 9.1).
+    /// `exit-on-error` (optional; since QEMU 9.1).
     #[serde(rename = "exit-on-error", skip_serializing_if = "Option::is_none")]
     pub exit_on_error: Option<bool>,
 }
@@ -2062,7 +2062,7 @@ impl crate::Command for MigrateIncoming {
 pub struct XenSaveDevicesState {
     /// `filename`.
     pub filename: String,
-    /// `live` (optional; Since QEMU 2.11).
+    /// `live` (optional; since QEMU 2.11).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<bool>,
 }
@@ -2203,13 +2203,13 @@ pub struct CalcDirtyRate {
     /// `calc-time`.
     #[serde(rename = "calc-time")]
     pub calc_time: i64,
-    /// `calc-time-unit` (optional; Since QEMU 8.2).
+    /// `calc-time-unit` (optional; since QEMU 8.2).
     #[serde(rename = "calc-time-unit", skip_serializing_if = "Option::is_none")]
     pub calc_time_unit: Option<types::TimeUnit>,
-    /// `sample-pages` (optional; Since QEMU 6.1).
+    /// `sample-pages` (optional; since QEMU 6.1).
     #[serde(rename = "sample-pages", skip_serializing_if = "Option::is_none")]
     pub sample_pages: Option<i64>,
-    /// `mode` (optional; Since QEMU 6.1).
+    /// `mode` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<types::DirtyRateMeasureMode>,
 }
@@ -2226,7 +2226,7 @@ impl crate::Command for CalcDirtyRate {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.query-dirty-rate)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueryDirtyRate {
-    /// `calc-time-unit` (optional; Since QEMU 8.2).
+    /// `calc-time-unit` (optional; since QEMU 8.2).
     #[serde(rename = "calc-time-unit", skip_serializing_if = "Option::is_none")]
     pub calc_time_unit: Option<types::TimeUnit>,
 }
@@ -2430,7 +2430,7 @@ impl crate::Command for TraceEventSetState {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-control.qmp_capabilities)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QmpCapabilities {
-    /// `enable` (optional; Since QEMU 2.12).
+    /// `enable` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable: Option<Vec<types::QMPCapability>>,
 }
@@ -2705,7 +2705,7 @@ impl crate::Command for QueryCpusFast {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine.query-machines)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueryMachines {
-    /// `compat-props` (optional; Since QEMU 9.1; Features: `unstable`).
+    /// `compat-props` (optional; since QEMU 9.1; features: `unstable`).
     #[serde(rename = "compat-props", skip_serializing_if = "Option::is_none")]
     pub compat_props: Option<bool>,
 }

@@ -13,9 +13,9 @@ use crate::types;
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.SHUTDOWN)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Shutdown {
-    /// `guest` (Since QEMU 2.10).
+    /// `guest` (since QEMU 2.10).
     pub guest: bool,
-    /// `reason` (Since QEMU 4.0).
+    /// `reason` (since QEMU 4.0).
     pub reason: types::ShutdownCause,
 }
 
@@ -26,9 +26,9 @@ pub struct Shutdown {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.RESET)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reset {
-    /// `guest` (Since QEMU 2.10).
+    /// `guest` (since QEMU 2.10).
     pub guest: bool,
-    /// `reason` (Since QEMU 4.0).
+    /// `reason` (since QEMU 4.0).
     pub reason: types::ShutdownCause,
 }
 
@@ -52,7 +52,7 @@ pub struct Watchdog {
 pub struct GuestPanicked {
     /// `action`.
     pub action: types::GuestPanicAction,
-    /// `info` (optional; Since QEMU 2.9).
+    /// `info` (optional; since QEMU 2.9).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub info: Option<types::GuestPanicInformation>,
 }
@@ -119,7 +119,7 @@ pub struct BlockImageCorrupted {
     /// `size` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
-    /// `fatal` (Since QEMU 2.2).
+    /// `fatal` (since QEMU 2.2).
     pub fatal: bool,
 }
 
@@ -130,7 +130,7 @@ pub struct BlockImageCorrupted {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_IO_ERROR)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockIoError {
-    /// `qom-path` (Since QEMU 9.2).
+    /// `qom-path` (since QEMU 9.2).
     #[serde(rename = "qom-path")]
     pub qom_path: String,
     /// `device`.
@@ -279,7 +279,7 @@ pub struct QuorumFailure {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.QUORUM_REPORT_BAD)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuorumReportBad {
-    /// `type` (Since QEMU 2.6).
+    /// `type` (since QEMU 2.6).
     pub r#type: types::QuorumOpType,
     /// `error` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,7 +304,7 @@ pub struct QuorumReportBad {
 pub struct DeviceTrayMoved {
     /// `device`.
     pub device: String,
-    /// `id` (Since QEMU 2.8).
+    /// `id` (since QEMU 2.8).
     pub id: String,
     /// `tray-open`.
     #[serde(rename = "tray-open")]
@@ -624,7 +624,7 @@ pub struct MemoryDeviceSizeChange {
     pub id: Option<String>,
     /// `size`.
     pub size: u64,
-    /// `qom-path` (Since QEMU 6.2).
+    /// `qom-path` (since QEMU 6.2).
     #[serde(rename = "qom-path")]
     pub qom_path: String,
 }

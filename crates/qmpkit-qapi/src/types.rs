@@ -291,9 +291,9 @@ pub enum PCIELinkSpeed {
     V8,
     /// `16`.
     V16,
-    /// `32` (Since QEMU 9.0).
+    /// `32` (since QEMU 9.0).
     V32,
-    /// `64` (Since QEMU 9.0).
+    /// `64` (since QEMU 9.0).
     V64,
 }
 
@@ -640,7 +640,7 @@ pub enum NetworkAddressFamily {
     Ipv6,
     /// `unix`.
     Unix,
-    /// `vsock` (Since QEMU 2.8).
+    /// `vsock` (since QEMU 2.8).
     Vsock,
     /// `unknown`.
     Unknown,
@@ -707,7 +707,7 @@ pub struct InetSocketAddress {
     pub host: String,
     /// `port`.
     pub port: String,
-    /// `numeric` (optional; Since QEMU 2.9).
+    /// `numeric` (optional; since QEMU 2.9).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub numeric: Option<bool>,
     /// `to` (optional).
@@ -719,10 +719,10 @@ pub struct InetSocketAddress {
     /// `ipv6` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<bool>,
-    /// `keep-alive` (optional; Since QEMU 4.2).
+    /// `keep-alive` (optional; since QEMU 4.2).
     #[serde(rename = "keep-alive", skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<bool>,
-    /// `mptcp` (optional; Since QEMU 6.1; Compiled in only where `HAVE_IPPROTO_MPTCP` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `mptcp` (optional; since QEMU 6.1; compiled in only where `HAVE_IPPROTO_MPTCP` holds (it does in x86_64 system emulation as Debian builds it)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mptcp: Option<bool>,
 }
@@ -736,10 +736,10 @@ pub struct InetSocketAddress {
 pub struct UnixSocketAddress {
     /// `path`.
     pub path: String,
-    /// `abstract` (optional; Since QEMU 5.1; Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `abstract` (optional; since QEMU 5.1; compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub r#abstract: Option<bool>,
-    /// `tight` (optional; Since QEMU 5.1; Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `tight` (optional; since QEMU 5.1; compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tight: Option<bool>,
 }
@@ -944,7 +944,7 @@ pub enum RunState {
     Watchdog,
     /// `guest-panicked`.
     GuestPanicked,
-    /// `colo` (Since QEMU 2.8).
+    /// `colo` (since QEMU 2.8).
     Colo,
 }
 
@@ -1045,7 +1045,7 @@ pub enum ShutdownCause {
     GuestPanic,
     /// `subsystem-reset`.
     SubsystemReset,
-    /// `snapshot-load` (Since QEMU 7.2).
+    /// `snapshot-load` (since QEMU 7.2).
     SnapshotLoad,
 }
 
@@ -1138,7 +1138,7 @@ pub enum WatchdogAction {
     Debug,
     /// `none`.
     None,
-    /// `inject-nmi` (Since QEMU 2.4).
+    /// `inject-nmi` (since QEMU 2.4).
     InjectNmi,
 }
 
@@ -1278,7 +1278,7 @@ pub enum PanicAction {
     Pause,
     /// `shutdown`.
     Shutdown,
-    /// `exit-failure` (Since QEMU 7.1).
+    /// `exit-failure` (since QEMU 7.1).
     ExitFailure,
     /// `none`.
     None,
@@ -1329,9 +1329,9 @@ crate::qapi_enum!(PanicAction);
 pub enum GuestPanicAction {
     /// `pause`.
     Pause,
-    /// `poweroff` (Since QEMU 2.8).
+    /// `poweroff` (since QEMU 2.8).
     Poweroff,
-    /// `run` (Since QEMU 5.0).
+    /// `run` (since QEMU 5.0).
     Run,
 }
 
@@ -1769,17 +1769,17 @@ pub enum QCryptoHashAlgo {
     Md5,
     /// `sha1`.
     Sha1,
-    /// `sha224` (Since QEMU 2.7).
+    /// `sha224` (since QEMU 2.7).
     Sha224,
     /// `sha256`.
     Sha256,
-    /// `sha384` (Since QEMU 2.7).
+    /// `sha384` (since QEMU 2.7).
     Sha384,
-    /// `sha512` (Since QEMU 2.7).
+    /// `sha512` (since QEMU 2.7).
     Sha512,
-    /// `ripemd160` (Since QEMU 2.7).
+    /// `ripemd160` (since QEMU 2.7).
     Ripemd160,
-    /// `sm3` (Since QEMU 9.2.0).
+    /// `sm3` (since QEMU 9.2.0).
     Sm3,
 }
 
@@ -1844,9 +1844,9 @@ pub enum QCryptoCipherAlgo {
     Aes192,
     /// `aes-256`.
     Aes256,
-    /// `des` (Since QEMU 6.1).
+    /// `des` (since QEMU 6.1).
     Des,
-    /// `3des` (Since QEMU 2.9).
+    /// `3des` (since QEMU 2.9).
     V3des,
     /// `cast5-128`.
     Cast5128,
@@ -1862,7 +1862,7 @@ pub enum QCryptoCipherAlgo {
     Twofish192,
     /// `twofish-256`.
     Twofish256,
-    /// `sm4` (Since QEMU 9.0).
+    /// `sm4` (since QEMU 9.0).
     Sm4,
 }
 
@@ -1942,7 +1942,7 @@ pub enum QCryptoCipherMode {
     Cbc,
     /// `xts`.
     Xts,
-    /// `ctr` (Since QEMU 2.8).
+    /// `ctr` (since QEMU 2.8).
     Ctr,
 }
 
@@ -2130,7 +2130,7 @@ pub struct QCryptoBlockCreateOptionsLUKS {
     /// `hash-alg` (optional).
     #[serde(rename = "hash-alg", skip_serializing_if = "Option::is_none")]
     pub hash_alg: Option<QCryptoHashAlgo>,
-    /// `iter-time` (optional; Since QEMU 2.8).
+    /// `iter-time` (optional; since QEMU 2.8).
     #[serde(rename = "iter-time", skip_serializing_if = "Option::is_none")]
     pub iter_time: Option<i64>,
 }
@@ -2220,7 +2220,7 @@ pub struct QCryptoBlockInfoLUKS {
     /// `hash-alg`.
     #[serde(rename = "hash-alg")]
     pub hash_alg: QCryptoHashAlgo,
-    /// `detached-header` (Since QEMU 9.0).
+    /// `detached-header` (since QEMU 9.0).
     #[serde(rename = "detached-header")]
     pub detached_header: bool,
     /// `payload-offset`.
@@ -2652,15 +2652,15 @@ pub enum JobType {
     Mirror,
     /// `backup`.
     Backup,
-    /// `create` (Since QEMU 3.0).
+    /// `create` (since QEMU 3.0).
     Create,
-    /// `amend` (Since QEMU 5.1).
+    /// `amend` (since QEMU 5.1).
     Amend,
-    /// `snapshot-load` (Since QEMU 6.0).
+    /// `snapshot-load` (since QEMU 6.0).
     SnapshotLoad,
-    /// `snapshot-save` (Since QEMU 6.0).
+    /// `snapshot-save` (since QEMU 6.0).
     SnapshotSave,
-    /// `snapshot-delete` (Since QEMU 6.0).
+    /// `snapshot-delete` (since QEMU 6.0).
     SnapshotDelete,
 }
 
@@ -2824,7 +2824,7 @@ pub enum JobVerb {
     Dismiss,
     /// `finalize`.
     Finalize,
-    /// `change` (Since QEMU 8.2).
+    /// `change` (since QEMU 8.2).
     Change,
 }
 
@@ -2926,7 +2926,7 @@ pub struct SnapshotInfo {
     /// `vm-clock-nsec`.
     #[serde(rename = "vm-clock-nsec")]
     pub vm_clock_nsec: i64,
-    /// `icount` (optional; Since QEMU 5.2).
+    /// `icount` (optional; since QEMU 5.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icount: Option<i64>,
 }
@@ -2973,25 +2973,25 @@ pub struct ImageInfoSpecificQCow2 {
     /// `data-file-raw` (optional).
     #[serde(rename = "data-file-raw", skip_serializing_if = "Option::is_none")]
     pub data_file_raw: Option<bool>,
-    /// `extended-l2` (optional; Since QEMU 5.2).
+    /// `extended-l2` (optional; since QEMU 5.2).
     #[serde(rename = "extended-l2", skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
     /// `lazy-refcounts` (optional).
     #[serde(rename = "lazy-refcounts", skip_serializing_if = "Option::is_none")]
     pub lazy_refcounts: Option<bool>,
-    /// `corrupt` (optional; Since QEMU 2.2).
+    /// `corrupt` (optional; since QEMU 2.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<bool>,
-    /// `refcount-bits` (Since QEMU 2.3).
+    /// `refcount-bits` (since QEMU 2.3).
     #[serde(rename = "refcount-bits")]
     pub refcount_bits: i64,
-    /// `encrypt` (optional; Since QEMU 2.10).
+    /// `encrypt` (optional; since QEMU 2.10).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<ImageInfoSpecificQCow2Encryption>,
-    /// `bitmaps` (optional; Since QEMU 4.0).
+    /// `bitmaps` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<Qcow2BitmapInfo>>,
-    /// `compression-type` (Since QEMU 5.1).
+    /// `compression-type` (since QEMU 5.1).
     #[serde(rename = "compression-type")]
     pub compression_type: Qcow2CompressionType,
 }
@@ -3225,7 +3225,7 @@ pub struct BlockNodeInfo {
     /// `encrypted` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
-    /// `compressed` (optional; Since QEMU 1.7).
+    /// `compressed` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressed: Option<bool>,
     /// `backing-filename` (optional).
@@ -3240,7 +3240,7 @@ pub struct BlockNodeInfo {
     /// `snapshots` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotInfo>>,
-    /// `format-specific` (optional; Since QEMU 1.7).
+    /// `format-specific` (optional; since QEMU 1.7).
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<ImageInfoSpecific>,
 }
@@ -3271,7 +3271,7 @@ pub struct ImageInfo {
     /// `encrypted` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
-    /// `compressed` (optional; Since QEMU 1.7).
+    /// `compressed` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressed: Option<bool>,
     /// `backing-filename` (optional).
@@ -3286,7 +3286,7 @@ pub struct ImageInfo {
     /// `snapshots` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotInfo>>,
-    /// `format-specific` (optional; Since QEMU 1.7).
+    /// `format-specific` (optional; since QEMU 1.7).
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<ImageInfoSpecific>,
     /// `backing-image` (optional).
@@ -3333,7 +3333,7 @@ pub struct BlockGraphInfo {
     /// `encrypted` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
-    /// `compressed` (optional; Since QEMU 1.7).
+    /// `compressed` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compressed: Option<bool>,
     /// `backing-filename` (optional).
@@ -3348,7 +3348,7 @@ pub struct BlockGraphInfo {
     /// `snapshots` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<Vec<SnapshotInfo>>,
-    /// `format-specific` (optional; Since QEMU 1.7).
+    /// `format-specific` (optional; since QEMU 1.7).
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<ImageInfoSpecific>,
     /// `children`.
@@ -3413,11 +3413,11 @@ pub struct MapEntry {
     pub data: bool,
     /// `zero`.
     pub zero: bool,
-    /// `compressed` (Since QEMU 8.2).
+    /// `compressed` (since QEMU 8.2).
     pub compressed: bool,
     /// `depth`.
     pub depth: i64,
-    /// `present` (Since QEMU 6.1).
+    /// `present` (since QEMU 6.1).
     pub present: bool,
     /// `offset` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -3452,7 +3452,7 @@ pub struct BlockdevCacheInfo {
 pub struct BlockDeviceInfo {
     /// `file`.
     pub file: String,
-    /// `node-name` (optional; Since QEMU 2.0).
+    /// `node-name` (optional; since QEMU 2.0).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// `ro`.
@@ -3468,7 +3468,7 @@ pub struct BlockDeviceInfo {
     pub active: bool,
     /// `encrypted`.
     pub encrypted: bool,
-    /// `detect_zeroes` (Since QEMU 2.1).
+    /// `detect_zeroes` (since QEMU 2.1).
     pub detect_zeroes: BlockdevDetectZeroesOptions,
     /// `bps`.
     pub bps: i64,
@@ -3484,53 +3484,53 @@ pub struct BlockDeviceInfo {
     pub iops_wr: i64,
     /// `image`.
     pub image: ImageInfo,
-    /// `bps_max` (optional; Since QEMU 1.7).
+    /// `bps_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_max: Option<i64>,
-    /// `bps_rd_max` (optional; Since QEMU 1.7).
+    /// `bps_rd_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_rd_max: Option<i64>,
-    /// `bps_wr_max` (optional; Since QEMU 1.7).
+    /// `bps_wr_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_wr_max: Option<i64>,
-    /// `iops_max` (optional; Since QEMU 1.7).
+    /// `iops_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_max: Option<i64>,
-    /// `iops_rd_max` (optional; Since QEMU 1.7).
+    /// `iops_rd_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_rd_max: Option<i64>,
-    /// `iops_wr_max` (optional; Since QEMU 1.7).
+    /// `iops_wr_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_wr_max: Option<i64>,
-    /// `bps_max_length` (optional; Since QEMU 2.6).
+    /// `bps_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_max_length: Option<i64>,
-    /// `bps_rd_max_length` (optional; Since QEMU 2.6).
+    /// `bps_rd_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_rd_max_length: Option<i64>,
-    /// `bps_wr_max_length` (optional; Since QEMU 2.6).
+    /// `bps_wr_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_wr_max_length: Option<i64>,
-    /// `iops_max_length` (optional; Since QEMU 2.6).
+    /// `iops_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_max_length: Option<i64>,
-    /// `iops_rd_max_length` (optional; Since QEMU 2.6).
+    /// `iops_rd_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_rd_max_length: Option<i64>,
-    /// `iops_wr_max_length` (optional; Since QEMU 2.6).
+    /// `iops_wr_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_wr_max_length: Option<i64>,
-    /// `iops_size` (optional; Since QEMU 1.7).
+    /// `iops_size` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_size: Option<i64>,
-    /// `group` (optional; Since QEMU 2.4).
+    /// `group` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// `cache`.
     pub cache: BlockdevCacheInfo,
-    /// `write_threshold` (Since QEMU 2.3).
+    /// `write_threshold` (since QEMU 2.3).
     pub write_threshold: i64,
-    /// `dirty-bitmaps` (optional; Since QEMU 4.2).
+    /// `dirty-bitmaps` (optional; since QEMU 4.2).
     #[serde(rename = "dirty-bitmaps", skip_serializing_if = "Option::is_none")]
     pub dirty_bitmaps: Option<Vec<BlockDirtyInfo>>,
 }
@@ -3590,20 +3590,20 @@ crate::qapi_enum!(BlockDeviceIoStatus);
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDirtyInfo)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockDirtyInfo {
-    /// `name` (optional; Since QEMU 2.4).
+    /// `name` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// `count`.
     pub count: i64,
-    /// `granularity` (Since QEMU 1.4).
+    /// `granularity` (since QEMU 1.4).
     pub granularity: u32,
-    /// `recording` (Since QEMU 4.0).
+    /// `recording` (since QEMU 4.0).
     pub recording: bool,
-    /// `busy` (Since QEMU 4.0).
+    /// `busy` (since QEMU 4.0).
     pub busy: bool,
-    /// `persistent` (Since QEMU 4.0).
+    /// `persistent` (since QEMU 4.0).
     pub persistent: bool,
-    /// `inconsistent` (optional; Since QEMU 4.0).
+    /// `inconsistent` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inconsistent: Option<bool>,
 }
@@ -3686,7 +3686,7 @@ pub struct BlockLatencyHistogramInfo {
 pub struct BlockInfo {
     /// `device`.
     pub device: String,
-    /// `qdev` (optional; Since QEMU 2.10).
+    /// `qdev` (optional; since QEMU 2.10).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qdev: Option<String>,
     /// `type`.
@@ -3718,7 +3718,7 @@ pub struct BlockMeasureInfo {
     /// `fully-allocated`.
     #[serde(rename = "fully-allocated")]
     pub fully_allocated: i64,
-    /// `bitmaps` (optional; Since QEMU 5.1).
+    /// `bitmaps` (optional; since QEMU 5.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<i64>,
 }
@@ -3744,11 +3744,11 @@ pub struct BlockDeviceTimedStats {
     pub max_wr_latency_ns: i64,
     /// `avg_wr_latency_ns`.
     pub avg_wr_latency_ns: i64,
-    /// `min_zone_append_latency_ns` (Since QEMU 8.1).
+    /// `min_zone_append_latency_ns` (since QEMU 8.1).
     pub min_zone_append_latency_ns: i64,
-    /// `max_zone_append_latency_ns` (Since QEMU 8.1).
+    /// `max_zone_append_latency_ns` (since QEMU 8.1).
     pub max_zone_append_latency_ns: i64,
-    /// `avg_zone_append_latency_ns` (Since QEMU 8.1).
+    /// `avg_zone_append_latency_ns` (since QEMU 8.1).
     pub avg_zone_append_latency_ns: i64,
     /// `min_flush_latency_ns`.
     pub min_flush_latency_ns: i64,
@@ -3760,7 +3760,7 @@ pub struct BlockDeviceTimedStats {
     pub avg_rd_queue_depth: f64,
     /// `avg_wr_queue_depth`.
     pub avg_wr_queue_depth: f64,
-    /// `avg_zone_append_queue_depth` (Since QEMU 8.1).
+    /// `avg_zone_append_queue_depth` (since QEMU 8.1).
     pub avg_zone_append_queue_depth: f64,
 }
 
@@ -3775,79 +3775,79 @@ pub struct BlockDeviceStats {
     pub rd_bytes: i64,
     /// `wr_bytes`.
     pub wr_bytes: i64,
-    /// `zone_append_bytes` (Since QEMU 8.1).
+    /// `zone_append_bytes` (since QEMU 8.1).
     pub zone_append_bytes: i64,
-    /// `unmap_bytes` (Since QEMU 4.2).
+    /// `unmap_bytes` (since QEMU 4.2).
     pub unmap_bytes: i64,
     /// `rd_operations`.
     pub rd_operations: i64,
     /// `wr_operations`.
     pub wr_operations: i64,
-    /// `zone_append_operations` (Since QEMU 8.1).
+    /// `zone_append_operations` (since QEMU 8.1).
     pub zone_append_operations: i64,
-    /// `flush_operations` (Since QEMU 0.15).
+    /// `flush_operations` (since QEMU 0.15).
     pub flush_operations: i64,
-    /// `unmap_operations` (Since QEMU 4.2).
+    /// `unmap_operations` (since QEMU 4.2).
     pub unmap_operations: i64,
-    /// `rd_total_time_ns` (Since QEMU 0.15).
+    /// `rd_total_time_ns` (since QEMU 0.15).
     pub rd_total_time_ns: i64,
-    /// `wr_total_time_ns` (Since QEMU 0.15).
+    /// `wr_total_time_ns` (since QEMU 0.15).
     pub wr_total_time_ns: i64,
-    /// `zone_append_total_time_ns` (Since QEMU 8.1).
+    /// `zone_append_total_time_ns` (since QEMU 8.1).
     pub zone_append_total_time_ns: i64,
-    /// `flush_total_time_ns` (Since QEMU 0.15).
+    /// `flush_total_time_ns` (since QEMU 0.15).
     pub flush_total_time_ns: i64,
-    /// `unmap_total_time_ns` (Since QEMU 4.2).
+    /// `unmap_total_time_ns` (since QEMU 4.2).
     pub unmap_total_time_ns: i64,
     /// `wr_highest_offset`.
     pub wr_highest_offset: i64,
-    /// `rd_merged` (Since QEMU 2.3).
+    /// `rd_merged` (since QEMU 2.3).
     pub rd_merged: i64,
-    /// `wr_merged` (Since QEMU 2.3).
+    /// `wr_merged` (since QEMU 2.3).
     pub wr_merged: i64,
-    /// `zone_append_merged` (Since QEMU 8.1).
+    /// `zone_append_merged` (since QEMU 8.1).
     pub zone_append_merged: i64,
-    /// `unmap_merged` (Since QEMU 4.2).
+    /// `unmap_merged` (since QEMU 4.2).
     pub unmap_merged: i64,
-    /// `idle_time_ns` (optional; Since QEMU 2.5).
+    /// `idle_time_ns` (optional; since QEMU 2.5).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_time_ns: Option<i64>,
-    /// `failed_rd_operations` (Since QEMU 2.5).
+    /// `failed_rd_operations` (since QEMU 2.5).
     pub failed_rd_operations: i64,
-    /// `failed_wr_operations` (Since QEMU 2.5).
+    /// `failed_wr_operations` (since QEMU 2.5).
     pub failed_wr_operations: i64,
-    /// `failed_zone_append_operations` (Since QEMU 8.1).
+    /// `failed_zone_append_operations` (since QEMU 8.1).
     pub failed_zone_append_operations: i64,
-    /// `failed_flush_operations` (Since QEMU 2.5).
+    /// `failed_flush_operations` (since QEMU 2.5).
     pub failed_flush_operations: i64,
-    /// `failed_unmap_operations` (Since QEMU 4.2).
+    /// `failed_unmap_operations` (since QEMU 4.2).
     pub failed_unmap_operations: i64,
-    /// `invalid_rd_operations` (Since QEMU 2.5).
+    /// `invalid_rd_operations` (since QEMU 2.5).
     pub invalid_rd_operations: i64,
-    /// `invalid_wr_operations` (Since QEMU 2.5).
+    /// `invalid_wr_operations` (since QEMU 2.5).
     pub invalid_wr_operations: i64,
-    /// `invalid_zone_append_operations` (Since QEMU 8.1).
+    /// `invalid_zone_append_operations` (since QEMU 8.1).
     pub invalid_zone_append_operations: i64,
-    /// `invalid_flush_operations` (Since QEMU 2.5).
+    /// `invalid_flush_operations` (since QEMU 2.5).
     pub invalid_flush_operations: i64,
-    /// `invalid_unmap_operations` (Since QEMU 4.2).
+    /// `invalid_unmap_operations` (since QEMU 4.2).
     pub invalid_unmap_operations: i64,
-    /// `account_invalid` (Since QEMU 2.5).
+    /// `account_invalid` (since QEMU 2.5).
     pub account_invalid: bool,
-    /// `account_failed` (Since QEMU 2.5).
+    /// `account_failed` (since QEMU 2.5).
     pub account_failed: bool,
-    /// `timed_stats` (Since QEMU 2.5).
+    /// `timed_stats` (since QEMU 2.5).
     pub timed_stats: Vec<BlockDeviceTimedStats>,
-    /// `rd_latency_histogram` (optional; Since QEMU 4.0).
+    /// `rd_latency_histogram` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rd_latency_histogram: Option<BlockLatencyHistogramInfo>,
-    /// `wr_latency_histogram` (optional; Since QEMU 4.0).
+    /// `wr_latency_histogram` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wr_latency_histogram: Option<BlockLatencyHistogramInfo>,
-    /// `zone_append_latency_histogram` (optional; Since QEMU 8.1).
+    /// `zone_append_latency_histogram` (optional; since QEMU 8.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone_append_latency_histogram: Option<BlockLatencyHistogramInfo>,
-    /// `flush_latency_histogram` (optional; Since QEMU 4.0).
+    /// `flush_latency_histogram` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_latency_histogram: Option<BlockLatencyHistogramInfo>,
 }
@@ -4035,21 +4035,21 @@ pub struct BlockStats {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// `qdev` (optional; Since QEMU 3.0).
+    /// `qdev` (optional; since QEMU 3.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qdev: Option<String>,
-    /// `node-name` (optional; Since QEMU 2.3).
+    /// `node-name` (optional; since QEMU 2.3).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// `stats`.
     pub stats: BlockDeviceStats,
-    /// `driver-specific` (optional; Since QEMU 4.2).
+    /// `driver-specific` (optional; since QEMU 4.2).
     #[serde(rename = "driver-specific", skip_serializing_if = "Option::is_none")]
     pub driver_specific: Option<BlockStatsSpecific>,
     /// `parent` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<Box<BlockStats>>,
-    /// `backing` (optional; Since QEMU 2.0).
+    /// `backing` (optional; since QEMU 2.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing: Option<Box<BlockStats>>,
 }
@@ -4283,26 +4283,26 @@ pub struct BlockJobInfo {
     pub len: i64,
     /// `offset`.
     pub offset: i64,
-    /// `busy` (Since QEMU 1.3).
+    /// `busy` (since QEMU 1.3).
     pub busy: bool,
-    /// `paused` (Since QEMU 1.3).
+    /// `paused` (since QEMU 1.3).
     pub paused: bool,
     /// `speed`.
     pub speed: i64,
-    /// `io-status` (Since QEMU 1.3).
+    /// `io-status` (since QEMU 1.3).
     #[serde(rename = "io-status")]
     pub io_status: BlockDeviceIoStatus,
-    /// `ready` (Since QEMU 2.2).
+    /// `ready` (since QEMU 2.2).
     pub ready: bool,
-    /// `status` (Since QEMU 2.12).
+    /// `status` (since QEMU 2.12).
     pub status: JobStatus,
-    /// `auto-finalize` (Since QEMU 2.12).
+    /// `auto-finalize` (since QEMU 2.12).
     #[serde(rename = "auto-finalize")]
     pub auto_finalize: bool,
-    /// `auto-dismiss` (Since QEMU 2.12).
+    /// `auto-dismiss` (since QEMU 2.12).
     #[serde(rename = "auto-dismiss")]
     pub auto_dismiss: bool,
-    /// `error` (optional; Since QEMU 2.12.1).
+    /// `error` (optional; since QEMU 2.12.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// `type` and the members of its branch.
@@ -4393,13 +4393,13 @@ pub struct BlockdevSnapshotSync {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// `node-name` (optional; Since QEMU 2.0).
+    /// `node-name` (optional; since QEMU 2.0).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// `snapshot-file`.
     #[serde(rename = "snapshot-file")]
     pub snapshot_file: String,
-    /// `snapshot-node-name` (optional; Since QEMU 2.0).
+    /// `snapshot-node-name` (optional; since QEMU 2.0).
     #[serde(rename = "snapshot-node-name", skip_serializing_if = "Option::is_none")]
     pub snapshot_node_name: Option<String>,
     /// `format` (optional).
@@ -4439,7 +4439,7 @@ pub struct BackupPerf {
     /// `max-chunk` (optional).
     #[serde(rename = "max-chunk", skip_serializing_if = "Option::is_none")]
     pub max_chunk: Option<i64>,
-    /// `min-cluster-size` (optional; Since QEMU 9.2).
+    /// `min-cluster-size` (optional; since QEMU 9.2).
     #[serde(rename = "min-cluster-size", skip_serializing_if = "Option::is_none")]
     pub min_cluster_size: Option<u64>,
 }
@@ -4451,7 +4451,7 @@ pub struct BackupPerf {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BackupCommon)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupCommon {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -4461,13 +4461,13 @@ pub struct BackupCommon {
     /// `speed` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<i64>,
-    /// `bitmap` (optional; Since QEMU 2.4).
+    /// `bitmap` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
-    /// `bitmap-mode` (optional; Since QEMU 4.2).
+    /// `bitmap-mode` (optional; since QEMU 4.2).
     #[serde(rename = "bitmap-mode", skip_serializing_if = "Option::is_none")]
     pub bitmap_mode: Option<BitmapSyncMode>,
-    /// `compress` (optional; Since QEMU 2.8).
+    /// `compress` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compress: Option<bool>,
     /// `on-source-error` (optional).
@@ -4476,19 +4476,19 @@ pub struct BackupCommon {
     /// `on-target-error` (optional).
     #[serde(rename = "on-target-error", skip_serializing_if = "Option::is_none")]
     pub on_target_error: Option<BlockdevOnError>,
-    /// `auto-finalize` (optional; Since QEMU 2.12).
+    /// `auto-finalize` (optional; since QEMU 2.12).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 2.12).
+    /// `auto-dismiss` (optional; since QEMU 2.12).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
     /// `filter-node-name` (optional).
     #[serde(rename = "filter-node-name", skip_serializing_if = "Option::is_none")]
     pub filter_node_name: Option<String>,
-    /// `discard-source` (optional; Since QEMU 9.1).
+    /// `discard-source` (optional; since QEMU 9.1).
     #[serde(rename = "discard-source", skip_serializing_if = "Option::is_none")]
     pub discard_source: Option<bool>,
-    /// `x-perf` (optional; Since QEMU 6.0; Features: `unstable`).
+    /// `x-perf` (optional; since QEMU 6.0; features: `unstable`).
     #[serde(rename = "x-perf", skip_serializing_if = "Option::is_none")]
     pub x_perf: Option<BackupPerf>,
 }
@@ -4500,7 +4500,7 @@ pub struct BackupCommon {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.DriveBackup)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriveBackup {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -4510,13 +4510,13 @@ pub struct DriveBackup {
     /// `speed` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<i64>,
-    /// `bitmap` (optional; Since QEMU 2.4).
+    /// `bitmap` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
-    /// `bitmap-mode` (optional; Since QEMU 4.2).
+    /// `bitmap-mode` (optional; since QEMU 4.2).
     #[serde(rename = "bitmap-mode", skip_serializing_if = "Option::is_none")]
     pub bitmap_mode: Option<BitmapSyncMode>,
-    /// `compress` (optional; Since QEMU 2.8).
+    /// `compress` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compress: Option<bool>,
     /// `on-source-error` (optional).
@@ -4525,19 +4525,19 @@ pub struct DriveBackup {
     /// `on-target-error` (optional).
     #[serde(rename = "on-target-error", skip_serializing_if = "Option::is_none")]
     pub on_target_error: Option<BlockdevOnError>,
-    /// `auto-finalize` (optional; Since QEMU 2.12).
+    /// `auto-finalize` (optional; since QEMU 2.12).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 2.12).
+    /// `auto-dismiss` (optional; since QEMU 2.12).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
     /// `filter-node-name` (optional).
     #[serde(rename = "filter-node-name", skip_serializing_if = "Option::is_none")]
     pub filter_node_name: Option<String>,
-    /// `discard-source` (optional; Since QEMU 9.1).
+    /// `discard-source` (optional; since QEMU 9.1).
     #[serde(rename = "discard-source", skip_serializing_if = "Option::is_none")]
     pub discard_source: Option<bool>,
-    /// `x-perf` (optional; Since QEMU 6.0; Features: `unstable`).
+    /// `x-perf` (optional; since QEMU 6.0; features: `unstable`).
     #[serde(rename = "x-perf", skip_serializing_if = "Option::is_none")]
     pub x_perf: Option<BackupPerf>,
     /// `target`.
@@ -4557,7 +4557,7 @@ pub struct DriveBackup {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevBackup)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockdevBackup {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -4567,13 +4567,13 @@ pub struct BlockdevBackup {
     /// `speed` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<i64>,
-    /// `bitmap` (optional; Since QEMU 2.4).
+    /// `bitmap` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
-    /// `bitmap-mode` (optional; Since QEMU 4.2).
+    /// `bitmap-mode` (optional; since QEMU 4.2).
     #[serde(rename = "bitmap-mode", skip_serializing_if = "Option::is_none")]
     pub bitmap_mode: Option<BitmapSyncMode>,
-    /// `compress` (optional; Since QEMU 2.8).
+    /// `compress` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compress: Option<bool>,
     /// `on-source-error` (optional).
@@ -4582,19 +4582,19 @@ pub struct BlockdevBackup {
     /// `on-target-error` (optional).
     #[serde(rename = "on-target-error", skip_serializing_if = "Option::is_none")]
     pub on_target_error: Option<BlockdevOnError>,
-    /// `auto-finalize` (optional; Since QEMU 2.12).
+    /// `auto-finalize` (optional; since QEMU 2.12).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 2.12).
+    /// `auto-dismiss` (optional; since QEMU 2.12).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
     /// `filter-node-name` (optional).
     #[serde(rename = "filter-node-name", skip_serializing_if = "Option::is_none")]
     pub filter_node_name: Option<String>,
-    /// `discard-source` (optional; Since QEMU 9.1).
+    /// `discard-source` (optional; since QEMU 9.1).
     #[serde(rename = "discard-source", skip_serializing_if = "Option::is_none")]
     pub discard_source: Option<bool>,
-    /// `x-perf` (optional; Since QEMU 6.0; Features: `unstable`).
+    /// `x-perf` (optional; since QEMU 6.0; features: `unstable`).
     #[serde(rename = "x-perf", skip_serializing_if = "Option::is_none")]
     pub x_perf: Option<BackupPerf>,
     /// `target`.
@@ -4757,7 +4757,7 @@ pub struct XDbgBlockGraph {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.DriveMirror)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriveMirror {
-    /// `job-id` (optional; Since QEMU 2.7).
+    /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
     /// `device`.
@@ -4767,10 +4767,10 @@ pub struct DriveMirror {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
-    /// `node-name` (optional; Since QEMU 2.1).
+    /// `node-name` (optional; since QEMU 2.1).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
-    /// `replaces` (optional; Since QEMU 2.1).
+    /// `replaces` (optional; since QEMU 2.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
     /// `sync`.
@@ -4781,10 +4781,10 @@ pub struct DriveMirror {
     /// `speed` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<i64>,
-    /// `granularity` (optional; Since QEMU 1.4).
+    /// `granularity` (optional; since QEMU 1.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub granularity: Option<u32>,
-    /// `buf-size` (optional; Since QEMU 1.4).
+    /// `buf-size` (optional; since QEMU 1.4).
     #[serde(rename = "buf-size", skip_serializing_if = "Option::is_none")]
     pub buf_size: Option<i64>,
     /// `on-source-error` (optional).
@@ -4793,16 +4793,16 @@ pub struct DriveMirror {
     /// `on-target-error` (optional).
     #[serde(rename = "on-target-error", skip_serializing_if = "Option::is_none")]
     pub on_target_error: Option<BlockdevOnError>,
-    /// `unmap` (optional; Since QEMU 2.4).
+    /// `unmap` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unmap: Option<bool>,
     /// `copy-mode` (optional).
     #[serde(rename = "copy-mode", skip_serializing_if = "Option::is_none")]
     pub copy_mode: Option<MirrorCopyMode>,
-    /// `auto-finalize` (optional; Since QEMU 3.1).
+    /// `auto-finalize` (optional; since QEMU 3.1).
     #[serde(rename = "auto-finalize", skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
-    /// `auto-dismiss` (optional; Since QEMU 3.1).
+    /// `auto-dismiss` (optional; since QEMU 3.1).
     #[serde(rename = "auto-dismiss", skip_serializing_if = "Option::is_none")]
     pub auto_dismiss: Option<bool>,
 }
@@ -4889,7 +4889,7 @@ pub struct BlockDirtyBitmapSha256 {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockIOThrottle)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockIOThrottle {
-    /// `device` (optional; Features: `deprecated`).
+    /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub device: Option<String>,
@@ -4908,46 +4908,46 @@ pub struct BlockIOThrottle {
     pub iops_rd: i64,
     /// `iops_wr`.
     pub iops_wr: i64,
-    /// `bps_max` (optional; Since QEMU 1.7).
+    /// `bps_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_max: Option<i64>,
-    /// `bps_rd_max` (optional; Since QEMU 1.7).
+    /// `bps_rd_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_rd_max: Option<i64>,
-    /// `bps_wr_max` (optional; Since QEMU 1.7).
+    /// `bps_wr_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_wr_max: Option<i64>,
-    /// `iops_max` (optional; Since QEMU 1.7).
+    /// `iops_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_max: Option<i64>,
-    /// `iops_rd_max` (optional; Since QEMU 1.7).
+    /// `iops_rd_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_rd_max: Option<i64>,
-    /// `iops_wr_max` (optional; Since QEMU 1.7).
+    /// `iops_wr_max` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_wr_max: Option<i64>,
-    /// `bps_max_length` (optional; Since QEMU 2.6).
+    /// `bps_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_max_length: Option<i64>,
-    /// `bps_rd_max_length` (optional; Since QEMU 2.6).
+    /// `bps_rd_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_rd_max_length: Option<i64>,
-    /// `bps_wr_max_length` (optional; Since QEMU 2.6).
+    /// `bps_wr_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bps_wr_max_length: Option<i64>,
-    /// `iops_max_length` (optional; Since QEMU 2.6).
+    /// `iops_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_max_length: Option<i64>,
-    /// `iops_rd_max_length` (optional; Since QEMU 2.6).
+    /// `iops_rd_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_rd_max_length: Option<i64>,
-    /// `iops_wr_max_length` (optional; Since QEMU 2.6).
+    /// `iops_wr_max_length` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_wr_max_length: Option<i64>,
-    /// `iops_size` (optional; Since QEMU 1.7).
+    /// `iops_size` (optional; since QEMU 1.7).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iops_size: Option<i64>,
-    /// `group` (optional; Since QEMU 2.4).
+    /// `group` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
 }
@@ -5028,61 +5028,61 @@ pub struct ThrottleGroupProperties {
     /// `limits` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<ThrottleLimits>,
-    /// `x-iops-total` (optional; Features: `unstable`).
+    /// `x-iops-total` (optional; features: `unstable`).
     #[serde(rename = "x-iops-total", skip_serializing_if = "Option::is_none")]
     pub x_iops_total: Option<i64>,
-    /// `x-iops-total-max` (optional; Features: `unstable`).
+    /// `x-iops-total-max` (optional; features: `unstable`).
     #[serde(rename = "x-iops-total-max", skip_serializing_if = "Option::is_none")]
     pub x_iops_total_max: Option<i64>,
-    /// `x-iops-total-max-length` (optional; Features: `unstable`).
+    /// `x-iops-total-max-length` (optional; features: `unstable`).
     #[serde(rename = "x-iops-total-max-length", skip_serializing_if = "Option::is_none")]
     pub x_iops_total_max_length: Option<i64>,
-    /// `x-iops-read` (optional; Features: `unstable`).
+    /// `x-iops-read` (optional; features: `unstable`).
     #[serde(rename = "x-iops-read", skip_serializing_if = "Option::is_none")]
     pub x_iops_read: Option<i64>,
-    /// `x-iops-read-max` (optional; Features: `unstable`).
+    /// `x-iops-read-max` (optional; features: `unstable`).
     #[serde(rename = "x-iops-read-max", skip_serializing_if = "Option::is_none")]
     pub x_iops_read_max: Option<i64>,
-    /// `x-iops-read-max-length` (optional; Features: `unstable`).
+    /// `x-iops-read-max-length` (optional; features: `unstable`).
     #[serde(rename = "x-iops-read-max-length", skip_serializing_if = "Option::is_none")]
     pub x_iops_read_max_length: Option<i64>,
-    /// `x-iops-write` (optional; Features: `unstable`).
+    /// `x-iops-write` (optional; features: `unstable`).
     #[serde(rename = "x-iops-write", skip_serializing_if = "Option::is_none")]
     pub x_iops_write: Option<i64>,
-    /// `x-iops-write-max` (optional; Features: `unstable`).
+    /// `x-iops-write-max` (optional; features: `unstable`).
     #[serde(rename = "x-iops-write-max", skip_serializing_if = "Option::is_none")]
     pub x_iops_write_max: Option<i64>,
-    /// `x-iops-write-max-length` (optional; Features: `unstable`).
+    /// `x-iops-write-max-length` (optional; features: `unstable`).
     #[serde(rename = "x-iops-write-max-length", skip_serializing_if = "Option::is_none")]
     pub x_iops_write_max_length: Option<i64>,
-    /// `x-bps-total` (optional; Features: `unstable`).
+    /// `x-bps-total` (optional; features: `unstable`).
     #[serde(rename = "x-bps-total", skip_serializing_if = "Option::is_none")]
     pub x_bps_total: Option<i64>,
-    /// `x-bps-total-max` (optional; Features: `unstable`).
+    /// `x-bps-total-max` (optional; features: `unstable`).
     #[serde(rename = "x-bps-total-max", skip_serializing_if = "Option::is_none")]
     pub x_bps_total_max: Option<i64>,
-    /// `x-bps-total-max-length` (optional; Features: `unstable`).
+    /// `x-bps-total-max-length` (optional; features: `unstable`).
     #[serde(rename = "x-bps-total-max-length", skip_serializing_if = "Option::is_none")]
     pub x_bps_total_max_length: Option<i64>,
-    /// `x-bps-read` (optional; Features: `unstable`).
+    /// `x-bps-read` (optional; features: `unstable`).
     #[serde(rename = "x-bps-read", skip_serializing_if = "Option::is_none")]
     pub x_bps_read: Option<i64>,
-    /// `x-bps-read-max` (optional; Features: `unstable`).
+    /// `x-bps-read-max` (optional; features: `unstable`).
     #[serde(rename = "x-bps-read-max", skip_serializing_if = "Option::is_none")]
     pub x_bps_read_max: Option<i64>,
-    /// `x-bps-read-max-length` (optional; Features: `unstable`).
+    /// `x-bps-read-max-length` (optional; features: `unstable`).
     #[serde(rename = "x-bps-read-max-length", skip_serializing_if = "Option::is_none")]
     pub x_bps_read_max_length: Option<i64>,
-    /// `x-bps-write` (optional; Features: `unstable`).
+    /// `x-bps-write` (optional; features: `unstable`).
     #[serde(rename = "x-bps-write", skip_serializing_if = "Option::is_none")]
     pub x_bps_write: Option<i64>,
-    /// `x-bps-write-max` (optional; Features: `unstable`).
+    /// `x-bps-write-max` (optional; features: `unstable`).
     #[serde(rename = "x-bps-write-max", skip_serializing_if = "Option::is_none")]
     pub x_bps_write_max: Option<i64>,
-    /// `x-bps-write-max-length` (optional; Features: `unstable`).
+    /// `x-bps-write-max-length` (optional; features: `unstable`).
     #[serde(rename = "x-bps-write-max-length", skip_serializing_if = "Option::is_none")]
     pub x_bps_write_max_length: Option<i64>,
-    /// `x-iops-size` (optional; Features: `unstable`).
+    /// `x-iops-size` (optional; features: `unstable`).
     #[serde(rename = "x-iops-size", skip_serializing_if = "Option::is_none")]
     pub x_iops_size: Option<i64>,
 }
@@ -5248,7 +5248,7 @@ pub enum BlockdevAioOptions {
     Threads,
     /// `native`.
     Native,
-    /// `io_uring` (Since QEMU 5.0; Compiled in only where `CONFIG_LINUX_IO_URING` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `io_uring` (since QEMU 5.0; compiled in only where `CONFIG_LINUX_IO_URING` holds (it does in x86_64 system emulation as Debian builds it)).
     IoUring,
 }
 
@@ -5335,12 +5335,12 @@ pub enum BlockdevDriver {
     Ftp,
     /// `ftps`.
     Ftps,
-    /// `gluster` (Features: `deprecated`).
+    /// `gluster` (features: `deprecated`).
     #[deprecated(note = "QEMU deprecates this value")]
     Gluster,
-    /// `host_cdrom` (Compiled in only where `HAVE_HOST_BLOCK_DEVICE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `host_cdrom` (compiled in only where `HAVE_HOST_BLOCK_DEVICE` holds (it does in x86_64 system emulation as Debian builds it)).
     HostCdrom,
-    /// `host_device` (Compiled in only where `HAVE_HOST_BLOCK_DEVICE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `host_device` (compiled in only where `HAVE_HOST_BLOCK_DEVICE` holds (it does in x86_64 system emulation as Debian builds it)).
     HostDevice,
     /// `http`.
     Http,
@@ -5376,7 +5376,7 @@ pub enum BlockdevDriver {
     Raw,
     /// `rbd`.
     Rbd,
-    /// `replication` (Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `replication` (compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it)).
     Replication,
     /// `ssh`.
     Ssh,
@@ -5565,10 +5565,10 @@ pub struct BlockdevOptionsFile {
     /// `aio-max-batch` (optional).
     #[serde(rename = "aio-max-batch", skip_serializing_if = "Option::is_none")]
     pub aio_max_batch: Option<i64>,
-    /// `drop-cache` (optional; Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `drop-cache` (optional; compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     #[serde(rename = "drop-cache", skip_serializing_if = "Option::is_none")]
     pub drop_cache: Option<bool>,
-    /// `x-check-cache-dropped` (optional; Features: `unstable`).
+    /// `x-check-cache-dropped` (optional; features: `unstable`).
     #[serde(rename = "x-check-cache-dropped", skip_serializing_if = "Option::is_none")]
     pub x_check_cache_dropped: Option<bool>,
 }
@@ -5583,7 +5583,7 @@ pub struct BlockdevOptionsNull {
     /// `size` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
-    /// `latency-ns` (optional; Since QEMU 2.4).
+    /// `latency-ns` (optional; since QEMU 2.4).
     #[serde(rename = "latency-ns", skip_serializing_if = "Option::is_none")]
     pub latency_ns: Option<u64>,
     /// `read-zeroes` (optional).
@@ -5619,7 +5619,7 @@ pub struct BlockdevOptionsVVFAT {
     /// `floppy` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floppy: Option<bool>,
-    /// `label` (optional; Since QEMU 2.4).
+    /// `label` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     /// `rw` (optional).
@@ -5647,10 +5647,10 @@ pub struct BlockdevOptionsGenericFormat {
 pub struct BlockdevOptionsLUKS {
     /// `file`.
     pub file: BlockdevRef,
-    /// `key-secret` (optional; Since QEMU 2.6).
+    /// `key-secret` (optional; since QEMU 2.6).
     #[serde(rename = "key-secret", skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
-    /// `header` (optional; Since QEMU 9.0).
+    /// `header` (optional; since QEMU 9.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<BlockdevRef>,
 }
@@ -5760,7 +5760,7 @@ pub struct Qcow2OverlapCheckFlags {
     /// `inactive-l2` (optional).
     #[serde(rename = "inactive-l2", skip_serializing_if = "Option::is_none")]
     pub inactive_l2: Option<bool>,
-    /// `bitmap-directory` (optional; Since QEMU 3.0).
+    /// `bitmap-directory` (optional; since QEMU 3.0).
     #[serde(rename = "bitmap-directory", skip_serializing_if = "Option::is_none")]
     pub bitmap_directory: Option<bool>,
 }
@@ -5953,31 +5953,31 @@ pub struct BlockdevOptionsQcow2 {
     /// `pass-discard-other` (optional).
     #[serde(rename = "pass-discard-other", skip_serializing_if = "Option::is_none")]
     pub pass_discard_other: Option<bool>,
-    /// `discard-no-unref` (optional; Since QEMU 8.1).
+    /// `discard-no-unref` (optional; since QEMU 8.1).
     #[serde(rename = "discard-no-unref", skip_serializing_if = "Option::is_none")]
     pub discard_no_unref: Option<bool>,
-    /// `overlap-check` (optional; Since QEMU 2.2).
+    /// `overlap-check` (optional; since QEMU 2.2).
     #[serde(rename = "overlap-check", skip_serializing_if = "Option::is_none")]
     pub overlap_check: Option<Qcow2OverlapChecks>,
-    /// `cache-size` (optional; Since QEMU 2.2).
+    /// `cache-size` (optional; since QEMU 2.2).
     #[serde(rename = "cache-size", skip_serializing_if = "Option::is_none")]
     pub cache_size: Option<i64>,
-    /// `l2-cache-size` (optional; Since QEMU 2.2).
+    /// `l2-cache-size` (optional; since QEMU 2.2).
     #[serde(rename = "l2-cache-size", skip_serializing_if = "Option::is_none")]
     pub l2_cache_size: Option<i64>,
-    /// `l2-cache-entry-size` (optional; Since QEMU 2.12).
+    /// `l2-cache-entry-size` (optional; since QEMU 2.12).
     #[serde(rename = "l2-cache-entry-size", skip_serializing_if = "Option::is_none")]
     pub l2_cache_entry_size: Option<i64>,
-    /// `refcount-cache-size` (optional; Since QEMU 2.2).
+    /// `refcount-cache-size` (optional; since QEMU 2.2).
     #[serde(rename = "refcount-cache-size", skip_serializing_if = "Option::is_none")]
     pub refcount_cache_size: Option<i64>,
-    /// `cache-clean-interval` (optional; Since QEMU 2.5).
+    /// `cache-clean-interval` (optional; since QEMU 2.5).
     #[serde(rename = "cache-clean-interval", skip_serializing_if = "Option::is_none")]
     pub cache_clean_interval: Option<i64>,
-    /// `encrypt` (optional; Since QEMU 2.10).
+    /// `encrypt` (optional; since QEMU 2.10).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<BlockdevQcow2Encryption>,
-    /// `data-file` (optional; Since QEMU 4.0).
+    /// `data-file` (optional; since QEMU 4.0).
     #[serde(rename = "data-file", skip_serializing_if = "Option::is_none")]
     pub data_file: Option<BlockdevRef>,
 }
@@ -6222,15 +6222,15 @@ pub enum BlkdebugEvent {
     PwritevDone,
     /// `empty_image_prepare`.
     EmptyImagePrepare,
-    /// `l1_shrink_write_table` (Since QEMU 2.11).
+    /// `l1_shrink_write_table` (since QEMU 2.11).
     L1ShrinkWriteTable,
-    /// `l1_shrink_free_l2_clusters` (Since QEMU 2.11).
+    /// `l1_shrink_free_l2_clusters` (since QEMU 2.11).
     L1ShrinkFreeL2Clusters,
-    /// `cor_write` (Since QEMU 2.11).
+    /// `cor_write` (since QEMU 2.11).
     CorWrite,
-    /// `cluster_alloc_space` (Since QEMU 4.1).
+    /// `cluster_alloc_space` (since QEMU 4.1).
     ClusterAllocSpace,
-    /// `none` (Since QEMU 4.1).
+    /// `none` (since QEMU 4.1).
     None,
 }
 
@@ -6525,19 +6525,19 @@ pub struct BlockdevOptionsBlkdebug {
     /// `align` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub align: Option<i64>,
-    /// `max-transfer` (optional; Since QEMU 2.10).
+    /// `max-transfer` (optional; since QEMU 2.10).
     #[serde(rename = "max-transfer", skip_serializing_if = "Option::is_none")]
     pub max_transfer: Option<i32>,
-    /// `opt-write-zero` (optional; Since QEMU 2.10).
+    /// `opt-write-zero` (optional; since QEMU 2.10).
     #[serde(rename = "opt-write-zero", skip_serializing_if = "Option::is_none")]
     pub opt_write_zero: Option<i32>,
-    /// `max-write-zero` (optional; Since QEMU 2.10).
+    /// `max-write-zero` (optional; since QEMU 2.10).
     #[serde(rename = "max-write-zero", skip_serializing_if = "Option::is_none")]
     pub max_write_zero: Option<i32>,
-    /// `opt-discard` (optional; Since QEMU 2.10).
+    /// `opt-discard` (optional; since QEMU 2.10).
     #[serde(rename = "opt-discard", skip_serializing_if = "Option::is_none")]
     pub opt_discard: Option<i32>,
-    /// `max-discard` (optional; Since QEMU 2.10).
+    /// `max-discard` (optional; since QEMU 2.10).
     #[serde(rename = "max-discard", skip_serializing_if = "Option::is_none")]
     pub max_discard: Option<i32>,
     /// `inject-error` (optional).
@@ -6546,10 +6546,10 @@ pub struct BlockdevOptionsBlkdebug {
     /// `set-state` (optional).
     #[serde(rename = "set-state", skip_serializing_if = "Option::is_none")]
     pub set_state: Option<Vec<BlkdebugSetStateOptions>>,
-    /// `take-child-perms` (optional; Since QEMU 5.0).
+    /// `take-child-perms` (optional; since QEMU 5.0).
     #[serde(rename = "take-child-perms", skip_serializing_if = "Option::is_none")]
     pub take_child_perms: Option<Vec<BlockPermission>>,
-    /// `unshare-child-perms` (optional; Since QEMU 5.0).
+    /// `unshare-child-perms` (optional; since QEMU 5.0).
     #[serde(rename = "unshare-child-perms", skip_serializing_if = "Option::is_none")]
     pub unshare_child_perms: Option<Vec<BlockPermission>>,
 }
@@ -6655,10 +6655,10 @@ pub struct BlockdevOptionsQuorum {
     /// `vote-threshold`.
     #[serde(rename = "vote-threshold")]
     pub vote_threshold: i64,
-    /// `rewrite-corrupted` (optional; Since QEMU 2.1).
+    /// `rewrite-corrupted` (optional; since QEMU 2.1).
     #[serde(rename = "rewrite-corrupted", skip_serializing_if = "Option::is_none")]
     pub rewrite_corrupted: Option<bool>,
-    /// `read-pattern` (optional; Since QEMU 2.2).
+    /// `read-pattern` (optional; since QEMU 2.2).
     #[serde(rename = "read-pattern", skip_serializing_if = "Option::is_none")]
     pub read_pattern: Option<QuorumReadPattern>,
 }
@@ -6676,10 +6676,10 @@ pub struct BlockdevOptionsGluster {
     pub path: String,
     /// `server`.
     pub server: Vec<SocketAddress>,
-    /// `debug` (optional; Since QEMU 2.8).
+    /// `debug` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debug: Option<i64>,
-    /// `logfile` (optional; Since QEMU 2.8).
+    /// `logfile` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logfile: Option<String>,
 }
@@ -6861,7 +6861,7 @@ pub enum RbdImageEncryptionFormat {
     Luks,
     /// `luks2`.
     Luks2,
-    /// `luks-any` (Since QEMU 8.0).
+    /// `luks-any` (since QEMU 8.0).
     LuksAny,
 }
 
@@ -6998,7 +6998,7 @@ pub struct RbdEncryptionCreateOptionsLUKS2 {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionOptions)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RbdEncryptionOptions {
-    /// `parent` (optional; Since QEMU 8.0).
+    /// `parent` (optional; since QEMU 8.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<Box<RbdEncryptionOptions>>,
     /// `format` and the members of its branch.
@@ -7058,7 +7058,7 @@ pub enum RbdEncryptionCreateOptions {
 pub struct BlockdevOptionsRbd {
     /// `pool`.
     pub pool: String,
-    /// `namespace` (optional; Since QEMU 5.0).
+    /// `namespace` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// `image`.
@@ -7069,16 +7069,16 @@ pub struct BlockdevOptionsRbd {
     /// `snapshot` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
-    /// `encrypt` (optional; Since QEMU 6.1).
+    /// `encrypt` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<RbdEncryptionOptions>,
     /// `user` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// `auth-client-required` (optional; Since QEMU 3.0).
+    /// `auth-client-required` (optional; since QEMU 3.0).
     #[serde(rename = "auth-client-required", skip_serializing_if = "Option::is_none")]
     pub auth_client_required: Option<Vec<RbdAuthMode>>,
-    /// `key-secret` (optional; Since QEMU 3.0).
+    /// `key-secret` (optional; since QEMU 3.0).
     #[serde(rename = "key-secret", skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
     /// `server` (optional).
@@ -7281,7 +7281,7 @@ pub struct BlockdevOptionsCurlHttp {
     /// `cookie` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
-    /// `cookie-secret` (optional; Since QEMU 2.10).
+    /// `cookie-secret` (optional; since QEMU 2.10).
     #[serde(rename = "cookie-secret", skip_serializing_if = "Option::is_none")]
     pub cookie_secret: Option<String>,
 }
@@ -7319,7 +7319,7 @@ pub struct BlockdevOptionsCurlHttps {
     /// `sslverify` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sslverify: Option<bool>,
-    /// `cookie-secret` (optional; Since QEMU 2.10).
+    /// `cookie-secret` (optional; since QEMU 2.10).
     #[serde(rename = "cookie-secret", skip_serializing_if = "Option::is_none")]
     pub cookie_secret: Option<String>,
 }
@@ -7400,16 +7400,16 @@ pub struct BlockdevOptionsNbd {
     /// `tls-creds` (optional).
     #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
-    /// `tls-hostname` (optional; Since QEMU 7.0).
+    /// `tls-hostname` (optional; since QEMU 7.0).
     #[serde(rename = "tls-hostname", skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
-    /// `x-dirty-bitmap` (optional; Since QEMU 3.0; Features: `unstable`).
+    /// `x-dirty-bitmap` (optional; since QEMU 3.0; features: `unstable`).
     #[serde(rename = "x-dirty-bitmap", skip_serializing_if = "Option::is_none")]
     pub x_dirty_bitmap: Option<String>,
-    /// `reconnect-delay` (optional; Since QEMU 4.2).
+    /// `reconnect-delay` (optional; since QEMU 4.2).
     #[serde(rename = "reconnect-delay", skip_serializing_if = "Option::is_none")]
     pub reconnect_delay: Option<u32>,
-    /// `open-timeout` (optional; Since QEMU 7.0).
+    /// `open-timeout` (optional; since QEMU 7.0).
     #[serde(rename = "open-timeout", skip_serializing_if = "Option::is_none")]
     pub open_timeout: Option<u32>,
 }
@@ -7510,16 +7510,16 @@ pub struct BlockdevOptionsCbw {
     pub file: BlockdevRef,
     /// `target`.
     pub target: BlockdevRef,
-    /// `bitmap` (optional; Since QEMU 7.0).
+    /// `bitmap` (optional; since QEMU 7.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<BlockDirtyBitmap>,
-    /// `on-cbw-error` (optional; Since QEMU 7.1).
+    /// `on-cbw-error` (optional; since QEMU 7.1).
     #[serde(rename = "on-cbw-error", skip_serializing_if = "Option::is_none")]
     pub on_cbw_error: Option<OnCbwError>,
-    /// `cbw-timeout` (optional; Since QEMU 7.1).
+    /// `cbw-timeout` (optional; since QEMU 7.1).
     #[serde(rename = "cbw-timeout", skip_serializing_if = "Option::is_none")]
     pub cbw_timeout: Option<u32>,
-    /// `min-cluster-size` (optional; Since QEMU 9.2).
+    /// `min-cluster-size` (optional; since QEMU 9.2).
     #[serde(rename = "min-cluster-size", skip_serializing_if = "Option::is_none")]
     pub min_cluster_size: Option<u64>,
 }
@@ -7531,7 +7531,7 @@ pub struct BlockdevOptionsCbw {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptions)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BlockdevOptions {
-    /// `node-name` (optional; Since QEMU 2.0).
+    /// `node-name` (optional; since QEMU 2.0).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// `discard` (optional).
@@ -7540,7 +7540,7 @@ pub struct BlockdevOptions {
     /// `cache` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<BlockdevCacheOptions>,
-    /// `active` (optional; Since QEMU 10.0).
+    /// `active` (optional; since QEMU 10.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active: Option<bool>,
     /// `read-only` (optional).
@@ -7549,10 +7549,10 @@ pub struct BlockdevOptions {
     /// `auto-read-only` (optional).
     #[serde(rename = "auto-read-only", skip_serializing_if = "Option::is_none")]
     pub auto_read_only: Option<bool>,
-    /// `force-share` (optional; Since QEMU 2.10).
+    /// `force-share` (optional; since QEMU 2.10).
     #[serde(rename = "force-share", skip_serializing_if = "Option::is_none")]
     pub force_share: Option<bool>,
-    /// `detect-zeroes` (optional; Since QEMU 2.1).
+    /// `detect-zeroes` (optional; since QEMU 2.1).
     #[serde(rename = "detect-zeroes", skip_serializing_if = "Option::is_none")]
     pub detect_zeroes: Option<BlockdevDetectZeroesOptions>,
     /// `driver` and the members of its branch.
@@ -7805,13 +7805,13 @@ pub struct BlockdevCreateOptionsLUKS {
     /// `hash-alg` (optional).
     #[serde(rename = "hash-alg", skip_serializing_if = "Option::is_none")]
     pub hash_alg: Option<QCryptoHashAlgo>,
-    /// `iter-time` (optional; Since QEMU 2.8).
+    /// `iter-time` (optional; since QEMU 2.8).
     #[serde(rename = "iter-time", skip_serializing_if = "Option::is_none")]
     pub iter_time: Option<i64>,
     /// `file` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<BlockdevRef>,
-    /// `header` (optional; Since QEMU 9.0).
+    /// `header` (optional; since QEMU 9.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<BlockdevRef>,
     /// `size`.
@@ -7918,7 +7918,7 @@ crate::qapi_enum!(BlockdevQcow2Version);
 pub enum Qcow2CompressionType {
     /// `zlib`.
     Zlib,
-    /// `zstd` (Compiled in only where `CONFIG_ZSTD` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `zstd` (compiled in only where `CONFIG_ZSTD` holds (it does in x86_64 system emulation as Debian builds it)).
     Zstd,
 }
 
@@ -8038,7 +8038,7 @@ pub struct BlockdevCreateOptionsRbd {
     /// `cluster-size` (optional).
     #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
     pub cluster_size: Option<u64>,
-    /// `encrypt` (optional; Since QEMU 6.1).
+    /// `encrypt` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<RbdEncryptionCreateOptions>,
 }
@@ -8180,7 +8180,7 @@ pub struct BlockdevCreateOptionsVmdk {
     /// `hwversion` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hwversion: Option<String>,
-    /// `toolsversion` (optional; Since QEMU 6.2).
+    /// `toolsversion` (optional; since QEMU 6.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub toolsversion: Option<String>,
     /// `zeroed-grain` (optional).
@@ -9007,16 +9007,16 @@ crate::qapi_enum!(BlockdevChangeReadOnlyMode);
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerOptionsBase)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NbdServerOptionsBase {
-    /// `handshake-max-seconds` (optional; Since QEMU 10.0).
+    /// `handshake-max-seconds` (optional; since QEMU 10.0).
     #[serde(rename = "handshake-max-seconds", skip_serializing_if = "Option::is_none")]
     pub handshake_max_seconds: Option<u32>,
-    /// `tls-creds` (optional; Since QEMU 2.6).
+    /// `tls-creds` (optional; since QEMU 2.6).
     #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
-    /// `tls-authz` (optional; Since QEMU 4.0).
+    /// `tls-authz` (optional; since QEMU 4.0).
     #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
     pub tls_authz: Option<String>,
-    /// `max-connections` (optional; Since QEMU 5.2).
+    /// `max-connections` (optional; since QEMU 5.2).
     #[serde(rename = "max-connections", skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
 }
@@ -9026,19 +9026,19 @@ pub struct NbdServerOptionsBase {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerOptions)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NbdServerOptions {
-    /// `handshake-max-seconds` (optional; Since QEMU 10.0).
+    /// `handshake-max-seconds` (optional; since QEMU 10.0).
     #[serde(rename = "handshake-max-seconds", skip_serializing_if = "Option::is_none")]
     pub handshake_max_seconds: Option<u32>,
-    /// `tls-creds` (optional; Since QEMU 2.6).
+    /// `tls-creds` (optional; since QEMU 2.6).
     #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
-    /// `tls-authz` (optional; Since QEMU 4.0).
+    /// `tls-authz` (optional; since QEMU 4.0).
     #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
     pub tls_authz: Option<String>,
-    /// `max-connections` (optional; Since QEMU 5.2).
+    /// `max-connections` (optional; since QEMU 5.2).
     #[serde(rename = "max-connections", skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// `addr` (Since QEMU 4.2).
+    /// `addr` (since QEMU 4.2).
     pub addr: SocketAddress,
 }
 
@@ -9047,19 +9047,19 @@ pub struct NbdServerOptions {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerOptionsLegacy)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NbdServerOptionsLegacy {
-    /// `handshake-max-seconds` (optional; Since QEMU 10.0).
+    /// `handshake-max-seconds` (optional; since QEMU 10.0).
     #[serde(rename = "handshake-max-seconds", skip_serializing_if = "Option::is_none")]
     pub handshake_max_seconds: Option<u32>,
-    /// `tls-creds` (optional; Since QEMU 2.6).
+    /// `tls-creds` (optional; since QEMU 2.6).
     #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
-    /// `tls-authz` (optional; Since QEMU 4.0).
+    /// `tls-authz` (optional; since QEMU 4.0).
     #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
     pub tls_authz: Option<String>,
-    /// `max-connections` (optional; Since QEMU 5.2).
+    /// `max-connections` (optional; since QEMU 5.2).
     #[serde(rename = "max-connections", skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// `addr` (Since QEMU 1.3).
+    /// `addr` (since QEMU 1.3).
     pub addr: SocketAddressLegacy,
 }
 
@@ -9070,10 +9070,10 @@ pub struct NbdServerOptionsLegacy {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsNbdBase)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BlockExportOptionsNbdBase {
-    /// `name` (optional; Since QEMU 2.12).
+    /// `name` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `description` (optional; Since QEMU 5.0).
+    /// `description` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
@@ -9085,16 +9085,16 @@ pub struct BlockExportOptionsNbdBase {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsNbd)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BlockExportOptionsNbd {
-    /// `name` (optional; Since QEMU 2.12).
+    /// `name` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `description` (optional; Since QEMU 5.0).
+    /// `description` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// `bitmaps` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<Vec<BlockDirtyBitmapOrStr>>,
-    /// `allocation-depth` (optional; Since QEMU 5.2).
+    /// `allocation-depth` (optional; since QEMU 5.2).
     #[serde(rename = "allocation-depth", skip_serializing_if = "Option::is_none")]
     pub allocation_depth: Option<bool>,
 }
@@ -9176,7 +9176,7 @@ pub struct BlockExportOptionsFuse {
     /// `growable` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub growable: Option<bool>,
-    /// `allow-other` (optional; Since QEMU 6.1).
+    /// `allow-other` (optional; since QEMU 6.1).
     #[serde(rename = "allow-other", skip_serializing_if = "Option::is_none")]
     pub allow_other: Option<FuseExportAllowOther>,
 }
@@ -9211,10 +9211,10 @@ pub struct BlockExportOptionsVduseBlk {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerAddOptions)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NbdServerAddOptions {
-    /// `name` (optional; Since QEMU 2.12).
+    /// `name` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `description` (optional; Since QEMU 5.0).
+    /// `description` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// `device`.
@@ -9222,7 +9222,7 @@ pub struct NbdServerAddOptions {
     /// `writable` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writable: Option<bool>,
-    /// `bitmap` (optional; Since QEMU 4.0).
+    /// `bitmap` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
 }
@@ -9277,11 +9277,11 @@ crate::qapi_enum!(BlockExportRemoveMode);
 pub enum BlockExportType {
     /// `nbd`.
     Nbd,
-    /// `vhost-user-blk` (Since QEMU 5.2; Compiled in only where `CONFIG_VHOST_USER_BLK_SERVER` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `vhost-user-blk` (since QEMU 5.2; compiled in only where `CONFIG_VHOST_USER_BLK_SERVER` holds (it does in x86_64 system emulation as Debian builds it)).
     VhostUserBlk,
-    /// `fuse` (Compiled in only where `CONFIG_FUSE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `fuse` (compiled in only where `CONFIG_FUSE` holds (it does in x86_64 system emulation as Debian builds it)).
     Fuse,
-    /// `vduse-blk` (Since QEMU 7.1; Compiled in only where `CONFIG_VDUSE_BLK_EXPORT` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `vduse-blk` (since QEMU 7.1; compiled in only where `CONFIG_VDUSE_BLK_EXPORT` holds (it does in x86_64 system emulation as Debian builds it)).
     VduseBlk,
 }
 
@@ -9403,7 +9403,7 @@ pub struct ChardevInfo {
     pub label: String,
     /// `filename`.
     pub filename: String,
-    /// `frontend-open` (Since QEMU 2.1).
+    /// `frontend-open` (since QEMU 2.1).
     #[serde(rename = "frontend-open")]
     pub frontend_open: bool,
 }
@@ -9492,7 +9492,7 @@ pub struct ChardevFile {
     pub r#in: Option<String>,
     /// `out`.
     pub out: String,
-    /// `append` (optional; Since QEMU 2.6).
+    /// `append` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub append: Option<bool>,
 }
@@ -9529,10 +9529,10 @@ pub struct ChardevSocket {
     pub logappend: Option<bool>,
     /// `addr`.
     pub addr: SocketAddressLegacy,
-    /// `tls-creds` (optional; Since QEMU 2.6).
+    /// `tls-creds` (optional; since QEMU 2.6).
     #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
-    /// `tls-authz` (optional; Since QEMU 4.0).
+    /// `tls-authz` (optional; since QEMU 4.0).
     #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
     pub tls_authz: Option<String>,
     /// `server` (optional).
@@ -9553,7 +9553,7 @@ pub struct ChardevSocket {
     /// `websocket` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub websocket: Option<bool>,
-    /// `reconnect` (optional; Features: `deprecated`).
+    /// `reconnect` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub reconnect: Option<i64>,
@@ -9778,47 +9778,47 @@ pub struct ChardevPty {
 pub enum ChardevBackendKind {
     /// `file`.
     File,
-    /// `serial` (Compiled in only where `HAVE_CHARDEV_SERIAL` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `serial` (compiled in only where `HAVE_CHARDEV_SERIAL` holds (it does in x86_64 system emulation as Debian builds it)).
     Serial,
-    /// `parallel` (Compiled in only where `HAVE_CHARDEV_PARALLEL` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `parallel` (compiled in only where `HAVE_CHARDEV_PARALLEL` holds (it does in x86_64 system emulation as Debian builds it)).
     Parallel,
-    /// `pipe` (Since QEMU 1.5).
+    /// `pipe` (since QEMU 1.5).
     Pipe,
     /// `socket`.
     Socket,
-    /// `udp` (Since QEMU 1.5).
+    /// `udp` (since QEMU 1.5).
     Udp,
     /// `pty`.
     Pty,
     /// `null`.
     Null,
-    /// `mux` (Since QEMU 1.5).
+    /// `mux` (since QEMU 1.5).
     Mux,
-    /// `hub` (Since QEMU 10.0).
+    /// `hub` (since QEMU 10.0).
     Hub,
-    /// `msmouse` (Since QEMU 1.5).
+    /// `msmouse` (since QEMU 1.5).
     Msmouse,
-    /// `wctablet` (Since QEMU 2.9).
+    /// `wctablet` (since QEMU 2.9).
     Wctablet,
-    /// `braille` (Since QEMU 1.5; Compiled in only where `CONFIG_BRLAPI` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `braille` (since QEMU 1.5; compiled in only where `CONFIG_BRLAPI` holds (it does in x86_64 system emulation as Debian builds it)).
     Braille,
-    /// `testdev` (Since QEMU 2.2).
+    /// `testdev` (since QEMU 2.2).
     Testdev,
-    /// `stdio` (Since QEMU 1.5).
+    /// `stdio` (since QEMU 1.5).
     Stdio,
-    /// `spicevmc` (Since QEMU 1.5; Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `spicevmc` (since QEMU 1.5; compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
     Spicevmc,
-    /// `spiceport` (Since QEMU 1.5; Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `spiceport` (since QEMU 1.5; compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
     Spiceport,
-    /// `qemu-vdagent` (Since QEMU 6.1; Compiled in only where `CONFIG_SPICE_PROTOCOL` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `qemu-vdagent` (since QEMU 6.1; compiled in only where `CONFIG_SPICE_PROTOCOL` holds (it does in x86_64 system emulation as Debian builds it)).
     QemuVdagent,
-    /// `dbus` (Since QEMU 7.0; Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `dbus` (since QEMU 7.0; compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
     Dbus,
-    /// `vc` (Since QEMU 1.5).
+    /// `vc` (since QEMU 1.5).
     Vc,
-    /// `ringbuf` (Since QEMU 1.6).
+    /// `ringbuf` (since QEMU 1.6).
     Ringbuf,
-    /// `memory` (Since QEMU 1.5; Features: `deprecated`).
+    /// `memory` (since QEMU 1.5; features: `deprecated`).
     #[deprecated(note = "QEMU deprecates this value")]
     Memory,
 }
@@ -10182,13 +10182,13 @@ pub enum DumpGuestMemoryFormat {
     KdumpLzo,
     /// `kdump-snappy`.
     KdumpSnappy,
-    /// `kdump-raw-zlib` (Since QEMU 8.2).
+    /// `kdump-raw-zlib` (since QEMU 8.2).
     KdumpRawZlib,
-    /// `kdump-raw-lzo` (Since QEMU 8.2).
+    /// `kdump-raw-lzo` (since QEMU 8.2).
     KdumpRawLzo,
-    /// `kdump-raw-snappy` (Since QEMU 8.2).
+    /// `kdump-raw-snappy` (since QEMU 8.2).
     KdumpRawSnappy,
-    /// `win-dmp` (Since QEMU 2.13).
+    /// `win-dmp` (since QEMU 2.13).
     WinDmp,
 }
 
@@ -10367,10 +10367,10 @@ pub struct NetdevUserOptions {
     /// `restrict` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restrict: Option<bool>,
-    /// `ipv4` (optional; Since QEMU 2.6).
+    /// `ipv4` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<bool>,
-    /// `ipv6` (optional; Since QEMU 2.6).
+    /// `ipv6` (optional; since QEMU 2.6).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<bool>,
     /// `ip` (optional).
@@ -10397,19 +10397,19 @@ pub struct NetdevUserOptions {
     /// `dnssearch` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dnssearch: Option<Vec<QapiString>>,
-    /// `domainname` (optional; Since QEMU 3.0).
+    /// `domainname` (optional; since QEMU 3.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domainname: Option<String>,
-    /// `ipv6-prefix` (optional; Since QEMU 2.6).
+    /// `ipv6-prefix` (optional; since QEMU 2.6).
     #[serde(rename = "ipv6-prefix", skip_serializing_if = "Option::is_none")]
     pub ipv6_prefix: Option<String>,
-    /// `ipv6-prefixlen` (optional; Since QEMU 2.6).
+    /// `ipv6-prefixlen` (optional; since QEMU 2.6).
     #[serde(rename = "ipv6-prefixlen", skip_serializing_if = "Option::is_none")]
     pub ipv6_prefixlen: Option<i64>,
-    /// `ipv6-host` (optional; Since QEMU 2.6).
+    /// `ipv6-host` (optional; since QEMU 2.6).
     #[serde(rename = "ipv6-host", skip_serializing_if = "Option::is_none")]
     pub ipv6_host: Option<String>,
-    /// `ipv6-dns` (optional; Since QEMU 2.6).
+    /// `ipv6-dns` (optional; since QEMU 2.6).
     #[serde(rename = "ipv6-dns", skip_serializing_if = "Option::is_none")]
     pub ipv6_dns: Option<String>,
     /// `smb` (optional).
@@ -10424,7 +10424,7 @@ pub struct NetdevUserOptions {
     /// `guestfwd` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guestfwd: Option<Vec<QapiString>>,
-    /// `tftp-server-name` (optional; Since QEMU 3.1).
+    /// `tftp-server-name` (optional; since QEMU 3.1).
     #[serde(rename = "tftp-server-name", skip_serializing_if = "Option::is_none")]
     pub tftp_server_name: Option<String>,
 }
@@ -10451,7 +10451,7 @@ pub struct NetdevTapOptions {
     /// `downscript` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downscript: Option<String>,
-    /// `br` (optional; Since QEMU 2.8).
+    /// `br` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub br: Option<String>,
     /// `helper` (optional).
@@ -10478,7 +10478,7 @@ pub struct NetdevTapOptions {
     /// `queues` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<u32>,
-    /// `poll-us` (optional; Since QEMU 2.7).
+    /// `poll-us` (optional; since QEMU 2.7).
     #[serde(rename = "poll-us", skip_serializing_if = "Option::is_none")]
     pub poll_us: Option<u32>,
 }
@@ -10603,7 +10603,7 @@ pub struct NetdevBridgeOptions {
 pub struct NetdevHubPortOptions {
     /// `hubid`.
     pub hubid: i32,
-    /// `netdev` (optional; Since QEMU 2.12).
+    /// `netdev` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netdev: Option<String>,
 }
@@ -10634,7 +10634,7 @@ pub struct NetdevVhostUserOptions {
     /// `vhostforce` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vhostforce: Option<bool>,
-    /// `queues` (optional; Since QEMU 2.5).
+    /// `queues` (optional; since QEMU 2.5).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<i64>,
 }
@@ -10655,7 +10655,7 @@ pub struct NetdevVhostVDPAOptions {
     /// `queues` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<i64>,
-    /// `x-svq` (optional; Since QEMU 7.1; Features: `unstable`).
+    /// `x-svq` (optional; since QEMU 7.1; features: `unstable`).
     #[serde(rename = "x-svq", skip_serializing_if = "Option::is_none")]
     pub x_svq: Option<bool>,
 }
@@ -10672,7 +10672,7 @@ pub struct NetdevStreamOptions {
     /// `server` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<bool>,
-    /// `reconnect` (optional; Since QEMU 8.0; Features: `deprecated`).
+    /// `reconnect` (optional; since QEMU 8.0; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub reconnect: Option<i64>,
@@ -10922,7 +10922,7 @@ pub struct RxFilterInfo {
     pub multicast: RxState,
     /// `unicast`.
     pub unicast: RxState,
-    /// `vlan` (Since QEMU 2.0).
+    /// `vlan` (since QEMU 2.0).
     pub vlan: RxState,
     /// `broadcast-allowed`.
     #[serde(rename = "broadcast-allowed")]
@@ -10962,10 +10962,10 @@ pub struct AnnounceParameters {
     pub rounds: i64,
     /// `step`.
     pub step: i64,
-    /// `interfaces` (optional; Since QEMU 4.1).
+    /// `interfaces` (optional; since QEMU 4.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interfaces: Option<Vec<String>>,
-    /// `id` (optional; Since QEMU 4.1).
+    /// `id` (optional; since QEMU 4.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
@@ -11306,9 +11306,9 @@ pub struct RockerOfDpaGroup {
 pub enum TpmModel {
     /// `tpm-tis`.
     TpmTis,
-    /// `tpm-crb` (Since QEMU 2.12).
+    /// `tpm-crb` (since QEMU 2.12).
     TpmCrb,
-    /// `tpm-spapr` (Since QEMU 5.0).
+    /// `tpm-spapr` (since QEMU 5.0).
     TpmSpapr,
 }
 
@@ -11350,7 +11350,7 @@ crate::qapi_enum!(TpmModel);
 pub enum TpmType {
     /// `passthrough`.
     Passthrough,
-    /// `emulator` (Since QEMU 2.11).
+    /// `emulator` (since QEMU 2.11).
     Emulator,
 }
 
@@ -11787,7 +11787,7 @@ crate::qapi_enum!(SpiceQueryMouseMode);
 pub struct SpiceInfo {
     /// `enabled`.
     pub enabled: bool,
-    /// `migrated` (Since QEMU 1.4).
+    /// `migrated` (since QEMU 1.4).
     pub migrated: bool,
     /// `host` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -11825,7 +11825,7 @@ pub struct VncBasicInfo {
     pub service: String,
     /// `family`.
     pub family: NetworkAddressFamily,
-    /// `websocket` (Since QEMU 2.3).
+    /// `websocket` (since QEMU 2.3).
     pub websocket: bool,
 }
 
@@ -11842,7 +11842,7 @@ pub struct VncServerInfo {
     pub service: String,
     /// `family`.
     pub family: NetworkAddressFamily,
-    /// `websocket` (Since QEMU 2.3).
+    /// `websocket` (since QEMU 2.3).
     pub websocket: bool,
     /// `auth` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -11862,7 +11862,7 @@ pub struct VncClientInfo {
     pub service: String,
     /// `family`.
     pub family: NetworkAddressFamily,
-    /// `websocket` (Since QEMU 2.3).
+    /// `websocket` (since QEMU 2.3).
     pub websocket: bool,
     /// `x509_dname` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -12067,7 +12067,7 @@ pub struct VncServerInfo2 {
     pub service: String,
     /// `family`.
     pub family: NetworkAddressFamily,
-    /// `websocket` (Since QEMU 2.3).
+    /// `websocket` (since QEMU 2.3).
     pub websocket: bool,
     /// `auth`.
     pub auth: VncPrimaryAuth,
@@ -13054,15 +13054,15 @@ pub enum InputButton {
     WheelUp,
     /// `wheel-down`.
     WheelDown,
-    /// `side` (Since QEMU 2.9).
+    /// `side` (since QEMU 2.9).
     Side,
-    /// `extra` (Since QEMU 2.9).
+    /// `extra` (since QEMU 2.9).
     Extra,
     /// `wheel-left`.
     WheelLeft,
     /// `wheel-right`.
     WheelRight,
-    /// `touch` (Since QEMU 8.1).
+    /// `touch` (since QEMU 8.1).
     Touch,
 }
 
@@ -13414,13 +13414,13 @@ pub struct DisplayGTK {
     /// `grab-on-hover` (optional).
     #[serde(rename = "grab-on-hover", skip_serializing_if = "Option::is_none")]
     pub grab_on_hover: Option<bool>,
-    /// `zoom-to-fit` (optional; Since QEMU 3.1).
+    /// `zoom-to-fit` (optional; since QEMU 3.1).
     #[serde(rename = "zoom-to-fit", skip_serializing_if = "Option::is_none")]
     pub zoom_to_fit: Option<bool>,
-    /// `show-tabs` (optional; Since QEMU 7.1).
+    /// `show-tabs` (optional; since QEMU 7.1).
     #[serde(rename = "show-tabs", skip_serializing_if = "Option::is_none")]
     pub show_tabs: Option<bool>,
-    /// `show-menubar` (optional; Since QEMU 8.0).
+    /// `show-menubar` (optional; since QEMU 8.0).
     #[serde(rename = "show-menubar", skip_serializing_if = "Option::is_none")]
     pub show_menubar: Option<bool>,
 }
@@ -13539,10 +13539,10 @@ pub struct DisplayCocoa {
     /// `swap-opt-cmd` (optional).
     #[serde(rename = "swap-opt-cmd", skip_serializing_if = "Option::is_none")]
     pub swap_opt_cmd: Option<bool>,
-    /// `zoom-to-fit` (optional; Since QEMU 8.2).
+    /// `zoom-to-fit` (optional; since QEMU 8.2).
     #[serde(rename = "zoom-to-fit", skip_serializing_if = "Option::is_none")]
     pub zoom_to_fit: Option<bool>,
-    /// `zoom-interpolation` (optional; Since QEMU 9.0).
+    /// `zoom-interpolation` (optional; since QEMU 9.0).
     #[serde(rename = "zoom-interpolation", skip_serializing_if = "Option::is_none")]
     pub zoom_interpolation: Option<bool>,
 }
@@ -13615,17 +13615,17 @@ pub enum DisplayType {
     Default,
     /// `none`.
     None,
-    /// `gtk` (Compiled in only where `CONFIG_GTK` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `gtk` (compiled in only where `CONFIG_GTK` holds (it does in x86_64 system emulation as Debian builds it)).
     Gtk,
-    /// `sdl` (Compiled in only where `CONFIG_SDL` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `sdl` (compiled in only where `CONFIG_SDL` holds (it does in x86_64 system emulation as Debian builds it)).
     Sdl,
-    /// `egl-headless` (Since QEMU 3.1; Compiled in only where `CONFIG_OPENGL` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `egl-headless` (since QEMU 3.1; compiled in only where `CONFIG_OPENGL` holds (it does in x86_64 system emulation as Debian builds it)).
     EglHeadless,
-    /// `curses` (Compiled in only where `CONFIG_CURSES` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `curses` (compiled in only where `CONFIG_CURSES` holds (it does in x86_64 system emulation as Debian builds it)).
     Curses,
-    /// `spice-app` (Since QEMU 4.0; Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `spice-app` (since QEMU 4.0; compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
     SpiceApp,
-    /// `dbus` (Since QEMU 7.0; Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `dbus` (since QEMU 7.0; compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
     Dbus,
 }
 
@@ -14028,43 +14028,43 @@ pub struct MigrationStats {
     pub remaining: i64,
     /// `total`.
     pub total: i64,
-    /// `duplicate` (Since QEMU 1.2).
+    /// `duplicate` (since QEMU 1.2).
     pub duplicate: i64,
-    /// `normal` (Since QEMU 1.2).
+    /// `normal` (since QEMU 1.2).
     pub normal: i64,
-    /// `normal-bytes` (Since QEMU 1.2).
+    /// `normal-bytes` (since QEMU 1.2).
     #[serde(rename = "normal-bytes")]
     pub normal_bytes: i64,
-    /// `dirty-pages-rate` (Since QEMU 1.3).
+    /// `dirty-pages-rate` (since QEMU 1.3).
     #[serde(rename = "dirty-pages-rate")]
     pub dirty_pages_rate: i64,
-    /// `mbps` (Since QEMU 1.6).
+    /// `mbps` (since QEMU 1.6).
     pub mbps: f64,
-    /// `dirty-sync-count` (Since QEMU 2.1).
+    /// `dirty-sync-count` (since QEMU 2.1).
     #[serde(rename = "dirty-sync-count")]
     pub dirty_sync_count: i64,
-    /// `postcopy-requests` (Since QEMU 2.7).
+    /// `postcopy-requests` (since QEMU 2.7).
     #[serde(rename = "postcopy-requests")]
     pub postcopy_requests: i64,
-    /// `page-size` (Since QEMU 2.10).
+    /// `page-size` (since QEMU 2.10).
     #[serde(rename = "page-size")]
     pub page_size: i64,
-    /// `multifd-bytes` (Since QEMU 3.0).
+    /// `multifd-bytes` (since QEMU 3.0).
     #[serde(rename = "multifd-bytes")]
     pub multifd_bytes: u64,
-    /// `pages-per-second` (Since QEMU 4.0).
+    /// `pages-per-second` (since QEMU 4.0).
     #[serde(rename = "pages-per-second")]
     pub pages_per_second: u64,
-    /// `precopy-bytes` (Since QEMU 7.0).
+    /// `precopy-bytes` (since QEMU 7.0).
     #[serde(rename = "precopy-bytes")]
     pub precopy_bytes: u64,
-    /// `downtime-bytes` (Since QEMU 7.0).
+    /// `downtime-bytes` (since QEMU 7.0).
     #[serde(rename = "downtime-bytes")]
     pub downtime_bytes: u64,
-    /// `postcopy-bytes` (Since QEMU 7.0).
+    /// `postcopy-bytes` (since QEMU 7.0).
     #[serde(rename = "postcopy-bytes")]
     pub postcopy_bytes: u64,
-    /// `dirty-sync-missed-zero-copy` (Since QEMU 7.1).
+    /// `dirty-sync-missed-zero-copy` (since QEMU 7.1).
     #[serde(rename = "dirty-sync-missed-zero-copy")]
     pub dirty_sync_missed_zero_copy: u64,
 }
@@ -14086,10 +14086,10 @@ pub struct XBZRLECacheStats {
     /// `cache-miss`.
     #[serde(rename = "cache-miss")]
     pub cache_miss: i64,
-    /// `cache-miss-rate` (Since QEMU 2.1).
+    /// `cache-miss-rate` (since QEMU 2.1).
     #[serde(rename = "cache-miss-rate")]
     pub cache_miss_rate: f64,
-    /// `encoding-rate` (Since QEMU 5.1).
+    /// `encoding-rate` (since QEMU 5.1).
     #[serde(rename = "encoding-rate")]
     pub encoding_rate: f64,
     /// `overflow`.
@@ -14135,25 +14135,25 @@ pub enum MigrationStatus {
     Cancelled,
     /// `active`.
     Active,
-    /// `postcopy-active` (Since QEMU 2.5).
+    /// `postcopy-active` (since QEMU 2.5).
     PostcopyActive,
-    /// `postcopy-paused` (Since QEMU 3.0).
+    /// `postcopy-paused` (since QEMU 3.0).
     PostcopyPaused,
-    /// `postcopy-recover-setup` (Since QEMU 9.1).
+    /// `postcopy-recover-setup` (since QEMU 9.1).
     PostcopyRecoverSetup,
-    /// `postcopy-recover` (Since QEMU 3.0).
+    /// `postcopy-recover` (since QEMU 3.0).
     PostcopyRecover,
     /// `completed`.
     Completed,
     /// `failed`.
     Failed,
-    /// `colo` (Since QEMU 2.8).
+    /// `colo` (since QEMU 2.8).
     Colo,
-    /// `pre-switchover` (Since QEMU 2.11).
+    /// `pre-switchover` (since QEMU 2.11).
     PreSwitchover,
-    /// `device` (Since QEMU 2.11).
+    /// `device` (since QEMU 2.11).
     Device,
-    /// `wait-unplug` (Since QEMU 4.2).
+    /// `wait-unplug` (since QEMU 4.2).
     WaitUnplug,
 }
 
@@ -14247,52 +14247,52 @@ pub struct MigrationInfo {
     /// `status` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<MigrationStatus>,
-    /// `ram` (optional; Since QEMU 1.2).
+    /// `ram` (optional; since QEMU 1.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ram: Option<MigrationStats>,
-    /// `vfio` (optional; Since QEMU 5.2).
+    /// `vfio` (optional; since QEMU 5.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vfio: Option<VfioStats>,
-    /// `xbzrle-cache` (optional; Since QEMU 1.2).
+    /// `xbzrle-cache` (optional; since QEMU 1.2).
     #[serde(rename = "xbzrle-cache", skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache: Option<XBZRLECacheStats>,
-    /// `total-time` (optional; Since QEMU 1.2).
+    /// `total-time` (optional; since QEMU 1.2).
     #[serde(rename = "total-time", skip_serializing_if = "Option::is_none")]
     pub total_time: Option<i64>,
-    /// `expected-downtime` (optional; Since QEMU 1.3).
+    /// `expected-downtime` (optional; since QEMU 1.3).
     #[serde(rename = "expected-downtime", skip_serializing_if = "Option::is_none")]
     pub expected_downtime: Option<i64>,
-    /// `downtime` (optional; Since QEMU 1.3).
+    /// `downtime` (optional; since QEMU 1.3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime: Option<i64>,
-    /// `setup-time` (optional; Since QEMU 1.6).
+    /// `setup-time` (optional; since QEMU 1.6).
     #[serde(rename = "setup-time", skip_serializing_if = "Option::is_none")]
     pub setup_time: Option<i64>,
-    /// `cpu-throttle-percentage` (optional; Since QEMU 2.7).
+    /// `cpu-throttle-percentage` (optional; since QEMU 2.7).
     #[serde(rename = "cpu-throttle-percentage", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_percentage: Option<i64>,
-    /// `error-desc` (optional; Since QEMU 2.7).
+    /// `error-desc` (optional; since QEMU 2.7).
     #[serde(rename = "error-desc", skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
-    /// `blocked-reasons` (optional; Since QEMU 6.0).
+    /// `blocked-reasons` (optional; since QEMU 6.0).
     #[serde(rename = "blocked-reasons", skip_serializing_if = "Option::is_none")]
     pub blocked_reasons: Option<Vec<String>>,
-    /// `postcopy-blocktime` (optional; Since QEMU 3.0).
+    /// `postcopy-blocktime` (optional; since QEMU 3.0).
     #[serde(rename = "postcopy-blocktime", skip_serializing_if = "Option::is_none")]
     pub postcopy_blocktime: Option<u32>,
-    /// `postcopy-vcpu-blocktime` (optional; Since QEMU 3.0).
+    /// `postcopy-vcpu-blocktime` (optional; since QEMU 3.0).
     #[serde(rename = "postcopy-vcpu-blocktime", skip_serializing_if = "Option::is_none")]
     pub postcopy_vcpu_blocktime: Option<Vec<u32>>,
-    /// `socket-address` (optional; Since QEMU 4.0).
+    /// `socket-address` (optional; since QEMU 4.0).
     #[serde(rename = "socket-address", skip_serializing_if = "Option::is_none")]
     pub socket_address: Option<Vec<SocketAddress>>,
-    /// `dirty-limit-throttle-time-per-round` (optional; Since QEMU 8.1).
+    /// `dirty-limit-throttle-time-per-round` (optional; since QEMU 8.1).
     #[serde(
         rename = "dirty-limit-throttle-time-per-round",
         skip_serializing_if = "Option::is_none"
     )]
     pub dirty_limit_throttle_time_per_round: Option<u64>,
-    /// `dirty-limit-ring-full-time` (optional; Since QEMU 8.1).
+    /// `dirty-limit-ring-full-time` (optional; since QEMU 8.1).
     #[serde(
         rename = "dirty-limit-ring-full-time",
         skip_serializing_if = "Option::is_none"
@@ -14309,48 +14309,48 @@ pub struct MigrationInfo {
 pub enum MigrationCapability {
     /// `xbzrle`.
     Xbzrle,
-    /// `rdma-pin-all` (Since QEMU 2.0).
+    /// `rdma-pin-all` (since QEMU 2.0).
     RdmaPinAll,
-    /// `auto-converge` (Since QEMU 1.6).
+    /// `auto-converge` (since QEMU 1.6).
     AutoConverge,
-    /// `zero-blocks` (Since QEMU 1.6; Features: `deprecated`).
+    /// `zero-blocks` (since QEMU 1.6; features: `deprecated`).
     #[deprecated(note = "QEMU deprecates this value")]
     ZeroBlocks,
-    /// `events` (Since QEMU 2.4).
+    /// `events` (since QEMU 2.4).
     Events,
-    /// `postcopy-ram` (Since QEMU 2.6).
+    /// `postcopy-ram` (since QEMU 2.6).
     PostcopyRam,
-    /// `x-colo` (Since QEMU 2.8; Features: `unstable`).
+    /// `x-colo` (since QEMU 2.8; features: `unstable`).
     XColo,
-    /// `release-ram` (Since QEMU 2.9).
+    /// `release-ram` (since QEMU 2.9).
     ReleaseRam,
-    /// `return-path` (Since QEMU 2.10).
+    /// `return-path` (since QEMU 2.10).
     ReturnPath,
-    /// `pause-before-switchover` (Since QEMU 2.11).
+    /// `pause-before-switchover` (since QEMU 2.11).
     PauseBeforeSwitchover,
-    /// `multifd` (Since QEMU 4.0).
+    /// `multifd` (since QEMU 4.0).
     Multifd,
-    /// `dirty-bitmaps` (Since QEMU 2.12).
+    /// `dirty-bitmaps` (since QEMU 2.12).
     DirtyBitmaps,
-    /// `postcopy-blocktime` (Since QEMU 3.0).
+    /// `postcopy-blocktime` (since QEMU 3.0).
     PostcopyBlocktime,
-    /// `late-block-activate` (Since QEMU 3.0).
+    /// `late-block-activate` (since QEMU 3.0).
     LateBlockActivate,
-    /// `x-ignore-shared` (Since QEMU 4.0; Features: `unstable`).
+    /// `x-ignore-shared` (since QEMU 4.0; features: `unstable`).
     XIgnoreShared,
-    /// `validate-uuid` (Since QEMU 4.2).
+    /// `validate-uuid` (since QEMU 4.2).
     ValidateUuid,
-    /// `background-snapshot` (Since QEMU 6.0).
+    /// `background-snapshot` (since QEMU 6.0).
     BackgroundSnapshot,
-    /// `zero-copy-send` (Since QEMU 7.1).
+    /// `zero-copy-send` (since QEMU 7.1).
     ZeroCopySend,
-    /// `postcopy-preempt` (Since QEMU 7.1).
+    /// `postcopy-preempt` (since QEMU 7.1).
     PostcopyPreempt,
-    /// `switchover-ack` (Since QEMU 8.1).
+    /// `switchover-ack` (since QEMU 8.1).
     SwitchoverAck,
-    /// `dirty-limit` (Since QEMU 8.1).
+    /// `dirty-limit` (since QEMU 8.1).
     DirtyLimit,
-    /// `mapped-ram` (Since QEMU 9.0).
+    /// `mapped-ram` (since QEMU 9.0).
     MappedRam,
 }
 
@@ -14468,7 +14468,7 @@ pub enum MultiFDCompression {
     None,
     /// `zlib`.
     Zlib,
-    /// `zstd` (Compiled in only where `CONFIG_ZSTD` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `zstd` (compiled in only where `CONFIG_ZSTD` holds (it does in x86_64 system emulation as Debian builds it)).
     Zstd,
 }
 
@@ -14510,7 +14510,7 @@ crate::qapi_enum!(MultiFDCompression);
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigMode)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigMode {
-    /// `normal` (Since QEMU 8.2).
+    /// `normal` (since QEMU 8.2).
     Normal,
     /// `cpr-reboot`.
     CprReboot,
@@ -14618,7 +14618,7 @@ pub struct BitmapMigrationBitmapAlias {
     pub name: String,
     /// `alias`.
     pub alias: String,
-    /// `transform` (optional; Since QEMU 6.0).
+    /// `transform` (optional; since QEMU 6.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transform: Option<BitmapMigrationBitmapAliasTransform>,
 }
@@ -14646,63 +14646,63 @@ pub struct BitmapMigrationNodeAlias {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#enum-QMP-migration.MigrationParameter)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MigrationParameter {
-    /// `announce-initial` (Since QEMU 4.0).
+    /// `announce-initial` (since QEMU 4.0).
     AnnounceInitial,
-    /// `announce-max` (Since QEMU 4.0).
+    /// `announce-max` (since QEMU 4.0).
     AnnounceMax,
-    /// `announce-rounds` (Since QEMU 4.0).
+    /// `announce-rounds` (since QEMU 4.0).
     AnnounceRounds,
-    /// `announce-step` (Since QEMU 4.0).
+    /// `announce-step` (since QEMU 4.0).
     AnnounceStep,
-    /// `throttle-trigger-threshold` (Since QEMU 5.0).
+    /// `throttle-trigger-threshold` (since QEMU 5.0).
     ThrottleTriggerThreshold,
-    /// `cpu-throttle-initial` (Since QEMU 2.7).
+    /// `cpu-throttle-initial` (since QEMU 2.7).
     CpuThrottleInitial,
-    /// `cpu-throttle-increment` (Since QEMU 2.7).
+    /// `cpu-throttle-increment` (since QEMU 2.7).
     CpuThrottleIncrement,
-    /// `cpu-throttle-tailslow` (Since QEMU 5.1).
+    /// `cpu-throttle-tailslow` (since QEMU 5.1).
     CpuThrottleTailslow,
-    /// `tls-creds` (Since QEMU 2.7).
+    /// `tls-creds` (since QEMU 2.7).
     TlsCreds,
-    /// `tls-hostname` (Since QEMU 2.7).
+    /// `tls-hostname` (since QEMU 2.7).
     TlsHostname,
-    /// `tls-authz` (Since QEMU 4.0).
+    /// `tls-authz` (since QEMU 4.0).
     TlsAuthz,
-    /// `max-bandwidth` (Since QEMU 2.8).
+    /// `max-bandwidth` (since QEMU 2.8).
     MaxBandwidth,
-    /// `avail-switchover-bandwidth` (Since QEMU 8.2).
+    /// `avail-switchover-bandwidth` (since QEMU 8.2).
     AvailSwitchoverBandwidth,
-    /// `downtime-limit` (Since QEMU 2.8).
+    /// `downtime-limit` (since QEMU 2.8).
     DowntimeLimit,
-    /// `x-checkpoint-delay` (Since QEMU 2.8; Features: `unstable`).
+    /// `x-checkpoint-delay` (since QEMU 2.8; features: `unstable`).
     XCheckpointDelay,
-    /// `multifd-channels` (Since QEMU 4.0).
+    /// `multifd-channels` (since QEMU 4.0).
     MultifdChannels,
-    /// `xbzrle-cache-size` (Since QEMU 2.11).
+    /// `xbzrle-cache-size` (since QEMU 2.11).
     XbzrleCacheSize,
-    /// `max-postcopy-bandwidth` (Since QEMU 3.0).
+    /// `max-postcopy-bandwidth` (since QEMU 3.0).
     MaxPostcopyBandwidth,
-    /// `max-cpu-throttle` (Since QEMU 3.1).
+    /// `max-cpu-throttle` (since QEMU 3.1).
     MaxCpuThrottle,
-    /// `multifd-compression` (Since QEMU 5.0).
+    /// `multifd-compression` (since QEMU 5.0).
     MultifdCompression,
-    /// `multifd-zlib-level` (Since QEMU 5.0).
+    /// `multifd-zlib-level` (since QEMU 5.0).
     MultifdZlibLevel,
-    /// `multifd-zstd-level` (Since QEMU 5.0).
+    /// `multifd-zstd-level` (since QEMU 5.0).
     MultifdZstdLevel,
-    /// `multifd-qatzip-level` (Since QEMU 9.2).
+    /// `multifd-qatzip-level` (since QEMU 9.2).
     MultifdQatzipLevel,
-    /// `block-bitmap-mapping` (Since QEMU 5.2).
+    /// `block-bitmap-mapping` (since QEMU 5.2).
     BlockBitmapMapping,
-    /// `x-vcpu-dirty-limit-period` (Since QEMU 8.1; Features: `unstable`).
+    /// `x-vcpu-dirty-limit-period` (since QEMU 8.1; features: `unstable`).
     XVcpuDirtyLimitPeriod,
-    /// `vcpu-dirty-limit` (Since QEMU 8.1).
+    /// `vcpu-dirty-limit` (since QEMU 8.1).
     VcpuDirtyLimit,
-    /// `mode` (Since QEMU 8.2).
+    /// `mode` (since QEMU 8.2).
     Mode,
-    /// `zero-page-detection` (Since QEMU 9.0).
+    /// `zero-page-detection` (since QEMU 9.0).
     ZeroPageDetection,
-    /// `direct-io` (Since QEMU 9.1).
+    /// `direct-io` (since QEMU 9.1).
     DirectIo,
 }
 
@@ -14824,34 +14824,34 @@ crate::qapi_enum!(MigrationParameter);
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrateSetParameters)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrateSetParameters {
-    /// `announce-initial` (optional; Since QEMU 4.0).
+    /// `announce-initial` (optional; since QEMU 4.0).
     #[serde(rename = "announce-initial", skip_serializing_if = "Option::is_none")]
     pub announce_initial: Option<u64>,
-    /// `announce-max` (optional; Since QEMU 4.0).
+    /// `announce-max` (optional; since QEMU 4.0).
     #[serde(rename = "announce-max", skip_serializing_if = "Option::is_none")]
     pub announce_max: Option<u64>,
-    /// `announce-rounds` (optional; Since QEMU 4.0).
+    /// `announce-rounds` (optional; since QEMU 4.0).
     #[serde(rename = "announce-rounds", skip_serializing_if = "Option::is_none")]
     pub announce_rounds: Option<u64>,
-    /// `announce-step` (optional; Since QEMU 4.0).
+    /// `announce-step` (optional; since QEMU 4.0).
     #[serde(rename = "announce-step", skip_serializing_if = "Option::is_none")]
     pub announce_step: Option<u64>,
-    /// `throttle-trigger-threshold` (optional; Since QEMU 5.0).
+    /// `throttle-trigger-threshold` (optional; since QEMU 5.0).
     #[serde(
         rename = "throttle-trigger-threshold",
         skip_serializing_if = "Option::is_none"
     )]
     pub throttle_trigger_threshold: Option<u8>,
-    /// `cpu-throttle-initial` (optional; Since QEMU 2.7).
+    /// `cpu-throttle-initial` (optional; since QEMU 2.7).
     #[serde(rename = "cpu-throttle-initial", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_initial: Option<u8>,
-    /// `cpu-throttle-increment` (optional; Since QEMU 2.7).
+    /// `cpu-throttle-increment` (optional; since QEMU 2.7).
     #[serde(rename = "cpu-throttle-increment", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_increment: Option<u8>,
-    /// `cpu-throttle-tailslow` (optional; Since QEMU 5.1).
+    /// `cpu-throttle-tailslow` (optional; since QEMU 5.1).
     #[serde(rename = "cpu-throttle-tailslow", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_tailslow: Option<bool>,
-    /// `tls-creds` (optional; Since QEMU 2.7).
+    /// `tls-creds` (optional; since QEMU 2.7).
     #[serde(
         rename = "tls-creds",
         default,
@@ -14859,7 +14859,7 @@ pub struct MigrateSetParameters {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_creds: Option<StrOrNull>,
-    /// `tls-hostname` (optional; Since QEMU 2.7).
+    /// `tls-hostname` (optional; since QEMU 2.7).
     #[serde(
         rename = "tls-hostname",
         default,
@@ -14867,7 +14867,7 @@ pub struct MigrateSetParameters {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_hostname: Option<StrOrNull>,
-    /// `tls-authz` (optional; Since QEMU 4.0).
+    /// `tls-authz` (optional; since QEMU 4.0).
     #[serde(
         rename = "tls-authz",
         default,
@@ -14875,61 +14875,61 @@ pub struct MigrateSetParameters {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_authz: Option<StrOrNull>,
-    /// `max-bandwidth` (optional; Since QEMU 2.8).
+    /// `max-bandwidth` (optional; since QEMU 2.8).
     #[serde(rename = "max-bandwidth", skip_serializing_if = "Option::is_none")]
     pub max_bandwidth: Option<u64>,
-    /// `avail-switchover-bandwidth` (optional; Since QEMU 8.2).
+    /// `avail-switchover-bandwidth` (optional; since QEMU 8.2).
     #[serde(
         rename = "avail-switchover-bandwidth",
         skip_serializing_if = "Option::is_none"
     )]
     pub avail_switchover_bandwidth: Option<u64>,
-    /// `downtime-limit` (optional; Since QEMU 2.8).
+    /// `downtime-limit` (optional; since QEMU 2.8).
     #[serde(rename = "downtime-limit", skip_serializing_if = "Option::is_none")]
     pub downtime_limit: Option<u64>,
-    /// `x-checkpoint-delay` (optional; Since QEMU 2.8; Features: `unstable`).
+    /// `x-checkpoint-delay` (optional; since QEMU 2.8; features: `unstable`).
     #[serde(rename = "x-checkpoint-delay", skip_serializing_if = "Option::is_none")]
     pub x_checkpoint_delay: Option<u32>,
-    /// `multifd-channels` (optional; Since QEMU 4.0).
+    /// `multifd-channels` (optional; since QEMU 4.0).
     #[serde(rename = "multifd-channels", skip_serializing_if = "Option::is_none")]
     pub multifd_channels: Option<u8>,
-    /// `xbzrle-cache-size` (optional; Since QEMU 2.11).
+    /// `xbzrle-cache-size` (optional; since QEMU 2.11).
     #[serde(rename = "xbzrle-cache-size", skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_size: Option<u64>,
-    /// `max-postcopy-bandwidth` (optional; Since QEMU 3.0).
+    /// `max-postcopy-bandwidth` (optional; since QEMU 3.0).
     #[serde(rename = "max-postcopy-bandwidth", skip_serializing_if = "Option::is_none")]
     pub max_postcopy_bandwidth: Option<u64>,
-    /// `max-cpu-throttle` (optional; Since QEMU 3.1).
+    /// `max-cpu-throttle` (optional; since QEMU 3.1).
     #[serde(rename = "max-cpu-throttle", skip_serializing_if = "Option::is_none")]
     pub max_cpu_throttle: Option<u8>,
-    /// `multifd-compression` (optional; Since QEMU 5.0).
+    /// `multifd-compression` (optional; since QEMU 5.0).
     #[serde(rename = "multifd-compression", skip_serializing_if = "Option::is_none")]
     pub multifd_compression: Option<MultiFDCompression>,
-    /// `multifd-zlib-level` (optional; Since QEMU 5.0).
+    /// `multifd-zlib-level` (optional; since QEMU 5.0).
     #[serde(rename = "multifd-zlib-level", skip_serializing_if = "Option::is_none")]
     pub multifd_zlib_level: Option<u8>,
-    /// `multifd-qatzip-level` (optional; Since QEMU 9.2).
+    /// `multifd-qatzip-level` (optional; since QEMU 9.2).
     #[serde(rename = "multifd-qatzip-level", skip_serializing_if = "Option::is_none")]
     pub multifd_qatzip_level: Option<u8>,
-    /// `multifd-zstd-level` (optional; Since QEMU 5.0).
+    /// `multifd-zstd-level` (optional; since QEMU 5.0).
     #[serde(rename = "multifd-zstd-level", skip_serializing_if = "Option::is_none")]
     pub multifd_zstd_level: Option<u8>,
-    /// `block-bitmap-mapping` (optional; Since QEMU 5.2).
+    /// `block-bitmap-mapping` (optional; since QEMU 5.2).
     #[serde(rename = "block-bitmap-mapping", skip_serializing_if = "Option::is_none")]
     pub block_bitmap_mapping: Option<Vec<BitmapMigrationNodeAlias>>,
-    /// `x-vcpu-dirty-limit-period` (optional; Since QEMU 8.1; Features: `unstable`).
+    /// `x-vcpu-dirty-limit-period` (optional; since QEMU 8.1; features: `unstable`).
     #[serde(rename = "x-vcpu-dirty-limit-period", skip_serializing_if = "Option::is_none")]
     pub x_vcpu_dirty_limit_period: Option<u64>,
-    /// `vcpu-dirty-limit` (optional; Since QEMU 8.1).
+    /// `vcpu-dirty-limit` (optional; since QEMU 8.1).
     #[serde(rename = "vcpu-dirty-limit", skip_serializing_if = "Option::is_none")]
     pub vcpu_dirty_limit: Option<u64>,
-    /// `mode` (optional; Since QEMU 8.2).
+    /// `mode` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<MigMode>,
-    /// `zero-page-detection` (optional; Since QEMU 9.0).
+    /// `zero-page-detection` (optional; since QEMU 9.0).
     #[serde(rename = "zero-page-detection", skip_serializing_if = "Option::is_none")]
     pub zero_page_detection: Option<ZeroPageDetection>,
-    /// `direct-io` (optional; Since QEMU 9.1).
+    /// `direct-io` (optional; since QEMU 9.1).
     #[serde(rename = "direct-io", skip_serializing_if = "Option::is_none")]
     pub direct_io: Option<bool>,
 }
@@ -14941,97 +14941,97 @@ pub struct MigrateSetParameters {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationParameters)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationParameters {
-    /// `announce-initial` (optional; Since QEMU 4.0).
+    /// `announce-initial` (optional; since QEMU 4.0).
     #[serde(rename = "announce-initial", skip_serializing_if = "Option::is_none")]
     pub announce_initial: Option<u64>,
-    /// `announce-max` (optional; Since QEMU 4.0).
+    /// `announce-max` (optional; since QEMU 4.0).
     #[serde(rename = "announce-max", skip_serializing_if = "Option::is_none")]
     pub announce_max: Option<u64>,
-    /// `announce-rounds` (optional; Since QEMU 4.0).
+    /// `announce-rounds` (optional; since QEMU 4.0).
     #[serde(rename = "announce-rounds", skip_serializing_if = "Option::is_none")]
     pub announce_rounds: Option<u64>,
-    /// `announce-step` (optional; Since QEMU 4.0).
+    /// `announce-step` (optional; since QEMU 4.0).
     #[serde(rename = "announce-step", skip_serializing_if = "Option::is_none")]
     pub announce_step: Option<u64>,
-    /// `throttle-trigger-threshold` (optional; Since QEMU 5.0).
+    /// `throttle-trigger-threshold` (optional; since QEMU 5.0).
     #[serde(
         rename = "throttle-trigger-threshold",
         skip_serializing_if = "Option::is_none"
     )]
     pub throttle_trigger_threshold: Option<u8>,
-    /// `cpu-throttle-initial` (optional; Since QEMU 2.7).
+    /// `cpu-throttle-initial` (optional; since QEMU 2.7).
     #[serde(rename = "cpu-throttle-initial", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_initial: Option<u8>,
-    /// `cpu-throttle-increment` (optional; Since QEMU 2.7).
+    /// `cpu-throttle-increment` (optional; since QEMU 2.7).
     #[serde(rename = "cpu-throttle-increment", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_increment: Option<u8>,
-    /// `cpu-throttle-tailslow` (optional; Since QEMU 5.1).
+    /// `cpu-throttle-tailslow` (optional; since QEMU 5.1).
     #[serde(rename = "cpu-throttle-tailslow", skip_serializing_if = "Option::is_none")]
     pub cpu_throttle_tailslow: Option<bool>,
-    /// `tls-creds` (optional; Since QEMU 2.7).
+    /// `tls-creds` (optional; since QEMU 2.7).
     #[serde(rename = "tls-creds", skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
-    /// `tls-hostname` (optional; Since QEMU 2.7).
+    /// `tls-hostname` (optional; since QEMU 2.7).
     #[serde(rename = "tls-hostname", skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
-    /// `tls-authz` (optional; Since QEMU 4.0).
+    /// `tls-authz` (optional; since QEMU 4.0).
     #[serde(rename = "tls-authz", skip_serializing_if = "Option::is_none")]
     pub tls_authz: Option<String>,
-    /// `max-bandwidth` (optional; Since QEMU 2.8).
+    /// `max-bandwidth` (optional; since QEMU 2.8).
     #[serde(rename = "max-bandwidth", skip_serializing_if = "Option::is_none")]
     pub max_bandwidth: Option<u64>,
-    /// `avail-switchover-bandwidth` (optional; Since QEMU 8.2).
+    /// `avail-switchover-bandwidth` (optional; since QEMU 8.2).
     #[serde(
         rename = "avail-switchover-bandwidth",
         skip_serializing_if = "Option::is_none"
     )]
     pub avail_switchover_bandwidth: Option<u64>,
-    /// `downtime-limit` (optional; Since QEMU 2.8).
+    /// `downtime-limit` (optional; since QEMU 2.8).
     #[serde(rename = "downtime-limit", skip_serializing_if = "Option::is_none")]
     pub downtime_limit: Option<u64>,
-    /// `x-checkpoint-delay` (optional; Since QEMU 2.8; Features: `unstable`).
+    /// `x-checkpoint-delay` (optional; since QEMU 2.8; features: `unstable`).
     #[serde(rename = "x-checkpoint-delay", skip_serializing_if = "Option::is_none")]
     pub x_checkpoint_delay: Option<u32>,
-    /// `multifd-channels` (optional; Since QEMU 4.0).
+    /// `multifd-channels` (optional; since QEMU 4.0).
     #[serde(rename = "multifd-channels", skip_serializing_if = "Option::is_none")]
     pub multifd_channels: Option<u8>,
-    /// `xbzrle-cache-size` (optional; Since QEMU 2.11).
+    /// `xbzrle-cache-size` (optional; since QEMU 2.11).
     #[serde(rename = "xbzrle-cache-size", skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_size: Option<u64>,
-    /// `max-postcopy-bandwidth` (optional; Since QEMU 3.0).
+    /// `max-postcopy-bandwidth` (optional; since QEMU 3.0).
     #[serde(rename = "max-postcopy-bandwidth", skip_serializing_if = "Option::is_none")]
     pub max_postcopy_bandwidth: Option<u64>,
-    /// `max-cpu-throttle` (optional; Since QEMU 3.1).
+    /// `max-cpu-throttle` (optional; since QEMU 3.1).
     #[serde(rename = "max-cpu-throttle", skip_serializing_if = "Option::is_none")]
     pub max_cpu_throttle: Option<u8>,
-    /// `multifd-compression` (optional; Since QEMU 5.0).
+    /// `multifd-compression` (optional; since QEMU 5.0).
     #[serde(rename = "multifd-compression", skip_serializing_if = "Option::is_none")]
     pub multifd_compression: Option<MultiFDCompression>,
-    /// `multifd-zlib-level` (optional; Since QEMU 5.0).
+    /// `multifd-zlib-level` (optional; since QEMU 5.0).
     #[serde(rename = "multifd-zlib-level", skip_serializing_if = "Option::is_none")]
     pub multifd_zlib_level: Option<u8>,
-    /// `multifd-qatzip-level` (optional; Since QEMU 9.2).
+    /// `multifd-qatzip-level` (optional; since QEMU 9.2).
     #[serde(rename = "multifd-qatzip-level", skip_serializing_if = "Option::is_none")]
     pub multifd_qatzip_level: Option<u8>,
-    /// `multifd-zstd-level` (optional; Since QEMU 5.0).
+    /// `multifd-zstd-level` (optional; since QEMU 5.0).
     #[serde(rename = "multifd-zstd-level", skip_serializing_if = "Option::is_none")]
     pub multifd_zstd_level: Option<u8>,
-    /// `block-bitmap-mapping` (optional; Since QEMU 5.2).
+    /// `block-bitmap-mapping` (optional; since QEMU 5.2).
     #[serde(rename = "block-bitmap-mapping", skip_serializing_if = "Option::is_none")]
     pub block_bitmap_mapping: Option<Vec<BitmapMigrationNodeAlias>>,
-    /// `x-vcpu-dirty-limit-period` (optional; Since QEMU 8.1; Features: `unstable`).
+    /// `x-vcpu-dirty-limit-period` (optional; since QEMU 8.1; features: `unstable`).
     #[serde(rename = "x-vcpu-dirty-limit-period", skip_serializing_if = "Option::is_none")]
     pub x_vcpu_dirty_limit_period: Option<u64>,
-    /// `vcpu-dirty-limit` (optional; Since QEMU 8.1).
+    /// `vcpu-dirty-limit` (optional; since QEMU 8.1).
     #[serde(rename = "vcpu-dirty-limit", skip_serializing_if = "Option::is_none")]
     pub vcpu_dirty_limit: Option<u64>,
-    /// `mode` (optional; Since QEMU 8.2).
+    /// `mode` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<MigMode>,
-    /// `zero-page-detection` (optional; Since QEMU 9.0).
+    /// `zero-page-detection` (optional; since QEMU 9.0).
     #[serde(rename = "zero-page-detection", skip_serializing_if = "Option::is_none")]
     pub zero_page_detection: Option<ZeroPageDetection>,
-    /// `direct-io` (optional; Since QEMU 9.1).
+    /// `direct-io` (optional; since QEMU 9.1).
     #[serde(rename = "direct-io", skip_serializing_if = "Option::is_none")]
     pub direct_io: Option<bool>,
 }
@@ -15163,7 +15163,7 @@ pub enum FailoverStatus {
     Active,
     /// `completed`.
     Completed,
-    /// `relaunch` (Since QEMU 2.9).
+    /// `relaunch` (since QEMU 2.9).
     Relaunch,
 }
 
@@ -15219,7 +15219,7 @@ pub enum COLOExitReason {
     Request,
     /// `error`.
     Error,
-    /// `processing` (Since QEMU 4.0).
+    /// `processing` (since QEMU 4.0).
     Processing,
 }
 
@@ -15435,7 +15435,7 @@ pub struct ReplicationStatus {
 pub struct COLOStatus {
     /// `mode`.
     pub mode: COLOMode,
-    /// `last-mode` (Since QEMU 4.0).
+    /// `last-mode` (since QEMU 4.0).
     #[serde(rename = "last-mode")]
     pub last_mode: COLOMode,
     /// `reason`.
@@ -15610,15 +15610,15 @@ pub struct DirtyRateInfo {
     /// `calc-time`.
     #[serde(rename = "calc-time")]
     pub calc_time: i64,
-    /// `calc-time-unit` (Since QEMU 8.2).
+    /// `calc-time-unit` (since QEMU 8.2).
     #[serde(rename = "calc-time-unit")]
     pub calc_time_unit: TimeUnit,
-    /// `sample-pages` (Since QEMU 6.1).
+    /// `sample-pages` (since QEMU 6.1).
     #[serde(rename = "sample-pages")]
     pub sample_pages: u64,
-    /// `mode` (Since QEMU 6.2).
+    /// `mode` (since QEMU 6.2).
     pub mode: DirtyRateMeasureMode,
-    /// `vcpu-dirty-rate` (optional; Since QEMU 6.2).
+    /// `vcpu-dirty-rate` (optional; since QEMU 6.2).
     #[serde(rename = "vcpu-dirty-rate", skip_serializing_if = "Option::is_none")]
     pub vcpu_dirty_rate: Option<Vec<DirtyRateVcpu>>,
 }
@@ -15733,7 +15733,7 @@ pub enum TransactionActionKind {
     BlockdevSnapshotInternalSync,
     /// `blockdev-snapshot-sync`.
     BlockdevSnapshotSync,
-    /// `drive-backup` (Features: `deprecated`).
+    /// `drive-backup` (features: `deprecated`).
     #[deprecated(note = "QEMU deprecates this value")]
     DriveBackup,
 }
@@ -16118,10 +16118,10 @@ pub struct CompatPolicy {
     /// `deprecated-output` (optional).
     #[serde(rename = "deprecated-output", skip_serializing_if = "Option::is_none")]
     pub deprecated_output: Option<CompatPolicyOutput>,
-    /// `unstable-input` (optional; Since QEMU 6.2).
+    /// `unstable-input` (optional; since QEMU 6.2).
     #[serde(rename = "unstable-input", skip_serializing_if = "Option::is_none")]
     pub unstable_input: Option<CompatPolicyInput>,
-    /// `unstable-output` (optional; Since QEMU 6.2).
+    /// `unstable-output` (optional; since QEMU 6.2).
     #[serde(rename = "unstable-output", skip_serializing_if = "Option::is_none")]
     pub unstable_output: Option<CompatPolicyOutput>,
 }
@@ -16338,7 +16338,7 @@ crate::qapi_enum!(SchemaMetaType);
 pub struct SchemaInfo {
     /// `name`.
     pub name: String,
-    /// `features` (optional; Since QEMU 4.1).
+    /// `features` (optional; since QEMU 4.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<String>>,
     /// `meta-type` and the members of its branch.
@@ -16467,9 +16467,9 @@ crate::qapi_enum!(JSONType);
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoEnum)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SchemaInfoEnum {
-    /// `members` (Since QEMU 6.2).
+    /// `members` (since QEMU 6.2).
     pub members: Vec<SchemaInfoEnumMember>,
-    /// `values` (Features: `deprecated`).
+    /// `values` (features: `deprecated`).
     #[deprecated(note = "QEMU deprecates this member")]
     pub values: Vec<String>,
 }
@@ -16535,7 +16535,7 @@ pub struct SchemaInfoObjectMember {
         skip_serializing_if = "Option::is_none"
     )]
     pub default: Option<serde_json::Value>,
-    /// `features` (optional; Since QEMU 5.0).
+    /// `features` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<String>>,
 }
@@ -16619,7 +16619,7 @@ pub struct ObjectPropertyInfo {
     /// `description` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// `default-value` (optional; Since QEMU 5.0).
+    /// `default-value` (optional; since QEMU 5.0).
     #[serde(
         rename = "default-value",
         default,
@@ -16638,10 +16638,10 @@ pub struct ObjectPropertyInfo {
 pub struct ObjectTypeInfo {
     /// `name`.
     pub name: String,
-    /// `abstract` (optional; Since QEMU 2.10).
+    /// `abstract` (optional; since QEMU 2.10).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub r#abstract: Option<bool>,
-    /// `parent` (optional; Since QEMU 2.10).
+    /// `parent` (optional; since QEMU 2.10).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
 }
@@ -16701,10 +16701,10 @@ pub struct CryptodevBackendProperties {
     /// `queues` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<u32>,
-    /// `throttle-bps` (optional; Since QEMU 8.0).
+    /// `throttle-bps` (optional; since QEMU 8.0).
     #[serde(rename = "throttle-bps", skip_serializing_if = "Option::is_none")]
     pub throttle_bps: Option<u64>,
-    /// `throttle-ops` (optional; Since QEMU 8.0).
+    /// `throttle-ops` (optional; since QEMU 8.0).
     #[serde(rename = "throttle-ops", skip_serializing_if = "Option::is_none")]
     pub throttle_ops: Option<u64>,
 }
@@ -16719,10 +16719,10 @@ pub struct CryptodevVhostUserProperties {
     /// `queues` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<u32>,
-    /// `throttle-bps` (optional; Since QEMU 8.0).
+    /// `throttle-bps` (optional; since QEMU 8.0).
     #[serde(rename = "throttle-bps", skip_serializing_if = "Option::is_none")]
     pub throttle_bps: Option<u64>,
-    /// `throttle-ops` (optional; Since QEMU 8.0).
+    /// `throttle-ops` (optional; since QEMU 8.0).
     #[serde(rename = "throttle-ops", skip_serializing_if = "Option::is_none")]
     pub throttle_ops: Option<u64>,
     /// `chardev`.
@@ -17082,13 +17082,13 @@ pub struct MemoryBackendProperties {
     /// `prealloc-threads` (optional).
     #[serde(rename = "prealloc-threads", skip_serializing_if = "Option::is_none")]
     pub prealloc_threads: Option<u32>,
-    /// `prealloc-context` (optional; Since QEMU 7.2).
+    /// `prealloc-context` (optional; since QEMU 7.2).
     #[serde(rename = "prealloc-context", skip_serializing_if = "Option::is_none")]
     pub prealloc_context: Option<String>,
     /// `share` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share: Option<bool>,
-    /// `reserve` (optional; Since QEMU 6.1).
+    /// `reserve` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reserve: Option<bool>,
     /// `size`.
@@ -17126,13 +17126,13 @@ pub struct MemoryBackendFileProperties {
     /// `prealloc-threads` (optional).
     #[serde(rename = "prealloc-threads", skip_serializing_if = "Option::is_none")]
     pub prealloc_threads: Option<u32>,
-    /// `prealloc-context` (optional; Since QEMU 7.2).
+    /// `prealloc-context` (optional; since QEMU 7.2).
     #[serde(rename = "prealloc-context", skip_serializing_if = "Option::is_none")]
     pub prealloc_context: Option<String>,
     /// `share` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share: Option<bool>,
-    /// `reserve` (optional; Since QEMU 6.1).
+    /// `reserve` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reserve: Option<bool>,
     /// `size`.
@@ -17146,7 +17146,7 @@ pub struct MemoryBackendFileProperties {
     /// `align` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub align: Option<u64>,
-    /// `offset` (optional; Since QEMU 8.1).
+    /// `offset` (optional; since QEMU 8.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
     /// `discard-data` (optional).
@@ -17155,7 +17155,7 @@ pub struct MemoryBackendFileProperties {
     /// `mem-path`.
     #[serde(rename = "mem-path")]
     pub mem_path: String,
-    /// `pmem` (optional; Compiled in only where `CONFIG_LIBPMEM` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `pmem` (optional; compiled in only where `CONFIG_LIBPMEM` holds (it does in x86_64 system emulation as Debian builds it)).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pmem: Option<bool>,
     /// `readonly` (optional).
@@ -17191,13 +17191,13 @@ pub struct MemoryBackendMemfdProperties {
     /// `prealloc-threads` (optional).
     #[serde(rename = "prealloc-threads", skip_serializing_if = "Option::is_none")]
     pub prealloc_threads: Option<u32>,
-    /// `prealloc-context` (optional; Since QEMU 7.2).
+    /// `prealloc-context` (optional; since QEMU 7.2).
     #[serde(rename = "prealloc-context", skip_serializing_if = "Option::is_none")]
     pub prealloc_context: Option<String>,
     /// `share` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share: Option<bool>,
-    /// `reserve` (optional; Since QEMU 6.1).
+    /// `reserve` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reserve: Option<bool>,
     /// `size`.
@@ -17244,13 +17244,13 @@ pub struct MemoryBackendShmProperties {
     /// `prealloc-threads` (optional).
     #[serde(rename = "prealloc-threads", skip_serializing_if = "Option::is_none")]
     pub prealloc_threads: Option<u32>,
-    /// `prealloc-context` (optional; Since QEMU 7.2).
+    /// `prealloc-context` (optional; since QEMU 7.2).
     #[serde(rename = "prealloc-context", skip_serializing_if = "Option::is_none")]
     pub prealloc_context: Option<String>,
     /// `share` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share: Option<bool>,
-    /// `reserve` (optional; Since QEMU 6.1).
+    /// `reserve` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reserve: Option<bool>,
     /// `size`.
@@ -17288,13 +17288,13 @@ pub struct MemoryBackendEpcProperties {
     /// `prealloc-threads` (optional).
     #[serde(rename = "prealloc-threads", skip_serializing_if = "Option::is_none")]
     pub prealloc_threads: Option<u32>,
-    /// `prealloc-context` (optional; Since QEMU 7.2).
+    /// `prealloc-context` (optional; since QEMU 7.2).
     #[serde(rename = "prealloc-context", skip_serializing_if = "Option::is_none")]
     pub prealloc_context: Option<String>,
     /// `share` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share: Option<bool>,
-    /// `reserve` (optional; Since QEMU 6.1).
+    /// `reserve` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reserve: Option<bool>,
     /// `size`.
@@ -17405,7 +17405,7 @@ pub struct AcpiGenericPortProperties {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RngProperties)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RngProperties {
-    /// `opened` (optional; Features: `deprecated`).
+    /// `opened` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub opened: Option<bool>,
@@ -17418,7 +17418,7 @@ pub struct RngProperties {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RngEgdProperties)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RngEgdProperties {
-    /// `opened` (optional; Features: `deprecated`).
+    /// `opened` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub opened: Option<bool>,
@@ -17433,7 +17433,7 @@ pub struct RngEgdProperties {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RngRandomProperties)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RngRandomProperties {
-    /// `opened` (optional; Features: `deprecated`).
+    /// `opened` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[deprecated(note = "QEMU deprecates this member")]
     pub opened: Option<bool>,
@@ -17458,7 +17458,7 @@ pub struct SevCommonProperties {
     /// `reduced-phys-bits`.
     #[serde(rename = "reduced-phys-bits")]
     pub reduced_phys_bits: u32,
-    /// `kernel-hashes` (optional; Since QEMU 6.2).
+    /// `kernel-hashes` (optional; since QEMU 6.2).
     #[serde(rename = "kernel-hashes", skip_serializing_if = "Option::is_none")]
     pub kernel_hashes: Option<bool>,
 }
@@ -17479,7 +17479,7 @@ pub struct SevGuestProperties {
     /// `reduced-phys-bits`.
     #[serde(rename = "reduced-phys-bits")]
     pub reduced_phys_bits: u32,
-    /// `kernel-hashes` (optional; Since QEMU 6.2).
+    /// `kernel-hashes` (optional; since QEMU 6.2).
     #[serde(rename = "kernel-hashes", skip_serializing_if = "Option::is_none")]
     pub kernel_hashes: Option<bool>,
     /// `dh-cert-file` (optional).
@@ -17494,7 +17494,7 @@ pub struct SevGuestProperties {
     /// `handle` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handle: Option<u32>,
-    /// `legacy-vm-type` (optional; Since QEMU 9.1).
+    /// `legacy-vm-type` (optional; since QEMU 9.1).
     #[serde(rename = "legacy-vm-type", skip_serializing_if = "Option::is_none")]
     pub legacy_vm_type: Option<OnOffAuto>,
 }
@@ -17515,7 +17515,7 @@ pub struct SevSnpGuestProperties {
     /// `reduced-phys-bits`.
     #[serde(rename = "reduced-phys-bits")]
     pub reduced_phys_bits: u32,
-    /// `kernel-hashes` (optional; Since QEMU 6.2).
+    /// `kernel-hashes` (optional; since QEMU 6.2).
     #[serde(rename = "kernel-hashes", skip_serializing_if = "Option::is_none")]
     pub kernel_hashes: Option<bool>,
     /// `policy` (optional).
@@ -17577,7 +17577,7 @@ pub enum ObjectType {
     AuthzSimple,
     /// `can-bus`.
     CanBus,
-    /// `can-host-socketcan` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `can-host-socketcan` (compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     CanHostSocketcan,
     /// `colo-compare`.
     ColoCompare,
@@ -17587,7 +17587,7 @@ pub enum ObjectType {
     CryptodevBackendBuiltin,
     /// `cryptodev-backend-lkcf`.
     CryptodevBackendLkcf,
-    /// `cryptodev-vhost-user` (Compiled in only where `CONFIG_VHOST_CRYPTO` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `cryptodev-vhost-user` (compiled in only where `CONFIG_VHOST_CRYPTO` holds (it does in x86_64 system emulation as Debian builds it)).
     CryptodevVhostUser,
     /// `dbus-vmstate`.
     DbusVmstate,
@@ -17605,7 +17605,7 @@ pub enum ObjectType {
     FilterRewriter,
     /// `input-barrier`.
     InputBarrier,
-    /// `input-linux` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `input-linux` (compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     InputLinux,
     /// `iommufd`.
     Iommufd,
@@ -17613,19 +17613,19 @@ pub enum ObjectType {
     Iothread,
     /// `main-loop`.
     MainLoop,
-    /// `memory-backend-epc` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `memory-backend-epc` (compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     MemoryBackendEpc,
     /// `memory-backend-file`.
     MemoryBackendFile,
-    /// `memory-backend-memfd` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `memory-backend-memfd` (compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     MemoryBackendMemfd,
     /// `memory-backend-ram`.
     MemoryBackendRam,
-    /// `memory-backend-shm` (Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `memory-backend-shm` (compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it)).
     MemoryBackendShm,
     /// `pef-guest`.
     PefGuest,
-    /// `pr-manager-helper` (Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `pr-manager-helper` (compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it)).
     PrManagerHelper,
     /// `qtest`.
     Qtest,
@@ -17633,11 +17633,11 @@ pub enum ObjectType {
     RngBuiltin,
     /// `rng-egd`.
     RngEgd,
-    /// `rng-random` (Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `rng-random` (compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it)).
     RngRandom,
     /// `secret`.
     Secret,
-    /// `secret_keyring` (Compiled in only where `CONFIG_SECRET_KEYRING` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `secret_keyring` (compiled in only where `CONFIG_SECRET_KEYRING` holds (it does in x86_64 system emulation as Debian builds it)).
     SecretKeyring,
     /// `sev-guest`.
     SevGuest,
@@ -17657,9 +17657,9 @@ pub enum ObjectType {
     TlsCredsX509,
     /// `tls-cipher-suites`.
     TlsCipherSuites,
-    /// `x-remote-object` (Features: `unstable`).
+    /// `x-remote-object` (features: `unstable`).
     XRemoteObject,
-    /// `x-vfio-user-server` (Features: `unstable`).
+    /// `x-vfio-user-server` (features: `unstable`).
     XVfioUserServer,
 }
 
@@ -18455,10 +18455,10 @@ pub struct CpuInfoS390 {
     /// `cpu-state`.
     #[serde(rename = "cpu-state")]
     pub cpu_state: S390CpuState,
-    /// `dedicated` (optional; Since QEMU 8.2).
+    /// `dedicated` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedicated: Option<bool>,
-    /// `entitlement` (optional; Since QEMU 8.2).
+    /// `entitlement` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entitlement: Option<S390CpuEntitlement>,
 }
@@ -18613,26 +18613,26 @@ pub struct MachineInfo {
     /// `is-default` (optional).
     #[serde(rename = "is-default", skip_serializing_if = "Option::is_none")]
     pub is_default: Option<bool>,
-    /// `cpu-max` (Since QEMU 1.5).
+    /// `cpu-max` (since QEMU 1.5).
     #[serde(rename = "cpu-max")]
     pub cpu_max: i64,
-    /// `hotpluggable-cpus` (Since QEMU 2.7).
+    /// `hotpluggable-cpus` (since QEMU 2.7).
     #[serde(rename = "hotpluggable-cpus")]
     pub hotpluggable_cpus: bool,
-    /// `numa-mem-supported` (Since QEMU 4.1).
+    /// `numa-mem-supported` (since QEMU 4.1).
     #[serde(rename = "numa-mem-supported")]
     pub numa_mem_supported: bool,
-    /// `deprecated` (Since QEMU 4.1).
+    /// `deprecated` (since QEMU 4.1).
     pub deprecated: bool,
-    /// `default-cpu-type` (optional; Since QEMU 4.2).
+    /// `default-cpu-type` (optional; since QEMU 4.2).
     #[serde(rename = "default-cpu-type", skip_serializing_if = "Option::is_none")]
     pub default_cpu_type: Option<String>,
-    /// `default-ram-id` (optional; Since QEMU 5.2).
+    /// `default-ram-id` (optional; since QEMU 5.2).
     #[serde(rename = "default-ram-id", skip_serializing_if = "Option::is_none")]
     pub default_ram_id: Option<String>,
-    /// `acpi` (Since QEMU 8.0).
+    /// `acpi` (since QEMU 8.0).
     pub acpi: bool,
-    /// `compat-props` (optional; Since QEMU 9.1; Features: `unstable`).
+    /// `compat-props` (optional; since QEMU 9.1; features: `unstable`).
     #[serde(rename = "compat-props", skip_serializing_if = "Option::is_none")]
     pub compat_props: Option<Vec<CompatProperty>>,
 }
@@ -18753,7 +18753,7 @@ pub struct KvmInfo {
 pub enum NumaOptionsType {
     /// `node`.
     Node,
-    /// `dist` (Since QEMU 2.10).
+    /// `dist` (since QEMU 2.10).
     Dist,
     /// `cpu`.
     Cpu,
@@ -18846,7 +18846,7 @@ pub struct NumaNodeOptions {
     /// `memdev` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memdev: Option<String>,
-    /// `initiator` (optional; Since QEMU 5.0).
+    /// `initiator` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initiator: Option<u16>,
 }
@@ -19008,22 +19008,22 @@ pub struct NumaCpuOptions {
     /// `node-id` (optional).
     #[serde(rename = "node-id", skip_serializing_if = "Option::is_none")]
     pub node_id: Option<i64>,
-    /// `drawer-id` (optional; Since QEMU 8.2).
+    /// `drawer-id` (optional; since QEMU 8.2).
     #[serde(rename = "drawer-id", skip_serializing_if = "Option::is_none")]
     pub drawer_id: Option<i64>,
-    /// `book-id` (optional; Since QEMU 8.2).
+    /// `book-id` (optional; since QEMU 8.2).
     #[serde(rename = "book-id", skip_serializing_if = "Option::is_none")]
     pub book_id: Option<i64>,
     /// `socket-id` (optional).
     #[serde(rename = "socket-id", skip_serializing_if = "Option::is_none")]
     pub socket_id: Option<i64>,
-    /// `die-id` (optional; Since QEMU 4.1).
+    /// `die-id` (optional; since QEMU 4.1).
     #[serde(rename = "die-id", skip_serializing_if = "Option::is_none")]
     pub die_id: Option<i64>,
-    /// `cluster-id` (optional; Since QEMU 7.1).
+    /// `cluster-id` (optional; since QEMU 7.1).
     #[serde(rename = "cluster-id", skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<i64>,
-    /// `module-id` (optional; Since QEMU 9.1).
+    /// `module-id` (optional; since QEMU 9.1).
     #[serde(rename = "module-id", skip_serializing_if = "Option::is_none")]
     pub module_id: Option<i64>,
     /// `core-id` (optional).
@@ -19299,7 +19299,7 @@ pub struct NumaHmatCacheOptions {
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.Memdev)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Memdev {
-    /// `id` (optional; Since QEMU 2.9).
+    /// `id` (optional; since QEMU 2.9).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// `size`.
@@ -19310,9 +19310,9 @@ pub struct Memdev {
     pub dump: bool,
     /// `prealloc`.
     pub prealloc: bool,
-    /// `share` (Since QEMU 6.1).
+    /// `share` (since QEMU 6.1).
     pub share: bool,
-    /// `reserve` (optional; Since QEMU 6.1).
+    /// `reserve` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reserve: Option<bool>,
     /// `host-nodes`.
@@ -19332,22 +19332,22 @@ pub struct CpuInstanceProperties {
     /// `node-id` (optional).
     #[serde(rename = "node-id", skip_serializing_if = "Option::is_none")]
     pub node_id: Option<i64>,
-    /// `drawer-id` (optional; Since QEMU 8.2).
+    /// `drawer-id` (optional; since QEMU 8.2).
     #[serde(rename = "drawer-id", skip_serializing_if = "Option::is_none")]
     pub drawer_id: Option<i64>,
-    /// `book-id` (optional; Since QEMU 8.2).
+    /// `book-id` (optional; since QEMU 8.2).
     #[serde(rename = "book-id", skip_serializing_if = "Option::is_none")]
     pub book_id: Option<i64>,
     /// `socket-id` (optional).
     #[serde(rename = "socket-id", skip_serializing_if = "Option::is_none")]
     pub socket_id: Option<i64>,
-    /// `die-id` (optional; Since QEMU 4.1).
+    /// `die-id` (optional; since QEMU 4.1).
     #[serde(rename = "die-id", skip_serializing_if = "Option::is_none")]
     pub die_id: Option<i64>,
-    /// `cluster-id` (optional; Since QEMU 7.1).
+    /// `cluster-id` (optional; since QEMU 7.1).
     #[serde(rename = "cluster-id", skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<i64>,
-    /// `module-id` (optional; Since QEMU 9.1).
+    /// `module-id` (optional; since QEMU 9.1).
     #[serde(rename = "module-id", skip_serializing_if = "Option::is_none")]
     pub module_id: Option<i64>,
     /// `core-id` (optional).
@@ -19741,10 +19741,10 @@ pub struct SMPConfiguration {
     /// `cpus` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<i64>,
-    /// `drawers` (optional; Since QEMU 8.2).
+    /// `drawers` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drawers: Option<i64>,
-    /// `books` (optional; Since QEMU 8.2).
+    /// `books` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub books: Option<i64>,
     /// `sockets` (optional).
@@ -19753,10 +19753,10 @@ pub struct SMPConfiguration {
     /// `dies` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dies: Option<i64>,
-    /// `clusters` (optional; Since QEMU 7.0).
+    /// `clusters` (optional; since QEMU 7.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clusters: Option<i64>,
-    /// `modules` (optional; Since QEMU 9.1).
+    /// `modules` (optional; since QEMU 9.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub modules: Option<i64>,
     /// `cores` (optional).
@@ -19968,20 +19968,20 @@ pub struct CpuModelExpansionInfo {
 pub struct CpuDefinitionInfo {
     /// `name`.
     pub name: String,
-    /// `migration-safe` (optional; Since QEMU 2.8).
+    /// `migration-safe` (optional; since QEMU 2.8).
     #[serde(rename = "migration-safe", skip_serializing_if = "Option::is_none")]
     pub migration_safe: Option<bool>,
-    /// `static` (Since QEMU 2.8).
+    /// `static` (since QEMU 2.8).
     pub r#static: bool,
-    /// `unavailable-features` (optional; Since QEMU 2.8).
+    /// `unavailable-features` (optional; since QEMU 2.8).
     #[serde(rename = "unavailable-features", skip_serializing_if = "Option::is_none")]
     pub unavailable_features: Option<Vec<String>>,
-    /// `typename` (Since QEMU 2.9).
+    /// `typename` (since QEMU 2.9).
     pub typename: String,
-    /// `alias-of` (optional; Since QEMU 4.1).
+    /// `alias-of` (optional; since QEMU 4.1).
     #[serde(rename = "alias-of", skip_serializing_if = "Option::is_none")]
     pub alias_of: Option<String>,
-    /// `deprecated` (Since QEMU 5.2).
+    /// `deprecated` (since QEMU 5.2).
     pub deprecated: bool,
 }
 
@@ -20159,16 +20159,16 @@ pub struct IOThreadInfo {
     /// `thread-id`.
     #[serde(rename = "thread-id")]
     pub thread_id: i64,
-    /// `poll-max-ns` (Since QEMU 2.9).
+    /// `poll-max-ns` (since QEMU 2.9).
     #[serde(rename = "poll-max-ns")]
     pub poll_max_ns: i64,
-    /// `poll-grow` (Since QEMU 2.9).
+    /// `poll-grow` (since QEMU 2.9).
     #[serde(rename = "poll-grow")]
     pub poll_grow: i64,
-    /// `poll-shrink` (Since QEMU 2.9).
+    /// `poll-shrink` (since QEMU 2.9).
     #[serde(rename = "poll-shrink")]
     pub poll_shrink: i64,
-    /// `aio-max-batch` (Since QEMU 6.1).
+    /// `aio-max-batch` (since QEMU 6.1).
     #[serde(rename = "aio-max-batch")]
     pub aio_max_batch: i64,
 }
@@ -20282,7 +20282,7 @@ pub struct CommandLineParameterInfo {
     /// `help` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub help: Option<String>,
-    /// `default` (optional; Since QEMU 2.1).
+    /// `default` (optional; since QEMU 2.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
 }
@@ -20490,7 +20490,7 @@ pub struct SevCapability {
     /// `cert-chain`.
     #[serde(rename = "cert-chain")]
     pub cert_chain: String,
-    /// `cpu0-id` (Since QEMU 7.1).
+    /// `cpu0-id` (since QEMU 7.1).
     #[serde(rename = "cpu0-id")]
     pub cpu0_id: String,
     /// `cbitpos`.
@@ -21156,7 +21156,7 @@ pub enum AudioFormat {
     U32,
     /// `s32`.
     S32,
-    /// `f32` (Since QEMU 5.0).
+    /// `f32` (since QEMU 5.0).
     F32,
 }
 
@@ -21214,21 +21214,21 @@ crate::qapi_enum!(AudioFormat);
 pub enum AudiodevDriver {
     /// `none`.
     None,
-    /// `alsa` (Compiled in only where `CONFIG_AUDIO_ALSA` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `alsa` (compiled in only where `CONFIG_AUDIO_ALSA` holds (it does in x86_64 system emulation as Debian builds it)).
     Alsa,
-    /// `dbus` (Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `dbus` (compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it)).
     Dbus,
-    /// `jack` (Since QEMU 5.1; Compiled in only where `CONFIG_AUDIO_JACK` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `jack` (since QEMU 5.1; compiled in only where `CONFIG_AUDIO_JACK` holds (it does in x86_64 system emulation as Debian builds it)).
     Jack,
-    /// `oss` (Compiled in only where `CONFIG_AUDIO_OSS` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `oss` (compiled in only where `CONFIG_AUDIO_OSS` holds (it does in x86_64 system emulation as Debian builds it)).
     Oss,
-    /// `pa` (Compiled in only where `CONFIG_AUDIO_PA` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `pa` (compiled in only where `CONFIG_AUDIO_PA` holds (it does in x86_64 system emulation as Debian builds it)).
     Pa,
-    /// `pipewire` (Compiled in only where `CONFIG_AUDIO_PIPEWIRE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `pipewire` (compiled in only where `CONFIG_AUDIO_PIPEWIRE` holds (it does in x86_64 system emulation as Debian builds it)).
     Pipewire,
-    /// `sdl` (Compiled in only where `CONFIG_AUDIO_SDL` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `sdl` (compiled in only where `CONFIG_AUDIO_SDL` holds (it does in x86_64 system emulation as Debian builds it)).
     Sdl,
-    /// `spice` (Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
+    /// `spice` (compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it)).
     Spice,
     /// `wav`.
     Wav,
@@ -21386,7 +21386,7 @@ pub struct AcpiTableOptions {
 pub enum ACPISlotType {
     /// `DIMM`.
     Dimm,
-    /// `CPU` (Since QEMU 2.7).
+    /// `CPU` (since QEMU 2.7).
     Cpu,
 }
 
@@ -21534,10 +21534,10 @@ pub struct PciDeviceId {
     pub device: i64,
     /// `vendor`.
     pub vendor: i64,
-    /// `subsystem` (optional; Since QEMU 3.1).
+    /// `subsystem` (optional; since QEMU 3.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subsystem: Option<i64>,
-    /// `subsystem-vendor` (optional; Since QEMU 3.1).
+    /// `subsystem-vendor` (optional; since QEMU 3.1).
     #[serde(rename = "subsystem-vendor", skip_serializing_if = "Option::is_none")]
     pub subsystem_vendor: Option<i64>,
 }
@@ -21562,7 +21562,7 @@ pub struct PciDeviceInfo {
     /// `irq` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub irq: Option<i64>,
-    /// `irq_pin` (Since QEMU 5.1).
+    /// `irq_pin` (since QEMU 5.1).
     pub irq_pin: i64,
     /// `qdev_id`.
     pub qdev_id: String,
@@ -21748,7 +21748,7 @@ pub enum StatsTarget {
     Vm,
     /// `vcpu`.
     Vcpu,
-    /// `cryptodev` (Since QEMU 8.0).
+    /// `cryptodev` (since QEMU 8.0).
     Cryptodev,
 }
 
