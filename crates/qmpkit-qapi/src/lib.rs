@@ -38,7 +38,11 @@
 //!   values are camel-cased variants (`host_cdrom` → `HostCdrom`; a leading
 //!   digit gets a `V`: `V1`). A QAPI type whose name is a Rust prelude name gets
 //!   a `Qapi` prefix (`String` → `QapiString`).
+//! - **Enums** are fieldless enums serialised as QEMU's strings; each has
+//!   `as_str`, `FromStr` and `ALL`.
 //! - **Optional members** are `Option<T>`, left out of the JSON when `None`.
+//!   Where JSON `null` is a value of the member's type (`any`, or an
+//!   alternate with a `null` branch), `Some(null)` is sent and kept as such.
 //! - **Structs** carry their base's members first, as plain fields.
 //! - **Unions** (flat, with a discriminator) are a struct of the common
 //!   members with the branch flattened in (`BlockdevOptions { node_name, ..,
