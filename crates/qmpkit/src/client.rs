@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,39 +18,13 @@ use crate::event::{EventFilter, EventStream};
 use crate::schema::Schema;
 use crate::wire::{encode_request, Greeting};
 
-/// A QMP command with typed arguments and a typed reply.
-///
-/// The struct's fields are the command's arguments (serialised as a JSON
-/// object; a unit struct or `()` means none).
-///
-/// ```
-/// use serde::{Deserialize, Serialize};
-///
-/// #[derive(Serialize)]
-/// struct QueryStatus;
-///
-/// #[derive(Deserialize)]
-/// struct StatusInfo { status: String, running: bool }
-///
-/// impl qmpkit::Command for QueryStatus {
-///     const NAME: &'static str = "query-status";
-///     type Returns = StatusInfo;
-/// }
-/// ```
-pub trait Command: Serialize {
-    /// QEMU's name for the command.
-    const NAME: &'static str;
-    /// What a successful reply's `return` member decodes into ([`Empty`] for `{}`).
-    type Returns: DeserializeOwned;
-}
+// The trait and `Empty` live in qmpkit-qapi, next to the generated commands
+// that implement it; `qmpkit::Command` and `qmpkit::Empty` re-export them.
+pub use qmpkit_qapi::{Command, Empty};
 
 /// The most file descriptors one call may pass: Linux refuses more than
 /// this in one `sendmsg` (SCM_MAX_FD).
 pub const MAX_FDS_PER_CALL: usize = 253;
-
-/// The `{}` that commands without a result return.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct Empty {}
 
 /// Per-call settings: a budget of its own, file descriptors to pass,
 /// out-of-band execution, and whether the traffic log records it.

@@ -58,6 +58,7 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`Client`], [`ConnectOptions`] | the async client |
+//! | [`qapi`] | every QEMU 10 command and event as types generated from QEMU's schema; run them with [`Client::execute`] |
 //! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
 //! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
 //! | [`event`] | subscriptions and typed views of events |
@@ -88,4 +89,6 @@ pub use connection::{
 };
 pub use error::{Error, ErrorClass, QmpError, Result};
 pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};
+/// Every QEMU 10 command and event, typed: the `qmpkit-qapi` crate.
+pub use qmpkit_qapi as qapi;
 pub use wire::{Greeting, Timestamp, Version};
