@@ -317,11 +317,21 @@ impl Events {
 
 /// A guest VM with its console and a monitor, CPUs not yet started.
 struct Guest {
-    /// Dropped last: kills and reaps QEMU also when a test fails.
+    /// Its drop kills and reaps QEMU, also when a test fails.
     vm: Qemu,
     mon: Monitor,
     console: Console,
     events: Events,
+}
+
+impl Drop for Guest {
+    /// A failing test also shows what QEMU said (an abort, say, that closed
+    /// the console under the test).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("QEMU's stderr:\n{}", self.vm.stderr());
+        }
+    }
 }
 
 /// The guest's machine: q35 under TCG, 256 MiB with two DIMM slots, one CPU
