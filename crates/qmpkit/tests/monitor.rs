@@ -1418,6 +1418,64 @@ async fn a_stuck_agent_read_holds_up_no_event_and_a_handler_may_check_the_agent(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_read_follows_a_panic_or_a_shutdown() {
+    // QEMU 10 can hang on its way out when a command reaches it as it
+    // exits, which is when a guest's panic or shutdown would prompt a read.
+    // The fake counts ring-buffer reads and says how many on `count`.
+    let server = FakeServer::start(|mut conn: FakeConn| async move {
+        if conn.handshake().await.is_err() {
+            return;
+        }
+        let mut reads = 0;
+        while let Ok(Some(req)) = conn.recv().await {
+            let ret = match req.name.as_deref() {
+                Some("ringbuf-read") => {
+                    reads += 1;
+                    json!("")
+                }
+                Some("count") => json!(reads),
+                _ => json!({}),
+            };
+            if conn.reply(&req, ret).await.is_err() {
+                return;
+            }
+            if req.name.as_deref() == Some("go") {
+                for (name, data) in [
+                    ("GUEST_PANICKED", json!({"action": "poweroff"})),
+                    ("SHUTDOWN", json!({"guest": true, "reason": "guest-panic"})),
+                    ("SENTINEL", json!({})),
+                ] {
+                    if conn.event(name, data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_poll_interval(Duration::from_secs(3600)),
+    );
+    let registry = MonitorRegistry::new();
+    let mon = within(10, registry.connect(server.path(), options))
+        .await
+        .unwrap();
+    let count = || async { within(10, mon.call::<_, u64>("count", &())).await.unwrap() };
+    assert_eq!(count().await, 1, "the read at connect");
+    let _: Value = within(10, mon.call("go", &())).await.unwrap();
+    // Handled in order: by SENTINEL, a read prompted by either would have been sent.
+    next_named(&mut events, "SENTINEL").await;
+    assert_eq!(count().await, 1, "no read after GUEST_PANICKED or SHUTDOWN");
+    // check_agent still reads when asked.
+    assert!(!within(10, mon.check_agent()).await.unwrap());
+    assert_eq!(count().await, 2);
+    mon.disconnect();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_transition_read_as_qemu_vanishes_comes_before_the_shutdown_notice() {
     // The first periodic read finds STARTED, and QEMU is gone right after.
     let server = FakeServer::start(|mut conn: FakeConn| async move {

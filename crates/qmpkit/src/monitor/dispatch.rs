@@ -48,6 +48,9 @@ impl Drop for Finish {
     }
 }
 
+/// QEMU's event for a guest that panicked (through pvpanic, Hyper-V or s390).
+const EVENT_GUEST_PANICKED: &str = "GUEST_PANICKED";
+
 /// Never notified: the wake-up of a monitor that watches no agent.
 static NO_AGENT: Notify = Notify::const_new();
 
@@ -88,8 +91,14 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
                 item = events.recv() => match item {
                     Some(EventItem::Event(ev)) => {
                         task.qemu_event(&ev).await;
-                        // Any event prompts a read: the guest may have reacted.
-                        task.request_read();
+                        // Any event prompts a read: the guest may have
+                        // reacted. Not a panic, nor a SHUTDOWN (no reads
+                        // while the VM is down): the guest is gone, and a
+                        // command that reaches QEMU 10 just as it exits can
+                        // hang its exit for a minute or more.
+                        if ev.name() != EVENT_GUEST_PANICKED {
+                            task.request_read();
+                        }
                     }
                     Some(EventItem::Missed(n)) => tracing::warn!(
                         path = %task.mon.path().display(),
@@ -98,7 +107,9 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
                     ),
                     None => break,
                 },
-                () = &mut task.timer, if task.read.is_none() && !task.stopped => task.request_read(),
+                () = &mut task.timer, if task.read.is_none() && !task.stopped && !task.shutdown_seen => {
+                    task.request_read()
+                }
             }
         }
         task.end().await;
@@ -124,7 +135,8 @@ struct Task<'a> {
     again: bool,
     /// No agent, or the connection is gone: no more reads.
     stopped: bool,
-    /// This task handled QEMU's SHUTDOWN and the VM has not run since.
+    /// This task handled QEMU's SHUTDOWN and the VM has not run since: no
+    /// agent reads.
     shutdown_seen: bool,
     /// Tells the firmware's reset after a deliberate one.
     resets: Resets,
@@ -203,7 +215,7 @@ impl<'a> Task<'a> {
 
     /// Starts a read now, or right after the one in flight.
     fn request_read(&mut self) {
-        let Some(agent) = self.agent().filter(|_| !self.stopped) else {
+        let Some(agent) = self.agent().filter(|_| !self.stopped && !self.shutdown_seen) else {
             return;
         };
         if self.read.is_some() {
