@@ -132,3 +132,27 @@ fn metadata() {
         );
     }
 }
+
+#[test]
+fn struct_members_by_name() {
+    // Unknown members are ignored; a missing required one is an error naming it.
+    let s: t::StatusInfo =
+        serde_json::from_value(json!({"running": true, "status": "running", "newer": 1})).unwrap();
+    assert_eq!((s.running, s.status), (true, t::RunState::Running));
+    let err = serde_json::from_value::<t::StatusInfo>(json!({"running": true})).unwrap_err();
+    assert!(err.to_string().contains("missing field `status`"), "{err}");
+    // From text (borrowed member names), also with escapes in a name (copied).
+    let s: t::StatusInfo = serde_json::from_str(r#"{"status":"paused","running":false}"#).unwrap();
+    assert_eq!(s.status, t::RunState::Paused);
+    let s: t::StatusInfo = serde_json::from_str(r#"{"st\u0061tus":"paused","running":false}"#).unwrap();
+    assert_eq!(s.status, t::RunState::Paused);
+    // An optional member sent as null is absent.
+    let b: t::BlockDirtyBitmapAdd =
+        serde_json::from_value(json!({"node": "n", "name": "b", "granularity": null})).unwrap();
+    assert_eq!(b.granularity, None);
+    // Objects only.
+    assert!(serde_json::from_value::<t::StatusInfo>(json!([true, "running"])).is_err());
+    // A struct nested in an internally tagged union's branch.
+    let _: t::ObjectOptions =
+        round_trip(json!({"qom-type": "secret", "id": "s0", "data": "x", "format": "raw"}));
+}
