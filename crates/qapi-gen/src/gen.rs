@@ -11,6 +11,12 @@
 //!
 //! Optional members are `Option<T>`, left out when `None`. Members whose
 //! type would make a type contain itself are boxed.
+//!
+//! Serialize is derived everywhere. Deserialize is derived for unions and
+//! alternates (serde's tagging does the work there); enums go through their
+//! `as_str`/`FromStr`, and plain structs get a written-out impl that matches
+//! member names directly: the same JSON behaviour for much less code to
+//! compile than serde's derive.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
