@@ -11,6 +11,12 @@
 //!
 //! Optional members are `Option<T>`, left out when `None`. Members whose
 //! type would make a type contain itself are boxed.
+//!
+//! Serialize is derived everywhere. Deserialize is derived for unions and
+//! alternates (serde's tagging does the work there); enums go through their
+//! `as_str`/`FromStr`, and plain structs get a written-out impl that matches
+//! member names directly: the same JSON behaviour for much less code to
+//! compile than serde's derive.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -473,10 +479,16 @@ impl Gen<'_> {
                     w.doc(0, &self.def_doc(format!("QAPI struct `{}`.", def.name), def));
                     let mut body = W::default();
                     let all_optional = self.fields(&mut body, Some(&def.name), &members, At::Types)?;
-                    self.struct_head(&mut w, def, all_optional);
+                    Self::deprecated_attr(&mut w, 0, &def.extras, "type");
+                    if all_optional {
+                        w.line(0, "#[derive(Debug, Clone, Default, PartialEq, Serialize)]");
+                    } else {
+                        w.line(0, "#[derive(Debug, Clone, PartialEq, Serialize)]");
+                    }
                     w.line(0, &format!("pub struct {rname} {{"));
                     w.s.push_str(&body.s);
                     w.line(0, "}");
+                    self.struct_deserialize(&mut w, &rname, &members);
                 }
                 Kind::Union {
                     base,
@@ -531,6 +543,79 @@ impl Gen<'_> {
             }
         }
         Ok(w.s)
+    }
+
+    /// Deserialize for a plain struct, written out rather than derived:
+    /// the same behaviour as serde's derive here (unknown members ignored,
+    /// absent optional members `None`, a missing required member an error),
+    /// in about half the code for the compiler to check, since QMP only
+    /// ever sends objects (no sequence form, no byte or index keys).
+    fn struct_deserialize(&self, w: &mut W, rname: &str, members: &[Member]) {
+        w.line(0, "");
+        w.line(0, &format!("impl<'de> Deserialize<'de> for {rname} {{"));
+        w.line(
+            1,
+            "fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {",
+        );
+        w.line(2, "struct V;");
+        w.line(2, "impl<'de> serde::de::Visitor<'de> for V {");
+        w.line(3, &format!("type Value = {rname};"));
+        w.line(
+            3,
+            "fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {",
+        );
+        w.line(4, &format!("f.write_str(\"a {rname} object\")"));
+        w.line(3, "}");
+        w.line(
+            3,
+            &format!(
+                "fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<{rname}, A::Error> {{"
+            ),
+        );
+        if members.is_empty() {
+            w.line(
+                4,
+                "while m.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}",
+            );
+            w.line(4, &format!("Ok({rname} {{}})"));
+        } else {
+            for i in 0..members.len() {
+                w.line(4, &format!("let mut f{i} = None;"));
+            }
+            w.line(4, "while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {");
+            w.line(5, "match k.as_str() {");
+            for (i, m) in members.iter().enumerate() {
+                if m.optional && !self.nullable(&m.ty) {
+                    w.line(6, &format!("{} => f{i} = m.next_value()?,", lit(&m.name)));
+                } else {
+                    w.line(6, &format!("{} => f{i} = Some(m.next_value()?),", lit(&m.name)));
+                }
+            }
+            w.line(6, "_ => drop(m.next_value::<serde::de::IgnoredAny>()?),");
+            w.line(5, "}");
+            w.line(4, "}");
+            w.line(4, &format!("Ok({rname} {{"));
+            for (i, m) in members.iter().enumerate() {
+                let f = field(&m.name);
+                if m.optional {
+                    w.line(5, &format!("{f}: f{i},"));
+                } else {
+                    w.line(
+                        5,
+                        &format!(
+                            "{f}: f{i}.ok_or_else(|| serde::de::Error::missing_field({}))?,",
+                            lit(&m.name)
+                        ),
+                    );
+                }
+            }
+            w.line(4, "})");
+        }
+        w.line(3, "}");
+        w.line(2, "}");
+        w.line(2, "d.deserialize_map(V)");
+        w.line(1, "}");
+        w.line(0, "}");
     }
 
     fn struct_head(&self, w: &mut W, def: &Def, default: bool) {
@@ -811,17 +896,20 @@ impl Gen<'_> {
                         body.line(1, "#[serde(flatten)]");
                         body.line(1, "pub extra: serde_json::Map<String, serde_json::Value>,");
                     }
-                    if all_optional {
-                        w.line(
-                            0,
-                            "#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]",
-                        );
-                    } else {
-                        w.line(0, "#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]");
-                    }
+                    // Deserialize is derived only where serde's `flatten` is needed.
+                    let derives = match (all_optional, *gen) {
+                        (true, true) => "Debug, Clone, Default, PartialEq, Serialize",
+                        (false, true) => "Debug, Clone, PartialEq, Serialize",
+                        (true, false) => "Debug, Clone, Default, PartialEq, Serialize, Deserialize",
+                        (false, false) => "Debug, Clone, PartialEq, Serialize, Deserialize",
+                    };
+                    w.line(0, &format!("#[derive({derives})]"));
                     w.line(0, &format!("pub struct {rname} {{"));
                     w.s.push_str(&body.s);
                     w.line(0, "}");
+                    if *gen {
+                        self.struct_deserialize(&mut w, &rname, members);
+                    }
                 }
             }
             w.line(0, "");
@@ -871,16 +959,14 @@ impl Gen<'_> {
                     let all_optional = self.fields(&mut body, None, members, At::Outside)?;
                     Self::deprecated_attr(&mut w, 0, &def.extras, "event");
                     if all_optional {
-                        w.line(
-                            0,
-                            "#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]",
-                        );
+                        w.line(0, "#[derive(Debug, Clone, Default, PartialEq, Serialize)]");
                     } else {
-                        w.line(0, "#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]");
+                        w.line(0, "#[derive(Debug, Clone, PartialEq, Serialize)]");
                     }
                     w.line(0, &format!("pub struct {rname} {{"));
                     w.s.push_str(&body.s);
                     w.line(0, "}");
+                    self.struct_deserialize(&mut w, &rname, members);
                 }
             }
             variants.push((def, rname, !matches!(data, Data::None)));

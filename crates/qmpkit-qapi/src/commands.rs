@@ -23,10 +23,38 @@ impl crate::Command for QueryStatus {
 /// Since QEMU 2.11.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-run-state.watchdog-set-action)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WatchdogSetAction {
     /// `action`.
     pub action: types::WatchdogAction,
+}
+
+impl<'de> Deserialize<'de> for WatchdogSetAction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = WatchdogSetAction;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a WatchdogSetAction object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<WatchdogSetAction, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "action" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(WatchdogSetAction {
+                    action: f0.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for WatchdogSetAction {
@@ -39,7 +67,7 @@ impl crate::Command for WatchdogSetAction {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-run-state.set-action)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SetAction {
     /// `reboot` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,6 +83,40 @@ pub struct SetAction {
     pub watchdog: Option<types::WatchdogAction>,
 }
 
+impl<'de> Deserialize<'de> for SetAction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SetAction;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SetAction object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SetAction, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "reboot" => f0 = m.next_value()?,
+                        "shutdown" => f1 = m.next_value()?,
+                        "panic" => f2 = m.next_value()?,
+                        "watchdog" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SetAction {
+                    reboot: f0,
+                    shutdown: f1,
+                    panic: f2,
+                    watchdog: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for SetAction {
     const NAME: &'static str = "set-action";
     type Returns = crate::Empty;
@@ -65,10 +127,35 @@ impl crate::Command for SetAction {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-job.job-pause)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobPause {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for JobPause {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobPause;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobPause object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobPause, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobPause {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for JobPause {
@@ -81,10 +168,35 @@ impl crate::Command for JobPause {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-job.job-resume)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobResume {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for JobResume {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobResume;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobResume object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobResume, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobResume {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for JobResume {
@@ -97,10 +209,35 @@ impl crate::Command for JobResume {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-job.job-cancel)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobCancel {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for JobCancel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobCancel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobCancel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobCancel, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobCancel {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for JobCancel {
@@ -113,10 +250,35 @@ impl crate::Command for JobCancel {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-job.job-complete)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobComplete {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for JobComplete {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobComplete;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobComplete object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobComplete, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobComplete {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for JobComplete {
@@ -129,10 +291,35 @@ impl crate::Command for JobComplete {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-job.job-dismiss)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobDismiss {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for JobDismiss {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobDismiss;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobDismiss object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobDismiss, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobDismiss {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for JobDismiss {
@@ -145,10 +332,35 @@ impl crate::Command for JobDismiss {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-job.job-finalize)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobFinalize {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for JobFinalize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobFinalize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobFinalize object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobFinalize, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobFinalize {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for JobFinalize {
@@ -187,11 +399,34 @@ impl crate::Command for QueryBlock {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.query-blockstats)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryBlockstats {
     /// `query-nodes` (optional; since QEMU 2.3).
     #[serde(rename = "query-nodes", skip_serializing_if = "Option::is_none")]
     pub query_nodes: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for QueryBlockstats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryBlockstats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryBlockstats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QueryBlockstats, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "query-nodes" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryBlockstats { query_nodes: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryBlockstats {
@@ -217,7 +452,7 @@ impl crate::Command for QueryBlockJobs {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block_resize)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockResize {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -227,6 +462,37 @@ pub struct BlockResize {
     pub node_name: Option<String>,
     /// `size`.
     pub size: i64,
+}
+
+impl<'de> Deserialize<'de> for BlockResize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockResize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockResize object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockResize, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "node-name" => f1 = m.next_value()?,
+                        "size" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockResize {
+                    device: f0,
+                    node_name: f1,
+                    size: f2.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockResize {
@@ -267,7 +533,7 @@ impl crate::Command for BlockdevSnapshot {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.change-backing-file)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChangeBackingFile {
     /// `device`.
     pub device: String,
@@ -277,6 +543,40 @@ pub struct ChangeBackingFile {
     /// `backing-file`.
     #[serde(rename = "backing-file")]
     pub backing_file: String,
+}
+
+impl<'de> Deserialize<'de> for ChangeBackingFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChangeBackingFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChangeBackingFile object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChangeBackingFile, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "image-node-name" => f1 = Some(m.next_value()?),
+                        "backing-file" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChangeBackingFile {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    image_node_name: f1.ok_or_else(|| serde::de::Error::missing_field("image-node-name"))?,
+                    backing_file: f2.ok_or_else(|| serde::de::Error::missing_field("backing-file"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ChangeBackingFile {
@@ -289,7 +589,7 @@ impl crate::Command for ChangeBackingFile {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-commit)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockCommit {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -333,6 +633,67 @@ pub struct BlockCommit {
     pub auto_dismiss: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockCommit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockCommit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockCommit object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockCommit, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "base-node" => f2 = m.next_value()?,
+                        "base" => f3 = m.next_value()?,
+                        "top-node" => f4 = m.next_value()?,
+                        "top" => f5 = m.next_value()?,
+                        "backing-file" => f6 = m.next_value()?,
+                        "backing-mask-protocol" => f7 = m.next_value()?,
+                        "speed" => f8 = m.next_value()?,
+                        "on-error" => f9 = m.next_value()?,
+                        "filter-node-name" => f10 = m.next_value()?,
+                        "auto-finalize" => f11 = m.next_value()?,
+                        "auto-dismiss" => f12 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockCommit {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    base_node: f2,
+                    base: f3,
+                    top_node: f4,
+                    top: f5,
+                    backing_file: f6,
+                    backing_mask_protocol: f7,
+                    speed: f8,
+                    on_error: f9,
+                    filter_node_name: f10,
+                    auto_finalize: f11,
+                    auto_dismiss: f12,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for BlockCommit {
     const NAME: &'static str = "block-commit";
     type Returns = crate::Empty;
@@ -372,11 +733,37 @@ impl crate::Command for BlockdevBackup {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.query-named-block-nodes)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryNamedBlockNodes {
     /// `flat` (optional; since QEMU 5.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flat: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for QueryNamedBlockNodes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryNamedBlockNodes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryNamedBlockNodes object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QueryNamedBlockNodes, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "flat" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryNamedBlockNodes { flat: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryNamedBlockNodes {
@@ -514,7 +901,7 @@ impl crate::Command for XDebugBlockDirtyBitmapSha256 {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-mirror)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevMirror {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -557,6 +944,70 @@ pub struct BlockdevMirror {
     pub auto_dismiss: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevMirror {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevMirror;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevMirror object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevMirror, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "target" => f2 = Some(m.next_value()?),
+                        "replaces" => f3 = m.next_value()?,
+                        "sync" => f4 = Some(m.next_value()?),
+                        "speed" => f5 = m.next_value()?,
+                        "granularity" => f6 = m.next_value()?,
+                        "buf-size" => f7 = m.next_value()?,
+                        "on-source-error" => f8 = m.next_value()?,
+                        "on-target-error" => f9 = m.next_value()?,
+                        "filter-node-name" => f10 = m.next_value()?,
+                        "copy-mode" => f11 = m.next_value()?,
+                        "auto-finalize" => f12 = m.next_value()?,
+                        "auto-dismiss" => f13 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevMirror {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    target: f2.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    replaces: f3,
+                    sync: f4.ok_or_else(|| serde::de::Error::missing_field("sync"))?,
+                    speed: f5,
+                    granularity: f6,
+                    buf_size: f7,
+                    on_source_error: f8,
+                    on_target_error: f9,
+                    filter_node_name: f10,
+                    copy_mode: f11,
+                    auto_finalize: f12,
+                    auto_dismiss: f13,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for BlockdevMirror {
     const NAME: &'static str = "blockdev-mirror";
     type Returns = crate::Empty;
@@ -567,7 +1018,7 @@ impl crate::Command for BlockdevMirror {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-stream)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockStream {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -606,6 +1057,64 @@ pub struct BlockStream {
     pub auto_dismiss: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockStream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockStream;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockStream object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockStream, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "base" => f2 = m.next_value()?,
+                        "base-node" => f3 = m.next_value()?,
+                        "backing-file" => f4 = m.next_value()?,
+                        "backing-mask-protocol" => f5 = m.next_value()?,
+                        "bottom" => f6 = m.next_value()?,
+                        "speed" => f7 = m.next_value()?,
+                        "on-error" => f8 = m.next_value()?,
+                        "filter-node-name" => f9 = m.next_value()?,
+                        "auto-finalize" => f10 = m.next_value()?,
+                        "auto-dismiss" => f11 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockStream {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    base: f2,
+                    base_node: f3,
+                    backing_file: f4,
+                    backing_mask_protocol: f5,
+                    bottom: f6,
+                    speed: f7,
+                    on_error: f8,
+                    filter_node_name: f9,
+                    auto_finalize: f10,
+                    auto_dismiss: f11,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for BlockStream {
     const NAME: &'static str = "block-stream";
     type Returns = crate::Empty;
@@ -616,12 +1125,40 @@ impl crate::Command for BlockStream {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-set-speed)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobSetSpeed {
     /// `device`.
     pub device: String,
     /// `speed`.
     pub speed: i64,
+}
+
+impl<'de> Deserialize<'de> for BlockJobSetSpeed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobSetSpeed;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobSetSpeed object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobSetSpeed, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "speed" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobSetSpeed {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    speed: f1.ok_or_else(|| serde::de::Error::missing_field("speed"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobSetSpeed {
@@ -634,13 +1171,41 @@ impl crate::Command for BlockJobSetSpeed {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-cancel)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobCancel {
     /// `device`.
     pub device: String,
     /// `force` (optional; since QEMU 1.3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BlockJobCancel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobCancel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobCancel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobCancel, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "force" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobCancel {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    force: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobCancel {
@@ -653,10 +1218,35 @@ impl crate::Command for BlockJobCancel {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-pause)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobPause {
     /// `device`.
     pub device: String,
+}
+
+impl<'de> Deserialize<'de> for BlockJobPause {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobPause;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobPause object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobPause, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobPause {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobPause {
@@ -669,10 +1259,35 @@ impl crate::Command for BlockJobPause {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-resume)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobResume {
     /// `device`.
     pub device: String,
+}
+
+impl<'de> Deserialize<'de> for BlockJobResume {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobResume;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobResume object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobResume, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobResume {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobResume {
@@ -685,10 +1300,35 @@ impl crate::Command for BlockJobResume {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-complete)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobComplete {
     /// `device`.
     pub device: String,
+}
+
+impl<'de> Deserialize<'de> for BlockJobComplete {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobComplete;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobComplete object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobComplete, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobComplete {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobComplete {
@@ -701,10 +1341,35 @@ impl crate::Command for BlockJobComplete {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-dismiss)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobDismiss {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for BlockJobDismiss {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobDismiss;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobDismiss object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobDismiss, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobDismiss {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobDismiss {
@@ -717,10 +1382,35 @@ impl crate::Command for BlockJobDismiss {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-job-finalize)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobFinalize {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for BlockJobFinalize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobFinalize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobFinalize object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobFinalize, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobFinalize {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockJobFinalize {
@@ -761,10 +1451,35 @@ impl crate::Command for BlockdevAdd {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-reopen)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevReopen {
     /// `options`.
     pub options: Vec<types::BlockdevOptions>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevReopen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevReopen;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevReopen object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevReopen, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "options" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevReopen {
+                    options: f0.ok_or_else(|| serde::de::Error::missing_field("options"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevReopen {
@@ -777,11 +1492,36 @@ impl crate::Command for BlockdevReopen {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-del)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevDel {
     /// `node-name`.
     #[serde(rename = "node-name")]
     pub node_name: String,
+}
+
+impl<'de> Deserialize<'de> for BlockdevDel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevDel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevDel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevDel, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevDel {
+                    node_name: f0.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevDel {
@@ -794,13 +1534,44 @@ impl crate::Command for BlockdevDel {
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-set-active)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSetActive {
     /// `node-name` (optional).
     #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// `active`.
     pub active: bool,
+}
+
+impl<'de> Deserialize<'de> for BlockdevSetActive {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSetActive;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSetActive object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSetActive, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = m.next_value()?,
+                        "active" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSetActive {
+                    node_name: f0,
+                    active: f1.ok_or_else(|| serde::de::Error::missing_field("active"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevSetActive {
@@ -813,13 +1584,41 @@ impl crate::Command for BlockdevSetActive {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-create)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreate {
     /// `job-id`.
     #[serde(rename = "job-id")]
     pub job_id: String,
     /// `options`.
     pub options: types::BlockdevCreateOptions,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCreate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreate object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevCreate, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = Some(m.next_value()?),
+                        "options" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreate {
+                    job_id: f0.ok_or_else(|| serde::de::Error::missing_field("job-id"))?,
+                    options: f1.ok_or_else(|| serde::de::Error::missing_field("options"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevCreate {
@@ -832,7 +1631,7 @@ impl crate::Command for BlockdevCreate {
 /// Since QEMU 5.1. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.x-blockdev-amend)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XBlockdevAmend {
     /// `job-id`.
     #[serde(rename = "job-id")]
@@ -847,6 +1646,40 @@ pub struct XBlockdevAmend {
     pub force: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for XBlockdevAmend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XBlockdevAmend;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XBlockdevAmend object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<XBlockdevAmend, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = Some(m.next_value()?),
+                        "node-name" => f1 = Some(m.next_value()?),
+                        "options" => f2 = Some(m.next_value()?),
+                        "force" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XBlockdevAmend {
+                    job_id: f0.ok_or_else(|| serde::de::Error::missing_field("job-id"))?,
+                    node_name: f1.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    options: f2.ok_or_else(|| serde::de::Error::missing_field("options"))?,
+                    force: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for XBlockdevAmend {
     const NAME: &'static str = "x-blockdev-amend";
     type Returns = crate::Empty;
@@ -857,7 +1690,7 @@ impl crate::Command for XBlockdevAmend {
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.block-set-write-threshold)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockSetWriteThreshold {
     /// `node-name`.
     #[serde(rename = "node-name")]
@@ -865,6 +1698,37 @@ pub struct BlockSetWriteThreshold {
     /// `write-threshold`.
     #[serde(rename = "write-threshold")]
     pub write_threshold: u64,
+}
+
+impl<'de> Deserialize<'de> for BlockSetWriteThreshold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockSetWriteThreshold;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockSetWriteThreshold object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockSetWriteThreshold, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = Some(m.next_value()?),
+                        "write-threshold" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockSetWriteThreshold {
+                    node_name: f0.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    write_threshold: f1.ok_or_else(|| serde::de::Error::missing_field("write-threshold"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockSetWriteThreshold {
@@ -877,7 +1741,7 @@ impl crate::Command for BlockSetWriteThreshold {
 /// Since QEMU 2.7. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.x-blockdev-change)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XBlockdevChange {
     /// `parent`.
     pub parent: String,
@@ -887,6 +1751,37 @@ pub struct XBlockdevChange {
     /// `node` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for XBlockdevChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XBlockdevChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XBlockdevChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<XBlockdevChange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "parent" => f0 = Some(m.next_value()?),
+                        "child" => f1 = m.next_value()?,
+                        "node" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XBlockdevChange {
+                    parent: f0.ok_or_else(|| serde::de::Error::missing_field("parent"))?,
+                    child: f1,
+                    node: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XBlockdevChange {
@@ -899,7 +1794,7 @@ impl crate::Command for XBlockdevChange {
 /// Since QEMU 2.12. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.x-blockdev-set-iothread)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XBlockdevSetIothread {
     /// `node-name`.
     #[serde(rename = "node-name")]
@@ -909,6 +1804,40 @@ pub struct XBlockdevSetIothread {
     /// `force` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for XBlockdevSetIothread {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XBlockdevSetIothread;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XBlockdevSetIothread object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XBlockdevSetIothread, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = Some(m.next_value()?),
+                        "iothread" => f1 = Some(m.next_value()?),
+                        "force" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XBlockdevSetIothread {
+                    node_name: f0.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    iothread: f1.ok_or_else(|| serde::de::Error::missing_field("iothread"))?,
+                    force: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XBlockdevSetIothread {
@@ -935,7 +1864,7 @@ impl crate::Command for BlockdevSnapshotInternalSync {
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-core.blockdev-snapshot-delete-internal-sync)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshotDeleteInternalSync {
     /// `device`.
     pub device: String,
@@ -945,6 +1874,40 @@ pub struct BlockdevSnapshotDeleteInternalSync {
     /// `name` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevSnapshotDeleteInternalSync {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshotDeleteInternalSync;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshotDeleteInternalSync object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSnapshotDeleteInternalSync, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "id" => f1 = m.next_value()?,
+                        "name" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshotDeleteInternalSync {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    id: f1,
+                    name: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevSnapshotDeleteInternalSync {
@@ -970,7 +1933,7 @@ impl crate::Command for QueryPrManagers {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.eject)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Eject {
     /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -984,6 +1947,37 @@ pub struct Eject {
     pub force: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for Eject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Eject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Eject object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Eject, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "id" => f1 = m.next_value()?,
+                        "force" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Eject {
+                    device: f0,
+                    id: f1,
+                    force: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for Eject {
     const NAME: &'static str = "eject";
     type Returns = crate::Empty;
@@ -994,7 +1988,7 @@ impl crate::Command for Eject {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-open-tray)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockdevOpenTray {
     /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1008,6 +2002,37 @@ pub struct BlockdevOpenTray {
     pub force: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOpenTray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOpenTray;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOpenTray object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevOpenTray, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "id" => f1 = m.next_value()?,
+                        "force" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOpenTray {
+                    device: f0,
+                    id: f1,
+                    force: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for BlockdevOpenTray {
     const NAME: &'static str = "blockdev-open-tray";
     type Returns = crate::Empty;
@@ -1018,7 +2043,7 @@ impl crate::Command for BlockdevOpenTray {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-close-tray)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockdevCloseTray {
     /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1027,6 +2052,34 @@ pub struct BlockdevCloseTray {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCloseTray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCloseTray;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCloseTray object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCloseTray, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "id" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCloseTray { device: f0, id: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevCloseTray {
@@ -1039,10 +2092,38 @@ impl crate::Command for BlockdevCloseTray {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-remove-medium)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevRemoveMedium {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for BlockdevRemoveMedium {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevRemoveMedium;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevRemoveMedium object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevRemoveMedium, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevRemoveMedium {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevRemoveMedium {
@@ -1055,13 +2136,44 @@ impl crate::Command for BlockdevRemoveMedium {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-insert-medium)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevInsertMedium {
     /// `id`.
     pub id: String,
     /// `node-name`.
     #[serde(rename = "node-name")]
     pub node_name: String,
+}
+
+impl<'de> Deserialize<'de> for BlockdevInsertMedium {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevInsertMedium;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevInsertMedium object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevInsertMedium, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "node-name" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevInsertMedium {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    node_name: f1.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevInsertMedium {
@@ -1074,7 +2186,7 @@ impl crate::Command for BlockdevInsertMedium {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.blockdev-change-medium)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevChangeMedium {
     /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1094,6 +2206,49 @@ pub struct BlockdevChangeMedium {
     /// `read-only-mode` (optional).
     #[serde(rename = "read-only-mode", skip_serializing_if = "Option::is_none")]
     pub read_only_mode: Option<types::BlockdevChangeReadOnlyMode>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevChangeMedium {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevChangeMedium;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevChangeMedium object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevChangeMedium, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "id" => f1 = m.next_value()?,
+                        "filename" => f2 = Some(m.next_value()?),
+                        "format" => f3 = m.next_value()?,
+                        "force" => f4 = m.next_value()?,
+                        "read-only-mode" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevChangeMedium {
+                    device: f0,
+                    id: f1,
+                    filename: f2.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    format: f3,
+                    force: f4,
+                    read_only_mode: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockdevChangeMedium {
@@ -1120,7 +2275,7 @@ impl crate::Command for BlockSetIoThrottle {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block.block-latency-histogram-set)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockLatencyHistogramSet {
     /// `id`.
     pub id: String,
@@ -1139,6 +2294,49 @@ pub struct BlockLatencyHistogramSet {
     /// `boundaries-flush` (optional).
     #[serde(rename = "boundaries-flush", skip_serializing_if = "Option::is_none")]
     pub boundaries_flush: Option<Vec<u64>>,
+}
+
+impl<'de> Deserialize<'de> for BlockLatencyHistogramSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockLatencyHistogramSet;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockLatencyHistogramSet object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockLatencyHistogramSet, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "boundaries" => f1 = m.next_value()?,
+                        "boundaries-read" => f2 = m.next_value()?,
+                        "boundaries-write" => f3 = m.next_value()?,
+                        "boundaries-zap" => f4 = m.next_value()?,
+                        "boundaries-flush" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockLatencyHistogramSet {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    boundaries: f1,
+                    boundaries_read: f2,
+                    boundaries_write: f3,
+                    boundaries_zap: f4,
+                    boundaries_flush: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockLatencyHistogramSet {
@@ -1181,13 +2379,41 @@ impl crate::Command for NbdServerAdd {
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-export.nbd-server-remove)
 #[deprecated(note = "QEMU deprecates this command")]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NbdServerRemove {
     /// `name`.
     pub name: String,
     /// `mode` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<types::BlockExportRemoveMode>,
+}
+
+impl<'de> Deserialize<'de> for NbdServerRemove {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NbdServerRemove;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NbdServerRemove object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NbdServerRemove, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "mode" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NbdServerRemove {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    mode: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for NbdServerRemove {
@@ -1227,13 +2453,41 @@ impl crate::Command for BlockExportAdd {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-block-export.block-export-del)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockExportDel {
     /// `id`.
     pub id: String,
     /// `mode` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<types::BlockExportRemoveMode>,
+}
+
+impl<'de> Deserialize<'de> for BlockExportDel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportDel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportDel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockExportDel, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "mode" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportDel {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    mode: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for BlockExportDel {
@@ -1285,7 +2539,7 @@ impl crate::Command for QueryChardevBackends {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-char.ringbuf-write)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RingbufWrite {
     /// `device`.
     pub device: String,
@@ -1294,6 +2548,37 @@ pub struct RingbufWrite {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<types::DataFormat>,
+}
+
+impl<'de> Deserialize<'de> for RingbufWrite {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RingbufWrite;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RingbufWrite object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RingbufWrite, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "data" => f1 = Some(m.next_value()?),
+                        "format" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RingbufWrite {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    data: f1.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                    format: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for RingbufWrite {
@@ -1306,7 +2591,7 @@ impl crate::Command for RingbufWrite {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-char.ringbuf-read)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RingbufRead {
     /// `device`.
     pub device: String,
@@ -1315,6 +2600,37 @@ pub struct RingbufRead {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<types::DataFormat>,
+}
+
+impl<'de> Deserialize<'de> for RingbufRead {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RingbufRead;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RingbufRead object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RingbufRead, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "format" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RingbufRead {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    format: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for RingbufRead {
@@ -1327,12 +2643,40 @@ impl crate::Command for RingbufRead {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-char.chardev-add)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevAdd {
     /// `id`.
     pub id: String,
     /// `backend`.
     pub backend: types::ChardevBackend,
+}
+
+impl<'de> Deserialize<'de> for ChardevAdd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevAdd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevAdd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevAdd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "backend" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevAdd {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    backend: f1.ok_or_else(|| serde::de::Error::missing_field("backend"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ChardevAdd {
@@ -1345,12 +2689,40 @@ impl crate::Command for ChardevAdd {
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-char.chardev-change)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevChange {
     /// `id`.
     pub id: String,
     /// `backend`.
     pub backend: types::ChardevBackend,
+}
+
+impl<'de> Deserialize<'de> for ChardevChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevChange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "backend" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevChange {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    backend: f1.ok_or_else(|| serde::de::Error::missing_field("backend"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ChardevChange {
@@ -1363,10 +2735,35 @@ impl crate::Command for ChardevChange {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-char.chardev-remove)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevRemove {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for ChardevRemove {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevRemove;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevRemove object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevRemove, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevRemove {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ChardevRemove {
@@ -1379,10 +2776,35 @@ impl crate::Command for ChardevRemove {
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-char.chardev-send-break)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSendBreak {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for ChardevSendBreak {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSendBreak;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSendBreak object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevSendBreak, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSendBreak {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ChardevSendBreak {
@@ -1395,7 +2817,7 @@ impl crate::Command for ChardevSendBreak {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-dump.dump-guest-memory)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DumpGuestMemory {
     /// `paging`.
     pub paging: bool,
@@ -1413,6 +2835,46 @@ pub struct DumpGuestMemory {
     /// `format` (optional; since QEMU 2.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<types::DumpGuestMemoryFormat>,
+}
+
+impl<'de> Deserialize<'de> for DumpGuestMemory {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DumpGuestMemory;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DumpGuestMemory object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DumpGuestMemory, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "paging" => f0 = Some(m.next_value()?),
+                        "protocol" => f1 = Some(m.next_value()?),
+                        "detach" => f2 = m.next_value()?,
+                        "begin" => f3 = m.next_value()?,
+                        "length" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DumpGuestMemory {
+                    paging: f0.ok_or_else(|| serde::de::Error::missing_field("paging"))?,
+                    protocol: f1.ok_or_else(|| serde::de::Error::missing_field("protocol"))?,
+                    detach: f2,
+                    begin: f3,
+                    length: f4,
+                    format: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for DumpGuestMemory {
@@ -1451,12 +2913,40 @@ impl crate::Command for QueryDumpGuestMemoryCapability {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-net.set_link)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SetLink {
     /// `name`.
     pub name: String,
     /// `up`.
     pub up: bool,
+}
+
+impl<'de> Deserialize<'de> for SetLink {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SetLink;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SetLink object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SetLink, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "up" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SetLink {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    up: f1.ok_or_else(|| serde::de::Error::missing_field("up"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for SetLink {
@@ -1483,10 +2973,35 @@ impl crate::Command for NetdevAdd {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-net.netdev_del)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevDel {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for NetdevDel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevDel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevDel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NetdevDel, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevDel {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for NetdevDel {
@@ -1499,11 +3014,34 @@ impl crate::Command for NetdevDel {
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-net.query-rx-filter)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryRxFilter {
     /// `name` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for QueryRxFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryRxFilter;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryRxFilter object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QueryRxFilter, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryRxFilter { name: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryRxFilter {
@@ -1530,10 +3068,35 @@ impl crate::Command for AnnounceSelf {
 /// Since QEMU 9.0. Compiled in only where `CONFIG_EBPF` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-ebpf.request-ebpf)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestEbpf {
     /// `id`.
     pub id: types::EbpfProgramID,
+}
+
+impl<'de> Deserialize<'de> for RequestEbpf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RequestEbpf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RequestEbpf object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RequestEbpf, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RequestEbpf {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for RequestEbpf {
@@ -1546,10 +3109,35 @@ impl crate::Command for RequestEbpf {
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-rocker.query-rocker)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryRocker {
     /// `name`.
     pub name: String,
+}
+
+impl<'de> Deserialize<'de> for QueryRocker {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryRocker;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryRocker object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QueryRocker, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryRocker {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryRocker {
@@ -1562,10 +3150,35 @@ impl crate::Command for QueryRocker {
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-rocker.query-rocker-ports)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryRockerPorts {
     /// `name`.
     pub name: String,
+}
+
+impl<'de> Deserialize<'de> for QueryRockerPorts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryRockerPorts;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryRockerPorts object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QueryRockerPorts, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryRockerPorts {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryRockerPorts {
@@ -1578,13 +3191,44 @@ impl crate::Command for QueryRockerPorts {
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-rocker.query-rocker-of-dpa-flows)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryRockerOfDpaFlows {
     /// `name`.
     pub name: String,
     /// `tbl-id` (optional).
     #[serde(rename = "tbl-id", skip_serializing_if = "Option::is_none")]
     pub tbl_id: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for QueryRockerOfDpaFlows {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryRockerOfDpaFlows;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryRockerOfDpaFlows object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QueryRockerOfDpaFlows, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "tbl-id" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryRockerOfDpaFlows {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    tbl_id: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryRockerOfDpaFlows {
@@ -1597,13 +3241,44 @@ impl crate::Command for QueryRockerOfDpaFlows {
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-rocker.query-rocker-of-dpa-groups)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryRockerOfDpaGroups {
     /// `name`.
     pub name: String,
     /// `type` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub r#type: Option<u8>,
+}
+
+impl<'de> Deserialize<'de> for QueryRockerOfDpaGroups {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryRockerOfDpaGroups;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryRockerOfDpaGroups object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QueryRockerOfDpaGroups, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "type" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryRockerOfDpaGroups {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    r#type: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryRockerOfDpaGroups {
@@ -1683,7 +3358,7 @@ impl crate::Command for ExpirePassword {
 /// Since QEMU 0.14. Compiled in only where `CONFIG_PIXMAN` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-ui.screendump)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Screendump {
     /// `filename`.
     pub filename: String,
@@ -1696,6 +3371,40 @@ pub struct Screendump {
     /// `format` (optional; since QEMU 7.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<types::ImageFormat>,
+}
+
+impl<'de> Deserialize<'de> for Screendump {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Screendump;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Screendump object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Screendump, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "device" => f1 = m.next_value()?,
+                        "head" => f2 = m.next_value()?,
+                        "format" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Screendump {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    device: f1,
+                    head: f2,
+                    format: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Screendump {
@@ -1747,10 +3456,38 @@ impl crate::Command for QueryVncServers {
 /// Since QEMU 1.1. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-ui.change-vnc-password)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChangeVncPassword {
     /// `password`.
     pub password: String,
+}
+
+impl<'de> Deserialize<'de> for ChangeVncPassword {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChangeVncPassword;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChangeVncPassword object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChangeVncPassword, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "password" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChangeVncPassword {
+                    password: f0.ok_or_else(|| serde::de::Error::missing_field("password"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ChangeVncPassword {
@@ -1776,13 +3513,41 @@ impl crate::Command for QueryMice {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-ui.send-key)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SendKey {
     /// `keys`.
     pub keys: Vec<types::KeyValue>,
     /// `hold-time` (optional).
     #[serde(rename = "hold-time", skip_serializing_if = "Option::is_none")]
     pub hold_time: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for SendKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SendKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SendKey object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SendKey, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "keys" => f0 = Some(m.next_value()?),
+                        "hold-time" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SendKey {
+                    keys: f0.ok_or_else(|| serde::de::Error::missing_field("keys"))?,
+                    hold_time: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for SendKey {
@@ -1795,7 +3560,7 @@ impl crate::Command for SendKey {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-ui.input-send-event)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputSendEvent {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1805,6 +3570,37 @@ pub struct InputSendEvent {
     pub head: Option<i64>,
     /// `events`.
     pub events: Vec<types::InputEvent>,
+}
+
+impl<'de> Deserialize<'de> for InputSendEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputSendEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputSendEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<InputSendEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "head" => f1 = m.next_value()?,
+                        "events" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputSendEvent {
+                    device: f0,
+                    head: f1,
+                    events: f2.ok_or_else(|| serde::de::Error::missing_field("events"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for InputSendEvent {
@@ -1858,7 +3654,7 @@ impl crate::Command for DisplayUpdate {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-ui.client_migrate_info)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ClientMigrateInfo {
     /// `protocol`.
     pub protocol: String,
@@ -1873,6 +3669,46 @@ pub struct ClientMigrateInfo {
     /// `cert-subject` (optional).
     #[serde(rename = "cert-subject", skip_serializing_if = "Option::is_none")]
     pub cert_subject: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ClientMigrateInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ClientMigrateInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ClientMigrateInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ClientMigrateInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "protocol" => f0 = Some(m.next_value()?),
+                        "hostname" => f1 = Some(m.next_value()?),
+                        "port" => f2 = m.next_value()?,
+                        "tls-port" => f3 = m.next_value()?,
+                        "cert-subject" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ClientMigrateInfo {
+                    protocol: f0.ok_or_else(|| serde::de::Error::missing_field("protocol"))?,
+                    hostname: f1.ok_or_else(|| serde::de::Error::missing_field("hostname"))?,
+                    port: f2,
+                    tls_port: f3,
+                    cert_subject: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ClientMigrateInfo {
@@ -1898,10 +3734,38 @@ impl crate::Command for QueryMigrate {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.migrate-set-capabilities)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrateSetCapabilities {
     /// `capabilities`.
     pub capabilities: Vec<types::MigrationCapabilityStatus>,
+}
+
+impl<'de> Deserialize<'de> for MigrateSetCapabilities {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrateSetCapabilities;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrateSetCapabilities object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MigrateSetCapabilities, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "capabilities" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrateSetCapabilities {
+                    capabilities: f0.ok_or_else(|| serde::de::Error::missing_field("capabilities"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for MigrateSetCapabilities {
@@ -1993,10 +3857,35 @@ impl crate::Command for MigrateCancel {
 /// Since QEMU 2.11.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.migrate-continue)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrateContinue {
     /// `state`.
     pub state: types::MigrationStatus,
+}
+
+impl<'de> Deserialize<'de> for MigrateContinue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrateContinue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrateContinue object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrateContinue, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "state" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrateContinue {
+                    state: f0.ok_or_else(|| serde::de::Error::missing_field("state"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for MigrateContinue {
@@ -2009,7 +3898,7 @@ impl crate::Command for MigrateContinue {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.migrate)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Migrate {
     /// `uri` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -2025,6 +3914,40 @@ pub struct Migrate {
     pub resume: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for Migrate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Migrate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Migrate object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Migrate, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "uri" => f0 = m.next_value()?,
+                        "channels" => f1 = m.next_value()?,
+                        "detach" => f2 = m.next_value()?,
+                        "resume" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Migrate {
+                    uri: f0,
+                    channels: f1,
+                    detach: f2,
+                    resume: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for Migrate {
     const NAME: &'static str = "migrate";
     type Returns = crate::Empty;
@@ -2035,7 +3958,7 @@ impl crate::Command for Migrate {
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.migrate-incoming)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MigrateIncoming {
     /// `uri` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -2048,6 +3971,37 @@ pub struct MigrateIncoming {
     pub exit_on_error: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for MigrateIncoming {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrateIncoming;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrateIncoming object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrateIncoming, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "uri" => f0 = m.next_value()?,
+                        "channels" => f1 = m.next_value()?,
+                        "exit-on-error" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrateIncoming {
+                    uri: f0,
+                    channels: f1,
+                    exit_on_error: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for MigrateIncoming {
     const NAME: &'static str = "migrate-incoming";
     type Returns = crate::Empty;
@@ -2058,13 +4012,44 @@ impl crate::Command for MigrateIncoming {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.xen-save-devices-state)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XenSaveDevicesState {
     /// `filename`.
     pub filename: String,
     /// `live` (optional; since QEMU 2.11).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for XenSaveDevicesState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XenSaveDevicesState;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XenSaveDevicesState object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XenSaveDevicesState, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "live" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XenSaveDevicesState {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    live: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XenSaveDevicesState {
@@ -2077,10 +4062,38 @@ impl crate::Command for XenSaveDevicesState {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.xen-set-global-dirty-log)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XenSetGlobalDirtyLog {
     /// `enable`.
     pub enable: bool,
+}
+
+impl<'de> Deserialize<'de> for XenSetGlobalDirtyLog {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XenSetGlobalDirtyLog;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XenSetGlobalDirtyLog object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XenSetGlobalDirtyLog, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "enable" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XenSetGlobalDirtyLog {
+                    enable: f0.ok_or_else(|| serde::de::Error::missing_field("enable"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XenSetGlobalDirtyLog {
@@ -2093,10 +4106,38 @@ impl crate::Command for XenSetGlobalDirtyLog {
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.xen-load-devices-state)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XenLoadDevicesState {
     /// `filename`.
     pub filename: String,
+}
+
+impl<'de> Deserialize<'de> for XenLoadDevicesState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XenLoadDevicesState;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XenLoadDevicesState object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XenLoadDevicesState, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XenLoadDevicesState {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XenLoadDevicesState {
@@ -2109,7 +4150,7 @@ impl crate::Command for XenLoadDevicesState {
 /// Since QEMU 2.9. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.xen-set-replication)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XenSetReplication {
     /// `enable`.
     pub enable: bool,
@@ -2118,6 +4159,40 @@ pub struct XenSetReplication {
     /// `failover` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for XenSetReplication {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XenSetReplication;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XenSetReplication object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XenSetReplication, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "enable" => f0 = Some(m.next_value()?),
+                        "primary" => f1 = Some(m.next_value()?),
+                        "failover" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XenSetReplication {
+                    enable: f0.ok_or_else(|| serde::de::Error::missing_field("enable"))?,
+                    primary: f1.ok_or_else(|| serde::de::Error::missing_field("primary"))?,
+                    failover: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XenSetReplication {
@@ -2169,10 +4244,35 @@ impl crate::Command for QueryColoStatus {
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.migrate-recover)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrateRecover {
     /// `uri`.
     pub uri: String,
+}
+
+impl<'de> Deserialize<'de> for MigrateRecover {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrateRecover;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrateRecover object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrateRecover, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "uri" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrateRecover {
+                    uri: f0.ok_or_else(|| serde::de::Error::missing_field("uri"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for MigrateRecover {
@@ -2198,7 +4298,7 @@ impl crate::Command for MigratePause {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.calc-dirty-rate)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CalcDirtyRate {
     /// `calc-time`.
     #[serde(rename = "calc-time")]
@@ -2214,6 +4314,40 @@ pub struct CalcDirtyRate {
     pub mode: Option<types::DirtyRateMeasureMode>,
 }
 
+impl<'de> Deserialize<'de> for CalcDirtyRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CalcDirtyRate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CalcDirtyRate object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CalcDirtyRate, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "calc-time" => f0 = Some(m.next_value()?),
+                        "calc-time-unit" => f1 = m.next_value()?,
+                        "sample-pages" => f2 = m.next_value()?,
+                        "mode" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CalcDirtyRate {
+                    calc_time: f0.ok_or_else(|| serde::de::Error::missing_field("calc-time"))?,
+                    calc_time_unit: f1,
+                    sample_pages: f2,
+                    mode: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for CalcDirtyRate {
     const NAME: &'static str = "calc-dirty-rate";
     type Returns = crate::Empty;
@@ -2224,11 +4358,34 @@ impl crate::Command for CalcDirtyRate {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.query-dirty-rate)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryDirtyRate {
     /// `calc-time-unit` (optional; since QEMU 8.2).
     #[serde(rename = "calc-time-unit", skip_serializing_if = "Option::is_none")]
     pub calc_time_unit: Option<types::TimeUnit>,
+}
+
+impl<'de> Deserialize<'de> for QueryDirtyRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryDirtyRate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryDirtyRate object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QueryDirtyRate, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "calc-time-unit" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryDirtyRate { calc_time_unit: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryDirtyRate {
@@ -2241,7 +4398,7 @@ impl crate::Command for QueryDirtyRate {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.set-vcpu-dirty-limit)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SetVcpuDirtyLimit {
     /// `cpu-index` (optional).
     #[serde(rename = "cpu-index", skip_serializing_if = "Option::is_none")]
@@ -2249,6 +4406,37 @@ pub struct SetVcpuDirtyLimit {
     /// `dirty-rate`.
     #[serde(rename = "dirty-rate")]
     pub dirty_rate: u64,
+}
+
+impl<'de> Deserialize<'de> for SetVcpuDirtyLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SetVcpuDirtyLimit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SetVcpuDirtyLimit object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SetVcpuDirtyLimit, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpu-index" => f0 = m.next_value()?,
+                        "dirty-rate" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SetVcpuDirtyLimit {
+                    cpu_index: f0,
+                    dirty_rate: f1.ok_or_else(|| serde::de::Error::missing_field("dirty-rate"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for SetVcpuDirtyLimit {
@@ -2261,11 +4449,37 @@ impl crate::Command for SetVcpuDirtyLimit {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.cancel-vcpu-dirty-limit)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CancelVcpuDirtyLimit {
     /// `cpu-index` (optional).
     #[serde(rename = "cpu-index", skip_serializing_if = "Option::is_none")]
     pub cpu_index: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for CancelVcpuDirtyLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CancelVcpuDirtyLimit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CancelVcpuDirtyLimit object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CancelVcpuDirtyLimit, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpu-index" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CancelVcpuDirtyLimit { cpu_index: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for CancelVcpuDirtyLimit {
@@ -2305,7 +4519,7 @@ impl crate::Command for QueryMigrationthreads {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.snapshot-save)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SnapshotSave {
     /// `job-id`.
     #[serde(rename = "job-id")]
@@ -2318,6 +4532,40 @@ pub struct SnapshotSave {
     pub devices: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for SnapshotSave {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SnapshotSave;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SnapshotSave object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SnapshotSave, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = Some(m.next_value()?),
+                        "tag" => f1 = Some(m.next_value()?),
+                        "vmstate" => f2 = Some(m.next_value()?),
+                        "devices" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SnapshotSave {
+                    job_id: f0.ok_or_else(|| serde::de::Error::missing_field("job-id"))?,
+                    tag: f1.ok_or_else(|| serde::de::Error::missing_field("tag"))?,
+                    vmstate: f2.ok_or_else(|| serde::de::Error::missing_field("vmstate"))?,
+                    devices: f3.ok_or_else(|| serde::de::Error::missing_field("devices"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for SnapshotSave {
     const NAME: &'static str = "snapshot-save";
     type Returns = crate::Empty;
@@ -2328,7 +4576,7 @@ impl crate::Command for SnapshotSave {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.snapshot-load)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SnapshotLoad {
     /// `job-id`.
     #[serde(rename = "job-id")]
@@ -2341,6 +4589,40 @@ pub struct SnapshotLoad {
     pub devices: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for SnapshotLoad {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SnapshotLoad;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SnapshotLoad object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SnapshotLoad, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = Some(m.next_value()?),
+                        "tag" => f1 = Some(m.next_value()?),
+                        "vmstate" => f2 = Some(m.next_value()?),
+                        "devices" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SnapshotLoad {
+                    job_id: f0.ok_or_else(|| serde::de::Error::missing_field("job-id"))?,
+                    tag: f1.ok_or_else(|| serde::de::Error::missing_field("tag"))?,
+                    vmstate: f2.ok_or_else(|| serde::de::Error::missing_field("vmstate"))?,
+                    devices: f3.ok_or_else(|| serde::de::Error::missing_field("devices"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for SnapshotLoad {
     const NAME: &'static str = "snapshot-load";
     type Returns = crate::Empty;
@@ -2351,7 +4633,7 @@ impl crate::Command for SnapshotLoad {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-migration.snapshot-delete)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SnapshotDelete {
     /// `job-id`.
     #[serde(rename = "job-id")]
@@ -2360,6 +4642,37 @@ pub struct SnapshotDelete {
     pub tag: String,
     /// `devices`.
     pub devices: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for SnapshotDelete {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SnapshotDelete;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SnapshotDelete object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SnapshotDelete, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = Some(m.next_value()?),
+                        "tag" => f1 = Some(m.next_value()?),
+                        "devices" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SnapshotDelete {
+                    job_id: f0.ok_or_else(|| serde::de::Error::missing_field("job-id"))?,
+                    tag: f1.ok_or_else(|| serde::de::Error::missing_field("tag"))?,
+                    devices: f2.ok_or_else(|| serde::de::Error::missing_field("devices"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for SnapshotDelete {
@@ -2372,13 +4685,41 @@ impl crate::Command for SnapshotDelete {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-transaction.transaction)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Transaction {
     /// `actions`.
     pub actions: Vec<types::TransactionAction>,
     /// `properties` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub properties: Option<types::TransactionProperties>,
+}
+
+impl<'de> Deserialize<'de> for Transaction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Transaction;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Transaction object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Transaction, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "actions" => f0 = Some(m.next_value()?),
+                        "properties" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Transaction {
+                    actions: f0.ok_or_else(|| serde::de::Error::missing_field("actions"))?,
+                    properties: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Transaction {
@@ -2391,10 +4732,38 @@ impl crate::Command for Transaction {
 /// Since QEMU 2.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-trace.trace-event-get-state)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TraceEventGetState {
     /// `name`.
     pub name: String,
+}
+
+impl<'de> Deserialize<'de> for TraceEventGetState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TraceEventGetState;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TraceEventGetState object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TraceEventGetState, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TraceEventGetState {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for TraceEventGetState {
@@ -2407,7 +4776,7 @@ impl crate::Command for TraceEventGetState {
 /// Since QEMU 2.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-trace.trace-event-set-state)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TraceEventSetState {
     /// `name`.
     pub name: String,
@@ -2416,6 +4785,40 @@ pub struct TraceEventSetState {
     /// `ignore-unavailable` (optional).
     #[serde(rename = "ignore-unavailable", skip_serializing_if = "Option::is_none")]
     pub ignore_unavailable: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for TraceEventSetState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TraceEventSetState;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TraceEventSetState object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TraceEventSetState, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "enable" => f1 = Some(m.next_value()?),
+                        "ignore-unavailable" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TraceEventSetState {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    enable: f1.ok_or_else(|| serde::de::Error::missing_field("enable"))?,
+                    ignore_unavailable: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for TraceEventSetState {
@@ -2428,11 +4831,34 @@ impl crate::Command for TraceEventSetState {
 /// Since QEMU 0.13.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-control.qmp_capabilities)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QmpCapabilities {
     /// `enable` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable: Option<Vec<types::QMPCapability>>,
+}
+
+impl<'de> Deserialize<'de> for QmpCapabilities {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QmpCapabilities;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QmpCapabilities object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QmpCapabilities, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "enable" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QmpCapabilities { enable: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QmpCapabilities {
@@ -2497,10 +4923,35 @@ impl crate::Command for QueryQmpSchema {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qom.qom-list)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QomList {
     /// `path`.
     pub path: String,
+}
+
+impl<'de> Deserialize<'de> for QomList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QomList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QomList object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QomList, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QomList {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QomList {
@@ -2513,12 +4964,40 @@ impl crate::Command for QomList {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qom.qom-get)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QomGet {
     /// `path`.
     pub path: String,
     /// `property`.
     pub property: String,
+}
+
+impl<'de> Deserialize<'de> for QomGet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QomGet;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QomGet object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QomGet, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "property" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QomGet {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    property: f1.ok_or_else(|| serde::de::Error::missing_field("property"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QomGet {
@@ -2531,7 +5010,7 @@ impl crate::Command for QomGet {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qom.qom-set)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QomSet {
     /// `path`.
     pub path: String,
@@ -2539,6 +5018,37 @@ pub struct QomSet {
     pub property: String,
     /// `value`.
     pub value: serde_json::Value,
+}
+
+impl<'de> Deserialize<'de> for QomSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QomSet;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QomSet object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QomSet, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "property" => f1 = Some(m.next_value()?),
+                        "value" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QomSet {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    property: f1.ok_or_else(|| serde::de::Error::missing_field("property"))?,
+                    value: f2.ok_or_else(|| serde::de::Error::missing_field("value"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QomSet {
@@ -2551,7 +5061,7 @@ impl crate::Command for QomSet {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qom.qom-list-types)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QomListTypes {
     /// `implements` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -2559,6 +5069,34 @@ pub struct QomListTypes {
     /// `abstract` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub r#abstract: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for QomListTypes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QomListTypes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QomListTypes object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QomListTypes, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "implements" => f0 = m.next_value()?,
+                        "abstract" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QomListTypes {
+                    implements: f0,
+                    r#abstract: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QomListTypes {
@@ -2571,10 +5109,38 @@ impl crate::Command for QomListTypes {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qom.qom-list-properties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QomListProperties {
     /// `typename`.
     pub typename: String,
+}
+
+impl<'de> Deserialize<'de> for QomListProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QomListProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QomListProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QomListProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "typename" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QomListProperties {
+                    typename: f0.ok_or_else(|| serde::de::Error::missing_field("typename"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QomListProperties {
@@ -2601,10 +5167,35 @@ impl crate::Command for ObjectAdd {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qom.object-del)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ObjectDel {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for ObjectDel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ObjectDel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ObjectDel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ObjectDel, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ObjectDel {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ObjectDel {
@@ -2617,10 +5208,38 @@ impl crate::Command for ObjectDel {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qdev.device-list-properties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceListProperties {
     /// `typename`.
     pub typename: String,
+}
+
+impl<'de> Deserialize<'de> for DeviceListProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeviceListProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DeviceListProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DeviceListProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "typename" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DeviceListProperties {
+                    typename: f0.ok_or_else(|| serde::de::Error::missing_field("typename"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for DeviceListProperties {
@@ -2658,10 +5277,35 @@ impl crate::Command for DeviceAdd {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qdev.device_del)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceDel {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for DeviceDel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeviceDel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DeviceDel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DeviceDel, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DeviceDel {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for DeviceDel {
@@ -2674,10 +5318,35 @@ impl crate::Command for DeviceDel {
 /// Since QEMU 9.2. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-qdev.device-sync-config)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceSyncConfig {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for DeviceSyncConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeviceSyncConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DeviceSyncConfig object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DeviceSyncConfig, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DeviceSyncConfig {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for DeviceSyncConfig {
@@ -2703,11 +5372,34 @@ impl crate::Command for QueryCpusFast {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine.query-machines)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryMachines {
     /// `compat-props` (optional; since QEMU 9.1; features: `unstable`).
     #[serde(rename = "compat-props", skip_serializing_if = "Option::is_none")]
     pub compat_props: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for QueryMachines {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryMachines;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryMachines object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QueryMachines, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "compat-props" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryMachines { compat_props: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryMachines {
@@ -2837,7 +5529,7 @@ impl crate::Command for QueryKvm {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine.memsave)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Memsave {
     /// `val`.
     pub val: u64,
@@ -2850,6 +5542,40 @@ pub struct Memsave {
     pub cpu_index: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for Memsave {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Memsave;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Memsave object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Memsave, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "val" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "filename" => f2 = Some(m.next_value()?),
+                        "cpu-index" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Memsave {
+                    val: f0.ok_or_else(|| serde::de::Error::missing_field("val"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    filename: f2.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    cpu_index: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for Memsave {
     const NAME: &'static str = "memsave";
     type Returns = crate::Empty;
@@ -2860,7 +5586,7 @@ impl crate::Command for Memsave {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine.pmemsave)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Pmemsave {
     /// `val`.
     pub val: u64,
@@ -2868,6 +5594,37 @@ pub struct Pmemsave {
     pub size: u64,
     /// `filename`.
     pub filename: String,
+}
+
+impl<'de> Deserialize<'de> for Pmemsave {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Pmemsave;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Pmemsave object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Pmemsave, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "val" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "filename" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Pmemsave {
+                    val: f0.ok_or_else(|| serde::de::Error::missing_field("val"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    filename: f2.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Pmemsave {
@@ -2920,10 +5677,35 @@ impl crate::Command for SetNumaNode {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine.balloon)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Balloon {
     /// `value`.
     pub value: i64,
+}
+
+impl<'de> Deserialize<'de> for Balloon {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Balloon;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Balloon object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Balloon, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "value" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Balloon {
+                    value: f0.ok_or_else(|| serde::de::Error::missing_field("value"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Balloon {
@@ -3079,10 +5861,35 @@ impl crate::Command for XQueryUsb {
 /// Since QEMU 7.2. Compiled in only where `CONFIG_FDT` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine.dumpdtb)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Dumpdtb {
     /// `filename`.
     pub filename: String,
+}
+
+impl<'de> Deserialize<'de> for Dumpdtb {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Dumpdtb;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Dumpdtb object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Dumpdtb, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Dumpdtb {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Dumpdtb {
@@ -3108,12 +5915,43 @@ impl crate::Command for XQueryInterruptControllers {
 /// Since QEMU 2.8. Compiled in only where `any(TARGET_S390X, TARGET_I386, TARGET_ARM, TARGET_LOONGARCH64, TARGET_RISCV)` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-machine-target.query-cpu-model-expansion)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueryCpuModelExpansion {
     /// `type`.
     pub r#type: types::CpuModelExpansionType,
     /// `model`.
     pub model: types::CpuModelInfo,
+}
+
+impl<'de> Deserialize<'de> for QueryCpuModelExpansion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryCpuModelExpansion;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryCpuModelExpansion object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QueryCpuModelExpansion, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "model" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryCpuModelExpansion {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    model: f1.ok_or_else(|| serde::de::Error::missing_field("model"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryCpuModelExpansion {
@@ -3152,10 +5990,35 @@ impl crate::Command for QueryReplay {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-replay.replay-break)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplayBreak {
     /// `icount`.
     pub icount: i64,
+}
+
+impl<'de> Deserialize<'de> for ReplayBreak {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ReplayBreak;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ReplayBreak object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ReplayBreak, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "icount" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ReplayBreak {
+                    icount: f0.ok_or_else(|| serde::de::Error::missing_field("icount"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ReplayBreak {
@@ -3181,10 +6044,35 @@ impl crate::Command for ReplayDeleteBreak {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-replay.replay-seek)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplaySeek {
     /// `icount`.
     pub icount: i64,
+}
+
+impl<'de> Deserialize<'de> for ReplaySeek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ReplaySeek;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ReplaySeek object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ReplaySeek, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "icount" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ReplaySeek {
+                    icount: f0.ok_or_else(|| serde::de::Error::missing_field("icount"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for ReplaySeek {
@@ -3197,10 +6085,35 @@ impl crate::Command for ReplaySeek {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-yank.yank)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Yank {
     /// `instances`.
     pub instances: Vec<types::YankInstance>,
+}
+
+impl<'de> Deserialize<'de> for Yank {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Yank;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Yank object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Yank, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "instances" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Yank {
+                    instances: f0.ok_or_else(|| serde::de::Error::missing_field("instances"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Yank {
@@ -3226,7 +6139,7 @@ impl crate::Command for QueryYank {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.add_client)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AddClient {
     /// `protocol`.
     pub protocol: String,
@@ -3238,6 +6151,40 @@ pub struct AddClient {
     /// `tls` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for AddClient {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AddClient;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AddClient object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<AddClient, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "protocol" => f0 = Some(m.next_value()?),
+                        "fdname" => f1 = Some(m.next_value()?),
+                        "skipauth" => f2 = m.next_value()?,
+                        "tls" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AddClient {
+                    protocol: f0.ok_or_else(|| serde::de::Error::missing_field("protocol"))?,
+                    fdname: f1.ok_or_else(|| serde::de::Error::missing_field("fdname"))?,
+                    skipauth: f2,
+                    tls: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for AddClient {
@@ -3315,7 +6262,7 @@ impl crate::Command for XExitPreconfig {
 /// Since QEMU 0.14. Features: `savevm-monitor-nodes`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.human-monitor-command)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HumanMonitorCommand {
     /// `command-line`.
     #[serde(rename = "command-line")]
@@ -3323,6 +6270,37 @@ pub struct HumanMonitorCommand {
     /// `cpu-index` (optional).
     #[serde(rename = "cpu-index", skip_serializing_if = "Option::is_none")]
     pub cpu_index: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for HumanMonitorCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HumanMonitorCommand;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a HumanMonitorCommand object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<HumanMonitorCommand, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "command-line" => f0 = Some(m.next_value()?),
+                        "cpu-index" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(HumanMonitorCommand {
+                    command_line: f0.ok_or_else(|| serde::de::Error::missing_field("command-line"))?,
+                    cpu_index: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for HumanMonitorCommand {
@@ -3335,10 +6313,35 @@ impl crate::Command for HumanMonitorCommand {
 /// Since QEMU 0.14. Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.getfd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Getfd {
     /// `fdname`.
     pub fdname: String,
+}
+
+impl<'de> Deserialize<'de> for Getfd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Getfd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Getfd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Getfd, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fdname" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Getfd {
+                    fdname: f0.ok_or_else(|| serde::de::Error::missing_field("fdname"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Getfd {
@@ -3351,10 +6354,35 @@ impl crate::Command for Getfd {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.closefd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Closefd {
     /// `fdname`.
     pub fdname: String,
+}
+
+impl<'de> Deserialize<'de> for Closefd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Closefd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Closefd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Closefd, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fdname" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Closefd {
+                    fdname: f0.ok_or_else(|| serde::de::Error::missing_field("fdname"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for Closefd {
@@ -3367,7 +6395,7 @@ impl crate::Command for Closefd {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.add-fd)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AddFd {
     /// `fdset-id` (optional).
     #[serde(rename = "fdset-id", skip_serializing_if = "Option::is_none")]
@@ -3375,6 +6403,34 @@ pub struct AddFd {
     /// `opaque` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opaque: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for AddFd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AddFd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AddFd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<AddFd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fdset-id" => f0 = m.next_value()?,
+                        "opaque" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AddFd {
+                    fdset_id: f0,
+                    opaque: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for AddFd {
@@ -3387,7 +6443,7 @@ impl crate::Command for AddFd {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.remove-fd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RemoveFd {
     /// `fdset-id`.
     #[serde(rename = "fdset-id")]
@@ -3395,6 +6451,34 @@ pub struct RemoveFd {
     /// `fd` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fd: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for RemoveFd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RemoveFd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RemoveFd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RemoveFd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fdset-id" => f0 = Some(m.next_value()?),
+                        "fd" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RemoveFd {
+                    fdset_id: f0.ok_or_else(|| serde::de::Error::missing_field("fdset-id"))?,
+                    fd: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for RemoveFd {
@@ -3420,11 +6504,37 @@ impl crate::Command for QueryFdsets {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc.query-command-line-options)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryCommandLineOptions {
     /// `option` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub option: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for QueryCommandLineOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryCommandLineOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryCommandLineOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QueryCommandLineOptions, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "option" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryCommandLineOptions { option: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryCommandLineOptions {
@@ -3489,7 +6599,7 @@ impl crate::Command for QuerySevCapabilities {
 /// Since QEMU 6.0. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc-target.sev-inject-launch-secret)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevInjectLaunchSecret {
     /// `packet-header`.
     #[serde(rename = "packet-header")]
@@ -3499,6 +6609,40 @@ pub struct SevInjectLaunchSecret {
     /// `gpa` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpa: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for SevInjectLaunchSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevInjectLaunchSecret;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevInjectLaunchSecret object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SevInjectLaunchSecret, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "packet-header" => f0 = Some(m.next_value()?),
+                        "secret" => f1 = Some(m.next_value()?),
+                        "gpa" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevInjectLaunchSecret {
+                    packet_header: f0.ok_or_else(|| serde::de::Error::missing_field("packet-header"))?,
+                    secret: f1.ok_or_else(|| serde::de::Error::missing_field("secret"))?,
+                    gpa: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for SevInjectLaunchSecret {
@@ -3511,10 +6655,38 @@ impl crate::Command for SevInjectLaunchSecret {
 /// Since QEMU 6.1. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc-target.query-sev-attestation-report)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuerySevAttestationReport {
     /// `mnonce`.
     pub mnonce: String,
+}
+
+impl<'de> Deserialize<'de> for QuerySevAttestationReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QuerySevAttestationReport;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QuerySevAttestationReport object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QuerySevAttestationReport, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mnonce" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QuerySevAttestationReport {
+                    mnonce: f0.ok_or_else(|| serde::de::Error::missing_field("mnonce"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QuerySevAttestationReport {
@@ -3566,10 +6738,35 @@ impl crate::Command for XenEventList {
 /// Since QEMU 8.0. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-misc-target.xen-event-inject)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XenEventInject {
     /// `port`.
     pub port: u32,
+}
+
+impl<'de> Deserialize<'de> for XenEventInject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XenEventInject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XenEventInject object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<XenEventInject, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "port" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XenEventInject {
+                    port: f0.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XenEventInject {
@@ -3635,11 +6832,37 @@ impl crate::Command for QueryStats {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-stats.query-stats-schemas)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueryStatsSchemas {
     /// `provider` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<types::StatsProvider>,
+}
+
+impl<'de> Deserialize<'de> for QueryStatsSchemas {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QueryStatsSchemas;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QueryStatsSchemas object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QueryStatsSchemas, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "provider" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QueryStatsSchemas { provider: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for QueryStatsSchemas {
@@ -3665,10 +6888,38 @@ impl crate::Command for XQueryVirtio {
 /// Since QEMU 7.2. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-virtio.x-query-virtio-status)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XQueryVirtioStatus {
     /// `path`.
     pub path: String,
+}
+
+impl<'de> Deserialize<'de> for XQueryVirtioStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XQueryVirtioStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XQueryVirtioStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XQueryVirtioStatus, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XQueryVirtioStatus {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XQueryVirtioStatus {
@@ -3681,12 +6932,43 @@ impl crate::Command for XQueryVirtioStatus {
 /// Since QEMU 7.2. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-virtio.x-query-virtio-queue-status)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XQueryVirtioQueueStatus {
     /// `path`.
     pub path: String,
     /// `queue`.
     pub queue: u16,
+}
+
+impl<'de> Deserialize<'de> for XQueryVirtioQueueStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XQueryVirtioQueueStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XQueryVirtioQueueStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XQueryVirtioQueueStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XQueryVirtioQueueStatus {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    queue: f1.ok_or_else(|| serde::de::Error::missing_field("queue"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XQueryVirtioQueueStatus {
@@ -3699,12 +6981,43 @@ impl crate::Command for XQueryVirtioQueueStatus {
 /// Since QEMU 7.2. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-virtio.x-query-virtio-vhost-queue-status)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XQueryVirtioVhostQueueStatus {
     /// `path`.
     pub path: String,
     /// `queue`.
     pub queue: u16,
+}
+
+impl<'de> Deserialize<'de> for XQueryVirtioVhostQueueStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XQueryVirtioVhostQueueStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XQueryVirtioVhostQueueStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XQueryVirtioVhostQueueStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XQueryVirtioVhostQueueStatus {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    queue: f1.ok_or_else(|| serde::de::Error::missing_field("queue"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XQueryVirtioVhostQueueStatus {
@@ -3717,7 +7030,7 @@ impl crate::Command for XQueryVirtioVhostQueueStatus {
 /// Since QEMU 7.2. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-virtio.x-query-virtio-queue-element)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XQueryVirtioQueueElement {
     /// `path`.
     pub path: String,
@@ -3726,6 +7039,40 @@ pub struct XQueryVirtioQueueElement {
     /// `index` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u16>,
+}
+
+impl<'de> Deserialize<'de> for XQueryVirtioQueueElement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XQueryVirtioQueueElement;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XQueryVirtioQueueElement object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XQueryVirtioQueueElement, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = Some(m.next_value()?),
+                        "index" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XQueryVirtioQueueElement {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    queue: f1.ok_or_else(|| serde::de::Error::missing_field("queue"))?,
+                    index: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for XQueryVirtioQueueElement {
@@ -3751,7 +7098,7 @@ impl crate::Command for QueryCryptodev {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-inject-general-media-event)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlInjectGeneralMediaEvent {
     /// `path`.
     pub path: String,
@@ -3782,6 +7129,65 @@ pub struct CxlInjectGeneralMediaEvent {
     pub component_id: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for CxlInjectGeneralMediaEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlInjectGeneralMediaEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlInjectGeneralMediaEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlInjectGeneralMediaEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "log" => f1 = Some(m.next_value()?),
+                        "flags" => f2 = Some(m.next_value()?),
+                        "dpa" => f3 = Some(m.next_value()?),
+                        "descriptor" => f4 = Some(m.next_value()?),
+                        "type" => f5 = Some(m.next_value()?),
+                        "transaction-type" => f6 = Some(m.next_value()?),
+                        "channel" => f7 = m.next_value()?,
+                        "rank" => f8 = m.next_value()?,
+                        "device" => f9 = m.next_value()?,
+                        "component-id" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlInjectGeneralMediaEvent {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    log: f1.ok_or_else(|| serde::de::Error::missing_field("log"))?,
+                    flags: f2.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                    dpa: f3.ok_or_else(|| serde::de::Error::missing_field("dpa"))?,
+                    descriptor: f4.ok_or_else(|| serde::de::Error::missing_field("descriptor"))?,
+                    r#type: f5.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    transaction_type: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("transaction-type"))?,
+                    channel: f7,
+                    rank: f8,
+                    device: f9,
+                    component_id: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for CxlInjectGeneralMediaEvent {
     const NAME: &'static str = "cxl-inject-general-media-event";
     type Returns = crate::Empty;
@@ -3792,7 +7198,7 @@ impl crate::Command for CxlInjectGeneralMediaEvent {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-inject-dram-event)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlInjectDramEvent {
     /// `path`.
     pub path: String,
@@ -3835,6 +7241,77 @@ pub struct CxlInjectDramEvent {
     pub correction_mask: Option<Vec<u64>>,
 }
 
+impl<'de> Deserialize<'de> for CxlInjectDramEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlInjectDramEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlInjectDramEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlInjectDramEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "log" => f1 = Some(m.next_value()?),
+                        "flags" => f2 = Some(m.next_value()?),
+                        "dpa" => f3 = Some(m.next_value()?),
+                        "descriptor" => f4 = Some(m.next_value()?),
+                        "type" => f5 = Some(m.next_value()?),
+                        "transaction-type" => f6 = Some(m.next_value()?),
+                        "channel" => f7 = m.next_value()?,
+                        "rank" => f8 = m.next_value()?,
+                        "nibble-mask" => f9 = m.next_value()?,
+                        "bank-group" => f10 = m.next_value()?,
+                        "bank" => f11 = m.next_value()?,
+                        "row" => f12 = m.next_value()?,
+                        "column" => f13 = m.next_value()?,
+                        "correction-mask" => f14 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlInjectDramEvent {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    log: f1.ok_or_else(|| serde::de::Error::missing_field("log"))?,
+                    flags: f2.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                    dpa: f3.ok_or_else(|| serde::de::Error::missing_field("dpa"))?,
+                    descriptor: f4.ok_or_else(|| serde::de::Error::missing_field("descriptor"))?,
+                    r#type: f5.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    transaction_type: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("transaction-type"))?,
+                    channel: f7,
+                    rank: f8,
+                    nibble_mask: f9,
+                    bank_group: f10,
+                    bank: f11,
+                    row: f12,
+                    column: f13,
+                    correction_mask: f14,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for CxlInjectDramEvent {
     const NAME: &'static str = "cxl-inject-dram-event";
     type Returns = crate::Empty;
@@ -3845,7 +7322,7 @@ impl crate::Command for CxlInjectDramEvent {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-inject-memory-module-event)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlInjectMemoryModuleEvent {
     /// `path`.
     pub path: String,
@@ -3880,6 +7357,71 @@ pub struct CxlInjectMemoryModuleEvent {
     pub corrected_persistent_error_count: u32,
 }
 
+impl<'de> Deserialize<'de> for CxlInjectMemoryModuleEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlInjectMemoryModuleEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlInjectMemoryModuleEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlInjectMemoryModuleEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "log" => f1 = Some(m.next_value()?),
+                        "flags" => f2 = Some(m.next_value()?),
+                        "type" => f3 = Some(m.next_value()?),
+                        "health-status" => f4 = Some(m.next_value()?),
+                        "media-status" => f5 = Some(m.next_value()?),
+                        "additional-status" => f6 = Some(m.next_value()?),
+                        "life-used" => f7 = Some(m.next_value()?),
+                        "temperature" => f8 = Some(m.next_value()?),
+                        "dirty-shutdown-count" => f9 = Some(m.next_value()?),
+                        "corrected-volatile-error-count" => f10 = Some(m.next_value()?),
+                        "corrected-persistent-error-count" => f11 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlInjectMemoryModuleEvent {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    log: f1.ok_or_else(|| serde::de::Error::missing_field("log"))?,
+                    flags: f2.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                    r#type: f3.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    health_status: f4.ok_or_else(|| serde::de::Error::missing_field("health-status"))?,
+                    media_status: f5.ok_or_else(|| serde::de::Error::missing_field("media-status"))?,
+                    additional_status: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("additional-status"))?,
+                    life_used: f7.ok_or_else(|| serde::de::Error::missing_field("life-used"))?,
+                    temperature: f8.ok_or_else(|| serde::de::Error::missing_field("temperature"))?,
+                    dirty_shutdown_count: f9
+                        .ok_or_else(|| serde::de::Error::missing_field("dirty-shutdown-count"))?,
+                    corrected_volatile_error_count: f10
+                        .ok_or_else(|| serde::de::Error::missing_field("corrected-volatile-error-count"))?,
+                    corrected_persistent_error_count: f11
+                        .ok_or_else(|| serde::de::Error::missing_field("corrected-persistent-error-count"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for CxlInjectMemoryModuleEvent {
     const NAME: &'static str = "cxl-inject-memory-module-event";
     type Returns = crate::Empty;
@@ -3890,7 +7432,7 @@ impl crate::Command for CxlInjectMemoryModuleEvent {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-inject-poison)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlInjectPoison {
     /// `path`.
     pub path: String,
@@ -3898,6 +7440,37 @@ pub struct CxlInjectPoison {
     pub start: u64,
     /// `length`.
     pub length: u64,
+}
+
+impl<'de> Deserialize<'de> for CxlInjectPoison {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlInjectPoison;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlInjectPoison object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CxlInjectPoison, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "start" => f1 = Some(m.next_value()?),
+                        "length" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlInjectPoison {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    start: f1.ok_or_else(|| serde::de::Error::missing_field("start"))?,
+                    length: f2.ok_or_else(|| serde::de::Error::missing_field("length"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for CxlInjectPoison {
@@ -3910,12 +7483,43 @@ impl crate::Command for CxlInjectPoison {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-inject-uncorrectable-errors)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlInjectUncorrectableErrors {
     /// `path`.
     pub path: String,
     /// `errors`.
     pub errors: Vec<types::CXLUncorErrorRecord>,
+}
+
+impl<'de> Deserialize<'de> for CxlInjectUncorrectableErrors {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlInjectUncorrectableErrors;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlInjectUncorrectableErrors object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlInjectUncorrectableErrors, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "errors" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlInjectUncorrectableErrors {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    errors: f1.ok_or_else(|| serde::de::Error::missing_field("errors"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for CxlInjectUncorrectableErrors {
@@ -3928,12 +7532,43 @@ impl crate::Command for CxlInjectUncorrectableErrors {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-inject-correctable-error)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlInjectCorrectableError {
     /// `path`.
     pub path: String,
     /// `type`.
     pub r#type: types::CxlCorErrorType,
+}
+
+impl<'de> Deserialize<'de> for CxlInjectCorrectableError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlInjectCorrectableError;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlInjectCorrectableError object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlInjectCorrectableError, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlInjectCorrectableError {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for CxlInjectCorrectableError {
@@ -3946,7 +7581,7 @@ impl crate::Command for CxlInjectCorrectableError {
 /// Since QEMU 9.1. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-add-dynamic-capacity)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlAddDynamicCapacity {
     /// `path`.
     pub path: String,
@@ -3965,6 +7600,50 @@ pub struct CxlAddDynamicCapacity {
     pub extents: Vec<types::CxlDynamicCapacityExtent>,
 }
 
+impl<'de> Deserialize<'de> for CxlAddDynamicCapacity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlAddDynamicCapacity;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlAddDynamicCapacity object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlAddDynamicCapacity, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "host-id" => f1 = Some(m.next_value()?),
+                        "selection-policy" => f2 = Some(m.next_value()?),
+                        "region" => f3 = Some(m.next_value()?),
+                        "tag" => f4 = m.next_value()?,
+                        "extents" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlAddDynamicCapacity {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    host_id: f1.ok_or_else(|| serde::de::Error::missing_field("host-id"))?,
+                    selection_policy: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("selection-policy"))?,
+                    region: f3.ok_or_else(|| serde::de::Error::missing_field("region"))?,
+                    tag: f4,
+                    extents: f5.ok_or_else(|| serde::de::Error::missing_field("extents"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 impl crate::Command for CxlAddDynamicCapacity {
     const NAME: &'static str = "cxl-add-dynamic-capacity";
     type Returns = crate::Empty;
@@ -3975,7 +7654,7 @@ impl crate::Command for CxlAddDynamicCapacity {
 /// Since QEMU 9.1. Features: `unstable`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#command-QMP-cxl.cxl-release-dynamic-capacity)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlReleaseDynamicCapacity {
     /// `path`.
     pub path: String,
@@ -3998,6 +7677,55 @@ pub struct CxlReleaseDynamicCapacity {
     pub tag: Option<String>,
     /// `extents`.
     pub extents: Vec<types::CxlDynamicCapacityExtent>,
+}
+
+impl<'de> Deserialize<'de> for CxlReleaseDynamicCapacity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlReleaseDynamicCapacity;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlReleaseDynamicCapacity object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlReleaseDynamicCapacity, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "host-id" => f1 = Some(m.next_value()?),
+                        "removal-policy" => f2 = Some(m.next_value()?),
+                        "forced-removal" => f3 = m.next_value()?,
+                        "sanitize-on-release" => f4 = m.next_value()?,
+                        "region" => f5 = Some(m.next_value()?),
+                        "tag" => f6 = m.next_value()?,
+                        "extents" => f7 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlReleaseDynamicCapacity {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    host_id: f1.ok_or_else(|| serde::de::Error::missing_field("host-id"))?,
+                    removal_policy: f2.ok_or_else(|| serde::de::Error::missing_field("removal-policy"))?,
+                    forced_removal: f3,
+                    sanitize_on_release: f4,
+                    region: f5.ok_or_else(|| serde::de::Error::missing_field("region"))?,
+                    tag: f6,
+                    extents: f7.ok_or_else(|| serde::de::Error::missing_field("extents"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl crate::Command for CxlReleaseDynamicCapacity {

@@ -11,7 +11,7 @@ use crate::types;
 /// Since QEMU 0.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.SHUTDOWN)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Shutdown {
     /// `guest` (since QEMU 2.10).
     pub guest: bool,
@@ -19,12 +19,40 @@ pub struct Shutdown {
     pub reason: types::ShutdownCause,
 }
 
+impl<'de> Deserialize<'de> for Shutdown {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Shutdown;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Shutdown object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Shutdown, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "guest" => f0 = Some(m.next_value()?),
+                        "reason" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Shutdown {
+                    guest: f0.ok_or_else(|| serde::de::Error::missing_field("guest"))?,
+                    reason: f1.ok_or_else(|| serde::de::Error::missing_field("reason"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `RESET`.
 ///
 /// Since QEMU 0.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.RESET)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Reset {
     /// `guest` (since QEMU 2.10).
     pub guest: bool,
@@ -32,15 +60,68 @@ pub struct Reset {
     pub reason: types::ShutdownCause,
 }
 
+impl<'de> Deserialize<'de> for Reset {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Reset;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Reset object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Reset, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "guest" => f0 = Some(m.next_value()?),
+                        "reason" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Reset {
+                    guest: f0.ok_or_else(|| serde::de::Error::missing_field("guest"))?,
+                    reason: f1.ok_or_else(|| serde::de::Error::missing_field("reason"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `WATCHDOG`.
 ///
 /// Since QEMU 0.13.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.WATCHDOG)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Watchdog {
     /// `action`.
     pub action: types::WatchdogAction,
+}
+
+impl<'de> Deserialize<'de> for Watchdog {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Watchdog;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Watchdog object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Watchdog, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "action" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Watchdog {
+                    action: f0.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `GUEST_PANICKED`.
@@ -48,7 +129,7 @@ pub struct Watchdog {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.GUEST_PANICKED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuestPanicked {
     /// `action`.
     pub action: types::GuestPanicAction,
@@ -57,12 +138,40 @@ pub struct GuestPanicked {
     pub info: Option<types::GuestPanicInformation>,
 }
 
+impl<'de> Deserialize<'de> for GuestPanicked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GuestPanicked;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a GuestPanicked object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<GuestPanicked, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "action" => f0 = Some(m.next_value()?),
+                        "info" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(GuestPanicked {
+                    action: f0.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                    info: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `GUEST_CRASHLOADED`.
 ///
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.GUEST_CRASHLOADED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuestCrashloaded {
     /// `action`.
     pub action: types::GuestPanicAction,
@@ -71,12 +180,40 @@ pub struct GuestCrashloaded {
     pub info: Option<types::GuestPanicInformation>,
 }
 
+impl<'de> Deserialize<'de> for GuestCrashloaded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GuestCrashloaded;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a GuestCrashloaded object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<GuestCrashloaded, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "action" => f0 = Some(m.next_value()?),
+                        "info" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(GuestCrashloaded {
+                    action: f0.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                    info: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `MEMORY_FAILURE`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-run-state.MEMORY_FAILURE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryFailure {
     /// `recipient`.
     pub recipient: types::MemoryFailureRecipient,
@@ -86,12 +223,43 @@ pub struct MemoryFailure {
     pub flags: types::MemoryFailureFlags,
 }
 
+impl<'de> Deserialize<'de> for MemoryFailure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryFailure;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryFailure object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MemoryFailure, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "recipient" => f0 = Some(m.next_value()?),
+                        "action" => f1 = Some(m.next_value()?),
+                        "flags" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryFailure {
+                    recipient: f0.ok_or_else(|| serde::de::Error::missing_field("recipient"))?,
+                    action: f1.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                    flags: f2.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `JOB_STATUS_CHANGE`.
 ///
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-job.JOB_STATUS_CHANGE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobStatusChange {
     /// `id`.
     pub id: String,
@@ -99,12 +267,40 @@ pub struct JobStatusChange {
     pub status: types::JobStatus,
 }
 
+impl<'de> Deserialize<'de> for JobStatusChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobStatusChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobStatusChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobStatusChange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "status" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobStatusChange {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    status: f1.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_IMAGE_CORRUPTED`.
 ///
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_IMAGE_CORRUPTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockImageCorrupted {
     /// `device`.
     pub device: String,
@@ -123,12 +319,55 @@ pub struct BlockImageCorrupted {
     pub fatal: bool,
 }
 
+impl<'de> Deserialize<'de> for BlockImageCorrupted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockImageCorrupted;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockImageCorrupted object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockImageCorrupted, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "node-name" => f1 = m.next_value()?,
+                        "msg" => f2 = Some(m.next_value()?),
+                        "offset" => f3 = m.next_value()?,
+                        "size" => f4 = m.next_value()?,
+                        "fatal" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockImageCorrupted {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    node_name: f1,
+                    msg: f2.ok_or_else(|| serde::de::Error::missing_field("msg"))?,
+                    offset: f3,
+                    size: f4,
+                    fatal: f5.ok_or_else(|| serde::de::Error::missing_field("fatal"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_IO_ERROR`.
 ///
 /// Since QEMU 0.13.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_IO_ERROR)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockIoError {
     /// `qom-path` (since QEMU 9.2).
     #[serde(rename = "qom-path")]
@@ -149,12 +388,55 @@ pub struct BlockIoError {
     pub reason: String,
 }
 
+impl<'de> Deserialize<'de> for BlockIoError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockIoError;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockIoError object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockIoError, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "qom-path" => f0 = Some(m.next_value()?),
+                        "device" => f1 = Some(m.next_value()?),
+                        "node-name" => f2 = m.next_value()?,
+                        "operation" => f3 = Some(m.next_value()?),
+                        "action" => f4 = Some(m.next_value()?),
+                        "nospace" => f5 = m.next_value()?,
+                        "reason" => f6 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockIoError {
+                    qom_path: f0.ok_or_else(|| serde::de::Error::missing_field("qom-path"))?,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    node_name: f2,
+                    operation: f3.ok_or_else(|| serde::de::Error::missing_field("operation"))?,
+                    action: f4.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                    nospace: f5,
+                    reason: f6.ok_or_else(|| serde::de::Error::missing_field("reason"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_JOB_COMPLETED`.
 ///
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_JOB_COMPLETED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobCompleted {
     /// `type`.
     pub r#type: types::JobType,
@@ -171,12 +453,55 @@ pub struct BlockJobCompleted {
     pub error: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockJobCompleted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobCompleted;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobCompleted object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockJobCompleted, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "device" => f1 = Some(m.next_value()?),
+                        "len" => f2 = Some(m.next_value()?),
+                        "offset" => f3 = Some(m.next_value()?),
+                        "speed" => f4 = Some(m.next_value()?),
+                        "error" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobCompleted {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    len: f2.ok_or_else(|| serde::de::Error::missing_field("len"))?,
+                    offset: f3.ok_or_else(|| serde::de::Error::missing_field("offset"))?,
+                    speed: f4.ok_or_else(|| serde::de::Error::missing_field("speed"))?,
+                    error: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_JOB_CANCELLED`.
 ///
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_JOB_CANCELLED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobCancelled {
     /// `type`.
     pub r#type: types::JobType,
@@ -190,12 +515,52 @@ pub struct BlockJobCancelled {
     pub speed: i64,
 }
 
+impl<'de> Deserialize<'de> for BlockJobCancelled {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobCancelled;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobCancelled object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockJobCancelled, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "device" => f1 = Some(m.next_value()?),
+                        "len" => f2 = Some(m.next_value()?),
+                        "offset" => f3 = Some(m.next_value()?),
+                        "speed" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobCancelled {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    len: f2.ok_or_else(|| serde::de::Error::missing_field("len"))?,
+                    offset: f3.ok_or_else(|| serde::de::Error::missing_field("offset"))?,
+                    speed: f4.ok_or_else(|| serde::de::Error::missing_field("speed"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_JOB_ERROR`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_JOB_ERROR)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobError {
     /// `device`.
     pub device: String,
@@ -205,12 +570,43 @@ pub struct BlockJobError {
     pub action: types::BlockErrorAction,
 }
 
+impl<'de> Deserialize<'de> for BlockJobError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobError;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobError object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobError, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "operation" => f1 = Some(m.next_value()?),
+                        "action" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobError {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    operation: f1.ok_or_else(|| serde::de::Error::missing_field("operation"))?,
+                    action: f2.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_JOB_READY`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_JOB_READY)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobReady {
     /// `type`.
     pub r#type: types::JobType,
@@ -224,12 +620,49 @@ pub struct BlockJobReady {
     pub speed: i64,
 }
 
+impl<'de> Deserialize<'de> for BlockJobReady {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobReady;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobReady object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobReady, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "device" => f1 = Some(m.next_value()?),
+                        "len" => f2 = Some(m.next_value()?),
+                        "offset" => f3 = Some(m.next_value()?),
+                        "speed" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobReady {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    len: f2.ok_or_else(|| serde::de::Error::missing_field("len"))?,
+                    offset: f3.ok_or_else(|| serde::de::Error::missing_field("offset"))?,
+                    speed: f4.ok_or_else(|| serde::de::Error::missing_field("speed"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_JOB_PENDING`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_JOB_PENDING)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobPending {
     /// `type`.
     pub r#type: types::JobType,
@@ -237,12 +670,40 @@ pub struct BlockJobPending {
     pub id: String,
 }
 
+impl<'de> Deserialize<'de> for BlockJobPending {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobPending;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobPending object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockJobPending, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "id" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobPending {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    id: f1.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_WRITE_THRESHOLD`.
 ///
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.BLOCK_WRITE_THRESHOLD)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockWriteThreshold {
     /// `node-name`.
     #[serde(rename = "node-name")]
@@ -255,12 +716,46 @@ pub struct BlockWriteThreshold {
     pub write_threshold: u64,
 }
 
+impl<'de> Deserialize<'de> for BlockWriteThreshold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockWriteThreshold;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockWriteThreshold object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockWriteThreshold, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = Some(m.next_value()?),
+                        "amount-exceeded" => f1 = Some(m.next_value()?),
+                        "write-threshold" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockWriteThreshold {
+                    node_name: f0.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    amount_exceeded: f1.ok_or_else(|| serde::de::Error::missing_field("amount-exceeded"))?,
+                    write_threshold: f2.ok_or_else(|| serde::de::Error::missing_field("write-threshold"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `QUORUM_FAILURE`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.QUORUM_FAILURE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuorumFailure {
     /// `reference`.
     pub reference: String,
@@ -272,12 +767,43 @@ pub struct QuorumFailure {
     pub sectors_count: i64,
 }
 
+impl<'de> Deserialize<'de> for QuorumFailure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QuorumFailure;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QuorumFailure object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QuorumFailure, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "reference" => f0 = Some(m.next_value()?),
+                        "sector-num" => f1 = Some(m.next_value()?),
+                        "sectors-count" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QuorumFailure {
+                    reference: f0.ok_or_else(|| serde::de::Error::missing_field("reference"))?,
+                    sector_num: f1.ok_or_else(|| serde::de::Error::missing_field("sector-num"))?,
+                    sectors_count: f2.ok_or_else(|| serde::de::Error::missing_field("sectors-count"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `QUORUM_REPORT_BAD`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-core.QUORUM_REPORT_BAD)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuorumReportBad {
     /// `type` (since QEMU 2.6).
     pub r#type: types::QuorumOpType,
@@ -295,12 +821,49 @@ pub struct QuorumReportBad {
     pub sectors_count: i64,
 }
 
+impl<'de> Deserialize<'de> for QuorumReportBad {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QuorumReportBad;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QuorumReportBad object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QuorumReportBad, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "error" => f1 = m.next_value()?,
+                        "node-name" => f2 = Some(m.next_value()?),
+                        "sector-num" => f3 = Some(m.next_value()?),
+                        "sectors-count" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QuorumReportBad {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    error: f1,
+                    node_name: f2.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    sector_num: f3.ok_or_else(|| serde::de::Error::missing_field("sector-num"))?,
+                    sectors_count: f4.ok_or_else(|| serde::de::Error::missing_field("sectors-count"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `DEVICE_TRAY_MOVED`.
 ///
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block.DEVICE_TRAY_MOVED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceTrayMoved {
     /// `device`.
     pub device: String,
@@ -311,12 +874,43 @@ pub struct DeviceTrayMoved {
     pub tray_open: bool,
 }
 
+impl<'de> Deserialize<'de> for DeviceTrayMoved {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeviceTrayMoved;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DeviceTrayMoved object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DeviceTrayMoved, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "id" => f1 = Some(m.next_value()?),
+                        "tray-open" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DeviceTrayMoved {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    id: f1.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    tray_open: f2.ok_or_else(|| serde::de::Error::missing_field("tray-open"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `PR_MANAGER_STATUS_CHANGED`.
 ///
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block.PR_MANAGER_STATUS_CHANGED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrManagerStatusChanged {
     /// `id`.
     pub id: String,
@@ -324,15 +918,74 @@ pub struct PrManagerStatusChanged {
     pub connected: bool,
 }
 
+impl<'de> Deserialize<'de> for PrManagerStatusChanged {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PrManagerStatusChanged;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PrManagerStatusChanged object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<PrManagerStatusChanged, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "connected" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PrManagerStatusChanged {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    connected: f1.ok_or_else(|| serde::de::Error::missing_field("connected"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BLOCK_EXPORT_DELETED`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-block-export.BLOCK_EXPORT_DELETED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockExportDeleted {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for BlockExportDeleted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportDeleted;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportDeleted object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockExportDeleted, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportDeleted {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `VSERPORT_CHANGE`.
@@ -340,7 +993,7 @@ pub struct BlockExportDeleted {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-char.VSERPORT_CHANGE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VserportChange {
     /// `id`.
     pub id: String,
@@ -348,12 +1001,40 @@ pub struct VserportChange {
     pub open: bool,
 }
 
+impl<'de> Deserialize<'de> for VserportChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VserportChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VserportChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VserportChange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "open" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VserportChange {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    open: f1.ok_or_else(|| serde::de::Error::missing_field("open"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `DUMP_COMPLETED`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-dump.DUMP_COMPLETED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DumpCompleted {
     /// `result`.
     pub result: types::DumpQueryResult,
@@ -362,12 +1043,40 @@ pub struct DumpCompleted {
     pub error: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for DumpCompleted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DumpCompleted;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DumpCompleted object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DumpCompleted, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "result" => f0 = Some(m.next_value()?),
+                        "error" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DumpCompleted {
+                    result: f0.ok_or_else(|| serde::de::Error::missing_field("result"))?,
+                    error: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `NIC_RX_FILTER_CHANGED`.
 ///
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-net.NIC_RX_FILTER_CHANGED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NicRxFilterChanged {
     /// `name` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -376,16 +1085,75 @@ pub struct NicRxFilterChanged {
     pub path: String,
 }
 
+impl<'de> Deserialize<'de> for NicRxFilterChanged {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NicRxFilterChanged;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NicRxFilterChanged object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NicRxFilterChanged, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        "path" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NicRxFilterChanged {
+                    name: f0,
+                    path: f1.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `FAILOVER_NEGOTIATED`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-net.FAILOVER_NEGOTIATED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FailoverNegotiated {
     /// `device-id`.
     #[serde(rename = "device-id")]
     pub device_id: String,
+}
+
+impl<'de> Deserialize<'de> for FailoverNegotiated {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FailoverNegotiated;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FailoverNegotiated object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FailoverNegotiated, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device-id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FailoverNegotiated {
+                    device_id: f0.ok_or_else(|| serde::de::Error::missing_field("device-id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `NETDEV_STREAM_CONNECTED`.
@@ -393,7 +1161,7 @@ pub struct FailoverNegotiated {
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-net.NETDEV_STREAM_CONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevStreamConnected {
     /// `netdev-id`.
     #[serde(rename = "netdev-id")]
@@ -402,16 +1170,75 @@ pub struct NetdevStreamConnected {
     pub addr: types::SocketAddress,
 }
 
+impl<'de> Deserialize<'de> for NetdevStreamConnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevStreamConnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevStreamConnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevStreamConnected, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev-id" => f0 = Some(m.next_value()?),
+                        "addr" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevStreamConnected {
+                    netdev_id: f0.ok_or_else(|| serde::de::Error::missing_field("netdev-id"))?,
+                    addr: f1.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `NETDEV_STREAM_DISCONNECTED`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-net.NETDEV_STREAM_DISCONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevStreamDisconnected {
     /// `netdev-id`.
     #[serde(rename = "netdev-id")]
     pub netdev_id: String,
+}
+
+impl<'de> Deserialize<'de> for NetdevStreamDisconnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevStreamDisconnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevStreamDisconnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevStreamDisconnected, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev-id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevStreamDisconnected {
+                    netdev_id: f0.ok_or_else(|| serde::de::Error::missing_field("netdev-id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `NETDEV_VHOST_USER_CONNECTED`.
@@ -419,7 +1246,7 @@ pub struct NetdevStreamDisconnected {
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-net.NETDEV_VHOST_USER_CONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevVhostUserConnected {
     /// `netdev-id`.
     #[serde(rename = "netdev-id")]
@@ -429,16 +1256,75 @@ pub struct NetdevVhostUserConnected {
     pub chardev_id: String,
 }
 
+impl<'de> Deserialize<'de> for NetdevVhostUserConnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevVhostUserConnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevVhostUserConnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevVhostUserConnected, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev-id" => f0 = Some(m.next_value()?),
+                        "chardev-id" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevVhostUserConnected {
+                    netdev_id: f0.ok_or_else(|| serde::de::Error::missing_field("netdev-id"))?,
+                    chardev_id: f1.ok_or_else(|| serde::de::Error::missing_field("chardev-id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `NETDEV_VHOST_USER_DISCONNECTED`.
 ///
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-net.NETDEV_VHOST_USER_DISCONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevVhostUserDisconnected {
     /// `netdev-id`.
     #[serde(rename = "netdev-id")]
     pub netdev_id: String,
+}
+
+impl<'de> Deserialize<'de> for NetdevVhostUserDisconnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevVhostUserDisconnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevVhostUserDisconnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevVhostUserDisconnected, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev-id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevVhostUserDisconnected {
+                    netdev_id: f0.ok_or_else(|| serde::de::Error::missing_field("netdev-id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `SPICE_CONNECTED`.
@@ -446,7 +1332,7 @@ pub struct NetdevVhostUserDisconnected {
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-ui.SPICE_CONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceConnected {
     /// `server`.
     pub server: types::SpiceBasicInfo,
@@ -454,12 +1340,40 @@ pub struct SpiceConnected {
     pub client: types::SpiceBasicInfo,
 }
 
+impl<'de> Deserialize<'de> for SpiceConnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceConnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceConnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SpiceConnected, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "client" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceConnected {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    client: f1.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `SPICE_INITIALIZED`.
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-ui.SPICE_INITIALIZED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceInitialized {
     /// `server`.
     pub server: types::SpiceServerInfo,
@@ -467,12 +1381,40 @@ pub struct SpiceInitialized {
     pub client: types::SpiceChannel,
 }
 
+impl<'de> Deserialize<'de> for SpiceInitialized {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceInitialized;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceInitialized object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SpiceInitialized, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "client" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceInitialized {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    client: f1.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `SPICE_DISCONNECTED`.
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-ui.SPICE_DISCONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceDisconnected {
     /// `server`.
     pub server: types::SpiceBasicInfo,
@@ -480,12 +1422,43 @@ pub struct SpiceDisconnected {
     pub client: types::SpiceBasicInfo,
 }
 
+impl<'de> Deserialize<'de> for SpiceDisconnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceDisconnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceDisconnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SpiceDisconnected, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "client" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceDisconnected {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    client: f1.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `VNC_CONNECTED`.
 ///
 /// Since QEMU 0.13. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-ui.VNC_CONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncConnected {
     /// `server`.
     pub server: types::VncServerInfo,
@@ -493,12 +1466,40 @@ pub struct VncConnected {
     pub client: types::VncBasicInfo,
 }
 
+impl<'de> Deserialize<'de> for VncConnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncConnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncConnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncConnected, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "client" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncConnected {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    client: f1.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `VNC_INITIALIZED`.
 ///
 /// Since QEMU 0.13. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-ui.VNC_INITIALIZED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncInitialized {
     /// `server`.
     pub server: types::VncServerInfo,
@@ -506,12 +1507,40 @@ pub struct VncInitialized {
     pub client: types::VncClientInfo,
 }
 
+impl<'de> Deserialize<'de> for VncInitialized {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncInitialized;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncInitialized object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncInitialized, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "client" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncInitialized {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    client: f1.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `VNC_DISCONNECTED`.
 ///
 /// Since QEMU 0.13. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-ui.VNC_DISCONNECTED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncDisconnected {
     /// `server`.
     pub server: types::VncServerInfo,
@@ -519,15 +1548,68 @@ pub struct VncDisconnected {
     pub client: types::VncClientInfo,
 }
 
+impl<'de> Deserialize<'de> for VncDisconnected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncDisconnected;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncDisconnected object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncDisconnected, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "client" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncDisconnected {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    client: f1.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `MIGRATION`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-migration.MIGRATION)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Migration {
     /// `status`.
     pub status: types::MigrationStatus,
+}
+
+impl<'de> Deserialize<'de> for Migration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Migration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Migration object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Migration, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "status" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Migration {
+                    status: f0.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `MIGRATION_PASS`.
@@ -535,10 +1617,35 @@ pub struct Migration {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-migration.MIGRATION_PASS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationPass {
     /// `pass`.
     pub pass: i64,
+}
+
+impl<'de> Deserialize<'de> for MigrationPass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationPass;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationPass object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrationPass, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pass" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationPass {
+                    pass: f0.ok_or_else(|| serde::de::Error::missing_field("pass"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `COLO_EXIT`.
@@ -546,7 +1653,7 @@ pub struct MigrationPass {
 /// Since QEMU 3.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-migration.COLO_EXIT)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ColoExit {
     /// `mode`.
     pub mode: types::COLOMode,
@@ -554,16 +1661,69 @@ pub struct ColoExit {
     pub reason: types::COLOExitReason,
 }
 
+impl<'de> Deserialize<'de> for ColoExit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ColoExit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ColoExit object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ColoExit, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mode" => f0 = Some(m.next_value()?),
+                        "reason" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ColoExit {
+                    mode: f0.ok_or_else(|| serde::de::Error::missing_field("mode"))?,
+                    reason: f1.ok_or_else(|| serde::de::Error::missing_field("reason"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `UNPLUG_PRIMARY`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-migration.UNPLUG_PRIMARY)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UnplugPrimary {
     /// `device-id`.
     #[serde(rename = "device-id")]
     pub device_id: String,
+}
+
+impl<'de> Deserialize<'de> for UnplugPrimary {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UnplugPrimary;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UnplugPrimary object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<UnplugPrimary, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device-id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(UnplugPrimary {
+                    device_id: f0.ok_or_else(|| serde::de::Error::missing_field("device-id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `DEVICE_DELETED`.
@@ -571,7 +1731,7 @@ pub struct UnplugPrimary {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-qdev.DEVICE_DELETED)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceDeleted {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -580,12 +1740,40 @@ pub struct DeviceDeleted {
     pub path: String,
 }
 
+impl<'de> Deserialize<'de> for DeviceDeleted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeviceDeleted;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DeviceDeleted object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DeviceDeleted, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "path" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DeviceDeleted {
+                    device: f0,
+                    path: f1.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `DEVICE_UNPLUG_GUEST_ERROR`.
 ///
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-qdev.DEVICE_UNPLUG_GUEST_ERROR)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceUnplugGuestError {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -594,15 +1782,71 @@ pub struct DeviceUnplugGuestError {
     pub path: String,
 }
 
+impl<'de> Deserialize<'de> for DeviceUnplugGuestError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DeviceUnplugGuestError;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DeviceUnplugGuestError object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DeviceUnplugGuestError, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "path" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DeviceUnplugGuestError {
+                    device: f0,
+                    path: f1.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `BALLOON_CHANGE`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-machine.BALLOON_CHANGE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BalloonChange {
     /// `actual`.
     pub actual: i64,
+}
+
+impl<'de> Deserialize<'de> for BalloonChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BalloonChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BalloonChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BalloonChange, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "actual" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BalloonChange {
+                    actual: f0.ok_or_else(|| serde::de::Error::missing_field("actual"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `HV_BALLOON_STATUS_REPORT`.
@@ -617,7 +1861,7 @@ pub type HvBalloonStatusReport = types::HvBalloonInfo;
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-machine.MEMORY_DEVICE_SIZE_CHANGE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryDeviceSizeChange {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -629,12 +1873,46 @@ pub struct MemoryDeviceSizeChange {
     pub qom_path: String,
 }
 
+impl<'de> Deserialize<'de> for MemoryDeviceSizeChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryDeviceSizeChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryDeviceSizeChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryDeviceSizeChange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "size" => f1 = Some(m.next_value()?),
+                        "qom-path" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryDeviceSizeChange {
+                    id: f0,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    qom_path: f2.ok_or_else(|| serde::de::Error::missing_field("qom-path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `RTC_CHANGE`.
 ///
 /// Since QEMU 0.13.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-misc.RTC_CHANGE)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RtcChange {
     /// `offset`.
     pub offset: i64,
@@ -643,12 +1921,40 @@ pub struct RtcChange {
     pub qom_path: String,
 }
 
+impl<'de> Deserialize<'de> for RtcChange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RtcChange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RtcChange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RtcChange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "offset" => f0 = Some(m.next_value()?),
+                        "qom-path" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RtcChange {
+                    offset: f0.ok_or_else(|| serde::de::Error::missing_field("offset"))?,
+                    qom_path: f1.ok_or_else(|| serde::de::Error::missing_field("qom-path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `VFU_CLIENT_HANGUP`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-misc.VFU_CLIENT_HANGUP)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VfuClientHangup {
     /// `vfu-id`.
     #[serde(rename = "vfu-id")]
@@ -664,15 +1970,74 @@ pub struct VfuClientHangup {
     pub dev_qom_path: String,
 }
 
+impl<'de> Deserialize<'de> for VfuClientHangup {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VfuClientHangup;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VfuClientHangup object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VfuClientHangup, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "vfu-id" => f0 = Some(m.next_value()?),
+                        "vfu-qom-path" => f1 = Some(m.next_value()?),
+                        "dev-id" => f2 = Some(m.next_value()?),
+                        "dev-qom-path" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VfuClientHangup {
+                    vfu_id: f0.ok_or_else(|| serde::de::Error::missing_field("vfu-id"))?,
+                    vfu_qom_path: f1.ok_or_else(|| serde::de::Error::missing_field("vfu-qom-path"))?,
+                    dev_id: f2.ok_or_else(|| serde::de::Error::missing_field("dev-id"))?,
+                    dev_qom_path: f3.ok_or_else(|| serde::de::Error::missing_field("dev-qom-path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Data of the QMP event `ACPI_DEVICE_OST`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-acpi.ACPI_DEVICE_OST)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AcpiDeviceOst {
     /// `info`.
     pub info: types::ACPIOSTInfo,
+}
+
+impl<'de> Deserialize<'de> for AcpiDeviceOst {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AcpiDeviceOst;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AcpiDeviceOst object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<AcpiDeviceOst, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "info" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AcpiDeviceOst {
+                    info: f0.ok_or_else(|| serde::de::Error::missing_field("info"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Data of the QMP event `VFIO_MIGRATION`.
@@ -680,7 +2045,7 @@ pub struct AcpiDeviceOst {
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#event-QMP-vfio.VFIO_MIGRATION)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VfioMigration {
     /// `device-id`.
     #[serde(rename = "device-id")]
@@ -691,6 +2056,37 @@ pub struct VfioMigration {
     /// `device-state`.
     #[serde(rename = "device-state")]
     pub device_state: types::QapiVfioMigrationState,
+}
+
+impl<'de> Deserialize<'de> for VfioMigration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VfioMigration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VfioMigration object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VfioMigration, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device-id" => f0 = Some(m.next_value()?),
+                        "qom-path" => f1 = Some(m.next_value()?),
+                        "device-state" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VfioMigration {
+                    device_id: f0.ok_or_else(|| serde::de::Error::missing_field("device-id"))?,
+                    qom_path: f1.ok_or_else(|| serde::de::Error::missing_field("qom-path"))?,
+                    device_state: f2.ok_or_else(|| serde::de::Error::missing_field("device-state"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Every event of QEMU 10.0.2's schema, with its data typed.

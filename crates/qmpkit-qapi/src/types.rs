@@ -576,11 +576,40 @@ crate::qapi_enum!(GrabToggleKeys);
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-common.HumanReadableText)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HumanReadableText {
     /// `human-readable-text`.
     #[serde(rename = "human-readable-text")]
     pub human_readable_text: String,
+}
+
+impl<'de> Deserialize<'de> for HumanReadableText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HumanReadableText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a HumanReadableText object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<HumanReadableText, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "human-readable-text" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(HumanReadableText {
+                    human_readable_text: f0
+                        .ok_or_else(|| serde::de::Error::missing_field("human-readable-text"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `EndianMode`.
@@ -688,7 +717,7 @@ crate::qapi_enum!(NetworkAddressFamily);
 /// QAPI struct `InetSocketAddressBase`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.InetSocketAddressBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InetSocketAddressBase {
     /// `host`.
     pub host: String,
@@ -696,12 +725,43 @@ pub struct InetSocketAddressBase {
     pub port: String,
 }
 
+impl<'de> Deserialize<'de> for InetSocketAddressBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InetSocketAddressBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InetSocketAddressBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InetSocketAddressBase, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "port" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InetSocketAddressBase {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    port: f1.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `InetSocketAddress`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.InetSocketAddress)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InetSocketAddress {
     /// `host`.
     pub host: String,
@@ -727,12 +787,61 @@ pub struct InetSocketAddress {
     pub mptcp: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for InetSocketAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InetSocketAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InetSocketAddress object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InetSocketAddress, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "port" => f1 = Some(m.next_value()?),
+                        "numeric" => f2 = m.next_value()?,
+                        "to" => f3 = m.next_value()?,
+                        "ipv4" => f4 = m.next_value()?,
+                        "ipv6" => f5 = m.next_value()?,
+                        "keep-alive" => f6 = m.next_value()?,
+                        "mptcp" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InetSocketAddress {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    port: f1.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                    numeric: f2,
+                    to: f3,
+                    ipv4: f4,
+                    ipv6: f5,
+                    keep_alive: f6,
+                    mptcp: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `UnixSocketAddress`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.UnixSocketAddress)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UnixSocketAddress {
     /// `path`.
     pub path: String,
@@ -744,12 +853,46 @@ pub struct UnixSocketAddress {
     pub tight: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for UnixSocketAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UnixSocketAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UnixSocketAddress object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<UnixSocketAddress, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "abstract" => f1 = m.next_value()?,
+                        "tight" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(UnixSocketAddress {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    r#abstract: f1,
+                    tight: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VsockSocketAddress`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.VsockSocketAddress)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VsockSocketAddress {
     /// `cid`.
     pub cid: String,
@@ -757,15 +900,71 @@ pub struct VsockSocketAddress {
     pub port: String,
 }
 
+impl<'de> Deserialize<'de> for VsockSocketAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VsockSocketAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VsockSocketAddress object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VsockSocketAddress, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cid" => f0 = Some(m.next_value()?),
+                        "port" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VsockSocketAddress {
+                    cid: f0.ok_or_else(|| serde::de::Error::missing_field("cid"))?,
+                    port: f1.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FdSocketAddress`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.FdSocketAddress)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FdSocketAddress {
     /// `str`.
     pub str: String,
+}
+
+impl<'de> Deserialize<'de> for FdSocketAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FdSocketAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FdSocketAddress object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<FdSocketAddress, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "str" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FdSocketAddress {
+                    str: f0.ok_or_else(|| serde::de::Error::missing_field("str"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `InetSocketAddressWrapper`.
@@ -773,10 +972,38 @@ pub struct FdSocketAddress {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.InetSocketAddressWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InetSocketAddressWrapper {
     /// `data`.
     pub data: InetSocketAddress,
+}
+
+impl<'de> Deserialize<'de> for InetSocketAddressWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InetSocketAddressWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InetSocketAddressWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InetSocketAddressWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InetSocketAddressWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `UnixSocketAddressWrapper`.
@@ -784,10 +1011,38 @@ pub struct InetSocketAddressWrapper {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.UnixSocketAddressWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UnixSocketAddressWrapper {
     /// `data`.
     pub data: UnixSocketAddress,
+}
+
+impl<'de> Deserialize<'de> for UnixSocketAddressWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UnixSocketAddressWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UnixSocketAddressWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<UnixSocketAddressWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(UnixSocketAddressWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `VsockSocketAddressWrapper`.
@@ -795,10 +1050,38 @@ pub struct UnixSocketAddressWrapper {
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.VsockSocketAddressWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VsockSocketAddressWrapper {
     /// `data`.
     pub data: VsockSocketAddress,
+}
+
+impl<'de> Deserialize<'de> for VsockSocketAddressWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VsockSocketAddressWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VsockSocketAddressWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VsockSocketAddressWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VsockSocketAddressWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `FdSocketAddressWrapper`.
@@ -806,10 +1089,38 @@ pub struct VsockSocketAddressWrapper {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-sockets.FdSocketAddressWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FdSocketAddressWrapper {
     /// `data`.
     pub data: FdSocketAddress,
+}
+
+impl<'de> Deserialize<'de> for FdSocketAddressWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FdSocketAddressWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FdSocketAddressWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FdSocketAddressWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FdSocketAddressWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `SocketAddressLegacy`: the branch is chosen by `type`.
@@ -1111,12 +1422,40 @@ crate::qapi_enum!(ShutdownCause);
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-run-state.StatusInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusInfo {
     /// `running`.
     pub running: bool,
     /// `status`.
     pub status: RunState,
+}
+
+impl<'de> Deserialize<'de> for StatusInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StatusInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a StatusInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StatusInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "running" => f0 = Some(m.next_value()?),
+                        "status" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(StatusInfo {
+                    running: f0.ok_or_else(|| serde::de::Error::missing_field("running"))?,
+                    status: f1.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `WatchdogAction`.
@@ -1430,7 +1769,7 @@ pub enum GuestPanicInformation {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-run-state.GuestPanicInformationHyperV)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuestPanicInformationHyperV {
     /// `arg1`.
     pub arg1: u64,
@@ -1442,6 +1781,46 @@ pub struct GuestPanicInformationHyperV {
     pub arg4: u64,
     /// `arg5`.
     pub arg5: u64,
+}
+
+impl<'de> Deserialize<'de> for GuestPanicInformationHyperV {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GuestPanicInformationHyperV;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a GuestPanicInformationHyperV object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<GuestPanicInformationHyperV, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "arg1" => f0 = Some(m.next_value()?),
+                        "arg2" => f1 = Some(m.next_value()?),
+                        "arg3" => f2 = Some(m.next_value()?),
+                        "arg4" => f3 = Some(m.next_value()?),
+                        "arg5" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(GuestPanicInformationHyperV {
+                    arg1: f0.ok_or_else(|| serde::de::Error::missing_field("arg1"))?,
+                    arg2: f1.ok_or_else(|| serde::de::Error::missing_field("arg2"))?,
+                    arg3: f2.ok_or_else(|| serde::de::Error::missing_field("arg3"))?,
+                    arg4: f3.ok_or_else(|| serde::de::Error::missing_field("arg4"))?,
+                    arg5: f4.ok_or_else(|| serde::de::Error::missing_field("arg5"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `S390CrashReason`.
@@ -1507,7 +1886,7 @@ crate::qapi_enum!(S390CrashReason);
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-run-state.GuestPanicInformationS390)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuestPanicInformationS390 {
     /// `core`.
     pub core: u32,
@@ -1519,6 +1898,43 @@ pub struct GuestPanicInformationS390 {
     pub psw_addr: u64,
     /// `reason`.
     pub reason: S390CrashReason,
+}
+
+impl<'de> Deserialize<'de> for GuestPanicInformationS390 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GuestPanicInformationS390;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a GuestPanicInformationS390 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<GuestPanicInformationS390, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "core" => f0 = Some(m.next_value()?),
+                        "psw-mask" => f1 = Some(m.next_value()?),
+                        "psw-addr" => f2 = Some(m.next_value()?),
+                        "reason" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(GuestPanicInformationS390 {
+                    core: f0.ok_or_else(|| serde::de::Error::missing_field("core"))?,
+                    psw_mask: f1.ok_or_else(|| serde::de::Error::missing_field("psw-mask"))?,
+                    psw_addr: f2.ok_or_else(|| serde::de::Error::missing_field("psw-addr"))?,
+                    reason: f3.ok_or_else(|| serde::de::Error::missing_field("reason"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MemoryFailureRecipient`.
@@ -1620,13 +2036,44 @@ crate::qapi_enum!(MemoryFailureAction);
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-run-state.MemoryFailureFlags)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryFailureFlags {
     /// `action-required`.
     #[serde(rename = "action-required")]
     pub action_required: bool,
     /// `recursive`.
     pub recursive: bool,
+}
+
+impl<'de> Deserialize<'de> for MemoryFailureFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryFailureFlags;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryFailureFlags object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryFailureFlags, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "action-required" => f0 = Some(m.next_value()?),
+                        "recursive" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryFailureFlags {
+                    action_required: f0.ok_or_else(|| serde::de::Error::missing_field("action-required"))?,
+                    recursive: f1.ok_or_else(|| serde::de::Error::missing_field("recursive"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `NotifyVmexitOption`.
@@ -2075,10 +2522,38 @@ crate::qapi_enum!(QCryptoBlockFormat);
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockOptionsBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptoBlockOptionsBase {
     /// `format`.
     pub format: QCryptoBlockFormat,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockOptionsBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockOptionsBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockOptionsBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockOptionsBase, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "format" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockOptionsBase {
+                    format: f0.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `QCryptoBlockOptionsQCow`.
@@ -2086,11 +2561,37 @@ pub struct QCryptoBlockOptionsBase {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockOptionsQCow)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QCryptoBlockOptionsQCow {
     /// `key-secret` (optional).
     #[serde(rename = "key-secret", skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockOptionsQCow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockOptionsQCow;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockOptionsQCow object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockOptionsQCow, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockOptionsQCow { key_secret: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `QCryptoBlockOptionsLUKS`.
@@ -2098,11 +2599,37 @@ pub struct QCryptoBlockOptionsQCow {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockOptionsLUKS)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QCryptoBlockOptionsLUKS {
     /// `key-secret` (optional).
     #[serde(rename = "key-secret", skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockOptionsLUKS { key_secret: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `QCryptoBlockCreateOptionsLUKS`.
@@ -2110,7 +2637,7 @@ pub struct QCryptoBlockOptionsLUKS {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockCreateOptionsLUKS)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QCryptoBlockCreateOptionsLUKS {
     /// `key-secret` (optional).
     #[serde(rename = "key-secret", skip_serializing_if = "Option::is_none")]
@@ -2133,6 +2660,52 @@ pub struct QCryptoBlockCreateOptionsLUKS {
     /// `iter-time` (optional; since QEMU 2.8).
     #[serde(rename = "iter-time", skip_serializing_if = "Option::is_none")]
     pub iter_time: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockCreateOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockCreateOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockCreateOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockCreateOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = m.next_value()?,
+                        "cipher-alg" => f1 = m.next_value()?,
+                        "cipher-mode" => f2 = m.next_value()?,
+                        "ivgen-alg" => f3 = m.next_value()?,
+                        "ivgen-hash-alg" => f4 = m.next_value()?,
+                        "hash-alg" => f5 = m.next_value()?,
+                        "iter-time" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockCreateOptionsLUKS {
+                    key_secret: f0,
+                    cipher_alg: f1,
+                    cipher_mode: f2,
+                    ivgen_alg: f3,
+                    ivgen_hash_alg: f4,
+                    hash_alg: f5,
+                    iter_time: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `QCryptoBlockOpenOptions`: the branch is chosen by `format`.
@@ -2172,10 +2745,38 @@ pub enum QCryptoBlockCreateOptions {
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockInfoBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptoBlockInfoBase {
     /// `format`.
     pub format: QCryptoBlockFormat,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockInfoBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockInfoBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockInfoBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockInfoBase, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "format" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockInfoBase {
+                    format: f0.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `QCryptoBlockInfoLUKSSlot`.
@@ -2183,7 +2784,7 @@ pub struct QCryptoBlockInfoBase {
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockInfoLUKSSlot)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptoBlockInfoLUKSSlot {
     /// `active`.
     pub active: bool,
@@ -2198,12 +2799,49 @@ pub struct QCryptoBlockInfoLUKSSlot {
     pub key_offset: i64,
 }
 
+impl<'de> Deserialize<'de> for QCryptoBlockInfoLUKSSlot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockInfoLUKSSlot;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockInfoLUKSSlot object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockInfoLUKSSlot, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "active" => f0 = Some(m.next_value()?),
+                        "iters" => f1 = m.next_value()?,
+                        "stripes" => f2 = m.next_value()?,
+                        "key-offset" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockInfoLUKSSlot {
+                    active: f0.ok_or_else(|| serde::de::Error::missing_field("active"))?,
+                    iters: f1,
+                    stripes: f2,
+                    key_offset: f3.ok_or_else(|| serde::de::Error::missing_field("key-offset"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `QCryptoBlockInfoLUKS`.
 ///
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockInfoLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptoBlockInfoLUKS {
     /// `cipher-alg`.
     #[serde(rename = "cipher-alg")]
@@ -2233,6 +2871,62 @@ pub struct QCryptoBlockInfoLUKS {
     pub uuid: String,
     /// `slots`.
     pub slots: Vec<QCryptoBlockInfoLUKSSlot>,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockInfoLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockInfoLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockInfoLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockInfoLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cipher-alg" => f0 = Some(m.next_value()?),
+                        "cipher-mode" => f1 = Some(m.next_value()?),
+                        "ivgen-alg" => f2 = Some(m.next_value()?),
+                        "ivgen-hash-alg" => f3 = m.next_value()?,
+                        "hash-alg" => f4 = Some(m.next_value()?),
+                        "detached-header" => f5 = Some(m.next_value()?),
+                        "payload-offset" => f6 = Some(m.next_value()?),
+                        "master-key-iters" => f7 = Some(m.next_value()?),
+                        "uuid" => f8 = Some(m.next_value()?),
+                        "slots" => f9 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockInfoLUKS {
+                    cipher_alg: f0.ok_or_else(|| serde::de::Error::missing_field("cipher-alg"))?,
+                    cipher_mode: f1.ok_or_else(|| serde::de::Error::missing_field("cipher-mode"))?,
+                    ivgen_alg: f2.ok_or_else(|| serde::de::Error::missing_field("ivgen-alg"))?,
+                    ivgen_hash_alg: f3,
+                    hash_alg: f4.ok_or_else(|| serde::de::Error::missing_field("hash-alg"))?,
+                    detached_header: f5.ok_or_else(|| serde::de::Error::missing_field("detached-header"))?,
+                    payload_offset: f6.ok_or_else(|| serde::de::Error::missing_field("payload-offset"))?,
+                    master_key_iters: f7
+                        .ok_or_else(|| serde::de::Error::missing_field("master-key-iters"))?,
+                    uuid: f8.ok_or_else(|| serde::de::Error::missing_field("uuid"))?,
+                    slots: f9.ok_or_else(|| serde::de::Error::missing_field("slots"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `QCryptoBlockInfo`: the branch is chosen by `format`.
@@ -2299,7 +2993,7 @@ crate::qapi_enum!(QCryptoBlockLUKSKeyslotState);
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoBlockAmendOptionsLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptoBlockAmendOptionsLUKS {
     /// `state`.
     pub state: QCryptoBlockLUKSKeyslotState,
@@ -2318,6 +3012,49 @@ pub struct QCryptoBlockAmendOptionsLUKS {
     /// `secret` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for QCryptoBlockAmendOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoBlockAmendOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoBlockAmendOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoBlockAmendOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "state" => f0 = Some(m.next_value()?),
+                        "new-secret" => f1 = m.next_value()?,
+                        "old-secret" => f2 = m.next_value()?,
+                        "keyslot" => f3 = m.next_value()?,
+                        "iter-time" => f4 = m.next_value()?,
+                        "secret" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoBlockAmendOptionsLUKS {
+                    state: f0.ok_or_else(|| serde::de::Error::missing_field("state"))?,
+                    new_secret: f1,
+                    old_secret: f2,
+                    keyslot: f3,
+                    iter_time: f4,
+                    secret: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `QCryptoBlockAmendOptions`: the branch is chosen by `format`.
@@ -2341,7 +3078,7 @@ pub enum QCryptoBlockAmendOptions {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.SecretCommonProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SecretCommonProperties {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -2354,12 +3091,46 @@ pub struct SecretCommonProperties {
     pub iv: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for SecretCommonProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SecretCommonProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SecretCommonProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SecretCommonProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "format" => f0 = m.next_value()?,
+                        "keyid" => f1 = m.next_value()?,
+                        "iv" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SecretCommonProperties {
+                    format: f0,
+                    keyid: f1,
+                    iv: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SecretProperties`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.SecretProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SecretProperties {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -2378,12 +3149,49 @@ pub struct SecretProperties {
     pub file: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for SecretProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SecretProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SecretProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SecretProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "format" => f0 = m.next_value()?,
+                        "keyid" => f1 = m.next_value()?,
+                        "iv" => f2 = m.next_value()?,
+                        "data" => f3 = m.next_value()?,
+                        "file" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SecretProperties {
+                    format: f0,
+                    keyid: f1,
+                    iv: f2,
+                    data: f3,
+                    file: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SecretKeyringProperties`.
 ///
 /// Since QEMU 5.1. Compiled in only where `CONFIG_SECRET_KEYRING` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.SecretKeyringProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SecretKeyringProperties {
     /// `format` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -2398,12 +3206,49 @@ pub struct SecretKeyringProperties {
     pub serial: i32,
 }
 
+impl<'de> Deserialize<'de> for SecretKeyringProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SecretKeyringProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SecretKeyringProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SecretKeyringProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "format" => f0 = m.next_value()?,
+                        "keyid" => f1 = m.next_value()?,
+                        "iv" => f2 = m.next_value()?,
+                        "serial" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SecretKeyringProperties {
+                    format: f0,
+                    keyid: f1,
+                    iv: f2,
+                    serial: f3.ok_or_else(|| serde::de::Error::missing_field("serial"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `TlsCredsProperties`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.TlsCredsProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TlsCredsProperties {
     /// `verify-peer` (optional).
     #[serde(rename = "verify-peer", skip_serializing_if = "Option::is_none")]
@@ -2419,12 +3264,49 @@ pub struct TlsCredsProperties {
     pub priority: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for TlsCredsProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TlsCredsProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TlsCredsProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TlsCredsProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "verify-peer" => f0 = m.next_value()?,
+                        "dir" => f1 = m.next_value()?,
+                        "endpoint" => f2 = m.next_value()?,
+                        "priority" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TlsCredsProperties {
+                    verify_peer: f0,
+                    dir: f1,
+                    endpoint: f2,
+                    priority: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `TlsCredsAnonProperties`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.TlsCredsAnonProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TlsCredsAnonProperties {
     /// `verify-peer` (optional).
     #[serde(rename = "verify-peer", skip_serializing_if = "Option::is_none")]
@@ -2440,12 +3322,49 @@ pub struct TlsCredsAnonProperties {
     pub priority: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for TlsCredsAnonProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TlsCredsAnonProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TlsCredsAnonProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TlsCredsAnonProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "verify-peer" => f0 = m.next_value()?,
+                        "dir" => f1 = m.next_value()?,
+                        "endpoint" => f2 = m.next_value()?,
+                        "priority" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TlsCredsAnonProperties {
+                    verify_peer: f0,
+                    dir: f1,
+                    endpoint: f2,
+                    priority: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `TlsCredsPskProperties`.
 ///
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.TlsCredsPskProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TlsCredsPskProperties {
     /// `verify-peer` (optional).
     #[serde(rename = "verify-peer", skip_serializing_if = "Option::is_none")]
@@ -2464,12 +3383,52 @@ pub struct TlsCredsPskProperties {
     pub username: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for TlsCredsPskProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TlsCredsPskProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TlsCredsPskProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TlsCredsPskProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "verify-peer" => f0 = m.next_value()?,
+                        "dir" => f1 = m.next_value()?,
+                        "endpoint" => f2 = m.next_value()?,
+                        "priority" => f3 = m.next_value()?,
+                        "username" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TlsCredsPskProperties {
+                    verify_peer: f0,
+                    dir: f1,
+                    endpoint: f2,
+                    priority: f3,
+                    username: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `TlsCredsX509Properties`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.TlsCredsX509Properties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TlsCredsX509Properties {
     /// `verify-peer` (optional).
     #[serde(rename = "verify-peer", skip_serializing_if = "Option::is_none")]
@@ -2489,6 +3448,49 @@ pub struct TlsCredsX509Properties {
     /// `passwordid` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passwordid: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for TlsCredsX509Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TlsCredsX509Properties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TlsCredsX509Properties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TlsCredsX509Properties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "verify-peer" => f0 = m.next_value()?,
+                        "dir" => f1 = m.next_value()?,
+                        "endpoint" => f2 = m.next_value()?,
+                        "priority" => f3 = m.next_value()?,
+                        "sanity-check" => f4 = m.next_value()?,
+                        "passwordid" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TlsCredsX509Properties {
+                    verify_peer: f0,
+                    dir: f1,
+                    endpoint: f2,
+                    priority: f3,
+                    sanity_check: f4,
+                    passwordid: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `QCryptoAkCipherAlgo`.
@@ -2614,7 +3616,7 @@ crate::qapi_enum!(QCryptoRSAPaddingAlgo);
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-crypto.QCryptoAkCipherOptionsRSA)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptoAkCipherOptionsRSA {
     /// `hash-alg`.
     #[serde(rename = "hash-alg")]
@@ -2622,6 +3624,37 @@ pub struct QCryptoAkCipherOptionsRSA {
     /// `padding-alg`.
     #[serde(rename = "padding-alg")]
     pub padding_alg: QCryptoRSAPaddingAlgo,
+}
+
+impl<'de> Deserialize<'de> for QCryptoAkCipherOptionsRSA {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptoAkCipherOptionsRSA;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptoAkCipherOptionsRSA object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptoAkCipherOptionsRSA, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "hash-alg" => f0 = Some(m.next_value()?),
+                        "padding-alg" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptoAkCipherOptionsRSA {
+                    hash_alg: f0.ok_or_else(|| serde::de::Error::missing_field("hash-alg"))?,
+                    padding_alg: f1.ok_or_else(|| serde::de::Error::missing_field("padding-alg"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `QCryptoAkCipherOptions`: the branch is chosen by `alg`.
@@ -2881,7 +3914,7 @@ crate::qapi_enum!(JobVerb);
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-job.JobInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobInfo {
     /// `id`.
     pub id: String,
@@ -2900,12 +3933,53 @@ pub struct JobInfo {
     pub error: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for JobInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = JobInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JobInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<JobInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "status" => f2 = Some(m.next_value()?),
+                        "current-progress" => f3 = Some(m.next_value()?),
+                        "total-progress" => f4 = Some(m.next_value()?),
+                        "error" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(JobInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    status: f2.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                    current_progress: f3
+                        .ok_or_else(|| serde::de::Error::missing_field("current-progress"))?,
+                    total_progress: f4.ok_or_else(|| serde::de::Error::missing_field("total-progress"))?,
+                    error: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SnapshotInfo`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.SnapshotInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SnapshotInfo {
     /// `id`.
     pub id: String,
@@ -2931,15 +4005,89 @@ pub struct SnapshotInfo {
     pub icount: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for SnapshotInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SnapshotInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SnapshotInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SnapshotInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "name" => f1 = Some(m.next_value()?),
+                        "vm-state-size" => f2 = Some(m.next_value()?),
+                        "date-sec" => f3 = Some(m.next_value()?),
+                        "date-nsec" => f4 = Some(m.next_value()?),
+                        "vm-clock-sec" => f5 = Some(m.next_value()?),
+                        "vm-clock-nsec" => f6 = Some(m.next_value()?),
+                        "icount" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SnapshotInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    name: f1.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    vm_state_size: f2.ok_or_else(|| serde::de::Error::missing_field("vm-state-size"))?,
+                    date_sec: f3.ok_or_else(|| serde::de::Error::missing_field("date-sec"))?,
+                    date_nsec: f4.ok_or_else(|| serde::de::Error::missing_field("date-nsec"))?,
+                    vm_clock_sec: f5.ok_or_else(|| serde::de::Error::missing_field("vm-clock-sec"))?,
+                    vm_clock_nsec: f6.ok_or_else(|| serde::de::Error::missing_field("vm-clock-nsec"))?,
+                    icount: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ImageInfoSpecificQCow2EncryptionBase`.
 ///
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificQCow2EncryptionBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificQCow2EncryptionBase {
     /// `format`.
     pub format: BlockdevQcow2EncryptionFormat,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificQCow2EncryptionBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificQCow2EncryptionBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificQCow2EncryptionBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificQCow2EncryptionBase, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "format" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificQCow2EncryptionBase {
+                    format: f0.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `ImageInfoSpecificQCow2Encryption`: the branch is chosen by `format`.
@@ -2963,7 +4111,7 @@ pub enum ImageInfoSpecificQCow2Encryption {
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificQCow2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificQCow2 {
     /// `compat`.
     pub compat: String,
@@ -2996,12 +4144,68 @@ pub struct ImageInfoSpecificQCow2 {
     pub compression_type: Qcow2CompressionType,
 }
 
+impl<'de> Deserialize<'de> for ImageInfoSpecificQCow2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificQCow2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificQCow2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificQCow2, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "compat" => f0 = Some(m.next_value()?),
+                        "data-file" => f1 = m.next_value()?,
+                        "data-file-raw" => f2 = m.next_value()?,
+                        "extended-l2" => f3 = m.next_value()?,
+                        "lazy-refcounts" => f4 = m.next_value()?,
+                        "corrupt" => f5 = m.next_value()?,
+                        "refcount-bits" => f6 = Some(m.next_value()?),
+                        "encrypt" => f7 = m.next_value()?,
+                        "bitmaps" => f8 = m.next_value()?,
+                        "compression-type" => f9 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificQCow2 {
+                    compat: f0.ok_or_else(|| serde::de::Error::missing_field("compat"))?,
+                    data_file: f1,
+                    data_file_raw: f2,
+                    extended_l2: f3,
+                    lazy_refcounts: f4,
+                    corrupt: f5,
+                    refcount_bits: f6.ok_or_else(|| serde::de::Error::missing_field("refcount-bits"))?,
+                    encrypt: f7,
+                    bitmaps: f8,
+                    compression_type: f9
+                        .ok_or_else(|| serde::de::Error::missing_field("compression-type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ImageInfoSpecificVmdk`.
 ///
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificVmdk)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificVmdk {
     /// `create-type`.
     #[serde(rename = "create-type")]
@@ -3015,12 +4219,49 @@ pub struct ImageInfoSpecificVmdk {
     pub extents: Vec<VmdkExtentInfo>,
 }
 
+impl<'de> Deserialize<'de> for ImageInfoSpecificVmdk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificVmdk;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificVmdk object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificVmdk, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "create-type" => f0 = Some(m.next_value()?),
+                        "cid" => f1 = Some(m.next_value()?),
+                        "parent-cid" => f2 = Some(m.next_value()?),
+                        "extents" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificVmdk {
+                    create_type: f0.ok_or_else(|| serde::de::Error::missing_field("create-type"))?,
+                    cid: f1.ok_or_else(|| serde::de::Error::missing_field("cid"))?,
+                    parent_cid: f2.ok_or_else(|| serde::de::Error::missing_field("parent-cid"))?,
+                    extents: f3.ok_or_else(|| serde::de::Error::missing_field("extents"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VmdkExtentInfo`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.VmdkExtentInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VmdkExtentInfo {
     /// `filename`.
     pub filename: String,
@@ -3037,16 +4278,81 @@ pub struct VmdkExtentInfo {
     pub compressed: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for VmdkExtentInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VmdkExtentInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VmdkExtentInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VmdkExtentInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "format" => f1 = Some(m.next_value()?),
+                        "virtual-size" => f2 = Some(m.next_value()?),
+                        "cluster-size" => f3 = m.next_value()?,
+                        "compressed" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VmdkExtentInfo {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    format: f1.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                    virtual_size: f2.ok_or_else(|| serde::de::Error::missing_field("virtual-size"))?,
+                    cluster_size: f3,
+                    compressed: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ImageInfoSpecificRbd`.
 ///
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificRbd)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ImageInfoSpecificRbd {
     /// `encryption-format` (optional).
     #[serde(rename = "encryption-format", skip_serializing_if = "Option::is_none")]
     pub encryption_format: Option<RbdImageEncryptionFormat>,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificRbd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificRbd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificRbd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificRbd, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "encryption-format" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificRbd {
+                    encryption_format: f0,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ImageInfoSpecificFile`.
@@ -3054,11 +4360,37 @@ pub struct ImageInfoSpecificRbd {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificFile)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ImageInfoSpecificFile {
     /// `extent-size-hint` (optional).
     #[serde(rename = "extent-size-hint", skip_serializing_if = "Option::is_none")]
     pub extent_size_hint: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificFile object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificFile, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "extent-size-hint" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificFile { extent_size_hint: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ImageInfoSpecificKind`.
@@ -3124,10 +4456,38 @@ crate::qapi_enum!(ImageInfoSpecificKind);
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificQCow2Wrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificQCow2Wrapper {
     /// `data`.
     pub data: ImageInfoSpecificQCow2,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificQCow2Wrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificQCow2Wrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificQCow2Wrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificQCow2Wrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificQCow2Wrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ImageInfoSpecificVmdkWrapper`.
@@ -3135,10 +4495,38 @@ pub struct ImageInfoSpecificQCow2Wrapper {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificVmdkWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificVmdkWrapper {
     /// `data`.
     pub data: ImageInfoSpecificVmdk,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificVmdkWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificVmdkWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificVmdkWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificVmdkWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificVmdkWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ImageInfoSpecificLUKSWrapper`.
@@ -3146,10 +4534,38 @@ pub struct ImageInfoSpecificVmdkWrapper {
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificLUKSWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificLUKSWrapper {
     /// `data`.
     pub data: QCryptoBlockInfoLUKS,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificLUKSWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificLUKSWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificLUKSWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificLUKSWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificLUKSWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ImageInfoSpecificRbdWrapper`.
@@ -3157,10 +4573,38 @@ pub struct ImageInfoSpecificLUKSWrapper {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificRbdWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificRbdWrapper {
     /// `data`.
     pub data: ImageInfoSpecificRbd,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificRbdWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificRbdWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificRbdWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificRbdWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificRbdWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ImageInfoSpecificFileWrapper`.
@@ -3168,10 +4612,38 @@ pub struct ImageInfoSpecificRbdWrapper {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfoSpecificFileWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfoSpecificFileWrapper {
     /// `data`.
     pub data: ImageInfoSpecificFile,
+}
+
+impl<'de> Deserialize<'de> for ImageInfoSpecificFileWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfoSpecificFileWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfoSpecificFileWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ImageInfoSpecificFileWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfoSpecificFileWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `ImageInfoSpecific`: the branch is chosen by `type`.
@@ -3204,7 +4676,7 @@ pub enum ImageInfoSpecific {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockNodeInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockNodeInfo {
     /// `filename`.
     pub filename: String,
@@ -3245,12 +4717,73 @@ pub struct BlockNodeInfo {
     pub format_specific: Option<ImageInfoSpecific>,
 }
 
+impl<'de> Deserialize<'de> for BlockNodeInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockNodeInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockNodeInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockNodeInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "format" => f1 = Some(m.next_value()?),
+                        "dirty-flag" => f2 = m.next_value()?,
+                        "actual-size" => f3 = m.next_value()?,
+                        "virtual-size" => f4 = Some(m.next_value()?),
+                        "cluster-size" => f5 = m.next_value()?,
+                        "encrypted" => f6 = m.next_value()?,
+                        "compressed" => f7 = m.next_value()?,
+                        "backing-filename" => f8 = m.next_value()?,
+                        "full-backing-filename" => f9 = m.next_value()?,
+                        "backing-filename-format" => f10 = m.next_value()?,
+                        "snapshots" => f11 = m.next_value()?,
+                        "format-specific" => f12 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockNodeInfo {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    format: f1.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                    dirty_flag: f2,
+                    actual_size: f3,
+                    virtual_size: f4.ok_or_else(|| serde::de::Error::missing_field("virtual-size"))?,
+                    cluster_size: f5,
+                    encrypted: f6,
+                    compressed: f7,
+                    backing_filename: f8,
+                    full_backing_filename: f9,
+                    backing_filename_format: f10,
+                    snapshots: f11,
+                    format_specific: f12,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ImageInfo`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageInfo {
     /// `filename`.
     pub filename: String,
@@ -3294,12 +4827,76 @@ pub struct ImageInfo {
     pub backing_image: Option<Box<ImageInfo>>,
 }
 
+impl<'de> Deserialize<'de> for ImageInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ImageInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "format" => f1 = Some(m.next_value()?),
+                        "dirty-flag" => f2 = m.next_value()?,
+                        "actual-size" => f3 = m.next_value()?,
+                        "virtual-size" => f4 = Some(m.next_value()?),
+                        "cluster-size" => f5 = m.next_value()?,
+                        "encrypted" => f6 = m.next_value()?,
+                        "compressed" => f7 = m.next_value()?,
+                        "backing-filename" => f8 = m.next_value()?,
+                        "full-backing-filename" => f9 = m.next_value()?,
+                        "backing-filename-format" => f10 = m.next_value()?,
+                        "snapshots" => f11 = m.next_value()?,
+                        "format-specific" => f12 = m.next_value()?,
+                        "backing-image" => f13 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageInfo {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    format: f1.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                    dirty_flag: f2,
+                    actual_size: f3,
+                    virtual_size: f4.ok_or_else(|| serde::de::Error::missing_field("virtual-size"))?,
+                    cluster_size: f5,
+                    encrypted: f6,
+                    compressed: f7,
+                    backing_filename: f8,
+                    full_backing_filename: f9,
+                    backing_filename_format: f10,
+                    snapshots: f11,
+                    format_specific: f12,
+                    backing_image: f13,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockChildInfo`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockChildInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockChildInfo {
     /// `name`.
     pub name: String,
@@ -3307,12 +4904,40 @@ pub struct BlockChildInfo {
     pub info: BlockGraphInfo,
 }
 
+impl<'de> Deserialize<'de> for BlockChildInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockChildInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockChildInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockChildInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "info" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockChildInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    info: f1.ok_or_else(|| serde::de::Error::missing_field("info"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockGraphInfo`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockGraphInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockGraphInfo {
     /// `filename`.
     pub filename: String,
@@ -3355,12 +4980,76 @@ pub struct BlockGraphInfo {
     pub children: Vec<BlockChildInfo>,
 }
 
+impl<'de> Deserialize<'de> for BlockGraphInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockGraphInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockGraphInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockGraphInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "format" => f1 = Some(m.next_value()?),
+                        "dirty-flag" => f2 = m.next_value()?,
+                        "actual-size" => f3 = m.next_value()?,
+                        "virtual-size" => f4 = Some(m.next_value()?),
+                        "cluster-size" => f5 = m.next_value()?,
+                        "encrypted" => f6 = m.next_value()?,
+                        "compressed" => f7 = m.next_value()?,
+                        "backing-filename" => f8 = m.next_value()?,
+                        "full-backing-filename" => f9 = m.next_value()?,
+                        "backing-filename-format" => f10 = m.next_value()?,
+                        "snapshots" => f11 = m.next_value()?,
+                        "format-specific" => f12 = m.next_value()?,
+                        "children" => f13 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockGraphInfo {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    format: f1.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                    dirty_flag: f2,
+                    actual_size: f3,
+                    virtual_size: f4.ok_or_else(|| serde::de::Error::missing_field("virtual-size"))?,
+                    cluster_size: f5,
+                    encrypted: f6,
+                    compressed: f7,
+                    backing_filename: f8,
+                    full_backing_filename: f9,
+                    backing_filename_format: f10,
+                    snapshots: f11,
+                    format_specific: f12,
+                    children: f13.ok_or_else(|| serde::de::Error::missing_field("children"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ImageCheck`.
 ///
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ImageCheck)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageCheck {
     /// `filename`.
     pub filename: String,
@@ -3398,12 +5087,70 @@ pub struct ImageCheck {
     pub compressed_clusters: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for ImageCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ImageCheck;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ImageCheck object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ImageCheck, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "format" => f1 = Some(m.next_value()?),
+                        "check-errors" => f2 = Some(m.next_value()?),
+                        "image-end-offset" => f3 = m.next_value()?,
+                        "corruptions" => f4 = m.next_value()?,
+                        "leaks" => f5 = m.next_value()?,
+                        "corruptions-fixed" => f6 = m.next_value()?,
+                        "leaks-fixed" => f7 = m.next_value()?,
+                        "total-clusters" => f8 = m.next_value()?,
+                        "allocated-clusters" => f9 = m.next_value()?,
+                        "fragmented-clusters" => f10 = m.next_value()?,
+                        "compressed-clusters" => f11 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ImageCheck {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    format: f1.ok_or_else(|| serde::de::Error::missing_field("format"))?,
+                    check_errors: f2.ok_or_else(|| serde::de::Error::missing_field("check-errors"))?,
+                    image_end_offset: f3,
+                    corruptions: f4,
+                    leaks: f5,
+                    corruptions_fixed: f6,
+                    leaks_fixed: f7,
+                    total_clusters: f8,
+                    allocated_clusters: f9,
+                    fragmented_clusters: f10,
+                    compressed_clusters: f11,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MapEntry`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.MapEntry)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MapEntry {
     /// `start`.
     pub start: i64,
@@ -3427,12 +5174,61 @@ pub struct MapEntry {
     pub filename: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for MapEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MapEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MapEntry object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MapEntry, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "start" => f0 = Some(m.next_value()?),
+                        "length" => f1 = Some(m.next_value()?),
+                        "data" => f2 = Some(m.next_value()?),
+                        "zero" => f3 = Some(m.next_value()?),
+                        "compressed" => f4 = Some(m.next_value()?),
+                        "depth" => f5 = Some(m.next_value()?),
+                        "present" => f6 = Some(m.next_value()?),
+                        "offset" => f7 = m.next_value()?,
+                        "filename" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MapEntry {
+                    start: f0.ok_or_else(|| serde::de::Error::missing_field("start"))?,
+                    length: f1.ok_or_else(|| serde::de::Error::missing_field("length"))?,
+                    data: f2.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                    zero: f3.ok_or_else(|| serde::de::Error::missing_field("zero"))?,
+                    compressed: f4.ok_or_else(|| serde::de::Error::missing_field("compressed"))?,
+                    depth: f5.ok_or_else(|| serde::de::Error::missing_field("depth"))?,
+                    present: f6.ok_or_else(|| serde::de::Error::missing_field("present"))?,
+                    offset: f7,
+                    filename: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCacheInfo`.
 ///
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCacheInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCacheInfo {
     /// `writeback`.
     pub writeback: bool,
@@ -3443,12 +5239,46 @@ pub struct BlockdevCacheInfo {
     pub no_flush: bool,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCacheInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCacheInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCacheInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCacheInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "writeback" => f0 = Some(m.next_value()?),
+                        "direct" => f1 = Some(m.next_value()?),
+                        "no-flush" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCacheInfo {
+                    writeback: f0.ok_or_else(|| serde::de::Error::missing_field("writeback"))?,
+                    direct: f1.ok_or_else(|| serde::de::Error::missing_field("direct"))?,
+                    no_flush: f2.ok_or_else(|| serde::de::Error::missing_field("no-flush"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockDeviceInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDeviceInfo {
     /// `file`.
     pub file: String,
@@ -3535,6 +5365,128 @@ pub struct BlockDeviceInfo {
     pub dirty_bitmaps: Option<Vec<BlockDirtyInfo>>,
 }
 
+impl<'de> Deserialize<'de> for BlockDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                let mut f21 = None;
+                let mut f22 = None;
+                let mut f23 = None;
+                let mut f24 = None;
+                let mut f25 = None;
+                let mut f26 = None;
+                let mut f27 = None;
+                let mut f28 = None;
+                let mut f29 = None;
+                let mut f30 = None;
+                let mut f31 = None;
+                let mut f32 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "node-name" => f1 = m.next_value()?,
+                        "ro" => f2 = Some(m.next_value()?),
+                        "drv" => f3 = Some(m.next_value()?),
+                        "backing_file" => f4 = m.next_value()?,
+                        "backing_file_depth" => f5 = Some(m.next_value()?),
+                        "active" => f6 = Some(m.next_value()?),
+                        "encrypted" => f7 = Some(m.next_value()?),
+                        "detect_zeroes" => f8 = Some(m.next_value()?),
+                        "bps" => f9 = Some(m.next_value()?),
+                        "bps_rd" => f10 = Some(m.next_value()?),
+                        "bps_wr" => f11 = Some(m.next_value()?),
+                        "iops" => f12 = Some(m.next_value()?),
+                        "iops_rd" => f13 = Some(m.next_value()?),
+                        "iops_wr" => f14 = Some(m.next_value()?),
+                        "image" => f15 = Some(m.next_value()?),
+                        "bps_max" => f16 = m.next_value()?,
+                        "bps_rd_max" => f17 = m.next_value()?,
+                        "bps_wr_max" => f18 = m.next_value()?,
+                        "iops_max" => f19 = m.next_value()?,
+                        "iops_rd_max" => f20 = m.next_value()?,
+                        "iops_wr_max" => f21 = m.next_value()?,
+                        "bps_max_length" => f22 = m.next_value()?,
+                        "bps_rd_max_length" => f23 = m.next_value()?,
+                        "bps_wr_max_length" => f24 = m.next_value()?,
+                        "iops_max_length" => f25 = m.next_value()?,
+                        "iops_rd_max_length" => f26 = m.next_value()?,
+                        "iops_wr_max_length" => f27 = m.next_value()?,
+                        "iops_size" => f28 = m.next_value()?,
+                        "group" => f29 = m.next_value()?,
+                        "cache" => f30 = Some(m.next_value()?),
+                        "write_threshold" => f31 = Some(m.next_value()?),
+                        "dirty-bitmaps" => f32 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDeviceInfo {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    node_name: f1,
+                    ro: f2.ok_or_else(|| serde::de::Error::missing_field("ro"))?,
+                    drv: f3.ok_or_else(|| serde::de::Error::missing_field("drv"))?,
+                    backing_file: f4,
+                    backing_file_depth: f5
+                        .ok_or_else(|| serde::de::Error::missing_field("backing_file_depth"))?,
+                    active: f6.ok_or_else(|| serde::de::Error::missing_field("active"))?,
+                    encrypted: f7.ok_or_else(|| serde::de::Error::missing_field("encrypted"))?,
+                    detect_zeroes: f8.ok_or_else(|| serde::de::Error::missing_field("detect_zeroes"))?,
+                    bps: f9.ok_or_else(|| serde::de::Error::missing_field("bps"))?,
+                    bps_rd: f10.ok_or_else(|| serde::de::Error::missing_field("bps_rd"))?,
+                    bps_wr: f11.ok_or_else(|| serde::de::Error::missing_field("bps_wr"))?,
+                    iops: f12.ok_or_else(|| serde::de::Error::missing_field("iops"))?,
+                    iops_rd: f13.ok_or_else(|| serde::de::Error::missing_field("iops_rd"))?,
+                    iops_wr: f14.ok_or_else(|| serde::de::Error::missing_field("iops_wr"))?,
+                    image: f15.ok_or_else(|| serde::de::Error::missing_field("image"))?,
+                    bps_max: f16,
+                    bps_rd_max: f17,
+                    bps_wr_max: f18,
+                    iops_max: f19,
+                    iops_rd_max: f20,
+                    iops_wr_max: f21,
+                    bps_max_length: f22,
+                    bps_rd_max_length: f23,
+                    bps_wr_max_length: f24,
+                    iops_max_length: f25,
+                    iops_rd_max_length: f26,
+                    iops_wr_max_length: f27,
+                    iops_size: f28,
+                    group: f29,
+                    cache: f30.ok_or_else(|| serde::de::Error::missing_field("cache"))?,
+                    write_threshold: f31.ok_or_else(|| serde::de::Error::missing_field("write_threshold"))?,
+                    dirty_bitmaps: f32,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI enum `BlockDeviceIoStatus`.
 ///
 /// Since QEMU 1.0.
@@ -3588,7 +5540,7 @@ crate::qapi_enum!(BlockDeviceIoStatus);
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDirtyInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyInfo {
     /// `name` (optional; since QEMU 2.4).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -3606,6 +5558,49 @@ pub struct BlockDirtyInfo {
     /// `inconsistent` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inconsistent: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BlockDirtyInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockDirtyInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        "count" => f1 = Some(m.next_value()?),
+                        "granularity" => f2 = Some(m.next_value()?),
+                        "recording" => f3 = Some(m.next_value()?),
+                        "busy" => f4 = Some(m.next_value()?),
+                        "persistent" => f5 = Some(m.next_value()?),
+                        "inconsistent" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyInfo {
+                    name: f0,
+                    count: f1.ok_or_else(|| serde::de::Error::missing_field("count"))?,
+                    granularity: f2.ok_or_else(|| serde::de::Error::missing_field("granularity"))?,
+                    recording: f3.ok_or_else(|| serde::de::Error::missing_field("recording"))?,
+                    busy: f4.ok_or_else(|| serde::de::Error::missing_field("busy"))?,
+                    persistent: f5.ok_or_else(|| serde::de::Error::missing_field("persistent"))?,
+                    inconsistent: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `Qcow2BitmapInfoFlags`.
@@ -3654,7 +5649,7 @@ crate::qapi_enum!(Qcow2BitmapInfoFlags);
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.Qcow2BitmapInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Qcow2BitmapInfo {
     /// `name`.
     pub name: String,
@@ -3664,12 +5659,43 @@ pub struct Qcow2BitmapInfo {
     pub flags: Vec<Qcow2BitmapInfoFlags>,
 }
 
+impl<'de> Deserialize<'de> for Qcow2BitmapInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Qcow2BitmapInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Qcow2BitmapInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Qcow2BitmapInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "granularity" => f1 = Some(m.next_value()?),
+                        "flags" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Qcow2BitmapInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    granularity: f1.ok_or_else(|| serde::de::Error::missing_field("granularity"))?,
+                    flags: f2.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockLatencyHistogramInfo`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockLatencyHistogramInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockLatencyHistogramInfo {
     /// `boundaries`.
     pub boundaries: Vec<u64>,
@@ -3677,12 +5703,43 @@ pub struct BlockLatencyHistogramInfo {
     pub bins: Vec<u64>,
 }
 
+impl<'de> Deserialize<'de> for BlockLatencyHistogramInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockLatencyHistogramInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockLatencyHistogramInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockLatencyHistogramInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "boundaries" => f0 = Some(m.next_value()?),
+                        "bins" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockLatencyHistogramInfo {
+                    boundaries: f0.ok_or_else(|| serde::de::Error::missing_field("boundaries"))?,
+                    bins: f1.ok_or_else(|| serde::de::Error::missing_field("bins"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockInfo {
     /// `device`.
     pub device: String,
@@ -3706,12 +5763,58 @@ pub struct BlockInfo {
     pub io_status: Option<BlockDeviceIoStatus>,
 }
 
+impl<'de> Deserialize<'de> for BlockInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "qdev" => f1 = m.next_value()?,
+                        "type" => f2 = Some(m.next_value()?),
+                        "removable" => f3 = Some(m.next_value()?),
+                        "locked" => f4 = Some(m.next_value()?),
+                        "inserted" => f5 = m.next_value()?,
+                        "tray_open" => f6 = m.next_value()?,
+                        "io-status" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockInfo {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    qdev: f1,
+                    r#type: f2.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    removable: f3.ok_or_else(|| serde::de::Error::missing_field("removable"))?,
+                    locked: f4.ok_or_else(|| serde::de::Error::missing_field("locked"))?,
+                    inserted: f5,
+                    tray_open: f6,
+                    io_status: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockMeasureInfo`.
 ///
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockMeasureInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockMeasureInfo {
     /// `required`.
     pub required: i64,
@@ -3723,12 +5826,43 @@ pub struct BlockMeasureInfo {
     pub bitmaps: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for BlockMeasureInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockMeasureInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockMeasureInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockMeasureInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "required" => f0 = Some(m.next_value()?),
+                        "fully-allocated" => f1 = Some(m.next_value()?),
+                        "bitmaps" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockMeasureInfo {
+                    required: f0.ok_or_else(|| serde::de::Error::missing_field("required"))?,
+                    fully_allocated: f1.ok_or_else(|| serde::de::Error::missing_field("fully-allocated"))?,
+                    bitmaps: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockDeviceTimedStats`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDeviceTimedStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDeviceTimedStats {
     /// `interval_length`.
     pub interval_length: i64,
@@ -3764,12 +5898,100 @@ pub struct BlockDeviceTimedStats {
     pub avg_zone_append_queue_depth: f64,
 }
 
+impl<'de> Deserialize<'de> for BlockDeviceTimedStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDeviceTimedStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDeviceTimedStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDeviceTimedStats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "interval_length" => f0 = Some(m.next_value()?),
+                        "min_rd_latency_ns" => f1 = Some(m.next_value()?),
+                        "max_rd_latency_ns" => f2 = Some(m.next_value()?),
+                        "avg_rd_latency_ns" => f3 = Some(m.next_value()?),
+                        "min_wr_latency_ns" => f4 = Some(m.next_value()?),
+                        "max_wr_latency_ns" => f5 = Some(m.next_value()?),
+                        "avg_wr_latency_ns" => f6 = Some(m.next_value()?),
+                        "min_zone_append_latency_ns" => f7 = Some(m.next_value()?),
+                        "max_zone_append_latency_ns" => f8 = Some(m.next_value()?),
+                        "avg_zone_append_latency_ns" => f9 = Some(m.next_value()?),
+                        "min_flush_latency_ns" => f10 = Some(m.next_value()?),
+                        "max_flush_latency_ns" => f11 = Some(m.next_value()?),
+                        "avg_flush_latency_ns" => f12 = Some(m.next_value()?),
+                        "avg_rd_queue_depth" => f13 = Some(m.next_value()?),
+                        "avg_wr_queue_depth" => f14 = Some(m.next_value()?),
+                        "avg_zone_append_queue_depth" => f15 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDeviceTimedStats {
+                    interval_length: f0.ok_or_else(|| serde::de::Error::missing_field("interval_length"))?,
+                    min_rd_latency_ns: f1
+                        .ok_or_else(|| serde::de::Error::missing_field("min_rd_latency_ns"))?,
+                    max_rd_latency_ns: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("max_rd_latency_ns"))?,
+                    avg_rd_latency_ns: f3
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_rd_latency_ns"))?,
+                    min_wr_latency_ns: f4
+                        .ok_or_else(|| serde::de::Error::missing_field("min_wr_latency_ns"))?,
+                    max_wr_latency_ns: f5
+                        .ok_or_else(|| serde::de::Error::missing_field("max_wr_latency_ns"))?,
+                    avg_wr_latency_ns: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_wr_latency_ns"))?,
+                    min_zone_append_latency_ns: f7
+                        .ok_or_else(|| serde::de::Error::missing_field("min_zone_append_latency_ns"))?,
+                    max_zone_append_latency_ns: f8
+                        .ok_or_else(|| serde::de::Error::missing_field("max_zone_append_latency_ns"))?,
+                    avg_zone_append_latency_ns: f9
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_zone_append_latency_ns"))?,
+                    min_flush_latency_ns: f10
+                        .ok_or_else(|| serde::de::Error::missing_field("min_flush_latency_ns"))?,
+                    max_flush_latency_ns: f11
+                        .ok_or_else(|| serde::de::Error::missing_field("max_flush_latency_ns"))?,
+                    avg_flush_latency_ns: f12
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_flush_latency_ns"))?,
+                    avg_rd_queue_depth: f13
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_rd_queue_depth"))?,
+                    avg_wr_queue_depth: f14
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_wr_queue_depth"))?,
+                    avg_zone_append_queue_depth: f15
+                        .ok_or_else(|| serde::de::Error::missing_field("avg_zone_append_queue_depth"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockDeviceStats`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDeviceStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDeviceStats {
     /// `rd_bytes`.
     pub rd_bytes: i64,
@@ -3852,12 +6074,166 @@ pub struct BlockDeviceStats {
     pub flush_latency_histogram: Option<BlockLatencyHistogramInfo>,
 }
 
+impl<'de> Deserialize<'de> for BlockDeviceStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDeviceStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDeviceStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockDeviceStats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                let mut f21 = None;
+                let mut f22 = None;
+                let mut f23 = None;
+                let mut f24 = None;
+                let mut f25 = None;
+                let mut f26 = None;
+                let mut f27 = None;
+                let mut f28 = None;
+                let mut f29 = None;
+                let mut f30 = None;
+                let mut f31 = None;
+                let mut f32 = None;
+                let mut f33 = None;
+                let mut f34 = None;
+                let mut f35 = None;
+                let mut f36 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "rd_bytes" => f0 = Some(m.next_value()?),
+                        "wr_bytes" => f1 = Some(m.next_value()?),
+                        "zone_append_bytes" => f2 = Some(m.next_value()?),
+                        "unmap_bytes" => f3 = Some(m.next_value()?),
+                        "rd_operations" => f4 = Some(m.next_value()?),
+                        "wr_operations" => f5 = Some(m.next_value()?),
+                        "zone_append_operations" => f6 = Some(m.next_value()?),
+                        "flush_operations" => f7 = Some(m.next_value()?),
+                        "unmap_operations" => f8 = Some(m.next_value()?),
+                        "rd_total_time_ns" => f9 = Some(m.next_value()?),
+                        "wr_total_time_ns" => f10 = Some(m.next_value()?),
+                        "zone_append_total_time_ns" => f11 = Some(m.next_value()?),
+                        "flush_total_time_ns" => f12 = Some(m.next_value()?),
+                        "unmap_total_time_ns" => f13 = Some(m.next_value()?),
+                        "wr_highest_offset" => f14 = Some(m.next_value()?),
+                        "rd_merged" => f15 = Some(m.next_value()?),
+                        "wr_merged" => f16 = Some(m.next_value()?),
+                        "zone_append_merged" => f17 = Some(m.next_value()?),
+                        "unmap_merged" => f18 = Some(m.next_value()?),
+                        "idle_time_ns" => f19 = m.next_value()?,
+                        "failed_rd_operations" => f20 = Some(m.next_value()?),
+                        "failed_wr_operations" => f21 = Some(m.next_value()?),
+                        "failed_zone_append_operations" => f22 = Some(m.next_value()?),
+                        "failed_flush_operations" => f23 = Some(m.next_value()?),
+                        "failed_unmap_operations" => f24 = Some(m.next_value()?),
+                        "invalid_rd_operations" => f25 = Some(m.next_value()?),
+                        "invalid_wr_operations" => f26 = Some(m.next_value()?),
+                        "invalid_zone_append_operations" => f27 = Some(m.next_value()?),
+                        "invalid_flush_operations" => f28 = Some(m.next_value()?),
+                        "invalid_unmap_operations" => f29 = Some(m.next_value()?),
+                        "account_invalid" => f30 = Some(m.next_value()?),
+                        "account_failed" => f31 = Some(m.next_value()?),
+                        "timed_stats" => f32 = Some(m.next_value()?),
+                        "rd_latency_histogram" => f33 = m.next_value()?,
+                        "wr_latency_histogram" => f34 = m.next_value()?,
+                        "zone_append_latency_histogram" => f35 = m.next_value()?,
+                        "flush_latency_histogram" => f36 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDeviceStats {
+                    rd_bytes: f0.ok_or_else(|| serde::de::Error::missing_field("rd_bytes"))?,
+                    wr_bytes: f1.ok_or_else(|| serde::de::Error::missing_field("wr_bytes"))?,
+                    zone_append_bytes: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("zone_append_bytes"))?,
+                    unmap_bytes: f3.ok_or_else(|| serde::de::Error::missing_field("unmap_bytes"))?,
+                    rd_operations: f4.ok_or_else(|| serde::de::Error::missing_field("rd_operations"))?,
+                    wr_operations: f5.ok_or_else(|| serde::de::Error::missing_field("wr_operations"))?,
+                    zone_append_operations: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("zone_append_operations"))?,
+                    flush_operations: f7
+                        .ok_or_else(|| serde::de::Error::missing_field("flush_operations"))?,
+                    unmap_operations: f8
+                        .ok_or_else(|| serde::de::Error::missing_field("unmap_operations"))?,
+                    rd_total_time_ns: f9
+                        .ok_or_else(|| serde::de::Error::missing_field("rd_total_time_ns"))?,
+                    wr_total_time_ns: f10
+                        .ok_or_else(|| serde::de::Error::missing_field("wr_total_time_ns"))?,
+                    zone_append_total_time_ns: f11
+                        .ok_or_else(|| serde::de::Error::missing_field("zone_append_total_time_ns"))?,
+                    flush_total_time_ns: f12
+                        .ok_or_else(|| serde::de::Error::missing_field("flush_total_time_ns"))?,
+                    unmap_total_time_ns: f13
+                        .ok_or_else(|| serde::de::Error::missing_field("unmap_total_time_ns"))?,
+                    wr_highest_offset: f14
+                        .ok_or_else(|| serde::de::Error::missing_field("wr_highest_offset"))?,
+                    rd_merged: f15.ok_or_else(|| serde::de::Error::missing_field("rd_merged"))?,
+                    wr_merged: f16.ok_or_else(|| serde::de::Error::missing_field("wr_merged"))?,
+                    zone_append_merged: f17
+                        .ok_or_else(|| serde::de::Error::missing_field("zone_append_merged"))?,
+                    unmap_merged: f18.ok_or_else(|| serde::de::Error::missing_field("unmap_merged"))?,
+                    idle_time_ns: f19,
+                    failed_rd_operations: f20
+                        .ok_or_else(|| serde::de::Error::missing_field("failed_rd_operations"))?,
+                    failed_wr_operations: f21
+                        .ok_or_else(|| serde::de::Error::missing_field("failed_wr_operations"))?,
+                    failed_zone_append_operations: f22
+                        .ok_or_else(|| serde::de::Error::missing_field("failed_zone_append_operations"))?,
+                    failed_flush_operations: f23
+                        .ok_or_else(|| serde::de::Error::missing_field("failed_flush_operations"))?,
+                    failed_unmap_operations: f24
+                        .ok_or_else(|| serde::de::Error::missing_field("failed_unmap_operations"))?,
+                    invalid_rd_operations: f25
+                        .ok_or_else(|| serde::de::Error::missing_field("invalid_rd_operations"))?,
+                    invalid_wr_operations: f26
+                        .ok_or_else(|| serde::de::Error::missing_field("invalid_wr_operations"))?,
+                    invalid_zone_append_operations: f27
+                        .ok_or_else(|| serde::de::Error::missing_field("invalid_zone_append_operations"))?,
+                    invalid_flush_operations: f28
+                        .ok_or_else(|| serde::de::Error::missing_field("invalid_flush_operations"))?,
+                    invalid_unmap_operations: f29
+                        .ok_or_else(|| serde::de::Error::missing_field("invalid_unmap_operations"))?,
+                    account_invalid: f30.ok_or_else(|| serde::de::Error::missing_field("account_invalid"))?,
+                    account_failed: f31.ok_or_else(|| serde::de::Error::missing_field("account_failed"))?,
+                    timed_stats: f32.ok_or_else(|| serde::de::Error::missing_field("timed_stats"))?,
+                    rd_latency_histogram: f33,
+                    wr_latency_histogram: f34,
+                    zone_append_latency_histogram: f35,
+                    flush_latency_histogram: f36,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockStatsSpecificFile`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockStatsSpecificFile)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockStatsSpecificFile {
     /// `discard-nb-ok`.
     #[serde(rename = "discard-nb-ok")]
@@ -3870,12 +6246,48 @@ pub struct BlockStatsSpecificFile {
     pub discard_bytes_ok: u64,
 }
 
+impl<'de> Deserialize<'de> for BlockStatsSpecificFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockStatsSpecificFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockStatsSpecificFile object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockStatsSpecificFile, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "discard-nb-ok" => f0 = Some(m.next_value()?),
+                        "discard-nb-failed" => f1 = Some(m.next_value()?),
+                        "discard-bytes-ok" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockStatsSpecificFile {
+                    discard_nb_ok: f0.ok_or_else(|| serde::de::Error::missing_field("discard-nb-ok"))?,
+                    discard_nb_failed: f1
+                        .ok_or_else(|| serde::de::Error::missing_field("discard-nb-failed"))?,
+                    discard_bytes_ok: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("discard-bytes-ok"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockStatsSpecificNvme`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockStatsSpecificNvme)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockStatsSpecificNvme {
     /// `completion-errors`.
     #[serde(rename = "completion-errors")]
@@ -3886,6 +6298,43 @@ pub struct BlockStatsSpecificNvme {
     /// `unaligned-accesses`.
     #[serde(rename = "unaligned-accesses")]
     pub unaligned_accesses: u64,
+}
+
+impl<'de> Deserialize<'de> for BlockStatsSpecificNvme {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockStatsSpecificNvme;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockStatsSpecificNvme object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockStatsSpecificNvme, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "completion-errors" => f0 = Some(m.next_value()?),
+                        "aligned-accesses" => f1 = Some(m.next_value()?),
+                        "unaligned-accesses" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockStatsSpecificNvme {
+                    completion_errors: f0
+                        .ok_or_else(|| serde::de::Error::missing_field("completion-errors"))?,
+                    aligned_accesses: f1
+                        .ok_or_else(|| serde::de::Error::missing_field("aligned-accesses"))?,
+                    unaligned_accesses: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("unaligned-accesses"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `BlockStatsSpecific`: the branch is chosen by `driver`.
@@ -4030,7 +6479,7 @@ pub enum BlockStatsSpecific {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockStats {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -4052,6 +6501,49 @@ pub struct BlockStats {
     /// `backing` (optional; since QEMU 2.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing: Option<Box<BlockStats>>,
+}
+
+impl<'de> Deserialize<'de> for BlockStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockStats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "qdev" => f1 = m.next_value()?,
+                        "node-name" => f2 = m.next_value()?,
+                        "stats" => f3 = Some(m.next_value()?),
+                        "driver-specific" => f4 = m.next_value()?,
+                        "parent" => f5 = m.next_value()?,
+                        "backing" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockStats {
+                    device: f0,
+                    qdev: f1,
+                    node_name: f2,
+                    stats: f3.ok_or_else(|| serde::de::Error::missing_field("stats"))?,
+                    driver_specific: f4,
+                    parent: f5,
+                    backing: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevOnError`.
@@ -4263,11 +6755,39 @@ crate::qapi_enum!(MirrorCopyMode);
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockJobInfoMirror)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobInfoMirror {
     /// `actively-synced`.
     #[serde(rename = "actively-synced")]
     pub actively_synced: bool,
+}
+
+impl<'de> Deserialize<'de> for BlockJobInfoMirror {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobInfoMirror;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobInfoMirror object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockJobInfoMirror, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "actively-synced" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobInfoMirror {
+                    actively_synced: f0.ok_or_else(|| serde::de::Error::missing_field("actively-synced"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `BlockJobInfo`: the branch is chosen by `type`.
@@ -4388,7 +6908,7 @@ crate::qapi_enum!(NewImageMode);
 /// QAPI struct `BlockdevSnapshotSync`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevSnapshotSync)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshotSync {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -4410,12 +6930,55 @@ pub struct BlockdevSnapshotSync {
     pub mode: Option<NewImageMode>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevSnapshotSync {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshotSync;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshotSync object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSnapshotSync, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "node-name" => f1 = m.next_value()?,
+                        "snapshot-file" => f2 = Some(m.next_value()?),
+                        "snapshot-node-name" => f3 = m.next_value()?,
+                        "format" => f4 = m.next_value()?,
+                        "mode" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshotSync {
+                    device: f0,
+                    node_name: f1,
+                    snapshot_file: f2.ok_or_else(|| serde::de::Error::missing_field("snapshot-file"))?,
+                    snapshot_node_name: f3,
+                    format: f4,
+                    mode: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevSnapshot`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevSnapshot)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshot {
     /// `node`.
     pub node: String,
@@ -4423,12 +6986,40 @@ pub struct BlockdevSnapshot {
     pub overlay: String,
 }
 
+impl<'de> Deserialize<'de> for BlockdevSnapshot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshot;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshot object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevSnapshot, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node" => f0 = Some(m.next_value()?),
+                        "overlay" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshot {
+                    node: f0.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    overlay: f1.ok_or_else(|| serde::de::Error::missing_field("overlay"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BackupPerf`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BackupPerf)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BackupPerf {
     /// `use-copy-range` (optional).
     #[serde(rename = "use-copy-range", skip_serializing_if = "Option::is_none")]
@@ -4444,12 +7035,46 @@ pub struct BackupPerf {
     pub min_cluster_size: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for BackupPerf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BackupPerf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BackupPerf object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BackupPerf, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "use-copy-range" => f0 = m.next_value()?,
+                        "max-workers" => f1 = m.next_value()?,
+                        "max-chunk" => f2 = m.next_value()?,
+                        "min-cluster-size" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BackupPerf {
+                    use_copy_range: f0,
+                    max_workers: f1,
+                    max_chunk: f2,
+                    min_cluster_size: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BackupCommon`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BackupCommon)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackupCommon {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -4493,12 +7118,76 @@ pub struct BackupCommon {
     pub x_perf: Option<BackupPerf>,
 }
 
+impl<'de> Deserialize<'de> for BackupCommon {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BackupCommon;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BackupCommon object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BackupCommon, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "sync" => f2 = Some(m.next_value()?),
+                        "speed" => f3 = m.next_value()?,
+                        "bitmap" => f4 = m.next_value()?,
+                        "bitmap-mode" => f5 = m.next_value()?,
+                        "compress" => f6 = m.next_value()?,
+                        "on-source-error" => f7 = m.next_value()?,
+                        "on-target-error" => f8 = m.next_value()?,
+                        "auto-finalize" => f9 = m.next_value()?,
+                        "auto-dismiss" => f10 = m.next_value()?,
+                        "filter-node-name" => f11 = m.next_value()?,
+                        "discard-source" => f12 = m.next_value()?,
+                        "x-perf" => f13 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BackupCommon {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    sync: f2.ok_or_else(|| serde::de::Error::missing_field("sync"))?,
+                    speed: f3,
+                    bitmap: f4,
+                    bitmap_mode: f5,
+                    compress: f6,
+                    on_source_error: f7,
+                    on_target_error: f8,
+                    auto_finalize: f9,
+                    auto_dismiss: f10,
+                    filter_node_name: f11,
+                    discard_source: f12,
+                    x_perf: f13,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DriveBackup`.
 ///
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.DriveBackup)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DriveBackup {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -4550,12 +7239,85 @@ pub struct DriveBackup {
     pub mode: Option<NewImageMode>,
 }
 
+impl<'de> Deserialize<'de> for DriveBackup {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DriveBackup;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DriveBackup object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DriveBackup, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "sync" => f2 = Some(m.next_value()?),
+                        "speed" => f3 = m.next_value()?,
+                        "bitmap" => f4 = m.next_value()?,
+                        "bitmap-mode" => f5 = m.next_value()?,
+                        "compress" => f6 = m.next_value()?,
+                        "on-source-error" => f7 = m.next_value()?,
+                        "on-target-error" => f8 = m.next_value()?,
+                        "auto-finalize" => f9 = m.next_value()?,
+                        "auto-dismiss" => f10 = m.next_value()?,
+                        "filter-node-name" => f11 = m.next_value()?,
+                        "discard-source" => f12 = m.next_value()?,
+                        "x-perf" => f13 = m.next_value()?,
+                        "target" => f14 = Some(m.next_value()?),
+                        "format" => f15 = m.next_value()?,
+                        "mode" => f16 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DriveBackup {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    sync: f2.ok_or_else(|| serde::de::Error::missing_field("sync"))?,
+                    speed: f3,
+                    bitmap: f4,
+                    bitmap_mode: f5,
+                    compress: f6,
+                    on_source_error: f7,
+                    on_target_error: f8,
+                    auto_finalize: f9,
+                    auto_dismiss: f10,
+                    filter_node_name: f11,
+                    discard_source: f12,
+                    x_perf: f13,
+                    target: f14.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    format: f15,
+                    mode: f16,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevBackup`.
 ///
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevBackup)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevBackup {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -4599,6 +7361,73 @@ pub struct BlockdevBackup {
     pub x_perf: Option<BackupPerf>,
     /// `target`.
     pub target: String,
+}
+
+impl<'de> Deserialize<'de> for BlockdevBackup {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevBackup;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevBackup object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockdevBackup, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "sync" => f2 = Some(m.next_value()?),
+                        "speed" => f3 = m.next_value()?,
+                        "bitmap" => f4 = m.next_value()?,
+                        "bitmap-mode" => f5 = m.next_value()?,
+                        "compress" => f6 = m.next_value()?,
+                        "on-source-error" => f7 = m.next_value()?,
+                        "on-target-error" => f8 = m.next_value()?,
+                        "auto-finalize" => f9 = m.next_value()?,
+                        "auto-dismiss" => f10 = m.next_value()?,
+                        "filter-node-name" => f11 = m.next_value()?,
+                        "discard-source" => f12 = m.next_value()?,
+                        "x-perf" => f13 = m.next_value()?,
+                        "target" => f14 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevBackup {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    sync: f2.ok_or_else(|| serde::de::Error::missing_field("sync"))?,
+                    speed: f3,
+                    bitmap: f4,
+                    bitmap_mode: f5,
+                    compress: f6,
+                    on_source_error: f7,
+                    on_target_error: f8,
+                    auto_finalize: f9,
+                    auto_dismiss: f10,
+                    filter_node_name: f11,
+                    discard_source: f12,
+                    x_perf: f13,
+                    target: f14.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `XDbgBlockGraphNodeType`.
@@ -4654,7 +7483,7 @@ crate::qapi_enum!(XDbgBlockGraphNodeType);
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.XDbgBlockGraphNode)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XDbgBlockGraphNode {
     /// `id`.
     pub id: u64,
@@ -4662,6 +7491,40 @@ pub struct XDbgBlockGraphNode {
     pub r#type: XDbgBlockGraphNodeType,
     /// `name`.
     pub name: String,
+}
+
+impl<'de> Deserialize<'de> for XDbgBlockGraphNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XDbgBlockGraphNode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XDbgBlockGraphNode object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XDbgBlockGraphNode, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "name" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XDbgBlockGraphNode {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    name: f2.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockPermission`.
@@ -4722,7 +7585,7 @@ crate::qapi_enum!(BlockPermission);
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.XDbgBlockGraphEdge)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XDbgBlockGraphEdge {
     /// `parent`.
     pub parent: u64,
@@ -4737,12 +7600,52 @@ pub struct XDbgBlockGraphEdge {
     pub shared_perm: Vec<BlockPermission>,
 }
 
+impl<'de> Deserialize<'de> for XDbgBlockGraphEdge {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XDbgBlockGraphEdge;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XDbgBlockGraphEdge object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<XDbgBlockGraphEdge, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "parent" => f0 = Some(m.next_value()?),
+                        "child" => f1 = Some(m.next_value()?),
+                        "name" => f2 = Some(m.next_value()?),
+                        "perm" => f3 = Some(m.next_value()?),
+                        "shared-perm" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XDbgBlockGraphEdge {
+                    parent: f0.ok_or_else(|| serde::de::Error::missing_field("parent"))?,
+                    child: f1.ok_or_else(|| serde::de::Error::missing_field("child"))?,
+                    name: f2.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    perm: f3.ok_or_else(|| serde::de::Error::missing_field("perm"))?,
+                    shared_perm: f4.ok_or_else(|| serde::de::Error::missing_field("shared-perm"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `XDbgBlockGraph`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.XDbgBlockGraph)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XDbgBlockGraph {
     /// `nodes`.
     pub nodes: Vec<XDbgBlockGraphNode>,
@@ -4750,12 +7653,40 @@ pub struct XDbgBlockGraph {
     pub edges: Vec<XDbgBlockGraphEdge>,
 }
 
+impl<'de> Deserialize<'de> for XDbgBlockGraph {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XDbgBlockGraph;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XDbgBlockGraph object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<XDbgBlockGraph, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "nodes" => f0 = Some(m.next_value()?),
+                        "edges" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XDbgBlockGraph {
+                    nodes: f0.ok_or_else(|| serde::de::Error::missing_field("nodes"))?,
+                    edges: f1.ok_or_else(|| serde::de::Error::missing_field("edges"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DriveMirror`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.DriveMirror)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DriveMirror {
     /// `job-id` (optional; since QEMU 2.7).
     #[serde(rename = "job-id", skip_serializing_if = "Option::is_none")]
@@ -4807,12 +7738,85 @@ pub struct DriveMirror {
     pub auto_dismiss: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for DriveMirror {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DriveMirror;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DriveMirror object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DriveMirror, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "job-id" => f0 = m.next_value()?,
+                        "device" => f1 = Some(m.next_value()?),
+                        "target" => f2 = Some(m.next_value()?),
+                        "format" => f3 = m.next_value()?,
+                        "node-name" => f4 = m.next_value()?,
+                        "replaces" => f5 = m.next_value()?,
+                        "sync" => f6 = Some(m.next_value()?),
+                        "mode" => f7 = m.next_value()?,
+                        "speed" => f8 = m.next_value()?,
+                        "granularity" => f9 = m.next_value()?,
+                        "buf-size" => f10 = m.next_value()?,
+                        "on-source-error" => f11 = m.next_value()?,
+                        "on-target-error" => f12 = m.next_value()?,
+                        "unmap" => f13 = m.next_value()?,
+                        "copy-mode" => f14 = m.next_value()?,
+                        "auto-finalize" => f15 = m.next_value()?,
+                        "auto-dismiss" => f16 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DriveMirror {
+                    job_id: f0,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    target: f2.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    format: f3,
+                    node_name: f4,
+                    replaces: f5,
+                    sync: f6.ok_or_else(|| serde::de::Error::missing_field("sync"))?,
+                    mode: f7,
+                    speed: f8,
+                    granularity: f9,
+                    buf_size: f10,
+                    on_source_error: f11,
+                    on_target_error: f12,
+                    unmap: f13,
+                    copy_mode: f14,
+                    auto_finalize: f15,
+                    auto_dismiss: f16,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockDirtyBitmap`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDirtyBitmap)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmap {
     /// `node`.
     pub node: String,
@@ -4820,12 +7824,40 @@ pub struct BlockDirtyBitmap {
     pub name: String,
 }
 
+impl<'de> Deserialize<'de> for BlockDirtyBitmap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmap;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmap object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockDirtyBitmap, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node" => f0 = Some(m.next_value()?),
+                        "name" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmap {
+                    node: f0.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    name: f1.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockDirtyBitmapAdd`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDirtyBitmapAdd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmapAdd {
     /// `node`.
     pub node: String,
@@ -4840,6 +7872,46 @@ pub struct BlockDirtyBitmapAdd {
     /// `disabled` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BlockDirtyBitmapAdd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmapAdd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmapAdd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDirtyBitmapAdd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node" => f0 = Some(m.next_value()?),
+                        "name" => f1 = Some(m.next_value()?),
+                        "granularity" => f2 = m.next_value()?,
+                        "persistent" => f3 = m.next_value()?,
+                        "disabled" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmapAdd {
+                    node: f0.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    name: f1.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    granularity: f2,
+                    persistent: f3,
+                    disabled: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI alternate `BlockDirtyBitmapOrStr`: one of its branches, told apart by JSON type.
@@ -4861,7 +7933,7 @@ pub enum BlockDirtyBitmapOrStr {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDirtyBitmapMerge)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmapMerge {
     /// `node`.
     pub node: String,
@@ -4871,15 +7943,77 @@ pub struct BlockDirtyBitmapMerge {
     pub bitmaps: Vec<BlockDirtyBitmapOrStr>,
 }
 
+impl<'de> Deserialize<'de> for BlockDirtyBitmapMerge {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmapMerge;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmapMerge object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDirtyBitmapMerge, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node" => f0 = Some(m.next_value()?),
+                        "target" => f1 = Some(m.next_value()?),
+                        "bitmaps" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmapMerge {
+                    node: f0.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    target: f1.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    bitmaps: f2.ok_or_else(|| serde::de::Error::missing_field("bitmaps"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockDirtyBitmapSha256`.
 ///
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockDirtyBitmapSha256)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmapSha256 {
     /// `sha256`.
     pub sha256: String,
+}
+
+impl<'de> Deserialize<'de> for BlockDirtyBitmapSha256 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmapSha256;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmapSha256 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDirtyBitmapSha256, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sha256" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmapSha256 {
+                    sha256: f0.ok_or_else(|| serde::de::Error::missing_field("sha256"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockIOThrottle`.
@@ -4887,7 +8021,7 @@ pub struct BlockDirtyBitmapSha256 {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockIOThrottle)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockIOThrottle {
     /// `device` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -4952,12 +8086,100 @@ pub struct BlockIOThrottle {
     pub group: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockIOThrottle {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockIOThrottle;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockIOThrottle object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockIOThrottle, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                let mut f21 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "id" => f1 = m.next_value()?,
+                        "bps" => f2 = Some(m.next_value()?),
+                        "bps_rd" => f3 = Some(m.next_value()?),
+                        "bps_wr" => f4 = Some(m.next_value()?),
+                        "iops" => f5 = Some(m.next_value()?),
+                        "iops_rd" => f6 = Some(m.next_value()?),
+                        "iops_wr" => f7 = Some(m.next_value()?),
+                        "bps_max" => f8 = m.next_value()?,
+                        "bps_rd_max" => f9 = m.next_value()?,
+                        "bps_wr_max" => f10 = m.next_value()?,
+                        "iops_max" => f11 = m.next_value()?,
+                        "iops_rd_max" => f12 = m.next_value()?,
+                        "iops_wr_max" => f13 = m.next_value()?,
+                        "bps_max_length" => f14 = m.next_value()?,
+                        "bps_rd_max_length" => f15 = m.next_value()?,
+                        "bps_wr_max_length" => f16 = m.next_value()?,
+                        "iops_max_length" => f17 = m.next_value()?,
+                        "iops_rd_max_length" => f18 = m.next_value()?,
+                        "iops_wr_max_length" => f19 = m.next_value()?,
+                        "iops_size" => f20 = m.next_value()?,
+                        "group" => f21 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockIOThrottle {
+                    device: f0,
+                    id: f1,
+                    bps: f2.ok_or_else(|| serde::de::Error::missing_field("bps"))?,
+                    bps_rd: f3.ok_or_else(|| serde::de::Error::missing_field("bps_rd"))?,
+                    bps_wr: f4.ok_or_else(|| serde::de::Error::missing_field("bps_wr"))?,
+                    iops: f5.ok_or_else(|| serde::de::Error::missing_field("iops"))?,
+                    iops_rd: f6.ok_or_else(|| serde::de::Error::missing_field("iops_rd"))?,
+                    iops_wr: f7.ok_or_else(|| serde::de::Error::missing_field("iops_wr"))?,
+                    bps_max: f8,
+                    bps_rd_max: f9,
+                    bps_wr_max: f10,
+                    iops_max: f11,
+                    iops_rd_max: f12,
+                    iops_wr_max: f13,
+                    bps_max_length: f14,
+                    bps_rd_max_length: f15,
+                    bps_wr_max_length: f16,
+                    iops_max_length: f17,
+                    iops_rd_max_length: f18,
+                    iops_wr_max_length: f19,
+                    iops_size: f20,
+                    group: f21,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ThrottleLimits`.
 ///
 /// Since QEMU 2.11.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ThrottleLimits)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ThrottleLimits {
     /// `iops-total` (optional).
     #[serde(rename = "iops-total", skip_serializing_if = "Option::is_none")]
@@ -5018,12 +8240,91 @@ pub struct ThrottleLimits {
     pub iops_size: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for ThrottleLimits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ThrottleLimits;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ThrottleLimits object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ThrottleLimits, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "iops-total" => f0 = m.next_value()?,
+                        "iops-total-max" => f1 = m.next_value()?,
+                        "iops-total-max-length" => f2 = m.next_value()?,
+                        "iops-read" => f3 = m.next_value()?,
+                        "iops-read-max" => f4 = m.next_value()?,
+                        "iops-read-max-length" => f5 = m.next_value()?,
+                        "iops-write" => f6 = m.next_value()?,
+                        "iops-write-max" => f7 = m.next_value()?,
+                        "iops-write-max-length" => f8 = m.next_value()?,
+                        "bps-total" => f9 = m.next_value()?,
+                        "bps-total-max" => f10 = m.next_value()?,
+                        "bps-total-max-length" => f11 = m.next_value()?,
+                        "bps-read" => f12 = m.next_value()?,
+                        "bps-read-max" => f13 = m.next_value()?,
+                        "bps-read-max-length" => f14 = m.next_value()?,
+                        "bps-write" => f15 = m.next_value()?,
+                        "bps-write-max" => f16 = m.next_value()?,
+                        "bps-write-max-length" => f17 = m.next_value()?,
+                        "iops-size" => f18 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ThrottleLimits {
+                    iops_total: f0,
+                    iops_total_max: f1,
+                    iops_total_max_length: f2,
+                    iops_read: f3,
+                    iops_read_max: f4,
+                    iops_read_max_length: f5,
+                    iops_write: f6,
+                    iops_write_max: f7,
+                    iops_write_max_length: f8,
+                    bps_total: f9,
+                    bps_total_max: f10,
+                    bps_total_max_length: f11,
+                    bps_read: f12,
+                    bps_read_max: f13,
+                    bps_read_max_length: f14,
+                    bps_write: f15,
+                    bps_write_max: f16,
+                    bps_write_max_length: f17,
+                    iops_size: f18,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ThrottleGroupProperties`.
 ///
 /// Since QEMU 2.11.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.ThrottleGroupProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ThrottleGroupProperties {
     /// `limits` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -5087,16 +8388,129 @@ pub struct ThrottleGroupProperties {
     pub x_iops_size: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for ThrottleGroupProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ThrottleGroupProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ThrottleGroupProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ThrottleGroupProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "limits" => f0 = m.next_value()?,
+                        "x-iops-total" => f1 = m.next_value()?,
+                        "x-iops-total-max" => f2 = m.next_value()?,
+                        "x-iops-total-max-length" => f3 = m.next_value()?,
+                        "x-iops-read" => f4 = m.next_value()?,
+                        "x-iops-read-max" => f5 = m.next_value()?,
+                        "x-iops-read-max-length" => f6 = m.next_value()?,
+                        "x-iops-write" => f7 = m.next_value()?,
+                        "x-iops-write-max" => f8 = m.next_value()?,
+                        "x-iops-write-max-length" => f9 = m.next_value()?,
+                        "x-bps-total" => f10 = m.next_value()?,
+                        "x-bps-total-max" => f11 = m.next_value()?,
+                        "x-bps-total-max-length" => f12 = m.next_value()?,
+                        "x-bps-read" => f13 = m.next_value()?,
+                        "x-bps-read-max" => f14 = m.next_value()?,
+                        "x-bps-read-max-length" => f15 = m.next_value()?,
+                        "x-bps-write" => f16 = m.next_value()?,
+                        "x-bps-write-max" => f17 = m.next_value()?,
+                        "x-bps-write-max-length" => f18 = m.next_value()?,
+                        "x-iops-size" => f19 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ThrottleGroupProperties {
+                    limits: f0,
+                    x_iops_total: f1,
+                    x_iops_total_max: f2,
+                    x_iops_total_max_length: f3,
+                    x_iops_read: f4,
+                    x_iops_read_max: f5,
+                    x_iops_read_max_length: f6,
+                    x_iops_write: f7,
+                    x_iops_write_max: f8,
+                    x_iops_write_max_length: f9,
+                    x_bps_total: f10,
+                    x_bps_total_max: f11,
+                    x_bps_total_max_length: f12,
+                    x_bps_read: f13,
+                    x_bps_read_max: f14,
+                    x_bps_read_max_length: f15,
+                    x_bps_write: f16,
+                    x_bps_write_max: f17,
+                    x_bps_write_max_length: f18,
+                    x_iops_size: f19,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockJobChangeOptionsMirror`.
 ///
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockJobChangeOptionsMirror)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockJobChangeOptionsMirror {
     /// `copy-mode`.
     #[serde(rename = "copy-mode")]
     pub copy_mode: MirrorCopyMode,
+}
+
+impl<'de> Deserialize<'de> for BlockJobChangeOptionsMirror {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockJobChangeOptionsMirror;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockJobChangeOptionsMirror object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockJobChangeOptionsMirror, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "copy-mode" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockJobChangeOptionsMirror {
+                    copy_mode: f0.ok_or_else(|| serde::de::Error::missing_field("copy-mode"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `BlockJobChangeOptions`: the branch is chosen by `type`.
@@ -5290,7 +8704,7 @@ crate::qapi_enum!(BlockdevAioOptions);
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCacheOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockdevCacheOptions {
     /// `direct` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -5298,6 +8712,37 @@ pub struct BlockdevCacheOptions {
     /// `no-flush` (optional).
     #[serde(rename = "no-flush", skip_serializing_if = "Option::is_none")]
     pub no_flush: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCacheOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCacheOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCacheOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCacheOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "direct" => f0 = m.next_value()?,
+                        "no-flush" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCacheOptions {
+                    direct: f0,
+                    no_flush: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevDriver`.
@@ -5549,7 +8994,7 @@ crate::qapi_enum!(BlockdevDriver);
 /// Since QEMU 2.9. Features: `dynamic-auto-read-only`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsFile)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsFile {
     /// `filename`.
     pub filename: String,
@@ -5573,12 +9018,58 @@ pub struct BlockdevOptionsFile {
     pub x_check_cache_dropped: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsFile object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsFile, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "pr-manager" => f1 = m.next_value()?,
+                        "locking" => f2 = m.next_value()?,
+                        "aio" => f3 = m.next_value()?,
+                        "aio-max-batch" => f4 = m.next_value()?,
+                        "drop-cache" => f5 = m.next_value()?,
+                        "x-check-cache-dropped" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsFile {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    pr_manager: f1,
+                    locking: f2,
+                    aio: f3,
+                    aio_max_batch: f4,
+                    drop_cache: f5,
+                    x_check_cache_dropped: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsNull`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsNull)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockdevOptionsNull {
     /// `size` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -5591,12 +9082,46 @@ pub struct BlockdevOptionsNull {
     pub read_zeroes: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsNull {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsNull;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsNull object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsNull, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "size" => f0 = m.next_value()?,
+                        "latency-ns" => f1 = m.next_value()?,
+                        "read-zeroes" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsNull {
+                    size: f0,
+                    latency_ns: f1,
+                    read_zeroes: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsNVMe`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsNVMe)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsNVMe {
     /// `device`.
     pub device: String,
@@ -5604,12 +9129,43 @@ pub struct BlockdevOptionsNVMe {
     pub namespace: i64,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsNVMe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsNVMe;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsNVMe object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsNVMe, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "namespace" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsNVMe {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    namespace: f1.ok_or_else(|| serde::de::Error::missing_field("namespace"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsVVFAT`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsVVFAT)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsVVFAT {
     /// `dir`.
     pub dir: String,
@@ -5627,15 +9183,83 @@ pub struct BlockdevOptionsVVFAT {
     pub rw: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsVVFAT {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsVVFAT;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsVVFAT object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsVVFAT, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dir" => f0 = Some(m.next_value()?),
+                        "fat-type" => f1 = m.next_value()?,
+                        "floppy" => f2 = m.next_value()?,
+                        "label" => f3 = m.next_value()?,
+                        "rw" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsVVFAT {
+                    dir: f0.ok_or_else(|| serde::de::Error::missing_field("dir"))?,
+                    fat_type: f1,
+                    floppy: f2,
+                    label: f3,
+                    rw: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsGenericFormat`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsGenericFormat)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsGenericFormat {
     /// `file`.
     pub file: BlockdevRef,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsGenericFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsGenericFormat;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsGenericFormat object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsGenericFormat, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsGenericFormat {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockdevOptionsLUKS`.
@@ -5643,7 +9267,7 @@ pub struct BlockdevOptionsGenericFormat {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsLUKS {
     /// `file`.
     pub file: BlockdevRef,
@@ -5655,12 +9279,46 @@ pub struct BlockdevOptionsLUKS {
     pub header: Option<BlockdevRef>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "key-secret" => f1 = m.next_value()?,
+                        "header" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsLUKS {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    key_secret: f1,
+                    header: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsGenericCOWFormat`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsGenericCOWFormat)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsGenericCOWFormat {
     /// `file`.
     pub file: BlockdevRef,
@@ -5671,6 +9329,37 @@ pub struct BlockdevOptionsGenericCOWFormat {
         skip_serializing_if = "Option::is_none"
     )]
     pub backing: Option<BlockdevRefOrNull>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsGenericCOWFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsGenericCOWFormat;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsGenericCOWFormat object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsGenericCOWFormat, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "backing" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsGenericCOWFormat {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    backing: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `Qcow2OverlapCheckMode`.
@@ -5731,7 +9420,7 @@ crate::qapi_enum!(Qcow2OverlapCheckMode);
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.Qcow2OverlapCheckFlags)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Qcow2OverlapCheckFlags {
     /// `template` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -5763,6 +9452,61 @@ pub struct Qcow2OverlapCheckFlags {
     /// `bitmap-directory` (optional; since QEMU 3.0).
     #[serde(rename = "bitmap-directory", skip_serializing_if = "Option::is_none")]
     pub bitmap_directory: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for Qcow2OverlapCheckFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Qcow2OverlapCheckFlags;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Qcow2OverlapCheckFlags object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Qcow2OverlapCheckFlags, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "template" => f0 = m.next_value()?,
+                        "main-header" => f1 = m.next_value()?,
+                        "active-l1" => f2 = m.next_value()?,
+                        "active-l2" => f3 = m.next_value()?,
+                        "refcount-table" => f4 = m.next_value()?,
+                        "refcount-block" => f5 = m.next_value()?,
+                        "snapshot-table" => f6 = m.next_value()?,
+                        "inactive-l1" => f7 = m.next_value()?,
+                        "inactive-l2" => f8 = m.next_value()?,
+                        "bitmap-directory" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Qcow2OverlapCheckFlags {
+                    template: f0,
+                    main_header: f1,
+                    active_l1: f2,
+                    active_l2: f3,
+                    refcount_table: f4,
+                    refcount_block: f5,
+                    snapshot_table: f6,
+                    inactive_l1: f7,
+                    inactive_l2: f8,
+                    bitmap_directory: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI alternate `Qcow2OverlapChecks`: one of its branches, told apart by JSON type.
@@ -5833,7 +9577,7 @@ pub enum BlockdevQcowEncryption {
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsQcow)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsQcow {
     /// `file`.
     pub file: BlockdevRef,
@@ -5847,6 +9591,40 @@ pub struct BlockdevOptionsQcow {
     /// `encrypt` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<BlockdevQcowEncryption>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsQcow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsQcow;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsQcow object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsQcow, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "backing" => f1 = Some(m.next_value()?),
+                        "encrypt" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsQcow {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    backing: f1,
+                    encrypt: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevQcow2EncryptionFormat`.
@@ -5913,7 +9691,7 @@ pub enum BlockdevQcow2Encryption {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsPreallocate)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsPreallocate {
     /// `file`.
     pub file: BlockdevRef,
@@ -5925,12 +9703,46 @@ pub struct BlockdevOptionsPreallocate {
     pub prealloc_size: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsPreallocate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsPreallocate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsPreallocate object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsPreallocate, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "prealloc-align" => f1 = m.next_value()?,
+                        "prealloc-size" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsPreallocate {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    prealloc_align: f1,
+                    prealloc_size: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsQcow2`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsQcow2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsQcow2 {
     /// `file`.
     pub file: BlockdevRef,
@@ -5980,6 +9792,76 @@ pub struct BlockdevOptionsQcow2 {
     /// `data-file` (optional; since QEMU 4.0).
     #[serde(rename = "data-file", skip_serializing_if = "Option::is_none")]
     pub data_file: Option<BlockdevRef>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsQcow2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsQcow2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsQcow2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsQcow2, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "backing" => f1 = Some(m.next_value()?),
+                        "lazy-refcounts" => f2 = m.next_value()?,
+                        "pass-discard-request" => f3 = m.next_value()?,
+                        "pass-discard-snapshot" => f4 = m.next_value()?,
+                        "pass-discard-other" => f5 = m.next_value()?,
+                        "discard-no-unref" => f6 = m.next_value()?,
+                        "overlap-check" => f7 = m.next_value()?,
+                        "cache-size" => f8 = m.next_value()?,
+                        "l2-cache-size" => f9 = m.next_value()?,
+                        "l2-cache-entry-size" => f10 = m.next_value()?,
+                        "refcount-cache-size" => f11 = m.next_value()?,
+                        "cache-clean-interval" => f12 = m.next_value()?,
+                        "encrypt" => f13 = m.next_value()?,
+                        "data-file" => f14 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsQcow2 {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    backing: f1,
+                    lazy_refcounts: f2,
+                    pass_discard_request: f3,
+                    pass_discard_snapshot: f4,
+                    pass_discard_other: f5,
+                    discard_no_unref: f6,
+                    overlap_check: f7,
+                    cache_size: f8,
+                    l2_cache_size: f9,
+                    l2_cache_entry_size: f10,
+                    refcount_cache_size: f11,
+                    cache_clean_interval: f12,
+                    encrypt: f13,
+                    data_file: f14,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `SshHostKeyCheckMode`.
@@ -6083,12 +9965,40 @@ crate::qapi_enum!(SshHostKeyCheckHashType);
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.SshHostKeyHash)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SshHostKeyHash {
     /// `type`.
     pub r#type: SshHostKeyCheckHashType,
     /// `hash`.
     pub hash: String,
+}
+
+impl<'de> Deserialize<'de> for SshHostKeyHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SshHostKeyHash;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SshHostKeyHash object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SshHostKeyHash, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "hash" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SshHostKeyHash {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    hash: f1.ok_or_else(|| serde::de::Error::missing_field("hash"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `SshHostKeyCheck`: the branch is chosen by `mode`.
@@ -6115,7 +10025,7 @@ pub enum SshHostKeyCheck {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsSsh)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsSsh {
     /// `server`.
     pub server: InetSocketAddress,
@@ -6127,6 +10037,43 @@ pub struct BlockdevOptionsSsh {
     /// `host-key-check` (optional).
     #[serde(rename = "host-key-check", skip_serializing_if = "Option::is_none")]
     pub host_key_check: Option<SshHostKeyCheck>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsSsh {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsSsh;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsSsh object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsSsh, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "path" => f1 = Some(m.next_value()?),
+                        "user" => f2 = m.next_value()?,
+                        "host-key-check" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsSsh {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    path: f1.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    user: f2,
+                    host_key_check: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlkdebugEvent`.
@@ -6470,7 +10417,7 @@ crate::qapi_enum!(BlkdebugIOType);
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlkdebugInjectErrorOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlkdebugInjectErrorOptions {
     /// `event`.
     pub event: BlkdebugEvent,
@@ -6494,12 +10441,58 @@ pub struct BlkdebugInjectErrorOptions {
     pub immediately: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlkdebugInjectErrorOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlkdebugInjectErrorOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlkdebugInjectErrorOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlkdebugInjectErrorOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "event" => f0 = Some(m.next_value()?),
+                        "state" => f1 = m.next_value()?,
+                        "iotype" => f2 = m.next_value()?,
+                        "errno" => f3 = m.next_value()?,
+                        "sector" => f4 = m.next_value()?,
+                        "once" => f5 = m.next_value()?,
+                        "immediately" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlkdebugInjectErrorOptions {
+                    event: f0.ok_or_else(|| serde::de::Error::missing_field("event"))?,
+                    state: f1,
+                    iotype: f2,
+                    errno: f3,
+                    sector: f4,
+                    once: f5,
+                    immediately: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlkdebugSetStateOptions`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlkdebugSetStateOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlkdebugSetStateOptions {
     /// `event`.
     pub event: BlkdebugEvent,
@@ -6510,12 +10503,46 @@ pub struct BlkdebugSetStateOptions {
     pub new_state: i64,
 }
 
+impl<'de> Deserialize<'de> for BlkdebugSetStateOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlkdebugSetStateOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlkdebugSetStateOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlkdebugSetStateOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "event" => f0 = Some(m.next_value()?),
+                        "state" => f1 = m.next_value()?,
+                        "new_state" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlkdebugSetStateOptions {
+                    event: f0.ok_or_else(|| serde::de::Error::missing_field("event"))?,
+                    state: f1,
+                    new_state: f2.ok_or_else(|| serde::de::Error::missing_field("new_state"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsBlkdebug`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsBlkdebug)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsBlkdebug {
     /// `image`.
     pub image: BlockdevRef,
@@ -6554,12 +10581,73 @@ pub struct BlockdevOptionsBlkdebug {
     pub unshare_child_perms: Option<Vec<BlockPermission>>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsBlkdebug {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsBlkdebug;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsBlkdebug object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsBlkdebug, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "image" => f0 = Some(m.next_value()?),
+                        "config" => f1 = m.next_value()?,
+                        "align" => f2 = m.next_value()?,
+                        "max-transfer" => f3 = m.next_value()?,
+                        "opt-write-zero" => f4 = m.next_value()?,
+                        "max-write-zero" => f5 = m.next_value()?,
+                        "opt-discard" => f6 = m.next_value()?,
+                        "max-discard" => f7 = m.next_value()?,
+                        "inject-error" => f8 = m.next_value()?,
+                        "set-state" => f9 = m.next_value()?,
+                        "take-child-perms" => f10 = m.next_value()?,
+                        "unshare-child-perms" => f11 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsBlkdebug {
+                    image: f0.ok_or_else(|| serde::de::Error::missing_field("image"))?,
+                    config: f1,
+                    align: f2,
+                    max_transfer: f3,
+                    opt_write_zero: f4,
+                    max_write_zero: f5,
+                    opt_discard: f6,
+                    max_discard: f7,
+                    inject_error: f8,
+                    set_state: f9,
+                    take_child_perms: f10,
+                    unshare_child_perms: f11,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsBlklogwrites`.
 ///
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsBlklogwrites)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsBlklogwrites {
     /// `file`.
     pub file: BlockdevRef,
@@ -6576,12 +10664,52 @@ pub struct BlockdevOptionsBlklogwrites {
     pub log_super_update_interval: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsBlklogwrites {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsBlklogwrites;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsBlklogwrites object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsBlklogwrites, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "log" => f1 = Some(m.next_value()?),
+                        "log-sector-size" => f2 = m.next_value()?,
+                        "log-append" => f3 = m.next_value()?,
+                        "log-super-update-interval" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsBlklogwrites {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    log: f1.ok_or_else(|| serde::de::Error::missing_field("log"))?,
+                    log_sector_size: f2,
+                    log_append: f3,
+                    log_super_update_interval: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsBlkverify`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsBlkverify)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsBlkverify {
     /// `test`.
     pub test: BlockdevRef,
@@ -6589,15 +10717,74 @@ pub struct BlockdevOptionsBlkverify {
     pub raw: BlockdevRef,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsBlkverify {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsBlkverify;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsBlkverify object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsBlkverify, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "test" => f0 = Some(m.next_value()?),
+                        "raw" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsBlkverify {
+                    test: f0.ok_or_else(|| serde::de::Error::missing_field("test"))?,
+                    raw: f1.ok_or_else(|| serde::de::Error::missing_field("raw"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsBlkreplay`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsBlkreplay)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsBlkreplay {
     /// `image`.
     pub image: BlockdevRef,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsBlkreplay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsBlkreplay;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsBlkreplay object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsBlkreplay, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "image" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsBlkreplay {
+                    image: f0.ok_or_else(|| serde::de::Error::missing_field("image"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `QuorumReadPattern`.
@@ -6645,7 +10832,7 @@ crate::qapi_enum!(QuorumReadPattern);
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsQuorum)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsQuorum {
     /// `blkverify` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -6663,12 +10850,52 @@ pub struct BlockdevOptionsQuorum {
     pub read_pattern: Option<QuorumReadPattern>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsQuorum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsQuorum;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsQuorum object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsQuorum, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "blkverify" => f0 = m.next_value()?,
+                        "children" => f1 = Some(m.next_value()?),
+                        "vote-threshold" => f2 = Some(m.next_value()?),
+                        "rewrite-corrupted" => f3 = m.next_value()?,
+                        "read-pattern" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsQuorum {
+                    blkverify: f0,
+                    children: f1.ok_or_else(|| serde::de::Error::missing_field("children"))?,
+                    vote_threshold: f2.ok_or_else(|| serde::de::Error::missing_field("vote-threshold"))?,
+                    rewrite_corrupted: f3,
+                    read_pattern: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsGluster`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsGluster)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsGluster {
     /// `volume`.
     pub volume: String,
@@ -6682,6 +10909,46 @@ pub struct BlockdevOptionsGluster {
     /// `logfile` (optional; since QEMU 2.8).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logfile: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsGluster {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsGluster;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsGluster object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsGluster, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "volume" => f0 = Some(m.next_value()?),
+                        "path" => f1 = Some(m.next_value()?),
+                        "server" => f2 = Some(m.next_value()?),
+                        "debug" => f3 = m.next_value()?,
+                        "logfile" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsGluster {
+                    volume: f0.ok_or_else(|| serde::de::Error::missing_field("volume"))?,
+                    path: f1.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    server: f2.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    debug: f3,
+                    logfile: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `IscsiTransport`.
@@ -6782,7 +11049,7 @@ crate::qapi_enum!(IscsiHeaderDigest);
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsIscsi)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsIscsi {
     /// `transport`.
     pub transport: IscsiTransport,
@@ -6808,6 +11075,58 @@ pub struct BlockdevOptionsIscsi {
     /// `timeout` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsIscsi {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsIscsi;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsIscsi object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsIscsi, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "transport" => f0 = Some(m.next_value()?),
+                        "portal" => f1 = Some(m.next_value()?),
+                        "target" => f2 = Some(m.next_value()?),
+                        "lun" => f3 = m.next_value()?,
+                        "user" => f4 = m.next_value()?,
+                        "password-secret" => f5 = m.next_value()?,
+                        "initiator-name" => f6 = m.next_value()?,
+                        "header-digest" => f7 = m.next_value()?,
+                        "timeout" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsIscsi {
+                    transport: f0.ok_or_else(|| serde::de::Error::missing_field("transport"))?,
+                    portal: f1.ok_or_else(|| serde::de::Error::missing_field("portal"))?,
+                    target: f2.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    lun: f3,
+                    user: f4,
+                    password_secret: f5,
+                    initiator_name: f6,
+                    header_digest: f7,
+                    timeout: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `RbdAuthMode`.
@@ -6903,11 +11222,39 @@ crate::qapi_enum!(RbdImageEncryptionFormat);
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionOptionsLUKSBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionOptionsLUKSBase {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
     pub key_secret: String,
+}
+
+impl<'de> Deserialize<'de> for RbdEncryptionOptionsLUKSBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionOptionsLUKSBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionOptionsLUKSBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionOptionsLUKSBase, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionOptionsLUKSBase {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `RbdEncryptionCreateOptionsLUKSBase`.
@@ -6915,7 +11262,7 @@ pub struct RbdEncryptionOptionsLUKSBase {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionCreateOptionsLUKSBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionCreateOptionsLUKSBase {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
@@ -6925,16 +11272,75 @@ pub struct RbdEncryptionCreateOptionsLUKSBase {
     pub cipher_alg: Option<QCryptoCipherAlgo>,
 }
 
+impl<'de> Deserialize<'de> for RbdEncryptionCreateOptionsLUKSBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionCreateOptionsLUKSBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionCreateOptionsLUKSBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionCreateOptionsLUKSBase, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        "cipher-alg" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionCreateOptionsLUKSBase {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                    cipher_alg: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RbdEncryptionOptionsLUKS`.
 ///
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionOptionsLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionOptionsLUKS {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
     pub key_secret: String,
+}
+
+impl<'de> Deserialize<'de> for RbdEncryptionOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionOptionsLUKS {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `RbdEncryptionOptionsLUKS2`.
@@ -6942,11 +11348,39 @@ pub struct RbdEncryptionOptionsLUKS {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionOptionsLUKS2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionOptionsLUKS2 {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
     pub key_secret: String,
+}
+
+impl<'de> Deserialize<'de> for RbdEncryptionOptionsLUKS2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionOptionsLUKS2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionOptionsLUKS2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionOptionsLUKS2, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionOptionsLUKS2 {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `RbdEncryptionOptionsLUKSAny`.
@@ -6954,11 +11388,39 @@ pub struct RbdEncryptionOptionsLUKS2 {
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionOptionsLUKSAny)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionOptionsLUKSAny {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
     pub key_secret: String,
+}
+
+impl<'de> Deserialize<'de> for RbdEncryptionOptionsLUKSAny {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionOptionsLUKSAny;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionOptionsLUKSAny object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionOptionsLUKSAny, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionOptionsLUKSAny {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `RbdEncryptionCreateOptionsLUKS`.
@@ -6966,7 +11428,7 @@ pub struct RbdEncryptionOptionsLUKSAny {
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionCreateOptionsLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionCreateOptionsLUKS {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
@@ -6976,12 +11438,43 @@ pub struct RbdEncryptionCreateOptionsLUKS {
     pub cipher_alg: Option<QCryptoCipherAlgo>,
 }
 
+impl<'de> Deserialize<'de> for RbdEncryptionCreateOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionCreateOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionCreateOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionCreateOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        "cipher-alg" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionCreateOptionsLUKS {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                    cipher_alg: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RbdEncryptionCreateOptionsLUKS2`.
 ///
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.RbdEncryptionCreateOptionsLUKS2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RbdEncryptionCreateOptionsLUKS2 {
     /// `key-secret`.
     #[serde(rename = "key-secret")]
@@ -6989,6 +11482,37 @@ pub struct RbdEncryptionCreateOptionsLUKS2 {
     /// `cipher-alg` (optional).
     #[serde(rename = "cipher-alg", skip_serializing_if = "Option::is_none")]
     pub cipher_alg: Option<QCryptoCipherAlgo>,
+}
+
+impl<'de> Deserialize<'de> for RbdEncryptionCreateOptionsLUKS2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RbdEncryptionCreateOptionsLUKS2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RbdEncryptionCreateOptionsLUKS2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RbdEncryptionCreateOptionsLUKS2, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = Some(m.next_value()?),
+                        "cipher-alg" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RbdEncryptionCreateOptionsLUKS2 {
+                    key_secret: f0.ok_or_else(|| serde::de::Error::missing_field("key-secret"))?,
+                    cipher_alg: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `RbdEncryptionOptions`: the branch is chosen by `format`.
@@ -7054,7 +11578,7 @@ pub enum RbdEncryptionCreateOptions {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsRbd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsRbd {
     /// `pool`.
     pub pool: String,
@@ -7084,6 +11608,61 @@ pub struct BlockdevOptionsRbd {
     /// `server` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<Vec<InetSocketAddressBase>>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsRbd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsRbd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsRbd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsRbd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pool" => f0 = Some(m.next_value()?),
+                        "namespace" => f1 = m.next_value()?,
+                        "image" => f2 = Some(m.next_value()?),
+                        "conf" => f3 = m.next_value()?,
+                        "snapshot" => f4 = m.next_value()?,
+                        "encrypt" => f5 = m.next_value()?,
+                        "user" => f6 = m.next_value()?,
+                        "auth-client-required" => f7 = m.next_value()?,
+                        "key-secret" => f8 = m.next_value()?,
+                        "server" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsRbd {
+                    pool: f0.ok_or_else(|| serde::de::Error::missing_field("pool"))?,
+                    namespace: f1,
+                    image: f2.ok_or_else(|| serde::de::Error::missing_field("image"))?,
+                    conf: f3,
+                    snapshot: f4,
+                    encrypt: f5,
+                    user: f6,
+                    auth_client_required: f7,
+                    key_secret: f8,
+                    server: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ReplicationMode`.
@@ -7131,7 +11710,7 @@ crate::qapi_enum!(ReplicationMode);
 /// Since QEMU 2.9. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsReplication)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsReplication {
     /// `file`.
     pub file: BlockdevRef,
@@ -7140,6 +11719,40 @@ pub struct BlockdevOptionsReplication {
     /// `top-id` (optional).
     #[serde(rename = "top-id", skip_serializing_if = "Option::is_none")]
     pub top_id: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsReplication {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsReplication;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsReplication object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsReplication, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "mode" => f1 = Some(m.next_value()?),
+                        "top-id" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsReplication {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    mode: f1.ok_or_else(|| serde::de::Error::missing_field("mode"))?,
+                    top_id: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `NFSTransport`.
@@ -7183,7 +11796,7 @@ crate::qapi_enum!(NFSTransport);
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.NFSServer)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NFSServer {
     /// `type`.
     pub r#type: NFSTransport,
@@ -7191,12 +11804,40 @@ pub struct NFSServer {
     pub host: String,
 }
 
+impl<'de> Deserialize<'de> for NFSServer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NFSServer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NFSServer object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NFSServer, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "host" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NFSServer {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    host: f1.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsNfs`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsNfs)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsNfs {
     /// `server`.
     pub server: NFSServer,
@@ -7222,12 +11863,61 @@ pub struct BlockdevOptionsNfs {
     pub debug: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsNfs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsNfs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsNfs object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsNfs, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "path" => f1 = Some(m.next_value()?),
+                        "user" => f2 = m.next_value()?,
+                        "group" => f3 = m.next_value()?,
+                        "tcp-syn-count" => f4 = m.next_value()?,
+                        "readahead-size" => f5 = m.next_value()?,
+                        "page-cache-size" => f6 = m.next_value()?,
+                        "debug" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsNfs {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    path: f1.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    user: f2,
+                    group: f3,
+                    tcp_syn_count: f4,
+                    readahead_size: f5,
+                    page_cache_size: f6,
+                    debug: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsCurlBase`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCurlBase)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCurlBase {
     /// `url`.
     pub url: String,
@@ -7251,12 +11941,58 @@ pub struct BlockdevOptionsCurlBase {
     pub proxy_password_secret: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsCurlBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCurlBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCurlBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCurlBase, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "url" => f0 = Some(m.next_value()?),
+                        "readahead" => f1 = m.next_value()?,
+                        "timeout" => f2 = m.next_value()?,
+                        "username" => f3 = m.next_value()?,
+                        "password-secret" => f4 = m.next_value()?,
+                        "proxy-username" => f5 = m.next_value()?,
+                        "proxy-password-secret" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCurlBase {
+                    url: f0.ok_or_else(|| serde::de::Error::missing_field("url"))?,
+                    readahead: f1,
+                    timeout: f2,
+                    username: f3,
+                    password_secret: f4,
+                    proxy_username: f5,
+                    proxy_password_secret: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsCurlHttp`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCurlHttp)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCurlHttp {
     /// `url`.
     pub url: String,
@@ -7286,12 +12022,64 @@ pub struct BlockdevOptionsCurlHttp {
     pub cookie_secret: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsCurlHttp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCurlHttp;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCurlHttp object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCurlHttp, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "url" => f0 = Some(m.next_value()?),
+                        "readahead" => f1 = m.next_value()?,
+                        "timeout" => f2 = m.next_value()?,
+                        "username" => f3 = m.next_value()?,
+                        "password-secret" => f4 = m.next_value()?,
+                        "proxy-username" => f5 = m.next_value()?,
+                        "proxy-password-secret" => f6 = m.next_value()?,
+                        "cookie" => f7 = m.next_value()?,
+                        "cookie-secret" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCurlHttp {
+                    url: f0.ok_or_else(|| serde::de::Error::missing_field("url"))?,
+                    readahead: f1,
+                    timeout: f2,
+                    username: f3,
+                    password_secret: f4,
+                    proxy_username: f5,
+                    proxy_password_secret: f6,
+                    cookie: f7,
+                    cookie_secret: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsCurlHttps`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCurlHttps)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCurlHttps {
     /// `url`.
     pub url: String,
@@ -7324,12 +12112,67 @@ pub struct BlockdevOptionsCurlHttps {
     pub cookie_secret: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsCurlHttps {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCurlHttps;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCurlHttps object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCurlHttps, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "url" => f0 = Some(m.next_value()?),
+                        "readahead" => f1 = m.next_value()?,
+                        "timeout" => f2 = m.next_value()?,
+                        "username" => f3 = m.next_value()?,
+                        "password-secret" => f4 = m.next_value()?,
+                        "proxy-username" => f5 = m.next_value()?,
+                        "proxy-password-secret" => f6 = m.next_value()?,
+                        "cookie" => f7 = m.next_value()?,
+                        "sslverify" => f8 = m.next_value()?,
+                        "cookie-secret" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCurlHttps {
+                    url: f0.ok_or_else(|| serde::de::Error::missing_field("url"))?,
+                    readahead: f1,
+                    timeout: f2,
+                    username: f3,
+                    password_secret: f4,
+                    proxy_username: f5,
+                    proxy_password_secret: f6,
+                    cookie: f7,
+                    sslverify: f8,
+                    cookie_secret: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsCurlFtp`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCurlFtp)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCurlFtp {
     /// `url`.
     pub url: String,
@@ -7353,12 +12196,58 @@ pub struct BlockdevOptionsCurlFtp {
     pub proxy_password_secret: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsCurlFtp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCurlFtp;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCurlFtp object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCurlFtp, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "url" => f0 = Some(m.next_value()?),
+                        "readahead" => f1 = m.next_value()?,
+                        "timeout" => f2 = m.next_value()?,
+                        "username" => f3 = m.next_value()?,
+                        "password-secret" => f4 = m.next_value()?,
+                        "proxy-username" => f5 = m.next_value()?,
+                        "proxy-password-secret" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCurlFtp {
+                    url: f0.ok_or_else(|| serde::de::Error::missing_field("url"))?,
+                    readahead: f1,
+                    timeout: f2,
+                    username: f3,
+                    password_secret: f4,
+                    proxy_username: f5,
+                    proxy_password_secret: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsCurlFtps`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCurlFtps)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCurlFtps {
     /// `url`.
     pub url: String,
@@ -7385,12 +12274,61 @@ pub struct BlockdevOptionsCurlFtps {
     pub sslverify: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsCurlFtps {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCurlFtps;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCurlFtps object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCurlFtps, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "url" => f0 = Some(m.next_value()?),
+                        "readahead" => f1 = m.next_value()?,
+                        "timeout" => f2 = m.next_value()?,
+                        "username" => f3 = m.next_value()?,
+                        "password-secret" => f4 = m.next_value()?,
+                        "proxy-username" => f5 = m.next_value()?,
+                        "proxy-password-secret" => f6 = m.next_value()?,
+                        "sslverify" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCurlFtps {
+                    url: f0.ok_or_else(|| serde::de::Error::missing_field("url"))?,
+                    readahead: f1,
+                    timeout: f2,
+                    username: f3,
+                    password_secret: f4,
+                    proxy_username: f5,
+                    proxy_password_secret: f6,
+                    sslverify: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsNbd`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsNbd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsNbd {
     /// `server`.
     pub server: SocketAddress,
@@ -7414,12 +12352,58 @@ pub struct BlockdevOptionsNbd {
     pub open_timeout: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsNbd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsNbd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsNbd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsNbd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "server" => f0 = Some(m.next_value()?),
+                        "export" => f1 = m.next_value()?,
+                        "tls-creds" => f2 = m.next_value()?,
+                        "tls-hostname" => f3 = m.next_value()?,
+                        "x-dirty-bitmap" => f4 = m.next_value()?,
+                        "reconnect-delay" => f5 = m.next_value()?,
+                        "open-timeout" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsNbd {
+                    server: f0.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    export: f1,
+                    tls_creds: f2,
+                    tls_hostname: f3,
+                    x_dirty_bitmap: f4,
+                    reconnect_delay: f5,
+                    open_timeout: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsRaw`.
 ///
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsRaw)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsRaw {
     /// `file`.
     pub file: BlockdevRef,
@@ -7431,12 +12415,46 @@ pub struct BlockdevOptionsRaw {
     pub size: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsRaw {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsRaw;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsRaw object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsRaw, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "offset" => f1 = m.next_value()?,
+                        "size" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsRaw {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    offset: f1,
+                    size: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsThrottle`.
 ///
 /// Since QEMU 2.11.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsThrottle)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsThrottle {
     /// `throttle-group`.
     #[serde(rename = "throttle-group")]
@@ -7445,18 +12463,80 @@ pub struct BlockdevOptionsThrottle {
     pub file: BlockdevRef,
 }
 
+impl<'de> Deserialize<'de> for BlockdevOptionsThrottle {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsThrottle;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsThrottle object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsThrottle, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "throttle-group" => f0 = Some(m.next_value()?),
+                        "file" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsThrottle {
+                    throttle_group: f0.ok_or_else(|| serde::de::Error::missing_field("throttle-group"))?,
+                    file: f1.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevOptionsCor`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCor)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCor {
     /// `file`.
     pub file: BlockdevRef,
     /// `bottom` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bottom: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsCor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCor;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCor object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCor, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "bottom" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCor {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    bottom: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `OnCbwError`.
@@ -7504,7 +12584,7 @@ crate::qapi_enum!(OnCbwError);
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevOptionsCbw)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevOptionsCbw {
     /// `file`.
     pub file: BlockdevRef,
@@ -7522,6 +12602,49 @@ pub struct BlockdevOptionsCbw {
     /// `min-cluster-size` (optional; since QEMU 9.2).
     #[serde(rename = "min-cluster-size", skip_serializing_if = "Option::is_none")]
     pub min_cluster_size: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptionsCbw {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevOptionsCbw;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevOptionsCbw object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevOptionsCbw, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "target" => f1 = Some(m.next_value()?),
+                        "bitmap" => f2 = m.next_value()?,
+                        "on-cbw-error" => f3 = m.next_value()?,
+                        "cbw-timeout" => f4 = m.next_value()?,
+                        "min-cluster-size" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevOptionsCbw {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    target: f1.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    bitmap: f2,
+                    on_cbw_error: f3,
+                    cbw_timeout: f4,
+                    min_cluster_size: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `BlockdevOptions`: the branch is chosen by `driver`.
@@ -7747,7 +12870,7 @@ pub enum BlockdevRefOrNull {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsFile)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsFile {
     /// `filename`.
     pub filename: String,
@@ -7764,12 +12887,52 @@ pub struct BlockdevCreateOptionsFile {
     pub extent_size_hint: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsFile object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsFile, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "preallocation" => f2 = m.next_value()?,
+                        "nocow" => f3 = m.next_value()?,
+                        "extent-size-hint" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsFile {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    preallocation: f2,
+                    nocow: f3,
+                    extent_size_hint: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsGluster`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsGluster)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsGluster {
     /// `location`.
     pub location: BlockdevOptionsGluster,
@@ -7780,12 +12943,46 @@ pub struct BlockdevCreateOptionsGluster {
     pub preallocation: Option<PreallocMode>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsGluster {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsGluster;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsGluster object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsGluster, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "location" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "preallocation" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsGluster {
+                    location: f0.ok_or_else(|| serde::de::Error::missing_field("location"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    preallocation: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsLUKS`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsLUKS {
     /// `key-secret` (optional).
     #[serde(rename = "key-secret", skip_serializing_if = "Option::is_none")]
@@ -7821,12 +13018,70 @@ pub struct BlockdevCreateOptionsLUKS {
     pub preallocation: Option<PreallocMode>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key-secret" => f0 = m.next_value()?,
+                        "cipher-alg" => f1 = m.next_value()?,
+                        "cipher-mode" => f2 = m.next_value()?,
+                        "ivgen-alg" => f3 = m.next_value()?,
+                        "ivgen-hash-alg" => f4 = m.next_value()?,
+                        "hash-alg" => f5 = m.next_value()?,
+                        "iter-time" => f6 = m.next_value()?,
+                        "file" => f7 = m.next_value()?,
+                        "header" => f8 = m.next_value()?,
+                        "size" => f9 = Some(m.next_value()?),
+                        "preallocation" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsLUKS {
+                    key_secret: f0,
+                    cipher_alg: f1,
+                    cipher_mode: f2,
+                    ivgen_alg: f3,
+                    ivgen_hash_alg: f4,
+                    hash_alg: f5,
+                    iter_time: f6,
+                    file: f7,
+                    header: f8,
+                    size: f9.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    preallocation: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsNfs`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsNfs)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsNfs {
     /// `location`.
     pub location: BlockdevOptionsNfs,
@@ -7834,12 +13089,43 @@ pub struct BlockdevCreateOptionsNfs {
     pub size: u64,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsNfs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsNfs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsNfs object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsNfs, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "location" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsNfs {
+                    location: f0.ok_or_else(|| serde::de::Error::missing_field("location"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsParallels`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsParallels)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsParallels {
     /// `file`.
     pub file: BlockdevRef,
@@ -7850,12 +13136,46 @@ pub struct BlockdevCreateOptionsParallels {
     pub cluster_size: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsParallels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsParallels;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsParallels object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsParallels, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "cluster-size" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsParallels {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    cluster_size: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsQcow`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsQcow)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsQcow {
     /// `file`.
     pub file: BlockdevRef,
@@ -7867,6 +13187,43 @@ pub struct BlockdevCreateOptionsQcow {
     /// `encrypt` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<QCryptoBlockCreateOptions>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsQcow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsQcow;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsQcow object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsQcow, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "backing-file" => f2 = m.next_value()?,
+                        "encrypt" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsQcow {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    backing_file: f2,
+                    encrypt: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevQcow2Version`.
@@ -7955,7 +13312,7 @@ crate::qapi_enum!(Qcow2CompressionType);
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsQcow2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsQcow2 {
     /// `file`.
     pub file: BlockdevRef,
@@ -7999,12 +13356,79 @@ pub struct BlockdevCreateOptionsQcow2 {
     pub compression_type: Option<Qcow2CompressionType>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsQcow2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsQcow2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsQcow2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsQcow2, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "data-file" => f1 = m.next_value()?,
+                        "data-file-raw" => f2 = m.next_value()?,
+                        "extended-l2" => f3 = m.next_value()?,
+                        "size" => f4 = Some(m.next_value()?),
+                        "version" => f5 = m.next_value()?,
+                        "backing-file" => f6 = m.next_value()?,
+                        "backing-fmt" => f7 = m.next_value()?,
+                        "encrypt" => f8 = m.next_value()?,
+                        "cluster-size" => f9 = m.next_value()?,
+                        "preallocation" => f10 = m.next_value()?,
+                        "lazy-refcounts" => f11 = m.next_value()?,
+                        "refcount-bits" => f12 = m.next_value()?,
+                        "compression-type" => f13 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsQcow2 {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    data_file: f1,
+                    data_file_raw: f2,
+                    extended_l2: f3,
+                    size: f4.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    version: f5,
+                    backing_file: f6,
+                    backing_fmt: f7,
+                    encrypt: f8,
+                    cluster_size: f9,
+                    preallocation: f10,
+                    lazy_refcounts: f11,
+                    refcount_bits: f12,
+                    compression_type: f13,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsQed`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsQed)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsQed {
     /// `file`.
     pub file: BlockdevRef,
@@ -8024,12 +13448,55 @@ pub struct BlockdevCreateOptionsQed {
     pub table_size: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsQed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsQed;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsQed object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsQed, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "backing-file" => f2 = m.next_value()?,
+                        "backing-fmt" => f3 = m.next_value()?,
+                        "cluster-size" => f4 = m.next_value()?,
+                        "table-size" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsQed {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    backing_file: f2,
+                    backing_fmt: f3,
+                    cluster_size: f4,
+                    table_size: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsRbd`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsRbd)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsRbd {
     /// `location`.
     pub location: BlockdevOptionsRbd,
@@ -8041,6 +13508,43 @@ pub struct BlockdevCreateOptionsRbd {
     /// `encrypt` (optional; since QEMU 6.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<RbdEncryptionCreateOptions>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsRbd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsRbd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsRbd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsRbd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "location" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "cluster-size" => f2 = m.next_value()?,
+                        "encrypt" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsRbd {
+                    location: f0.ok_or_else(|| serde::de::Error::missing_field("location"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    cluster_size: f2,
+                    encrypt: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevVmdkSubformat`.
@@ -8159,7 +13663,7 @@ crate::qapi_enum!(BlockdevVmdkAdapterType);
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsVmdk)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsVmdk {
     /// `file`.
     pub file: BlockdevRef,
@@ -8188,12 +13692,64 @@ pub struct BlockdevCreateOptionsVmdk {
     pub zeroed_grain: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsVmdk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsVmdk;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsVmdk object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsVmdk, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "extents" => f2 = m.next_value()?,
+                        "subformat" => f3 = m.next_value()?,
+                        "backing-file" => f4 = m.next_value()?,
+                        "adapter-type" => f5 = m.next_value()?,
+                        "hwversion" => f6 = m.next_value()?,
+                        "toolsversion" => f7 = m.next_value()?,
+                        "zeroed-grain" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsVmdk {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    extents: f2,
+                    subformat: f3,
+                    backing_file: f4,
+                    adapter_type: f5,
+                    hwversion: f6,
+                    toolsversion: f7,
+                    zeroed_grain: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsSsh`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsSsh)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsSsh {
     /// `location`.
     pub location: BlockdevOptionsSsh,
@@ -8201,12 +13757,43 @@ pub struct BlockdevCreateOptionsSsh {
     pub size: u64,
 }
 
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsSsh {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsSsh;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsSsh object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsSsh, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "location" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsSsh {
+                    location: f0.ok_or_else(|| serde::de::Error::missing_field("location"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevCreateOptionsVdi`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsVdi)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsVdi {
     /// `file`.
     pub file: BlockdevRef,
@@ -8215,6 +13802,40 @@ pub struct BlockdevCreateOptionsVdi {
     /// `preallocation` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preallocation: Option<PreallocMode>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsVdi {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsVdi;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsVdi object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsVdi, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "preallocation" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsVdi {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    preallocation: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevVhdxSubformat`.
@@ -8263,7 +13884,7 @@ crate::qapi_enum!(BlockdevVhdxSubformat);
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsVhdx)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsVhdx {
     /// `file`.
     pub file: BlockdevRef,
@@ -8281,6 +13902,49 @@ pub struct BlockdevCreateOptionsVhdx {
     /// `block-state-zero` (optional).
     #[serde(rename = "block-state-zero", skip_serializing_if = "Option::is_none")]
     pub block_state_zero: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsVhdx {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsVhdx;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsVhdx object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsVhdx, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "log-size" => f2 = m.next_value()?,
+                        "block-size" => f3 = m.next_value()?,
+                        "subformat" => f4 = m.next_value()?,
+                        "block-state-zero" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsVhdx {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    log_size: f2,
+                    block_size: f3,
+                    subformat: f4,
+                    block_state_zero: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevVpcSubformat`.
@@ -8329,7 +13993,7 @@ crate::qapi_enum!(BlockdevVpcSubformat);
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevCreateOptionsVpc)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevCreateOptionsVpc {
     /// `file`.
     pub file: BlockdevRef,
@@ -8341,6 +14005,43 @@ pub struct BlockdevCreateOptionsVpc {
     /// `force-size` (optional).
     #[serde(rename = "force-size", skip_serializing_if = "Option::is_none")]
     pub force_size: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevCreateOptionsVpc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevCreateOptionsVpc;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevCreateOptionsVpc object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevCreateOptionsVpc, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "file" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "subformat" => f2 = m.next_value()?,
+                        "force-size" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevCreateOptionsVpc {
+                    file: f0.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    subformat: f2,
+                    force_size: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `BlockdevCreateOptions`: the branch is chosen by `driver`.
@@ -8485,7 +14186,7 @@ pub enum BlockdevCreateOptions {
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevAmendOptionsLUKS)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevAmendOptionsLUKS {
     /// `state`.
     pub state: QCryptoBlockLUKSKeyslotState,
@@ -8506,16 +14207,85 @@ pub struct BlockdevAmendOptionsLUKS {
     pub secret: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockdevAmendOptionsLUKS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevAmendOptionsLUKS;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevAmendOptionsLUKS object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevAmendOptionsLUKS, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "state" => f0 = Some(m.next_value()?),
+                        "new-secret" => f1 = m.next_value()?,
+                        "old-secret" => f2 = m.next_value()?,
+                        "keyslot" => f3 = m.next_value()?,
+                        "iter-time" => f4 = m.next_value()?,
+                        "secret" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevAmendOptionsLUKS {
+                    state: f0.ok_or_else(|| serde::de::Error::missing_field("state"))?,
+                    new_secret: f1,
+                    old_secret: f2,
+                    keyslot: f3,
+                    iter_time: f4,
+                    secret: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockdevAmendOptionsQcow2`.
 ///
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevAmendOptionsQcow2)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockdevAmendOptionsQcow2 {
     /// `encrypt` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<QCryptoBlockAmendOptions>,
+}
+
+impl<'de> Deserialize<'de> for BlockdevAmendOptionsQcow2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevAmendOptionsQcow2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevAmendOptionsQcow2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevAmendOptionsQcow2, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "encrypt" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevAmendOptionsQcow2 { encrypt: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `BlockdevAmendOptions`: the branch is chosen by `driver`.
@@ -8805,7 +14575,7 @@ crate::qapi_enum!(QuorumOpType);
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.BlockdevSnapshotInternal)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshotInternal {
     /// `device`.
     pub device: String,
@@ -8813,16 +14583,76 @@ pub struct BlockdevSnapshotInternal {
     pub name: String,
 }
 
+impl<'de> Deserialize<'de> for BlockdevSnapshotInternal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshotInternal;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshotInternal object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSnapshotInternal, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "name" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshotInternal {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    name: f1.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DummyBlockCoreForceArrays`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-core.DummyBlockCoreForceArrays)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DummyBlockCoreForceArrays {
     /// `unused-block-graph-info`.
     #[serde(rename = "unused-block-graph-info")]
     pub unused_block_graph_info: Vec<BlockGraphInfo>,
+}
+
+impl<'de> Deserialize<'de> for DummyBlockCoreForceArrays {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DummyBlockCoreForceArrays;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DummyBlockCoreForceArrays object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DummyBlockCoreForceArrays, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "unused-block-graph-info" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DummyBlockCoreForceArrays {
+                    unused_block_graph_info: f0
+                        .ok_or_else(|| serde::de::Error::missing_field("unused-block-graph-info"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BiosAtaTranslation`.
@@ -8946,12 +14776,40 @@ crate::qapi_enum!(FloppyDriveType);
 /// Since QEMU 3.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block.PRManagerInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PRManagerInfo {
     /// `id`.
     pub id: String,
     /// `connected`.
     pub connected: bool,
+}
+
+impl<'de> Deserialize<'de> for PRManagerInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PRManagerInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PRManagerInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PRManagerInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "connected" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PRManagerInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    connected: f1.ok_or_else(|| serde::de::Error::missing_field("connected"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockdevChangeReadOnlyMode`.
@@ -9005,7 +14863,7 @@ crate::qapi_enum!(BlockdevChangeReadOnlyMode);
 /// QAPI struct `NbdServerOptionsBase`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerOptionsBase)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NbdServerOptionsBase {
     /// `handshake-max-seconds` (optional; since QEMU 10.0).
     #[serde(rename = "handshake-max-seconds", skip_serializing_if = "Option::is_none")]
@@ -9021,10 +14879,47 @@ pub struct NbdServerOptionsBase {
     pub max_connections: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for NbdServerOptionsBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NbdServerOptionsBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NbdServerOptionsBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NbdServerOptionsBase, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "handshake-max-seconds" => f0 = m.next_value()?,
+                        "tls-creds" => f1 = m.next_value()?,
+                        "tls-authz" => f2 = m.next_value()?,
+                        "max-connections" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NbdServerOptionsBase {
+                    handshake_max_seconds: f0,
+                    tls_creds: f1,
+                    tls_authz: f2,
+                    max_connections: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NbdServerOptions`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NbdServerOptions {
     /// `handshake-max-seconds` (optional; since QEMU 10.0).
     #[serde(rename = "handshake-max-seconds", skip_serializing_if = "Option::is_none")]
@@ -9042,10 +14937,47 @@ pub struct NbdServerOptions {
     pub addr: SocketAddress,
 }
 
+impl<'de> Deserialize<'de> for NbdServerOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NbdServerOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NbdServerOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NbdServerOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "handshake-max-seconds" => f0 = m.next_value()?,
+                        "tls-creds" => f1 = m.next_value()?,
+                        "tls-authz" => f2 = m.next_value()?,
+                        "max-connections" => f3 = m.next_value()?,
+                        "addr" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NbdServerOptions {
+                    handshake_max_seconds: f0,
+                    tls_creds: f1,
+                    tls_authz: f2,
+                    max_connections: f3,
+                    addr: f4.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NbdServerOptionsLegacy`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerOptionsLegacy)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NbdServerOptionsLegacy {
     /// `handshake-max-seconds` (optional; since QEMU 10.0).
     #[serde(rename = "handshake-max-seconds", skip_serializing_if = "Option::is_none")]
@@ -9063,12 +14995,52 @@ pub struct NbdServerOptionsLegacy {
     pub addr: SocketAddressLegacy,
 }
 
+impl<'de> Deserialize<'de> for NbdServerOptionsLegacy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NbdServerOptionsLegacy;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NbdServerOptionsLegacy object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NbdServerOptionsLegacy, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "handshake-max-seconds" => f0 = m.next_value()?,
+                        "tls-creds" => f1 = m.next_value()?,
+                        "tls-authz" => f2 = m.next_value()?,
+                        "max-connections" => f3 = m.next_value()?,
+                        "addr" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NbdServerOptionsLegacy {
+                    handshake_max_seconds: f0,
+                    tls_creds: f1,
+                    tls_authz: f2,
+                    max_connections: f3,
+                    addr: f4.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockExportOptionsNbdBase`.
 ///
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsNbdBase)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockExportOptionsNbdBase {
     /// `name` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9078,12 +15050,43 @@ pub struct BlockExportOptionsNbdBase {
     pub description: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockExportOptionsNbdBase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportOptionsNbdBase;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportOptionsNbdBase object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockExportOptionsNbdBase, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        "description" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportOptionsNbdBase {
+                    name: f0,
+                    description: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockExportOptionsNbd`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsNbd)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BlockExportOptionsNbd {
     /// `name` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9099,12 +15102,49 @@ pub struct BlockExportOptionsNbd {
     pub allocation_depth: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BlockExportOptionsNbd {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportOptionsNbd;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportOptionsNbd object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockExportOptionsNbd, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        "description" => f1 = m.next_value()?,
+                        "bitmaps" => f2 = m.next_value()?,
+                        "allocation-depth" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportOptionsNbd {
+                    name: f0,
+                    description: f1,
+                    bitmaps: f2,
+                    allocation_depth: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockExportOptionsVhostUserBlk`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsVhostUserBlk)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockExportOptionsVhostUserBlk {
     /// `addr`.
     pub addr: SocketAddress,
@@ -9114,6 +15154,40 @@ pub struct BlockExportOptionsVhostUserBlk {
     /// `num-queues` (optional).
     #[serde(rename = "num-queues", skip_serializing_if = "Option::is_none")]
     pub num_queues: Option<u16>,
+}
+
+impl<'de> Deserialize<'de> for BlockExportOptionsVhostUserBlk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportOptionsVhostUserBlk;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportOptionsVhostUserBlk object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockExportOptionsVhostUserBlk, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "addr" => f0 = Some(m.next_value()?),
+                        "logical-block-size" => f1 = m.next_value()?,
+                        "num-queues" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportOptionsVhostUserBlk {
+                    addr: f0.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                    logical_block_size: f1,
+                    num_queues: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `FuseExportAllowOther`.
@@ -9169,7 +15243,7 @@ crate::qapi_enum!(FuseExportAllowOther);
 /// Since QEMU 6.0. Compiled in only where `CONFIG_FUSE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsFuse)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockExportOptionsFuse {
     /// `mountpoint`.
     pub mountpoint: String,
@@ -9181,12 +15255,46 @@ pub struct BlockExportOptionsFuse {
     pub allow_other: Option<FuseExportAllowOther>,
 }
 
+impl<'de> Deserialize<'de> for BlockExportOptionsFuse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportOptionsFuse;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportOptionsFuse object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockExportOptionsFuse, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mountpoint" => f0 = Some(m.next_value()?),
+                        "growable" => f1 = m.next_value()?,
+                        "allow-other" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportOptionsFuse {
+                    mountpoint: f0.ok_or_else(|| serde::de::Error::missing_field("mountpoint"))?,
+                    growable: f1,
+                    allow_other: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BlockExportOptionsVduseBlk`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportOptionsVduseBlk)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockExportOptionsVduseBlk {
     /// `name`.
     pub name: String,
@@ -9204,12 +15312,52 @@ pub struct BlockExportOptionsVduseBlk {
     pub serial: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for BlockExportOptionsVduseBlk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportOptionsVduseBlk;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportOptionsVduseBlk object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockExportOptionsVduseBlk, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "num-queues" => f1 = m.next_value()?,
+                        "queue-size" => f2 = m.next_value()?,
+                        "logical-block-size" => f3 = m.next_value()?,
+                        "serial" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportOptionsVduseBlk {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    num_queues: f1,
+                    queue_size: f2,
+                    logical_block_size: f3,
+                    serial: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NbdServerAddOptions`.
 ///
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.NbdServerAddOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NbdServerAddOptions {
     /// `name` (optional; since QEMU 2.12).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9225,6 +15373,46 @@ pub struct NbdServerAddOptions {
     /// `bitmap` (optional; since QEMU 4.0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for NbdServerAddOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NbdServerAddOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NbdServerAddOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NbdServerAddOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        "description" => f1 = m.next_value()?,
+                        "device" => f2 = Some(m.next_value()?),
+                        "writable" => f3 = m.next_value()?,
+                        "bitmap" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NbdServerAddOptions {
+                    name: f0,
+                    description: f1,
+                    device: f2.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    writable: f3,
+                    bitmap: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `BlockExportRemoveMode`.
@@ -9378,7 +15566,7 @@ pub enum BlockExportOptionsBranch {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-block-export.BlockExportInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockExportInfo {
     /// `id`.
     pub id: String,
@@ -9392,12 +15580,46 @@ pub struct BlockExportInfo {
     pub shutting_down: bool,
 }
 
+impl<'de> Deserialize<'de> for BlockExportInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockExportInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockExportInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BlockExportInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "node-name" => f2 = Some(m.next_value()?),
+                        "shutting-down" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockExportInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    node_name: f2.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    shutting_down: f3.ok_or_else(|| serde::de::Error::missing_field("shutting-down"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevInfo {
     /// `label`.
     pub label: String,
@@ -9408,15 +15630,74 @@ pub struct ChardevInfo {
     pub frontend_open: bool,
 }
 
+impl<'de> Deserialize<'de> for ChardevInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "label" => f0 = Some(m.next_value()?),
+                        "filename" => f1 = Some(m.next_value()?),
+                        "frontend-open" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevInfo {
+                    label: f0.ok_or_else(|| serde::de::Error::missing_field("label"))?,
+                    filename: f1.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    frontend_open: f2.ok_or_else(|| serde::de::Error::missing_field("frontend-open"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevBackendInfo`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevBackendInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevBackendInfo {
     /// `name`.
     pub name: String,
+}
+
+impl<'de> Deserialize<'de> for ChardevBackendInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevBackendInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevBackendInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevBackendInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevBackendInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `DataFormat`.
@@ -9464,7 +15745,7 @@ crate::qapi_enum!(DataFormat);
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevCommon)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevCommon {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9474,12 +15755,40 @@ pub struct ChardevCommon {
     pub logappend: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for ChardevCommon {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevCommon;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevCommon object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevCommon, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevCommon {
+                    logfile: f0,
+                    logappend: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevFile`.
 ///
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevFile)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevFile {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9497,12 +15806,49 @@ pub struct ChardevFile {
     pub append: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for ChardevFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevFile object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevFile, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "in" => f2 = m.next_value()?,
+                        "out" => f3 = Some(m.next_value()?),
+                        "append" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevFile {
+                    logfile: f0,
+                    logappend: f1,
+                    r#in: f2,
+                    out: f3.ok_or_else(|| serde::de::Error::missing_field("out"))?,
+                    append: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevHostdev`.
 ///
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevHostdev)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevHostdev {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9514,12 +15860,43 @@ pub struct ChardevHostdev {
     pub device: String,
 }
 
+impl<'de> Deserialize<'de> for ChardevHostdev {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevHostdev;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevHostdev object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevHostdev, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "device" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevHostdev {
+                    logfile: f0,
+                    logappend: f1,
+                    device: f2.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevSocket`.
 ///
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevSocket)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSocket {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9562,12 +15939,73 @@ pub struct ChardevSocket {
     pub reconnect_ms: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for ChardevSocket {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSocket;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSocket object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevSocket, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "addr" => f2 = Some(m.next_value()?),
+                        "tls-creds" => f3 = m.next_value()?,
+                        "tls-authz" => f4 = m.next_value()?,
+                        "server" => f5 = m.next_value()?,
+                        "wait" => f6 = m.next_value()?,
+                        "nodelay" => f7 = m.next_value()?,
+                        "telnet" => f8 = m.next_value()?,
+                        "tn3270" => f9 = m.next_value()?,
+                        "websocket" => f10 = m.next_value()?,
+                        "reconnect" => f11 = m.next_value()?,
+                        "reconnect-ms" => f12 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSocket {
+                    logfile: f0,
+                    logappend: f1,
+                    addr: f2.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                    tls_creds: f3,
+                    tls_authz: f4,
+                    server: f5,
+                    wait: f6,
+                    nodelay: f7,
+                    telnet: f8,
+                    tn3270: f9,
+                    websocket: f10,
+                    reconnect: f11,
+                    reconnect_ms: f12,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevUdp`.
 ///
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevUdp)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevUdp {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9582,12 +16020,46 @@ pub struct ChardevUdp {
     pub local: Option<SocketAddressLegacy>,
 }
 
+impl<'de> Deserialize<'de> for ChardevUdp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevUdp;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevUdp object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevUdp, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "remote" => f2 = Some(m.next_value()?),
+                        "local" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevUdp {
+                    logfile: f0,
+                    logappend: f1,
+                    remote: f2.ok_or_else(|| serde::de::Error::missing_field("remote"))?,
+                    local: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevMux`.
 ///
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevMux)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevMux {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9599,12 +16071,43 @@ pub struct ChardevMux {
     pub chardev: String,
 }
 
+impl<'de> Deserialize<'de> for ChardevMux {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevMux;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevMux object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevMux, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "chardev" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevMux {
+                    logfile: f0,
+                    logappend: f1,
+                    chardev: f2.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevHub`.
 ///
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevHub)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevHub {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9616,12 +16119,43 @@ pub struct ChardevHub {
     pub chardevs: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for ChardevHub {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevHub;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevHub object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevHub, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "chardevs" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevHub {
+                    logfile: f0,
+                    logappend: f1,
+                    chardevs: f2.ok_or_else(|| serde::de::Error::missing_field("chardevs"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevStdio`.
 ///
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevStdio)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevStdio {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9634,12 +16168,43 @@ pub struct ChardevStdio {
     pub signal: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for ChardevStdio {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevStdio;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevStdio object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevStdio, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "signal" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevStdio {
+                    logfile: f0,
+                    logappend: f1,
+                    signal: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevSpiceChannel`.
 ///
 /// Since QEMU 1.5. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevSpiceChannel)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSpiceChannel {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9651,12 +16216,46 @@ pub struct ChardevSpiceChannel {
     pub r#type: String,
 }
 
+impl<'de> Deserialize<'de> for ChardevSpiceChannel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSpiceChannel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSpiceChannel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevSpiceChannel, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "type" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSpiceChannel {
+                    logfile: f0,
+                    logappend: f1,
+                    r#type: f2.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevSpicePort`.
 ///
 /// Since QEMU 1.5. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevSpicePort)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSpicePort {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9668,12 +16267,43 @@ pub struct ChardevSpicePort {
     pub fqdn: String,
 }
 
+impl<'de> Deserialize<'de> for ChardevSpicePort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSpicePort;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSpicePort object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevSpicePort, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "fqdn" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSpicePort {
+                    logfile: f0,
+                    logappend: f1,
+                    fqdn: f2.ok_or_else(|| serde::de::Error::missing_field("fqdn"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevDBus`.
 ///
 /// Since QEMU 7.0. Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevDBus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevDBus {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9685,12 +16315,43 @@ pub struct ChardevDBus {
     pub name: String,
 }
 
+impl<'de> Deserialize<'de> for ChardevDBus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevDBus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevDBus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevDBus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "name" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevDBus {
+                    logfile: f0,
+                    logappend: f1,
+                    name: f2.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevVC`.
 ///
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevVC)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevVC {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9712,12 +16373,52 @@ pub struct ChardevVC {
     pub rows: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for ChardevVC {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevVC;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevVC object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevVC, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "width" => f2 = m.next_value()?,
+                        "height" => f3 = m.next_value()?,
+                        "cols" => f4 = m.next_value()?,
+                        "rows" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevVC {
+                    logfile: f0,
+                    logappend: f1,
+                    width: f2,
+                    height: f3,
+                    cols: f4,
+                    rows: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevRingbuf`.
 ///
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevRingbuf)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevRingbuf {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9730,12 +16431,43 @@ pub struct ChardevRingbuf {
     pub size: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for ChardevRingbuf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevRingbuf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevRingbuf object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevRingbuf, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "size" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevRingbuf {
+                    logfile: f0,
+                    logappend: f1,
+                    size: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevQemuVDAgent`.
 ///
 /// Since QEMU 6.1. Compiled in only where `CONFIG_SPICE_PROTOCOL` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevQemuVDAgent)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevQemuVDAgent {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9751,12 +16483,49 @@ pub struct ChardevQemuVDAgent {
     pub clipboard: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for ChardevQemuVDAgent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevQemuVDAgent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevQemuVDAgent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevQemuVDAgent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "mouse" => f2 = m.next_value()?,
+                        "clipboard" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevQemuVDAgent {
+                    logfile: f0,
+                    logappend: f1,
+                    mouse: f2,
+                    clipboard: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ChardevPty`.
 ///
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevPty)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevPty {
     /// `logfile` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -9767,6 +16536,37 @@ pub struct ChardevPty {
     /// `path` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ChardevPty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevPty;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevPty object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevPty, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "logfile" => f0 = m.next_value()?,
+                        "logappend" => f1 = m.next_value()?,
+                        "path" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevPty {
+                    logfile: f0,
+                    logappend: f1,
+                    path: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ChardevBackendKind`.
@@ -9918,10 +16718,38 @@ crate::qapi_enum!(ChardevBackendKind);
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevFileWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevFileWrapper {
     /// `data`.
     pub data: ChardevFile,
+}
+
+impl<'de> Deserialize<'de> for ChardevFileWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevFileWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevFileWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevFileWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevFileWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevHostdevWrapper`.
@@ -9929,10 +16757,38 @@ pub struct ChardevFileWrapper {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevHostdevWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevHostdevWrapper {
     /// `data`.
     pub data: ChardevHostdev,
+}
+
+impl<'de> Deserialize<'de> for ChardevHostdevWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevHostdevWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevHostdevWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevHostdevWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevHostdevWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevSocketWrapper`.
@@ -9940,10 +16796,38 @@ pub struct ChardevHostdevWrapper {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevSocketWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSocketWrapper {
     /// `data`.
     pub data: ChardevSocket,
+}
+
+impl<'de> Deserialize<'de> for ChardevSocketWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSocketWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSocketWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevSocketWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSocketWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevUdpWrapper`.
@@ -9951,10 +16835,38 @@ pub struct ChardevSocketWrapper {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevUdpWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevUdpWrapper {
     /// `data`.
     pub data: ChardevUdp,
+}
+
+impl<'de> Deserialize<'de> for ChardevUdpWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevUdpWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevUdpWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevUdpWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevUdpWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevCommonWrapper`.
@@ -9962,10 +16874,38 @@ pub struct ChardevUdpWrapper {
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevCommonWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevCommonWrapper {
     /// `data`.
     pub data: ChardevCommon,
+}
+
+impl<'de> Deserialize<'de> for ChardevCommonWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevCommonWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevCommonWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevCommonWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevCommonWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevMuxWrapper`.
@@ -9973,10 +16913,38 @@ pub struct ChardevCommonWrapper {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevMuxWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevMuxWrapper {
     /// `data`.
     pub data: ChardevMux,
+}
+
+impl<'de> Deserialize<'de> for ChardevMuxWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevMuxWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevMuxWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevMuxWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevMuxWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevHubWrapper`.
@@ -9984,10 +16952,38 @@ pub struct ChardevMuxWrapper {
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevHubWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevHubWrapper {
     /// `data`.
     pub data: ChardevHub,
+}
+
+impl<'de> Deserialize<'de> for ChardevHubWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevHubWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevHubWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevHubWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevHubWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevStdioWrapper`.
@@ -9995,10 +16991,38 @@ pub struct ChardevHubWrapper {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevStdioWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevStdioWrapper {
     /// `data`.
     pub data: ChardevStdio,
+}
+
+impl<'de> Deserialize<'de> for ChardevStdioWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevStdioWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevStdioWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevStdioWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevStdioWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevSpiceChannelWrapper`.
@@ -10006,10 +17030,38 @@ pub struct ChardevStdioWrapper {
 /// Since QEMU 1.5. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevSpiceChannelWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSpiceChannelWrapper {
     /// `data`.
     pub data: ChardevSpiceChannel,
+}
+
+impl<'de> Deserialize<'de> for ChardevSpiceChannelWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSpiceChannelWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSpiceChannelWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevSpiceChannelWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSpiceChannelWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevSpicePortWrapper`.
@@ -10017,10 +17069,38 @@ pub struct ChardevSpiceChannelWrapper {
 /// Since QEMU 1.5. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevSpicePortWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevSpicePortWrapper {
     /// `data`.
     pub data: ChardevSpicePort,
+}
+
+impl<'de> Deserialize<'de> for ChardevSpicePortWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevSpicePortWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevSpicePortWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevSpicePortWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevSpicePortWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevQemuVDAgentWrapper`.
@@ -10028,10 +17108,38 @@ pub struct ChardevSpicePortWrapper {
 /// Since QEMU 6.1. Compiled in only where `CONFIG_SPICE_PROTOCOL` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevQemuVDAgentWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevQemuVDAgentWrapper {
     /// `data`.
     pub data: ChardevQemuVDAgent,
+}
+
+impl<'de> Deserialize<'de> for ChardevQemuVDAgentWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevQemuVDAgentWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevQemuVDAgentWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevQemuVDAgentWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevQemuVDAgentWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevDBusWrapper`.
@@ -10039,10 +17147,38 @@ pub struct ChardevQemuVDAgentWrapper {
 /// Since QEMU 7.0. Compiled in only where `CONFIG_DBUS_DISPLAY` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevDBusWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevDBusWrapper {
     /// `data`.
     pub data: ChardevDBus,
+}
+
+impl<'de> Deserialize<'de> for ChardevDBusWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevDBusWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevDBusWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevDBusWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevDBusWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevVCWrapper`.
@@ -10050,10 +17186,35 @@ pub struct ChardevDBusWrapper {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevVCWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevVCWrapper {
     /// `data`.
     pub data: ChardevVC,
+}
+
+impl<'de> Deserialize<'de> for ChardevVCWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevVCWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevVCWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevVCWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevVCWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevRingbufWrapper`.
@@ -10061,10 +17222,38 @@ pub struct ChardevVCWrapper {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevRingbufWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevRingbufWrapper {
     /// `data`.
     pub data: ChardevRingbuf,
+}
+
+impl<'de> Deserialize<'de> for ChardevRingbufWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevRingbufWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevRingbufWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevRingbufWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevRingbufWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ChardevPtyWrapper`.
@@ -10072,10 +17261,38 @@ pub struct ChardevRingbufWrapper {
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevPtyWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChardevPtyWrapper {
     /// `data`.
     pub data: ChardevPty,
+}
+
+impl<'de> Deserialize<'de> for ChardevPtyWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevPtyWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevPtyWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ChardevPtyWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevPtyWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `ChardevBackend`: the branch is chosen by `type`.
@@ -10160,11 +17377,34 @@ pub enum ChardevBackend {
 /// Since QEMU 1.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-char.ChardevReturn)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChardevReturn {
     /// `pty` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pty: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ChardevReturn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChardevReturn;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ChardevReturn object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ChardevReturn, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pty" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ChardevReturn { pty: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `DumpGuestMemoryFormat`.
@@ -10298,7 +17538,7 @@ crate::qapi_enum!(DumpStatus);
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-dump.DumpQueryResult)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DumpQueryResult {
     /// `status`.
     pub status: DumpStatus,
@@ -10308,15 +17548,74 @@ pub struct DumpQueryResult {
     pub total: i64,
 }
 
+impl<'de> Deserialize<'de> for DumpQueryResult {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DumpQueryResult;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DumpQueryResult object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DumpQueryResult, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "status" => f0 = Some(m.next_value()?),
+                        "completed" => f1 = Some(m.next_value()?),
+                        "total" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DumpQueryResult {
+                    status: f0.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                    completed: f1.ok_or_else(|| serde::de::Error::missing_field("completed"))?,
+                    total: f2.ok_or_else(|| serde::de::Error::missing_field("total"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DumpGuestMemoryCapability`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-dump.DumpGuestMemoryCapability)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DumpGuestMemoryCapability {
     /// `formats`.
     pub formats: Vec<DumpGuestMemoryFormat>,
+}
+
+impl<'de> Deserialize<'de> for DumpGuestMemoryCapability {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DumpGuestMemoryCapability;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DumpGuestMemoryCapability object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DumpGuestMemoryCapability, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "formats" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DumpGuestMemoryCapability {
+                    formats: f0.ok_or_else(|| serde::de::Error::missing_field("formats"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `NetLegacyNicOptions`.
@@ -10324,7 +17623,7 @@ pub struct DumpGuestMemoryCapability {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetLegacyNicOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetLegacyNicOptions {
     /// `netdev` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10343,15 +17642,80 @@ pub struct NetLegacyNicOptions {
     pub vectors: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for NetLegacyNicOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetLegacyNicOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetLegacyNicOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetLegacyNicOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = m.next_value()?,
+                        "macaddr" => f1 = m.next_value()?,
+                        "model" => f2 = m.next_value()?,
+                        "addr" => f3 = m.next_value()?,
+                        "vectors" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetLegacyNicOptions {
+                    netdev: f0,
+                    macaddr: f1,
+                    model: f2,
+                    addr: f3,
+                    vectors: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `String`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.String)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QapiString {
     /// `str`.
     pub str: String,
+}
+
+impl<'de> Deserialize<'de> for QapiString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QapiString;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QapiString object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QapiString, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "str" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QapiString {
+                    str: f0.ok_or_else(|| serde::de::Error::missing_field("str"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `NetdevUserOptions`.
@@ -10359,7 +17723,7 @@ pub struct QapiString {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevUserOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevUserOptions {
     /// `hostname` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10429,12 +17793,103 @@ pub struct NetdevUserOptions {
     pub tftp_server_name: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for NetdevUserOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevUserOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevUserOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevUserOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                let mut f21 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "hostname" => f0 = m.next_value()?,
+                        "restrict" => f1 = m.next_value()?,
+                        "ipv4" => f2 = m.next_value()?,
+                        "ipv6" => f3 = m.next_value()?,
+                        "ip" => f4 = m.next_value()?,
+                        "net" => f5 = m.next_value()?,
+                        "host" => f6 = m.next_value()?,
+                        "tftp" => f7 = m.next_value()?,
+                        "bootfile" => f8 = m.next_value()?,
+                        "dhcpstart" => f9 = m.next_value()?,
+                        "dns" => f10 = m.next_value()?,
+                        "dnssearch" => f11 = m.next_value()?,
+                        "domainname" => f12 = m.next_value()?,
+                        "ipv6-prefix" => f13 = m.next_value()?,
+                        "ipv6-prefixlen" => f14 = m.next_value()?,
+                        "ipv6-host" => f15 = m.next_value()?,
+                        "ipv6-dns" => f16 = m.next_value()?,
+                        "smb" => f17 = m.next_value()?,
+                        "smbserver" => f18 = m.next_value()?,
+                        "hostfwd" => f19 = m.next_value()?,
+                        "guestfwd" => f20 = m.next_value()?,
+                        "tftp-server-name" => f21 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevUserOptions {
+                    hostname: f0,
+                    restrict: f1,
+                    ipv4: f2,
+                    ipv6: f3,
+                    ip: f4,
+                    net: f5,
+                    host: f6,
+                    tftp: f7,
+                    bootfile: f8,
+                    dhcpstart: f9,
+                    dns: f10,
+                    dnssearch: f11,
+                    domainname: f12,
+                    ipv6_prefix: f13,
+                    ipv6_prefixlen: f14,
+                    ipv6_host: f15,
+                    ipv6_dns: f16,
+                    smb: f17,
+                    smbserver: f18,
+                    hostfwd: f19,
+                    guestfwd: f20,
+                    tftp_server_name: f21,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevTapOptions`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevTapOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevTapOptions {
     /// `ifname` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10483,12 +17938,79 @@ pub struct NetdevTapOptions {
     pub poll_us: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for NetdevTapOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevTapOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevTapOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NetdevTapOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "ifname" => f0 = m.next_value()?,
+                        "fd" => f1 = m.next_value()?,
+                        "fds" => f2 = m.next_value()?,
+                        "script" => f3 = m.next_value()?,
+                        "downscript" => f4 = m.next_value()?,
+                        "br" => f5 = m.next_value()?,
+                        "helper" => f6 = m.next_value()?,
+                        "sndbuf" => f7 = m.next_value()?,
+                        "vnet_hdr" => f8 = m.next_value()?,
+                        "vhost" => f9 = m.next_value()?,
+                        "vhostfd" => f10 = m.next_value()?,
+                        "vhostfds" => f11 = m.next_value()?,
+                        "vhostforce" => f12 = m.next_value()?,
+                        "queues" => f13 = m.next_value()?,
+                        "poll-us" => f14 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevTapOptions {
+                    ifname: f0,
+                    fd: f1,
+                    fds: f2,
+                    script: f3,
+                    downscript: f4,
+                    br: f5,
+                    helper: f6,
+                    sndbuf: f7,
+                    vnet_hdr: f8,
+                    vhost: f9,
+                    vhostfd: f10,
+                    vhostfds: f11,
+                    vhostforce: f12,
+                    queues: f13,
+                    poll_us: f14,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevSocketOptions`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevSocketOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevSocketOptions {
     /// `fd` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10510,12 +18032,55 @@ pub struct NetdevSocketOptions {
     pub udp: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for NetdevSocketOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevSocketOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevSocketOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevSocketOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fd" => f0 = m.next_value()?,
+                        "listen" => f1 = m.next_value()?,
+                        "connect" => f2 = m.next_value()?,
+                        "mcast" => f3 = m.next_value()?,
+                        "localaddr" => f4 = m.next_value()?,
+                        "udp" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevSocketOptions {
+                    fd: f0,
+                    listen: f1,
+                    connect: f2,
+                    mcast: f3,
+                    localaddr: f4,
+                    udp: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevL2TPv3Options`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevL2TPv3Options)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevL2TPv3Options {
     /// `src`.
     pub src: String,
@@ -10558,12 +18123,79 @@ pub struct NetdevL2TPv3Options {
     pub offset: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for NetdevL2TPv3Options {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevL2TPv3Options;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevL2TPv3Options object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevL2TPv3Options, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "src" => f0 = Some(m.next_value()?),
+                        "dst" => f1 = Some(m.next_value()?),
+                        "srcport" => f2 = m.next_value()?,
+                        "dstport" => f3 = m.next_value()?,
+                        "ipv6" => f4 = m.next_value()?,
+                        "udp" => f5 = m.next_value()?,
+                        "cookie64" => f6 = m.next_value()?,
+                        "counter" => f7 = m.next_value()?,
+                        "pincounter" => f8 = m.next_value()?,
+                        "txcookie" => f9 = m.next_value()?,
+                        "rxcookie" => f10 = m.next_value()?,
+                        "txsession" => f11 = Some(m.next_value()?),
+                        "rxsession" => f12 = m.next_value()?,
+                        "offset" => f13 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevL2TPv3Options {
+                    src: f0.ok_or_else(|| serde::de::Error::missing_field("src"))?,
+                    dst: f1.ok_or_else(|| serde::de::Error::missing_field("dst"))?,
+                    srcport: f2,
+                    dstport: f3,
+                    ipv6: f4,
+                    udp: f5,
+                    cookie64: f6,
+                    counter: f7,
+                    pincounter: f8,
+                    txcookie: f9,
+                    rxcookie: f10,
+                    txsession: f11.ok_or_else(|| serde::de::Error::missing_field("txsession"))?,
+                    rxsession: f12,
+                    offset: f13,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevVdeOptions`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevVdeOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevVdeOptions {
     /// `sock` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10579,12 +18211,46 @@ pub struct NetdevVdeOptions {
     pub mode: Option<u16>,
 }
 
+impl<'de> Deserialize<'de> for NetdevVdeOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevVdeOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevVdeOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NetdevVdeOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sock" => f0 = m.next_value()?,
+                        "port" => f1 = m.next_value()?,
+                        "group" => f2 = m.next_value()?,
+                        "mode" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevVdeOptions {
+                    sock: f0,
+                    port: f1,
+                    group: f2,
+                    mode: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevBridgeOptions`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevBridgeOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevBridgeOptions {
     /// `br` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10594,12 +18260,40 @@ pub struct NetdevBridgeOptions {
     pub helper: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for NetdevBridgeOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevBridgeOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevBridgeOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevBridgeOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "br" => f0 = m.next_value()?,
+                        "helper" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevBridgeOptions { br: f0, helper: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevHubPortOptions`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevHubPortOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevHubPortOptions {
     /// `hubid`.
     pub hubid: i32,
@@ -10608,12 +18302,43 @@ pub struct NetdevHubPortOptions {
     pub netdev: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for NetdevHubPortOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevHubPortOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevHubPortOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevHubPortOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "hubid" => f0 = Some(m.next_value()?),
+                        "netdev" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevHubPortOptions {
+                    hubid: f0.ok_or_else(|| serde::de::Error::missing_field("hubid"))?,
+                    netdev: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevNetmapOptions`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevNetmapOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevNetmapOptions {
     /// `ifname`.
     pub ifname: String,
@@ -10622,12 +18347,43 @@ pub struct NetdevNetmapOptions {
     pub devname: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for NetdevNetmapOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevNetmapOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevNetmapOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevNetmapOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "ifname" => f0 = Some(m.next_value()?),
+                        "devname" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevNetmapOptions {
+                    ifname: f0.ok_or_else(|| serde::de::Error::missing_field("ifname"))?,
+                    devname: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevVhostUserOptions`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevVhostUserOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevVhostUserOptions {
     /// `chardev`.
     pub chardev: String,
@@ -10639,12 +18395,46 @@ pub struct NetdevVhostUserOptions {
     pub queues: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for NetdevVhostUserOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevVhostUserOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevVhostUserOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevVhostUserOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "chardev" => f0 = Some(m.next_value()?),
+                        "vhostforce" => f1 = m.next_value()?,
+                        "queues" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevVhostUserOptions {
+                    chardev: f0.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                    vhostforce: f1,
+                    queues: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevVhostVDPAOptions`.
 ///
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevVhostVDPAOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevVhostVDPAOptions {
     /// `vhostdev` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10660,12 +18450,49 @@ pub struct NetdevVhostVDPAOptions {
     pub x_svq: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for NetdevVhostVDPAOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevVhostVDPAOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevVhostVDPAOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevVhostVDPAOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "vhostdev" => f0 = m.next_value()?,
+                        "vhostfd" => f1 = m.next_value()?,
+                        "queues" => f2 = m.next_value()?,
+                        "x-svq" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevVhostVDPAOptions {
+                    vhostdev: f0,
+                    vhostfd: f1,
+                    queues: f2,
+                    x_svq: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevStreamOptions`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevStreamOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetdevStreamOptions {
     /// `addr`.
     pub addr: SocketAddress,
@@ -10681,12 +18508,49 @@ pub struct NetdevStreamOptions {
     pub reconnect_ms: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for NetdevStreamOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevStreamOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevStreamOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevStreamOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "addr" => f0 = Some(m.next_value()?),
+                        "server" => f1 = m.next_value()?,
+                        "reconnect" => f2 = m.next_value()?,
+                        "reconnect-ms" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevStreamOptions {
+                    addr: f0.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                    server: f1,
+                    reconnect: f2,
+                    reconnect_ms: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NetdevDgramOptions`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.NetdevDgramOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NetdevDgramOptions {
     /// `local` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -10694,6 +18558,37 @@ pub struct NetdevDgramOptions {
     /// `remote` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<SocketAddress>,
+}
+
+impl<'de> Deserialize<'de> for NetdevDgramOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetdevDgramOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetdevDgramOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetdevDgramOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "local" => f0 = m.next_value()?,
+                        "remote" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetdevDgramOptions {
+                    local: f0,
+                    remote: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `NetClientDriver`.
@@ -10912,7 +18807,7 @@ crate::qapi_enum!(RxState);
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.RxFilterInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RxFilterInfo {
     /// `name`.
     pub name: String,
@@ -10947,12 +18842,73 @@ pub struct RxFilterInfo {
     pub multicast_table: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for RxFilterInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RxFilterInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RxFilterInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RxFilterInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "promiscuous" => f1 = Some(m.next_value()?),
+                        "multicast" => f2 = Some(m.next_value()?),
+                        "unicast" => f3 = Some(m.next_value()?),
+                        "vlan" => f4 = Some(m.next_value()?),
+                        "broadcast-allowed" => f5 = Some(m.next_value()?),
+                        "multicast-overflow" => f6 = Some(m.next_value()?),
+                        "unicast-overflow" => f7 = Some(m.next_value()?),
+                        "main-mac" => f8 = Some(m.next_value()?),
+                        "vlan-table" => f9 = Some(m.next_value()?),
+                        "unicast-table" => f10 = Some(m.next_value()?),
+                        "multicast-table" => f11 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RxFilterInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    promiscuous: f1.ok_or_else(|| serde::de::Error::missing_field("promiscuous"))?,
+                    multicast: f2.ok_or_else(|| serde::de::Error::missing_field("multicast"))?,
+                    unicast: f3.ok_or_else(|| serde::de::Error::missing_field("unicast"))?,
+                    vlan: f4.ok_or_else(|| serde::de::Error::missing_field("vlan"))?,
+                    broadcast_allowed: f5
+                        .ok_or_else(|| serde::de::Error::missing_field("broadcast-allowed"))?,
+                    multicast_overflow: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("multicast-overflow"))?,
+                    unicast_overflow: f7
+                        .ok_or_else(|| serde::de::Error::missing_field("unicast-overflow"))?,
+                    main_mac: f8.ok_or_else(|| serde::de::Error::missing_field("main-mac"))?,
+                    vlan_table: f9.ok_or_else(|| serde::de::Error::missing_field("vlan-table"))?,
+                    unicast_table: f10.ok_or_else(|| serde::de::Error::missing_field("unicast-table"))?,
+                    multicast_table: f11.ok_or_else(|| serde::de::Error::missing_field("multicast-table"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AnnounceParameters`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-net.AnnounceParameters)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AnnounceParameters {
     /// `initial`.
     pub initial: i64,
@@ -10970,15 +18926,83 @@ pub struct AnnounceParameters {
     pub id: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for AnnounceParameters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AnnounceParameters;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AnnounceParameters object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AnnounceParameters, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "initial" => f0 = Some(m.next_value()?),
+                        "max" => f1 = Some(m.next_value()?),
+                        "rounds" => f2 = Some(m.next_value()?),
+                        "step" => f3 = Some(m.next_value()?),
+                        "interfaces" => f4 = m.next_value()?,
+                        "id" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AnnounceParameters {
+                    initial: f0.ok_or_else(|| serde::de::Error::missing_field("initial"))?,
+                    max: f1.ok_or_else(|| serde::de::Error::missing_field("max"))?,
+                    rounds: f2.ok_or_else(|| serde::de::Error::missing_field("rounds"))?,
+                    step: f3.ok_or_else(|| serde::de::Error::missing_field("step"))?,
+                    interfaces: f4,
+                    id: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `EbpfObject`.
 ///
 /// Since QEMU 9.0. Compiled in only where `CONFIG_EBPF` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ebpf.EbpfObject)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EbpfObject {
     /// `object`.
     pub object: String,
+}
+
+impl<'de> Deserialize<'de> for EbpfObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EbpfObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a EbpfObject object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<EbpfObject, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "object" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(EbpfObject {
+                    object: f0.ok_or_else(|| serde::de::Error::missing_field("object"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `EbpfProgramID`.
@@ -11022,7 +19046,7 @@ crate::qapi_enum!(EbpfProgramID);
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerSwitch)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RockerSwitch {
     /// `name`.
     pub name: String,
@@ -11030,6 +19054,37 @@ pub struct RockerSwitch {
     pub id: u64,
     /// `ports`.
     pub ports: u32,
+}
+
+impl<'de> Deserialize<'de> for RockerSwitch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerSwitch;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerSwitch object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RockerSwitch, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "id" => f1 = Some(m.next_value()?),
+                        "ports" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerSwitch {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    id: f1.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    ports: f2.ok_or_else(|| serde::de::Error::missing_field("ports"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `RockerPortDuplex`.
@@ -11117,7 +19172,7 @@ crate::qapi_enum!(RockerPortAutoneg);
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerPort)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RockerPort {
     /// `name`.
     pub name: String,
@@ -11134,12 +19189,52 @@ pub struct RockerPort {
     pub autoneg: RockerPortAutoneg,
 }
 
+impl<'de> Deserialize<'de> for RockerPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerPort;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerPort object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RockerPort, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "enabled" => f1 = Some(m.next_value()?),
+                        "link-up" => f2 = Some(m.next_value()?),
+                        "speed" => f3 = Some(m.next_value()?),
+                        "duplex" => f4 = Some(m.next_value()?),
+                        "autoneg" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerPort {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    enabled: f1.ok_or_else(|| serde::de::Error::missing_field("enabled"))?,
+                    link_up: f2.ok_or_else(|| serde::de::Error::missing_field("link-up"))?,
+                    speed: f3.ok_or_else(|| serde::de::Error::missing_field("speed"))?,
+                    duplex: f4.ok_or_else(|| serde::de::Error::missing_field("duplex"))?,
+                    autoneg: f5.ok_or_else(|| serde::de::Error::missing_field("autoneg"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RockerOfDpaFlowKey`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerOfDpaFlowKey)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RockerOfDpaFlowKey {
     /// `priority`.
     pub priority: u32,
@@ -11175,12 +19270,70 @@ pub struct RockerOfDpaFlowKey {
     pub ip_dst: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for RockerOfDpaFlowKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerOfDpaFlowKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerOfDpaFlowKey object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RockerOfDpaFlowKey, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "priority" => f0 = Some(m.next_value()?),
+                        "tbl-id" => f1 = Some(m.next_value()?),
+                        "in-pport" => f2 = m.next_value()?,
+                        "tunnel-id" => f3 = m.next_value()?,
+                        "vlan-id" => f4 = m.next_value()?,
+                        "eth-type" => f5 = m.next_value()?,
+                        "eth-src" => f6 = m.next_value()?,
+                        "eth-dst" => f7 = m.next_value()?,
+                        "ip-proto" => f8 = m.next_value()?,
+                        "ip-tos" => f9 = m.next_value()?,
+                        "ip-dst" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerOfDpaFlowKey {
+                    priority: f0.ok_or_else(|| serde::de::Error::missing_field("priority"))?,
+                    tbl_id: f1.ok_or_else(|| serde::de::Error::missing_field("tbl-id"))?,
+                    in_pport: f2,
+                    tunnel_id: f3,
+                    vlan_id: f4,
+                    eth_type: f5,
+                    eth_src: f6,
+                    eth_dst: f7,
+                    ip_proto: f8,
+                    ip_tos: f9,
+                    ip_dst: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RockerOfDpaFlowMask`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerOfDpaFlowMask)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RockerOfDpaFlowMask {
     /// `in-pport` (optional).
     #[serde(rename = "in-pport", skip_serializing_if = "Option::is_none")]
@@ -11205,12 +19358,58 @@ pub struct RockerOfDpaFlowMask {
     pub ip_tos: Option<u8>,
 }
 
+impl<'de> Deserialize<'de> for RockerOfDpaFlowMask {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerOfDpaFlowMask;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerOfDpaFlowMask object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RockerOfDpaFlowMask, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in-pport" => f0 = m.next_value()?,
+                        "tunnel-id" => f1 = m.next_value()?,
+                        "vlan-id" => f2 = m.next_value()?,
+                        "eth-src" => f3 = m.next_value()?,
+                        "eth-dst" => f4 = m.next_value()?,
+                        "ip-proto" => f5 = m.next_value()?,
+                        "ip-tos" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerOfDpaFlowMask {
+                    in_pport: f0,
+                    tunnel_id: f1,
+                    vlan_id: f2,
+                    eth_src: f3,
+                    eth_dst: f4,
+                    ip_proto: f5,
+                    ip_tos: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RockerOfDpaFlowAction`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerOfDpaFlowAction)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RockerOfDpaFlowAction {
     /// `goto-tbl` (optional).
     #[serde(rename = "goto-tbl", skip_serializing_if = "Option::is_none")]
@@ -11232,12 +19431,55 @@ pub struct RockerOfDpaFlowAction {
     pub out_pport: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for RockerOfDpaFlowAction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerOfDpaFlowAction;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerOfDpaFlowAction object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RockerOfDpaFlowAction, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "goto-tbl" => f0 = m.next_value()?,
+                        "group-id" => f1 = m.next_value()?,
+                        "tunnel-lport" => f2 = m.next_value()?,
+                        "vlan-id" => f3 = m.next_value()?,
+                        "new-vlan-id" => f4 = m.next_value()?,
+                        "out-pport" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerOfDpaFlowAction {
+                    goto_tbl: f0,
+                    group_id: f1,
+                    tunnel_lport: f2,
+                    vlan_id: f3,
+                    new_vlan_id: f4,
+                    out_pport: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RockerOfDpaFlow`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerOfDpaFlow)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RockerOfDpaFlow {
     /// `cookie`.
     pub cookie: u64,
@@ -11251,12 +19493,49 @@ pub struct RockerOfDpaFlow {
     pub action: RockerOfDpaFlowAction,
 }
 
+impl<'de> Deserialize<'de> for RockerOfDpaFlow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerOfDpaFlow;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerOfDpaFlow object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RockerOfDpaFlow, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cookie" => f0 = Some(m.next_value()?),
+                        "hits" => f1 = Some(m.next_value()?),
+                        "key" => f2 = Some(m.next_value()?),
+                        "mask" => f3 = Some(m.next_value()?),
+                        "action" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerOfDpaFlow {
+                    cookie: f0.ok_or_else(|| serde::de::Error::missing_field("cookie"))?,
+                    hits: f1.ok_or_else(|| serde::de::Error::missing_field("hits"))?,
+                    key: f2.ok_or_else(|| serde::de::Error::missing_field("key"))?,
+                    mask: f3.ok_or_else(|| serde::de::Error::missing_field("mask"))?,
+                    action: f4.ok_or_else(|| serde::de::Error::missing_field("action"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RockerOfDpaGroup`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-rocker.RockerOfDpaGroup)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RockerOfDpaGroup {
     /// `id`.
     pub id: u32,
@@ -11295,6 +19574,67 @@ pub struct RockerOfDpaGroup {
     /// `ttl-check` (optional).
     #[serde(rename = "ttl-check", skip_serializing_if = "Option::is_none")]
     pub ttl_check: Option<u8>,
+}
+
+impl<'de> Deserialize<'de> for RockerOfDpaGroup {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RockerOfDpaGroup;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RockerOfDpaGroup object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RockerOfDpaGroup, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "vlan-id" => f2 = m.next_value()?,
+                        "pport" => f3 = m.next_value()?,
+                        "index" => f4 = m.next_value()?,
+                        "out-pport" => f5 = m.next_value()?,
+                        "group-id" => f6 = m.next_value()?,
+                        "set-vlan-id" => f7 = m.next_value()?,
+                        "pop-vlan" => f8 = m.next_value()?,
+                        "group-ids" => f9 = m.next_value()?,
+                        "set-eth-src" => f10 = m.next_value()?,
+                        "set-eth-dst" => f11 = m.next_value()?,
+                        "ttl-check" => f12 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RockerOfDpaGroup {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    vlan_id: f2,
+                    pport: f3,
+                    index: f4,
+                    out_pport: f5,
+                    group_id: f6,
+                    set_vlan_id: f7,
+                    pop_vlan: f8,
+                    group_ids: f9,
+                    set_eth_src: f10,
+                    set_eth_dst: f11,
+                    ttl_check: f12,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `TpmModel`.
@@ -11386,7 +19726,7 @@ crate::qapi_enum!(TpmType);
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-tpm.TPMPassthroughOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TPMPassthroughOptions {
     /// `path` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -11396,15 +19736,74 @@ pub struct TPMPassthroughOptions {
     pub cancel_path: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for TPMPassthroughOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TPMPassthroughOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TPMPassthroughOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TPMPassthroughOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = m.next_value()?,
+                        "cancel-path" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TPMPassthroughOptions {
+                    path: f0,
+                    cancel_path: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `TPMEmulatorOptions`.
 ///
 /// Since QEMU 2.11. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-tpm.TPMEmulatorOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TPMEmulatorOptions {
     /// `chardev`.
     pub chardev: String,
+}
+
+impl<'de> Deserialize<'de> for TPMEmulatorOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TPMEmulatorOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TPMEmulatorOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TPMEmulatorOptions, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "chardev" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TPMEmulatorOptions {
+                    chardev: f0.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `TPMPassthroughOptionsWrapper`.
@@ -11412,10 +19811,38 @@ pub struct TPMEmulatorOptions {
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-tpm.TPMPassthroughOptionsWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TPMPassthroughOptionsWrapper {
     /// `data`.
     pub data: TPMPassthroughOptions,
+}
+
+impl<'de> Deserialize<'de> for TPMPassthroughOptionsWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TPMPassthroughOptionsWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TPMPassthroughOptionsWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TPMPassthroughOptionsWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TPMPassthroughOptionsWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `TPMEmulatorOptionsWrapper`.
@@ -11423,10 +19850,38 @@ pub struct TPMPassthroughOptionsWrapper {
 /// Since QEMU 2.11. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-tpm.TPMEmulatorOptionsWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TPMEmulatorOptionsWrapper {
     /// `data`.
     pub data: TPMEmulatorOptions,
+}
+
+impl<'de> Deserialize<'de> for TPMEmulatorOptionsWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TPMEmulatorOptionsWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TPMEmulatorOptionsWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TPMEmulatorOptionsWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TPMEmulatorOptionsWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `TpmTypeOptions`: the branch is chosen by `type`.
@@ -11450,7 +19905,7 @@ pub enum TpmTypeOptions {
 /// Since QEMU 1.5. Compiled in only where `CONFIG_TPM` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-tpm.TPMInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TPMInfo {
     /// `id`.
     pub id: String,
@@ -11458,6 +19913,37 @@ pub struct TPMInfo {
     pub model: TpmModel,
     /// `options`.
     pub options: TpmTypeOptions,
+}
+
+impl<'de> Deserialize<'de> for TPMInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TPMInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TPMInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<TPMInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "model" => f1 = Some(m.next_value()?),
+                        "options" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TPMInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    model: f1.ok_or_else(|| serde::de::Error::missing_field("model"))?,
+                    options: f2.ok_or_else(|| serde::de::Error::missing_field("options"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `DisplayProtocol`.
@@ -11584,11 +20070,37 @@ pub enum SetPasswordOptionsBranch {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.SetPasswordOptionsVnc)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SetPasswordOptionsVnc {
     /// `display` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for SetPasswordOptionsVnc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SetPasswordOptionsVnc;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SetPasswordOptionsVnc object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SetPasswordOptionsVnc, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "display" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SetPasswordOptionsVnc { display: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `ExpirePasswordOptions`: the branch is chosen by `protocol`.
@@ -11624,11 +20136,37 @@ pub enum ExpirePasswordOptionsBranch {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.ExpirePasswordOptionsVnc)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ExpirePasswordOptionsVnc {
     /// `display` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub display: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ExpirePasswordOptionsVnc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ExpirePasswordOptionsVnc;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ExpirePasswordOptionsVnc object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ExpirePasswordOptionsVnc, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "display" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ExpirePasswordOptionsVnc { display: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ImageFormat`.
@@ -11676,7 +20214,7 @@ crate::qapi_enum!(ImageFormat);
 /// Since QEMU 2.1. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.SpiceBasicInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceBasicInfo {
     /// `host`.
     pub host: String,
@@ -11686,12 +20224,43 @@ pub struct SpiceBasicInfo {
     pub family: NetworkAddressFamily,
 }
 
+impl<'de> Deserialize<'de> for SpiceBasicInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceBasicInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceBasicInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SpiceBasicInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "port" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceBasicInfo {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    port: f1.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SpiceServerInfo`.
 ///
 /// Since QEMU 2.1. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.SpiceServerInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceServerInfo {
     /// `host`.
     pub host: String,
@@ -11704,12 +20273,46 @@ pub struct SpiceServerInfo {
     pub auth: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for SpiceServerInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceServerInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceServerInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SpiceServerInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "port" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        "auth" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceServerInfo {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    port: f1.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                    auth: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SpiceChannel`.
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.SpiceChannel)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceChannel {
     /// `host`.
     pub host: String,
@@ -11728,6 +20331,49 @@ pub struct SpiceChannel {
     pub channel_id: i64,
     /// `tls`.
     pub tls: bool,
+}
+
+impl<'de> Deserialize<'de> for SpiceChannel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceChannel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceChannel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SpiceChannel, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "port" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        "connection-id" => f3 = Some(m.next_value()?),
+                        "channel-type" => f4 = Some(m.next_value()?),
+                        "channel-id" => f5 = Some(m.next_value()?),
+                        "tls" => f6 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceChannel {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    port: f1.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                    connection_id: f3.ok_or_else(|| serde::de::Error::missing_field("connection-id"))?,
+                    channel_type: f4.ok_or_else(|| serde::de::Error::missing_field("channel-type"))?,
+                    channel_id: f5.ok_or_else(|| serde::de::Error::missing_field("channel-id"))?,
+                    tls: f6.ok_or_else(|| serde::de::Error::missing_field("tls"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `SpiceQueryMouseMode`.
@@ -11783,7 +20429,7 @@ crate::qapi_enum!(SpiceQueryMouseMode);
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.SpiceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpiceInfo {
     /// `enabled`.
     pub enabled: bool,
@@ -11812,12 +20458,61 @@ pub struct SpiceInfo {
     pub channels: Option<Vec<SpiceChannel>>,
 }
 
+impl<'de> Deserialize<'de> for SpiceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpiceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SpiceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SpiceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "enabled" => f0 = Some(m.next_value()?),
+                        "migrated" => f1 = Some(m.next_value()?),
+                        "host" => f2 = m.next_value()?,
+                        "port" => f3 = m.next_value()?,
+                        "tls-port" => f4 = m.next_value()?,
+                        "auth" => f5 = m.next_value()?,
+                        "compiled-version" => f6 = m.next_value()?,
+                        "mouse-mode" => f7 = Some(m.next_value()?),
+                        "channels" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SpiceInfo {
+                    enabled: f0.ok_or_else(|| serde::de::Error::missing_field("enabled"))?,
+                    migrated: f1.ok_or_else(|| serde::de::Error::missing_field("migrated"))?,
+                    host: f2,
+                    port: f3,
+                    tls_port: f4,
+                    auth: f5,
+                    compiled_version: f6,
+                    mouse_mode: f7.ok_or_else(|| serde::de::Error::missing_field("mouse-mode"))?,
+                    channels: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VncBasicInfo`.
 ///
 /// Since QEMU 2.1. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.VncBasicInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncBasicInfo {
     /// `host`.
     pub host: String,
@@ -11829,12 +20524,46 @@ pub struct VncBasicInfo {
     pub websocket: bool,
 }
 
+impl<'de> Deserialize<'de> for VncBasicInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncBasicInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncBasicInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncBasicInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "service" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        "websocket" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncBasicInfo {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    service: f1.ok_or_else(|| serde::de::Error::missing_field("service"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                    websocket: f3.ok_or_else(|| serde::de::Error::missing_field("websocket"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VncServerInfo`.
 ///
 /// Since QEMU 2.1. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.VncServerInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncServerInfo {
     /// `host`.
     pub host: String,
@@ -11849,12 +20578,49 @@ pub struct VncServerInfo {
     pub auth: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for VncServerInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncServerInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncServerInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncServerInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "service" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        "websocket" => f3 = Some(m.next_value()?),
+                        "auth" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncServerInfo {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    service: f1.ok_or_else(|| serde::de::Error::missing_field("service"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                    websocket: f3.ok_or_else(|| serde::de::Error::missing_field("websocket"))?,
+                    auth: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VncClientInfo`.
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.VncClientInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncClientInfo {
     /// `host`.
     pub host: String,
@@ -11872,12 +20638,52 @@ pub struct VncClientInfo {
     pub sasl_username: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for VncClientInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncClientInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncClientInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncClientInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "service" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        "websocket" => f3 = Some(m.next_value()?),
+                        "x509_dname" => f4 = m.next_value()?,
+                        "sasl_username" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncClientInfo {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    service: f1.ok_or_else(|| serde::de::Error::missing_field("service"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                    websocket: f3.ok_or_else(|| serde::de::Error::missing_field("websocket"))?,
+                    x509_dname: f4,
+                    sasl_username: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VncInfo`.
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.VncInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncInfo {
     /// `enabled`.
     pub enabled: bool,
@@ -11896,6 +20702,46 @@ pub struct VncInfo {
     /// `clients` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clients: Option<Vec<VncClientInfo>>,
+}
+
+impl<'de> Deserialize<'de> for VncInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "enabled" => f0 = Some(m.next_value()?),
+                        "host" => f1 = m.next_value()?,
+                        "family" => f2 = m.next_value()?,
+                        "service" => f3 = m.next_value()?,
+                        "auth" => f4 = m.next_value()?,
+                        "clients" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncInfo {
+                    enabled: f0.ok_or_else(|| serde::de::Error::missing_field("enabled"))?,
+                    host: f1,
+                    family: f2,
+                    service: f3,
+                    auth: f4,
+                    clients: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `VncPrimaryAuth`.
@@ -12059,7 +20905,7 @@ crate::qapi_enum!(VncVencryptSubAuth);
 /// Since QEMU 2.9. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.VncServerInfo2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncServerInfo2 {
     /// `host`.
     pub host: String,
@@ -12076,12 +20922,52 @@ pub struct VncServerInfo2 {
     pub vencrypt: Option<VncVencryptSubAuth>,
 }
 
+impl<'de> Deserialize<'de> for VncServerInfo2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncServerInfo2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncServerInfo2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncServerInfo2, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "host" => f0 = Some(m.next_value()?),
+                        "service" => f1 = Some(m.next_value()?),
+                        "family" => f2 = Some(m.next_value()?),
+                        "websocket" => f3 = Some(m.next_value()?),
+                        "auth" => f4 = Some(m.next_value()?),
+                        "vencrypt" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncServerInfo2 {
+                    host: f0.ok_or_else(|| serde::de::Error::missing_field("host"))?,
+                    service: f1.ok_or_else(|| serde::de::Error::missing_field("service"))?,
+                    family: f2.ok_or_else(|| serde::de::Error::missing_field("family"))?,
+                    websocket: f3.ok_or_else(|| serde::de::Error::missing_field("websocket"))?,
+                    auth: f4.ok_or_else(|| serde::de::Error::missing_field("auth"))?,
+                    vencrypt: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VncInfo2`.
 ///
 /// Since QEMU 2.3. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.VncInfo2)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VncInfo2 {
     /// `id`.
     pub id: String,
@@ -12099,12 +20985,52 @@ pub struct VncInfo2 {
     pub display: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for VncInfo2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VncInfo2;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VncInfo2 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VncInfo2, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "server" => f1 = Some(m.next_value()?),
+                        "clients" => f2 = Some(m.next_value()?),
+                        "auth" => f3 = Some(m.next_value()?),
+                        "vencrypt" => f4 = m.next_value()?,
+                        "display" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VncInfo2 {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    server: f1.ok_or_else(|| serde::de::Error::missing_field("server"))?,
+                    clients: f2.ok_or_else(|| serde::de::Error::missing_field("clients"))?,
+                    auth: f3.ok_or_else(|| serde::de::Error::missing_field("auth"))?,
+                    vencrypt: f4,
+                    display: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MouseInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.MouseInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MouseInfo {
     /// `name`.
     pub name: String,
@@ -12114,6 +21040,40 @@ pub struct MouseInfo {
     pub current: bool,
     /// `absolute`.
     pub absolute: bool,
+}
+
+impl<'de> Deserialize<'de> for MouseInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MouseInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MouseInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MouseInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "index" => f1 = Some(m.next_value()?),
+                        "current" => f2 = Some(m.next_value()?),
+                        "absolute" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MouseInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    index: f1.ok_or_else(|| serde::de::Error::missing_field("index"))?,
+                    current: f2.ok_or_else(|| serde::de::Error::missing_field("current"))?,
+                    absolute: f3.ok_or_else(|| serde::de::Error::missing_field("absolute"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `QKeyCode`.
@@ -13004,10 +21964,35 @@ crate::qapi_enum!(KeyValueKind);
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.IntWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IntWrapper {
     /// `data`.
     pub data: i64,
+}
+
+impl<'de> Deserialize<'de> for IntWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IntWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a IntWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<IntWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(IntWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `QKeyCodeWrapper`.
@@ -13015,10 +22000,35 @@ pub struct IntWrapper {
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.QKeyCodeWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QKeyCodeWrapper {
     /// `data`.
     pub data: QKeyCode,
+}
+
+impl<'de> Deserialize<'de> for QKeyCodeWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QKeyCodeWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QKeyCodeWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QKeyCodeWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QKeyCodeWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `KeyValue`: the branch is chosen by `type`.
@@ -13223,7 +22233,7 @@ crate::qapi_enum!(InputMultiTouchType);
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputKeyEvent)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputKeyEvent {
     /// `key`.
     pub key: KeyValue,
@@ -13231,12 +22241,40 @@ pub struct InputKeyEvent {
     pub down: bool,
 }
 
+impl<'de> Deserialize<'de> for InputKeyEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputKeyEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputKeyEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<InputKeyEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "key" => f0 = Some(m.next_value()?),
+                        "down" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputKeyEvent {
+                    key: f0.ok_or_else(|| serde::de::Error::missing_field("key"))?,
+                    down: f1.ok_or_else(|| serde::de::Error::missing_field("down"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `InputBtnEvent`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputBtnEvent)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputBtnEvent {
     /// `button`.
     pub button: InputButton,
@@ -13244,12 +22282,40 @@ pub struct InputBtnEvent {
     pub down: bool,
 }
 
+impl<'de> Deserialize<'de> for InputBtnEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputBtnEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputBtnEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<InputBtnEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "button" => f0 = Some(m.next_value()?),
+                        "down" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputBtnEvent {
+                    button: f0.ok_or_else(|| serde::de::Error::missing_field("button"))?,
+                    down: f1.ok_or_else(|| serde::de::Error::missing_field("down"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `InputMoveEvent`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputMoveEvent)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputMoveEvent {
     /// `axis`.
     pub axis: InputAxis,
@@ -13257,12 +22323,40 @@ pub struct InputMoveEvent {
     pub value: i64,
 }
 
+impl<'de> Deserialize<'de> for InputMoveEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputMoveEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputMoveEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<InputMoveEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "axis" => f0 = Some(m.next_value()?),
+                        "value" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputMoveEvent {
+                    axis: f0.ok_or_else(|| serde::de::Error::missing_field("axis"))?,
+                    value: f1.ok_or_else(|| serde::de::Error::missing_field("value"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `InputMultiTouchEvent`.
 ///
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputMultiTouchEvent)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputMultiTouchEvent {
     /// `type`.
     pub r#type: InputMultiTouchType,
@@ -13275,6 +22369,46 @@ pub struct InputMultiTouchEvent {
     pub axis: InputAxis,
     /// `value`.
     pub value: i64,
+}
+
+impl<'de> Deserialize<'de> for InputMultiTouchEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputMultiTouchEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputMultiTouchEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputMultiTouchEvent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "slot" => f1 = Some(m.next_value()?),
+                        "tracking-id" => f2 = Some(m.next_value()?),
+                        "axis" => f3 = Some(m.next_value()?),
+                        "value" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputMultiTouchEvent {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    slot: f1.ok_or_else(|| serde::de::Error::missing_field("slot"))?,
+                    tracking_id: f2.ok_or_else(|| serde::de::Error::missing_field("tracking-id"))?,
+                    axis: f3.ok_or_else(|| serde::de::Error::missing_field("axis"))?,
+                    value: f4.ok_or_else(|| serde::de::Error::missing_field("value"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `InputEventKind`.
@@ -13340,10 +22474,38 @@ crate::qapi_enum!(InputEventKind);
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputKeyEventWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputKeyEventWrapper {
     /// `data`.
     pub data: InputKeyEvent,
+}
+
+impl<'de> Deserialize<'de> for InputKeyEventWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputKeyEventWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputKeyEventWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputKeyEventWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputKeyEventWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `InputBtnEventWrapper`.
@@ -13351,10 +22513,38 @@ pub struct InputKeyEventWrapper {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputBtnEventWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputBtnEventWrapper {
     /// `data`.
     pub data: InputBtnEvent,
+}
+
+impl<'de> Deserialize<'de> for InputBtnEventWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputBtnEventWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputBtnEventWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputBtnEventWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputBtnEventWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `InputMoveEventWrapper`.
@@ -13362,10 +22552,38 @@ pub struct InputBtnEventWrapper {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputMoveEventWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputMoveEventWrapper {
     /// `data`.
     pub data: InputMoveEvent,
+}
+
+impl<'de> Deserialize<'de> for InputMoveEventWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputMoveEventWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputMoveEventWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputMoveEventWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputMoveEventWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `InputMultiTouchEventWrapper`.
@@ -13373,10 +22591,38 @@ pub struct InputMoveEventWrapper {
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.InputMultiTouchEventWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputMultiTouchEventWrapper {
     /// `data`.
     pub data: InputMultiTouchEvent,
+}
+
+impl<'de> Deserialize<'de> for InputMultiTouchEventWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputMultiTouchEventWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputMultiTouchEventWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputMultiTouchEventWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputMultiTouchEventWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `InputEvent`: the branch is chosen by `type`.
@@ -13409,7 +22655,7 @@ pub enum InputEvent {
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayGTK)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayGTK {
     /// `grab-on-hover` (optional).
     #[serde(rename = "grab-on-hover", skip_serializing_if = "Option::is_none")]
@@ -13425,16 +22671,76 @@ pub struct DisplayGTK {
     pub show_menubar: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for DisplayGTK {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayGTK;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayGTK object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DisplayGTK, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "grab-on-hover" => f0 = m.next_value()?,
+                        "zoom-to-fit" => f1 = m.next_value()?,
+                        "show-tabs" => f2 = m.next_value()?,
+                        "show-menubar" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayGTK {
+                    grab_on_hover: f0,
+                    zoom_to_fit: f1,
+                    show_tabs: f2,
+                    show_menubar: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DisplayEGLHeadless`.
 ///
 /// Since QEMU 3.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayEGLHeadless)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayEGLHeadless {
     /// `rendernode` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rendernode: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DisplayEGLHeadless {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayEGLHeadless;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayEGLHeadless object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DisplayEGLHeadless, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "rendernode" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayEGLHeadless { rendernode: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `DisplayDBus`.
@@ -13442,7 +22748,7 @@ pub struct DisplayEGLHeadless {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayDBus)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayDBus {
     /// `rendernode` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -13456,6 +22762,40 @@ pub struct DisplayDBus {
     /// `audiodev` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audiodev: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DisplayDBus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayDBus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayDBus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DisplayDBus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "rendernode" => f0 = m.next_value()?,
+                        "addr" => f1 = m.next_value()?,
+                        "p2p" => f2 = m.next_value()?,
+                        "audiodev" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayDBus {
+                    rendernode: f0,
+                    addr: f1,
+                    p2p: f2,
+                    audiodev: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `DisplayGLMode`.
@@ -13516,11 +22856,34 @@ crate::qapi_enum!(DisplayGLMode);
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayCurses)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayCurses {
     /// `charset` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub charset: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DisplayCurses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayCurses;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayCurses object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DisplayCurses, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "charset" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayCurses { charset: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `DisplayCocoa`.
@@ -13528,7 +22891,7 @@ pub struct DisplayCurses {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayCocoa)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayCocoa {
     /// `left-command-key` (optional).
     #[serde(rename = "left-command-key", skip_serializing_if = "Option::is_none")]
@@ -13545,6 +22908,43 @@ pub struct DisplayCocoa {
     /// `zoom-interpolation` (optional; since QEMU 9.0).
     #[serde(rename = "zoom-interpolation", skip_serializing_if = "Option::is_none")]
     pub zoom_interpolation: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for DisplayCocoa {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayCocoa;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayCocoa object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DisplayCocoa, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "left-command-key" => f0 = m.next_value()?,
+                        "full-grab" => f1 = m.next_value()?,
+                        "swap-opt-cmd" => f2 = m.next_value()?,
+                        "zoom-to-fit" => f3 = m.next_value()?,
+                        "zoom-interpolation" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayCocoa {
+                    left_command_key: f0,
+                    full_grab: f1,
+                    swap_opt_cmd: f2,
+                    zoom_to_fit: f3,
+                    zoom_interpolation: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `HotKeyMod`.
@@ -13597,11 +22997,34 @@ crate::qapi_enum!(HotKeyMod);
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplaySDL)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplaySDL {
     /// `grab-mod` (optional).
     #[serde(rename = "grab-mod", skip_serializing_if = "Option::is_none")]
     pub grab_mod: Option<HotKeyMod>,
+}
+
+impl<'de> Deserialize<'de> for DisplaySDL {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplaySDL;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplaySDL object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DisplaySDL, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "grab-mod" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplaySDL { grab_mod: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `DisplayType`.
@@ -13787,11 +23210,37 @@ crate::qapi_enum!(DisplayReloadType);
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayReloadOptionsVNC)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayReloadOptionsVNC {
     /// `tls-certs` (optional).
     #[serde(rename = "tls-certs", skip_serializing_if = "Option::is_none")]
     pub tls_certs: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for DisplayReloadOptionsVNC {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayReloadOptionsVNC;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayReloadOptionsVNC object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DisplayReloadOptionsVNC, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "tls-certs" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayReloadOptionsVNC { tls_certs: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `DisplayReloadOptions`: the branch is chosen by `type`.
@@ -13848,11 +23297,37 @@ crate::qapi_enum!(DisplayUpdateType);
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-ui.DisplayUpdateOptionsVNC)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DisplayUpdateOptionsVNC {
     /// `addresses` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addresses: Option<Vec<SocketAddress>>,
+}
+
+impl<'de> Deserialize<'de> for DisplayUpdateOptionsVNC {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DisplayUpdateOptionsVNC;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DisplayUpdateOptionsVNC object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DisplayUpdateOptionsVNC, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "addresses" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DisplayUpdateOptionsVNC { addresses: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `DisplayUpdateOptions`: the branch is chosen by `type`.
@@ -13953,7 +23428,7 @@ crate::qapi_enum!(QAuthZListFormat);
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-authz.QAuthZListRule)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QAuthZListRule {
     /// `match`.
     pub r#match: String,
@@ -13964,12 +23439,43 @@ pub struct QAuthZListRule {
     pub format: Option<QAuthZListFormat>,
 }
 
+impl<'de> Deserialize<'de> for QAuthZListRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QAuthZListRule;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QAuthZListRule object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QAuthZListRule, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "match" => f0 = Some(m.next_value()?),
+                        "policy" => f1 = Some(m.next_value()?),
+                        "format" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QAuthZListRule {
+                    r#match: f0.ok_or_else(|| serde::de::Error::missing_field("match"))?,
+                    policy: f1.ok_or_else(|| serde::de::Error::missing_field("policy"))?,
+                    format: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AuthZListProperties`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-authz.AuthZListProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AuthZListProperties {
     /// `policy` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -13979,12 +23485,43 @@ pub struct AuthZListProperties {
     pub rules: Option<Vec<QAuthZListRule>>,
 }
 
+impl<'de> Deserialize<'de> for AuthZListProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AuthZListProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AuthZListProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AuthZListProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "policy" => f0 = m.next_value()?,
+                        "rules" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AuthZListProperties {
+                    policy: f0,
+                    rules: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AuthZListFileProperties`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-authz.AuthZListFileProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuthZListFileProperties {
     /// `filename`.
     pub filename: String,
@@ -13993,15 +23530,74 @@ pub struct AuthZListFileProperties {
     pub refresh: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for AuthZListFileProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AuthZListFileProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AuthZListFileProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AuthZListFileProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "refresh" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AuthZListFileProperties {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    refresh: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AuthZPAMProperties`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-authz.AuthZPAMProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuthZPAMProperties {
     /// `service`.
     pub service: String,
+}
+
+impl<'de> Deserialize<'de> for AuthZPAMProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AuthZPAMProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AuthZPAMProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AuthZPAMProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "service" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AuthZPAMProperties {
+                    service: f0.ok_or_else(|| serde::de::Error::missing_field("service"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `AuthZSimpleProperties`.
@@ -14009,10 +23605,38 @@ pub struct AuthZPAMProperties {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-authz.AuthZSimpleProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuthZSimpleProperties {
     /// `identity`.
     pub identity: String,
+}
+
+impl<'de> Deserialize<'de> for AuthZSimpleProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AuthZSimpleProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AuthZSimpleProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AuthZSimpleProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "identity" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AuthZSimpleProperties {
+                    identity: f0.ok_or_else(|| serde::de::Error::missing_field("identity"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `MigrationStats`.
@@ -14020,7 +23644,7 @@ pub struct AuthZSimpleProperties {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationStats {
     /// `transferred`.
     pub transferred: i64,
@@ -14069,12 +23693,90 @@ pub struct MigrationStats {
     pub dirty_sync_missed_zero_copy: u64,
 }
 
+impl<'de> Deserialize<'de> for MigrationStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrationStats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "transferred" => f0 = Some(m.next_value()?),
+                        "remaining" => f1 = Some(m.next_value()?),
+                        "total" => f2 = Some(m.next_value()?),
+                        "duplicate" => f3 = Some(m.next_value()?),
+                        "normal" => f4 = Some(m.next_value()?),
+                        "normal-bytes" => f5 = Some(m.next_value()?),
+                        "dirty-pages-rate" => f6 = Some(m.next_value()?),
+                        "mbps" => f7 = Some(m.next_value()?),
+                        "dirty-sync-count" => f8 = Some(m.next_value()?),
+                        "postcopy-requests" => f9 = Some(m.next_value()?),
+                        "page-size" => f10 = Some(m.next_value()?),
+                        "multifd-bytes" => f11 = Some(m.next_value()?),
+                        "pages-per-second" => f12 = Some(m.next_value()?),
+                        "precopy-bytes" => f13 = Some(m.next_value()?),
+                        "downtime-bytes" => f14 = Some(m.next_value()?),
+                        "postcopy-bytes" => f15 = Some(m.next_value()?),
+                        "dirty-sync-missed-zero-copy" => f16 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationStats {
+                    transferred: f0.ok_or_else(|| serde::de::Error::missing_field("transferred"))?,
+                    remaining: f1.ok_or_else(|| serde::de::Error::missing_field("remaining"))?,
+                    total: f2.ok_or_else(|| serde::de::Error::missing_field("total"))?,
+                    duplicate: f3.ok_or_else(|| serde::de::Error::missing_field("duplicate"))?,
+                    normal: f4.ok_or_else(|| serde::de::Error::missing_field("normal"))?,
+                    normal_bytes: f5.ok_or_else(|| serde::de::Error::missing_field("normal-bytes"))?,
+                    dirty_pages_rate: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("dirty-pages-rate"))?,
+                    mbps: f7.ok_or_else(|| serde::de::Error::missing_field("mbps"))?,
+                    dirty_sync_count: f8
+                        .ok_or_else(|| serde::de::Error::missing_field("dirty-sync-count"))?,
+                    postcopy_requests: f9
+                        .ok_or_else(|| serde::de::Error::missing_field("postcopy-requests"))?,
+                    page_size: f10.ok_or_else(|| serde::de::Error::missing_field("page-size"))?,
+                    multifd_bytes: f11.ok_or_else(|| serde::de::Error::missing_field("multifd-bytes"))?,
+                    pages_per_second: f12
+                        .ok_or_else(|| serde::de::Error::missing_field("pages-per-second"))?,
+                    precopy_bytes: f13.ok_or_else(|| serde::de::Error::missing_field("precopy-bytes"))?,
+                    downtime_bytes: f14.ok_or_else(|| serde::de::Error::missing_field("downtime-bytes"))?,
+                    postcopy_bytes: f15.ok_or_else(|| serde::de::Error::missing_field("postcopy-bytes"))?,
+                    dirty_sync_missed_zero_copy: f16
+                        .ok_or_else(|| serde::de::Error::missing_field("dirty-sync-missed-zero-copy"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `XBZRLECacheStats`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.XBZRLECacheStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct XBZRLECacheStats {
     /// `cache-size`.
     #[serde(rename = "cache-size")]
@@ -14096,12 +23798,55 @@ pub struct XBZRLECacheStats {
     pub overflow: i64,
 }
 
+impl<'de> Deserialize<'de> for XBZRLECacheStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = XBZRLECacheStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a XBZRLECacheStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<XBZRLECacheStats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cache-size" => f0 = Some(m.next_value()?),
+                        "bytes" => f1 = Some(m.next_value()?),
+                        "pages" => f2 = Some(m.next_value()?),
+                        "cache-miss" => f3 = Some(m.next_value()?),
+                        "cache-miss-rate" => f4 = Some(m.next_value()?),
+                        "encoding-rate" => f5 = Some(m.next_value()?),
+                        "overflow" => f6 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(XBZRLECacheStats {
+                    cache_size: f0.ok_or_else(|| serde::de::Error::missing_field("cache-size"))?,
+                    bytes: f1.ok_or_else(|| serde::de::Error::missing_field("bytes"))?,
+                    pages: f2.ok_or_else(|| serde::de::Error::missing_field("pages"))?,
+                    cache_miss: f3.ok_or_else(|| serde::de::Error::missing_field("cache-miss"))?,
+                    cache_miss_rate: f4.ok_or_else(|| serde::de::Error::missing_field("cache-miss-rate"))?,
+                    encoding_rate: f5.ok_or_else(|| serde::de::Error::missing_field("encoding-rate"))?,
+                    overflow: f6.ok_or_else(|| serde::de::Error::missing_field("overflow"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CompressionStats`.
 ///
 /// Since QEMU 3.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.CompressionStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompressionStats {
     /// `pages`.
     pub pages: i64,
@@ -14116,6 +23861,44 @@ pub struct CompressionStats {
     /// `compression-rate`.
     #[serde(rename = "compression-rate")]
     pub compression_rate: f64,
+}
+
+impl<'de> Deserialize<'de> for CompressionStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CompressionStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CompressionStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CompressionStats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pages" => f0 = Some(m.next_value()?),
+                        "busy" => f1 = Some(m.next_value()?),
+                        "busy-rate" => f2 = Some(m.next_value()?),
+                        "compressed-size" => f3 = Some(m.next_value()?),
+                        "compression-rate" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CompressionStats {
+                    pages: f0.ok_or_else(|| serde::de::Error::missing_field("pages"))?,
+                    busy: f1.ok_or_else(|| serde::de::Error::missing_field("busy"))?,
+                    busy_rate: f2.ok_or_else(|| serde::de::Error::missing_field("busy-rate"))?,
+                    compressed_size: f3.ok_or_else(|| serde::de::Error::missing_field("compressed-size"))?,
+                    compression_rate: f4
+                        .ok_or_else(|| serde::de::Error::missing_field("compression-rate"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MigrationStatus`.
@@ -14231,10 +24014,35 @@ crate::qapi_enum!(MigrationStatus);
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.VfioStats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VfioStats {
     /// `transferred`.
     pub transferred: i64,
+}
+
+impl<'de> Deserialize<'de> for VfioStats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VfioStats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VfioStats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VfioStats, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "transferred" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VfioStats {
+                    transferred: f0.ok_or_else(|| serde::de::Error::missing_field("transferred"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `MigrationInfo`.
@@ -14242,7 +24050,7 @@ pub struct VfioStats {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationInfo)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MigrationInfo {
     /// `status` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -14298,6 +24106,76 @@ pub struct MigrationInfo {
         skip_serializing_if = "Option::is_none"
     )]
     pub dirty_limit_ring_full_time: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for MigrationInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrationInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "status" => f0 = m.next_value()?,
+                        "ram" => f1 = m.next_value()?,
+                        "vfio" => f2 = m.next_value()?,
+                        "xbzrle-cache" => f3 = m.next_value()?,
+                        "total-time" => f4 = m.next_value()?,
+                        "expected-downtime" => f5 = m.next_value()?,
+                        "downtime" => f6 = m.next_value()?,
+                        "setup-time" => f7 = m.next_value()?,
+                        "cpu-throttle-percentage" => f8 = m.next_value()?,
+                        "error-desc" => f9 = m.next_value()?,
+                        "blocked-reasons" => f10 = m.next_value()?,
+                        "postcopy-blocktime" => f11 = m.next_value()?,
+                        "postcopy-vcpu-blocktime" => f12 = m.next_value()?,
+                        "socket-address" => f13 = m.next_value()?,
+                        "dirty-limit-throttle-time-per-round" => f14 = m.next_value()?,
+                        "dirty-limit-ring-full-time" => f15 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationInfo {
+                    status: f0,
+                    ram: f1,
+                    vfio: f2,
+                    xbzrle_cache: f3,
+                    total_time: f4,
+                    expected_downtime: f5,
+                    downtime: f6,
+                    setup_time: f7,
+                    cpu_throttle_percentage: f8,
+                    error_desc: f9,
+                    blocked_reasons: f10,
+                    postcopy_blocktime: f11,
+                    postcopy_vcpu_blocktime: f12,
+                    socket_address: f13,
+                    dirty_limit_throttle_time_per_round: f14,
+                    dirty_limit_ring_full_time: f15,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MigrationCapability`.
@@ -14449,12 +24327,43 @@ crate::qapi_enum!(MigrationCapability);
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationCapabilityStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationCapabilityStatus {
     /// `capability`.
     pub capability: MigrationCapability,
     /// `state`.
     pub state: bool,
+}
+
+impl<'de> Deserialize<'de> for MigrationCapabilityStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationCapabilityStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationCapabilityStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MigrationCapabilityStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "capability" => f0 = Some(m.next_value()?),
+                        "state" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationCapabilityStatus {
+                    capability: f0.ok_or_else(|| serde::de::Error::missing_field("capability"))?,
+                    state: f1.ok_or_else(|| serde::de::Error::missing_field("state"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MultiFDCompression`.
@@ -14600,11 +24509,37 @@ crate::qapi_enum!(ZeroPageDetection);
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.BitmapMigrationBitmapAliasTransform)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BitmapMigrationBitmapAliasTransform {
     /// `persistent` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub persistent: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for BitmapMigrationBitmapAliasTransform {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BitmapMigrationBitmapAliasTransform;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BitmapMigrationBitmapAliasTransform object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BitmapMigrationBitmapAliasTransform, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "persistent" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BitmapMigrationBitmapAliasTransform { persistent: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BitmapMigrationBitmapAlias`.
@@ -14612,7 +24547,7 @@ pub struct BitmapMigrationBitmapAliasTransform {
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.BitmapMigrationBitmapAlias)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BitmapMigrationBitmapAlias {
     /// `name`.
     pub name: String,
@@ -14623,12 +24558,46 @@ pub struct BitmapMigrationBitmapAlias {
     pub transform: Option<BitmapMigrationBitmapAliasTransform>,
 }
 
+impl<'de> Deserialize<'de> for BitmapMigrationBitmapAlias {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BitmapMigrationBitmapAlias;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BitmapMigrationBitmapAlias object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BitmapMigrationBitmapAlias, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "alias" => f1 = Some(m.next_value()?),
+                        "transform" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BitmapMigrationBitmapAlias {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    alias: f1.ok_or_else(|| serde::de::Error::missing_field("alias"))?,
+                    transform: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BitmapMigrationNodeAlias`.
 ///
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.BitmapMigrationNodeAlias)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BitmapMigrationNodeAlias {
     /// `node-name`.
     #[serde(rename = "node-name")]
@@ -14637,6 +24606,40 @@ pub struct BitmapMigrationNodeAlias {
     pub alias: String,
     /// `bitmaps`.
     pub bitmaps: Vec<BitmapMigrationBitmapAlias>,
+}
+
+impl<'de> Deserialize<'de> for BitmapMigrationNodeAlias {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BitmapMigrationNodeAlias;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BitmapMigrationNodeAlias object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BitmapMigrationNodeAlias, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = Some(m.next_value()?),
+                        "alias" => f1 = Some(m.next_value()?),
+                        "bitmaps" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BitmapMigrationNodeAlias {
+                    node_name: f0.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                    alias: f1.ok_or_else(|| serde::de::Error::missing_field("alias"))?,
+                    bitmaps: f2.ok_or_else(|| serde::de::Error::missing_field("bitmaps"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MigrationParameter`.
@@ -14822,7 +24825,7 @@ crate::qapi_enum!(MigrationParameter);
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrateSetParameters)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MigrateSetParameters {
     /// `announce-initial` (optional; since QEMU 4.0).
     #[serde(rename = "announce-initial", skip_serializing_if = "Option::is_none")]
@@ -14934,12 +24937,124 @@ pub struct MigrateSetParameters {
     pub direct_io: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for MigrateSetParameters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrateSetParameters;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrateSetParameters object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MigrateSetParameters, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                let mut f21 = None;
+                let mut f22 = None;
+                let mut f23 = None;
+                let mut f24 = None;
+                let mut f25 = None;
+                let mut f26 = None;
+                let mut f27 = None;
+                let mut f28 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "announce-initial" => f0 = m.next_value()?,
+                        "announce-max" => f1 = m.next_value()?,
+                        "announce-rounds" => f2 = m.next_value()?,
+                        "announce-step" => f3 = m.next_value()?,
+                        "throttle-trigger-threshold" => f4 = m.next_value()?,
+                        "cpu-throttle-initial" => f5 = m.next_value()?,
+                        "cpu-throttle-increment" => f6 = m.next_value()?,
+                        "cpu-throttle-tailslow" => f7 = m.next_value()?,
+                        "tls-creds" => f8 = Some(m.next_value()?),
+                        "tls-hostname" => f9 = Some(m.next_value()?),
+                        "tls-authz" => f10 = Some(m.next_value()?),
+                        "max-bandwidth" => f11 = m.next_value()?,
+                        "avail-switchover-bandwidth" => f12 = m.next_value()?,
+                        "downtime-limit" => f13 = m.next_value()?,
+                        "x-checkpoint-delay" => f14 = m.next_value()?,
+                        "multifd-channels" => f15 = m.next_value()?,
+                        "xbzrle-cache-size" => f16 = m.next_value()?,
+                        "max-postcopy-bandwidth" => f17 = m.next_value()?,
+                        "max-cpu-throttle" => f18 = m.next_value()?,
+                        "multifd-compression" => f19 = m.next_value()?,
+                        "multifd-zlib-level" => f20 = m.next_value()?,
+                        "multifd-qatzip-level" => f21 = m.next_value()?,
+                        "multifd-zstd-level" => f22 = m.next_value()?,
+                        "block-bitmap-mapping" => f23 = m.next_value()?,
+                        "x-vcpu-dirty-limit-period" => f24 = m.next_value()?,
+                        "vcpu-dirty-limit" => f25 = m.next_value()?,
+                        "mode" => f26 = m.next_value()?,
+                        "zero-page-detection" => f27 = m.next_value()?,
+                        "direct-io" => f28 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrateSetParameters {
+                    announce_initial: f0,
+                    announce_max: f1,
+                    announce_rounds: f2,
+                    announce_step: f3,
+                    throttle_trigger_threshold: f4,
+                    cpu_throttle_initial: f5,
+                    cpu_throttle_increment: f6,
+                    cpu_throttle_tailslow: f7,
+                    tls_creds: f8,
+                    tls_hostname: f9,
+                    tls_authz: f10,
+                    max_bandwidth: f11,
+                    avail_switchover_bandwidth: f12,
+                    downtime_limit: f13,
+                    x_checkpoint_delay: f14,
+                    multifd_channels: f15,
+                    xbzrle_cache_size: f16,
+                    max_postcopy_bandwidth: f17,
+                    max_cpu_throttle: f18,
+                    multifd_compression: f19,
+                    multifd_zlib_level: f20,
+                    multifd_qatzip_level: f21,
+                    multifd_zstd_level: f22,
+                    block_bitmap_mapping: f23,
+                    x_vcpu_dirty_limit_period: f24,
+                    vcpu_dirty_limit: f25,
+                    mode: f26,
+                    zero_page_detection: f27,
+                    direct_io: f28,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MigrationParameters`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationParameters)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MigrationParameters {
     /// `announce-initial` (optional; since QEMU 4.0).
     #[serde(rename = "announce-initial", skip_serializing_if = "Option::is_none")]
@@ -15034,6 +25149,118 @@ pub struct MigrationParameters {
     /// `direct-io` (optional; since QEMU 9.1).
     #[serde(rename = "direct-io", skip_serializing_if = "Option::is_none")]
     pub direct_io: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for MigrationParameters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationParameters;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationParameters object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MigrationParameters, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                let mut f21 = None;
+                let mut f22 = None;
+                let mut f23 = None;
+                let mut f24 = None;
+                let mut f25 = None;
+                let mut f26 = None;
+                let mut f27 = None;
+                let mut f28 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "announce-initial" => f0 = m.next_value()?,
+                        "announce-max" => f1 = m.next_value()?,
+                        "announce-rounds" => f2 = m.next_value()?,
+                        "announce-step" => f3 = m.next_value()?,
+                        "throttle-trigger-threshold" => f4 = m.next_value()?,
+                        "cpu-throttle-initial" => f5 = m.next_value()?,
+                        "cpu-throttle-increment" => f6 = m.next_value()?,
+                        "cpu-throttle-tailslow" => f7 = m.next_value()?,
+                        "tls-creds" => f8 = m.next_value()?,
+                        "tls-hostname" => f9 = m.next_value()?,
+                        "tls-authz" => f10 = m.next_value()?,
+                        "max-bandwidth" => f11 = m.next_value()?,
+                        "avail-switchover-bandwidth" => f12 = m.next_value()?,
+                        "downtime-limit" => f13 = m.next_value()?,
+                        "x-checkpoint-delay" => f14 = m.next_value()?,
+                        "multifd-channels" => f15 = m.next_value()?,
+                        "xbzrle-cache-size" => f16 = m.next_value()?,
+                        "max-postcopy-bandwidth" => f17 = m.next_value()?,
+                        "max-cpu-throttle" => f18 = m.next_value()?,
+                        "multifd-compression" => f19 = m.next_value()?,
+                        "multifd-zlib-level" => f20 = m.next_value()?,
+                        "multifd-qatzip-level" => f21 = m.next_value()?,
+                        "multifd-zstd-level" => f22 = m.next_value()?,
+                        "block-bitmap-mapping" => f23 = m.next_value()?,
+                        "x-vcpu-dirty-limit-period" => f24 = m.next_value()?,
+                        "vcpu-dirty-limit" => f25 = m.next_value()?,
+                        "mode" => f26 = m.next_value()?,
+                        "zero-page-detection" => f27 = m.next_value()?,
+                        "direct-io" => f28 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationParameters {
+                    announce_initial: f0,
+                    announce_max: f1,
+                    announce_rounds: f2,
+                    announce_step: f3,
+                    throttle_trigger_threshold: f4,
+                    cpu_throttle_initial: f5,
+                    cpu_throttle_increment: f6,
+                    cpu_throttle_tailslow: f7,
+                    tls_creds: f8,
+                    tls_hostname: f9,
+                    tls_authz: f10,
+                    max_bandwidth: f11,
+                    avail_switchover_bandwidth: f12,
+                    downtime_limit: f13,
+                    x_checkpoint_delay: f14,
+                    multifd_channels: f15,
+                    xbzrle_cache_size: f16,
+                    max_postcopy_bandwidth: f17,
+                    max_cpu_throttle: f18,
+                    multifd_compression: f19,
+                    multifd_zlib_level: f20,
+                    multifd_qatzip_level: f21,
+                    multifd_zstd_level: f22,
+                    block_bitmap_mapping: f23,
+                    x_vcpu_dirty_limit_period: f24,
+                    vcpu_dirty_limit: f25,
+                    mode: f26,
+                    zero_page_detection: f27,
+                    direct_io: f28,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `COLOMessage`.
@@ -15317,7 +25544,7 @@ crate::qapi_enum!(MigrationAddressType);
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.FileMigrationArgs)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FileMigrationArgs {
     /// `filename`.
     pub filename: String,
@@ -15325,15 +25552,74 @@ pub struct FileMigrationArgs {
     pub offset: u64,
 }
 
+impl<'de> Deserialize<'de> for FileMigrationArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FileMigrationArgs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FileMigrationArgs object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FileMigrationArgs, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "filename" => f0 = Some(m.next_value()?),
+                        "offset" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FileMigrationArgs {
+                    filename: f0.ok_or_else(|| serde::de::Error::missing_field("filename"))?,
+                    offset: f1.ok_or_else(|| serde::de::Error::missing_field("offset"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MigrationExecCommand`.
 ///
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationExecCommand)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationExecCommand {
     /// `args`.
     pub args: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for MigrationExecCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationExecCommand;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationExecCommand object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MigrationExecCommand, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "args" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationExecCommand {
+                    args: f0.ok_or_else(|| serde::de::Error::missing_field("args"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `MigrationAddress`: the branch is chosen by `transport`.
@@ -15403,7 +25689,7 @@ crate::qapi_enum!(MigrationChannelType);
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationChannel)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationChannel {
     /// `channel-type`.
     #[serde(rename = "channel-type")]
@@ -15412,12 +25698,40 @@ pub struct MigrationChannel {
     pub addr: MigrationAddress,
 }
 
+impl<'de> Deserialize<'de> for MigrationChannel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationChannel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationChannel object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MigrationChannel, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "channel-type" => f0 = Some(m.next_value()?),
+                        "addr" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationChannel {
+                    channel_type: f0.ok_or_else(|| serde::de::Error::missing_field("channel-type"))?,
+                    addr: f1.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ReplicationStatus`.
 ///
 /// Since QEMU 2.9. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.ReplicationStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplicationStatus {
     /// `error`.
     pub error: bool,
@@ -15426,12 +25740,43 @@ pub struct ReplicationStatus {
     pub desc: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for ReplicationStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ReplicationStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ReplicationStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ReplicationStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "error" => f0 = Some(m.next_value()?),
+                        "desc" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ReplicationStatus {
+                    error: f0.ok_or_else(|| serde::de::Error::missing_field("error"))?,
+                    desc: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `COLOStatus`.
 ///
 /// Since QEMU 3.1. Compiled in only where `CONFIG_REPLICATION` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.COLOStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct COLOStatus {
     /// `mode`.
     pub mode: COLOMode,
@@ -15442,18 +25787,77 @@ pub struct COLOStatus {
     pub reason: COLOExitReason,
 }
 
+impl<'de> Deserialize<'de> for COLOStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = COLOStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a COLOStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<COLOStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mode" => f0 = Some(m.next_value()?),
+                        "last-mode" => f1 = Some(m.next_value()?),
+                        "reason" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(COLOStatus {
+                    mode: f0.ok_or_else(|| serde::de::Error::missing_field("mode"))?,
+                    last_mode: f1.ok_or_else(|| serde::de::Error::missing_field("last-mode"))?,
+                    reason: f2.ok_or_else(|| serde::de::Error::missing_field("reason"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DirtyRateVcpu`.
 ///
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.DirtyRateVcpu)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DirtyRateVcpu {
     /// `id`.
     pub id: i64,
     /// `dirty-rate`.
     #[serde(rename = "dirty-rate")]
     pub dirty_rate: i64,
+}
+
+impl<'de> Deserialize<'de> for DirtyRateVcpu {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DirtyRateVcpu;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DirtyRateVcpu object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DirtyRateVcpu, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "dirty-rate" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DirtyRateVcpu {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    dirty_rate: f1.ok_or_else(|| serde::de::Error::missing_field("dirty-rate"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `DirtyRateStatus`.
@@ -15597,7 +26001,7 @@ crate::qapi_enum!(TimeUnit);
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.DirtyRateInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DirtyRateInfo {
     /// `dirty-rate` (optional).
     #[serde(rename = "dirty-rate", skip_serializing_if = "Option::is_none")]
@@ -15623,12 +26027,58 @@ pub struct DirtyRateInfo {
     pub vcpu_dirty_rate: Option<Vec<DirtyRateVcpu>>,
 }
 
+impl<'de> Deserialize<'de> for DirtyRateInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DirtyRateInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DirtyRateInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DirtyRateInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dirty-rate" => f0 = m.next_value()?,
+                        "status" => f1 = Some(m.next_value()?),
+                        "start-time" => f2 = Some(m.next_value()?),
+                        "calc-time" => f3 = Some(m.next_value()?),
+                        "calc-time-unit" => f4 = Some(m.next_value()?),
+                        "sample-pages" => f5 = Some(m.next_value()?),
+                        "mode" => f6 = Some(m.next_value()?),
+                        "vcpu-dirty-rate" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DirtyRateInfo {
+                    dirty_rate: f0,
+                    status: f1.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                    start_time: f2.ok_or_else(|| serde::de::Error::missing_field("start-time"))?,
+                    calc_time: f3.ok_or_else(|| serde::de::Error::missing_field("calc-time"))?,
+                    calc_time_unit: f4.ok_or_else(|| serde::de::Error::missing_field("calc-time-unit"))?,
+                    sample_pages: f5.ok_or_else(|| serde::de::Error::missing_field("sample-pages"))?,
+                    mode: f6.ok_or_else(|| serde::de::Error::missing_field("mode"))?,
+                    vcpu_dirty_rate: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DirtyLimitInfo`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.DirtyLimitInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DirtyLimitInfo {
     /// `cpu-index`.
     #[serde(rename = "cpu-index")]
@@ -15641,12 +26091,43 @@ pub struct DirtyLimitInfo {
     pub current_rate: u64,
 }
 
+impl<'de> Deserialize<'de> for DirtyLimitInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DirtyLimitInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DirtyLimitInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DirtyLimitInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpu-index" => f0 = Some(m.next_value()?),
+                        "limit-rate" => f1 = Some(m.next_value()?),
+                        "current-rate" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DirtyLimitInfo {
+                    cpu_index: f0.ok_or_else(|| serde::de::Error::missing_field("cpu-index"))?,
+                    limit_rate: f1.ok_or_else(|| serde::de::Error::missing_field("limit-rate"))?,
+                    current_rate: f2.ok_or_else(|| serde::de::Error::missing_field("current-rate"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MigrationThreadInfo`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-migration.MigrationThreadInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationThreadInfo {
     /// `name`.
     pub name: String,
@@ -15655,13 +26136,64 @@ pub struct MigrationThreadInfo {
     pub thread_id: i64,
 }
 
+impl<'de> Deserialize<'de> for MigrationThreadInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MigrationThreadInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MigrationThreadInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MigrationThreadInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "thread-id" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MigrationThreadInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    thread_id: f1.ok_or_else(|| serde::de::Error::missing_field("thread-id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `Abort`.
 ///
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.Abort)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Abort {}
+
+impl<'de> Deserialize<'de> for Abort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Abort;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Abort object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Abort, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Abort {})
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
 
 /// QAPI enum `ActionCompletionMode`.
 ///
@@ -15803,10 +26335,35 @@ crate::qapi_enum!(TransactionActionKind);
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.AbortWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AbortWrapper {
     /// `data`.
     pub data: Abort,
+}
+
+impl<'de> Deserialize<'de> for AbortWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AbortWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AbortWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<AbortWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AbortWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockDirtyBitmapAddWrapper`.
@@ -15814,10 +26371,38 @@ pub struct AbortWrapper {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockDirtyBitmapAddWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmapAddWrapper {
     /// `data`.
     pub data: BlockDirtyBitmapAdd,
+}
+
+impl<'de> Deserialize<'de> for BlockDirtyBitmapAddWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmapAddWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmapAddWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDirtyBitmapAddWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmapAddWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockDirtyBitmapWrapper`.
@@ -15825,10 +26410,38 @@ pub struct BlockDirtyBitmapAddWrapper {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockDirtyBitmapWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmapWrapper {
     /// `data`.
     pub data: BlockDirtyBitmap,
+}
+
+impl<'de> Deserialize<'de> for BlockDirtyBitmapWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmapWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmapWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDirtyBitmapWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmapWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockDirtyBitmapMergeWrapper`.
@@ -15836,10 +26449,38 @@ pub struct BlockDirtyBitmapWrapper {
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockDirtyBitmapMergeWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockDirtyBitmapMergeWrapper {
     /// `data`.
     pub data: BlockDirtyBitmapMerge,
+}
+
+impl<'de> Deserialize<'de> for BlockDirtyBitmapMergeWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockDirtyBitmapMergeWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockDirtyBitmapMergeWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockDirtyBitmapMergeWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockDirtyBitmapMergeWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockdevBackupWrapper`.
@@ -15847,10 +26488,38 @@ pub struct BlockDirtyBitmapMergeWrapper {
 /// Since QEMU 2.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockdevBackupWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevBackupWrapper {
     /// `data`.
     pub data: BlockdevBackup,
+}
+
+impl<'de> Deserialize<'de> for BlockdevBackupWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevBackupWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevBackupWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevBackupWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevBackupWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockdevSnapshotWrapper`.
@@ -15858,10 +26527,38 @@ pub struct BlockdevBackupWrapper {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockdevSnapshotWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshotWrapper {
     /// `data`.
     pub data: BlockdevSnapshot,
+}
+
+impl<'de> Deserialize<'de> for BlockdevSnapshotWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshotWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshotWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSnapshotWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshotWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockdevSnapshotInternalWrapper`.
@@ -15869,10 +26566,38 @@ pub struct BlockdevSnapshotWrapper {
 /// Since QEMU 1.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockdevSnapshotInternalWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshotInternalWrapper {
     /// `data`.
     pub data: BlockdevSnapshotInternal,
+}
+
+impl<'de> Deserialize<'de> for BlockdevSnapshotInternalWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshotInternalWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshotInternalWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSnapshotInternalWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshotInternalWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BlockdevSnapshotSyncWrapper`.
@@ -15880,10 +26605,38 @@ pub struct BlockdevSnapshotInternalWrapper {
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.BlockdevSnapshotSyncWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BlockdevSnapshotSyncWrapper {
     /// `data`.
     pub data: BlockdevSnapshotSync,
+}
+
+impl<'de> Deserialize<'de> for BlockdevSnapshotSyncWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BlockdevSnapshotSyncWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BlockdevSnapshotSyncWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BlockdevSnapshotSyncWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BlockdevSnapshotSyncWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `DriveBackupWrapper`.
@@ -15891,10 +26644,38 @@ pub struct BlockdevSnapshotSyncWrapper {
 /// Since QEMU 1.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.DriveBackupWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DriveBackupWrapper {
     /// `data`.
     pub data: DriveBackup,
+}
+
+impl<'de> Deserialize<'de> for DriveBackupWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DriveBackupWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DriveBackupWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DriveBackupWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DriveBackupWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `TransactionAction`: the branch is chosen by `type`.
@@ -15949,11 +26730,37 @@ pub enum TransactionAction {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-transaction.TransactionProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TransactionProperties {
     /// `completion-mode` (optional).
     #[serde(rename = "completion-mode", skip_serializing_if = "Option::is_none")]
     pub completion_mode: Option<ActionCompletionMode>,
+}
+
+impl<'de> Deserialize<'de> for TransactionProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TransactionProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TransactionProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TransactionProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "completion-mode" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TransactionProperties { completion_mode: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `TraceEventState`.
@@ -16009,12 +26816,40 @@ crate::qapi_enum!(TraceEventState);
 /// Since QEMU 2.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-trace.TraceEventInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TraceEventInfo {
     /// `name`.
     pub name: String,
     /// `state`.
     pub state: TraceEventState,
+}
+
+impl<'de> Deserialize<'de> for TraceEventInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TraceEventInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TraceEventInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<TraceEventInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "state" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TraceEventInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    state: f1.ok_or_else(|| serde::de::Error::missing_field("state"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `CompatPolicyInput`.
@@ -16110,7 +26945,7 @@ crate::qapi_enum!(CompatPolicyOutput);
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-compat.CompatPolicy)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CompatPolicy {
     /// `deprecated-input` (optional).
     #[serde(rename = "deprecated-input", skip_serializing_if = "Option::is_none")]
@@ -16124,6 +26959,40 @@ pub struct CompatPolicy {
     /// `unstable-output` (optional; since QEMU 6.2).
     #[serde(rename = "unstable-output", skip_serializing_if = "Option::is_none")]
     pub unstable_output: Option<CompatPolicyOutput>,
+}
+
+impl<'de> Deserialize<'de> for CompatPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CompatPolicy;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CompatPolicy object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CompatPolicy, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "deprecated-input" => f0 = m.next_value()?,
+                        "deprecated-output" => f1 = m.next_value()?,
+                        "unstable-input" => f2 = m.next_value()?,
+                        "unstable-output" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CompatPolicy {
+                    deprecated_input: f0,
+                    deprecated_output: f1,
+                    unstable_input: f2,
+                    unstable_output: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `QMPCapability`.
@@ -16167,7 +27036,7 @@ crate::qapi_enum!(QMPCapability);
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-control.VersionTriple)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VersionTriple {
     /// `major`.
     pub major: i64,
@@ -16177,12 +27046,43 @@ pub struct VersionTriple {
     pub micro: i64,
 }
 
+impl<'de> Deserialize<'de> for VersionTriple {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VersionTriple;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VersionTriple object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VersionTriple, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "major" => f0 = Some(m.next_value()?),
+                        "minor" => f1 = Some(m.next_value()?),
+                        "micro" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VersionTriple {
+                    major: f0.ok_or_else(|| serde::de::Error::missing_field("major"))?,
+                    minor: f1.ok_or_else(|| serde::de::Error::missing_field("minor"))?,
+                    micro: f2.ok_or_else(|| serde::de::Error::missing_field("micro"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VersionInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-control.VersionInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VersionInfo {
     /// `qemu`.
     pub qemu: VersionTriple,
@@ -16190,15 +27090,68 @@ pub struct VersionInfo {
     pub package: String,
 }
 
+impl<'de> Deserialize<'de> for VersionInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VersionInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VersionInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VersionInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "qemu" => f0 = Some(m.next_value()?),
+                        "package" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VersionInfo {
+                    qemu: f0.ok_or_else(|| serde::de::Error::missing_field("qemu"))?,
+                    package: f1.ok_or_else(|| serde::de::Error::missing_field("package"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CommandInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-control.CommandInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandInfo {
     /// `name`.
     pub name: String,
+}
+
+impl<'de> Deserialize<'de> for CommandInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CommandInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CommandInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CommandInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CommandInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MonitorMode`.
@@ -16246,7 +27199,7 @@ crate::qapi_enum!(MonitorMode);
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-control.MonitorOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MonitorOptions {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -16259,6 +27212,40 @@ pub struct MonitorOptions {
     pub pretty: Option<bool>,
     /// `chardev`.
     pub chardev: String,
+}
+
+impl<'de> Deserialize<'de> for MonitorOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MonitorOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MonitorOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MonitorOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "mode" => f1 = m.next_value()?,
+                        "pretty" => f2 = m.next_value()?,
+                        "chardev" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MonitorOptions {
+                    id: f0,
+                    mode: f1,
+                    pretty: f2,
+                    chardev: f3.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `SchemaMetaType`.
@@ -16380,11 +27367,39 @@ pub enum SchemaInfoBranch {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoBuiltin)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoBuiltin {
     /// `json-type`.
     #[serde(rename = "json-type")]
     pub json_type: JSONType,
+}
+
+impl<'de> Deserialize<'de> for SchemaInfoBuiltin {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoBuiltin;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoBuiltin object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoBuiltin, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "json-type" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoBuiltin {
+                    json_type: f0.ok_or_else(|| serde::de::Error::missing_field("json-type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `JSONType`.
@@ -16465,7 +27480,7 @@ crate::qapi_enum!(JSONType);
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoEnum)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoEnum {
     /// `members` (since QEMU 6.2).
     pub members: Vec<SchemaInfoEnumMember>,
@@ -16474,12 +27489,40 @@ pub struct SchemaInfoEnum {
     pub values: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for SchemaInfoEnum {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoEnum;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoEnum object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SchemaInfoEnum, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "members" => f0 = Some(m.next_value()?),
+                        "values" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoEnum {
+                    members: f0.ok_or_else(|| serde::de::Error::missing_field("members"))?,
+                    values: f1.ok_or_else(|| serde::de::Error::missing_field("values"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SchemaInfoEnumMember`.
 ///
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoEnumMember)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoEnumMember {
     /// `name`.
     pub name: String,
@@ -16488,16 +27531,72 @@ pub struct SchemaInfoEnumMember {
     pub features: Option<Vec<String>>,
 }
 
+impl<'de> Deserialize<'de> for SchemaInfoEnumMember {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoEnumMember;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoEnumMember object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoEnumMember, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "features" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoEnumMember {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    features: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SchemaInfoArray`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoArray)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoArray {
     /// `element-type`.
     #[serde(rename = "element-type")]
     pub element_type: String,
+}
+
+impl<'de> Deserialize<'de> for SchemaInfoArray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoArray;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoArray object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SchemaInfoArray, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "element-type" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoArray {
+                    element_type: f0.ok_or_else(|| serde::de::Error::missing_field("element-type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `SchemaInfoObject`.
@@ -16505,7 +27604,7 @@ pub struct SchemaInfoArray {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoObject)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoObject {
     /// `members`.
     pub members: Vec<SchemaInfoObjectMember>,
@@ -16517,12 +27616,43 @@ pub struct SchemaInfoObject {
     pub variants: Option<Vec<SchemaInfoObjectVariant>>,
 }
 
+impl<'de> Deserialize<'de> for SchemaInfoObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoObject object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SchemaInfoObject, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "members" => f0 = Some(m.next_value()?),
+                        "tag" => f1 = m.next_value()?,
+                        "variants" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoObject {
+                    members: f0.ok_or_else(|| serde::de::Error::missing_field("members"))?,
+                    tag: f1,
+                    variants: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SchemaInfoObjectMember`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoObjectMember)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoObjectMember {
     /// `name`.
     pub name: String,
@@ -16540,12 +27670,49 @@ pub struct SchemaInfoObjectMember {
     pub features: Option<Vec<String>>,
 }
 
+impl<'de> Deserialize<'de> for SchemaInfoObjectMember {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoObjectMember;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoObjectMember object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoObjectMember, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "default" => f2 = Some(m.next_value()?),
+                        "features" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoObjectMember {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    default: f2,
+                    features: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SchemaInfoObjectVariant`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoObjectVariant)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoObjectVariant {
     /// `case`.
     pub case: String,
@@ -16553,15 +27720,74 @@ pub struct SchemaInfoObjectVariant {
     pub r#type: String,
 }
 
+impl<'de> Deserialize<'de> for SchemaInfoObjectVariant {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoObjectVariant;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoObjectVariant object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoObjectVariant, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "case" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoObjectVariant {
+                    case: f0.ok_or_else(|| serde::de::Error::missing_field("case"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SchemaInfoAlternate`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoAlternate)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoAlternate {
     /// `members`.
     pub members: Vec<SchemaInfoAlternateMember>,
+}
+
+impl<'de> Deserialize<'de> for SchemaInfoAlternate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoAlternate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoAlternate object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoAlternate, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "members" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoAlternate {
+                    members: f0.ok_or_else(|| serde::de::Error::missing_field("members"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `SchemaInfoAlternateMember`.
@@ -16569,10 +27795,38 @@ pub struct SchemaInfoAlternate {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoAlternateMember)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoAlternateMember {
     /// `type`.
     pub r#type: String,
+}
+
+impl<'de> Deserialize<'de> for SchemaInfoAlternateMember {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoAlternateMember;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoAlternateMember object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoAlternateMember, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoAlternateMember {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `SchemaInfoCommand`.
@@ -16580,7 +27834,7 @@ pub struct SchemaInfoAlternateMember {
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoCommand)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoCommand {
     /// `arg-type`.
     #[serde(rename = "arg-type")]
@@ -16593,16 +27847,75 @@ pub struct SchemaInfoCommand {
     pub allow_oob: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for SchemaInfoCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoCommand;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoCommand object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SchemaInfoCommand, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "arg-type" => f0 = Some(m.next_value()?),
+                        "ret-type" => f1 = Some(m.next_value()?),
+                        "allow-oob" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoCommand {
+                    arg_type: f0.ok_or_else(|| serde::de::Error::missing_field("arg-type"))?,
+                    ret_type: f1.ok_or_else(|| serde::de::Error::missing_field("ret-type"))?,
+                    allow_oob: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SchemaInfoEvent`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-introspect.SchemaInfoEvent)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemaInfoEvent {
     /// `arg-type`.
     #[serde(rename = "arg-type")]
     pub arg_type: String,
+}
+
+impl<'de> Deserialize<'de> for SchemaInfoEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SchemaInfoEvent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SchemaInfoEvent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SchemaInfoEvent, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "arg-type" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SchemaInfoEvent {
+                    arg_type: f0.ok_or_else(|| serde::de::Error::missing_field("arg-type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `ObjectPropertyInfo`.
@@ -16610,7 +27923,7 @@ pub struct SchemaInfoEvent {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.ObjectPropertyInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ObjectPropertyInfo {
     /// `name`.
     pub name: String,
@@ -16629,12 +27942,49 @@ pub struct ObjectPropertyInfo {
     pub default_value: Option<serde_json::Value>,
 }
 
+impl<'de> Deserialize<'de> for ObjectPropertyInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ObjectPropertyInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ObjectPropertyInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ObjectPropertyInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "description" => f2 = m.next_value()?,
+                        "default-value" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ObjectPropertyInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    description: f2,
+                    default_value: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ObjectTypeInfo`.
 ///
 /// Since QEMU 1.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.ObjectTypeInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ObjectTypeInfo {
     /// `name`.
     pub name: String,
@@ -16646,12 +27996,43 @@ pub struct ObjectTypeInfo {
     pub parent: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for ObjectTypeInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ObjectTypeInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ObjectTypeInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ObjectTypeInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "abstract" => f1 = m.next_value()?,
+                        "parent" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ObjectTypeInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    r#abstract: f1,
+                    parent: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CanHostSocketcanProperties`.
 ///
 /// Since QEMU 2.12. Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.CanHostSocketcanProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CanHostSocketcanProperties {
     /// `if`.
     pub r#if: String,
@@ -16659,12 +28040,43 @@ pub struct CanHostSocketcanProperties {
     pub canbus: String,
 }
 
+impl<'de> Deserialize<'de> for CanHostSocketcanProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CanHostSocketcanProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CanHostSocketcanProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CanHostSocketcanProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "if" => f0 = Some(m.next_value()?),
+                        "canbus" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CanHostSocketcanProperties {
+                    r#if: f0.ok_or_else(|| serde::de::Error::missing_field("if"))?,
+                    canbus: f1.ok_or_else(|| serde::de::Error::missing_field("canbus"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ColoCompareProperties`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.ColoCompareProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ColoCompareProperties {
     /// `primary_in`.
     pub primary_in: String,
@@ -16691,12 +28103,64 @@ pub struct ColoCompareProperties {
     pub vnet_hdr_support: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for ColoCompareProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ColoCompareProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ColoCompareProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ColoCompareProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "primary_in" => f0 = Some(m.next_value()?),
+                        "secondary_in" => f1 = Some(m.next_value()?),
+                        "outdev" => f2 = Some(m.next_value()?),
+                        "iothread" => f3 = Some(m.next_value()?),
+                        "notify_dev" => f4 = m.next_value()?,
+                        "compare_timeout" => f5 = m.next_value()?,
+                        "expired_scan_cycle" => f6 = m.next_value()?,
+                        "max_queue_size" => f7 = m.next_value()?,
+                        "vnet_hdr_support" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ColoCompareProperties {
+                    primary_in: f0.ok_or_else(|| serde::de::Error::missing_field("primary_in"))?,
+                    secondary_in: f1.ok_or_else(|| serde::de::Error::missing_field("secondary_in"))?,
+                    outdev: f2.ok_or_else(|| serde::de::Error::missing_field("outdev"))?,
+                    iothread: f3.ok_or_else(|| serde::de::Error::missing_field("iothread"))?,
+                    notify_dev: f4,
+                    compare_timeout: f5,
+                    expired_scan_cycle: f6,
+                    max_queue_size: f7,
+                    vnet_hdr_support: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CryptodevBackendProperties`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.CryptodevBackendProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CryptodevBackendProperties {
     /// `queues` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -16709,12 +28173,46 @@ pub struct CryptodevBackendProperties {
     pub throttle_ops: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for CryptodevBackendProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CryptodevBackendProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CryptodevBackendProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CryptodevBackendProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "queues" => f0 = m.next_value()?,
+                        "throttle-bps" => f1 = m.next_value()?,
+                        "throttle-ops" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CryptodevBackendProperties {
+                    queues: f0,
+                    throttle_bps: f1,
+                    throttle_ops: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CryptodevVhostUserProperties`.
 ///
 /// Since QEMU 2.12. Compiled in only where `CONFIG_VHOST_CRYPTO` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.CryptodevVhostUserProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CryptodevVhostUserProperties {
     /// `queues` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -16729,18 +28227,86 @@ pub struct CryptodevVhostUserProperties {
     pub chardev: String,
 }
 
+impl<'de> Deserialize<'de> for CryptodevVhostUserProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CryptodevVhostUserProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CryptodevVhostUserProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CryptodevVhostUserProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "queues" => f0 = m.next_value()?,
+                        "throttle-bps" => f1 = m.next_value()?,
+                        "throttle-ops" => f2 = m.next_value()?,
+                        "chardev" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CryptodevVhostUserProperties {
+                    queues: f0,
+                    throttle_bps: f1,
+                    throttle_ops: f2,
+                    chardev: f3.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DBusVMStateProperties`.
 ///
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.DBusVMStateProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DBusVMStateProperties {
     /// `addr`.
     pub addr: String,
     /// `id-list` (optional).
     #[serde(rename = "id-list", skip_serializing_if = "Option::is_none")]
     pub id_list: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for DBusVMStateProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DBusVMStateProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DBusVMStateProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DBusVMStateProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "addr" => f0 = Some(m.next_value()?),
+                        "id-list" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DBusVMStateProperties {
+                    addr: f0.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                    id_list: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `NetfilterInsert`.
@@ -16788,7 +28354,7 @@ crate::qapi_enum!(NetfilterInsert);
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.NetfilterProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NetfilterProperties {
     /// `netdev`.
     pub netdev: String,
@@ -16806,12 +28372,52 @@ pub struct NetfilterProperties {
     pub insert: Option<NetfilterInsert>,
 }
 
+impl<'de> Deserialize<'de> for NetfilterProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NetfilterProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NetfilterProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NetfilterProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = m.next_value()?,
+                        "status" => f2 = m.next_value()?,
+                        "position" => f3 = m.next_value()?,
+                        "insert" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NetfilterProperties {
+                    netdev: f0.ok_or_else(|| serde::de::Error::missing_field("netdev"))?,
+                    queue: f1,
+                    status: f2,
+                    position: f3,
+                    insert: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FilterBufferProperties`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.FilterBufferProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FilterBufferProperties {
     /// `netdev`.
     pub netdev: String,
@@ -16831,12 +28437,55 @@ pub struct FilterBufferProperties {
     pub interval: u32,
 }
 
+impl<'de> Deserialize<'de> for FilterBufferProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FilterBufferProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FilterBufferProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FilterBufferProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = m.next_value()?,
+                        "status" => f2 = m.next_value()?,
+                        "position" => f3 = m.next_value()?,
+                        "insert" => f4 = m.next_value()?,
+                        "interval" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FilterBufferProperties {
+                    netdev: f0.ok_or_else(|| serde::de::Error::missing_field("netdev"))?,
+                    queue: f1,
+                    status: f2,
+                    position: f3,
+                    insert: f4,
+                    interval: f5.ok_or_else(|| serde::de::Error::missing_field("interval"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FilterDumpProperties`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.FilterDumpProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FilterDumpProperties {
     /// `netdev`.
     pub netdev: String,
@@ -16859,12 +28508,58 @@ pub struct FilterDumpProperties {
     pub maxlen: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for FilterDumpProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FilterDumpProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FilterDumpProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FilterDumpProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = m.next_value()?,
+                        "status" => f2 = m.next_value()?,
+                        "position" => f3 = m.next_value()?,
+                        "insert" => f4 = m.next_value()?,
+                        "file" => f5 = Some(m.next_value()?),
+                        "maxlen" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FilterDumpProperties {
+                    netdev: f0.ok_or_else(|| serde::de::Error::missing_field("netdev"))?,
+                    queue: f1,
+                    status: f2,
+                    position: f3,
+                    insert: f4,
+                    file: f5.ok_or_else(|| serde::de::Error::missing_field("file"))?,
+                    maxlen: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FilterMirrorProperties`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.FilterMirrorProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FilterMirrorProperties {
     /// `netdev`.
     pub netdev: String,
@@ -16887,12 +28582,58 @@ pub struct FilterMirrorProperties {
     pub vnet_hdr_support: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for FilterMirrorProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FilterMirrorProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FilterMirrorProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FilterMirrorProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = m.next_value()?,
+                        "status" => f2 = m.next_value()?,
+                        "position" => f3 = m.next_value()?,
+                        "insert" => f4 = m.next_value()?,
+                        "outdev" => f5 = Some(m.next_value()?),
+                        "vnet_hdr_support" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FilterMirrorProperties {
+                    netdev: f0.ok_or_else(|| serde::de::Error::missing_field("netdev"))?,
+                    queue: f1,
+                    status: f2,
+                    position: f3,
+                    insert: f4,
+                    outdev: f5.ok_or_else(|| serde::de::Error::missing_field("outdev"))?,
+                    vnet_hdr_support: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FilterRedirectorProperties`.
 ///
 /// Since QEMU 2.6.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.FilterRedirectorProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FilterRedirectorProperties {
     /// `netdev`.
     pub netdev: String,
@@ -16919,12 +28660,61 @@ pub struct FilterRedirectorProperties {
     pub vnet_hdr_support: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for FilterRedirectorProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FilterRedirectorProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FilterRedirectorProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FilterRedirectorProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = m.next_value()?,
+                        "status" => f2 = m.next_value()?,
+                        "position" => f3 = m.next_value()?,
+                        "insert" => f4 = m.next_value()?,
+                        "indev" => f5 = m.next_value()?,
+                        "outdev" => f6 = m.next_value()?,
+                        "vnet_hdr_support" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FilterRedirectorProperties {
+                    netdev: f0.ok_or_else(|| serde::de::Error::missing_field("netdev"))?,
+                    queue: f1,
+                    status: f2,
+                    position: f3,
+                    insert: f4,
+                    indev: f5,
+                    outdev: f6,
+                    vnet_hdr_support: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FilterRewriterProperties`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.FilterRewriterProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FilterRewriterProperties {
     /// `netdev`.
     pub netdev: String,
@@ -16945,12 +28735,55 @@ pub struct FilterRewriterProperties {
     pub vnet_hdr_support: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for FilterRewriterProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FilterRewriterProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FilterRewriterProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<FilterRewriterProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "netdev" => f0 = Some(m.next_value()?),
+                        "queue" => f1 = m.next_value()?,
+                        "status" => f2 = m.next_value()?,
+                        "position" => f3 = m.next_value()?,
+                        "insert" => f4 = m.next_value()?,
+                        "vnet_hdr_support" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FilterRewriterProperties {
+                    netdev: f0.ok_or_else(|| serde::de::Error::missing_field("netdev"))?,
+                    queue: f1,
+                    status: f2,
+                    position: f3,
+                    insert: f4,
+                    vnet_hdr_support: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `InputBarrierProperties`.
 ///
 /// Since QEMU 4.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.InputBarrierProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputBarrierProperties {
     /// `name`.
     pub name: String,
@@ -16974,12 +28807,58 @@ pub struct InputBarrierProperties {
     pub height: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for InputBarrierProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputBarrierProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputBarrierProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputBarrierProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "server" => f1 = m.next_value()?,
+                        "port" => f2 = m.next_value()?,
+                        "x-origin" => f3 = m.next_value()?,
+                        "y-origin" => f4 = m.next_value()?,
+                        "width" => f5 = m.next_value()?,
+                        "height" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputBarrierProperties {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    server: f1,
+                    port: f2,
+                    x_origin: f3,
+                    y_origin: f4,
+                    width: f5,
+                    height: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `InputLinuxProperties`.
 ///
 /// Since QEMU 2.6. Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.InputLinuxProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InputLinuxProperties {
     /// `evdev`.
     pub evdev: String,
@@ -16994,12 +28873,49 @@ pub struct InputLinuxProperties {
     pub grab_toggle: Option<GrabToggleKeys>,
 }
 
+impl<'de> Deserialize<'de> for InputLinuxProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputLinuxProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a InputLinuxProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<InputLinuxProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "evdev" => f0 = Some(m.next_value()?),
+                        "grab_all" => f1 = m.next_value()?,
+                        "repeat" => f2 = m.next_value()?,
+                        "grab-toggle" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(InputLinuxProperties {
+                    evdev: f0.ok_or_else(|| serde::de::Error::missing_field("evdev"))?,
+                    grab_all: f1,
+                    repeat: f2,
+                    grab_toggle: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `EventLoopBaseProperties`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.EventLoopBaseProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EventLoopBaseProperties {
     /// `aio-max-batch` (optional).
     #[serde(rename = "aio-max-batch", skip_serializing_if = "Option::is_none")]
@@ -17012,12 +28928,46 @@ pub struct EventLoopBaseProperties {
     pub thread_pool_max: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for EventLoopBaseProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EventLoopBaseProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a EventLoopBaseProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<EventLoopBaseProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "aio-max-batch" => f0 = m.next_value()?,
+                        "thread-pool-min" => f1 = m.next_value()?,
+                        "thread-pool-max" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(EventLoopBaseProperties {
+                    aio_max_batch: f0,
+                    thread_pool_min: f1,
+                    thread_pool_max: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `IothreadProperties`.
 ///
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.IothreadProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IothreadProperties {
     /// `aio-max-batch` (optional).
     #[serde(rename = "aio-max-batch", skip_serializing_if = "Option::is_none")]
@@ -17039,12 +28989,55 @@ pub struct IothreadProperties {
     pub poll_shrink: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for IothreadProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IothreadProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a IothreadProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<IothreadProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "aio-max-batch" => f0 = m.next_value()?,
+                        "thread-pool-min" => f1 = m.next_value()?,
+                        "thread-pool-max" => f2 = m.next_value()?,
+                        "poll-max-ns" => f3 = m.next_value()?,
+                        "poll-grow" => f4 = m.next_value()?,
+                        "poll-shrink" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(IothreadProperties {
+                    aio_max_batch: f0,
+                    thread_pool_min: f1,
+                    thread_pool_max: f2,
+                    poll_max_ns: f3,
+                    poll_grow: f4,
+                    poll_shrink: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MainLoopProperties`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.MainLoopProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MainLoopProperties {
     /// `aio-max-batch` (optional).
     #[serde(rename = "aio-max-batch", skip_serializing_if = "Option::is_none")]
@@ -17057,12 +29050,46 @@ pub struct MainLoopProperties {
     pub thread_pool_max: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for MainLoopProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MainLoopProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MainLoopProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MainLoopProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "aio-max-batch" => f0 = m.next_value()?,
+                        "thread-pool-min" => f1 = m.next_value()?,
+                        "thread-pool-max" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MainLoopProperties {
+                    aio_max_batch: f0,
+                    thread_pool_min: f1,
+                    thread_pool_max: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MemoryBackendProperties`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.MemoryBackendProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryBackendProperties {
     /// `dump` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17101,12 +29128,70 @@ pub struct MemoryBackendProperties {
     pub x_use_canonical_path_for_ramblock_id: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for MemoryBackendProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryBackendProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryBackendProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryBackendProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dump" => f0 = m.next_value()?,
+                        "host-nodes" => f1 = m.next_value()?,
+                        "merge" => f2 = m.next_value()?,
+                        "policy" => f3 = m.next_value()?,
+                        "prealloc" => f4 = m.next_value()?,
+                        "prealloc-threads" => f5 = m.next_value()?,
+                        "prealloc-context" => f6 = m.next_value()?,
+                        "share" => f7 = m.next_value()?,
+                        "reserve" => f8 = m.next_value()?,
+                        "size" => f9 = Some(m.next_value()?),
+                        "x-use-canonical-path-for-ramblock-id" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryBackendProperties {
+                    dump: f0,
+                    host_nodes: f1,
+                    merge: f2,
+                    policy: f3,
+                    prealloc: f4,
+                    prealloc_threads: f5,
+                    prealloc_context: f6,
+                    share: f7,
+                    reserve: f8,
+                    size: f9.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    x_use_canonical_path_for_ramblock_id: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MemoryBackendFileProperties`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.MemoryBackendFileProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryBackendFileProperties {
     /// `dump` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17166,12 +29251,91 @@ pub struct MemoryBackendFileProperties {
     pub rom: Option<OnOffAuto>,
 }
 
+impl<'de> Deserialize<'de> for MemoryBackendFileProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryBackendFileProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryBackendFileProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryBackendFileProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dump" => f0 = m.next_value()?,
+                        "host-nodes" => f1 = m.next_value()?,
+                        "merge" => f2 = m.next_value()?,
+                        "policy" => f3 = m.next_value()?,
+                        "prealloc" => f4 = m.next_value()?,
+                        "prealloc-threads" => f5 = m.next_value()?,
+                        "prealloc-context" => f6 = m.next_value()?,
+                        "share" => f7 = m.next_value()?,
+                        "reserve" => f8 = m.next_value()?,
+                        "size" => f9 = Some(m.next_value()?),
+                        "x-use-canonical-path-for-ramblock-id" => f10 = m.next_value()?,
+                        "align" => f11 = m.next_value()?,
+                        "offset" => f12 = m.next_value()?,
+                        "discard-data" => f13 = m.next_value()?,
+                        "mem-path" => f14 = Some(m.next_value()?),
+                        "pmem" => f15 = m.next_value()?,
+                        "readonly" => f16 = m.next_value()?,
+                        "rom" => f17 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryBackendFileProperties {
+                    dump: f0,
+                    host_nodes: f1,
+                    merge: f2,
+                    policy: f3,
+                    prealloc: f4,
+                    prealloc_threads: f5,
+                    prealloc_context: f6,
+                    share: f7,
+                    reserve: f8,
+                    size: f9.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    x_use_canonical_path_for_ramblock_id: f10,
+                    align: f11,
+                    offset: f12,
+                    discard_data: f13,
+                    mem_path: f14.ok_or_else(|| serde::de::Error::missing_field("mem-path"))?,
+                    pmem: f15,
+                    readonly: f16,
+                    rom: f17,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MemoryBackendMemfdProperties`.
 ///
 /// Since QEMU 2.12. Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.MemoryBackendMemfdProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryBackendMemfdProperties {
     /// `dump` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17219,12 +29383,79 @@ pub struct MemoryBackendMemfdProperties {
     pub seal: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for MemoryBackendMemfdProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryBackendMemfdProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryBackendMemfdProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryBackendMemfdProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dump" => f0 = m.next_value()?,
+                        "host-nodes" => f1 = m.next_value()?,
+                        "merge" => f2 = m.next_value()?,
+                        "policy" => f3 = m.next_value()?,
+                        "prealloc" => f4 = m.next_value()?,
+                        "prealloc-threads" => f5 = m.next_value()?,
+                        "prealloc-context" => f6 = m.next_value()?,
+                        "share" => f7 = m.next_value()?,
+                        "reserve" => f8 = m.next_value()?,
+                        "size" => f9 = Some(m.next_value()?),
+                        "x-use-canonical-path-for-ramblock-id" => f10 = m.next_value()?,
+                        "hugetlb" => f11 = m.next_value()?,
+                        "hugetlbsize" => f12 = m.next_value()?,
+                        "seal" => f13 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryBackendMemfdProperties {
+                    dump: f0,
+                    host_nodes: f1,
+                    merge: f2,
+                    policy: f3,
+                    prealloc: f4,
+                    prealloc_threads: f5,
+                    prealloc_context: f6,
+                    share: f7,
+                    reserve: f8,
+                    size: f9.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    x_use_canonical_path_for_ramblock_id: f10,
+                    hugetlb: f11,
+                    hugetlbsize: f12,
+                    seal: f13,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MemoryBackendShmProperties`.
 ///
 /// Since QEMU 9.1. Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.MemoryBackendShmProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryBackendShmProperties {
     /// `dump` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17263,12 +29494,70 @@ pub struct MemoryBackendShmProperties {
     pub x_use_canonical_path_for_ramblock_id: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for MemoryBackendShmProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryBackendShmProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryBackendShmProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryBackendShmProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dump" => f0 = m.next_value()?,
+                        "host-nodes" => f1 = m.next_value()?,
+                        "merge" => f2 = m.next_value()?,
+                        "policy" => f3 = m.next_value()?,
+                        "prealloc" => f4 = m.next_value()?,
+                        "prealloc-threads" => f5 = m.next_value()?,
+                        "prealloc-context" => f6 = m.next_value()?,
+                        "share" => f7 = m.next_value()?,
+                        "reserve" => f8 = m.next_value()?,
+                        "size" => f9 = Some(m.next_value()?),
+                        "x-use-canonical-path-for-ramblock-id" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryBackendShmProperties {
+                    dump: f0,
+                    host_nodes: f1,
+                    merge: f2,
+                    policy: f3,
+                    prealloc: f4,
+                    prealloc_threads: f5,
+                    prealloc_context: f6,
+                    share: f7,
+                    reserve: f8,
+                    size: f9.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    x_use_canonical_path_for_ramblock_id: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MemoryBackendEpcProperties`.
 ///
 /// Since QEMU 6.2. Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.MemoryBackendEpcProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryBackendEpcProperties {
     /// `dump` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17307,15 +29596,101 @@ pub struct MemoryBackendEpcProperties {
     pub x_use_canonical_path_for_ramblock_id: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for MemoryBackendEpcProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryBackendEpcProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryBackendEpcProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemoryBackendEpcProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "dump" => f0 = m.next_value()?,
+                        "host-nodes" => f1 = m.next_value()?,
+                        "merge" => f2 = m.next_value()?,
+                        "policy" => f3 = m.next_value()?,
+                        "prealloc" => f4 = m.next_value()?,
+                        "prealloc-threads" => f5 = m.next_value()?,
+                        "prealloc-context" => f6 = m.next_value()?,
+                        "share" => f7 = m.next_value()?,
+                        "reserve" => f8 = m.next_value()?,
+                        "size" => f9 = Some(m.next_value()?),
+                        "x-use-canonical-path-for-ramblock-id" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryBackendEpcProperties {
+                    dump: f0,
+                    host_nodes: f1,
+                    merge: f2,
+                    policy: f3,
+                    prealloc: f4,
+                    prealloc_threads: f5,
+                    prealloc_context: f6,
+                    share: f7,
+                    reserve: f8,
+                    size: f9.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    x_use_canonical_path_for_ramblock_id: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PrManagerHelperProperties`.
 ///
 /// Since QEMU 2.11. Compiled in only where `CONFIG_LINUX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.PrManagerHelperProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrManagerHelperProperties {
     /// `path`.
     pub path: String,
+}
+
+impl<'de> Deserialize<'de> for PrManagerHelperProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PrManagerHelperProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PrManagerHelperProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<PrManagerHelperProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PrManagerHelperProperties {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `QtestProperties`.
@@ -17323,7 +29698,7 @@ pub struct PrManagerHelperProperties {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.QtestProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QtestProperties {
     /// `chardev`.
     pub chardev: String,
@@ -17332,12 +29707,40 @@ pub struct QtestProperties {
     pub log: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for QtestProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QtestProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QtestProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QtestProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "chardev" => f0 = Some(m.next_value()?),
+                        "log" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QtestProperties {
+                    chardev: f0.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                    log: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RemoteObjectProperties`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RemoteObjectProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RemoteObjectProperties {
     /// `fd`.
     pub fd: String,
@@ -17345,12 +29748,43 @@ pub struct RemoteObjectProperties {
     pub devid: String,
 }
 
+impl<'de> Deserialize<'de> for RemoteObjectProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RemoteObjectProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RemoteObjectProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RemoteObjectProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fd" => f0 = Some(m.next_value()?),
+                        "devid" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RemoteObjectProperties {
+                    fd: f0.ok_or_else(|| serde::de::Error::missing_field("fd"))?,
+                    devid: f1.ok_or_else(|| serde::de::Error::missing_field("devid"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VfioUserServerProperties`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.VfioUserServerProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VfioUserServerProperties {
     /// `socket`.
     pub socket: SocketAddress,
@@ -17358,16 +29792,73 @@ pub struct VfioUserServerProperties {
     pub device: String,
 }
 
+impl<'de> Deserialize<'de> for VfioUserServerProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VfioUserServerProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VfioUserServerProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VfioUserServerProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "socket" => f0 = Some(m.next_value()?),
+                        "device" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VfioUserServerProperties {
+                    socket: f0.ok_or_else(|| serde::de::Error::missing_field("socket"))?,
+                    device: f1.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `IOMMUFDProperties`.
 ///
 /// Since QEMU 9.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.IOMMUFDProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IOMMUFDProperties {
     /// `fd` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fd: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for IOMMUFDProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IOMMUFDProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a IOMMUFDProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<IOMMUFDProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fd" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(IOMMUFDProperties { fd: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `AcpiGenericInitiatorProperties`.
@@ -17375,7 +29866,7 @@ pub struct IOMMUFDProperties {
 /// Since QEMU 9.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.AcpiGenericInitiatorProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AcpiGenericInitiatorProperties {
     /// `pci-dev`.
     #[serde(rename = "pci-dev")]
@@ -17384,12 +29875,43 @@ pub struct AcpiGenericInitiatorProperties {
     pub node: u32,
 }
 
+impl<'de> Deserialize<'de> for AcpiGenericInitiatorProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AcpiGenericInitiatorProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AcpiGenericInitiatorProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AcpiGenericInitiatorProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pci-dev" => f0 = Some(m.next_value()?),
+                        "node" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AcpiGenericInitiatorProperties {
+                    pci_dev: f0.ok_or_else(|| serde::de::Error::missing_field("pci-dev"))?,
+                    node: f1.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AcpiGenericPortProperties`.
 ///
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.AcpiGenericPortProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AcpiGenericPortProperties {
     /// `pci-bus`.
     #[serde(rename = "pci-bus")]
@@ -17398,12 +29920,43 @@ pub struct AcpiGenericPortProperties {
     pub node: u32,
 }
 
+impl<'de> Deserialize<'de> for AcpiGenericPortProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AcpiGenericPortProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AcpiGenericPortProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AcpiGenericPortProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pci-bus" => f0 = Some(m.next_value()?),
+                        "node" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AcpiGenericPortProperties {
+                    pci_bus: f0.ok_or_else(|| serde::de::Error::missing_field("pci-bus"))?,
+                    node: f1.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RngProperties`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RngProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RngProperties {
     /// `opened` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17411,12 +29964,35 @@ pub struct RngProperties {
     pub opened: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for RngProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RngProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RngProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RngProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "opened" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RngProperties { opened: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RngEgdProperties`.
 ///
 /// Since QEMU 1.3.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RngEgdProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RngEgdProperties {
     /// `opened` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17426,12 +30002,40 @@ pub struct RngEgdProperties {
     pub chardev: String,
 }
 
+impl<'de> Deserialize<'de> for RngEgdProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RngEgdProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RngEgdProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<RngEgdProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "opened" => f0 = m.next_value()?,
+                        "chardev" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RngEgdProperties {
+                    opened: f0,
+                    chardev: f1.ok_or_else(|| serde::de::Error::missing_field("chardev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `RngRandomProperties`.
 ///
 /// Since QEMU 1.3. Compiled in only where `CONFIG_POSIX` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.RngRandomProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RngRandomProperties {
     /// `opened` (optional; features: `deprecated`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -17442,12 +30046,43 @@ pub struct RngRandomProperties {
     pub filename: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for RngRandomProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RngRandomProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a RngRandomProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RngRandomProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "opened" => f0 = m.next_value()?,
+                        "filename" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(RngRandomProperties {
+                    opened: f0,
+                    filename: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SevCommonProperties`.
 ///
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.SevCommonProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevCommonProperties {
     /// `sev-device` (optional).
     #[serde(rename = "sev-device", skip_serializing_if = "Option::is_none")]
@@ -17463,12 +30098,50 @@ pub struct SevCommonProperties {
     pub kernel_hashes: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for SevCommonProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevCommonProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevCommonProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SevCommonProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sev-device" => f0 = m.next_value()?,
+                        "cbitpos" => f1 = m.next_value()?,
+                        "reduced-phys-bits" => f2 = Some(m.next_value()?),
+                        "kernel-hashes" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevCommonProperties {
+                    sev_device: f0,
+                    cbitpos: f1,
+                    reduced_phys_bits: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("reduced-phys-bits"))?,
+                    kernel_hashes: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SevGuestProperties`.
 ///
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.SevGuestProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevGuestProperties {
     /// `sev-device` (optional).
     #[serde(rename = "sev-device", skip_serializing_if = "Option::is_none")]
@@ -17499,12 +30172,65 @@ pub struct SevGuestProperties {
     pub legacy_vm_type: Option<OnOffAuto>,
 }
 
+impl<'de> Deserialize<'de> for SevGuestProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevGuestProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevGuestProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SevGuestProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sev-device" => f0 = m.next_value()?,
+                        "cbitpos" => f1 = m.next_value()?,
+                        "reduced-phys-bits" => f2 = Some(m.next_value()?),
+                        "kernel-hashes" => f3 = m.next_value()?,
+                        "dh-cert-file" => f4 = m.next_value()?,
+                        "session-file" => f5 = m.next_value()?,
+                        "policy" => f6 = m.next_value()?,
+                        "handle" => f7 = m.next_value()?,
+                        "legacy-vm-type" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevGuestProperties {
+                    sev_device: f0,
+                    cbitpos: f1,
+                    reduced_phys_bits: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("reduced-phys-bits"))?,
+                    kernel_hashes: f3,
+                    dh_cert_file: f4,
+                    session_file: f5,
+                    policy: f6,
+                    handle: f7,
+                    legacy_vm_type: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SevSnpGuestProperties`.
 ///
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.SevSnpGuestProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevSnpGuestProperties {
     /// `sev-device` (optional).
     #[serde(rename = "sev-device", skip_serializing_if = "Option::is_none")]
@@ -17541,12 +30267,71 @@ pub struct SevSnpGuestProperties {
     pub vcek_disabled: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for SevSnpGuestProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevSnpGuestProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevSnpGuestProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SevSnpGuestProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sev-device" => f0 = m.next_value()?,
+                        "cbitpos" => f1 = m.next_value()?,
+                        "reduced-phys-bits" => f2 = Some(m.next_value()?),
+                        "kernel-hashes" => f3 = m.next_value()?,
+                        "policy" => f4 = m.next_value()?,
+                        "guest-visible-workarounds" => f5 = m.next_value()?,
+                        "id-block" => f6 = m.next_value()?,
+                        "id-auth" => f7 = m.next_value()?,
+                        "author-key-enabled" => f8 = m.next_value()?,
+                        "host-data" => f9 = m.next_value()?,
+                        "vcek-disabled" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevSnpGuestProperties {
+                    sev_device: f0,
+                    cbitpos: f1,
+                    reduced_phys_bits: f2
+                        .ok_or_else(|| serde::de::Error::missing_field("reduced-phys-bits"))?,
+                    kernel_hashes: f3,
+                    policy: f4,
+                    guest_visible_workarounds: f5,
+                    id_block: f6,
+                    id_auth: f7,
+                    author_key_enabled: f8,
+                    host_data: f9,
+                    vcek_disabled: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `ThreadContextProperties`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-qom.ThreadContextProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ThreadContextProperties {
     /// `cpu-affinity` (optional).
     #[serde(rename = "cpu-affinity", skip_serializing_if = "Option::is_none")]
@@ -17554,6 +30339,37 @@ pub struct ThreadContextProperties {
     /// `node-affinity` (optional).
     #[serde(rename = "node-affinity", skip_serializing_if = "Option::is_none")]
     pub node_affinity: Option<Vec<u16>>,
+}
+
+impl<'de> Deserialize<'de> for ThreadContextProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ThreadContextProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ThreadContextProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<ThreadContextProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpu-affinity" => f0 = m.next_value()?,
+                        "node-affinity" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ThreadContextProperties {
+                    cpu_affinity: f0,
+                    node_affinity: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ObjectType`.
@@ -18192,7 +31008,7 @@ crate::qapi_enum!(CacheLevelAndType);
 /// Since QEMU 9.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine-common.SmpCacheProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SmpCacheProperties {
     /// `cache`.
     pub cache: CacheLevelAndType,
@@ -18200,13 +31016,72 @@ pub struct SmpCacheProperties {
     pub topology: CpuTopologyLevel,
 }
 
+impl<'de> Deserialize<'de> for SmpCacheProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SmpCacheProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SmpCacheProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SmpCacheProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cache" => f0 = Some(m.next_value()?),
+                        "topology" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SmpCacheProperties {
+                    cache: f0.ok_or_else(|| serde::de::Error::missing_field("cache"))?,
+                    topology: f1.ok_or_else(|| serde::de::Error::missing_field("topology"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SmpCachePropertiesWrapper`.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine-common.SmpCachePropertiesWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SmpCachePropertiesWrapper {
     /// `caches`.
     pub caches: Vec<SmpCacheProperties>,
+}
+
+impl<'de> Deserialize<'de> for SmpCachePropertiesWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SmpCachePropertiesWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SmpCachePropertiesWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SmpCachePropertiesWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "caches" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SmpCachePropertiesWrapper {
+                    caches: f0.ok_or_else(|| serde::de::Error::missing_field("caches"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `SysEmuTarget`.
@@ -18450,7 +31325,7 @@ crate::qapi_enum!(S390CpuState);
 /// Since QEMU 2.12.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.CpuInfoS390)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CpuInfoS390 {
     /// `cpu-state`.
     #[serde(rename = "cpu-state")]
@@ -18461,6 +31336,37 @@ pub struct CpuInfoS390 {
     /// `entitlement` (optional; since QEMU 8.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entitlement: Option<S390CpuEntitlement>,
+}
+
+impl<'de> Deserialize<'de> for CpuInfoS390 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CpuInfoS390;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CpuInfoS390 object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CpuInfoS390, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpu-state" => f0 = Some(m.next_value()?),
+                        "dedicated" => f1 = m.next_value()?,
+                        "entitlement" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CpuInfoS390 {
+                    cpu_state: f0.ok_or_else(|| serde::de::Error::missing_field("cpu-state"))?,
+                    dedicated: f1,
+                    entitlement: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `CpuInfoFast`: the branch is chosen by `target`.
@@ -18587,7 +31493,7 @@ pub enum CpuInfoFastBranch {
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.CompatProperty)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompatProperty {
     /// `qom-type`.
     #[serde(rename = "qom-type")]
@@ -18598,12 +31504,43 @@ pub struct CompatProperty {
     pub value: String,
 }
 
+impl<'de> Deserialize<'de> for CompatProperty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CompatProperty;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CompatProperty object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CompatProperty, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "qom-type" => f0 = Some(m.next_value()?),
+                        "property" => f1 = Some(m.next_value()?),
+                        "value" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CompatProperty {
+                    qom_type: f0.ok_or_else(|| serde::de::Error::missing_field("qom-type"))?,
+                    property: f1.ok_or_else(|| serde::de::Error::missing_field("property"))?,
+                    value: f2.ok_or_else(|| serde::de::Error::missing_field("value"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MachineInfo`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.MachineInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MachineInfo {
     /// `name`.
     pub name: String,
@@ -18637,16 +31574,102 @@ pub struct MachineInfo {
     pub compat_props: Option<Vec<CompatProperty>>,
 }
 
+impl<'de> Deserialize<'de> for MachineInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MachineInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MachineInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MachineInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "alias" => f1 = m.next_value()?,
+                        "is-default" => f2 = m.next_value()?,
+                        "cpu-max" => f3 = Some(m.next_value()?),
+                        "hotpluggable-cpus" => f4 = Some(m.next_value()?),
+                        "numa-mem-supported" => f5 = Some(m.next_value()?),
+                        "deprecated" => f6 = Some(m.next_value()?),
+                        "default-cpu-type" => f7 = m.next_value()?,
+                        "default-ram-id" => f8 = m.next_value()?,
+                        "acpi" => f9 = Some(m.next_value()?),
+                        "compat-props" => f10 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MachineInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    alias: f1,
+                    is_default: f2,
+                    cpu_max: f3.ok_or_else(|| serde::de::Error::missing_field("cpu-max"))?,
+                    hotpluggable_cpus: f4
+                        .ok_or_else(|| serde::de::Error::missing_field("hotpluggable-cpus"))?,
+                    numa_mem_supported: f5
+                        .ok_or_else(|| serde::de::Error::missing_field("numa-mem-supported"))?,
+                    deprecated: f6.ok_or_else(|| serde::de::Error::missing_field("deprecated"))?,
+                    default_cpu_type: f7,
+                    default_ram_id: f8,
+                    acpi: f9.ok_or_else(|| serde::de::Error::missing_field("acpi"))?,
+                    compat_props: f10,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CurrentMachineParams`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.CurrentMachineParams)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CurrentMachineParams {
     /// `wakeup-suspend-support`.
     #[serde(rename = "wakeup-suspend-support")]
     pub wakeup_suspend_support: bool,
+}
+
+impl<'de> Deserialize<'de> for CurrentMachineParams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CurrentMachineParams;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CurrentMachineParams object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CurrentMachineParams, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "wakeup-suspend-support" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CurrentMachineParams {
+                    wakeup_suspend_support: f0
+                        .ok_or_else(|| serde::de::Error::missing_field("wakeup-suspend-support"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `TargetInfo`.
@@ -18654,10 +31677,35 @@ pub struct CurrentMachineParams {
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.TargetInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TargetInfo {
     /// `arch`.
     pub arch: SysEmuTarget,
+}
+
+impl<'de> Deserialize<'de> for TargetInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TargetInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a TargetInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<TargetInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "arch" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(TargetInfo {
+                    arch: f0.ok_or_else(|| serde::de::Error::missing_field("arch"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `UuidInfo`.
@@ -18665,11 +31713,36 @@ pub struct TargetInfo {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.UuidInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UuidInfo {
     /// `UUID`.
     #[serde(rename = "UUID")]
     pub uuid: String,
+}
+
+impl<'de> Deserialize<'de> for UuidInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UuidInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UuidInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<UuidInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "UUID" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(UuidInfo {
+                    uuid: f0.ok_or_else(|| serde::de::Error::missing_field("UUID"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `GuidInfo`.
@@ -18677,10 +31750,35 @@ pub struct UuidInfo {
 /// Since QEMU 2.9.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.GuidInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GuidInfo {
     /// `guid`.
     pub guid: String,
+}
+
+impl<'de> Deserialize<'de> for GuidInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GuidInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a GuidInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<GuidInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "guid" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(GuidInfo {
+                    guid: f0.ok_or_else(|| serde::de::Error::missing_field("guid"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `LostTickPolicy`.
@@ -18736,12 +31834,40 @@ crate::qapi_enum!(LostTickPolicy);
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.KvmInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KvmInfo {
     /// `enabled`.
     pub enabled: bool,
     /// `present`.
     pub present: bool,
+}
+
+impl<'de> Deserialize<'de> for KvmInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = KvmInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a KvmInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<KvmInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "enabled" => f0 = Some(m.next_value()?),
+                        "present" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(KvmInfo {
+                    enabled: f0.ok_or_else(|| serde::de::Error::missing_field("enabled"))?,
+                    present: f1.ok_or_else(|| serde::de::Error::missing_field("present"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `NumaOptionsType`.
@@ -18832,7 +31958,7 @@ pub enum NumaOptions {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.NumaNodeOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NumaNodeOptions {
     /// `nodeid` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -18851,12 +31977,49 @@ pub struct NumaNodeOptions {
     pub initiator: Option<u16>,
 }
 
+impl<'de> Deserialize<'de> for NumaNodeOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NumaNodeOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NumaNodeOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NumaNodeOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "nodeid" => f0 = m.next_value()?,
+                        "cpus" => f1 = m.next_value()?,
+                        "mem" => f2 = m.next_value()?,
+                        "memdev" => f3 = m.next_value()?,
+                        "initiator" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NumaNodeOptions {
+                    nodeid: f0,
+                    cpus: f1,
+                    mem: f2,
+                    memdev: f3,
+                    initiator: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `NumaDistOptions`.
 ///
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.NumaDistOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NumaDistOptions {
     /// `src`.
     pub src: u16,
@@ -18866,12 +32029,43 @@ pub struct NumaDistOptions {
     pub val: u8,
 }
 
+impl<'de> Deserialize<'de> for NumaDistOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NumaDistOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NumaDistOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NumaDistOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "src" => f0 = Some(m.next_value()?),
+                        "dst" => f1 = Some(m.next_value()?),
+                        "val" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NumaDistOptions {
+                    src: f0.ok_or_else(|| serde::de::Error::missing_field("src"))?,
+                    dst: f1.ok_or_else(|| serde::de::Error::missing_field("dst"))?,
+                    val: f2.ok_or_else(|| serde::de::Error::missing_field("val"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CXLFixedMemoryWindowOptions`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.CXLFixedMemoryWindowOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CXLFixedMemoryWindowOptions {
     /// `size`.
     pub size: u64,
@@ -18882,16 +32076,75 @@ pub struct CXLFixedMemoryWindowOptions {
     pub targets: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for CXLFixedMemoryWindowOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CXLFixedMemoryWindowOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CXLFixedMemoryWindowOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CXLFixedMemoryWindowOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "size" => f0 = Some(m.next_value()?),
+                        "interleave-granularity" => f1 = m.next_value()?,
+                        "targets" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CXLFixedMemoryWindowOptions {
+                    size: f0.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    interleave_granularity: f1,
+                    targets: f2.ok_or_else(|| serde::de::Error::missing_field("targets"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CXLFMWProperties`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.CXLFMWProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CXLFMWProperties {
     /// `cxl-fmw`.
     #[serde(rename = "cxl-fmw")]
     pub cxl_fmw: Vec<CXLFixedMemoryWindowOptions>,
+}
+
+impl<'de> Deserialize<'de> for CXLFMWProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CXLFMWProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CXLFMWProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CXLFMWProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cxl-fmw" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CXLFMWProperties {
+                    cxl_fmw: f0.ok_or_else(|| serde::de::Error::missing_field("cxl-fmw"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `X86CPURegister32`.
@@ -18972,7 +32225,7 @@ crate::qapi_enum!(X86CPURegister32);
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.X86CPUFeatureWordInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct X86CPUFeatureWordInfo {
     /// `cpuid-input-eax`.
     #[serde(rename = "cpuid-input-eax")]
@@ -18987,15 +32240,77 @@ pub struct X86CPUFeatureWordInfo {
     pub features: i64,
 }
 
+impl<'de> Deserialize<'de> for X86CPUFeatureWordInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = X86CPUFeatureWordInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a X86CPUFeatureWordInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<X86CPUFeatureWordInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpuid-input-eax" => f0 = Some(m.next_value()?),
+                        "cpuid-input-ecx" => f1 = m.next_value()?,
+                        "cpuid-register" => f2 = Some(m.next_value()?),
+                        "features" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(X86CPUFeatureWordInfo {
+                    cpuid_input_eax: f0.ok_or_else(|| serde::de::Error::missing_field("cpuid-input-eax"))?,
+                    cpuid_input_ecx: f1,
+                    cpuid_register: f2.ok_or_else(|| serde::de::Error::missing_field("cpuid-register"))?,
+                    features: f3.ok_or_else(|| serde::de::Error::missing_field("features"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DummyForceArrays`.
 ///
 /// Since QEMU 2.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.DummyForceArrays)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DummyForceArrays {
     /// `unused`.
     pub unused: Vec<X86CPUFeatureWordInfo>,
+}
+
+impl<'de> Deserialize<'de> for DummyForceArrays {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DummyForceArrays;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DummyForceArrays object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<DummyForceArrays, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "unused" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DummyForceArrays {
+                    unused: f0.ok_or_else(|| serde::de::Error::missing_field("unused"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `NumaCpuOptions`.
@@ -19003,7 +32318,7 @@ pub struct DummyForceArrays {
 /// Since QEMU 2.10.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.NumaCpuOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NumaCpuOptions {
     /// `node-id` (optional).
     #[serde(rename = "node-id", skip_serializing_if = "Option::is_none")]
@@ -19032,6 +32347,55 @@ pub struct NumaCpuOptions {
     /// `thread-id` (optional).
     #[serde(rename = "thread-id", skip_serializing_if = "Option::is_none")]
     pub thread_id: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for NumaCpuOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NumaCpuOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NumaCpuOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NumaCpuOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-id" => f0 = m.next_value()?,
+                        "drawer-id" => f1 = m.next_value()?,
+                        "book-id" => f2 = m.next_value()?,
+                        "socket-id" => f3 = m.next_value()?,
+                        "die-id" => f4 = m.next_value()?,
+                        "cluster-id" => f5 = m.next_value()?,
+                        "module-id" => f6 = m.next_value()?,
+                        "core-id" => f7 = m.next_value()?,
+                        "thread-id" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NumaCpuOptions {
+                    node_id: f0,
+                    drawer_id: f1,
+                    book_id: f2,
+                    socket_id: f3,
+                    die_id: f4,
+                    cluster_id: f5,
+                    module_id: f6,
+                    core_id: f7,
+                    thread_id: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `HmatLBMemoryHierarchy`.
@@ -19155,7 +32519,7 @@ crate::qapi_enum!(HmatLBDataType);
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.NumaHmatLBOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NumaHmatLBOptions {
     /// `initiator`.
     pub initiator: u16,
@@ -19172,6 +32536,49 @@ pub struct NumaHmatLBOptions {
     /// `bandwidth` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for NumaHmatLBOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NumaHmatLBOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NumaHmatLBOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NumaHmatLBOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "initiator" => f0 = Some(m.next_value()?),
+                        "target" => f1 = Some(m.next_value()?),
+                        "hierarchy" => f2 = Some(m.next_value()?),
+                        "data-type" => f3 = Some(m.next_value()?),
+                        "latency" => f4 = m.next_value()?,
+                        "bandwidth" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NumaHmatLBOptions {
+                    initiator: f0.ok_or_else(|| serde::de::Error::missing_field("initiator"))?,
+                    target: f1.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    hierarchy: f2.ok_or_else(|| serde::de::Error::missing_field("hierarchy"))?,
+                    data_type: f3.ok_or_else(|| serde::de::Error::missing_field("data-type"))?,
+                    latency: f4,
+                    bandwidth: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `HmatCacheAssociativity`.
@@ -19275,7 +32682,7 @@ crate::qapi_enum!(HmatCacheWritePolicy);
 /// Since QEMU 5.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.NumaHmatCacheOptions)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NumaHmatCacheOptions {
     /// `node-id`.
     #[serde(rename = "node-id")]
@@ -19292,12 +32699,55 @@ pub struct NumaHmatCacheOptions {
     pub line: u16,
 }
 
+impl<'de> Deserialize<'de> for NumaHmatCacheOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NumaHmatCacheOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NumaHmatCacheOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<NumaHmatCacheOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-id" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        "level" => f2 = Some(m.next_value()?),
+                        "associativity" => f3 = Some(m.next_value()?),
+                        "policy" => f4 = Some(m.next_value()?),
+                        "line" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NumaHmatCacheOptions {
+                    node_id: f0.ok_or_else(|| serde::de::Error::missing_field("node-id"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    level: f2.ok_or_else(|| serde::de::Error::missing_field("level"))?,
+                    associativity: f3.ok_or_else(|| serde::de::Error::missing_field("associativity"))?,
+                    policy: f4.ok_or_else(|| serde::de::Error::missing_field("policy"))?,
+                    line: f5.ok_or_else(|| serde::de::Error::missing_field("line"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `Memdev`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.Memdev)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Memdev {
     /// `id` (optional; since QEMU 2.9).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19322,12 +32772,61 @@ pub struct Memdev {
     pub policy: HostMemPolicy,
 }
 
+impl<'de> Deserialize<'de> for Memdev {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Memdev;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Memdev object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Memdev, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "size" => f1 = Some(m.next_value()?),
+                        "merge" => f2 = Some(m.next_value()?),
+                        "dump" => f3 = Some(m.next_value()?),
+                        "prealloc" => f4 = Some(m.next_value()?),
+                        "share" => f5 = Some(m.next_value()?),
+                        "reserve" => f6 = m.next_value()?,
+                        "host-nodes" => f7 = Some(m.next_value()?),
+                        "policy" => f8 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Memdev {
+                    id: f0,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    merge: f2.ok_or_else(|| serde::de::Error::missing_field("merge"))?,
+                    dump: f3.ok_or_else(|| serde::de::Error::missing_field("dump"))?,
+                    prealloc: f4.ok_or_else(|| serde::de::Error::missing_field("prealloc"))?,
+                    share: f5.ok_or_else(|| serde::de::Error::missing_field("share"))?,
+                    reserve: f6,
+                    host_nodes: f7.ok_or_else(|| serde::de::Error::missing_field("host-nodes"))?,
+                    policy: f8.ok_or_else(|| serde::de::Error::missing_field("policy"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CpuInstanceProperties`.
 ///
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.CpuInstanceProperties)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CpuInstanceProperties {
     /// `node-id` (optional).
     #[serde(rename = "node-id", skip_serializing_if = "Option::is_none")]
@@ -19358,12 +32857,64 @@ pub struct CpuInstanceProperties {
     pub thread_id: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for CpuInstanceProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CpuInstanceProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CpuInstanceProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CpuInstanceProperties, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-id" => f0 = m.next_value()?,
+                        "drawer-id" => f1 = m.next_value()?,
+                        "book-id" => f2 = m.next_value()?,
+                        "socket-id" => f3 = m.next_value()?,
+                        "die-id" => f4 = m.next_value()?,
+                        "cluster-id" => f5 = m.next_value()?,
+                        "module-id" => f6 = m.next_value()?,
+                        "core-id" => f7 = m.next_value()?,
+                        "thread-id" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CpuInstanceProperties {
+                    node_id: f0,
+                    drawer_id: f1,
+                    book_id: f2,
+                    socket_id: f3,
+                    die_id: f4,
+                    cluster_id: f5,
+                    module_id: f6,
+                    core_id: f7,
+                    thread_id: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `HotpluggableCPU`.
 ///
 /// Since QEMU 2.7.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.HotpluggableCPU)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HotpluggableCPU {
     /// `type`.
     pub r#type: String,
@@ -19377,15 +32928,74 @@ pub struct HotpluggableCPU {
     pub qom_path: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for HotpluggableCPU {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HotpluggableCPU;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a HotpluggableCPU object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<HotpluggableCPU, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "vcpus-count" => f1 = Some(m.next_value()?),
+                        "props" => f2 = Some(m.next_value()?),
+                        "qom-path" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(HotpluggableCPU {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    vcpus_count: f1.ok_or_else(|| serde::de::Error::missing_field("vcpus-count"))?,
+                    props: f2.ok_or_else(|| serde::de::Error::missing_field("props"))?,
+                    qom_path: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `BalloonInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.BalloonInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BalloonInfo {
     /// `actual`.
     pub actual: i64,
+}
+
+impl<'de> Deserialize<'de> for BalloonInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BalloonInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BalloonInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BalloonInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "actual" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BalloonInfo {
+                    actual: f0.ok_or_else(|| serde::de::Error::missing_field("actual"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `HvBalloonInfo`.
@@ -19393,7 +33003,7 @@ pub struct BalloonInfo {
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.HvBalloonInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HvBalloonInfo {
     /// `committed`.
     pub committed: u64,
@@ -19401,12 +33011,40 @@ pub struct HvBalloonInfo {
     pub available: u64,
 }
 
+impl<'de> Deserialize<'de> for HvBalloonInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HvBalloonInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a HvBalloonInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<HvBalloonInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "committed" => f0 = Some(m.next_value()?),
+                        "available" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(HvBalloonInfo {
+                    committed: f0.ok_or_else(|| serde::de::Error::missing_field("committed"))?,
+                    available: f1.ok_or_else(|| serde::de::Error::missing_field("available"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `MemoryInfo`.
 ///
 /// Since QEMU 2.11.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.MemoryInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryInfo {
     /// `base-memory`.
     #[serde(rename = "base-memory")]
@@ -19416,12 +33054,40 @@ pub struct MemoryInfo {
     pub plugged_memory: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for MemoryInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemoryInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemoryInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<MemoryInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "base-memory" => f0 = Some(m.next_value()?),
+                        "plugged-memory" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemoryInfo {
+                    base_memory: f0.ok_or_else(|| serde::de::Error::missing_field("base-memory"))?,
+                    plugged_memory: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PCDIMMDeviceInfo`.
 ///
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.PCDIMMDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PCDIMMDeviceInfo {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19442,12 +33108,58 @@ pub struct PCDIMMDeviceInfo {
     pub hotpluggable: bool,
 }
 
+impl<'de> Deserialize<'de> for PCDIMMDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PCDIMMDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PCDIMMDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PCDIMMDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "addr" => f1 = Some(m.next_value()?),
+                        "size" => f2 = Some(m.next_value()?),
+                        "slot" => f3 = Some(m.next_value()?),
+                        "node" => f4 = Some(m.next_value()?),
+                        "memdev" => f5 = Some(m.next_value()?),
+                        "hotplugged" => f6 = Some(m.next_value()?),
+                        "hotpluggable" => f7 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PCDIMMDeviceInfo {
+                    id: f0,
+                    addr: f1.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                    size: f2.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    slot: f3.ok_or_else(|| serde::de::Error::missing_field("slot"))?,
+                    node: f4.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    memdev: f5.ok_or_else(|| serde::de::Error::missing_field("memdev"))?,
+                    hotplugged: f6.ok_or_else(|| serde::de::Error::missing_field("hotplugged"))?,
+                    hotpluggable: f7.ok_or_else(|| serde::de::Error::missing_field("hotpluggable"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioPMEMDeviceInfo`.
 ///
 /// Since QEMU 4.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.VirtioPMEMDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioPMEMDeviceInfo {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19460,12 +33172,49 @@ pub struct VirtioPMEMDeviceInfo {
     pub memdev: String,
 }
 
+impl<'de> Deserialize<'de> for VirtioPMEMDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioPMEMDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioPMEMDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioPMEMDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "memaddr" => f1 = Some(m.next_value()?),
+                        "size" => f2 = Some(m.next_value()?),
+                        "memdev" => f3 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioPMEMDeviceInfo {
+                    id: f0,
+                    memaddr: f1.ok_or_else(|| serde::de::Error::missing_field("memaddr"))?,
+                    size: f2.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    memdev: f3.ok_or_else(|| serde::de::Error::missing_field("memdev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioMEMDeviceInfo`.
 ///
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.VirtioMEMDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioMEMDeviceInfo {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19489,12 +33238,61 @@ pub struct VirtioMEMDeviceInfo {
     pub memdev: String,
 }
 
+impl<'de> Deserialize<'de> for VirtioMEMDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioMEMDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioMEMDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioMEMDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "memaddr" => f1 = Some(m.next_value()?),
+                        "requested-size" => f2 = Some(m.next_value()?),
+                        "size" => f3 = Some(m.next_value()?),
+                        "max-size" => f4 = Some(m.next_value()?),
+                        "block-size" => f5 = Some(m.next_value()?),
+                        "node" => f6 = Some(m.next_value()?),
+                        "memdev" => f7 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioMEMDeviceInfo {
+                    id: f0,
+                    memaddr: f1.ok_or_else(|| serde::de::Error::missing_field("memaddr"))?,
+                    requested_size: f2.ok_or_else(|| serde::de::Error::missing_field("requested-size"))?,
+                    size: f3.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    max_size: f4.ok_or_else(|| serde::de::Error::missing_field("max-size"))?,
+                    block_size: f5.ok_or_else(|| serde::de::Error::missing_field("block-size"))?,
+                    node: f6.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    memdev: f7.ok_or_else(|| serde::de::Error::missing_field("memdev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SgxEPCDeviceInfo`.
 ///
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.SgxEPCDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SgxEPCDeviceInfo {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19509,12 +33307,49 @@ pub struct SgxEPCDeviceInfo {
     pub memdev: String,
 }
 
+impl<'de> Deserialize<'de> for SgxEPCDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SgxEPCDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SgxEPCDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SgxEPCDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "memaddr" => f1 = Some(m.next_value()?),
+                        "size" => f2 = Some(m.next_value()?),
+                        "node" => f3 = Some(m.next_value()?),
+                        "memdev" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SgxEPCDeviceInfo {
+                    id: f0,
+                    memaddr: f1.ok_or_else(|| serde::de::Error::missing_field("memaddr"))?,
+                    size: f2.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    node: f3.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    memdev: f4.ok_or_else(|| serde::de::Error::missing_field("memdev"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `HvBalloonDeviceInfo`.
 ///
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.HvBalloonDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HvBalloonDeviceInfo {
     /// `id` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19528,6 +33363,43 @@ pub struct HvBalloonDeviceInfo {
     /// `memdev` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memdev: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for HvBalloonDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HvBalloonDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a HvBalloonDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<HvBalloonDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = m.next_value()?,
+                        "memaddr" => f1 = m.next_value()?,
+                        "max-size" => f2 = Some(m.next_value()?),
+                        "memdev" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(HvBalloonDeviceInfo {
+                    id: f0,
+                    memaddr: f1,
+                    max_size: f2.ok_or_else(|| serde::de::Error::missing_field("max-size"))?,
+                    memdev: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `MemoryDeviceInfoKind`.
@@ -19598,10 +33470,38 @@ crate::qapi_enum!(MemoryDeviceInfoKind);
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.PCDIMMDeviceInfoWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PCDIMMDeviceInfoWrapper {
     /// `data`.
     pub data: PCDIMMDeviceInfo,
+}
+
+impl<'de> Deserialize<'de> for PCDIMMDeviceInfoWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PCDIMMDeviceInfoWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PCDIMMDeviceInfoWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<PCDIMMDeviceInfoWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PCDIMMDeviceInfoWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `VirtioPMEMDeviceInfoWrapper`.
@@ -19609,10 +33509,38 @@ pub struct PCDIMMDeviceInfoWrapper {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.VirtioPMEMDeviceInfoWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioPMEMDeviceInfoWrapper {
     /// `data`.
     pub data: VirtioPMEMDeviceInfo,
+}
+
+impl<'de> Deserialize<'de> for VirtioPMEMDeviceInfoWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioPMEMDeviceInfoWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioPMEMDeviceInfoWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioPMEMDeviceInfoWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioPMEMDeviceInfoWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `VirtioMEMDeviceInfoWrapper`.
@@ -19620,10 +33548,38 @@ pub struct VirtioPMEMDeviceInfoWrapper {
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.VirtioMEMDeviceInfoWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioMEMDeviceInfoWrapper {
     /// `data`.
     pub data: VirtioMEMDeviceInfo,
+}
+
+impl<'de> Deserialize<'de> for VirtioMEMDeviceInfoWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioMEMDeviceInfoWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioMEMDeviceInfoWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioMEMDeviceInfoWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioMEMDeviceInfoWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `SgxEPCDeviceInfoWrapper`.
@@ -19631,10 +33587,38 @@ pub struct VirtioMEMDeviceInfoWrapper {
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.SgxEPCDeviceInfoWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SgxEPCDeviceInfoWrapper {
     /// `data`.
     pub data: SgxEPCDeviceInfo,
+}
+
+impl<'de> Deserialize<'de> for SgxEPCDeviceInfoWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SgxEPCDeviceInfoWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SgxEPCDeviceInfoWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SgxEPCDeviceInfoWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SgxEPCDeviceInfoWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `HvBalloonDeviceInfoWrapper`.
@@ -19642,10 +33626,38 @@ pub struct SgxEPCDeviceInfoWrapper {
 /// Since QEMU 8.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.HvBalloonDeviceInfoWrapper)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HvBalloonDeviceInfoWrapper {
     /// `data`.
     pub data: HvBalloonDeviceInfo,
+}
+
+impl<'de> Deserialize<'de> for HvBalloonDeviceInfoWrapper {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HvBalloonDeviceInfoWrapper;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a HvBalloonDeviceInfoWrapper object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<HvBalloonDeviceInfoWrapper, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(HvBalloonDeviceInfoWrapper {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `MemoryDeviceInfo`: the branch is chosen by `type`.
@@ -19681,7 +33693,7 @@ pub enum MemoryDeviceInfo {
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.SgxEPC)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SgxEPC {
     /// `memdev`.
     pub memdev: String,
@@ -19689,16 +33701,69 @@ pub struct SgxEPC {
     pub node: i64,
 }
 
+impl<'de> Deserialize<'de> for SgxEPC {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SgxEPC;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SgxEPC object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SgxEPC, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "memdev" => f0 = Some(m.next_value()?),
+                        "node" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SgxEPC {
+                    memdev: f0.ok_or_else(|| serde::de::Error::missing_field("memdev"))?,
+                    node: f1.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SgxEPCProperties`.
 ///
 /// Since QEMU 6.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.SgxEPCProperties)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SgxEPCProperties {
     /// `sgx-epc`.
     #[serde(rename = "sgx-epc")]
     pub sgx_epc: Vec<SgxEPC>,
+}
+
+impl<'de> Deserialize<'de> for SgxEPCProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SgxEPCProperties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SgxEPCProperties object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SgxEPCProperties, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sgx-epc" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SgxEPCProperties {
+                    sgx_epc: f0.ok_or_else(|| serde::de::Error::missing_field("sgx-epc"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `BootConfiguration`.
@@ -19706,7 +33771,7 @@ pub struct SgxEPCProperties {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.BootConfiguration)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BootConfiguration {
     /// `order` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19731,12 +33796,58 @@ pub struct BootConfiguration {
     pub strict: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for BootConfiguration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BootConfiguration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a BootConfiguration object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<BootConfiguration, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "order" => f0 = m.next_value()?,
+                        "once" => f1 = m.next_value()?,
+                        "menu" => f2 = m.next_value()?,
+                        "splash" => f3 = m.next_value()?,
+                        "splash-time" => f4 = m.next_value()?,
+                        "reboot-timeout" => f5 = m.next_value()?,
+                        "strict" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(BootConfiguration {
+                    order: f0,
+                    once: f1,
+                    menu: f2,
+                    splash: f3,
+                    splash_time: f4,
+                    reboot_timeout: f5,
+                    strict: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SMPConfiguration`.
 ///
 /// Since QEMU 6.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.SMPConfiguration)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SMPConfiguration {
     /// `cpus` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19768,6 +33879,58 @@ pub struct SMPConfiguration {
     /// `maxcpus` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maxcpus: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for SMPConfiguration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SMPConfiguration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SMPConfiguration object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SMPConfiguration, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "cpus" => f0 = m.next_value()?,
+                        "drawers" => f1 = m.next_value()?,
+                        "books" => f2 = m.next_value()?,
+                        "sockets" => f3 = m.next_value()?,
+                        "dies" => f4 = m.next_value()?,
+                        "clusters" => f5 = m.next_value()?,
+                        "modules" => f6 = m.next_value()?,
+                        "cores" => f7 = m.next_value()?,
+                        "threads" => f8 = m.next_value()?,
+                        "maxcpus" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SMPConfiguration {
+                    cpus: f0,
+                    drawers: f1,
+                    books: f2,
+                    sockets: f3,
+                    dies: f4,
+                    clusters: f5,
+                    modules: f6,
+                    cores: f7,
+                    threads: f8,
+                    maxcpus: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `SmbiosEntryPointType`.
@@ -19823,7 +33986,7 @@ crate::qapi_enum!(SmbiosEntryPointType);
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine.MemorySizeConfiguration)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct MemorySizeConfiguration {
     /// `size` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -19836,12 +33999,46 @@ pub struct MemorySizeConfiguration {
     pub slots: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for MemorySizeConfiguration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = MemorySizeConfiguration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a MemorySizeConfiguration object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<MemorySizeConfiguration, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "size" => f0 = m.next_value()?,
+                        "max-size" => f1 = m.next_value()?,
+                        "slots" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(MemorySizeConfiguration {
+                    size: f0,
+                    max_size: f1,
+                    slots: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CpuModelInfo`.
 ///
 /// Since QEMU 2.8.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine-target.CpuModelInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CpuModelInfo {
     /// `name`.
     pub name: String,
@@ -19852,6 +34049,34 @@ pub struct CpuModelInfo {
         skip_serializing_if = "Option::is_none"
     )]
     pub props: Option<serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for CpuModelInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CpuModelInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CpuModelInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<CpuModelInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "props" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CpuModelInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    props: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `CpuModelExpansionType`.
@@ -19953,10 +34178,38 @@ crate::qapi_enum!(CpuModelCompareResult);
 /// Since QEMU 2.8. Compiled in only where `any(TARGET_S390X, TARGET_I386, TARGET_ARM, TARGET_LOONGARCH64, TARGET_RISCV)` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine-target.CpuModelExpansionInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CpuModelExpansionInfo {
     /// `model`.
     pub model: CpuModelInfo,
+}
+
+impl<'de> Deserialize<'de> for CpuModelExpansionInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CpuModelExpansionInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CpuModelExpansionInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CpuModelExpansionInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "model" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CpuModelExpansionInfo {
+                    model: f0.ok_or_else(|| serde::de::Error::missing_field("model"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `CpuDefinitionInfo`.
@@ -19964,7 +34217,7 @@ pub struct CpuModelExpansionInfo {
 /// Since QEMU 1.2. Compiled in only where `any(TARGET_PPC, TARGET_ARM, TARGET_I386, TARGET_S390X, TARGET_MIPS, TARGET_LOONGARCH64, TARGET_RISCV)` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-machine-target.CpuDefinitionInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CpuDefinitionInfo {
     /// `name`.
     pub name: String,
@@ -19983,6 +34236,52 @@ pub struct CpuDefinitionInfo {
     pub alias_of: Option<String>,
     /// `deprecated` (since QEMU 5.2).
     pub deprecated: bool,
+}
+
+impl<'de> Deserialize<'de> for CpuDefinitionInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CpuDefinitionInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CpuDefinitionInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CpuDefinitionInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "migration-safe" => f1 = m.next_value()?,
+                        "static" => f2 = Some(m.next_value()?),
+                        "unavailable-features" => f3 = m.next_value()?,
+                        "typename" => f4 = Some(m.next_value()?),
+                        "alias-of" => f5 = m.next_value()?,
+                        "deprecated" => f6 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CpuDefinitionInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    migration_safe: f1,
+                    r#static: f2.ok_or_else(|| serde::de::Error::missing_field("static"))?,
+                    unavailable_features: f3,
+                    typename: f4.ok_or_else(|| serde::de::Error::missing_field("typename"))?,
+                    alias_of: f5,
+                    deprecated: f6.ok_or_else(|| serde::de::Error::missing_field("deprecated"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ReplayMode`.
@@ -20034,7 +34333,7 @@ crate::qapi_enum!(ReplayMode);
 /// Since QEMU 5.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-replay.ReplayInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReplayInfo {
     /// `mode`.
     pub mode: ReplayMode,
@@ -20043,6 +34342,37 @@ pub struct ReplayInfo {
     pub filename: Option<String>,
     /// `icount`.
     pub icount: i64,
+}
+
+impl<'de> Deserialize<'de> for ReplayInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ReplayInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ReplayInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ReplayInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mode" => f0 = Some(m.next_value()?),
+                        "filename" => f1 = m.next_value()?,
+                        "icount" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ReplayInfo {
+                    mode: f0.ok_or_else(|| serde::de::Error::missing_field("mode"))?,
+                    filename: f1,
+                    icount: f2.ok_or_else(|| serde::de::Error::missing_field("icount"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `YankInstanceType`.
@@ -20098,11 +34428,39 @@ crate::qapi_enum!(YankInstanceType);
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-yank.YankInstanceBlockNode)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct YankInstanceBlockNode {
     /// `node-name`.
     #[serde(rename = "node-name")]
     pub node_name: String,
+}
+
+impl<'de> Deserialize<'de> for YankInstanceBlockNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = YankInstanceBlockNode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a YankInstanceBlockNode object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<YankInstanceBlockNode, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node-name" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(YankInstanceBlockNode {
+                    node_name: f0.ok_or_else(|| serde::de::Error::missing_field("node-name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `YankInstanceChardev`.
@@ -20110,10 +34468,38 @@ pub struct YankInstanceBlockNode {
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-yank.YankInstanceChardev)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct YankInstanceChardev {
     /// `id`.
     pub id: String,
+}
+
+impl<'de> Deserialize<'de> for YankInstanceChardev {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = YankInstanceChardev;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a YankInstanceChardev object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<YankInstanceChardev, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(YankInstanceChardev {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `YankInstance`: the branch is chosen by `type`.
@@ -20140,11 +34526,34 @@ pub enum YankInstance {
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.NameInfo)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct NameInfo {
     /// `name` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for NameInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = NameInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a NameInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<NameInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(NameInfo { name: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `IOThreadInfo`.
@@ -20152,7 +34561,7 @@ pub struct NameInfo {
 /// Since QEMU 2.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.IOThreadInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IOThreadInfo {
     /// `id`.
     pub id: String,
@@ -20173,12 +34582,52 @@ pub struct IOThreadInfo {
     pub aio_max_batch: i64,
 }
 
+impl<'de> Deserialize<'de> for IOThreadInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IOThreadInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a IOThreadInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<IOThreadInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "thread-id" => f1 = Some(m.next_value()?),
+                        "poll-max-ns" => f2 = Some(m.next_value()?),
+                        "poll-grow" => f3 = Some(m.next_value()?),
+                        "poll-shrink" => f4 = Some(m.next_value()?),
+                        "aio-max-batch" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(IOThreadInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    thread_id: f1.ok_or_else(|| serde::de::Error::missing_field("thread-id"))?,
+                    poll_max_ns: f2.ok_or_else(|| serde::de::Error::missing_field("poll-max-ns"))?,
+                    poll_grow: f3.ok_or_else(|| serde::de::Error::missing_field("poll-grow"))?,
+                    poll_shrink: f4.ok_or_else(|| serde::de::Error::missing_field("poll-shrink"))?,
+                    aio_max_batch: f5.ok_or_else(|| serde::de::Error::missing_field("aio-max-batch"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AddfdInfo`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.AddfdInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AddfdInfo {
     /// `fdset-id`.
     #[serde(rename = "fdset-id")]
@@ -20187,12 +34636,40 @@ pub struct AddfdInfo {
     pub fd: i64,
 }
 
+impl<'de> Deserialize<'de> for AddfdInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AddfdInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AddfdInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<AddfdInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fdset-id" => f0 = Some(m.next_value()?),
+                        "fd" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AddfdInfo {
+                    fdset_id: f0.ok_or_else(|| serde::de::Error::missing_field("fdset-id"))?,
+                    fd: f1.ok_or_else(|| serde::de::Error::missing_field("fd"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FdsetFdInfo`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.FdsetFdInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FdsetFdInfo {
     /// `fd`.
     pub fd: i64,
@@ -20201,18 +34678,74 @@ pub struct FdsetFdInfo {
     pub opaque: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for FdsetFdInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FdsetFdInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FdsetFdInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<FdsetFdInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fd" => f0 = Some(m.next_value()?),
+                        "opaque" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FdsetFdInfo {
+                    fd: f0.ok_or_else(|| serde::de::Error::missing_field("fd"))?,
+                    opaque: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `FdsetInfo`.
 ///
 /// Since QEMU 1.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.FdsetInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FdsetInfo {
     /// `fdset-id`.
     #[serde(rename = "fdset-id")]
     pub fdset_id: i64,
     /// `fds`.
     pub fds: Vec<FdsetFdInfo>,
+}
+
+impl<'de> Deserialize<'de> for FdsetInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FdsetInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a FdsetInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<FdsetInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "fdset-id" => f0 = Some(m.next_value()?),
+                        "fds" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(FdsetInfo {
+                    fdset_id: f0.ok_or_else(|| serde::de::Error::missing_field("fdset-id"))?,
+                    fds: f1.ok_or_else(|| serde::de::Error::missing_field("fds"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `CommandLineParameterType`.
@@ -20273,7 +34806,7 @@ crate::qapi_enum!(CommandLineParameterType);
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.CommandLineParameterInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandLineParameterInfo {
     /// `name`.
     pub name: String,
@@ -20287,17 +34820,85 @@ pub struct CommandLineParameterInfo {
     pub default: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for CommandLineParameterInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CommandLineParameterInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CommandLineParameterInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CommandLineParameterInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "help" => f2 = m.next_value()?,
+                        "default" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CommandLineParameterInfo {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    help: f2,
+                    default: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `CommandLineOptionInfo`.
 ///
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc.CommandLineOptionInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CommandLineOptionInfo {
     /// `option`.
     pub option: String,
     /// `parameters`.
     pub parameters: Vec<CommandLineParameterInfo>,
+}
+
+impl<'de> Deserialize<'de> for CommandLineOptionInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CommandLineOptionInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CommandLineOptionInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CommandLineOptionInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "option" => f0 = Some(m.next_value()?),
+                        "parameters" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CommandLineOptionInfo {
+                    option: f0.ok_or_else(|| serde::de::Error::missing_field("option"))?,
+                    parameters: f1.ok_or_else(|| serde::de::Error::missing_field("parameters"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `SevState`.
@@ -20408,7 +35009,7 @@ crate::qapi_enum!(SevGuestType);
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SevGuestInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevGuestInfo {
     /// `policy`.
     pub policy: u32,
@@ -20416,16 +35017,69 @@ pub struct SevGuestInfo {
     pub handle: u32,
 }
 
+impl<'de> Deserialize<'de> for SevGuestInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevGuestInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevGuestInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SevGuestInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "policy" => f0 = Some(m.next_value()?),
+                        "handle" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevGuestInfo {
+                    policy: f0.ok_or_else(|| serde::de::Error::missing_field("policy"))?,
+                    handle: f1.ok_or_else(|| serde::de::Error::missing_field("handle"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SevSnpGuestInfo`.
 ///
 /// Since QEMU 9.1. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SevSnpGuestInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevSnpGuestInfo {
     /// `snp-policy`.
     #[serde(rename = "snp-policy")]
     pub snp_policy: u64,
+}
+
+impl<'de> Deserialize<'de> for SevSnpGuestInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevSnpGuestInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevSnpGuestInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SevSnpGuestInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "snp-policy" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevSnpGuestInfo {
+                    snp_policy: f0.ok_or_else(|| serde::de::Error::missing_field("snp-policy"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `SevInfo`: the branch is chosen by `sev-type`.
@@ -20472,10 +35126,38 @@ pub enum SevInfoBranch {
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SevLaunchMeasureInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevLaunchMeasureInfo {
     /// `data`.
     pub data: String,
+}
+
+impl<'de> Deserialize<'de> for SevLaunchMeasureInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevLaunchMeasureInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevLaunchMeasureInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SevLaunchMeasureInfo, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevLaunchMeasureInfo {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `SevCapability`.
@@ -20483,7 +35165,7 @@ pub struct SevLaunchMeasureInfo {
 /// Since QEMU 2.12. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SevCapability)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevCapability {
     /// `pdh`.
     pub pdh: String,
@@ -20500,15 +35182,81 @@ pub struct SevCapability {
     pub reduced_phys_bits: i64,
 }
 
+impl<'de> Deserialize<'de> for SevCapability {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevCapability;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevCapability object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SevCapability, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "pdh" => f0 = Some(m.next_value()?),
+                        "cert-chain" => f1 = Some(m.next_value()?),
+                        "cpu0-id" => f2 = Some(m.next_value()?),
+                        "cbitpos" => f3 = Some(m.next_value()?),
+                        "reduced-phys-bits" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevCapability {
+                    pdh: f0.ok_or_else(|| serde::de::Error::missing_field("pdh"))?,
+                    cert_chain: f1.ok_or_else(|| serde::de::Error::missing_field("cert-chain"))?,
+                    cpu0_id: f2.ok_or_else(|| serde::de::Error::missing_field("cpu0-id"))?,
+                    cbitpos: f3.ok_or_else(|| serde::de::Error::missing_field("cbitpos"))?,
+                    reduced_phys_bits: f4
+                        .ok_or_else(|| serde::de::Error::missing_field("reduced-phys-bits"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SevAttestationReport`.
 ///
 /// Since QEMU 6.1. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SevAttestationReport)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SevAttestationReport {
     /// `data`.
     pub data: String,
+}
+
+impl<'de> Deserialize<'de> for SevAttestationReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SevAttestationReport;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SevAttestationReport object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<SevAttestationReport, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "data" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SevAttestationReport {
+                    data: f0.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI struct `SGXEPCSection`.
@@ -20516,7 +35264,7 @@ pub struct SevAttestationReport {
 /// Since QEMU 7.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SGXEPCSection)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SGXEPCSection {
     /// `node`.
     pub node: i64,
@@ -20524,12 +35272,40 @@ pub struct SGXEPCSection {
     pub size: u64,
 }
 
+impl<'de> Deserialize<'de> for SGXEPCSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SGXEPCSection;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SGXEPCSection object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SGXEPCSection, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "node" => f0 = Some(m.next_value()?),
+                        "size" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SGXEPCSection {
+                    node: f0.ok_or_else(|| serde::de::Error::missing_field("node"))?,
+                    size: f1.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `SGXInfo`.
 ///
 /// Since QEMU 6.2. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.SGXInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SGXInfo {
     /// `sgx`.
     pub sgx: bool,
@@ -20541,6 +35317,43 @@ pub struct SGXInfo {
     pub flc: bool,
     /// `sections`.
     pub sections: Vec<SGXEPCSection>,
+}
+
+impl<'de> Deserialize<'de> for SGXInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SGXInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SGXInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<SGXInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sgx" => f0 = Some(m.next_value()?),
+                        "sgx1" => f1 = Some(m.next_value()?),
+                        "sgx2" => f2 = Some(m.next_value()?),
+                        "flc" => f3 = Some(m.next_value()?),
+                        "sections" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(SGXInfo {
+                    sgx: f0.ok_or_else(|| serde::de::Error::missing_field("sgx"))?,
+                    sgx1: f1.ok_or_else(|| serde::de::Error::missing_field("sgx1"))?,
+                    sgx2: f2.ok_or_else(|| serde::de::Error::missing_field("sgx2"))?,
+                    flc: f3.ok_or_else(|| serde::de::Error::missing_field("flc"))?,
+                    sections: f4.ok_or_else(|| serde::de::Error::missing_field("sections"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `EvtchnPortType`.
@@ -20611,7 +35424,7 @@ crate::qapi_enum!(EvtchnPortType);
 /// Since QEMU 8.0. Compiled in only where `TARGET_I386` holds (it does in x86_64 system emulation as Debian builds it).
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-misc-target.EvtchnInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvtchnInfo {
     /// `port`.
     pub port: u16,
@@ -20630,12 +35443,55 @@ pub struct EvtchnInfo {
     pub masked: bool,
 }
 
+impl<'de> Deserialize<'de> for EvtchnInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EvtchnInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a EvtchnInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<EvtchnInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "port" => f0 = Some(m.next_value()?),
+                        "vcpu" => f1 = Some(m.next_value()?),
+                        "type" => f2 = Some(m.next_value()?),
+                        "remote-domain" => f3 = Some(m.next_value()?),
+                        "target" => f4 = Some(m.next_value()?),
+                        "pending" => f5 = Some(m.next_value()?),
+                        "masked" => f6 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(EvtchnInfo {
+                    port: f0.ok_or_else(|| serde::de::Error::missing_field("port"))?,
+                    vcpu: f1.ok_or_else(|| serde::de::Error::missing_field("vcpu"))?,
+                    r#type: f2.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    remote_domain: f3.ok_or_else(|| serde::de::Error::missing_field("remote-domain"))?,
+                    target: f4.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    pending: f5.ok_or_else(|| serde::de::Error::missing_field("pending"))?,
+                    masked: f6.ok_or_else(|| serde::de::Error::missing_field("masked"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevPerDirectionOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -20660,12 +35516,58 @@ pub struct AudiodevPerDirectionOptions {
     pub buffer_length: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevGenericOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevGenericOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevGenericOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20675,12 +35577,40 @@ pub struct AudiodevGenericOptions {
     pub out: Option<AudiodevPerDirectionOptions>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevGenericOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevGenericOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevGenericOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevGenericOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevGenericOptions { r#in: f0, out: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevDBusOptions`.
 ///
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevDBusOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevDBusOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20693,12 +35623,46 @@ pub struct AudiodevDBusOptions {
     pub nsamples: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevDBusOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevDBusOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevDBusOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevDBusOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "nsamples" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevDBusOptions {
+                    r#in: f0,
+                    out: f1,
+                    nsamples: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevAlsaPerDirectionOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevAlsaPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevAlsaPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -20732,12 +35696,67 @@ pub struct AudiodevAlsaPerDirectionOptions {
     pub try_poll: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevAlsaPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevAlsaPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevAlsaPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevAlsaPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "dev" => f7 = m.next_value()?,
+                        "period-length" => f8 = m.next_value()?,
+                        "try-poll" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevAlsaPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    dev: f7,
+                    period_length: f8,
+                    try_poll: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevAlsaOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevAlsaOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevAlsaOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20750,12 +35769,46 @@ pub struct AudiodevAlsaOptions {
     pub threshold: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevAlsaOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevAlsaOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevAlsaOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevAlsaOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "threshold" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevAlsaOptions {
+                    r#in: f0,
+                    out: f1,
+                    threshold: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevSndioOptions`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevSndioOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevSndioOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20771,12 +35824,49 @@ pub struct AudiodevSndioOptions {
     pub latency: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevSndioOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevSndioOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevSndioOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevSndioOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "dev" => f2 = m.next_value()?,
+                        "latency" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevSndioOptions {
+                    r#in: f0,
+                    out: f1,
+                    dev: f2,
+                    latency: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevCoreaudioPerDirectionOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevCoreaudioPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevCoreaudioPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -20804,12 +35894,61 @@ pub struct AudiodevCoreaudioPerDirectionOptions {
     pub buffer_count: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevCoreaudioPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevCoreaudioPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevCoreaudioPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevCoreaudioPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "buffer-count" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevCoreaudioPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    buffer_count: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevCoreaudioOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevCoreaudioOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevCoreaudioOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20819,12 +35958,40 @@ pub struct AudiodevCoreaudioOptions {
     pub out: Option<AudiodevCoreaudioPerDirectionOptions>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevCoreaudioOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevCoreaudioOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevCoreaudioOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevCoreaudioOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevCoreaudioOptions { r#in: f0, out: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevDsoundOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevDsoundOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevDsoundOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20837,12 +36004,46 @@ pub struct AudiodevDsoundOptions {
     pub latency: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevDsoundOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevDsoundOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevDsoundOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevDsoundOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "latency" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevDsoundOptions {
+                    r#in: f0,
+                    out: f1,
+                    latency: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevJackPerDirectionOptions`.
 ///
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevJackPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevJackPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -20882,12 +36083,73 @@ pub struct AudiodevJackPerDirectionOptions {
     pub exact_name: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevJackPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevJackPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevJackPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevJackPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "server-name" => f7 = m.next_value()?,
+                        "client-name" => f8 = m.next_value()?,
+                        "connect-ports" => f9 = m.next_value()?,
+                        "start-server" => f10 = m.next_value()?,
+                        "exact-name" => f11 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevJackPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    server_name: f7,
+                    client_name: f8,
+                    connect_ports: f9,
+                    start_server: f10,
+                    exact_name: f11,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevJackOptions`.
 ///
 /// Since QEMU 5.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevJackOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevJackOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20897,12 +36159,40 @@ pub struct AudiodevJackOptions {
     pub out: Option<AudiodevJackPerDirectionOptions>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevJackOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevJackOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevJackOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevJackOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevJackOptions { r#in: f0, out: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevOssPerDirectionOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevOssPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevOssPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -20936,12 +36226,67 @@ pub struct AudiodevOssPerDirectionOptions {
     pub try_poll: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevOssPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevOssPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevOssPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevOssPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "dev" => f7 = m.next_value()?,
+                        "buffer-count" => f8 = m.next_value()?,
+                        "try-poll" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevOssPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    dev: f7,
+                    buffer_count: f8,
+                    try_poll: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevOssOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevOssOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevOssOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -20960,12 +36305,52 @@ pub struct AudiodevOssOptions {
     pub dsp_policy: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevOssOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevOssOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevOssOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevOssOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "try-mmap" => f2 = m.next_value()?,
+                        "exclusive" => f3 = m.next_value()?,
+                        "dsp-policy" => f4 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevOssOptions {
+                    r#in: f0,
+                    out: f1,
+                    try_mmap: f2,
+                    exclusive: f3,
+                    dsp_policy: f4,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevPaPerDirectionOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevPaPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevPaPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -20999,12 +36384,67 @@ pub struct AudiodevPaPerDirectionOptions {
     pub latency: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevPaPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevPaPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevPaPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevPaPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "name" => f7 = m.next_value()?,
+                        "stream-name" => f8 = m.next_value()?,
+                        "latency" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevPaPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    name: f7,
+                    stream_name: f8,
+                    latency: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevPaOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevPaOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevPaOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21017,12 +36457,46 @@ pub struct AudiodevPaOptions {
     pub server: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevPaOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevPaOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevPaOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevPaOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "server" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevPaOptions {
+                    r#in: f0,
+                    out: f1,
+                    server: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevPipewirePerDirectionOptions`.
 ///
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevPipewirePerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevPipewirePerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -21056,12 +36530,67 @@ pub struct AudiodevPipewirePerDirectionOptions {
     pub latency: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevPipewirePerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevPipewirePerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevPipewirePerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevPipewirePerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "name" => f7 = m.next_value()?,
+                        "stream-name" => f8 = m.next_value()?,
+                        "latency" => f9 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevPipewirePerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    name: f7,
+                    stream_name: f8,
+                    latency: f9,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevPipewireOptions`.
 ///
 /// Since QEMU 8.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevPipewireOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevPipewireOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21071,12 +36600,40 @@ pub struct AudiodevPipewireOptions {
     pub out: Option<AudiodevPipewirePerDirectionOptions>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevPipewireOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevPipewireOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevPipewireOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevPipewireOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevPipewireOptions { r#in: f0, out: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevSdlPerDirectionOptions`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevSdlPerDirectionOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevSdlPerDirectionOptions {
     /// `mixing-engine` (optional).
     #[serde(rename = "mixing-engine", skip_serializing_if = "Option::is_none")]
@@ -21104,12 +36661,61 @@ pub struct AudiodevSdlPerDirectionOptions {
     pub buffer_count: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevSdlPerDirectionOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevSdlPerDirectionOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevSdlPerDirectionOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevSdlPerDirectionOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "mixing-engine" => f0 = m.next_value()?,
+                        "fixed-settings" => f1 = m.next_value()?,
+                        "frequency" => f2 = m.next_value()?,
+                        "channels" => f3 = m.next_value()?,
+                        "voices" => f4 = m.next_value()?,
+                        "format" => f5 = m.next_value()?,
+                        "buffer-length" => f6 = m.next_value()?,
+                        "buffer-count" => f7 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevSdlPerDirectionOptions {
+                    mixing_engine: f0,
+                    fixed_settings: f1,
+                    frequency: f2,
+                    channels: f3,
+                    voices: f4,
+                    format: f5,
+                    buffer_length: f6,
+                    buffer_count: f7,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevSdlOptions`.
 ///
 /// Since QEMU 6.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevSdlOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevSdlOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21119,12 +36725,40 @@ pub struct AudiodevSdlOptions {
     pub out: Option<AudiodevSdlPerDirectionOptions>,
 }
 
+impl<'de> Deserialize<'de> for AudiodevSdlOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevSdlOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevSdlOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevSdlOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevSdlOptions { r#in: f0, out: f1 })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `AudiodevWavOptions`.
 ///
 /// Since QEMU 4.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-audio.AudiodevWavOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AudiodevWavOptions {
     /// `in` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21135,6 +36769,40 @@ pub struct AudiodevWavOptions {
     /// `path` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for AudiodevWavOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AudiodevWavOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AudiodevWavOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AudiodevWavOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "in" => f0 = m.next_value()?,
+                        "out" => f1 = m.next_value()?,
+                        "path" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AudiodevWavOptions {
+                    r#in: f0,
+                    out: f1,
+                    path: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `AudioFormat`.
@@ -21348,7 +37016,7 @@ pub enum AudiodevBranch {
 /// Since QEMU 1.5.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-acpi.AcpiTableOptions)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AcpiTableOptions {
     /// `sig` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21377,6 +37045,55 @@ pub struct AcpiTableOptions {
     /// `data` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for AcpiTableOptions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AcpiTableOptions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a AcpiTableOptions object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<AcpiTableOptions, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "sig" => f0 = m.next_value()?,
+                        "rev" => f1 = m.next_value()?,
+                        "oem_id" => f2 = m.next_value()?,
+                        "oem_table_id" => f3 = m.next_value()?,
+                        "oem_rev" => f4 = m.next_value()?,
+                        "asl_compiler_id" => f5 = m.next_value()?,
+                        "asl_compiler_rev" => f6 = m.next_value()?,
+                        "file" => f7 = m.next_value()?,
+                        "data" => f8 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(AcpiTableOptions {
+                    sig: f0,
+                    rev: f1,
+                    oem_id: f2,
+                    oem_table_id: f3,
+                    oem_rev: f4,
+                    asl_compiler_id: f5,
+                    asl_compiler_rev: f6,
+                    file: f7,
+                    data: f8,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `ACPISlotType`.
@@ -21422,7 +37139,7 @@ crate::qapi_enum!(ACPISlotType);
 /// Since QEMU 2.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-acpi.ACPIOSTInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ACPIOSTInfo {
     /// `device` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21438,12 +37155,49 @@ pub struct ACPIOSTInfo {
     pub status: i64,
 }
 
+impl<'de> Deserialize<'de> for ACPIOSTInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ACPIOSTInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a ACPIOSTInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<ACPIOSTInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = m.next_value()?,
+                        "slot" => f1 = Some(m.next_value()?),
+                        "slot-type" => f2 = Some(m.next_value()?),
+                        "source" => f3 = Some(m.next_value()?),
+                        "status" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(ACPIOSTInfo {
+                    device: f0,
+                    slot: f1.ok_or_else(|| serde::de::Error::missing_field("slot"))?,
+                    slot_type: f2.ok_or_else(|| serde::de::Error::missing_field("slot-type"))?,
+                    source: f3.ok_or_else(|| serde::de::Error::missing_field("source"))?,
+                    status: f4.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciMemoryRange`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciMemoryRange)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciMemoryRange {
     /// `base`.
     pub base: i64,
@@ -21451,12 +37205,40 @@ pub struct PciMemoryRange {
     pub limit: i64,
 }
 
+impl<'de> Deserialize<'de> for PciMemoryRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciMemoryRange;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciMemoryRange object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciMemoryRange, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "base" => f0 = Some(m.next_value()?),
+                        "limit" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciMemoryRange {
+                    base: f0.ok_or_else(|| serde::de::Error::missing_field("base"))?,
+                    limit: f1.ok_or_else(|| serde::de::Error::missing_field("limit"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciMemoryRegion`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciMemoryRegion)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciMemoryRegion {
     /// `bar`.
     pub bar: i64,
@@ -21474,12 +37256,52 @@ pub struct PciMemoryRegion {
     pub mem_type_64: Option<bool>,
 }
 
+impl<'de> Deserialize<'de> for PciMemoryRegion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciMemoryRegion;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciMemoryRegion object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciMemoryRegion, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "bar" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "address" => f2 = Some(m.next_value()?),
+                        "size" => f3 = Some(m.next_value()?),
+                        "prefetch" => f4 = m.next_value()?,
+                        "mem_type_64" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciMemoryRegion {
+                    bar: f0.ok_or_else(|| serde::de::Error::missing_field("bar"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    address: f2.ok_or_else(|| serde::de::Error::missing_field("address"))?,
+                    size: f3.ok_or_else(|| serde::de::Error::missing_field("size"))?,
+                    prefetch: f4,
+                    mem_type_64: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciBusInfo`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciBusInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciBusInfo {
     /// `number`.
     pub number: i64,
@@ -21495,12 +37317,53 @@ pub struct PciBusInfo {
     pub prefetchable_range: PciMemoryRange,
 }
 
+impl<'de> Deserialize<'de> for PciBusInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciBusInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciBusInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciBusInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "number" => f0 = Some(m.next_value()?),
+                        "secondary" => f1 = Some(m.next_value()?),
+                        "subordinate" => f2 = Some(m.next_value()?),
+                        "io_range" => f3 = Some(m.next_value()?),
+                        "memory_range" => f4 = Some(m.next_value()?),
+                        "prefetchable_range" => f5 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciBusInfo {
+                    number: f0.ok_or_else(|| serde::de::Error::missing_field("number"))?,
+                    secondary: f1.ok_or_else(|| serde::de::Error::missing_field("secondary"))?,
+                    subordinate: f2.ok_or_else(|| serde::de::Error::missing_field("subordinate"))?,
+                    io_range: f3.ok_or_else(|| serde::de::Error::missing_field("io_range"))?,
+                    memory_range: f4.ok_or_else(|| serde::de::Error::missing_field("memory_range"))?,
+                    prefetchable_range: f5
+                        .ok_or_else(|| serde::de::Error::missing_field("prefetchable_range"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciBridgeInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciBridgeInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciBridgeInfo {
     /// `bus`.
     pub bus: PciBusInfo,
@@ -21509,12 +37372,40 @@ pub struct PciBridgeInfo {
     pub devices: Option<Vec<PciDeviceInfo>>,
 }
 
+impl<'de> Deserialize<'de> for PciBridgeInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciBridgeInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciBridgeInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciBridgeInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "bus" => f0 = Some(m.next_value()?),
+                        "devices" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciBridgeInfo {
+                    bus: f0.ok_or_else(|| serde::de::Error::missing_field("bus"))?,
+                    devices: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciDeviceClass`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciDeviceClass)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciDeviceClass {
     /// `desc` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -21523,12 +37414,40 @@ pub struct PciDeviceClass {
     pub class: i64,
 }
 
+impl<'de> Deserialize<'de> for PciDeviceClass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciDeviceClass;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciDeviceClass object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciDeviceClass, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "desc" => f0 = m.next_value()?,
+                        "class" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciDeviceClass {
+                    desc: f0,
+                    class: f1.ok_or_else(|| serde::de::Error::missing_field("class"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciDeviceId`.
 ///
 /// Since QEMU 2.4.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciDeviceId)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciDeviceId {
     /// `device`.
     pub device: i64,
@@ -21542,12 +37461,46 @@ pub struct PciDeviceId {
     pub subsystem_vendor: Option<i64>,
 }
 
+impl<'de> Deserialize<'de> for PciDeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciDeviceId;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciDeviceId object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciDeviceId, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "device" => f0 = Some(m.next_value()?),
+                        "vendor" => f1 = Some(m.next_value()?),
+                        "subsystem" => f2 = m.next_value()?,
+                        "subsystem-vendor" => f3 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciDeviceId {
+                    device: f0.ok_or_else(|| serde::de::Error::missing_field("device"))?,
+                    vendor: f1.ok_or_else(|| serde::de::Error::missing_field("vendor"))?,
+                    subsystem: f2,
+                    subsystem_vendor: f3,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciDeviceInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciDeviceInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciDeviceInfo {
     /// `bus`.
     pub bus: i64,
@@ -21573,17 +37526,97 @@ pub struct PciDeviceInfo {
     pub regions: Vec<PciMemoryRegion>,
 }
 
+impl<'de> Deserialize<'de> for PciDeviceInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciDeviceInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciDeviceInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciDeviceInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "bus" => f0 = Some(m.next_value()?),
+                        "slot" => f1 = Some(m.next_value()?),
+                        "function" => f2 = Some(m.next_value()?),
+                        "class_info" => f3 = Some(m.next_value()?),
+                        "id" => f4 = Some(m.next_value()?),
+                        "irq" => f5 = m.next_value()?,
+                        "irq_pin" => f6 = Some(m.next_value()?),
+                        "qdev_id" => f7 = Some(m.next_value()?),
+                        "pci_bridge" => f8 = m.next_value()?,
+                        "regions" => f9 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciDeviceInfo {
+                    bus: f0.ok_or_else(|| serde::de::Error::missing_field("bus"))?,
+                    slot: f1.ok_or_else(|| serde::de::Error::missing_field("slot"))?,
+                    function: f2.ok_or_else(|| serde::de::Error::missing_field("function"))?,
+                    class_info: f3.ok_or_else(|| serde::de::Error::missing_field("class_info"))?,
+                    id: f4.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    irq: f5,
+                    irq_pin: f6.ok_or_else(|| serde::de::Error::missing_field("irq_pin"))?,
+                    qdev_id: f7.ok_or_else(|| serde::de::Error::missing_field("qdev_id"))?,
+                    pci_bridge: f8,
+                    regions: f9.ok_or_else(|| serde::de::Error::missing_field("regions"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `PciInfo`.
 ///
 /// Since QEMU 0.14.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-pci.PciInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PciInfo {
     /// `bus`.
     pub bus: i64,
     /// `devices`.
     pub devices: Vec<PciDeviceInfo>,
+}
+
+impl<'de> Deserialize<'de> for PciInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PciInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a PciInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<PciInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "bus" => f0 = Some(m.next_value()?),
+                        "devices" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(PciInfo {
+                    bus: f0.ok_or_else(|| serde::de::Error::missing_field("bus"))?,
+                    devices: f1.ok_or_else(|| serde::de::Error::missing_field("devices"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `StatsType`.
@@ -21786,7 +37819,7 @@ crate::qapi_enum!(StatsTarget);
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-stats.StatsRequest)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsRequest {
     /// `provider`.
     pub provider: StatsProvider,
@@ -21795,16 +37828,67 @@ pub struct StatsRequest {
     pub names: Option<Vec<String>>,
 }
 
+impl<'de> Deserialize<'de> for StatsRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StatsRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a StatsRequest object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StatsRequest, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "provider" => f0 = Some(m.next_value()?),
+                        "names" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(StatsRequest {
+                    provider: f0.ok_or_else(|| serde::de::Error::missing_field("provider"))?,
+                    names: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `StatsVCPUFilter`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-stats.StatsVCPUFilter)
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StatsVCPUFilter {
     /// `vcpus` (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for StatsVCPUFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StatsVCPUFilter;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a StatsVCPUFilter object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StatsVCPUFilter, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "vcpus" => f0 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(StatsVCPUFilter { vcpus: f0 })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI union `StatsFilter`: the branch is chosen by `target`.
@@ -21870,7 +37954,7 @@ pub enum StatsValue {
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-stats.Stats)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
     /// `name`.
     pub name: String,
@@ -21878,12 +37962,40 @@ pub struct Stats {
     pub value: StatsValue,
 }
 
+impl<'de> Deserialize<'de> for Stats {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Stats;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a Stats object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Stats, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "value" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(Stats {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    value: f1.ok_or_else(|| serde::de::Error::missing_field("value"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `StatsResult`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-stats.StatsResult)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsResult {
     /// `provider`.
     pub provider: StatsProvider,
@@ -21894,12 +38006,43 @@ pub struct StatsResult {
     pub stats: Vec<Stats>,
 }
 
+impl<'de> Deserialize<'de> for StatsResult {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StatsResult;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a StatsResult object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StatsResult, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "provider" => f0 = Some(m.next_value()?),
+                        "qom-path" => f1 = m.next_value()?,
+                        "stats" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(StatsResult {
+                    provider: f0.ok_or_else(|| serde::de::Error::missing_field("provider"))?,
+                    qom_path: f1,
+                    stats: f2.ok_or_else(|| serde::de::Error::missing_field("stats"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `StatsSchemaValue`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-stats.StatsSchemaValue)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsSchemaValue {
     /// `name`.
     pub name: String,
@@ -21918,12 +38061,52 @@ pub struct StatsSchemaValue {
     pub bucket_size: Option<u32>,
 }
 
+impl<'de> Deserialize<'de> for StatsSchemaValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StatsSchemaValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a StatsSchemaValue object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StatsSchemaValue, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        "unit" => f2 = m.next_value()?,
+                        "base" => f3 = m.next_value()?,
+                        "exponent" => f4 = Some(m.next_value()?),
+                        "bucket-size" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(StatsSchemaValue {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    unit: f2,
+                    base: f3,
+                    exponent: f4.ok_or_else(|| serde::de::Error::missing_field("exponent"))?,
+                    bucket_size: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `StatsSchema`.
 ///
 /// Since QEMU 7.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-stats.StatsSchema)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsSchema {
     /// `provider`.
     pub provider: StatsProvider,
@@ -21933,12 +38116,43 @@ pub struct StatsSchema {
     pub stats: Vec<StatsSchemaValue>,
 }
 
+impl<'de> Deserialize<'de> for StatsSchema {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StatsSchema;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a StatsSchema object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<StatsSchema, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "provider" => f0 = Some(m.next_value()?),
+                        "target" => f1 = Some(m.next_value()?),
+                        "stats" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(StatsSchema {
+                    provider: f0.ok_or_else(|| serde::de::Error::missing_field("provider"))?,
+                    target: f1.ok_or_else(|| serde::de::Error::missing_field("target"))?,
+                    stats: f2.ok_or_else(|| serde::de::Error::missing_field("stats"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioInfo`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioInfo {
     /// `path`.
     pub path: String,
@@ -21946,12 +38160,40 @@ pub struct VirtioInfo {
     pub name: String,
 }
 
+impl<'de> Deserialize<'de> for VirtioInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VirtioInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "path" => f0 = Some(m.next_value()?),
+                        "name" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioInfo {
+                    path: f0.ok_or_else(|| serde::de::Error::missing_field("path"))?,
+                    name: f1.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VhostStatus`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VhostStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VhostStatus {
     /// `n-mem-sections`.
     #[serde(rename = "n-mem-sections")]
@@ -21989,12 +38231,72 @@ pub struct VhostStatus {
     pub log_size: u64,
 }
 
+impl<'de> Deserialize<'de> for VhostStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VhostStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VhostStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VhostStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "n-mem-sections" => f0 = Some(m.next_value()?),
+                        "n-tmp-sections" => f1 = Some(m.next_value()?),
+                        "nvqs" => f2 = Some(m.next_value()?),
+                        "vq-index" => f3 = Some(m.next_value()?),
+                        "features" => f4 = Some(m.next_value()?),
+                        "acked-features" => f5 = Some(m.next_value()?),
+                        "backend-features" => f6 = Some(m.next_value()?),
+                        "protocol-features" => f7 = Some(m.next_value()?),
+                        "max-queues" => f8 = Some(m.next_value()?),
+                        "backend-cap" => f9 = Some(m.next_value()?),
+                        "log-enabled" => f10 = Some(m.next_value()?),
+                        "log-size" => f11 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VhostStatus {
+                    n_mem_sections: f0.ok_or_else(|| serde::de::Error::missing_field("n-mem-sections"))?,
+                    n_tmp_sections: f1.ok_or_else(|| serde::de::Error::missing_field("n-tmp-sections"))?,
+                    nvqs: f2.ok_or_else(|| serde::de::Error::missing_field("nvqs"))?,
+                    vq_index: f3.ok_or_else(|| serde::de::Error::missing_field("vq-index"))?,
+                    features: f4.ok_or_else(|| serde::de::Error::missing_field("features"))?,
+                    acked_features: f5.ok_or_else(|| serde::de::Error::missing_field("acked-features"))?,
+                    backend_features: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("backend-features"))?,
+                    protocol_features: f7
+                        .ok_or_else(|| serde::de::Error::missing_field("protocol-features"))?,
+                    max_queues: f8.ok_or_else(|| serde::de::Error::missing_field("max-queues"))?,
+                    backend_cap: f9.ok_or_else(|| serde::de::Error::missing_field("backend-cap"))?,
+                    log_enabled: f10.ok_or_else(|| serde::de::Error::missing_field("log-enabled"))?,
+                    log_size: f11.ok_or_else(|| serde::de::Error::missing_field("log-size"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioStatus`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioStatus {
     /// `name`.
     pub name: String,
@@ -22055,12 +38357,100 @@ pub struct VirtioStatus {
     pub vhost_dev: Option<VhostStatus>,
 }
 
+impl<'de> Deserialize<'de> for VirtioStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VirtioStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                let mut f14 = None;
+                let mut f15 = None;
+                let mut f16 = None;
+                let mut f17 = None;
+                let mut f18 = None;
+                let mut f19 = None;
+                let mut f20 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "device-id" => f1 = Some(m.next_value()?),
+                        "vhost-started" => f2 = Some(m.next_value()?),
+                        "device-endian" => f3 = Some(m.next_value()?),
+                        "guest-features" => f4 = Some(m.next_value()?),
+                        "host-features" => f5 = Some(m.next_value()?),
+                        "backend-features" => f6 = Some(m.next_value()?),
+                        "num-vqs" => f7 = Some(m.next_value()?),
+                        "status" => f8 = Some(m.next_value()?),
+                        "isr" => f9 = Some(m.next_value()?),
+                        "queue-sel" => f10 = Some(m.next_value()?),
+                        "vm-running" => f11 = Some(m.next_value()?),
+                        "broken" => f12 = Some(m.next_value()?),
+                        "disabled" => f13 = Some(m.next_value()?),
+                        "use-started" => f14 = Some(m.next_value()?),
+                        "started" => f15 = Some(m.next_value()?),
+                        "start-on-kick" => f16 = Some(m.next_value()?),
+                        "disable-legacy-check" => f17 = Some(m.next_value()?),
+                        "bus-name" => f18 = Some(m.next_value()?),
+                        "use-guest-notifier-mask" => f19 = Some(m.next_value()?),
+                        "vhost-dev" => f20 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioStatus {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    device_id: f1.ok_or_else(|| serde::de::Error::missing_field("device-id"))?,
+                    vhost_started: f2.ok_or_else(|| serde::de::Error::missing_field("vhost-started"))?,
+                    device_endian: f3.ok_or_else(|| serde::de::Error::missing_field("device-endian"))?,
+                    guest_features: f4.ok_or_else(|| serde::de::Error::missing_field("guest-features"))?,
+                    host_features: f5.ok_or_else(|| serde::de::Error::missing_field("host-features"))?,
+                    backend_features: f6
+                        .ok_or_else(|| serde::de::Error::missing_field("backend-features"))?,
+                    num_vqs: f7.ok_or_else(|| serde::de::Error::missing_field("num-vqs"))?,
+                    status: f8.ok_or_else(|| serde::de::Error::missing_field("status"))?,
+                    isr: f9.ok_or_else(|| serde::de::Error::missing_field("isr"))?,
+                    queue_sel: f10.ok_or_else(|| serde::de::Error::missing_field("queue-sel"))?,
+                    vm_running: f11.ok_or_else(|| serde::de::Error::missing_field("vm-running"))?,
+                    broken: f12.ok_or_else(|| serde::de::Error::missing_field("broken"))?,
+                    disabled: f13.ok_or_else(|| serde::de::Error::missing_field("disabled"))?,
+                    use_started: f14.ok_or_else(|| serde::de::Error::missing_field("use-started"))?,
+                    started: f15.ok_or_else(|| serde::de::Error::missing_field("started"))?,
+                    start_on_kick: f16.ok_or_else(|| serde::de::Error::missing_field("start-on-kick"))?,
+                    disable_legacy_check: f17
+                        .ok_or_else(|| serde::de::Error::missing_field("disable-legacy-check"))?,
+                    bus_name: f18.ok_or_else(|| serde::de::Error::missing_field("bus-name"))?,
+                    use_guest_notifier_mask: f19
+                        .ok_or_else(|| serde::de::Error::missing_field("use-guest-notifier-mask"))?,
+                    vhost_dev: f20,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioDeviceStatus`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioDeviceStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioDeviceStatus {
     /// `statuses`.
     pub statuses: Vec<String>,
@@ -22069,12 +38459,43 @@ pub struct VirtioDeviceStatus {
     pub unknown_statuses: Option<u8>,
 }
 
+impl<'de> Deserialize<'de> for VirtioDeviceStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioDeviceStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioDeviceStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioDeviceStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "statuses" => f0 = Some(m.next_value()?),
+                        "unknown-statuses" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioDeviceStatus {
+                    statuses: f0.ok_or_else(|| serde::de::Error::missing_field("statuses"))?,
+                    unknown_statuses: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VhostDeviceProtocols`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VhostDeviceProtocols)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VhostDeviceProtocols {
     /// `protocols`.
     pub protocols: Vec<String>,
@@ -22083,12 +38504,43 @@ pub struct VhostDeviceProtocols {
     pub unknown_protocols: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for VhostDeviceProtocols {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VhostDeviceProtocols;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VhostDeviceProtocols object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VhostDeviceProtocols, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "protocols" => f0 = Some(m.next_value()?),
+                        "unknown-protocols" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VhostDeviceProtocols {
+                    protocols: f0.ok_or_else(|| serde::de::Error::missing_field("protocols"))?,
+                    unknown_protocols: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioDeviceFeatures`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioDeviceFeatures)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioDeviceFeatures {
     /// `transports`.
     pub transports: Vec<String>,
@@ -22100,12 +38552,46 @@ pub struct VirtioDeviceFeatures {
     pub unknown_dev_features: Option<u64>,
 }
 
+impl<'de> Deserialize<'de> for VirtioDeviceFeatures {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioDeviceFeatures;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioDeviceFeatures object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioDeviceFeatures, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "transports" => f0 = Some(m.next_value()?),
+                        "dev-features" => f1 = m.next_value()?,
+                        "unknown-dev-features" => f2 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioDeviceFeatures {
+                    transports: f0.ok_or_else(|| serde::de::Error::missing_field("transports"))?,
+                    dev_features: f1,
+                    unknown_dev_features: f2,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtQueueStatus`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtQueueStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtQueueStatus {
     /// `name`.
     pub name: String,
@@ -22149,12 +38635,78 @@ pub struct VirtQueueStatus {
     pub signalled_used_valid: bool,
 }
 
+impl<'de> Deserialize<'de> for VirtQueueStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtQueueStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtQueueStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VirtQueueStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                let mut f13 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "queue-index" => f1 = Some(m.next_value()?),
+                        "inuse" => f2 = Some(m.next_value()?),
+                        "vring-num" => f3 = Some(m.next_value()?),
+                        "vring-num-default" => f4 = Some(m.next_value()?),
+                        "vring-align" => f5 = Some(m.next_value()?),
+                        "vring-desc" => f6 = Some(m.next_value()?),
+                        "vring-avail" => f7 = Some(m.next_value()?),
+                        "vring-used" => f8 = Some(m.next_value()?),
+                        "last-avail-idx" => f9 = m.next_value()?,
+                        "shadow-avail-idx" => f10 = m.next_value()?,
+                        "used-idx" => f11 = Some(m.next_value()?),
+                        "signalled-used" => f12 = Some(m.next_value()?),
+                        "signalled-used-valid" => f13 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtQueueStatus {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    queue_index: f1.ok_or_else(|| serde::de::Error::missing_field("queue-index"))?,
+                    inuse: f2.ok_or_else(|| serde::de::Error::missing_field("inuse"))?,
+                    vring_num: f3.ok_or_else(|| serde::de::Error::missing_field("vring-num"))?,
+                    vring_num_default: f4
+                        .ok_or_else(|| serde::de::Error::missing_field("vring-num-default"))?,
+                    vring_align: f5.ok_or_else(|| serde::de::Error::missing_field("vring-align"))?,
+                    vring_desc: f6.ok_or_else(|| serde::de::Error::missing_field("vring-desc"))?,
+                    vring_avail: f7.ok_or_else(|| serde::de::Error::missing_field("vring-avail"))?,
+                    vring_used: f8.ok_or_else(|| serde::de::Error::missing_field("vring-used"))?,
+                    last_avail_idx: f9,
+                    shadow_avail_idx: f10,
+                    used_idx: f11.ok_or_else(|| serde::de::Error::missing_field("used-idx"))?,
+                    signalled_used: f12.ok_or_else(|| serde::de::Error::missing_field("signalled-used"))?,
+                    signalled_used_valid: f13
+                        .ok_or_else(|| serde::de::Error::missing_field("signalled-used-valid"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtVhostQueueStatus`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtVhostQueueStatus)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtVhostQueueStatus {
     /// `name`.
     pub name: String,
@@ -22190,12 +38742,76 @@ pub struct VirtVhostQueueStatus {
     pub used_size: u32,
 }
 
+impl<'de> Deserialize<'de> for VirtVhostQueueStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtVhostQueueStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtVhostQueueStatus object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtVhostQueueStatus, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                let mut f6 = None;
+                let mut f7 = None;
+                let mut f8 = None;
+                let mut f9 = None;
+                let mut f10 = None;
+                let mut f11 = None;
+                let mut f12 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "kick" => f1 = Some(m.next_value()?),
+                        "call" => f2 = Some(m.next_value()?),
+                        "desc" => f3 = Some(m.next_value()?),
+                        "avail" => f4 = Some(m.next_value()?),
+                        "used" => f5 = Some(m.next_value()?),
+                        "num" => f6 = Some(m.next_value()?),
+                        "desc-phys" => f7 = Some(m.next_value()?),
+                        "desc-size" => f8 = Some(m.next_value()?),
+                        "avail-phys" => f9 = Some(m.next_value()?),
+                        "avail-size" => f10 = Some(m.next_value()?),
+                        "used-phys" => f11 = Some(m.next_value()?),
+                        "used-size" => f12 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtVhostQueueStatus {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    kick: f1.ok_or_else(|| serde::de::Error::missing_field("kick"))?,
+                    call: f2.ok_or_else(|| serde::de::Error::missing_field("call"))?,
+                    desc: f3.ok_or_else(|| serde::de::Error::missing_field("desc"))?,
+                    avail: f4.ok_or_else(|| serde::de::Error::missing_field("avail"))?,
+                    used: f5.ok_or_else(|| serde::de::Error::missing_field("used"))?,
+                    num: f6.ok_or_else(|| serde::de::Error::missing_field("num"))?,
+                    desc_phys: f7.ok_or_else(|| serde::de::Error::missing_field("desc-phys"))?,
+                    desc_size: f8.ok_or_else(|| serde::de::Error::missing_field("desc-size"))?,
+                    avail_phys: f9.ok_or_else(|| serde::de::Error::missing_field("avail-phys"))?,
+                    avail_size: f10.ok_or_else(|| serde::de::Error::missing_field("avail-size"))?,
+                    used_phys: f11.ok_or_else(|| serde::de::Error::missing_field("used-phys"))?,
+                    used_size: f12.ok_or_else(|| serde::de::Error::missing_field("used-size"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioRingDesc`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioRingDesc)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioRingDesc {
     /// `addr`.
     pub addr: u64,
@@ -22205,12 +38821,43 @@ pub struct VirtioRingDesc {
     pub flags: Vec<String>,
 }
 
+impl<'de> Deserialize<'de> for VirtioRingDesc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioRingDesc;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioRingDesc object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VirtioRingDesc, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "addr" => f0 = Some(m.next_value()?),
+                        "len" => f1 = Some(m.next_value()?),
+                        "flags" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioRingDesc {
+                    addr: f0.ok_or_else(|| serde::de::Error::missing_field("addr"))?,
+                    len: f1.ok_or_else(|| serde::de::Error::missing_field("len"))?,
+                    flags: f2.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioRingAvail`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioRingAvail)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioRingAvail {
     /// `flags`.
     pub flags: u16,
@@ -22220,12 +38867,43 @@ pub struct VirtioRingAvail {
     pub ring: u16,
 }
 
+impl<'de> Deserialize<'de> for VirtioRingAvail {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioRingAvail;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioRingAvail object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VirtioRingAvail, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "flags" => f0 = Some(m.next_value()?),
+                        "idx" => f1 = Some(m.next_value()?),
+                        "ring" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioRingAvail {
+                    flags: f0.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                    idx: f1.ok_or_else(|| serde::de::Error::missing_field("idx"))?,
+                    ring: f2.ok_or_else(|| serde::de::Error::missing_field("ring"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioRingUsed`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioRingUsed)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioRingUsed {
     /// `flags`.
     pub flags: u16,
@@ -22233,12 +38911,40 @@ pub struct VirtioRingUsed {
     pub idx: u16,
 }
 
+impl<'de> Deserialize<'de> for VirtioRingUsed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioRingUsed;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioRingUsed object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<VirtioRingUsed, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "flags" => f0 = Some(m.next_value()?),
+                        "idx" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioRingUsed {
+                    flags: f0.ok_or_else(|| serde::de::Error::missing_field("flags"))?,
+                    idx: f1.ok_or_else(|| serde::de::Error::missing_field("idx"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `VirtioQueueElement`.
 ///
 /// Since QEMU 7.2.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.VirtioQueueElement)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VirtioQueueElement {
     /// `name`.
     pub name: String,
@@ -22252,12 +38958,52 @@ pub struct VirtioQueueElement {
     pub used: VirtioRingUsed,
 }
 
+impl<'de> Deserialize<'de> for VirtioQueueElement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = VirtioQueueElement;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a VirtioQueueElement object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<VirtioQueueElement, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "name" => f0 = Some(m.next_value()?),
+                        "index" => f1 = Some(m.next_value()?),
+                        "descs" => f2 = Some(m.next_value()?),
+                        "avail" => f3 = Some(m.next_value()?),
+                        "used" => f4 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(VirtioQueueElement {
+                    name: f0.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    index: f1.ok_or_else(|| serde::de::Error::missing_field("index"))?,
+                    descs: f2.ok_or_else(|| serde::de::Error::missing_field("descs"))?,
+                    avail: f3.ok_or_else(|| serde::de::Error::missing_field("avail"))?,
+                    used: f4.ok_or_else(|| serde::de::Error::missing_field("used"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `IOThreadVirtQueueMapping`.
 ///
 /// Since QEMU 9.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.IOThreadVirtQueueMapping)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IOThreadVirtQueueMapping {
     /// `iothread`.
     pub iothread: String,
@@ -22266,16 +39012,76 @@ pub struct IOThreadVirtQueueMapping {
     pub vqs: Option<Vec<u16>>,
 }
 
+impl<'de> Deserialize<'de> for IOThreadVirtQueueMapping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IOThreadVirtQueueMapping;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a IOThreadVirtQueueMapping object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<IOThreadVirtQueueMapping, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "iothread" => f0 = Some(m.next_value()?),
+                        "vqs" => f1 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(IOThreadVirtQueueMapping {
+                    iothread: f0.ok_or_else(|| serde::de::Error::missing_field("iothread"))?,
+                    vqs: f1,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `DummyVirtioForceArrays`.
 ///
 /// Since QEMU 9.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-virtio.DummyVirtioForceArrays)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DummyVirtioForceArrays {
     /// `unused-iothread-vq-mapping`.
     #[serde(rename = "unused-iothread-vq-mapping")]
     pub unused_iothread_vq_mapping: Vec<IOThreadVirtQueueMapping>,
+}
+
+impl<'de> Deserialize<'de> for DummyVirtioForceArrays {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DummyVirtioForceArrays;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a DummyVirtioForceArrays object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<DummyVirtioForceArrays, A::Error> {
+                let mut f0 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "unused-iothread-vq-mapping" => f0 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(DummyVirtioForceArrays {
+                    unused_iothread_vq_mapping: f0
+                        .ok_or_else(|| serde::de::Error::missing_field("unused-iothread-vq-mapping"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `GranuleMode`.
@@ -22604,7 +39410,7 @@ crate::qapi_enum!(QCryptodevBackendType);
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-cryptodev.QCryptodevBackendClient)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptodevBackendClient {
     /// `queue`.
     pub queue: u32,
@@ -22612,12 +39418,43 @@ pub struct QCryptodevBackendClient {
     pub r#type: QCryptodevBackendType,
 }
 
+impl<'de> Deserialize<'de> for QCryptodevBackendClient {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptodevBackendClient;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptodevBackendClient object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<QCryptodevBackendClient, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "queue" => f0 = Some(m.next_value()?),
+                        "type" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptodevBackendClient {
+                    queue: f0.ok_or_else(|| serde::de::Error::missing_field("queue"))?,
+                    r#type: f1.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `QCryptodevInfo`.
 ///
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-cryptodev.QCryptodevInfo)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QCryptodevInfo {
     /// `id`.
     pub id: String,
@@ -22625,6 +39462,37 @@ pub struct QCryptodevInfo {
     pub service: Vec<QCryptodevBackendServiceType>,
     /// `client`.
     pub client: Vec<QCryptodevBackendClient>,
+}
+
+impl<'de> Deserialize<'de> for QCryptodevInfo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = QCryptodevInfo;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a QCryptodevInfo object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<QCryptodevInfo, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "id" => f0 = Some(m.next_value()?),
+                        "service" => f1 = Some(m.next_value()?),
+                        "client" => f2 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(QCryptodevInfo {
+                    id: f0.ok_or_else(|| serde::de::Error::missing_field("id"))?,
+                    service: f1.ok_or_else(|| serde::de::Error::missing_field("service"))?,
+                    client: f2.ok_or_else(|| serde::de::Error::missing_field("client"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `CxlEventLog`.
@@ -22793,12 +39661,43 @@ crate::qapi_enum!(CxlUncorErrorType);
 /// Since QEMU 8.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-cxl.CXLUncorErrorRecord)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CXLUncorErrorRecord {
     /// `type`.
     pub r#type: CxlUncorErrorType,
     /// `header`.
     pub header: Vec<u32>,
+}
+
+impl<'de> Deserialize<'de> for CXLUncorErrorRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CXLUncorErrorRecord;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CXLUncorErrorRecord object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CXLUncorErrorRecord, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "type" => f0 = Some(m.next_value()?),
+                        "header" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CXLUncorErrorRecord {
+                    r#type: f0.ok_or_else(|| serde::de::Error::missing_field("type"))?,
+                    header: f1.ok_or_else(|| serde::de::Error::missing_field("header"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `CxlCorErrorType`.
@@ -22874,12 +39773,43 @@ crate::qapi_enum!(CxlCorErrorType);
 /// Since QEMU 9.1.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-cxl.CxlDynamicCapacityExtent)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CxlDynamicCapacityExtent {
     /// `offset`.
     pub offset: u64,
     /// `len`.
     pub len: u64,
+}
+
+impl<'de> Deserialize<'de> for CxlDynamicCapacityExtent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CxlDynamicCapacityExtent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a CxlDynamicCapacityExtent object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CxlDynamicCapacityExtent, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "offset" => f0 = Some(m.next_value()?),
+                        "len" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(CxlDynamicCapacityExtent {
+                    offset: f0.ok_or_else(|| serde::de::Error::missing_field("offset"))?,
+                    len: f1.ok_or_else(|| serde::de::Error::missing_field("len"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// QAPI enum `CxlExtentSelectionPolicy`.
@@ -22983,7 +39913,7 @@ crate::qapi_enum!(CxlExtentRemovalPolicy);
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-uefi.UefiVariable)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UefiVariable {
     /// `guid`.
     pub guid: String,
@@ -23001,15 +39931,83 @@ pub struct UefiVariable {
     pub digest: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for UefiVariable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UefiVariable;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UefiVariable object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<UefiVariable, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                let mut f2 = None;
+                let mut f3 = None;
+                let mut f4 = None;
+                let mut f5 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "guid" => f0 = Some(m.next_value()?),
+                        "name" => f1 = Some(m.next_value()?),
+                        "attr" => f2 = Some(m.next_value()?),
+                        "data" => f3 = Some(m.next_value()?),
+                        "time" => f4 = m.next_value()?,
+                        "digest" => f5 = m.next_value()?,
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(UefiVariable {
+                    guid: f0.ok_or_else(|| serde::de::Error::missing_field("guid"))?,
+                    name: f1.ok_or_else(|| serde::de::Error::missing_field("name"))?,
+                    attr: f2.ok_or_else(|| serde::de::Error::missing_field("attr"))?,
+                    data: f3.ok_or_else(|| serde::de::Error::missing_field("data"))?,
+                    time: f4,
+                    digest: f5,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// QAPI struct `UefiVarStore`.
 ///
 /// Since QEMU 10.0.
 ///
 /// [QEMU's reference](https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html#object-QMP-uefi.UefiVarStore)
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UefiVarStore {
     /// `version`.
     pub version: i64,
     /// `variables`.
     pub variables: Vec<UefiVariable>,
+}
+
+impl<'de> Deserialize<'de> for UefiVarStore {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UefiVarStore;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UefiVarStore object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<UefiVarStore, A::Error> {
+                let mut f0 = None;
+                let mut f1 = None;
+                while let Some(k) = m.next_key::<crate::de::Key<'de>>()? {
+                    match k.as_str() {
+                        "version" => f0 = Some(m.next_value()?),
+                        "variables" => f1 = Some(m.next_value()?),
+                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(UefiVarStore {
+                    version: f0.ok_or_else(|| serde::de::Error::missing_field("version"))?,
+                    variables: f1.ok_or_else(|| serde::de::Error::missing_field("variables"))?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
