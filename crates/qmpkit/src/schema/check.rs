@@ -168,8 +168,8 @@ fn command_since(name: &str) -> Option<&'static str> {
     qmpkit_qapi::meta::command(name).and_then(|c| c.since)
 }
 
-/// An argument's own `since`, else its command's (or its argument type's,
-/// for a command whose arguments are a named type).
+/// An argument's own `since`, when QEMU's schema documents one. Never its
+/// command's: an argument a server lacks is newer than its command.
 fn argument_since(command: &str, arg: &str) -> Option<&'static str> {
     use qmpkit_qapi::meta;
     if let Some(since) = meta::member(command, arg).and_then(|m| m.since) {
@@ -188,7 +188,6 @@ fn argument_since(command: &str, arg: &str) -> Option<&'static str> {
     ARG_TYPES
         .get(command)
         .and_then(|ty| meta::member(ty, arg).and_then(|m| m.since))
-        .or_else(|| command_since(command))
 }
 
 fn unsupported(what: String, since: Option<&'static str>, server: &Version) -> Error {
@@ -260,6 +259,34 @@ mod tests {
         checks
             .check(&schema, "query-status", &json!(null), &V8_1)
             .expect("a command the server has in full");
+    }
+
+    #[test]
+    fn an_argument_with_its_own_version_is_named_with_it() {
+        // QEMU 8.2's migrate-incoming: no `exit-on-error` yet.
+        let schema = Schema::from_reply(&json!([
+            {"name": "migrate-incoming", "meta-type": "command", "arg-type": "1", "ret-type": "0"},
+            {"name": "1", "meta-type": "object", "members": [
+                {"name": "uri", "type": "str", "default": null},
+                {"name": "channels", "type": "[2]", "default": null}]}
+        ]));
+        let v8_2 = Version {
+            major: 8,
+            minor: 2,
+            micro: 0,
+        };
+        let e = Checks::default()
+            .check(
+                &schema,
+                "migrate-incoming",
+                &json!({"uri": "defer", "exit-on-error": false}),
+                &v8_2,
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this QEMU (8.2.0) has no argument `exit-on-error` of command `migrate-incoming`, which QEMU has had since 9.1"
+        );
     }
 
     #[test]
