@@ -339,11 +339,10 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn check<C: Command>(&self, command: &C) -> Result<()> {
-        let checks = &self.inner.checks;
-        let Some(schema) = checks.schema(|| self.schema()).await? else {
-            return Ok(());
-        };
-        checks.check(&schema, C::NAME, command, &self.inner.shared.greeting.version)
+        match self.inner.checks.judgement(|| self.schema()).await? {
+            Some(judgement) => judgement.check(C::NAME, command, &self.inner.shared.greeting.version),
+            None => Ok(()),
+        }
     }
 
     /// Sends one request and waits for its reply within its budget.

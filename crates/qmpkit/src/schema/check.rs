@@ -15,7 +15,7 @@
 //! argument looks at the arguments the call sets.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock};
 
 use serde::Serialize;
 
@@ -69,27 +69,35 @@ enum Verdict {
     Without(HashSet<&'static str>),
 }
 
-/// One connection's verdicts, by command name, and the schema they come
-/// from (`None` when the server would not give it: no checks then).
+/// One connection's view of its server: the schema, and a verdict for
+/// each generated command the server does not have in full, made once when
+/// the schema arrives so that a call takes no lock.
+pub(crate) struct Judged {
+    schema: Arc<Schema>,
+    partial: HashMap<&'static str, Verdict>,
+}
+
+/// The checks of one connection (`None` inside when the server would not
+/// give its schema: no checks then).
 #[derive(Default)]
 pub(crate) struct Checks {
-    schema: tokio::sync::OnceCell<Option<Arc<Schema>>>,
-    verdicts: Mutex<HashMap<&'static str, Arc<Verdict>>>,
+    judged: tokio::sync::OnceCell<Option<Judged>>,
 }
 
 impl Checks {
     /// The server's schema for checking, fetched with `fetch` on first use.
     /// A server that does not answer `query-qmp-schema` (a fake, a proxy)
     /// is not checked; one that cannot be reached fails the call.
-    pub(crate) async fn schema<F, Fut>(&self, fetch: F) -> Result<Option<Arc<Schema>>>
+    pub(crate) async fn judgement<F, Fut>(&self, fetch: F) -> Result<Option<&Judged>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Arc<Schema>>>,
     {
-        self.schema
+        let judged = self
+            .judged
             .get_or_try_init(|| async {
                 match fetch().await {
-                    Ok(schema) => Ok(Some(schema)),
+                    Ok(schema) => Ok(Some(Judged::new(schema))),
                     Err(Error::Qmp(e)) => {
                         tracing::debug!("no schema to check typed calls against: {e}");
                         Ok(None)
@@ -97,27 +105,41 @@ impl Checks {
                     Err(e) => Err(e),
                 }
             })
-            .await
-            .cloned()
+            .await?;
+        Ok(judged.as_ref())
     }
+}
 
-    /// Fails with [`Error::Unsupported`] when `schema` lacks command `name`
-    /// or an argument that `args` sets.
+impl Judged {
+    fn new(schema: Arc<Schema>) -> Self {
+        let partial = qmpkit_qapi::meta::COMMANDS
+            .iter()
+            .filter_map(|c| match judge(&schema, c.name) {
+                Verdict::Whole => None,
+                v => Some((c.name, v)),
+            })
+            .collect();
+        Judged { schema, partial }
+    }
+}
+
+impl Judged {
+    /// Fails with [`Error::Unsupported`] when the server lacks command
+    /// `name` or an argument that `args` sets.
     pub(crate) fn check<A: Serialize + ?Sized>(
         &self,
-        schema: &Schema,
         name: &'static str,
         args: &A,
         server: &Version,
     ) -> Result<()> {
-        let verdict = {
-            let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-            verdicts
-                .entry(name)
-                .or_insert_with(|| Arc::new(judge(schema, name)))
-                .clone()
+        let verdict = match self.partial.get(name) {
+            Some(v) => v,
+            // A generated command the server has in full, or one of the
+            // caller's own making.
+            None if self.schema.has_command(name) => return Ok(()),
+            None => &Verdict::NoCommand,
         };
-        match &*verdict {
+        match verdict {
             Verdict::Whole => Ok(()),
             Verdict::NoCommand => Err(unsupported(
                 format!("command `{name}`"),
@@ -145,7 +167,7 @@ impl Checks {
     }
 }
 
-fn judge(schema: &Schema, name: &'static str) -> Verdict {
+fn judge(schema: &Schema, name: &str) -> Verdict {
     let Some(live) = schema.arguments(name) else {
         return Verdict::NoCommand;
     };
@@ -203,6 +225,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn judgement(schema: Schema) -> Judged {
+        Judged::new(Arc::new(schema))
+    }
+
     const V8_1: Version = Version {
         major: 8,
         minor: 1,
@@ -225,9 +251,9 @@ mod tests {
 
     #[test]
     fn a_command_the_server_lacks_is_named_with_its_version() {
-        let checks = Checks::default();
+        let checks = judgement(old_schema());
         let e = checks
-            .check(&old_schema(), "query-stats", &json!({"target": "vm"}), &V8_1)
+            .check("query-stats", &json!({"target": "vm"}), &V8_1)
             .unwrap_err();
         let Error::Unsupported { what, since, server } = &e else {
             panic!("{e:?}")
@@ -243,13 +269,12 @@ mod tests {
 
     #[test]
     fn only_an_argument_the_call_sets_counts() {
-        let checks = Checks::default();
-        let schema = old_schema();
+        let checks = judgement(old_schema());
         checks
-            .check(&schema, "migrate", &json!({"uri": "unix:/x"}), &V8_1)
+            .check("migrate", &json!({"uri": "unix:/x"}), &V8_1)
             .expect("a call without `channels` is fine on 8.1");
         let e = checks
-            .check(&schema, "migrate", &json!({"channels": []}), &V8_1)
+            .check("migrate", &json!({"channels": []}), &V8_1)
             .unwrap_err();
         assert!(
             e.to_string()
@@ -257,7 +282,7 @@ mod tests {
             "{e}"
         );
         checks
-            .check(&schema, "query-status", &json!(null), &V8_1)
+            .check("query-status", &json!(null), &V8_1)
             .expect("a command the server has in full");
     }
 
@@ -275,9 +300,8 @@ mod tests {
             minor: 2,
             micro: 0,
         };
-        let e = Checks::default()
+        let e = judgement(schema)
             .check(
-                &schema,
                 "migrate-incoming",
                 &json!({"uri": "defer", "exit-on-error": false}),
                 &v8_2,
