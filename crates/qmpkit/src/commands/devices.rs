@@ -190,6 +190,7 @@ impl ObjectSpec {
 
 /// One PCI bus and the devices on it (an entry of `query-pci`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciBus {
     /// The bus number.
     #[serde(default)]
@@ -201,6 +202,7 @@ pub struct PciBus {
 
 /// A PCI device.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciDevice {
     /// The device's id (empty for devices the machine created itself).
     #[serde(rename = "qdev_id", default)]
@@ -224,6 +226,7 @@ pub struct PciDevice {
 
 /// A PCI device's class.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciClassInfo {
     /// The class code.
     #[serde(default)]
@@ -235,6 +238,7 @@ pub struct PciClassInfo {
 
 /// The bus behind a PCI bridge.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciBridge {
     /// The devices behind the bridge. QEMU lists them only once the firmware
     /// has numbered the bridge's secondary bus (after the guest started).
@@ -273,10 +277,7 @@ impl Client {
     #[doc(alias = "AddDevice")]
     #[doc(alias = "device_add")]
     pub async fn add_device(&self, device: &DeviceSpec) -> Result<()> {
-        self.call::<_, Empty>("device_add", device)
-            .await
-            .map(drop)
-            .map_err(Error::classify_in_use)
+        self.call::<_, Empty>("device_add", device).await.map(drop)
     }
 
     /// Asks QEMU to remove a device (`device_del`) and returns once QEMU
@@ -419,7 +420,7 @@ impl Client {
         {
             Ok(_) => Ok(()),
             Err(e) if gone_by_go_rule(&e) => Ok(()),
-            Err(e) => Err(e.classify_in_use()),
+            Err(e) => Err(e),
         }
     }
 
@@ -449,7 +450,6 @@ impl Client {
             .call::<_, Empty>(self, "netdev_del", &json!({ "id": netdev_id }))
             .await
             .map(drop)
-            .map_err(Error::classify_in_use)
     }
 
     /// Connects or disconnects a NIC's link, as if its cable were plugged
@@ -469,20 +469,16 @@ impl Client {
     #[doc(alias = "AddObject")]
     #[doc(alias = "object-add")]
     pub async fn add_object(&self, object: &ObjectSpec) -> Result<()> {
-        self.call::<_, Empty>("object-add", object)
-            .await
-            .map(drop)
-            .map_err(Error::classify_in_use)
+        self.call::<_, Empty>("object-add", object).await.map(drop)
     }
 
     /// Removes a QOM object (`object-del`). One still used by a device is
-    /// [`Error::InUse`]; one that does not exist is a not-found error.
+    /// an error for which [`Error::is_in_use`] is true; one that does not exist is a not-found error.
     #[doc(alias = "object-del")]
     pub async fn remove_object(&self, id: &str) -> Result<()> {
         self.call::<_, Empty>("object-del", &json!({ "id": id }))
             .await
             .map(drop)
-            .map_err(Error::classify_in_use)
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,

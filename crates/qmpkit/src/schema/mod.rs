@@ -24,6 +24,7 @@ struct CommandInfo {
 
 /// One member (argument or field) of an object type.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Member {
     /// The member's name.
     pub name: String,
