@@ -98,6 +98,11 @@ impl Schema {
         schema
     }
 
+    /// How many commands the server has (0 when its reply was not a schema).
+    pub fn command_count(&self) -> usize {
+        self.commands.len()
+    }
+
     /// True when the server has this command.
     pub fn has_command(&self, name: &str) -> bool {
         self.commands.contains_key(name)
