@@ -746,6 +746,92 @@ async fn an_unplug_asked_for_while_the_guest_boots_is_dropped() {
     g.console.wait_online_cpus(1).await;
 }
 
+/// The library's waiting removal on what the test above documents: a CPU
+/// reported gone only by its lapic is removed (the call returns `Ok`: with
+/// a timeout of minutes, nothing else can end it so), and a guest that
+/// refuses a CPU's or a DIMM's eject ends the call with the refusal (the
+/// only path to [`qmpkit::Error::UnplugRefused`] is the guest's `_OST`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_device_and_wait_removes_a_cpu_and_reports_a_refusal_at_once() {
+    let mut g = boot().await;
+    let slots = g.mon.query_hotpluggable_cpus().await.unwrap();
+    let free: Vec<_> = slots.iter().filter(|s| s.qom_path.is_none()).collect();
+    within(10, g.mon.add_device(&free[0].device("cpu1")))
+        .await
+        .unwrap();
+    g.console.wait_online_cpus(2).await;
+
+    unplug_and_wait(&g.mon, "cpu1").await;
+    assert!(!g.qom_has("cpu1").await);
+    assert_eq!(g.mon.query_cpus().await.unwrap().len(), 1);
+    g.console.wait_online_cpus(1).await;
+
+    // Refused: a fresh slot (TCG never reuses a vCPU's context, and more
+    // vCPUs over the VM's life than maxcpus abort QEMU).
+    within(10, g.mon.add_device(&free[1].device("cpu2")))
+        .await
+        .unwrap();
+    g.console.wait_online_cpus(2).await;
+    assert_eq!(g.console.ask("refuse-unplug processor").await, "processor");
+    let err = within(UNPLUG.as_secs() + 10, g.mon.remove_device_and_wait("cpu2", UNPLUG))
+        .await
+        .unwrap_err();
+    match &err {
+        qmpkit::Error::UnplugRefused { device, status } => {
+            assert_eq!((device.as_str(), *status), ("cpu2", OST_STATUS_REMOVE_NOT_SUPPORTED));
+        }
+        other => panic!("expected UnplugRefused, got {other:?}"),
+    }
+    assert!(g.qom_has("cpu2").await);
+    assert_eq!(g.mon.query_cpus().await.unwrap().len(), 2);
+    assert_eq!(g.console.online_cpus().await, 2);
+
+    // A DIMM the guest will not give back.
+    let before = g.console.mem_total_kb().await;
+    let backend = ObjectSpec::new("memory-backend-ram", "mem1").prop("size", DIMM_BYTES);
+    within(10, g.mon.add_object(&backend)).await.unwrap();
+    let dimm = DeviceSpec::new("pc-dimm").id("dimm1").prop("memdev", "mem1");
+    within(10, g.mon.add_device(&dimm)).await.unwrap();
+    g.console
+        .ask_until("meminfo", |a| a.parse::<u64>().ok() == Some(before + DIMM_KB))
+        .await;
+    assert_eq!(g.console.ask("refuse-unplug memory").await, "memory");
+    let err = within(UNPLUG.as_secs() + 10, g.mon.remove_device_and_wait("dimm1", UNPLUG))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, qmpkit::Error::UnplugRefused { device, .. } if device == "dimm1"),
+        "{err:?}"
+    );
+    assert!(g.qom_has("dimm1").await);
+    assert_eq!(g.console.mem_total_kb().await, before + DIMM_KB);
+}
+
+/// The library's waiting removal, asked for while the guest boots: QEMU
+/// drops the first request (see the test above), the call sends it again
+/// until the booted guest lets the NIC go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_device_and_wait_during_boot_succeeds_by_asking_again() {
+    let mut g = launch(&[
+        "-netdev",
+        "user,id=net0",
+        "-device",
+        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
+    ])
+    .await;
+    g.start().await;
+    // BOOT_SECS: the call has to outlast the boot.
+    within(
+        BOOT_SECS + 10,
+        g.mon.remove_device_and_wait("nic0", Duration::from_secs(BOOT_SECS)),
+    )
+    .await
+    .expect("the NIC's unplug, asked for during boot");
+    assert!(!g.qom_has("nic0").await);
+    g.ready().await;
+    assert_eq!(g.console.ask("net").await, "lo");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hotplugged_memory_reaches_memtotal_and_a_refused_unplug_keeps_it() {
     let mut g = boot().await;
