@@ -206,6 +206,12 @@ impl Error {
         matches!(self, Error::EventsMissed { .. })
     }
 
+    /// True when a migration waited for was cancelled (an
+    /// [`Error::MigrationFailed`] whose status is `cancelled`).
+    pub fn is_migration_cancelled(&self) -> bool {
+        matches!(self, Error::MigrationFailed { status, .. } if status == "cancelled")
+    }
+
     /// True when the guest refused an unplug (see [`Error::UnplugRefused`]).
     pub fn is_unplug_refused(&self) -> bool {
         matches!(self, Error::UnplugRefused { .. })
