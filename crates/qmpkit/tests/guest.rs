@@ -1114,9 +1114,10 @@ async fn a_dirtying_guest_completes_through_postcopy() {
     let done = src.mon.query_migrate().await.unwrap();
     assert!(done.ram.postcopy_bytes > 0, "{done:?}");
 
-    if dst.mon.status().await.unwrap() != RunState::Running {
-        dst.start().await;
-    }
+    // Started with -S, the target ran the guest for post-copy only as far
+    // as QEMU's own needs go: it holds it paused until told.
+    assert_eq!(dst.mon.status().await.unwrap(), RunState::Paused);
+    dst.start().await;
     assert_eq!(dst.mon.status().await.unwrap(), RunState::Running);
     assert_eq!(dst.console.ask("echo moved").await, "moved");
     assert_eq!(dst.console.ask(&format!("sh kill -0 {dirty}")).await, "0");
