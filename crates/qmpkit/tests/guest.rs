@@ -774,12 +774,18 @@ async fn remove_device_and_wait_removes_a_cpu_and_reports_a_refusal_at_once() {
         .unwrap();
     g.console.wait_online_cpus(2).await;
     assert_eq!(g.console.ask("refuse-unplug processor").await, "processor");
-    let err = within(UNPLUG.as_secs() + 10, g.mon.remove_device_and_wait("cpu2", UNPLUG))
-        .await
-        .unwrap_err();
+    let err = within(
+        UNPLUG.as_secs() + 10,
+        g.mon.remove_device_and_wait("cpu2", UNPLUG),
+    )
+    .await
+    .unwrap_err();
     match &err {
         qmpkit::Error::UnplugRefused { device, status } => {
-            assert_eq!((device.as_str(), *status), ("cpu2", OST_STATUS_REMOVE_NOT_SUPPORTED));
+            assert_eq!(
+                (device.as_str(), *status),
+                ("cpu2", OST_STATUS_REMOVE_NOT_SUPPORTED)
+            );
         }
         other => panic!("expected UnplugRefused, got {other:?}"),
     }
@@ -797,9 +803,12 @@ async fn remove_device_and_wait_removes_a_cpu_and_reports_a_refusal_at_once() {
         .ask_until("meminfo", |a| a.parse::<u64>().ok() == Some(before + DIMM_KB))
         .await;
     assert_eq!(g.console.ask("refuse-unplug memory").await, "memory");
-    let err = within(UNPLUG.as_secs() + 10, g.mon.remove_device_and_wait("dimm1", UNPLUG))
-        .await
-        .unwrap_err();
+    let err = within(
+        UNPLUG.as_secs() + 10,
+        g.mon.remove_device_and_wait("dimm1", UNPLUG),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(&err, qmpkit::Error::UnplugRefused { device, .. } if device == "dimm1"),
         "{err:?}"
@@ -824,7 +833,8 @@ async fn remove_device_and_wait_during_boot_succeeds_by_asking_again() {
     // BOOT_SECS: the call has to outlast the boot.
     within(
         BOOT_SECS + 10,
-        g.mon.remove_device_and_wait("nic0", Duration::from_secs(BOOT_SECS)),
+        g.mon
+            .remove_device_and_wait("nic0", Duration::from_secs(BOOT_SECS)),
     )
     .await
     .expect("the NIC's unplug, asked for during boot");
@@ -906,11 +916,7 @@ const TIGHT_BANDWIDTH: u64 = 8 << 20;
 async fn give_migration_fd(mon: &Monitor, fd: std::os::fd::OwnedFd) {
     within(
         10,
-        mon.call_with::<_, Empty>(
-            "getfd",
-            &json!({"fdname": "mig"}),
-            CallOptions::new().fds([fd]),
-        ),
+        mon.call_with::<_, Empty>("getfd", &json!({"fdname": "mig"}), CallOptions::new().fds([fd])),
     )
     .await
     .unwrap();
@@ -919,8 +925,7 @@ async fn give_migration_fd(mon: &Monitor, fd: std::os::fd::OwnedFd) {
 /// Starts the guest's `dirty` loop and returns its pid.
 async fn start_dirtying(g: &mut Guest) -> u32 {
     let pid = g.console.ask("dirty").await;
-    pid.parse()
-        .unwrap_or_else(|_| panic!("dirty answered {pid:?}"))
+    pid.parse().unwrap_or_else(|_| panic!("dirty answered {pid:?}"))
 }
 
 /// Waits until the source has synced the dirty bitmap `rounds` times with
@@ -952,9 +957,7 @@ async fn a_dirtying_guest_migrates_once_tuned_and_keeps_its_agent_state() {
     give_migration_fd(&src.mon, a.into()).await;
     give_migration_fd(&dst.mon, b.into()).await;
 
-    within(10, src.mon.migrate_set_auto_converge(true))
-        .await
-        .unwrap();
+    within(10, src.mon.migrate_set_auto_converge(true)).await.unwrap();
     let tight = MigrationTuning::new()
         .max_bandwidth(TIGHT_BANDWIDTH)
         .downtime_limit(Duration::from_millis(1))
@@ -979,7 +982,10 @@ async fn a_dirtying_guest_migrates_once_tuned_and_keeps_its_agent_state() {
     // more sent each time, auto-converge throttling, still not done.
     let early = dirty_rounds(&src.mon, 2).await;
     let later = dirty_rounds(&src.mon, early.ram.dirty_sync_count + 2).await;
-    assert!(later.ram.transferred > early.ram.transferred, "{early:?}\n{later:?}");
+    assert!(
+        later.ram.transferred > early.ram.transferred,
+        "{early:?}\n{later:?}"
+    );
     assert!(later.cpu_throttle_percentage > 0, "auto-converge: {later:?}");
     assert_eq!(later.status, "active");
 
@@ -1013,10 +1019,7 @@ async fn a_dirtying_guest_migrates_once_tuned_and_keeps_its_agent_state() {
     assert!(!dst.mon.agent_started());
     dst.mon.set_agent_started(src.mon.agent_started()).unwrap();
     assert!(dst.mon.agent_started());
-    assert_eq!(
-        dst.console.ask("sh . /etc/guest.sh; agent STOPPED").await,
-        "0"
-    );
+    assert_eq!(dst.console.ask("sh . /etc/guest.sh; agent STOPPED").await, "0");
     assert!(!within(10, dst.mon.check_agent()).await.unwrap());
     dst.events.next(EVENT_AGENT_STOPPED).await;
     assert!(

@@ -163,7 +163,11 @@ async fn bad_migration_requests_fail_with_typed_errors() {
         // Out of QEMU's range: refused, nothing changed.
         let before = c.query_migrate_parameters().await.unwrap();
         let e = c
-            .migrate_tune(&MigrationTuning::new().max_bandwidth(1 << 20).cpu_throttle(100, 10))
+            .migrate_tune(
+                &MigrationTuning::new()
+                    .max_bandwidth(1 << 20)
+                    .cpu_throttle(100, 10),
+            )
             .await
             .unwrap_err();
         assert!(e.is_qmp(), "{e:?}");

@@ -155,9 +155,7 @@ fn count(log: &Log, name: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_reported_gone_by_its_lapic_alone_is_removed_once_qom_agrees() {
     let (_srv, c, log) = fake(Play::LapicOnly).await;
-    within(10, c.remove_device_and_wait("cpu1", LONG))
-        .await
-        .unwrap();
+    within(10, c.remove_device_and_wait("cpu1", LONG)).await.unwrap();
     // It asked QOM about the CPU itself before believing the lapic.
     assert_eq!(count(&log, "device_del"), 1);
     assert_eq!(count(&log, "qom-get"), 1);
@@ -185,27 +183,21 @@ async fn a_refusing_ost_ends_the_wait_with_its_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_request_is_sent_again_and_already_pending_means_keep_waiting() {
     let (_srv, c, log) = fake(Play::LostThenPending).await;
-    within(30, c.remove_device_and_wait("nic0", LONG))
-        .await
-        .unwrap();
+    within(30, c.remove_device_and_wait("nic0", LONG)).await.unwrap();
     assert_eq!(count(&log, "device_del"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_request_that_finds_no_device_is_success() {
     let (_srv, c, log) = fake(Play::LostThenGone).await;
-    within(30, c.remove_device_and_wait("nic0", LONG))
-        .await
-        .unwrap();
+    within(30, c.remove_device_and_wait("nic0", LONG)).await.unwrap();
     assert_eq!(count(&log, "device_del"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eject_in_progress_is_not_asked_for_again() {
     let (_srv, c, log) = fake(Play::SlowEject).await;
-    within(30, c.remove_device_and_wait("cpu1", LONG))
-        .await
-        .unwrap();
+    within(30, c.remove_device_and_wait("cpu1", LONG)).await.unwrap();
     assert_eq!(count(&log, "device_del"), 1);
 }
 
@@ -225,6 +217,9 @@ async fn a_timeout_leaves_the_request_pending_and_says_so() {
     let err = within(10, c.remove_device_and_wait("nic0", Duration::from_millis(200)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, Error::Timeout { command, .. } if command == "device_del"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Timeout { command, .. } if command == "device_del"),
+        "{err:?}"
+    );
     assert_eq!(count(&log, "device_del"), 1);
 }

@@ -22,7 +22,9 @@
 //! removed. Incus calls them on clean-up paths and checks for itself
 //! afterwards. [`Client::remove_device_and_wait`] and
 //! [`Client::remove_nic_and_wait`] also wait, within a deadline, until the
-//! device is gone.
+//! device is gone, reading QEMU 10's events as they really come (a CPU's
+//! unplug reported only by its `lapic`, a guest's refusal in an
+//! `ACPI_DEVICE_OST`, a request a booting guest never saw, sent again).
 //!
 //! # Unplugging without a guest
 //!
@@ -692,10 +694,16 @@ mod tests {
     fn unplug_news_follows_qemu_10s_events() {
         let p = "/machine/peripheral/cpu1";
         let news = |name: &str, data: Value| unplug_news(name, &data, "cpu1", p);
-        assert_eq!(news("DEVICE_DELETED", json!({"device": "cpu1", "path": p})), UnplugNews::Deleted);
+        assert_eq!(
+            news("DEVICE_DELETED", json!({"device": "cpu1", "path": p})),
+            UnplugNews::Deleted
+        );
         assert_eq!(news("DEVICE_DELETED", json!({"path": p})), UnplugNews::Deleted);
         assert_eq!(
-            news("DEVICE_DELETED", json!({"path": "/machine/peripheral/cpu1/lapic"})),
+            news(
+                "DEVICE_DELETED",
+                json!({"path": "/machine/peripheral/cpu1/lapic"})
+            ),
             UnplugNews::ChildDeleted
         );
         // A sibling whose name starts the same is not a child.

@@ -17,6 +17,20 @@
 //! of it. A wait that times out leaves the migration alone, so it returns at
 //! its deadline, with no clean-up margin.
 //!
+//! # A guest that keeps dirtying memory
+//!
+//! A pre-copy migration sends the RAM, then again what the guest dirtied
+//! meanwhile, round after round, and switches over once the rest fits in
+//! the downtime limit at the bandwidth. A busy guest can outrun it for
+//! ever; [`Client::query_migrate`] shows that as RAM transferred growing,
+//! `dirty_pages_rate` above zero and the sync count rising with no end.
+//! The ways out, all typed here: more bandwidth or a longer downtime limit
+//! ([`Client::migrate_tune`], also mid-flight), auto-converge throttling
+//! the guest's CPUs ([`Client::migrate_set_auto_converge`], before the
+//! migration), switching to post-copy ([`Client::migrate_set_postcopy`] on
+//! both sides before, [`Client::migrate_start_postcopy`] during), or giving
+//! up ([`Client::migrate_cancel`]: the guest stays, running, on the source).
+//!
 //! ```no_run
 //! # async fn f(src: qmpkit::Client) -> qmpkit::Result<()> {
 //! use std::time::Duration;
@@ -315,8 +329,7 @@ impl Client {
     /// the generated [`qapi::types::MigrationParameters`](crate::qapi::types::MigrationParameters).
     #[doc(alias = "query-migrate-parameters")]
     pub async fn query_migrate_parameters(&self) -> Result<crate::qapi::types::MigrationParameters> {
-        self.execute(&crate::qapi::commands::QueryMigrateParameters)
-            .await
+        self.execute(&crate::qapi::commands::QueryMigrateParameters).await
     }
 
     /// Turns auto-converge on or off (the `auto-converge` capability): while
@@ -378,17 +391,13 @@ impl Client {
     /// ```
     pub async fn migrate_cancel(&self, timeout: Duration) -> Result<MigrationStatus> {
         let deadline = Deadline::after(timeout, "migrate_cancel");
-        deadline
-            .call::<_, Empty>(self, "migrate_cancel", &())
-            .await?;
+        deadline.call::<_, Empty>(self, "migrate_cancel", &()).await?;
         let now: MigrationStatus = deadline.call(self, "query-migrate", &()).await?;
         if now.status == "none" {
             return Ok(now);
         }
         match self.migrate_wait_until("cancelled", &deadline).await {
-            Ok(()) | Err(Error::MigrationFailed { .. }) => {
-                deadline.call(self, "query-migrate", &()).await
-            }
+            Ok(()) | Err(Error::MigrationFailed { .. }) => deadline.call(self, "query-migrate", &()).await,
             Err(e) => Err(e),
         }
     }
