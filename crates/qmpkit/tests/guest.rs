@@ -961,7 +961,10 @@ async fn a_dirtying_guest_migrates_once_tuned_and_keeps_its_agent_state() {
     let tight = MigrationTuning::new()
         .max_bandwidth(TIGHT_BANDWIDTH)
         .downtime_limit(Duration::from_millis(1))
-        .cpu_throttle(20, 10);
+        .cpu_throttle(20, 10)
+        // Throttle as soon as the guest dirties anything much: how fast it
+        // dirties under TCG on a busy machine is not known in advance.
+        .throttle_trigger_threshold(1);
     within(10, src.mon.migrate_tune(&tight)).await.unwrap();
     let params = src.mon.query_migrate_parameters().await.unwrap();
     assert_eq!(
@@ -969,9 +972,10 @@ async fn a_dirtying_guest_migrates_once_tuned_and_keeps_its_agent_state() {
             params.max_bandwidth,
             params.downtime_limit,
             params.cpu_throttle_initial,
-            params.cpu_throttle_increment
+            params.cpu_throttle_increment,
+            params.throttle_trigger_threshold
         ),
-        (Some(TIGHT_BANDWIDTH), Some(1), Some(20), Some(10))
+        (Some(TIGHT_BANDWIDTH), Some(1), Some(20), Some(10), Some(1))
     );
 
     let target = dst.mon.clone();

@@ -177,6 +177,12 @@ async fn bad_migration_requests_fail_with_typed_errors() {
             .await
             .unwrap_err();
         assert!(e.is_qmp(), "{e:?}");
+        let e = c
+            .migrate_tune(&MigrationTuning::new().throttle_trigger_threshold(0))
+            .await
+            .unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        assert_eq!(c.query_migrate_parameters().await.unwrap(), before);
         // Post-copy needs a migration to switch.
         let e = c.migrate_start_postcopy().await.unwrap_err();
         assert!(e.is_qmp(), "{e:?}");

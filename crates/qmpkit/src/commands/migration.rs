@@ -189,6 +189,7 @@ pub struct MigrationTuning {
     cpu_throttle_initial: Option<u8>,
     cpu_throttle_increment: Option<u8>,
     max_cpu_throttle: Option<u8>,
+    throttle_trigger_threshold: Option<u8>,
     max_postcopy_bandwidth: Option<u64>,
 }
 
@@ -228,6 +229,14 @@ impl MigrationTuning {
         self
     }
 
+    /// When auto-converge steps in: once the guest dirtied more than this
+    /// share of what was sent in a round, in percent, twice (QEMU's
+    /// `throttle-trigger-threshold`, 1 to 100, default 50).
+    pub fn throttle_trigger_threshold(mut self, percent: u8) -> Self {
+        self.throttle_trigger_threshold = Some(percent);
+        self
+    }
+
     /// The most the post-copy phase may send, in bytes per second (QEMU's
     /// `max-postcopy-bandwidth`; 0, its default, means no limit).
     pub fn max_postcopy_bandwidth(mut self, bytes_per_second: u64) -> Self {
@@ -248,6 +257,7 @@ impl MigrationTuning {
             cpu_throttle_initial: self.cpu_throttle_initial,
             cpu_throttle_increment: self.cpu_throttle_increment,
             max_cpu_throttle: self.max_cpu_throttle,
+            throttle_trigger_threshold: self.throttle_trigger_threshold,
             max_postcopy_bandwidth: self.max_postcopy_bandwidth,
             ..Default::default()
         }
