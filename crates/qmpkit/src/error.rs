@@ -142,6 +142,19 @@ pub enum Error {
         count: u64,
     },
 
+    /// The guest refused to let a device go: its ACPI `_OST` answer to the
+    /// eject request (QEMU's `ACPI_DEVICE_OST` event) carried a failure
+    /// status. The device stays; nothing is pending any more.
+    #[error("the guest refused to unplug {device}: {} (ACPI _OST status {status:#x})", ost_status_meaning(*status))]
+    UnplugRefused {
+        /// The device's id or QOM path, as the caller gave it.
+        device: String,
+        /// The guest's `_OST` status code (`0x80` not supported, `0x81`
+        /// in use, `0x82` busy, `0x83` a dependent device busy, `0x01`
+        /// another failure).
+        status: u64,
+    },
+
     /// A migration ended in a final state other than the one waited for.
     #[error("migration ended as {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     MigrationFailed {
@@ -200,6 +213,17 @@ impl Error {
     /// True when events were dropped while waiting for one (see [`Error::EventsMissed`]).
     pub fn is_events_missed(&self) -> bool {
         matches!(self, Error::EventsMissed { .. })
+    }
+
+    /// True when a migration waited for was cancelled (an
+    /// [`Error::MigrationFailed`] whose status is `cancelled`).
+    pub fn is_migration_cancelled(&self) -> bool {
+        matches!(self, Error::MigrationFailed { status, .. } if status == "cancelled")
+    }
+
+    /// True when the guest refused an unplug (see [`Error::UnplugRefused`]).
+    pub fn is_unplug_refused(&self) -> bool {
+        matches!(self, Error::UnplugRefused { .. })
     }
 
     /// True when QEMU refused because the thing is in use or busy (by a
@@ -345,6 +369,22 @@ impl fmt::Display for ErrorClass {
     }
 }
 
+/// What an ACPI `_OST` status code of an eject request means (ACPI 6.5,
+/// section 6.3.5, "_OST (OSPM Status Indication)").
+fn ost_status_meaning(status: u64) -> &'static str {
+    match status {
+        0x00 => "success",
+        0x01 => "non-specific failure",
+        0x02 => "unrecognized notify code",
+        0x80 => "device ejection not supported by OSPM",
+        0x81 => "device in use by an application",
+        0x82 => "device busy",
+        0x83 => "ejection dependency is busy or not supported",
+        0x84 => "ejection in progress",
+        _ => "unknown failure status",
+    }
+}
+
 fn fmt_duration(d: Duration) -> String {
     if d.as_secs() > 0 && d.subsec_millis() == 0 {
         format!("{} s", d.as_secs())
@@ -383,6 +423,24 @@ mod tests {
             ErrorClass::Other("NewClass".into())
         );
         assert_eq!(ErrorClass::from_name("KVMMissingCap").as_str(), "KVMMissingCap");
+    }
+
+    #[test]
+    fn a_refused_unplug_names_the_guests_reason() {
+        let e = Error::UnplugRefused {
+            device: "cpu2".into(),
+            status: 0x80,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the guest refused to unplug cpu2: device ejection not supported by OSPM (ACPI _OST status 0x80)"
+        );
+        assert!(e.is_unplug_refused() && !e.is_qmp() && !e.is_timeout());
+        let busy = Error::UnplugRefused {
+            device: "dimm1".into(),
+            status: 0x82,
+        };
+        assert!(busy.to_string().contains("device busy"), "{busy}");
     }
 
     #[test]
