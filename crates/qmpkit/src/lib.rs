@@ -65,9 +65,24 @@
 //! | [`schema`] | the server's command schema, for version-dependent choices |
 //! | [`blocking`] | the same client for synchronous code |
 //! | [`launch`] | start a throwaway QEMU for tests and tools |
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `monitor` | yes | [`monitor`]: the Monitor of Incus's Go package `qmp` |
+//! | `blocking` | yes | [`blocking`], with its own multi-thread runtime (turns on tokio's `rt-multi-thread`) |
+//! | `launch` | yes | [`launch`]: the QEMU launcher |
+//! | `traffic-log` | yes | [`ConnectOptions::traffic_log`]: a transcript in the Go package's format |
+//!
+//! Without defaults (`default-features = false`) the crate is the client,
+//! the typed operations, events, the schema and the generated types, on
+//! tokio's `rt`, `net`, `sync`, `time`, `io-util` and `macros` (for
+//! `select!`): it runs on whichever runtime flavour the application builds.
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "blocking")]
 pub mod blocking;
 mod client;
 pub mod commands;
@@ -77,7 +92,9 @@ pub mod event;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "launch")]
 pub mod launch;
+#[cfg(feature = "monitor")]
 pub mod monitor;
 pub mod schema;
 mod wire;

@@ -4,6 +4,10 @@ mod driver;
 mod handshake;
 mod inflight;
 mod socket;
+#[cfg(feature = "traffic-log")]
+pub(crate) mod traffic_log;
+#[cfg(not(feature = "traffic-log"))]
+#[path = "traffic_log_off.rs"]
 pub(crate) mod traffic_log;
 
 use std::collections::HashMap;
@@ -215,6 +219,7 @@ impl ConnectOptions {
     /// of [`ConnectOptions::log_excluded`], calls that pass file descriptors,
     /// and `VSERPORT_CHANGE` events. If the file cannot be opened, there is
     /// no log and no error.
+    #[cfg(feature = "traffic-log")]
     pub fn traffic_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.log_file = Some(path.into());
         self

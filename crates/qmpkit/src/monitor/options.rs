@@ -1,7 +1,6 @@
 //! What a monitor is told at connect time: the Go `Connect` arguments and more.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -185,7 +184,8 @@ impl MonitorOptions {
     /// format (see [`ConnectOptions::traffic_log`]), except the agent
     /// poller's ring-buffer reads (the Go `logFile`). No log, and no error,
     /// when the file cannot be opened (for example when its directory is missing).
-    pub fn traffic_log(mut self, path: impl Into<PathBuf>) -> Self {
+    #[cfg(feature = "traffic-log")]
+    pub fn traffic_log(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.connect = self.connect.traffic_log(path);
         self
     }
