@@ -82,9 +82,9 @@ pub mod monitor;
 pub mod schema;
 mod wire;
 
-pub use client::{CallOptions, Client, Command, Empty, MAX_FDS_PER_CALL};
+pub use client::{CallOptions, Client, Command, Empty, IntoUnixStream, MAX_FDS_PER_CALL};
 pub use connection::{
-    ConnectOptions, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
+    Address, ConnectOptions, Listener, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
     DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use error::{Error, ErrorClass, QmpError, Result};
