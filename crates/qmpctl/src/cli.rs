@@ -39,7 +39,13 @@ pub struct Globals {
     /// unix:PATH,server=on`) or a TCP address `HOST:PORT` (`-qmp
     /// tcp:HOST:PORT,server=on`). `unix:PATH` and `tcp:HOST:PORT` say which;
     /// anything with a `/`, or not `HOST:PORT`, is a path.
-    #[arg(short, long, env = "QMPCTL_SOCKET", global = true, value_name = "PATH|HOST:PORT")]
+    #[arg(
+        short,
+        long,
+        env = "QMPCTL_SOCKET",
+        global = true,
+        value_name = "PATH|HOST:PORT"
+    )]
     pub socket: Option<PathBuf>,
 
     /// Start a throwaway QEMU for this one command instead of connecting to a

@@ -119,7 +119,11 @@ pub async fn connect(
     }
 }
 
-async fn connect_tcp(address: Address, options: &ConnectOptions, greeting_budget: Duration) -> anyhow::Result<Client> {
+async fn connect_tcp(
+    address: Address,
+    options: &ConnectOptions,
+    greeting_budget: Duration,
+) -> anyhow::Result<Client> {
     let shown = address.to_string();
     let Address::Tcp(text) = &address else {
         unreachable!("only TCP comes here")
@@ -143,7 +147,11 @@ async fn connect_tcp(address: Address, options: &ConnectOptions, greeting_budget
     })
 }
 
-async fn connect_unix(path: &Path, options: &ConnectOptions, greeting_budget: Duration) -> anyhow::Result<Client> {
+async fn connect_unix(
+    path: &Path,
+    options: &ConnectOptions,
+    greeting_budget: Duration,
+) -> anyhow::Result<Client> {
     let shown = path.display();
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

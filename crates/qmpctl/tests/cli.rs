@@ -814,13 +814,22 @@ async fn socket_takes_tcp_addresses_and_says_which_form_it_understood() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let r = ctl(std::path::Path::new(&format!("127.0.0.1:{port}")), &["status"]).await;
-    r.fails(4, &format!("nobody is listening on tcp:127.0.0.1:{port} (read as a TCP address HOST:PORT"));
+    r.fails(
+        4,
+        &format!("nobody is listening on tcp:127.0.0.1:{port} (read as a TCP address HOST:PORT"),
+    );
     let r = ctl(std::path::Path::new("no-such-host.invalid:4445"), &["status"]).await;
     r.fails(4, "cannot resolve the host of tcp:no-such-host.invalid:4445");
     let r = ctl(std::path::Path::new("tcp:127.0.0.1"), &["status"]).await;
-    r.fails(2, "invalid QMP address \"tcp:127.0.0.1\": a TCP address needs a port");
+    r.fails(
+        2,
+        "invalid QMP address \"tcp:127.0.0.1\": a TCP address needs a port",
+    );
     let r = ctl(std::path::Path::new("./127.0.0.1:4445"), &["status"]).await;
     r.fails(4, "the file does not exist (read as a Unix socket path");
     let r = ctl(std::path::Path::new("unix:127.0.0.1:4445"), &["status"]).await;
-    r.fails(4, "no QMP socket at 127.0.0.1:4445: the file does not exist (read as a Unix socket path");
+    r.fails(
+        4,
+        "no QMP socket at 127.0.0.1:4445: the file does not exist (read as a Unix socket path",
+    );
 }

@@ -133,7 +133,9 @@ impl ConnectOptions {
             .peer_addr()
             .ok()
             .and_then(|a| a.as_pathname().map(|p| Address::Unix(p.to_owned())));
-        let peer = address.as_ref().map_or_else(|| "the Unix socket given".to_owned(), |a| a.to_string());
+        let peer = address
+            .as_ref()
+            .map_or_else(|| "the Unix socket given".to_owned(), |a| a.to_string());
         let (tx, shared) = self
             .open_over(&peer, std::future::ready(Ok(Transport::Unix(stream))))
             .await?;
@@ -240,7 +242,11 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(tx: mpsc::UnboundedSender<ToDriver>, shared: Arc<Shared>, address: Option<Address>) -> Self {
+    pub(crate) fn new(
+        tx: mpsc::UnboundedSender<ToDriver>,
+        shared: Arc<Shared>,
+        address: Option<Address>,
+    ) -> Self {
         Client {
             inner: Arc::new(Inner {
                 tx,

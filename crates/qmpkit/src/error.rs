@@ -254,7 +254,10 @@ impl Error {
     /// address nobody listens on, a missing socket file, an unreachable
     /// host, a name that does not resolve. Nothing was sent.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Error::Connect { .. } | Error::ConnectTcp { .. } | Error::Resolve { .. })
+        matches!(
+            self,
+            Error::Connect { .. } | Error::ConnectTcp { .. } | Error::Resolve { .. }
+        )
     }
 
     /// True when a call was refused for passing file descriptors over a

@@ -341,7 +341,9 @@ impl QemuBuilder {
         loop {
             match self.start().await {
                 Err(LaunchError::Exited { stderr, .. })
-                    if self.qmp_tcp && attempt < TCP_ATTEMPTS && stderr.contains("Address already in use") =>
+                    if self.qmp_tcp
+                        && attempt < TCP_ATTEMPTS
+                        && stderr.contains("Address already in use") =>
                 {
                     attempt += 1;
                 }
@@ -504,7 +506,8 @@ impl Qemu {
             match options.connect_to(&self.qmp_address).await {
                 Ok(client) => return Ok(client),
                 // Not there yet (or not listening yet): poll until the deadline.
-                Err(crate::Error::Connect { .. } | crate::Error::ConnectTcp { .. }) if Instant::now() < deadline => {}
+                Err(crate::Error::Connect { .. } | crate::Error::ConnectTcp { .. })
+                    if Instant::now() < deadline => {}
                 Err(crate::Error::Connect { .. } | crate::Error::ConnectTcp { .. }) => {
                     return Err(LaunchError::Timeout(budget))
                 }

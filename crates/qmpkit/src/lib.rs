@@ -84,8 +84,8 @@ mod wire;
 
 pub use client::{CallOptions, Client, Command, Empty, IntoUnixStream, MAX_FDS_PER_CALL};
 pub use connection::{
-    Address, ConnectOptions, Listener, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
-    DEFAULT_MAX_MESSAGE_SIZE,
+    Address, ConnectOptions, Listener, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_LOG_EXCLUDED, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use error::{Error, ErrorClass, QmpError, Result};
 pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};

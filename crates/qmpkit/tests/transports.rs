@@ -49,10 +49,17 @@ async fn core_scenarios(vm: &mut Qemu, c: Client) {
                                 // HMP's `print` answers with its argument (in hex).
                                 let n = 1000 + t * 8 + i;
                                 let v: Value = c
-                                    .execute_raw("human-monitor-command", json!({"command-line": format!("print {n}")}))
+                                    .execute_raw(
+                                        "human-monitor-command",
+                                        json!({"command-line": format!("print {n}")}),
+                                    )
                                     .await
                                     .unwrap();
-                                assert_eq!(v.as_str().map(str::trim), Some(format!("{n:#x}").as_str()), "{v}");
+                                assert_eq!(
+                                    v.as_str().map(str::trim),
+                                    Some(format!("{n:#x}").as_str()),
+                                    "{v}"
+                                );
                             }
                         }
                     });
@@ -90,7 +97,9 @@ async fn core_scenarios(vm: &mut Qemu, c: Client) {
     );
     assert!(!c.is_closed());
     vm.signal(Signal::CONT).unwrap();
-    let name: Value = within(30, c.execute_raw("query-name", Value::Null)).await.unwrap();
+    let name: Value = within(30, c.execute_raw("query-name", Value::Null))
+        .await
+        .unwrap();
     assert!(name.is_object() && name.get("status").is_none(), "{name}");
     let st: Value = c.execute_raw("query-status", Value::Null).await.unwrap();
     assert_eq!(st["status"], "paused");
@@ -123,7 +132,10 @@ fn temp_file(dir: &std::path::Path, name: &str) -> OwnedFd {
 /// and the connection keeps answering: QEMU never got the fd.
 async fn fd_passing_is_refused(vm: &Qemu, c: &Client, transport: &str) {
     assert!(!c.passes_fds());
-    let err = c.send_file("refused", temp_file(vm.dir(), "f")).await.unwrap_err();
+    let err = c
+        .send_file("refused", temp_file(vm.dir(), "f"))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, Error::FdPassingUnsupported { command, transport: t } if command == "getfd" && *t == transport),
         "{err:?}"
@@ -147,7 +159,10 @@ async fn fd_passing_is_refused(vm: &Qemu, c: &Client, transport: &str) {
 async fn tcp_runs_the_core_scenarios_and_refuses_fd_passing() {
     let mut vm = vm_with(|b| b.qmp_tcp()).await;
     let address = vm.qmp_address().clone();
-    assert!(matches!(&address, Address::Tcp(a) if a.starts_with("127.0.0.1:")), "{address:?}");
+    assert!(
+        matches!(&address, Address::Tcp(a) if a.starts_with("127.0.0.1:")),
+        "{address:?}"
+    );
     let c = vm.client().clone();
     assert_eq!(c.address(), Some(&address));
     assert_eq!(c.path(), std::path::Path::new(""));
@@ -158,7 +173,9 @@ async fn tcp_runs_the_core_scenarios_and_refuses_fd_passing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_address_text_connects_once_the_previous_client_left() {
     let vm = vm_with(|b| b.qmp_tcp()).await;
-    let Address::Tcp(text) = vm.qmp_address().clone() else { unreachable!() };
+    let Address::Tcp(text) = vm.qmp_address().clone() else {
+        unreachable!()
+    };
     // QEMU serves one client per monitor: the launcher's leaves first.
     vm.client().disconnect();
     within(10, vm.client().closed()).await;
@@ -231,7 +248,9 @@ async fn connect_io_over_a_duplex_stream_runs_the_core_scenarios_and_refuses_fds
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_io_over_a_split_tcp_stream_runs_the_core_scenarios() {
     let mut vm = vm_with(|b| b.qmp_tcp()).await;
-    let Address::Tcp(text) = vm.qmp_address().clone() else { unreachable!() };
+    let Address::Tcp(text) = vm.qmp_address().clone() else {
+        unreachable!()
+    };
     vm.client().disconnect();
     within(10, vm.client().closed()).await;
     let tcp = tokio::net::TcpStream::connect(text.as_str()).await.unwrap();
@@ -255,7 +274,9 @@ async fn accept_mode_takes_qemu_connecting_out_to_a_unix_listener() {
         .unwrap();
     assert_eq!(c.address(), Some(&Address::unix(&path)));
     assert!(c.passes_fds());
-    c.send_file("accepted-fd", temp_file(vm.dir(), "f")).await.unwrap();
+    c.send_file("accepted-fd", temp_file(vm.dir(), "f"))
+        .await
+        .unwrap();
     c.close_file("accepted-fd").await.unwrap();
     drop(listener);
     assert!(!path.exists(), "the listener removes its socket file");
@@ -265,7 +286,9 @@ async fn accept_mode_takes_qemu_connecting_out_to_a_unix_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_mode_over_tcp_and_qemu_reconnects_after_a_disconnect() {
     let listener = Listener::bind(Address::tcp("127.0.0.1", 0)).await.unwrap();
-    let Address::Tcp(bound) = listener.address().clone() else { unreachable!() };
+    let Address::Tcp(bound) = listener.address().clone() else {
+        unreachable!()
+    };
     assert!(!bound.ends_with(":0"), "{bound}");
     let vm = vm_with(|b| b.qmp_connect_out(listener.address())).await;
     let c = within(20, listener.accept(Duration::from_secs(15)))
@@ -274,7 +297,11 @@ async fn accept_mode_over_tcp_and_qemu_reconnects_after_a_disconnect() {
     assert!(!c.passes_fds());
     c.execute_raw("cont", Value::Null).await.unwrap();
     // The launcher's own monitor sees what the accepted one did.
-    let st: Value = vm.client().execute_raw("query-status", Value::Null).await.unwrap();
+    let st: Value = vm
+        .client()
+        .execute_raw("query-status", Value::Null)
+        .await
+        .unwrap();
     assert_eq!(st["status"], "running");
     // QEMU comes back by itself (reconnect-ms) after the client leaves.
     c.disconnect();
@@ -347,7 +374,10 @@ async fn a_host_name_that_does_not_resolve_is_a_typed_resolve_error() {
     let options = ConnectOptions::new().handshake_timeout(Duration::from_secs(5));
     let address: Address = "no-such-host.invalid:4444".parse().unwrap();
     let err = within(10, options.connect_to(address)).await.unwrap_err();
-    assert!(matches!(&err, Error::Resolve { address, .. } if address == "no-such-host.invalid:4444"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Resolve { address, .. } if address == "no-such-host.invalid:4444"),
+        "{err:?}"
+    );
     assert!(err.is_unreachable());
 }
 
@@ -369,7 +399,11 @@ async fn not_qmp(banner: &'static [u8]) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_that_is_not_qmp_ends_within_the_handshake_budget() {
     let options = ConnectOptions::new().handshake_timeout(Duration::from_millis(500));
-    for banner in [&b""[..], b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n{\"not\": \"qmp\"}\n"] {
+    for banner in [
+        &b""[..],
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"HTTP/1.1 400 Bad Request\r\n\r\n{\"not\": \"qmp\"}\n",
+    ] {
         let address = not_qmp(banner).await;
         let err = within(10, options.connect_to(address)).await.unwrap_err();
         assert!(matches!(&err, Error::Handshake(_)), "{banner:?}: {err:?}");
@@ -398,5 +432,8 @@ async fn a_held_stream_whose_peer_is_closed_fails_the_handshake() {
     let (ours, _silent) = std::os::unix::net::UnixStream::pair().unwrap();
     let options = ConnectOptions::new().handshake_timeout(Duration::from_millis(300));
     let err = within(10, options.connect_stream(ours)).await.unwrap_err();
-    assert!(matches!(&err, Error::Handshake(m) if m.contains("within")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Handshake(m) if m.contains("within")),
+        "{err:?}"
+    );
 }

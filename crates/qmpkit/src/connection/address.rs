@@ -208,7 +208,13 @@ mod tests {
 
     #[test]
     fn tcp_forms() {
-        for s in ["127.0.0.1:4444", "localhost:1", "vm-1.example.org:65535", "[::1]:4444", "[fe80::1]:22"] {
+        for s in [
+            "127.0.0.1:4444",
+            "localhost:1",
+            "vm-1.example.org:65535",
+            "[::1]:4444",
+            "[fe80::1]:22",
+        ] {
             assert_eq!(parse(s), Address::Tcp(s.into()), "{s}");
             assert_eq!(parse(&format!("tcp:{s}")), Address::Tcp(s.into()), "{s}");
             assert_eq!(parse(s).to_string(), format!("tcp:{s}"));
@@ -246,7 +252,17 @@ mod tests {
 
     #[test]
     fn invalid_forms() {
-        for s in ["", "unix:", "tcp:", "tcp:host", "tcp:host:0", "tcp:[::1:4", "tcp:::1:4", "tcp:a b:1", "tcp:[nope]:1"] {
+        for s in [
+            "",
+            "unix:",
+            "tcp:",
+            "tcp:host",
+            "tcp:host:0",
+            "tcp:[::1:4",
+            "tcp:::1:4",
+            "tcp:a b:1",
+            "tcp:[nope]:1",
+        ] {
             let e = Address::parse(s).unwrap_err();
             assert!(matches!(e, Error::InvalidAddress { .. }), "{s}: {e:?}");
             assert!(e.to_string().contains(&format!("{s:?}")), "{e}");

@@ -28,8 +28,8 @@ use tokio::time::Sleep;
 
 use super::handshake::Handshaken;
 use super::inflight::{self, InFlight, Pending};
-use super::transport::Transport;
 use super::traffic_log::TrafficLog;
+use super::transport::Transport;
 use super::Shared;
 use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::Event;

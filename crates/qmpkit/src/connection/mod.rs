@@ -224,7 +224,10 @@ impl ConnectOptions {
     /// Connects to `address`, negotiates capabilities and starts the
     /// connection's task: everything [`ConnectOptions::connect_to`] does but
     /// making the handle.
-    pub(crate) async fn open(&self, address: &Address) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+    pub(crate) async fn open(
+        &self,
+        address: &Address,
+    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
         let span = tracing::debug_span!("qmp_connect", %address);
         self.open_over(&address.to_string(), Transport::connect(address))
             .instrument(span)

@@ -50,12 +50,15 @@ impl Transport {
     /// bounds the time.
     pub(crate) async fn connect(address: &Address) -> Result<Transport> {
         match address {
-            Address::Unix(path) => socket::connect(path).await.map(Transport::Unix).map_err(|e| {
-                Error::Connect {
-                    path: path.clone(),
-                    source: e.into(),
-                }
-            }),
+            Address::Unix(path) => {
+                socket::connect(path)
+                    .await
+                    .map(Transport::Unix)
+                    .map_err(|e| Error::Connect {
+                        path: path.clone(),
+                        source: e.into(),
+                    })
+            }
             Address::Tcp(text) => connect_tcp(text).await.map(Transport::Tcp),
         }
     }
