@@ -437,3 +437,37 @@ async fn a_held_stream_whose_peer_is_closed_fails_the_handshake() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_waits_for_a_starting_vm_that_connects_out() {
+    use qmpkit::monitor::{constants, Monitor, MonitorOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mon.sock");
+    let listener = Listener::bind(Address::unix(&path)).await.unwrap();
+    // Nobody yet: a typed timeout, and the listener stays usable.
+    let err = Monitor::accept(&listener, Duration::from_millis(200), MonitorOptions::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AcceptTimeout { .. }), "{err:?}");
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = MonitorOptions::new().event_handler(move |_, ev| {
+        let _ = tx.send((ev.name().to_owned(), ev.data()["reason"].clone()));
+    });
+    let mut vm = vm_with(|b| b.qmp_connect_out(&path)).await;
+    let mon = within(20, Monitor::accept(&listener, Duration::from_secs(15), options))
+        .await
+        .unwrap();
+    // The monitor runs commands, and QEMU's events reach its handler.
+    vm.client().execute_raw("cont", Value::Null).await.unwrap();
+    let (name, _) = within(10, rx.recv()).await.unwrap();
+    assert_eq!(name, "RESUME");
+    let st: Value = mon.call("query-status", &()).await.unwrap();
+    assert_eq!(st["status"], "running");
+    // QEMU vanishing is the one shutdown notice, as for a connected monitor.
+    vm.kill();
+    let (name, reason) = within(10, rx.recv()).await.unwrap();
+    assert_eq!(name, constants::EVENT_VM_SHUTDOWN);
+    assert_eq!(reason, constants::SHUTDOWN_REASON_DISCONNECT);
+    within(10, mon.wait()).await;
+}
