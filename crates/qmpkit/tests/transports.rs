@@ -187,6 +187,19 @@ async fn tcp_address_text_connects_once_the_previous_client_left() {
         c.disconnect();
         within(10, c.closed()).await;
     }
+    // The blocking facade too.
+    let address: Address = text.parse().unwrap();
+    let st = within(
+        20,
+        tokio::task::spawn_blocking(move || {
+            let c = qmpkit::blocking::Client::connect_to(address)?;
+            c.execute_raw("query-status", Value::Null)
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(st["status"], "prelaunch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +225,7 @@ async fn a_held_std_unix_stream_runs_the_core_scenarios_and_passes_fds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tokio_unix_stream_from_a_socketpair_like_handover_works() {
+async fn a_held_tokio_unix_stream_passes_fds() {
     let vm = vm_with(|b| b.extra_qmp_socket("held")).await;
     let stream = tokio::net::UnixStream::connect(vm.socket("held")).await.unwrap();
     let c = within(10, ConnectOptions::new().connect_stream(stream))
