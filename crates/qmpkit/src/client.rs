@@ -137,7 +137,7 @@ impl ConnectOptions {
             .as_ref()
             .map_or_else(|| "the Unix socket given".to_owned(), |a| a.to_string());
         let (tx, shared) = self
-            .open_over(&peer, std::future::ready(Ok(Transport::Unix(stream))))
+            .open_over(&peer, None, std::future::ready(Ok(Transport::Unix(stream))))
             .await?;
         Ok(Client::new(tx, shared, address))
     }
@@ -162,7 +162,11 @@ impl ConnectOptions {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let (tx, shared) = self
-            .open_over("the stream given", std::future::ready(Ok(Transport::io(stream))))
+            .open_over(
+                "the stream given",
+                None,
+                std::future::ready(Ok(Transport::io(stream))),
+            )
             .await?;
         Ok(Client::new(tx, shared, None))
     }

@@ -484,3 +484,35 @@ async fn a_monitor_waits_for_a_starting_vm_that_connects_out() {
     assert_eq!(reason, constants::SHUTDOWN_REASON_DISCONNECT);
     within(10, mon.wait()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_budget_bounds_a_tcp_connect_that_gets_no_answer() {
+    // A listener whose accept queue is full: Linux drops further SYNs, so
+    // a connect gets no answer at all, as behind a dropping firewall.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(0).unwrap();
+    let address = full.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(address),
+        )
+        .await
+        {
+            Ok(stream) => queued.push(stream.unwrap()),
+            // This connect got no answer: the queue is full.
+            Err(_) => break,
+        }
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    let options = ConnectOptions::new().handshake_timeout(Duration::from_millis(300));
+    let err = within(10, options.connect_to(address)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::ConnectTcp { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    assert!(err.is_unreachable());
+    assert!(err.to_string().contains("not connected within 300ms"), "{err}");
+}

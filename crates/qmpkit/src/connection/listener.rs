@@ -148,7 +148,9 @@ impl ConnectOptions {
                 source: Arc::new(e),
             })?;
         let peer = format!("the server that connected to {}", listener.address);
-        let (tx, shared) = self.open_over(&peer, std::future::ready(Ok(accepted))).await?;
+        let (tx, shared) = self
+            .open_over(&peer, None, std::future::ready(Ok(accepted)))
+            .await?;
         Ok(Client::new(tx, shared, Some(listener.address.clone())))
     }
 }

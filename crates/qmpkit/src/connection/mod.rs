@@ -247,32 +247,55 @@ impl ConnectOptions {
         address: &Address,
     ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
         let span = tracing::debug_span!("qmp_connect", %address);
-        self.open_over(&address.to_string(), Transport::connect(address))
+        self.open_over(&address.to_string(), Some(address), Transport::connect(address))
             .instrument(span)
             .await
     }
 
     /// Negotiates over the stream `connect` yields and starts the
     /// connection's task; the handshake budget bounds both. `peer` names
-    /// the other end in a timeout's message.
+    /// the other end in a timeout's message; `address` is where `connect`
+    /// connects, if it does (a budget spent before it connected is then a
+    /// connect error, not a handshake error).
     pub(crate) async fn open_over(
         &self,
         peer: &str,
+        address: Option<&Address>,
         connect: impl std::future::Future<Output = Result<Transport>>,
     ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
         let started = std::time::Instant::now();
+        let budget = self.handshake_timeout;
+        let mut connected = false;
         let attempt = async {
             let stream = connect.await?;
+            connected = true;
             handshake::run(stream, self.oob, self.config.max_message_size).await
         };
-        let done = tokio::time::timeout(self.handshake_timeout, attempt)
-            .await
-            .map_err(|_| {
-                Error::Handshake(format!(
-                    "no complete handshake from {peer} within {:?} (is it a QMP server? is another client connected, or is QEMU frozen?)",
-                    self.handshake_timeout
-                ))
-            })??;
+        let done = match tokio::time::timeout(budget, attempt).await {
+            Ok(done) => done?,
+            Err(_) if !connected && address.is_some() => {
+                let source = Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("not connected within {budget:?}, the handshake budget (packets dropped by a firewall, or a host that is down?)"),
+                ));
+                return Err(match address {
+                    Some(Address::Unix(path)) => Error::Connect {
+                        path: path.clone(),
+                        source,
+                    },
+                    Some(Address::Tcp(text)) => Error::ConnectTcp {
+                        address: text.clone(),
+                        source,
+                    },
+                    None => unreachable!("checked above"),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Handshake(format!(
+                    "no complete handshake from {peer} within {budget:?} (is it a QMP server? is another client connected, or is QEMU frozen?)"
+                )))
+            }
+        };
         let log = self.log_file.as_deref().and_then(traffic_log::TrafficLog::open);
         let no_fd_passing = (!done.stream.passes_fds()).then(|| done.stream.kind());
         let shared = Arc::new(Shared {
