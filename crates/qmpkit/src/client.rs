@@ -93,8 +93,9 @@ impl ConnectOptions {
     /// The handshake budget bounds the whole of it: name resolution,
     /// connecting (each of a name's addresses in turn) and the handshake.
     /// Errors are typed: [`Error::Connect`] (Unix), [`Error::ConnectTcp`]
-    /// (refused, unreachable: see its source's kind), [`Error::Resolve`]
-    /// (DNS), [`Error::Handshake`] (not QMP, or silent); all but the last
+    /// (refused, unreachable, or `TimedOut` when nothing answered within the
+    /// budget: see its source's kind), [`Error::Resolve`] (DNS),
+    /// [`Error::Handshake`] (not QMP, or silent); all but the last
     /// answer [`Error::is_unreachable`]. Over TCP, `TCP_NODELAY` is set, and
     /// calls that pass file descriptors fail with
     /// [`Error::FdPassingUnsupported`] before anything is sent.
