@@ -144,9 +144,10 @@ impl Figure {
 }
 
 async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
+    let address = crate::conn::address_of(&socket)?;
     let client = qmpkit::ConnectOptions::new()
         .oob(!args.no_oob)
-        .connect(&socket)
+        .connect_to(address)
         .await
         .with_context(|| format!("cannot connect to {}", socket.display()))?;
     if let Some(k) = args.events {

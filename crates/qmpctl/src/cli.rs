@@ -35,8 +35,17 @@ pub struct Cli {
 /// Options every subcommand understands.
 #[derive(Debug, Clone, Args)]
 pub struct Globals {
-    /// The QMP socket of the VM (QEMU's `-qmp unix:PATH,server=on`).
-    #[arg(short, long, env = "QMPCTL_SOCKET", global = true, value_name = "PATH")]
+    /// The VM's QMP monitor: a Unix socket path (QEMU's `-qmp
+    /// unix:PATH,server=on`) or a TCP address `HOST:PORT` (`-qmp
+    /// tcp:HOST:PORT,server=on`). `unix:PATH` and `tcp:HOST:PORT` say which;
+    /// anything with a `/`, or not `HOST:PORT`, is a path.
+    #[arg(
+        short,
+        long,
+        env = "QMPCTL_SOCKET",
+        global = true,
+        value_name = "PATH|HOST:PORT"
+    )]
     pub socket: Option<PathBuf>,
 
     /// Start a throwaway QEMU for this one command instead of connecting to a

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use qmpkit::launch::{Qemu, QemuBuilder};
-use qmpkit::{Client, ConnectOptions};
+use qmpkit::{Address, Client, ConnectOptions};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -35,7 +35,7 @@ impl Ctx {
         } else {
             let Some(path) = &g.socket else {
                 return Err(usage(
-                    "no QMP socket: give --socket PATH, set QMPCTL_SOCKET, or use --launch for a throwaway VM",
+                    "no QMP socket: give --socket PATH (or HOST:PORT), set QMPCTL_SOCKET, or use --launch for a throwaway VM",
                 ));
             };
             (connect(path, &options, g.connect_timeout).await?, None)
@@ -95,8 +95,59 @@ pub fn scratch_vm() -> QemuBuilder {
     QemuBuilder::new().scratch_devices()
 }
 
-/// Connects to a QMP socket, explaining in plain words why it did not work.
+/// What `--socket` names: a Unix socket path or a TCP address, read as
+/// [`qmpkit::Address`] reads it (`unix:PATH`, `tcp:HOST:PORT`, `HOST:PORT`;
+/// anything else, or anything with a `/`, is a path).
+pub fn address_of(socket: &Path) -> anyhow::Result<Address> {
+    match socket.to_str() {
+        // Not UTF-8: no address syntax can apply, so it is a path.
+        None => Ok(Address::Unix(socket.to_owned())),
+        Some(text) => Address::parse(text).map_err(|e| usage(e.to_string())),
+    }
+}
+
+/// Connects to a QMP socket (a Unix path or a TCP address), explaining in
+/// plain words, and naming the form understood, why it did not work.
 pub async fn connect(
+    socket: &Path,
+    options: &ConnectOptions,
+    greeting_budget: Duration,
+) -> anyhow::Result<Client> {
+    match address_of(socket)? {
+        Address::Unix(path) => connect_unix(&path, options, greeting_budget).await,
+        address => connect_tcp(address, options, greeting_budget).await,
+    }
+}
+
+async fn connect_tcp(
+    address: Address,
+    options: &ConnectOptions,
+    greeting_budget: Duration,
+) -> anyhow::Result<Client> {
+    let shown = address.to_string();
+    let Address::Tcp(text) = &address else {
+        unreachable!("only TCP comes here")
+    };
+    let form = "read as a TCP address HOST:PORT; write ./PATH or unix:PATH for a socket file";
+    options.connect_to(&address).await.map_err(|e| {
+        let msg = match &e {
+            qmpkit::Error::ConnectTcp { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+                "nobody is listening on {shown} ({form}): is QEMU running with -qmp tcp:{text},server=on,wait=off?"
+            ),
+            qmpkit::Error::ConnectTcp { .. } => format!("cannot reach {shown} ({form})"),
+            qmpkit::Error::Resolve { .. } => format!("cannot resolve the host of {shown} ({form})"),
+            qmpkit::Error::Handshake(m) if m.contains("within") => format!(
+                "no QMP greeting from {shown} within {}: not a QMP port, another client holds the monitor (QEMU serves one client at a time), or QEMU is frozen",
+                humantime::format_duration(greeting_budget)
+            ),
+            qmpkit::Error::Handshake(_) => format!("{shown} does not speak QMP ({form})"),
+            _ => format!("cannot connect to {shown} ({form})"),
+        };
+        anyhow::Error::new(e).context(ConnectFailure(msg))
+    })
+}
+
+async fn connect_unix(
     path: &Path,
     options: &ConnectOptions,
     greeting_budget: Duration,
@@ -105,7 +156,7 @@ pub async fn connect(
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(anyhow::Error::new(e).context(ConnectFailure(format!(
-                "no QMP socket at {shown}: the file does not exist (is QEMU running with -qmp unix:{shown},server=on?)"
+                "no QMP socket at {shown}: the file does not exist (read as a Unix socket path; is QEMU running with -qmp unix:{shown},server=on? for TCP give HOST:PORT)"
             ))));
         }
         Err(e) => {

@@ -97,11 +97,17 @@ fn qmp_code(e: &qmpkit::Error) -> u8 {
         qmpkit::Error::Qmp(_) | qmpkit::Error::BadConsole(_) | qmpkit::Error::NotARingbuf(_) => QMP_ERROR,
         qmpkit::Error::Timeout { .. } => TIMEOUT,
         qmpkit::Error::Connect { .. }
+        | qmpkit::Error::ConnectTcp { .. }
+        | qmpkit::Error::Resolve { .. }
+        | qmpkit::Error::AcceptTimeout { .. }
         | qmpkit::Error::Handshake(_)
         | qmpkit::Error::Disconnected { .. }
         | qmpkit::Error::Io(_)
         | qmpkit::Error::Protocol(_) => CONNECTION,
-        qmpkit::Error::InvalidRequest(_) | qmpkit::Error::TooManyFds { .. } => USAGE,
+        qmpkit::Error::InvalidRequest(_)
+        | qmpkit::Error::TooManyFds { .. }
+        | qmpkit::Error::InvalidAddress { .. }
+        | qmpkit::Error::FdPassingUnsupported { .. } => USAGE,
         _ => FAILURE,
     }
 }

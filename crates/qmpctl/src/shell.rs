@@ -61,10 +61,15 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     let history = args.history.or_else(default_history);
 
     let g = ctx.client.greeting();
+    // A Unix socket by its path, as given; TCP as tcp:HOST:PORT.
+    let at = match ctx.client.address() {
+        Some(qmpkit::Address::Unix(path)) => path.display().to_string(),
+        Some(other) => other.to_string(),
+        None => "a stream".to_owned(),
+    };
     crate::outln!(
-        "Connected to QEMU {} at {}. Tab completes, `help` explains, Ctrl-D leaves.",
+        "Connected to QEMU {} at {at}. Tab completes, `help` explains, Ctrl-D leaves.",
         g.version,
-        ctx.client.path().display()
     )?;
     let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (next_tx, next_rx) = std::sync::mpsc::channel::<bool>();

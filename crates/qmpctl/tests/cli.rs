@@ -778,3 +778,58 @@ async fn tour_walks_every_step() {
     );
     assert!(keep.path().join("tour-screen.png").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_takes_tcp_addresses_and_says_which_form_it_understood() {
+    let vm = qmpkit::launch::QemuBuilder::new()
+        .qmp_tcp()
+        .extra_qmp_socket("control")
+        .spawn()
+        .await
+        .unwrap();
+    let control = qmpkit::Client::connect(vm.socket("control")).await.unwrap();
+    let qmpkit::Address::Tcp(tcp) = vm.qmp_address().clone() else {
+        unreachable!("launched with qmp_tcp")
+    };
+    // QEMU serves one client per monitor: the launcher's leaves first.
+    vm.client().disconnect();
+    within(10, vm.client().closed()).await;
+
+    let bare = std::path::PathBuf::from(&tcp);
+    let r = ctl(&bare, &["status"]).await.ok();
+    assert_eq!(r.stdout.trim(), "prelaunch");
+    let prefixed = std::path::PathBuf::from(format!("tcp:{tcp}"));
+    ctl(&prefixed, &["start"]).await.ok();
+    assert_eq!(status(&control).await, "running");
+    // fd passing cannot work over TCP: refused, and nothing reached QEMU.
+    let file = std::fs::File::create(vm.dir().join("state")).unwrap();
+    let r = ctl_with_stdin_fd(&bare, &["migrate", "to", "--fd", "0"], file.into()).await;
+    r.fails(2, "cannot pass file descriptors over TCP");
+    let mig: Value = control.call("query-migrate", &()).await.unwrap();
+    assert!(mig.get("status").is_none(), "{mig}");
+
+    // A closed port, a name that does not resolve, a bad tcp: address,
+    // and a path that only looks like HOST:PORT: each says how it was read.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let r = ctl(std::path::Path::new(&format!("127.0.0.1:{port}")), &["status"]).await;
+    r.fails(
+        4,
+        &format!("nobody is listening on tcp:127.0.0.1:{port} (read as a TCP address HOST:PORT"),
+    );
+    let r = ctl(std::path::Path::new("no-such-host.invalid:4445"), &["status"]).await;
+    r.fails(4, "cannot resolve the host of tcp:no-such-host.invalid:4445");
+    let r = ctl(std::path::Path::new("tcp:127.0.0.1"), &["status"]).await;
+    r.fails(
+        2,
+        "invalid QMP address \"tcp:127.0.0.1\": a TCP address needs a port",
+    );
+    let r = ctl(std::path::Path::new("./127.0.0.1:4445"), &["status"]).await;
+    r.fails(4, "the file does not exist (read as a Unix socket path");
+    let r = ctl(std::path::Path::new("unix:127.0.0.1:4445"), &["status"]).await;
+    r.fails(
+        4,
+        "no QMP socket at 127.0.0.1:4445: the file does not exist (read as a Unix socket path",
+    );
+}

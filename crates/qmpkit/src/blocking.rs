@@ -54,6 +54,18 @@ impl Client {
         Ok(Client { inner })
     }
 
+    /// Connects to a Unix socket or TCP address (see [`crate::Address`])
+    /// with the default options.
+    pub fn connect_to(address: impl Into<crate::Address>) -> Result<Client> {
+        Self::connect_to_with(&ConnectOptions::new(), address)
+    }
+
+    /// Connects to a Unix socket or TCP address with the given options.
+    pub fn connect_to_with(options: &ConnectOptions, address: impl Into<crate::Address>) -> Result<Client> {
+        let inner = RUNTIME.block_on(options.connect_to(address))?;
+        Ok(Client { inner })
+    }
+
     /// Runs a typed command.
     pub fn execute<C: Command>(&self, command: &C) -> Result<C::Returns> {
         RUNTIME.block_on(self.inner.execute(command))

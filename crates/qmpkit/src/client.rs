@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::connection::{ConnectOptions, Outgoing, Reply, Shared, ToDriver};
+use crate::connection::transport::Transport;
+use crate::connection::{Address, ConnectOptions, Outgoing, Reply, Shared, ToDriver};
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream};
 use crate::schema::Schema;
@@ -75,15 +76,129 @@ impl CallOptions {
 }
 
 impl ConnectOptions {
-    /// Connects and negotiates capabilities.
+    /// Connects to the Unix socket at `path` and negotiates capabilities.
+    /// The path is taken as it is, never parsed as an [`Address`]: use
+    /// [`ConnectOptions::connect_to`] for TCP or for text a user typed.
     ///
     /// The whole of it has the handshake budget; on failure nothing is left
     /// behind (socket, log file, task). Events that QEMU sends right after the
     /// handshake are kept for the first subscriber.
     pub async fn connect(&self, path: impl AsRef<Path>) -> Result<Client> {
-        let path = path.as_ref();
-        let (tx, shared) = self.open(path).await?;
-        Ok(Client::new(tx, shared, path.to_owned()))
+        self.connect_to(Address::Unix(path.as_ref().to_owned())).await
+    }
+
+    /// Connects to a Unix socket or a TCP address (QEMU's
+    /// `-qmp tcp:HOST:PORT,server=on,wait=off`) and negotiates capabilities.
+    ///
+    /// The handshake budget bounds the whole of it: name resolution,
+    /// connecting (each of a name's addresses in turn) and the handshake.
+    /// Errors are typed: [`Error::Connect`] (Unix), [`Error::ConnectTcp`]
+    /// (refused, unreachable, or `TimedOut` when nothing answered within the
+    /// budget: see its source's kind), [`Error::Resolve`] (DNS),
+    /// [`Error::Handshake`] (not QMP, or silent); all but the last
+    /// answer [`Error::is_unreachable`]. Over TCP, `TCP_NODELAY` is set, and
+    /// calls that pass file descriptors fail with
+    /// [`Error::FdPassingUnsupported`] before anything is sent.
+    ///
+    /// ```no_run
+    /// # async fn f() -> qmpkit::Result<()> {
+    /// use qmpkit::{Address, ConnectOptions};
+    /// let options = ConnectOptions::new();
+    /// let tcp = options.connect_to("127.0.0.1:4444".parse::<Address>()?).await?;
+    /// let unix = options.connect_to(Address::unix("/run/vm1/qmp.sock")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_to(&self, address: impl Into<Address>) -> Result<Client> {
+        let address = address.into();
+        let (tx, shared) = self.open(&address).await?;
+        Ok(Client::new(tx, shared, Some(address)))
+    }
+
+    /// Speaks QMP over a Unix socket that is already connected: from a
+    /// `socketpair`, systemd socket activation, a jailer that hands the
+    /// monitor over, or `UnixStream::from(OwnedFd)`. Either std's
+    /// [`UnixStream`](std::os::unix::net::UnixStream) (made non-blocking
+    /// here) or tokio's. File descriptors can be passed as over
+    /// [`ConnectOptions::connect`]. The handshake budget bounds the handshake;
+    /// a stream whose peer is gone fails with [`Error::Handshake`].
+    ///
+    /// ```no_run
+    /// # async fn f() -> qmpkit::Result<()> {
+    /// let stream = std::os::unix::net::UnixStream::connect("/run/vm1/qmp.sock")?;
+    /// let client = qmpkit::ConnectOptions::new().connect_stream(stream).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_stream(&self, stream: impl IntoUnixStream) -> Result<Client> {
+        let stream = stream.into_tokio()?;
+        let address = stream
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| Address::Unix(p.to_owned())));
+        let peer = address
+            .as_ref()
+            .map_or_else(|| "the Unix socket given".to_owned(), |a| a.to_string());
+        let (tx, shared) = self
+            .open_over(&peer, None, std::future::ready(Ok(Transport::Unix(stream))))
+            .await?;
+        Ok(Client::new(tx, shared, address))
+    }
+
+    /// Speaks QMP over any byte stream: a TLS or SSH tunnel, an in-memory
+    /// pipe, the halves of a split socket (`tokio::io::join`), a TCP stream
+    /// connected by hand. Bytes written are flushed before the client waits
+    /// for the reply. Calls that pass file descriptors fail with
+    /// [`Error::FdPassingUnsupported`] before anything is sent (use
+    /// [`ConnectOptions::connect_stream`] for a Unix socket). The handshake
+    /// budget bounds the handshake.
+    ///
+    /// ```no_run
+    /// # async fn f() -> qmpkit::Result<()> {
+    /// let tcp = tokio::net::TcpStream::connect("127.0.0.1:4444").await?;
+    /// let (read, write) = tcp.into_split();
+    /// let client = qmpkit::ConnectOptions::new().connect_io(tokio::io::join(read, write)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_io<S>(&self, stream: S) -> Result<Client>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (tx, shared) = self
+            .open_over(
+                "the stream given",
+                None,
+                std::future::ready(Ok(Transport::io(stream))),
+            )
+            .await?;
+        Ok(Client::new(tx, shared, None))
+    }
+}
+
+/// A connected Unix socket that [`ConnectOptions::connect_stream`] takes:
+/// std's [`UnixStream`](std::os::unix::net::UnixStream) or tokio's
+/// [`UnixStream`](tokio::net::UnixStream).
+pub trait IntoUnixStream: sealed::Sealed {}
+
+mod sealed {
+    /// Turns the stream into tokio's (inside a runtime).
+    pub trait Sealed {
+        fn into_tokio(self) -> std::io::Result<tokio::net::UnixStream>;
+    }
+}
+
+impl IntoUnixStream for std::os::unix::net::UnixStream {}
+
+impl sealed::Sealed for std::os::unix::net::UnixStream {
+    fn into_tokio(self) -> std::io::Result<tokio::net::UnixStream> {
+        self.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(self)
+    }
+}
+
+impl IntoUnixStream for tokio::net::UnixStream {}
+
+impl sealed::Sealed for tokio::net::UnixStream {
+    fn into_tokio(self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(self)
     }
 }
 
@@ -92,7 +207,9 @@ struct Inner {
     tx: mpsc::UnboundedSender<ToDriver>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
-    path: PathBuf,
+    /// Where the client connected, when known (not for a stream given to
+    /// `connect_io`, or an unnamed socket).
+    address: Option<Address>,
     schema: tokio::sync::OnceCell<Arc<Schema>>,
     checks: crate::schema::check::Checks,
 }
@@ -122,7 +239,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("path", &self.inner.path)
+            .field("address", &self.inner.address)
             .field("version", &self.inner.shared.greeting.version)
             .field("oob", &self.inner.shared.oob)
             .field("closed", &self.is_closed())
@@ -131,22 +248,38 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(tx: mpsc::UnboundedSender<ToDriver>, shared: Arc<Shared>, path: PathBuf) -> Self {
+    pub(crate) fn new(
+        tx: mpsc::UnboundedSender<ToDriver>,
+        shared: Arc<Shared>,
+        address: Option<Address>,
+    ) -> Self {
         Client {
             inner: Arc::new(Inner {
                 tx,
                 shared,
                 next_id: AtomicU64::new(1),
-                path,
+                address,
                 schema: Default::default(),
                 checks: Default::default(),
             }),
         }
     }
 
-    /// Connects with the default [`ConnectOptions`].
+    /// Connects to a Unix socket with the default [`ConnectOptions`].
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client> {
         ConnectOptions::new().connect(path).await
+    }
+
+    /// Connects to a Unix socket or TCP address with the default
+    /// [`ConnectOptions`]; see [`ConnectOptions::connect_to`].
+    ///
+    /// ```no_run
+    /// # async fn f() -> qmpkit::Result<()> {
+    /// let client = qmpkit::Client::connect_to("tcp:127.0.0.1:4444".parse::<qmpkit::Address>()?).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_to(address: impl Into<Address>) -> Result<Client> {
+        ConnectOptions::new().connect_to(address).await
     }
 
     /// Options for connecting.
@@ -164,9 +297,27 @@ impl Client {
         self.inner.shared.oob
     }
 
-    /// The socket path this client connected to.
+    /// The Unix socket path this client connected to (or accepted on);
+    /// empty for TCP and for a stream without a path.
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        self.inner
+            .address
+            .as_ref()
+            .and_then(Address::as_path)
+            .unwrap_or(Path::new(""))
+    }
+
+    /// Where this client connected (or the [`Listener`](crate::Listener)
+    /// that accepted it); `None` for a stream given to
+    /// [`ConnectOptions::connect_io`] or an unnamed Unix socket.
+    pub fn address(&self) -> Option<&Address> {
+        self.inner.address.as_ref()
+    }
+
+    /// True when calls may pass file descriptors ([`CallOptions::fds`]):
+    /// the connection is a Unix socket.
+    pub fn passes_fds(&self) -> bool {
+        self.inner.shared.no_fd_passing.is_none()
     }
 
     /// Runs a typed command.
@@ -360,6 +511,14 @@ impl Client {
             return Err(Error::InvalidRequest(format!(
                 "{name}: exec-oob needs the oob capability, which this connection did not negotiate"
             )));
+        }
+        if let (false, Some(transport)) = (options.fds.is_empty(), shared.no_fd_passing) {
+            // Refused here, before an id is taken or a byte written: the
+            // connection is untouched. The fds close as `options` drops.
+            return Err(Error::FdPassingUnsupported {
+                command: name.into_owned(),
+                transport,
+            });
         }
         if options.fds.len() > MAX_FDS_PER_CALL {
             return Err(Error::TooManyFds {

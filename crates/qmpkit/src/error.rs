@@ -35,6 +35,68 @@ pub enum Error {
         source: Arc<io::Error>,
     },
 
+    /// A TCP address could not be reached: nobody listens on the port
+    /// (`ConnectionRefused`), no route to the host (`HostUnreachable`,
+    /// `NetworkUnreachable`), and the like; the source's kind tells which.
+    #[error("cannot connect to QMP at tcp:{address}: {source}")]
+    ConnectTcp {
+        /// The address that was tried, `HOST:PORT`.
+        address: String,
+        /// Why it failed (for a name with several addresses, the last one's error).
+        #[source]
+        source: Arc<io::Error>,
+    },
+
+    /// The host name of a TCP address did not resolve (or resolved to no address).
+    #[error("cannot resolve the host of tcp:{address}: {source}")]
+    Resolve {
+        /// The address whose host was looked up, `HOST:PORT`.
+        address: String,
+        /// The resolver's error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+
+    /// Text given as an address is not one (see [`Address`](crate::Address)).
+    #[error("invalid QMP address {address:?}: {reason}")]
+    InvalidAddress {
+        /// The text.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A call passed file descriptors over a connection that cannot carry
+    /// them (TCP, or a stream given to
+    /// [`ConnectOptions::connect_io`](crate::ConnectOptions::connect_io)):
+    /// only a Unix socket can. Nothing was sent; the connection is still usable.
+    #[error("{command}: cannot pass file descriptors over {transport}; only a Unix socket connection can")]
+    FdPassingUnsupported {
+        /// The command that was refused.
+        command: String,
+        /// The kind of connection, in words (`"TCP"`, `"a byte stream"`).
+        transport: &'static str,
+    },
+
+    /// A [`Listener`](crate::Listener) could not be set up.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// Where it tried to listen (`unix:PATH` or `tcp:HOST:PORT`).
+        address: String,
+        /// Why it failed.
+        #[source]
+        source: Arc<io::Error>,
+    },
+
+    /// Nobody connected to a [`Listener`](crate::Listener) within its deadline.
+    #[error("no QMP server connected to {address} within {}", fmt_duration(*waited))]
+    AcceptTimeout {
+        /// The address waited on (`unix:PATH` or `tcp:HOST:PORT`).
+        address: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+
     /// The greeting or the capabilities negotiation failed.
     #[error("QMP handshake failed: {0}")]
     Handshake(String),
@@ -208,6 +270,22 @@ impl Error {
     /// True when the connection is gone.
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Disconnected { .. })
+    }
+
+    /// True when the server could not be reached: a Unix socket or TCP
+    /// address nobody listens on, a missing socket file, an unreachable
+    /// host, a name that does not resolve. Nothing was sent.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. } | Error::ConnectTcp { .. } | Error::Resolve { .. }
+        )
+    }
+
+    /// True when a call was refused for passing file descriptors over a
+    /// connection that cannot carry them (see [`Error::FdPassingUnsupported`]).
+    pub fn is_fd_passing_unsupported(&self) -> bool {
+        matches!(self, Error::FdPassingUnsupported { .. })
     }
 
     /// True when events were dropped while waiting for one (see [`Error::EventsMissed`]).

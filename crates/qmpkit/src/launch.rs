@@ -37,7 +37,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
-use crate::connection::ConnectOptions;
+use crate::connection::address::split_host_port;
+use crate::connection::{Address, ConnectOptions};
 
 /// The QEMU binary used unless told otherwise (`QMP_QEMU` in the environment overrides it).
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
@@ -106,6 +107,8 @@ pub struct QemuBuilder {
     args: Vec<OsString>,
     extra_sockets: Vec<String>,
     qmp_path: Option<PathBuf>,
+    qmp_tcp: bool,
+    connect_out: Vec<Address>,
     options: ConnectOptions,
     start_timeout: Duration,
     die_with_parent: bool,
@@ -132,6 +135,8 @@ impl QemuBuilder {
             args: Vec::new(),
             extra_sockets: Vec::new(),
             qmp_path: None,
+            qmp_tcp: false,
+            connect_out: Vec::new(),
             options: ConnectOptions::new(),
             start_timeout: Duration::from_secs(20),
             die_with_parent: true,
@@ -284,6 +289,26 @@ impl QemuBuilder {
         self
     }
 
+    /// Puts the main QMP monitor on TCP instead of a Unix socket:
+    /// `-qmp tcp:127.0.0.1:PORT,server=on,wait=off` on a free port (a new
+    /// one, should another program take it before QEMU binds it), and the
+    /// launcher's client connects over TCP; see [`Qemu::qmp_address`].
+    pub fn qmp_tcp(mut self) -> Self {
+        self.qmp_tcp = true;
+        self
+    }
+
+    /// Adds a QMP monitor that QEMU connects out to: `-chardev
+    /// socket,server=off,reconnect-ms=500` to this Unix path or TCP
+    /// address (a [`Listener`](crate::Listener)'s), with `-mon
+    /// mode=control`. QEMU tries again every 500 ms until something
+    /// listens there, and after each disconnect. The main QMP socket stays
+    /// (the launcher connects to it as usual).
+    pub fn qmp_connect_out(mut self, address: impl Into<Address>) -> Self {
+        self.connect_out.push(address.into());
+        self
+    }
+
     /// Options for the connection the launcher makes.
     pub fn connect_options(mut self, options: ConnectOptions) -> Self {
         self.options = options;
@@ -308,6 +333,26 @@ impl QemuBuilder {
 
     /// Starts QEMU, waits for its QMP socket and connects.
     pub async fn spawn(self) -> Result<Qemu, LaunchError> {
+        // A free TCP port is only free until someone binds it: QEMU may
+        // lose the race to another program (or test) and exit; then the
+        // launch is tried again on a new port.
+        const TCP_ATTEMPTS: usize = 5;
+        let mut attempt = 1;
+        loop {
+            match self.start().await {
+                Err(LaunchError::Exited { stderr, .. })
+                    if self.qmp_tcp
+                        && attempt < TCP_ATTEMPTS
+                        && stderr.contains("Address already in use") =>
+                {
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn start(&self) -> Result<Qemu, LaunchError> {
         let dir = tempfile::Builder::new()
             .prefix("qmpkit-")
             .tempdir()
@@ -316,6 +361,12 @@ impl QemuBuilder {
             .qmp_path
             .clone()
             .unwrap_or_else(|| dir.path().join("qmp.sock"));
+        let qmp_address = if self.qmp_tcp {
+            let port = free_tcp_port().map_err(LaunchError::TempDir)?;
+            Address::tcp("127.0.0.1", port)
+        } else {
+            Address::Unix(qmp_path.clone())
+        };
         let stderr_path = dir.path().join("qemu.stderr");
         let stderr = std::fs::File::create(&stderr_path).map_err(LaunchError::TempDir)?;
         let mut cmd = Command::new(&self.binary);
@@ -349,10 +400,30 @@ impl QemuBuilder {
             cmd.arg("-chardev").arg(chardev);
             cmd.args(["-serial", "chardev:console-sock"]);
         }
-        cmd.arg("-qmp").arg(qmp_arg(&qmp_path));
+        cmd.arg("-qmp").arg(qmp_arg(&qmp_address));
         for name in &self.extra_sockets {
             cmd.arg("-qmp")
-                .arg(qmp_arg(&dir.path().join(format!("{name}.sock"))));
+                .arg(qmp_arg(&Address::Unix(dir.path().join(format!("{name}.sock")))));
+        }
+        for (i, address) in self.connect_out.iter().enumerate() {
+            let mut chardev = OsString::from(format!("socket,id=qmp-out{i},server=off,reconnect-ms=500,"));
+            match address {
+                Address::Unix(path) => {
+                    chardev.push("path=");
+                    chardev.push(path);
+                }
+                Address::Tcp(text) => {
+                    let (host, port) = split_host_port(text).map_err(|reason| {
+                        LaunchError::Connect(crate::Error::InvalidAddress {
+                            address: text.clone(),
+                            reason: reason.to_owned(),
+                        })
+                    })?;
+                    chardev.push(format!("host={host},port={port}"));
+                }
+            }
+            cmd.arg("-chardev").arg(chardev);
+            cmd.arg("-mon").arg(format!("chardev=qmp-out{i},mode=control"));
         }
         cmd.args(&self.args)
             .stdin(Stdio::null())
@@ -377,6 +448,7 @@ impl QemuBuilder {
             child,
             dir,
             qmp_path,
+            qmp_address,
             stderr_path,
             client: None,
         };
@@ -386,13 +458,24 @@ impl QemuBuilder {
     }
 }
 
-fn qmp_arg(path: &Path) -> OsString {
-    let mut s = OsString::from("unix:");
-    s.push(path.as_os_str());
+/// A TCP port on 127.0.0.1 that nobody listens on now.
+fn free_tcp_port() -> std::io::Result<u16> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?.port())
+}
+
+fn qmp_arg(address: &Address) -> OsString {
+    let mut s = OsString::from(match address {
+        Address::Unix(_) => "unix:",
+        Address::Tcp(_) => "tcp:",
+    });
+    match address {
+        Address::Unix(path) => s.push(path.as_os_str()),
+        Address::Tcp(text) => s.push(text),
+    }
     s.push(",server=on,wait=off");
     s
 }
-
 /// A running QEMU. Dropping it kills QEMU (SIGKILL), reaps it and removes
 /// its temporary directory, also when a test panics.
 #[derive(Debug)]
@@ -400,6 +483,7 @@ pub struct Qemu {
     child: Child,
     dir: tempfile::TempDir,
     qmp_path: PathBuf,
+    qmp_address: Address,
     stderr_path: PathBuf,
     client: Option<Client>,
 }
@@ -419,11 +503,14 @@ impl Qemu {
                     stderr: self.stderr(),
                 });
             }
-            match options.connect(&self.qmp_path).await {
+            match options.connect_to(&self.qmp_address).await {
                 Ok(client) => return Ok(client),
                 // Not there yet (or not listening yet): poll until the deadline.
-                Err(crate::Error::Connect { .. }) if Instant::now() < deadline => {}
-                Err(crate::Error::Connect { .. }) => return Err(LaunchError::Timeout(budget)),
+                Err(crate::Error::Connect { .. } | crate::Error::ConnectTcp { .. })
+                    if Instant::now() < deadline => {}
+                Err(crate::Error::Connect { .. } | crate::Error::ConnectTcp { .. }) => {
+                    return Err(LaunchError::Timeout(budget))
+                }
                 Err(e) => return Err(e.into()),
             }
             tokio::time::sleep(pause).await;
@@ -436,9 +523,16 @@ impl Qemu {
         self.client.as_ref().expect("connected at spawn")
     }
 
-    /// The main QMP socket's path.
+    /// The main QMP socket's path (where it would be, with
+    /// [`QemuBuilder::qmp_tcp`]: see [`Qemu::qmp_address`]).
     pub fn qmp_socket(&self) -> &Path {
         &self.qmp_path
+    }
+
+    /// The main QMP monitor's address: its Unix socket, or its TCP address
+    /// with [`QemuBuilder::qmp_tcp`].
+    pub fn qmp_address(&self) -> &Address {
+        &self.qmp_address
     }
 
     /// The path of an extra QMP socket added with [`QemuBuilder::extra_qmp_socket`].

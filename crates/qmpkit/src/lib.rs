@@ -49,15 +49,21 @@
 //! - **Events** go to every subscriber through its own bounded queue, in the
 //!   order QEMU sent them; a subscriber that falls behind is told how many it
 //!   missed ([`EventItem::Missed`]) and never slows anything else.
+//! - **Transports.** A Unix socket path, TCP ([`ConnectOptions::connect_to`]),
+//!   a Unix socket or any tokio byte stream you hold
+//!   ([`ConnectOptions::connect_stream`], [`ConnectOptions::connect_io`]), or
+//!   QEMU connecting out to a [`Listener`]: the same client over each.
 //! - **File descriptors** travel as SCM_RIGHTS on the `sendmsg` that carries
 //!   their command's first byte ([`CallOptions::fds`]); the client closes its
-//!   copies exactly once.
+//!   copies exactly once. Only a Unix socket carries them: elsewhere such a call
+//!   fails with [`Error::FdPassingUnsupported`] before anything is written.
 //!
 //! # Layers
 //!
 //! | module | what |
 //! | --- | --- |
 //! | [`Client`], [`ConnectOptions`] | the async client |
+//! | [`Address`], [`Listener`] | where QEMU is: a Unix socket or TCP; [`ConnectOptions::connect_stream`] and [`ConnectOptions::connect_io`] for a stream you hold, [`Listener`] for QEMU connecting to you |
 //! | [`qapi`] | every QEMU 10 command and event as types generated from QEMU's schema; run them with [`Client::execute`] |
 //! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
 //! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
@@ -99,10 +105,10 @@ pub mod monitor;
 pub mod schema;
 mod wire;
 
-pub use client::{CallOptions, Client, Command, Empty, MAX_FDS_PER_CALL};
+pub use client::{CallOptions, Client, Command, Empty, IntoUnixStream, MAX_FDS_PER_CALL};
 pub use connection::{
-    ConnectOptions, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_EXCLUDED,
-    DEFAULT_MAX_MESSAGE_SIZE,
+    Address, ConnectOptions, Listener, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_LOG_EXCLUDED, DEFAULT_MAX_MESSAGE_SIZE,
 };
 pub use error::{Error, ErrorClass, QmpError, Result};
 pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};

@@ -23,14 +23,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
 use super::handshake::Handshaken;
 use super::inflight::{self, InFlight, Pending};
-use super::socket;
 use super::traffic_log::TrafficLog;
+use super::transport::Transport;
 use super::Shared;
 use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::Event;
@@ -113,7 +112,7 @@ pub(crate) fn spawn(
 }
 
 struct Driver {
-    stream: UnixStream,
+    stream: Transport,
     early_events: Vec<Vec<u8>>,
     splitter: crate::wire::splitter::Splitter,
     rx: mpsc::UnboundedReceiver<ToDriver>,
@@ -167,26 +166,6 @@ impl DeadlineTimer {
     }
 }
 
-/// Reads what the socket holds now, without waiting.
-///
-/// Unlike `try_read`, tokio's `poll_read` takes a short read as proof that the
-/// socket is drained (it is, with epoll) and clears its readiness; so the next
-/// wait goes straight to `epoll_wait` instead of first making a `recvfrom`
-/// that can only fail with `EAGAIN`: one system call less per round trip.
-fn read_now(stream: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
-    use std::task::Waker;
-    use tokio::io::{AsyncRead, ReadBuf};
-    // A no-op waker is enough: the task registers its own waker with
-    // `poll_read_ready` before it sleeps, and readiness set in between is kept.
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut rb = ReadBuf::new(buf);
-    match std::pin::Pin::new(stream).poll_read(&mut cx, &mut rb) {
-        Poll::Ready(Ok(())) => Ok(rb.filled().len()),
-        Poll::Ready(Err(e)) => Err(e),
-        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-    }
-}
-
 thread_local! {
     /// The read buffer that idle connections on this thread share.
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -215,6 +194,9 @@ enum Read {
     Drained,
     /// There is probably more to read.
     More,
+    /// A caller's stream has nothing for now and will wake the task when
+    /// it has (the sockets say so through their readiness instead).
+    Pending,
     /// End of stream.
     Eof,
 }
@@ -265,8 +247,8 @@ impl Driver {
                     Poll::Pending => break,
                 }
             }
-            if let Err(e) = self.write_ready() {
-                return Poll::Ready(self.after_write_error(e));
+            if let Err(e) = self.write_ready(cx) {
+                return Poll::Ready(self.after_write_error(cx, e));
             }
             if let Some(timer) = &mut self.state.deadline_timer {
                 if timer.fired(cx) {
@@ -287,9 +269,10 @@ impl Driver {
             match self.stream.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Ending::Io(e)),
-                Poll::Ready(Ok(())) => match self.read_ready(ReadVia::Reactor) {
+                Poll::Ready(Ok(())) => match self.read_ready(cx, ReadVia::Reactor) {
                     // Round again: new requests, then sleep on the socket.
                     Ok(Read::Drained) => {}
+                    Ok(Read::Pending) => return Poll::Pending,
                     Ok(Read::More) => {
                         // A fast server can keep the socket full forever: let
                         // the callers and subscribers on this thread run too.
@@ -311,12 +294,12 @@ impl Driver {
     /// run in a poll that used up tokio's budget, and tokio's readiness may
     /// not know yet of what arrived since the last wait; either would make
     /// the socket look empty and lose what QEMU sent last.
-    fn after_write_error(&mut self, write_error: io::Error) -> Ending {
+    fn after_write_error(&mut self, cx: &mut Context<'_>, write_error: io::Error) -> Ending {
         loop {
-            match self.read_ready(ReadVia::Socket) {
+            match self.read_ready(cx, ReadVia::Socket) {
                 Ok(Read::Eof) => return Ending::Eof,
                 Ok(Read::More) => continue,
-                Ok(Read::Drained) | Err(_) => return Ending::Io(write_error),
+                Ok(Read::Drained | Read::Pending) | Err(_) => return Ending::Io(write_error),
             }
         }
     }
@@ -327,11 +310,11 @@ impl Driver {
     /// An idle connection owns no read buffer: it borrows the thread's for
     /// the read and gives it back once every message in it was handled. Only
     /// a connection left holding part of a message keeps one.
-    fn read_ready(&mut self, via: ReadVia) -> io::Result<Read> {
+    fn read_ready(&mut self, cx: &mut Context<'_>, via: ReadVia) -> io::Result<Read> {
         if self.splitter.is_drained() {
             READ_BUFFER.with(|pool| self.splitter.adopt(std::mem::take(&mut *pool.borrow_mut())));
         }
-        let outcome = self.read_some(via);
+        let outcome = self.read_some(cx, via);
         self.return_read_buffer();
         outcome
     }
@@ -351,16 +334,14 @@ impl Driver {
         }
     }
 
-    fn read_some(&mut self, via: ReadVia) -> io::Result<Read> {
+    fn read_some(&mut self, cx: &mut Context<'_>, via: ReadVia) -> io::Result<Read> {
         let mut outcome = Read::More;
         for _ in 0..READS_PER_WAKE {
             let spare = self.splitter.spare();
             let room = spare.len();
             let read = match via {
-                ReadVia::Reactor => read_now(&mut self.stream, spare),
-                ReadVia::Socket => rustix::net::recv(&self.stream, spare, rustix::net::RecvFlags::DONTWAIT)
-                    .map(|(n, _)| n)
-                    .map_err(io::Error::from),
+                ReadVia::Reactor => self.stream.read_now(cx, spare),
+                ReadVia::Socket => self.stream.read_direct(spare),
             };
             match read {
                 Ok(0) => {
@@ -380,7 +361,11 @@ impl Driver {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    outcome = Read::Drained;
+                    outcome = if self.stream.read_registers_waker() && matches!(via, ReadVia::Reactor) {
+                        Read::Pending
+                    } else {
+                        Read::Drained
+                    };
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -406,7 +391,7 @@ impl Driver {
 
     /// Moves queued requests into the write buffer and writes as much as the
     /// socket takes now.
-    fn write_ready(&mut self) -> io::Result<()> {
+    fn write_ready(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         loop {
             let st = &mut self.state;
             if st.wpos == st.wbuf.len() {
@@ -418,14 +403,19 @@ impl Driver {
                 st.wpos = 0;
                 st.fill_write_buffer();
                 if st.wbuf.is_empty() {
-                    return Ok(());
+                    // Everything is written: a caller's stream may still
+                    // hold it (a pending flush wakes the task when done).
+                    return match self.stream.poll_flush_written(cx) {
+                        Poll::Ready(result) => result,
+                        Poll::Pending => Ok(()),
+                    };
                 }
             }
             let chunk = &st.wbuf[st.wpos..];
             let written = if st.wfds.is_empty() {
-                self.stream.try_write(chunk)
+                self.stream.try_write(cx, chunk)
             } else {
-                socket::try_send_with_fds(&self.stream, chunk, &st.wfds)
+                self.stream.try_send_with_fds(chunk, &st.wfds)
             };
             match written {
                 Ok(n) => {

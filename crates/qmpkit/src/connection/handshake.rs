@@ -1,15 +1,15 @@
 //! The handshake: read the greeting, negotiate capabilities.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
+use super::transport::Transport;
 use crate::error::{Error, Result};
 use crate::wire::splitter::{Frame, Splitter};
 use crate::wire::{Greeting, Incoming};
 
 /// A connection that has completed the handshake.
 pub(crate) struct Handshaken {
-    pub stream: UnixStream,
+    pub stream: Transport,
     /// Holds whatever arrived after the capabilities reply (events, possibly).
     pub splitter: Splitter,
     pub greeting: Greeting,
@@ -20,7 +20,7 @@ pub(crate) struct Handshaken {
 
 /// Reads the greeting and negotiates capabilities (with `oob` when offered
 /// and wanted). The caller bounds the time.
-pub(crate) async fn run(mut stream: UnixStream, want_oob: bool, max_message: usize) -> Result<Handshaken> {
+pub(crate) async fn run(mut stream: Transport, want_oob: bool, max_message: usize) -> Result<Handshaken> {
     let mut splitter = Splitter::small(max_message);
     let greeting_bytes = next_message(&mut stream, &mut splitter, "greeting").await?;
     let greeting = Greeting::parse(&greeting_bytes).map_err(Error::Handshake)?;
@@ -31,6 +31,8 @@ pub(crate) async fn run(mut stream: UnixStream, want_oob: bool, max_message: usi
         b"{\"execute\":\"qmp_capabilities\"}\n"
     };
     stream.write_all(request).await?;
+    // A caller's stream (TLS, say) may hold the bytes back until flushed.
+    stream.flush().await?;
     // QEMU sends no event before this reply, but a server may: keep them.
     let mut early_events = Vec::new();
     loop {
@@ -72,7 +74,7 @@ pub(crate) async fn run(mut stream: UnixStream, want_oob: bool, max_message: usi
 }
 
 /// Reads until one whole message is buffered and returns it.
-async fn next_message(stream: &mut UnixStream, splitter: &mut Splitter, what: &str) -> Result<Vec<u8>> {
+async fn next_message(stream: &mut Transport, splitter: &mut Splitter, what: &str) -> Result<Vec<u8>> {
     loop {
         match splitter.next_frame() {
             Some(Frame::Message(range)) => return Ok(splitter.bytes(range).to_vec()),

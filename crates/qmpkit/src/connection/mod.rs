@@ -1,17 +1,20 @@
 //! Connecting: options, the handshake, and the task that owns the socket.
 
+pub(crate) mod address;
 mod driver;
 mod handshake;
 mod inflight;
+mod listener;
 mod socket;
 #[cfg(feature = "traffic-log")]
 pub(crate) mod traffic_log;
 #[cfg(not(feature = "traffic-log"))]
 #[path = "traffic_log_off.rs"]
 pub(crate) mod traffic_log;
+pub(crate) mod transport;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -22,7 +25,10 @@ use crate::error::{Error, Result};
 use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
 
+pub use address::Address;
 pub(crate) use driver::{Outgoing, Reply, ToDriver};
+pub use listener::Listener;
+use transport::Transport;
 
 /// What a connection's task and its handles share: what the handshake
 /// found, and what the task keeps up to date for the handles to read.
@@ -35,6 +41,9 @@ pub(crate) struct Shared {
     pub close_reason: OnceLock<Error>,
     /// QEMU's last SHUTDOWN event, unless a RESUME came after it.
     pub last_shutdown: Mutex<Option<Event>>,
+    /// `None` when file descriptors can be passed; otherwise the kind of
+    /// stream that cannot pass them, for the error.
+    pub no_fd_passing: Option<&'static str>,
 }
 
 /// The default size limit of one message from QEMU: 64 MiB.
@@ -235,48 +244,82 @@ impl ConnectOptions {
         self
     }
 
-    /// Connects, negotiates capabilities and starts the connection's task:
-    /// everything [`ConnectOptions::connect`] does but making the handle.
-    pub(crate) async fn open(&self, path: &Path) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
-        let span = tracing::debug_span!("qmp_connect", path = %path.display());
-        async {
-            let started = std::time::Instant::now();
-            let attempt = async {
-                let stream = socket::connect(path).await.map_err(|e| Error::Connect {
-                    path: path.to_owned(),
-                    source: Arc::new(e),
-                })?;
-                handshake::run(stream, self.oob, self.config.max_message_size).await
-            };
-            let done = tokio::time::timeout(self.handshake_timeout, attempt)
-                .await
-                .map_err(|_| {
-                    Error::Handshake(format!(
-                        "no complete handshake from {} within {:?} (is another client connected, or is QEMU frozen?)",
-                        path.display(),
-                        self.handshake_timeout
-                    ))
-                })??;
-            let log = self.log_file.as_deref().and_then(traffic_log::TrafficLog::open);
-            let shared = Arc::new(Shared {
-                config: self.config.clone(),
-                greeting: done.greeting.clone(),
-                oob: done.oob,
-                subscribers: Subscribers::new(),
-                closed: watch::channel(false).0,
-                close_reason: OnceLock::new(),
-                last_shutdown: Mutex::new(None),
-            });
-            tracing::debug!(
-                elapsed_us = started.elapsed().as_micros() as u64,
-                version = %shared.greeting.version,
-                oob = shared.oob,
-                "connected"
-            );
-            let tx = driver::spawn(done, shared.clone(), log);
-            Ok((tx, shared))
-        }
-        .instrument(span)
-        .await
+    /// Connects to `address`, negotiates capabilities and starts the
+    /// connection's task: everything [`ConnectOptions::connect_to`] does but
+    /// making the handle.
+    pub(crate) async fn open(
+        &self,
+        address: &Address,
+    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+        let span = tracing::debug_span!("qmp_connect", %address);
+        self.open_over(&address.to_string(), Some(address), Transport::connect(address))
+            .instrument(span)
+            .await
+    }
+
+    /// Negotiates over the stream `connect` yields and starts the
+    /// connection's task; the handshake budget bounds both. `peer` names
+    /// the other end in a timeout's message; `address` is where `connect`
+    /// connects, if it does (a budget spent before it connected is then a
+    /// connect error, not a handshake error).
+    pub(crate) async fn open_over(
+        &self,
+        peer: &str,
+        address: Option<&Address>,
+        connect: impl std::future::Future<Output = Result<Transport>>,
+    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+        let started = std::time::Instant::now();
+        let budget = self.handshake_timeout;
+        let mut connected = false;
+        let attempt = async {
+            let stream = connect.await?;
+            connected = true;
+            handshake::run(stream, self.oob, self.config.max_message_size).await
+        };
+        let done = match tokio::time::timeout(budget, attempt).await {
+            Ok(done) => done?,
+            Err(_) if !connected && address.is_some() => {
+                let source = Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("not connected within {budget:?}, the handshake budget (packets dropped by a firewall, or a host that is down?)"),
+                ));
+                return Err(match address {
+                    Some(Address::Unix(path)) => Error::Connect {
+                        path: path.clone(),
+                        source,
+                    },
+                    Some(Address::Tcp(text)) => Error::ConnectTcp {
+                        address: text.clone(),
+                        source,
+                    },
+                    None => unreachable!("checked above"),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Handshake(format!(
+                    "no complete handshake from {peer} within {budget:?} (is it a QMP server? is another client connected, or is QEMU frozen?)"
+                )))
+            }
+        };
+        let log = self.log_file.as_deref().and_then(traffic_log::TrafficLog::open);
+        let no_fd_passing = (!done.stream.passes_fds()).then(|| done.stream.kind());
+        let shared = Arc::new(Shared {
+            config: self.config.clone(),
+            greeting: done.greeting.clone(),
+            oob: done.oob,
+            subscribers: Subscribers::new(),
+            closed: watch::channel(false).0,
+            close_reason: OnceLock::new(),
+            last_shutdown: Mutex::new(None),
+            no_fd_passing,
+        });
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            version = %shared.greeting.version,
+            oob = shared.oob,
+            "connected"
+        );
+        let tx = driver::spawn(done, shared.clone(), log);
+        Ok((tx, shared))
     }
 }

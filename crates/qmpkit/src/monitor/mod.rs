@@ -148,9 +148,44 @@ impl Monitor {
         MonitorRegistry::global().connect(path, options).await
     }
 
+    /// Waits up to `timeout` for QEMU to connect to `listener` (a VM still
+    /// starting, whose monitor connects out: `-chardev
+    /// socket,id=mon0,path=PATH,server=off,reconnect-ms=500 -mon
+    /// chardev=mon0,mode=control`) and makes a monitor of the connection,
+    /// as [`Monitor::connect`] does of one it makes. Bind the listener
+    /// before starting QEMU, or let `reconnect-ms` bring QEMU in later.
+    ///
+    /// The monitor is not kept in the registry (it has no socket path of
+    /// QEMU's to be found by): keep the handle. Nobody connecting in time
+    /// fails with [`Error::AcceptTimeout`].
+    ///
+    /// ```no_run
+    /// # async fn f() -> qmpkit::Result<()> {
+    /// use std::time::Duration;
+    /// use qmpkit::monitor::{Monitor, MonitorOptions};
+    /// let listener = qmpkit::Listener::bind(qmpkit::Address::unix("/run/vm1/qmp.sock")).await?;
+    /// // ... start QEMU, which connects to /run/vm1/qmp.sock ...
+    /// let mon = Monitor::accept(&listener, Duration::from_secs(60), MonitorOptions::new()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn accept(
+        listener: &crate::Listener,
+        timeout: std::time::Duration,
+        options: MonitorOptions,
+    ) -> Result<Monitor> {
+        options.validate()?;
+        let client = options.connect.accept(listener, timeout).await?;
+        Monitor::watch(client, &options, Weak::new()).await
+    }
+
     /// Connects, checks the agent chardev, and starts the monitor's task.
     async fn open(path: &Path, options: &MonitorOptions, registry: Weak<Slots>) -> Result<Monitor> {
         let client = options.connect.connect(path).await?;
+        Monitor::watch(client, options, registry).await
+    }
+
+    /// Checks the agent chardev and starts the monitor's task on a connection.
+    async fn watch(client: Client, options: &MonitorOptions, registry: Weak<Slots>) -> Result<Monitor> {
         // Subscribed before anything else: the first subscriber also gets
         // the events that came with the handshake.
         let events = client.subscribe(EventFilter::all().capacity(options.event_queue));
@@ -189,7 +224,7 @@ impl Monitor {
             // chardev that cannot answer.
             Err(e @ (Error::BadConsole(_) | Error::NotARingbuf(_))) => {
                 tracing::warn!(
-                    path = %path.display(),
+                    path = %mon.inner.client.path().display(),
                     error = %e,
                     "the guest agent's serial chardev is unusable; not watching the agent"
                 );
