@@ -26,7 +26,7 @@ pub enum Error {
     Qmp(#[from] QmpError),
 
     /// The socket could not be reached.
-    #[error("cannot connect to QMP socket {}: {source}", path.display())]
+    #[error("cannot connect to socket {}: {source}", path.display())]
     Connect {
         /// The socket path that was tried.
         path: PathBuf,
@@ -147,6 +147,18 @@ pub enum Error {
         count: u64,
     },
 
+    /// The QEMU guest agent did not answer the resynchronisation
+    /// (`guest-sync-delimited`) in time: it is not running in the guest (the
+    /// guest is booting, rebooting or shut down, or has no agent), or it is
+    /// stuck. The connection is kept; the next call tries again.
+    #[error("the guest agent at {} is not answering: {reason}", path.display())]
+    AgentUnavailable {
+        /// The agent's socket.
+        path: PathBuf,
+        /// What was tried.
+        reason: String,
+    },
+
     /// A migration ended in a final state other than the one waited for.
     #[error("migration ended as {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     MigrationFailed {
@@ -186,6 +198,11 @@ impl Error {
     /// True when the connection is gone.
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Disconnected { .. })
+    }
+
+    /// True when the guest agent did not answer (see [`Error::AgentUnavailable`]).
+    pub fn is_agent_unavailable(&self) -> bool {
+        matches!(self, Error::AgentUnavailable { .. })
     }
 
     /// True when events were dropped while waiting for one (see [`Error::EventsMissed`]).

@@ -60,6 +60,7 @@
 //! | [`Client`], [`ConnectOptions`] | the async client |
 //! | [`qapi`] | every QEMU 10 command and event as types generated from QEMU's schema; run them with [`Client::execute`] |
 //! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
+//! | [`guest_agent`] | the QEMU guest agent (`qemu-ga` in the guest): exec, files, fsfreeze, shutdown, ... |
 //! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
 //! | [`event`] | subscriptions and typed views of events |
 //! | [`schema`] | the server's command schema, for version-dependent choices |
@@ -74,6 +75,7 @@ pub mod commands;
 mod connection;
 mod error;
 pub mod event;
+pub mod guest_agent;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -19,6 +19,8 @@ use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
 
 pub(crate) use driver::{Outgoing, Reply, ToDriver};
+/// The long-path-aware Unix connect, for the guest agent.
+pub(crate) use socket::connect as connect_unix;
 
 /// What a connection's task and its handles share: what the handshake
 /// found, and what the task keeps up to date for the handles to read.
