@@ -94,7 +94,11 @@ pub async fn run(args: AgentArgs, globals: &Globals) -> anyhow::Result<ExitCode>
                 std::fs::write(&local, &data).with_context(|| format!("cannot write {}", local.display()))?;
                 let v = json!({"ok": true, "bytes": data.len()});
                 emit(json, &v, || {
-                    outln!("copied {} bytes from the guest's {guest_path} to {}", data.len(), local.display())
+                    outln!(
+                        "copied {} bytes from the guest's {guest_path} to {}",
+                        data.len(),
+                        local.display()
+                    )
                 })?;
             }
         }
@@ -116,7 +120,9 @@ pub async fn run(args: AgentArgs, globals: &Globals) -> anyhow::Result<ExitCode>
             FsfreezeCommand::Status => {
                 let s = agent.fsfreeze_status().await?;
                 let v = serde_json::to_value(s)?;
-                emit(json, &json!({"status": v}), || outln!("{}", v.as_str().unwrap_or_default()))?;
+                emit(json, &json!({"status": v}), || {
+                    outln!("{}", v.as_str().unwrap_or_default())
+                })?;
             }
             FsfreezeCommand::Freeze { mountpoints } => {
                 let n = if mountpoints.is_empty() {
@@ -124,11 +130,15 @@ pub async fn run(args: AgentArgs, globals: &Globals) -> anyhow::Result<ExitCode>
                 } else {
                     agent.fsfreeze_freeze_list(&mountpoints).await?
                 };
-                emit(json, &json!({"ok": true, "frozen": n}), || outln!("froze {n} filesystem(s)"))?;
+                emit(json, &json!({"ok": true, "frozen": n}), || {
+                    outln!("froze {n} filesystem(s)")
+                })?;
             }
             FsfreezeCommand::Thaw => {
                 let n = agent.fsfreeze_thaw().await?;
-                emit(json, &json!({"ok": true, "thawed": n}), || outln!("thawed {n} filesystem(s)"))?;
+                emit(json, &json!({"ok": true, "thawed": n}), || {
+                    outln!("thawed {n} filesystem(s)")
+                })?;
             }
         },
         AgentCommand::Shutdown { mode } => {
@@ -165,7 +175,9 @@ pub async fn run(args: AgentArgs, globals: &Globals) -> anyhow::Result<ExitCode>
                 return Err(usage("no password on stdin"));
             }
             agent.set_user_password(&user, password, crypted).await?;
-            emit(json, &json!({"ok": true, "user": user}), || outln!("password of {user} set"))?;
+            emit(json, &json!({"ok": true, "user": user}), || {
+                outln!("password of {user} set")
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -174,7 +186,12 @@ pub async fn run(args: AgentArgs, globals: &Globals) -> anyhow::Result<ExitCode>
 /// `agent exec`: runs the program, prints its output, and exits with its
 /// status (128 + the signal when a signal ended it). Without `--timeout` it
 /// waits as long as the program runs.
-async fn exec(agent: &GuestAgent, globals: &Globals, program: String, args: Vec<String>) -> anyhow::Result<ExitCode> {
+async fn exec(
+    agent: &GuestAgent,
+    globals: &Globals,
+    program: String,
+    args: Vec<String>,
+) -> anyhow::Result<ExitCode> {
     let agent = agent.with_timeout(globals.timeout.unwrap_or(Duration::MAX));
     let out = agent.exec_and_wait(&ExecRequest::new(program).args(args)).await?;
     if globals.json {

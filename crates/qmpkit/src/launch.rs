@@ -370,11 +370,7 @@ impl QemuBuilder {
             let mut chardev = OsString::from("socket,id=qga0,server=on,wait=off,path=");
             chardev.push(dir.path().join(GUEST_AGENT_SOCKET));
             cmd.arg("-chardev").arg(chardev);
-            cmd.args([
-                "-device",
-                "virtio-serial-pci,id=qga_serial",
-                "-device",
-            ]);
+            cmd.args(["-device", "virtio-serial-pci,id=qga_serial", "-device"]);
             cmd.arg(format!(
                 "virtserialport,bus=qga_serial.0,chardev=qga0,name={}",
                 crate::guest_agent::GUEST_AGENT_PORT

@@ -75,10 +75,10 @@ pub mod commands;
 mod connection;
 mod error;
 pub mod event;
-pub mod guest_agent;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod guest_agent;
 pub mod launch;
 pub mod monitor;
 pub mod schema;

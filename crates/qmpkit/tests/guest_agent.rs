@@ -26,7 +26,11 @@ impl Drop for AgentGuest {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.console.take_what_is_there();
-            eprintln!("console:\n{}\nQEMU's stderr:\n{}", self.console.tail(), self.vm.stderr());
+            eprintln!(
+                "console:\n{}\nQEMU's stderr:\n{}",
+                self.console.tail(),
+                self.vm.stderr()
+            );
         }
     }
 }
@@ -52,9 +56,12 @@ async fn boot(extra: &[&str]) -> AgentGuest {
         .expect("the agent port's socket");
     within(10, vm.client().start()).await.expect("cont");
     console.line_with(READY, BOOT_SECS).await;
-    within(BOOT_SECS, agent.with_timeout(Duration::from_secs(BOOT_SECS)).sync())
-        .await
-        .expect("qemu-ga in the guest answers");
+    within(
+        BOOT_SECS,
+        agent.with_timeout(Duration::from_secs(BOOT_SECS)).sync(),
+    )
+    .await
+    .expect("qemu-ga in the guest answers");
     AgentGuest { vm, console, agent }
 }
 
@@ -83,17 +90,29 @@ async fn every_typed_operation_takes_effect_in_the_guest() {
     agent.ping().await.unwrap();
     let info = agent.info().await.unwrap();
     assert!(info.version.starts_with("10."), "{}", info.version);
-    for cmd in ["guest-exec", "guest-file-open", "guest-fsfreeze-freeze", "guest-shutdown", "guest-set-user-password"] {
+    for cmd in [
+        "guest-exec",
+        "guest-file-open",
+        "guest-fsfreeze-freeze",
+        "guest-shutdown",
+        "guest-set-user-password",
+    ] {
         assert!(info.supports(cmd), "{cmd} missing from {info:?}");
     }
     let os = agent.os_info().await.unwrap();
     assert_eq!(os.id.as_deref(), Some("qmpkit-guest"));
     assert_eq!(os.pretty_name.as_deref(), Some("qmpkit test guest 1"));
-    assert_eq!(os.kernel_release.as_deref(), Some(g.sh("uname -r").await.as_str()));
+    assert_eq!(
+        os.kernel_release.as_deref(),
+        Some(g.sh("uname -r").await.as_str())
+    );
     assert_eq!(agent.host_name().await.unwrap(), "qmpkit-guest");
     let ifaces = agent.network_interfaces().await.unwrap();
     let lo = ifaces.iter().find(|i| i.name == "lo").expect("lo");
-    assert!(lo.ip_addresses.iter().any(|a| a.ip_address == "127.0.0.1"), "{lo:?}");
+    assert!(
+        lo.ip_addresses.iter().any(|a| a.ip_address == "127.0.0.1"),
+        "{lo:?}"
+    );
 
     // The clock, set and read back, and seen by the guest's own date.
     let y2030_ns: i64 = 1_893_456_000 * 1_000_000_000;
@@ -107,19 +126,32 @@ async fn every_typed_operation_takes_effect_in_the_guest() {
         .exec_and_wait(&ExecRequest::new("/bin/sh").args(["-c", "echo out; echo err >&2; exit 3"]))
         .await
         .unwrap();
-    assert_eq!((out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()), (Some(3), &b"out\n"[..], &b"err\n"[..]));
+    assert_eq!(
+        (out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()),
+        (Some(3), &b"out\n"[..], &b"err\n"[..])
+    );
     let out = agent
-        .exec_and_wait(&ExecRequest::new("/bin/sh").args(["-c", "cat >/tmp/from-exec"]).input(&b"via stdin"[..]))
+        .exec_and_wait(
+            &ExecRequest::new("/bin/sh")
+                .args(["-c", "cat >/tmp/from-exec"])
+                .input(&b"via stdin"[..]),
+        )
         .await
         .unwrap();
     assert!(out.success(), "{out:?}");
     assert_eq!(g.sh("cat /tmp/from-exec").await, "via stdin");
 
     // Files: written through the agent, read on the console, and back.
-    agent.write_file("/tmp/agent-file", b"written by the agent\n").await.unwrap();
+    agent
+        .write_file("/tmp/agent-file", b"written by the agent\n")
+        .await
+        .unwrap();
     assert_eq!(g.sh("cat /tmp/agent-file").await, "written by the agent");
     g.sh("echo typed on the console >/tmp/console-file").await;
-    assert_eq!(agent.read_file("/tmp/console-file").await.unwrap(), b"typed on the console\n");
+    assert_eq!(
+        agent.read_file("/tmp/console-file").await.unwrap(),
+        b"typed on the console\n"
+    );
     let big: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     agent.write_file("/tmp/big", &big).await.unwrap();
     assert_eq!(g.sh("wc -c </tmp/big").await, "1500000");
@@ -146,7 +178,10 @@ async fn every_typed_operation_takes_effect_in_the_guest() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(state, "D", "the writer should block on the frozen filesystem");
-    assert_eq!(g.sh("cat /tmp/wdone 2>/dev/null || echo pending").await, "pending");
+    assert_eq!(
+        g.sh("cat /tmp/wdone 2>/dev/null || echo pending").await,
+        "pending"
+    );
     assert_eq!(agent.fsfreeze_thaw().await.unwrap(), 1);
     assert_eq!(agent.fsfreeze_status().await.unwrap(), FsFreezeStatus::Thawed);
     let mut done = String::new();
@@ -166,10 +201,19 @@ async fn every_typed_operation_takes_effect_in_the_guest() {
     let hash = "$6$qmpkitsalt$Xq0LhbZ2u7bU3c3m0J3fS8Zk1aQmM9p0y2kK8vQm9q3oVf1bQZr1B7xKpD9xZ0gN5s1HcT2u4wYy6eE8rR0a1.";
     agent.set_user_password("tester", hash, true).await.unwrap();
     assert_eq!(g.sh("grep ^tester: /etc/shadow | cut -d: -f2").await, hash);
-    agent.set_user_password("tester", "s3cret pass", false).await.unwrap();
+    agent
+        .set_user_password("tester", "s3cret pass", false)
+        .await
+        .unwrap();
     let stored = g.sh("grep ^tester: /etc/shadow | cut -d: -f2").await;
-    assert!(stored.starts_with('$') && stored != hash && !stored.contains("s3cret"), "{stored}");
-    let e = agent.set_user_password("nobody-here", "x", false).await.unwrap_err();
+    assert!(
+        stored.starts_with('$') && stored != hash && !stored.contains("s3cret"),
+        "{stored}"
+    );
+    let e = agent
+        .set_user_password("nobody-here", "x", false)
+        .await
+        .unwrap_err();
     assert!(e.is_qmp(), "{e:?}");
     agent.ping().await.unwrap();
 }
@@ -185,14 +229,21 @@ async fn the_client_resyncs_across_a_guest_reboot_and_shutdown_is_seen_on_qmp() 
     agent.shutdown(ShutdownMode::Reboot).await.unwrap();
     within(60, events.wait_for("RESET")).await.unwrap();
     // While the guest reboots, nobody reads the port: a call fails typed.
-    let e = agent.with_timeout(Duration::from_millis(500)).ping().await.unwrap_err();
+    let e = agent
+        .with_timeout(Duration::from_millis(500))
+        .ping()
+        .await
+        .unwrap_err();
     assert!(e.is_agent_unavailable() || e.is_timeout(), "{e:?}");
     g.console.line_with(READY, BOOT_SECS).await;
     // The same client, once the new agent is up: everything queued meanwhile
     // is dropped by the resync.
-    within(BOOT_SECS, agent.with_timeout(Duration::from_secs(BOOT_SECS)).ping())
-        .await
-        .unwrap();
+    within(
+        BOOT_SECS,
+        agent.with_timeout(Duration::from_secs(BOOT_SECS)).ping(),
+    )
+    .await
+    .unwrap();
     // A fresh boot: the file from before is gone.
     let e = agent.read_file("/tmp/before-reboot").await.unwrap_err();
     assert!(e.is_qmp(), "{e:?}");
@@ -202,7 +253,9 @@ async fn the_client_resyncs_across_a_guest_reboot_and_shutdown_is_seen_on_qmp() 
     let ev = within(60, events.wait_for("SHUTDOWN")).await.unwrap();
     assert_eq!(ev.data()["guest"], true, "{ev:?}");
     // QEMU exits and the port's socket with it: typed errors, no hang.
-    assert!(within(60, g.vm.wait_exit(Duration::from_secs(60))).await.is_some());
+    assert!(within(60, g.vm.wait_exit(Duration::from_secs(60)))
+        .await
+        .is_some());
     let e = within(10, agent.ping()).await.unwrap_err();
     assert!(e.is_disconnected() || matches!(e, Error::Connect { .. }), "{e:?}");
 }
@@ -233,7 +286,11 @@ async fn a_port_with_no_agent_behind_it_fails_typed_without_hanging() {
         assert!(e.is_agent_unavailable(), "{e:?}");
     }
     // QEMU itself is fine.
-    let status: serde_json::Value = vm.client().execute_raw("query-status", serde_json::Value::Null).await.unwrap();
+    let status: serde_json::Value = vm
+        .client()
+        .execute_raw("query-status", serde_json::Value::Null)
+        .await
+        .unwrap();
     assert_eq!(status["status"], "prelaunch");
     // The socket of a VM that is gone.
     let path = vm.guest_agent_socket();

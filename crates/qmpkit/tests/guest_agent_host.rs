@@ -19,7 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 async fn host_agent() -> (HostGuestAgent, GuestAgent) {
-    let host = HostGuestAgent::spawn().await.expect("qemu-ga (apt-get install qemu-guest-agent)");
+    let host = HostGuestAgent::spawn()
+        .await
+        .expect("qemu-ga (apt-get install qemu-guest-agent)");
     let agent = GuestAgent::connect(host.socket()).await.expect("connect");
     (host, agent)
 }
@@ -33,13 +35,25 @@ async fn host_agent_answers_ping_info_osinfo_hostname_time_interfaces() {
         assert!(info.version.starts_with("10."), "{}", info.version);
         assert!(info.supports("guest-exec") && info.supports("guest-file-read"));
         // Left out of the host's allow list, so listed but disabled.
-        assert!(info.supported_commands.iter().any(|c| c.name == "guest-shutdown" && !c.enabled));
+        assert!(info
+            .supported_commands
+            .iter()
+            .any(|c| c.name == "guest-shutdown" && !c.enabled));
         assert!(!info.supports("guest-shutdown"));
-        let shutdown = info.supported_commands.iter().find(|c| c.name == "guest-shutdown").unwrap();
+        let shutdown = info
+            .supported_commands
+            .iter()
+            .find(|c| c.name == "guest-shutdown")
+            .unwrap();
         assert!(!shutdown.success_response);
 
         let os = agent.os_info().await.unwrap();
-        let kernel = |name: &str| std::fs::read_to_string(format!("/proc/sys/kernel/{name}")).unwrap().trim().to_owned();
+        let kernel = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/kernel/{name}"))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
         assert_eq!(os.kernel_release.as_deref(), Some(kernel("osrelease").as_str()));
         assert_eq!(os.machine.as_deref(), Some(std::env::consts::ARCH));
 
@@ -50,10 +64,16 @@ async fn host_agent_answers_ping_info_osinfo_hostname_time_interfaces() {
 
         let ifaces = agent.network_interfaces().await.unwrap();
         let lo = ifaces.iter().find(|i| i.name == "lo").expect("lo");
-        assert!(lo.ip_addresses.iter().any(|a| a.ip_address == "127.0.0.1" && a.prefix == 8));
+        assert!(lo
+            .ip_addresses
+            .iter()
+            .any(|a| a.ip_address == "127.0.0.1" && a.prefix == 8));
 
         // A command the agent refuses is QEMU's kind of error, and the connection stays fine.
-        let e = agent.execute_raw("guest-get-users", Value::Null).await.unwrap_err();
+        let e = agent
+            .execute_raw("guest-get-users", Value::Null)
+            .await
+            .unwrap_err();
         assert!(e.is_qmp(), "{e:?}");
         assert!(e.to_string().contains("disabled"), "{e}");
         agent.ping().await.unwrap();
@@ -87,14 +107,20 @@ async fn host_agent_exec_reports_exit_status_and_both_outputs() {
             .unwrap();
         assert_eq!(out.signal, Some(9));
 
-        let e = agent.exec_and_wait(&ExecRequest::new("/nonexistent/program")).await.unwrap_err();
+        let e = agent
+            .exec_and_wait(&ExecRequest::new("/nonexistent/program"))
+            .await
+            .unwrap_err();
         assert!(e.is_qmp(), "{e:?}");
 
         // A program that outlives the budget: a typed timeout, and the agent still answers.
         let marker = _host.dir().join("slow-started");
         let e = agent
             .with_timeout(Duration::from_millis(300))
-            .exec_and_wait(&ExecRequest::new("/bin/sh").args(["-c", &format!("touch {}; exec sleep 5", marker.display())]))
+            .exec_and_wait(
+                &ExecRequest::new("/bin/sh")
+                    .args(["-c", &format!("touch {}; exec sleep 5", marker.display())]),
+            )
             .await
             .unwrap_err();
         assert!(e.is_timeout(), "{e:?}");
@@ -111,7 +137,9 @@ async fn host_agent_files_round_trip_and_match_the_host_filesystem() {
         let path = host.dir().join("data.bin");
         let p = path.to_str().unwrap();
         // More than one chunk each way, every byte value.
-        let data: Vec<u8> = (0..(2_500_000u32)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..2_500_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         agent.write_file(p, &data).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(agent.read_file(p).await.unwrap(), data);
@@ -152,7 +180,11 @@ async fn agent_killed_mid_call_fails_typed_and_the_next_call_after_restart_works
         let call = tokio::spawn({
             let agent = agent.clone();
             let script = format!("touch {}; exec sleep 20", marker.display());
-            async move { agent.exec_and_wait(&ExecRequest::new("/bin/sh").args(["-c", &script])).await }
+            async move {
+                agent
+                    .exec_and_wait(&ExecRequest::new("/bin/sh").args(["-c", &script]))
+                    .await
+            }
         });
         eventually(20, || async { marker.exists().then_some(()) }).await;
         host.kill();
@@ -172,7 +204,9 @@ async fn agent_killed_mid_call_fails_typed_and_the_next_call_after_restart_works
 async fn bad_paths_and_silent_peers_fail_typed_without_hanging() {
     within(30, async {
         let dir = tempfile::tempdir().unwrap();
-        let e = GuestAgent::connect(dir.path().join("missing.sock")).await.unwrap_err();
+        let e = GuestAgent::connect(dir.path().join("missing.sock"))
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::Connect { .. }), "{e:?}");
 
         // A peer that accepts and reads but never writes: no agent there.
@@ -244,7 +278,8 @@ impl Drop for FakeAgent {
 
 /// Noise the fake writes before each sync answer: bytes that are not
 /// UTF-8, half a message, a stale reply and an answer to another sync.
-const SYNC_NOISE: &[u8] = b"\xfe\xfd garbage {\"return\": {\"half\": \"\n{\"return\": {\"stale\": true}}\n{\"return\": 4242}\n";
+const SYNC_NOISE: &[u8] =
+    b"\xfe\xfd garbage {\"return\": {\"half\": \"\n{\"return\": {\"stale\": true}}\n{\"return\": 4242}\n";
 
 impl FakeAgent {
     async fn start() -> FakeAgent {
@@ -359,7 +394,9 @@ impl Served {
             }
             "test-hang-up" => return None,
             "test-not-a-reply" => out.extend_from_slice(b"{\"something\": 1}\n"),
-            _ => out.extend_from_slice(b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no such command\"}}\n"),
+            _ => out.extend_from_slice(
+                b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no such command\"}}\n",
+            ),
         }
         Some(out)
     }
@@ -406,11 +443,18 @@ async fn noise_around_a_reply_is_skipped_and_forces_a_resync() {
         assert_eq!(agent.info().await.unwrap().version, "fake-1");
         assert_eq!(fake.script.syncs.load(Ordering::SeqCst), 1);
         agent.ping().await.unwrap();
-        assert_eq!(fake.script.syncs.load(Ordering::SeqCst), 2, "noise must force a resync");
+        assert_eq!(
+            fake.script.syncs.load(Ordering::SeqCst),
+            2,
+            "noise must force a resync"
+        );
         assert_eq!(agent.info().await.unwrap().version, "fake-2");
 
         // A JSON object that is not a reply: a typed error, then a resync.
-        let e = agent.execute_raw("test-not-a-reply", Value::Null).await.unwrap_err();
+        let e = agent
+            .execute_raw("test-not-a-reply", Value::Null)
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::Protocol(_)), "{e:?}");
         let e = agent.execute_raw("test-unknown", Value::Null).await.unwrap_err();
         assert_eq!(e.class().map(|c| c.as_str()), Some("CommandNotFound"), "{e:?}");

@@ -291,9 +291,15 @@ impl GuestAgent {
     pub async fn execute_no_reply(&self, name: &str, args: Value) -> Result<()> {
         let deadline = self.deadline(name);
         let request = encode(name, &args, false)?;
-        self.roundtrip(Request { no_reply: true, ..request }, &deadline)
-            .await
-            .map(drop)
+        self.roundtrip(
+            Request {
+                no_reply: true,
+                ..request
+            },
+            &deadline,
+        )
+        .await
+        .map(drop)
     }
 
     pub(crate) async fn call_until<A, R>(&self, name: &str, args: &A, deadline: &Deadline) -> Result<R>
@@ -391,7 +397,7 @@ impl GuestAgent {
                     .as_bytes(),
             );
             let attempt_end = deadline.at().min(Instant::now() + patience);
-            let outcome = timeout_at(attempt_end.into(), async {
+            let outcome = timeout_at(attempt_end, async {
                 link.write(&bytes).await?;
                 loop {
                     let reply = link.read_message().await?;
@@ -525,7 +531,10 @@ impl Link {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let stream = self.stream.as_mut().ok_or_else(|| Error::disconnected("not connected"))?;
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| Error::disconnected("not connected"))?;
         stream.write_all(bytes).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
                 Error::disconnected(format!("the guest agent's socket closed: {e}"))
@@ -536,14 +545,17 @@ impl Link {
 
     /// Reads more bytes into `pending`.
     async fn fill(&mut self) -> Result<()> {
-        let stream = self.stream.as_mut().ok_or_else(|| Error::disconnected("not connected"))?;
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| Error::disconnected("not connected"))?;
         self.pending.reserve(64 * 1024);
         match stream.read_buf(&mut self.pending).await {
             Ok(0) => Err(Error::disconnected("the guest agent's socket closed")),
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                Err(Error::disconnected(format!("the guest agent's socket closed: {e}")))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Err(Error::disconnected(format!(
+                "the guest agent's socket closed: {e}"
+            ))),
             Err(e) => Err(e.into()),
         }
     }

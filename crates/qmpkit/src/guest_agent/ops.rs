@@ -201,7 +201,11 @@ impl GuestAgent {
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
         let deadline = self.deadline("read_file");
         let handle: FileHandle = self
-            .call_until("guest-file-open", &json!({ "path": path, "mode": "r" }), &deadline)
+            .call_until(
+                "guest-file-open",
+                &json!({ "path": path, "mode": "r" }),
+                &deadline,
+            )
             .await?;
         let mut data = Vec::new();
         let read = async {
@@ -225,7 +229,11 @@ impl GuestAgent {
     pub async fn write_file(&self, path: &str, data: &[u8]) -> Result<()> {
         let deadline = self.deadline("write_file");
         let handle: FileHandle = self
-            .call_until("guest-file-open", &json!({ "path": path, "mode": "w" }), &deadline)
+            .call_until(
+                "guest-file-open",
+                &json!({ "path": path, "mode": "w" }),
+                &deadline,
+            )
             .await?;
         let write = async {
             for chunk in data.chunks(WRITE_CHUNK) {
@@ -266,7 +274,11 @@ impl GuestAgent {
         self.exec_until(request, &deadline).await
     }
 
-    async fn exec_until(&self, request: &ExecRequest, deadline: &crate::commands::Deadline) -> Result<ExecPid> {
+    async fn exec_until(
+        &self,
+        request: &ExecRequest,
+        deadline: &crate::commands::Deadline,
+    ) -> Result<ExecPid> {
         #[derive(Deserialize)]
         struct Started {
             pid: i64,
@@ -294,7 +306,11 @@ impl GuestAgent {
         self.exec_status_until(pid, &deadline).await
     }
 
-    async fn exec_status_until(&self, pid: ExecPid, deadline: &crate::commands::Deadline) -> Result<ExecStatus> {
+    async fn exec_status_until(
+        &self,
+        pid: ExecPid,
+        deadline: &crate::commands::Deadline,
+    ) -> Result<ExecStatus> {
         #[derive(Deserialize)]
         #[serde(rename_all = "kebab-case")]
         struct Status {
