@@ -1,8 +1,10 @@
 //! A client for the QEMU guest agent (QGA): `qemu-ga` running inside the
 //! guest, reached through the host side of its virtio-serial port.
 //!
-//! Not to be confused with [`monitor::agent`](crate::monitor::agent), which
-//! watches the *Incus* agent's `STARTED`/`STOPPED` lines in a ring buffer.
+//! Not to be confused with the agent that a [`Monitor`](crate::monitor::Monitor)
+//! watches (`Monitor::agent_started` and the `monitor::agent` module): that is
+//! the *Incus* agent, seen only through the `STARTED`/`STOPPED` lines it
+//! writes to a ring-buffer chardev.
 //!
 //! QEMU wires the port to a Unix socket on the host:
 //!
