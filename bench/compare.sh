@@ -84,6 +84,18 @@ rm_=$(printf '%s\n' "${r[@]}" | median)
 printf '\ntyped Client::status: %s µs/cmd; raw execute_raw("query-status"): %s µs/cmd (typed/raw %.2f)\n' \
     "$tm" "$rm_" "$(awk "BEGIN {print $tm / $rm_}")"
 
+# The generated command (`Client::execute(&QueryStatus)`, checked against
+# QEMU's schema) against the raw call, on QEMU, where the check is active.
+g=(); r=()
+for _ in $(seq "$ROUNDS"); do
+    g+=("$("$qmpctl" --socket "$work/qemu.sock" --json bench --count "$QEMU_N" --depth 1 --generated | field us_per_cmd)")
+    r+=("$("$qmpctl" --socket "$work/qemu.sock" --json bench --count "$QEMU_N" --depth 1 --raw | field us_per_cmd)")
+done
+gm=$(printf '%s\n' "${g[@]}" | median)
+rm_=$(printf '%s\n' "${r[@]}" | median)
+printf 'generated QueryStatus on QEMU: %s µs/cmd; raw: %s µs/cmd (generated/raw %.2f)\n' \
+    "$gm" "$rm_" "$(awk "BEGIN {print $gm / $rm_}")"
+
 e=()
 for _ in $(seq "$ROUNDS"); do
     e+=("$("$qmpctl" --socket "$work/events.sock" --json bench --events "$EVENTS" | field us_per_event)")

@@ -967,6 +967,10 @@ impl Gen<'_> {
                     w.s.push_str(&body.s);
                     w.line(0, "}");
                     self.struct_deserialize(&mut w, &rname, members);
+                    w.line(0, "");
+                    w.line(0, &format!("impl crate::EventData for {rname} {{"));
+                    w.line(1, &format!("const NAME: &'static str = {};", lit(&def.name)));
+                    w.line(0, "}");
                 }
             }
             variants.push((def, rname, !matches!(data, Data::None)));

@@ -33,8 +33,13 @@ pub struct BenchArgs {
     pub multi_thread: bool,
     /// Send `query-status` through the raw JSON path (`Client::execute_raw`)
     /// instead of the typed `Client::status`, to compare the two.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "generated")]
     pub raw: bool,
+    /// Send the generated `qapi::commands::QueryStatus` with
+    /// `Client::execute`, checked against the server's schema (on a server
+    /// that gives one), instead of the typed `Client::status`.
+    #[arg(long)]
+    pub generated: bool,
     /// Do not negotiate the `oob` capability.
     #[arg(long)]
     pub no_oob: bool,
@@ -157,6 +162,11 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
     let next = Arc::new(AtomicUsize::new(0));
     let n = args.count;
     let raw = args.raw;
+    let generated = args.generated;
+    if generated {
+        // The schema is fetched by the first generated call; not timed.
+        client.execute(&qmpkit::qapi::commands::QueryStatus).await?;
+    }
     let started = Instant::now();
     let callers: Vec<_> = (0..args.depth.min(n))
         .map(|_| {
@@ -170,6 +180,11 @@ async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
                             .await?;
                         if !reply["status"].is_string() {
                             bail!("query-status returned {reply}");
+                        }
+                    } else if generated {
+                        let status = client.execute(&qmpkit::qapi::commands::QueryStatus).await?;
+                        if status.running && status.status == qmpkit::qapi::types::RunState::Paused {
+                            bail!("query-status returned {status:?}");
                         }
                     } else if let qmpkit::commands::vm::RunState::Other(state) = client.status().await? {
                         bail!("query-status returned an unknown state {state:?}");

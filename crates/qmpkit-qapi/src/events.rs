@@ -47,6 +47,10 @@ impl<'de> Deserialize<'de> for Shutdown {
     }
 }
 
+impl crate::EventData for Shutdown {
+    const NAME: &'static str = "SHUTDOWN";
+}
+
 /// Data of the QMP event `RESET`.
 ///
 /// Since QEMU 0.12.
@@ -88,6 +92,10 @@ impl<'de> Deserialize<'de> for Reset {
     }
 }
 
+impl crate::EventData for Reset {
+    const NAME: &'static str = "RESET";
+}
+
 /// Data of the QMP event `WATCHDOG`.
 ///
 /// Since QEMU 0.13.
@@ -122,6 +130,10 @@ impl<'de> Deserialize<'de> for Watchdog {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for Watchdog {
+    const NAME: &'static str = "WATCHDOG";
 }
 
 /// Data of the QMP event `GUEST_PANICKED`.
@@ -166,6 +178,10 @@ impl<'de> Deserialize<'de> for GuestPanicked {
     }
 }
 
+impl crate::EventData for GuestPanicked {
+    const NAME: &'static str = "GUEST_PANICKED";
+}
+
 /// Data of the QMP event `GUEST_CRASHLOADED`.
 ///
 /// Since QEMU 5.0.
@@ -206,6 +222,10 @@ impl<'de> Deserialize<'de> for GuestCrashloaded {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for GuestCrashloaded {
+    const NAME: &'static str = "GUEST_CRASHLOADED";
 }
 
 /// Data of the QMP event `MEMORY_FAILURE`.
@@ -254,6 +274,10 @@ impl<'de> Deserialize<'de> for MemoryFailure {
     }
 }
 
+impl crate::EventData for MemoryFailure {
+    const NAME: &'static str = "MEMORY_FAILURE";
+}
+
 /// Data of the QMP event `JOB_STATUS_CHANGE`.
 ///
 /// Since QEMU 3.0.
@@ -293,6 +317,10 @@ impl<'de> Deserialize<'de> for JobStatusChange {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for JobStatusChange {
+    const NAME: &'static str = "JOB_STATUS_CHANGE";
 }
 
 /// Data of the QMP event `BLOCK_IMAGE_CORRUPTED`.
@@ -360,6 +388,10 @@ impl<'de> Deserialize<'de> for BlockImageCorrupted {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for BlockImageCorrupted {
+    const NAME: &'static str = "BLOCK_IMAGE_CORRUPTED";
 }
 
 /// Data of the QMP event `BLOCK_IO_ERROR`.
@@ -431,6 +463,10 @@ impl<'de> Deserialize<'de> for BlockIoError {
     }
 }
 
+impl crate::EventData for BlockIoError {
+    const NAME: &'static str = "BLOCK_IO_ERROR";
+}
+
 /// Data of the QMP event `BLOCK_JOB_COMPLETED`.
 ///
 /// Since QEMU 1.1.
@@ -496,6 +532,10 @@ impl<'de> Deserialize<'de> for BlockJobCompleted {
     }
 }
 
+impl crate::EventData for BlockJobCompleted {
+    const NAME: &'static str = "BLOCK_JOB_COMPLETED";
+}
+
 /// Data of the QMP event `BLOCK_JOB_CANCELLED`.
 ///
 /// Since QEMU 1.1.
@@ -555,6 +595,10 @@ impl<'de> Deserialize<'de> for BlockJobCancelled {
     }
 }
 
+impl crate::EventData for BlockJobCancelled {
+    const NAME: &'static str = "BLOCK_JOB_CANCELLED";
+}
+
 /// Data of the QMP event `BLOCK_JOB_ERROR`.
 ///
 /// Since QEMU 1.3.
@@ -599,6 +643,10 @@ impl<'de> Deserialize<'de> for BlockJobError {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for BlockJobError {
+    const NAME: &'static str = "BLOCK_JOB_ERROR";
 }
 
 /// Data of the QMP event `BLOCK_JOB_READY`.
@@ -657,6 +705,10 @@ impl<'de> Deserialize<'de> for BlockJobReady {
     }
 }
 
+impl crate::EventData for BlockJobReady {
+    const NAME: &'static str = "BLOCK_JOB_READY";
+}
+
 /// Data of the QMP event `BLOCK_JOB_PENDING`.
 ///
 /// Since QEMU 2.12.
@@ -696,6 +748,10 @@ impl<'de> Deserialize<'de> for BlockJobPending {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for BlockJobPending {
+    const NAME: &'static str = "BLOCK_JOB_PENDING";
 }
 
 /// Data of the QMP event `BLOCK_WRITE_THRESHOLD`.
@@ -750,6 +806,10 @@ impl<'de> Deserialize<'de> for BlockWriteThreshold {
     }
 }
 
+impl crate::EventData for BlockWriteThreshold {
+    const NAME: &'static str = "BLOCK_WRITE_THRESHOLD";
+}
+
 /// Data of the QMP event `QUORUM_FAILURE`.
 ///
 /// Since QEMU 2.0.
@@ -796,6 +856,10 @@ impl<'de> Deserialize<'de> for QuorumFailure {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for QuorumFailure {
+    const NAME: &'static str = "QUORUM_FAILURE";
 }
 
 /// Data of the QMP event `QUORUM_REPORT_BAD`.
@@ -858,6 +922,10 @@ impl<'de> Deserialize<'de> for QuorumReportBad {
     }
 }
 
+impl crate::EventData for QuorumReportBad {
+    const NAME: &'static str = "QUORUM_REPORT_BAD";
+}
+
 /// Data of the QMP event `DEVICE_TRAY_MOVED`.
 ///
 /// Since QEMU 1.1.
@@ -905,6 +973,10 @@ impl<'de> Deserialize<'de> for DeviceTrayMoved {
     }
 }
 
+impl crate::EventData for DeviceTrayMoved {
+    const NAME: &'static str = "DEVICE_TRAY_MOVED";
+}
+
 /// Data of the QMP event `PR_MANAGER_STATUS_CHANGED`.
 ///
 /// Since QEMU 3.0.
@@ -949,6 +1021,10 @@ impl<'de> Deserialize<'de> for PrManagerStatusChanged {
     }
 }
 
+impl crate::EventData for PrManagerStatusChanged {
+    const NAME: &'static str = "PR_MANAGER_STATUS_CHANGED";
+}
+
 /// Data of the QMP event `BLOCK_EXPORT_DELETED`.
 ///
 /// Since QEMU 5.2.
@@ -986,6 +1062,10 @@ impl<'de> Deserialize<'de> for BlockExportDeleted {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for BlockExportDeleted {
+    const NAME: &'static str = "BLOCK_EXPORT_DELETED";
 }
 
 /// Data of the QMP event `VSERPORT_CHANGE`.
@@ -1029,6 +1109,10 @@ impl<'de> Deserialize<'de> for VserportChange {
     }
 }
 
+impl crate::EventData for VserportChange {
+    const NAME: &'static str = "VSERPORT_CHANGE";
+}
+
 /// Data of the QMP event `DUMP_COMPLETED`.
 ///
 /// Since QEMU 2.6.
@@ -1069,6 +1153,10 @@ impl<'de> Deserialize<'de> for DumpCompleted {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for DumpCompleted {
+    const NAME: &'static str = "DUMP_COMPLETED";
 }
 
 /// Data of the QMP event `NIC_RX_FILTER_CHANGED`.
@@ -1116,6 +1204,10 @@ impl<'de> Deserialize<'de> for NicRxFilterChanged {
     }
 }
 
+impl crate::EventData for NicRxFilterChanged {
+    const NAME: &'static str = "NIC_RX_FILTER_CHANGED";
+}
+
 /// Data of the QMP event `FAILOVER_NEGOTIATED`.
 ///
 /// Since QEMU 4.2.
@@ -1154,6 +1246,10 @@ impl<'de> Deserialize<'de> for FailoverNegotiated {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for FailoverNegotiated {
+    const NAME: &'static str = "FAILOVER_NEGOTIATED";
 }
 
 /// Data of the QMP event `NETDEV_STREAM_CONNECTED`.
@@ -1201,6 +1297,10 @@ impl<'de> Deserialize<'de> for NetdevStreamConnected {
     }
 }
 
+impl crate::EventData for NetdevStreamConnected {
+    const NAME: &'static str = "NETDEV_STREAM_CONNECTED";
+}
+
 /// Data of the QMP event `NETDEV_STREAM_DISCONNECTED`.
 ///
 /// Since QEMU 7.2.
@@ -1239,6 +1339,10 @@ impl<'de> Deserialize<'de> for NetdevStreamDisconnected {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for NetdevStreamDisconnected {
+    const NAME: &'static str = "NETDEV_STREAM_DISCONNECTED";
 }
 
 /// Data of the QMP event `NETDEV_VHOST_USER_CONNECTED`.
@@ -1287,6 +1391,10 @@ impl<'de> Deserialize<'de> for NetdevVhostUserConnected {
     }
 }
 
+impl crate::EventData for NetdevVhostUserConnected {
+    const NAME: &'static str = "NETDEV_VHOST_USER_CONNECTED";
+}
+
 /// Data of the QMP event `NETDEV_VHOST_USER_DISCONNECTED`.
 ///
 /// Since QEMU 10.0.
@@ -1325,6 +1433,10 @@ impl<'de> Deserialize<'de> for NetdevVhostUserDisconnected {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for NetdevVhostUserDisconnected {
+    const NAME: &'static str = "NETDEV_VHOST_USER_DISCONNECTED";
 }
 
 /// Data of the QMP event `SPICE_CONNECTED`.
@@ -1368,6 +1480,10 @@ impl<'de> Deserialize<'de> for SpiceConnected {
     }
 }
 
+impl crate::EventData for SpiceConnected {
+    const NAME: &'static str = "SPICE_CONNECTED";
+}
+
 /// Data of the QMP event `SPICE_INITIALIZED`.
 ///
 /// Since QEMU 0.14. Compiled in only where `CONFIG_SPICE` holds (it does in x86_64 system emulation as Debian builds it).
@@ -1407,6 +1523,10 @@ impl<'de> Deserialize<'de> for SpiceInitialized {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for SpiceInitialized {
+    const NAME: &'static str = "SPICE_INITIALIZED";
 }
 
 /// Data of the QMP event `SPICE_DISCONNECTED`.
@@ -1453,6 +1573,10 @@ impl<'de> Deserialize<'de> for SpiceDisconnected {
     }
 }
 
+impl crate::EventData for SpiceDisconnected {
+    const NAME: &'static str = "SPICE_DISCONNECTED";
+}
+
 /// Data of the QMP event `VNC_CONNECTED`.
 ///
 /// Since QEMU 0.13. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
@@ -1492,6 +1616,10 @@ impl<'de> Deserialize<'de> for VncConnected {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for VncConnected {
+    const NAME: &'static str = "VNC_CONNECTED";
 }
 
 /// Data of the QMP event `VNC_INITIALIZED`.
@@ -1535,6 +1663,10 @@ impl<'de> Deserialize<'de> for VncInitialized {
     }
 }
 
+impl crate::EventData for VncInitialized {
+    const NAME: &'static str = "VNC_INITIALIZED";
+}
+
 /// Data of the QMP event `VNC_DISCONNECTED`.
 ///
 /// Since QEMU 0.13. Compiled in only where `CONFIG_VNC` holds (it does in x86_64 system emulation as Debian builds it).
@@ -1576,6 +1708,10 @@ impl<'de> Deserialize<'de> for VncDisconnected {
     }
 }
 
+impl crate::EventData for VncDisconnected {
+    const NAME: &'static str = "VNC_DISCONNECTED";
+}
+
 /// Data of the QMP event `MIGRATION`.
 ///
 /// Since QEMU 2.4.
@@ -1612,6 +1748,10 @@ impl<'de> Deserialize<'de> for Migration {
     }
 }
 
+impl crate::EventData for Migration {
+    const NAME: &'static str = "MIGRATION";
+}
+
 /// Data of the QMP event `MIGRATION_PASS`.
 ///
 /// Since QEMU 2.6.
@@ -1646,6 +1786,10 @@ impl<'de> Deserialize<'de> for MigrationPass {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for MigrationPass {
+    const NAME: &'static str = "MIGRATION_PASS";
 }
 
 /// Data of the QMP event `COLO_EXIT`.
@@ -1689,6 +1833,10 @@ impl<'de> Deserialize<'de> for ColoExit {
     }
 }
 
+impl crate::EventData for ColoExit {
+    const NAME: &'static str = "COLO_EXIT";
+}
+
 /// Data of the QMP event `UNPLUG_PRIMARY`.
 ///
 /// Since QEMU 4.2.
@@ -1724,6 +1872,10 @@ impl<'de> Deserialize<'de> for UnplugPrimary {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for UnplugPrimary {
+    const NAME: &'static str = "UNPLUG_PRIMARY";
 }
 
 /// Data of the QMP event `DEVICE_DELETED`.
@@ -1766,6 +1918,10 @@ impl<'de> Deserialize<'de> for DeviceDeleted {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for DeviceDeleted {
+    const NAME: &'static str = "DEVICE_DELETED";
 }
 
 /// Data of the QMP event `DEVICE_UNPLUG_GUEST_ERROR`.
@@ -1813,6 +1969,10 @@ impl<'de> Deserialize<'de> for DeviceUnplugGuestError {
     }
 }
 
+impl crate::EventData for DeviceUnplugGuestError {
+    const NAME: &'static str = "DEVICE_UNPLUG_GUEST_ERROR";
+}
+
 /// Data of the QMP event `BALLOON_CHANGE`.
 ///
 /// Since QEMU 1.2.
@@ -1847,6 +2007,10 @@ impl<'de> Deserialize<'de> for BalloonChange {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for BalloonChange {
+    const NAME: &'static str = "BALLOON_CHANGE";
 }
 
 /// Data of the QMP event `HV_BALLOON_STATUS_REPORT`.
@@ -1907,6 +2071,10 @@ impl<'de> Deserialize<'de> for MemoryDeviceSizeChange {
     }
 }
 
+impl crate::EventData for MemoryDeviceSizeChange {
+    const NAME: &'static str = "MEMORY_DEVICE_SIZE_CHANGE";
+}
+
 /// Data of the QMP event `RTC_CHANGE`.
 ///
 /// Since QEMU 0.13.
@@ -1947,6 +2115,10 @@ impl<'de> Deserialize<'de> for RtcChange {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for RtcChange {
+    const NAME: &'static str = "RTC_CHANGE";
 }
 
 /// Data of the QMP event `VFU_CLIENT_HANGUP`.
@@ -2004,6 +2176,10 @@ impl<'de> Deserialize<'de> for VfuClientHangup {
     }
 }
 
+impl crate::EventData for VfuClientHangup {
+    const NAME: &'static str = "VFU_CLIENT_HANGUP";
+}
+
 /// Data of the QMP event `ACPI_DEVICE_OST`.
 ///
 /// Since QEMU 2.1.
@@ -2038,6 +2214,10 @@ impl<'de> Deserialize<'de> for AcpiDeviceOst {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for AcpiDeviceOst {
+    const NAME: &'static str = "ACPI_DEVICE_OST";
 }
 
 /// Data of the QMP event `VFIO_MIGRATION`.
@@ -2087,6 +2267,10 @@ impl<'de> Deserialize<'de> for VfioMigration {
         }
         d.deserialize_map(V)
     }
+}
+
+impl crate::EventData for VfioMigration {
+    const NAME: &'static str = "VFIO_MIGRATION";
 }
 
 /// Every event of QEMU 10.0.2's schema, with its data typed.

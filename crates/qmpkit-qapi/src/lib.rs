@@ -122,6 +122,22 @@ pub trait Command: Serialize {
     type Returns: DeserializeOwned;
 }
 
+/// The data of one QMP event, decoded from its `data` member: every
+/// event of [`events`] that carries data has one. [`events::Event`] is
+/// the enum of them all.
+///
+/// ```
+/// use qmpkit_qapi::{events::DeviceDeleted, EventData};
+///
+/// assert_eq!(DeviceDeleted::NAME, "DEVICE_DELETED");
+/// let data: DeviceDeleted = serde_json::from_value(serde_json::json!({"path": "/machine/peripheral/nic0", "device": "nic0"})).unwrap();
+/// assert_eq!(data.device.as_deref(), Some("nic0"));
+/// ```
+pub trait EventData: DeserializeOwned {
+    /// QEMU's name for the event.
+    const NAME: &'static str;
+}
+
 /// The `{}` that commands without a result return.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Empty {}

@@ -94,6 +94,7 @@ struct Inner {
     next_id: AtomicU64,
     path: PathBuf,
     schema: tokio::sync::OnceCell<Arc<Schema>>,
+    checks: crate::schema::check::Checks,
 }
 
 /// A connection to a QMP server. Cheap to clone; every clone talks over the
@@ -138,6 +139,7 @@ impl Client {
                 next_id: AtomicU64::new(1),
                 path,
                 schema: Default::default(),
+                checks: Default::default(),
             }),
         }
     }
@@ -174,6 +176,9 @@ impl Client {
 
     /// Runs a typed command with per-call options.
     pub async fn execute_with<C: Command>(&self, command: &C, options: CallOptions) -> Result<C::Returns> {
+        if self.inner.shared.config.check_typed_calls {
+            self.check(command).await?;
+        }
         let raw = self
             .roundtrip(
                 Cow::Borrowed(C::NAME),
@@ -314,6 +319,30 @@ impl Client {
             })
             .await
             .cloned()
+    }
+
+    /// Checks a typed call against the server's schema without sending it:
+    /// [`Error::Unsupported`] when the server lacks its command or an
+    /// argument it sets (what [`Client::execute`] does first unless
+    /// [`ConnectOptions::check_typed_calls`] turns it off).
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use qmpkit::qapi::commands::QueryStats;
+    /// use qmpkit::qapi::types::{StatsFilter, StatsFilterBranch, StatsTarget};
+    /// let query = QueryStats(StatsFilter { providers: None, branch: StatsFilterBranch::Vm });
+    /// match client.check(&query).await {
+    ///     Ok(()) => println!("{:?}", client.execute(&query).await?),
+    ///     Err(qmpkit::Error::Unsupported { since, .. }) => println!("needs QEMU {since:?}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn check<C: Command>(&self, command: &C) -> Result<()> {
+        match self.inner.checks.judgement(|| self.schema()).await? {
+            Some(judgement) => judgement.check(C::NAME, command, &self.inner.shared.greeting.version),
+            None => Ok(()),
+        }
     }
 
     /// Sends one request and waits for its reply within its budget.

@@ -167,6 +167,20 @@ pub enum Error {
         /// QEMU's `error-desc`, when it gave one.
         message: Option<String>,
     },
+
+    /// A typed call uses a command or argument that this QEMU's schema
+    /// (`query-qmp-schema`) does not have, typically because it is older
+    /// than the QEMU the types were generated from. Nothing was sent. See
+    /// [`crate::ConnectOptions::check_typed_calls`].
+    #[error("this QEMU ({server}) has no {what}{}", since.map(|s| format!(", which QEMU has had since {s}")).unwrap_or_default())]
+    Unsupported {
+        /// What is missing, for example ``argument `channels` of command `migrate` ``.
+        what: String,
+        /// The QEMU version that added it, when QEMU's schema says.
+        since: Option<&'static str>,
+        /// The server's version, from its greeting.
+        server: String,
+    },
 }
 
 impl Error {

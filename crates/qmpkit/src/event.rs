@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::error::Error;
 pub use crate::wire::Timestamp;
+pub use qmpkit_qapi::EventData;
 
 /// Queue length of a subscriber unless set otherwise.
 pub const DEFAULT_EVENT_QUEUE: usize = 4096;
@@ -69,6 +70,44 @@ impl Event {
     /// A typed view of the events this crate knows; [`KnownEvent::Other`] for the rest.
     pub fn known(&self) -> KnownEvent {
         KnownEvent::from_event(self)
+    }
+
+    /// The event typed: one of QEMU 10's events with its data decoded
+    /// ([`qapi::events::Event`](crate::qapi::events::Event)), or
+    /// [`Other`](crate::qapi::events::Event::Other) for an event that
+    /// schema does not know (a newer QEMU's, or a monitor's own such as
+    /// `AGENT-STARTED`). An error when a known event's data does not fit
+    /// its type.
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use qmpkit::qapi::events::Event as Typed;
+    /// let mut events = client.events();
+    /// while let Some(ev) = events.next().await {
+    ///     match ev.typed() {
+    ///         Ok(Typed::DeviceDeleted(d)) => println!("{:?} is gone", d.device),
+    ///         Ok(Typed::Shutdown(s)) => println!("shutting down: {}", s.reason.as_str()),
+    ///         Ok(other) => println!("{}", other.name()),
+    ///         Err(e) => eprintln!("{ev}: {e}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn typed(&self) -> Result<qmpkit_qapi::events::Event, serde_json::Error> {
+        qmpkit_qapi::events::Event::decode(&self.0.name, &self.0.data)
+    }
+
+    /// The event's data as `T` when this is `T`'s event (`None` for any
+    /// other event).
+    ///
+    /// ```
+    /// use qmpkit::qapi::events::DeviceDeleted;
+    /// let ev = qmpkit::Event::new("DEVICE_DELETED", serde_json::json!({"path": "/machine/peripheral/nic0", "device": "nic0"}), Default::default());
+    /// let data = ev.data_of::<DeviceDeleted>().unwrap().unwrap();
+    /// assert_eq!(data.device.as_deref(), Some("nic0"));
+    /// ```
+    pub fn data_of<T: EventData>(&self) -> Option<Result<T, serde_json::Error>> {
+        (self.0.name == T::NAME).then(|| T::deserialize(&self.0.data))
     }
 }
 
@@ -300,6 +339,20 @@ impl EventFilter {
         }
     }
 
+    /// Only the events of type `T` (one of
+    /// [`qapi::events`](crate::qapi::events)), by its name.
+    pub fn of<T: EventData>() -> Self {
+        Self::names([T::NAME])
+    }
+
+    /// Also the events of type `T`.
+    pub fn and<T: EventData>(mut self) -> Self {
+        if let Some(names) = &mut self.names {
+            names.push(T::NAME.to_owned());
+        }
+        self
+    }
+
     /// Sets the subscriber's queue length (default [`DEFAULT_EVENT_QUEUE`]).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = Some(capacity.max(1));
@@ -467,6 +520,31 @@ impl EventStream {
                 None => return Err(Error::Disconnected { reason: None }),
             }
         }
+    }
+
+    /// Waits for the next event of type `T`, passing over others, and
+    /// decodes its data. Fails as [`EventStream::wait_for`] does, and with
+    /// [`Error::Protocol`] when the event's data does not fit `T`.
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use qmpkit::qapi::events::BlockJobCompleted;
+    /// use qmpkit::EventFilter;
+    /// let mut jobs = client.subscribe(EventFilter::of::<BlockJobCompleted>());
+    /// // ... start a job ...
+    /// let done = jobs.wait_for_data::<BlockJobCompleted>().await?;
+    /// println!("{} wrote {} bytes", done.device, done.offset);
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_for_data<T: EventData>(&mut self) -> Result<T, Error> {
+        let ev = self.wait_for(T::NAME).await?;
+        T::deserialize(ev.data()).map_err(|e| {
+            Error::Protocol(format!(
+                "the data of event {} does not decode: {e} (data: {})",
+                T::NAME,
+                ev.data()
+            ))
+        })
     }
 
     /// How many events this subscriber has missed so far because it fell

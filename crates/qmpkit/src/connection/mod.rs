@@ -75,6 +75,8 @@ pub(crate) struct Config {
     pub log_excluded: Option<Vec<String>>,
     /// The server answers in-band commands in the order it read them.
     pub replies_in_order: bool,
+    /// Typed calls are checked against the server's schema before sending.
+    pub check_typed_calls: bool,
 }
 
 impl Config {
@@ -136,6 +138,7 @@ impl ConnectOptions {
                 max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
                 log_excluded: None,
                 replies_in_order: true,
+                check_typed_calls: true,
             })
         });
         ConnectOptions {
@@ -189,6 +192,21 @@ impl ConnectOptions {
     /// by id either way.
     pub fn replies_in_order(mut self, in_order: bool) -> Self {
         Arc::make_mut(&mut self.config).replies_in_order = in_order;
+        self
+    }
+
+    /// Whether a typed call ([`crate::Client::execute`]) is first checked
+    /// against the server's own schema (default true). The first typed call
+    /// of a connection fetches `query-qmp-schema` (once; a few ms on QEMU
+    /// 10); from then on a call to a command the server has in full costs
+    /// one lookup. A call using a command or argument the server lacks
+    /// fails with [`Error::Unsupported`], naming it and the QEMU version
+    /// that added it, instead of being sent. A server that does not answer
+    /// `query-qmp-schema` is not checked. Calls by name
+    /// ([`crate::Client::call`], [`crate::Client::execute_raw`]) are never
+    /// checked.
+    pub fn check_typed_calls(mut self, check: bool) -> Self {
+        Arc::make_mut(&mut self.config).check_typed_calls = check;
         self
     }
 

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+pub(crate) mod check;
+
 /// The commands, events and argument names a QMP server supports.
 #[derive(Debug, Default)]
 pub struct Schema {
