@@ -22,6 +22,11 @@ pub async fn run(args: AgentArgs, globals: &Globals) -> anyhow::Result<ExitCode>
             "no guest agent socket: give --socket PATH, the host side of the guest's org.qemu.guest_agent.0 port",
         ));
     };
+    if globals.log.is_some() {
+        return Err(usage(
+            "--log records QMP traffic; `agent` talks to the guest agent, which has no traffic log",
+        ));
+    }
     let mut options = GuestAgent::options().connect_timeout(globals.connect_timeout);
     if let Some(t) = globals.timeout {
         options = options.command_timeout(t);

@@ -232,6 +232,12 @@ async fn bad_sockets_fail_typed_and_fast() {
     run_ctl(&["agent", "ping"], None, None)
         .await
         .fails(2, "no guest agent socket");
+    ctl(
+        &dir.path().join("missing.sock"),
+        &["--log", "/dev/null", "agent", "ping"],
+    )
+    .await
+    .fails(2, "no traffic log");
 
     // A socket nobody answers on (a QMP socket would greet first, then say
     // nothing to the sync: the same thing).

@@ -83,6 +83,14 @@ pub enum LaunchError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// `qemu-ga` exited before its socket was ready ([`HostGuestAgent`]).
+    #[error("qemu-ga exited with {status} before its socket was ready: {log}")]
+    GuestAgentExited {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it logged.
+        log: String,
+    },
     /// The socket did not accept a QMP connection in time.
     #[error("QEMU's QMP socket was not ready within {0:?}")]
     Timeout(Duration),
@@ -680,9 +688,9 @@ impl HostGuestAgent {
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
-                return Err(LaunchError::Exited {
+                return Err(LaunchError::GuestAgentExited {
                     status,
-                    stderr: self.log(),
+                    log: self.log(),
                 });
             }
             if socket.exists() {

@@ -656,3 +656,79 @@ enum Incoming {
     Noise(usize),
     TooLarge(usize),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits `chunks` (each as one read) into what `next_buffered` reports.
+    fn frames(chunks: &[&[u8]]) -> Vec<String> {
+        let mut link = Link::new(1 << 20);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            link.pending.extend_from_slice(chunk);
+            while let Some(item) = link.next_buffered() {
+                out.push(match item {
+                    Incoming::Message(m) => String::from_utf8(m).unwrap(),
+                    Incoming::Noise(_) => "noise".into(),
+                    Incoming::TooLarge(n) => format!("too large {n}"),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_marker_ends_whatever_was_open_and_never_reaches_the_parser() {
+        // A half message, the marker, the sync answer.
+        assert_eq!(
+            frames(&[b"{\"return\": {\"a\": \"b", b"\xff{\"return\": 7}\n"]),
+            ["noise", "{\"return\": 7}"]
+        );
+        // A marker inside what looked like a string still cuts.
+        assert_eq!(
+            frames(&[b"{\"x\": \"\xff{\"return\": 8}\n"]),
+            ["noise", "{\"return\": 8}"]
+        );
+        // Bytes that are not UTF-8 between messages are noise, the messages intact.
+        assert_eq!(
+            frames(&[b"\x00\xfe junk\n{\"return\": {}}\n\xc3(\n{\"return\": 1}"]),
+            ["noise", "noise", "{\"return\": {}}", "noise", "{\"return\": 1}"]
+        );
+        // A marker split from its message across reads, and back-to-back markers.
+        assert_eq!(
+            frames(&[b"\xff", b"\xff\xff{\"ret", b"urn\": 9}\n"]),
+            ["{\"return\": 9}"]
+        );
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_reported_once() {
+        let mut link = Link::new(64);
+        let big = format!("{{\"return\": \"{}\"}}\n{{\"return\": 2}}\n", "x".repeat(2000));
+        link.pending.extend_from_slice(big.as_bytes());
+        let mut seen = Vec::new();
+        while let Some(item) = link.next_buffered() {
+            seen.push(matches!(item, Incoming::TooLarge(_)));
+        }
+        assert_eq!(seen, [true, false]);
+    }
+
+    #[test]
+    fn requests_are_one_line_and_arguments_must_be_objects() {
+        let r = encode("guest-ping", &Value::Null, false).unwrap();
+        assert_eq!(r.bytes, b"{\"execute\":\"guest-ping\"}\n");
+        let r = encode("guest-file-close", &serde_json::json!({"handle": 3}), false).unwrap();
+        assert_eq!(
+            r.bytes,
+            b"{\"execute\":\"guest-file-close\",\"arguments\":{\"handle\":3}}\n"
+        );
+        assert!(matches!(
+            encode("x", &serde_json::json!([1]), false),
+            Err(Error::InvalidRequest(_))
+        ));
+        let ids: std::collections::HashSet<u64> = (0..1000).map(|_| random_sync_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(|&id| id < 1 << 53));
+    }
+}
