@@ -135,6 +135,105 @@ pub enum Command {
     Tour(TourArgs),
     /// Measure the cost of a command through the library.
     Bench(crate::bench::BenchArgs),
+    /// The QEMU guest agent in the guest: `--socket` is then the host side of
+    /// its port (`-chardev socket,path=PATH,...` behind a virtserialport named
+    /// org.qemu.guest_agent.0), not a QMP socket.
+    Agent(AgentArgs),
+}
+
+/// `agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: AgentCommand,
+}
+
+/// `agent` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Check that the agent answers.
+    Ping,
+    /// The agent's version and commands.
+    Info,
+    /// The guest's kernel and distribution.
+    Osinfo,
+    /// The guest's clock.
+    Time,
+    /// The guest's network interfaces and addresses.
+    Interfaces,
+    /// Run a program in the guest; its output is printed and its exit status
+    /// becomes qmpctl's (128 + N when signal N ended it).
+    Exec {
+        /// The program (a path in the guest).
+        program: String,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Copy files to and from the guest.
+    #[command(subcommand)]
+    File(AgentFileCommand),
+    /// Freeze or thaw the guest's filesystems (for a consistent snapshot).
+    #[command(subcommand)]
+    Fsfreeze(FsfreezeCommand),
+    /// Power the guest down, halt or reboot it (the agent does not answer).
+    Shutdown {
+        /// How.
+        #[arg(long, value_enum, default_value = "powerdown")]
+        mode: ShutdownModeArg,
+    },
+    /// Set a guest user's password, read from the first line of stdin.
+    SetPassword {
+        /// The user.
+        user: String,
+        /// The password is already hashed (as crypt(3) makes it).
+        #[arg(long)]
+        crypted: bool,
+    },
+}
+
+/// `agent file` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AgentFileCommand {
+    /// Copy a file from the guest (LOCAL `-`: to stdout).
+    Get {
+        /// The file in the guest.
+        guest_path: String,
+        /// Where to write it.
+        local: PathBuf,
+    },
+    /// Copy a file into the guest (LOCAL `-`: from stdin).
+    Put {
+        /// The file to send.
+        local: PathBuf,
+        /// Where to write it in the guest.
+        guest_path: String,
+    },
+}
+
+/// `agent fsfreeze` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FsfreezeCommand {
+    /// Whether the filesystems are frozen.
+    Status,
+    /// Freeze every filesystem (or only those mounted at these paths).
+    Freeze {
+        /// Mount points.
+        mountpoints: Vec<String>,
+    },
+    /// Thaw what was frozen.
+    Thaw,
+}
+
+/// `agent shutdown --mode`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ShutdownModeArg {
+    /// Power off.
+    Powerdown,
+    /// Halt without powering off.
+    Halt,
+    /// Reboot.
+    Reboot,
 }
 
 /// `cpus`.

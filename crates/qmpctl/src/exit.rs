@@ -103,7 +103,8 @@ fn qmp_code(e: &qmpkit::Error) -> u8 {
         | qmpkit::Error::Handshake(_)
         | qmpkit::Error::Disconnected { .. }
         | qmpkit::Error::Io(_)
-        | qmpkit::Error::Protocol(_) => CONNECTION,
+        | qmpkit::Error::Protocol(_)
+        | qmpkit::Error::AgentUnavailable { .. } => CONNECTION,
         qmpkit::Error::InvalidRequest(_)
         | qmpkit::Error::TooManyFds { .. }
         | qmpkit::Error::InvalidAddress { .. }

@@ -5,6 +5,7 @@
 //! whole cause chain, never a panic or a debug dump, and a closed pipe ends
 //! the program quietly.
 
+mod agent;
 mod bench;
 mod cli;
 mod conn;
@@ -78,6 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let globals = cli.globals;
     match cli.command {
         Command::Tour(args) => tour::run(args, &globals).await,
+        Command::Agent(args) => agent::run(args, &globals).await,
         Command::Bench(args) => {
             bench::run(globals.socket.clone(), args, globals.json).await?;
             Ok(ExitCode::SUCCESS)

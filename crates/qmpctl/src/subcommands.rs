@@ -41,7 +41,9 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Exec(a) => return crate::exec::run(ctx, a).await,
         Command::Events(a) => return crate::events::run(ctx, a).await,
         Command::Shell(a) => return crate::shell::run(ctx, a).await,
-        Command::Tour(_) | Command::Bench(_) => unreachable!("dispatched before connecting"),
+        Command::Tour(_) | Command::Bench(_) | Command::Agent(_) => {
+            unreachable!("dispatched before connecting")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,7 +26,7 @@ pub enum Error {
     Qmp(#[from] QmpError),
 
     /// The socket could not be reached.
-    #[error("cannot connect to QMP socket {}: {source}", path.display())]
+    #[error("cannot connect to socket {}: {source}", path.display())]
     Connect {
         /// The socket path that was tried.
         path: PathBuf,
@@ -217,6 +217,18 @@ pub enum Error {
         status: u64,
     },
 
+    /// The QEMU guest agent did not answer the resynchronisation
+    /// (`guest-sync-delimited`) in time: it is not running in the guest (the
+    /// guest is booting, rebooting or shut down, or has no agent), or it is
+    /// stuck. The connection is kept; the next call tries again.
+    #[error("the guest agent at {} is not answering: {reason}", path.display())]
+    AgentUnavailable {
+        /// The agent's socket.
+        path: PathBuf,
+        /// What was tried.
+        reason: String,
+    },
+
     /// A migration ended in a final state other than the one waited for.
     #[error("migration ended as {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     MigrationFailed {
@@ -286,6 +298,11 @@ impl Error {
     /// connection that cannot carry them (see [`Error::FdPassingUnsupported`]).
     pub fn is_fd_passing_unsupported(&self) -> bool {
         matches!(self, Error::FdPassingUnsupported { .. })
+    }
+
+    /// True when the guest agent did not answer (see [`Error::AgentUnavailable`]).
+    pub fn is_agent_unavailable(&self) -> bool {
+        matches!(self, Error::AgentUnavailable { .. })
     }
 
     /// True when events were dropped while waiting for one (see [`Error::EventsMissed`]).

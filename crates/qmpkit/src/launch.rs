@@ -56,6 +56,10 @@ pub const INCUS_AGENT_PORT: &str = "org.linuxcontainers.incus";
 /// (see [`QemuBuilder::console_socket`]).
 const CONSOLE_SOCKET: &str = "console.sock";
 
+/// The file name of the guest agent port's socket in the VM's directory
+/// (see [`QemuBuilder::guest_agent_port`]).
+const GUEST_AGENT_SOCKET: &str = "qga.sock";
+
 /// Why QEMU could not be started.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -79,6 +83,14 @@ pub enum LaunchError {
         status: std::process::ExitStatus,
         /// What it printed on stderr.
         stderr: String,
+    },
+    /// `qemu-ga` exited before its socket was ready ([`HostGuestAgent`]).
+    #[error("qemu-ga exited with {status} before its socket was ready: {log}")]
+    GuestAgentExited {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it logged.
+        log: String,
     },
     /// The socket did not accept a QMP connection in time.
     #[error("QEMU's QMP socket was not ready within {0:?}")]
@@ -104,6 +116,7 @@ pub struct QemuBuilder {
     /// `-kernel`, `-initrd` and `-append`.
     kernel: Option<(PathBuf, PathBuf, String)>,
     console_socket: bool,
+    guest_agent_port: bool,
     args: Vec<OsString>,
     extra_sockets: Vec<String>,
     qmp_path: Option<PathBuf>,
@@ -132,6 +145,7 @@ impl QemuBuilder {
             accel: "kvm:tcg".into(),
             kernel: None,
             console_socket: false,
+            guest_agent_port: false,
             args: Vec::new(),
             extra_sockets: Vec::new(),
             qmp_path: None,
@@ -215,6 +229,17 @@ impl QemuBuilder {
             "-device".to_owned(),
             format!("virtserialport,name={INCUS_AGENT_PORT},chardev={INCUS_AGENT_CHARDEV}"),
         ])
+    }
+
+    /// Adds the QEMU guest agent's port: a `virtio-serial-pci` controller and
+    /// a port named [`GUEST_AGENT_PORT`](crate::guest_agent::GUEST_AGENT_PORT)
+    /// whose host side is a socket in the VM's directory
+    /// ([`Qemu::guest_agent_socket`]); connect a
+    /// [`GuestAgent`](crate::guest_agent::GuestAgent) to it. The guest must
+    /// run `qemu-ga` on the port.
+    pub fn guest_agent_port(mut self) -> Self {
+        self.guest_agent_port = true;
+        self
     }
 
     /// The `-m` value (default `128M`); for example `"256M,slots=4,maxmem=1G"`.
@@ -400,6 +425,16 @@ impl QemuBuilder {
             cmd.arg("-chardev").arg(chardev);
             cmd.args(["-serial", "chardev:console-sock"]);
         }
+        if self.guest_agent_port {
+            let mut chardev = OsString::from("socket,id=qga0,server=on,wait=off,path=");
+            chardev.push(dir.path().join(GUEST_AGENT_SOCKET));
+            cmd.arg("-chardev").arg(chardev);
+            cmd.args(["-device", "virtio-serial-pci,id=qga_serial", "-device"]);
+            cmd.arg(format!(
+                "virtserialport,bus=qga_serial.0,chardev=qga0,name={}",
+                crate::guest_agent::GUEST_AGENT_PORT
+            ));
+        }
         cmd.arg("-qmp").arg(qmp_arg(&qmp_address));
         for name in &self.extra_sockets {
             cmd.arg("-qmp")
@@ -545,6 +580,11 @@ impl Qemu {
         self.dir.path().join(CONSOLE_SOCKET)
     }
 
+    /// The host side of the guest agent's port (see [`QemuBuilder::guest_agent_port`]).
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.dir.path().join(GUEST_AGENT_SOCKET)
+    }
+
     /// The VM's temporary directory (for images, dumps, sockets of a test's own).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -594,6 +634,173 @@ impl Drop for Qemu {
             c.disconnect();
         }
         // A stopped QEMU still dies of SIGKILL.
+        self.kill();
+    }
+}
+
+/// The guest agent commands that are harmless on the machine the agent runs
+/// on: they read state, or touch only files and programs the caller names.
+/// [`HostGuestAgent`] enables only these by default, so that a test cannot
+/// freeze, shut down or re-password the host by mistake.
+pub const HOST_SAFE_AGENT_COMMANDS: &[&str] = &[
+    "guest-sync-delimited",
+    "guest-sync",
+    "guest-ping",
+    "guest-info",
+    "guest-get-osinfo",
+    "guest-get-host-name",
+    "guest-get-time",
+    "guest-get-timezone",
+    "guest-network-get-interfaces",
+    "guest-fsfreeze-status",
+    "guest-exec",
+    "guest-exec-status",
+    "guest-file-open",
+    "guest-file-read",
+    "guest-file-write",
+    "guest-file-seek",
+    "guest-file-flush",
+    "guest-file-close",
+];
+
+/// The guest agent binary used unless told otherwise (`QMP_QEMU_GA` in the
+/// environment overrides it).
+pub const DEFAULT_QEMU_GA: &str = "qemu-ga";
+
+/// A QEMU guest agent (`qemu-ga -m unix-listen`) running on the host, for
+/// testing a [`GuestAgent`](crate::guest_agent::GuestAgent) without booting
+/// a guest. It runs as the current user in a temporary directory, with only
+/// [`HOST_SAFE_AGENT_COMMANDS`] enabled unless told otherwise. Dropping it
+/// kills it (SIGKILL), reaps it and removes the directory.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let host_agent = qmpkit::launch::HostGuestAgent::spawn().await?;
+/// let agent = qmpkit::guest_agent::GuestAgent::connect(host_agent.socket()).await?;
+/// agent.ping().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct HostGuestAgent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    allowed: Vec<String>,
+}
+
+impl HostGuestAgent {
+    /// Starts `qemu-ga` with [`HOST_SAFE_AGENT_COMMANDS`] and waits until it listens.
+    pub async fn spawn() -> Result<HostGuestAgent, LaunchError> {
+        Self::spawn_allowing(HOST_SAFE_AGENT_COMMANDS).await
+    }
+
+    /// Starts `qemu-ga` with only these commands enabled (`--allow-rpcs`).
+    pub async fn spawn_allowing<S: AsRef<str>>(commands: &[S]) -> Result<HostGuestAgent, LaunchError> {
+        let dir = tempfile::Builder::new()
+            .prefix("qmpkit-qga-")
+            .tempdir()
+            .map_err(LaunchError::TempDir)?;
+        let mut agent = HostGuestAgent {
+            child: None,
+            dir,
+            allowed: commands.iter().map(|c| c.as_ref().to_owned()).collect(),
+        };
+        agent.start().await?;
+        Ok(agent)
+    }
+
+    /// The agent's listening socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("qga.sock")
+    }
+
+    /// The temporary directory (the agent's state directory; a place for test files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// What the agent has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("qga.log")).unwrap_or_default()
+    }
+
+    /// Kills the agent (SIGKILL) and reaps it; its socket goes away with it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Starts the agent again on the same socket (after [`HostGuestAgent::kill`]).
+    pub async fn restart(&mut self) -> Result<(), LaunchError> {
+        self.kill();
+        self.start().await
+    }
+
+    async fn start(&mut self) -> Result<(), LaunchError> {
+        let binary = std::env::var_os("QMP_QEMU_GA").unwrap_or_else(|| DEFAULT_QEMU_GA.into());
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::File::create(self.dir.path().join("qga.log")).map_err(LaunchError::TempDir)?;
+        let mut cmd = Command::new(&binary);
+        cmd.args(["-m", "unix-listen", "-p"])
+            .arg(&socket)
+            .arg("-t")
+            .arg(self.dir.path())
+            .arg("-f")
+            .arg(self.dir.path().join("qga.pid"))
+            .arg(format!("--allow-rpcs={}", self.allowed.join(",")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the child between fork and exec, where only
+            // async-signal-safe calls are allowed: this is one prctl(2).
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            binary: binary.to_string_lossy().into_owned(),
+            source,
+        })?;
+        self.child = Some(child);
+        // Ready once the socket exists: qemu-ga binds and listens in one go.
+        let budget = Duration::from_secs(10);
+        let deadline = Instant::now() + budget;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(LaunchError::GuestAgentExited {
+                    status,
+                    log: self.log(),
+                });
+            }
+            if socket.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Timeout(budget));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for HostGuestAgent {
+    fn drop(&mut self) {
         self.kill();
     }
 }

@@ -66,6 +66,7 @@
 //! | [`Address`], [`Listener`] | where QEMU is: a Unix socket or TCP; [`ConnectOptions::connect_stream`] and [`ConnectOptions::connect_io`] for a stream you hold, [`Listener`] for QEMU connecting to you |
 //! | [`qapi`] | every QEMU 10 command and event as types generated from QEMU's schema; run them with [`Client::execute`] |
 //! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
+//! | [`guest_agent`] | the QEMU guest agent (`qemu-ga` in the guest): exec, files, fsfreeze, shutdown, ... |
 //! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
 //! | [`event`] | subscriptions and typed views of events |
 //! | [`schema`] | the server's command schema, for version-dependent choices |
@@ -82,7 +83,8 @@
 //! | `traffic-log` | yes | [`ConnectOptions::traffic_log`]: a transcript in the Go package's format |
 //!
 //! Without defaults (`default-features = false`) the crate is the client,
-//! the typed operations, events, the schema and the generated types, on
+//! the typed operations, events, the schema, the generated types and the
+//! guest agent client, on
 //! tokio's `rt`, `net`, `sync`, `time`, `io-util` and `macros` (for
 //! `select!`): it runs on whichever runtime flavour the application builds.
 
@@ -98,6 +100,7 @@ pub mod event;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod guest_agent;
 #[cfg(feature = "launch")]
 pub mod launch;
 #[cfg(feature = "monitor")]

@@ -28,6 +28,8 @@ use crate::wire::Greeting;
 pub use address::Address;
 pub(crate) use driver::{Outgoing, Reply, ToDriver};
 pub use listener::Listener;
+/// The long-path-aware Unix connect, for the guest agent.
+pub(crate) use socket::connect as connect_unix;
 use transport::Transport;
 
 /// What a connection's task and its handles share: what the handshake

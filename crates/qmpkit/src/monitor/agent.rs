@@ -1,5 +1,8 @@
 //! Guest agent detection through the agent's serial ring buffer.
 //!
+//! The agent here is Incus's (incus-agent), not the QEMU guest agent
+//! (`qemu-ga`), which [`crate::guest_agent`] talks to.
+//!
 //! The agent writes `STARTED\n` when it comes up and `STOPPED\n` when it goes
 //! down, to a virtio serial port whose host side is a `ringbuf` chardev. The
 //! monitor drains that buffer with `ringbuf-read` (format `base64`, so any

@@ -183,8 +183,8 @@ impl Splitter {
         self.end += n;
     }
 
-    /// Appends bytes (for callers that do not read into [`Splitter::spare`]).
-    #[cfg(test)]
+    /// Appends bytes (for callers that do not read into [`Splitter::spare`],
+    /// such as the guest agent, which must look at each byte first).
     pub fn push(&mut self, data: &[u8]) {
         let mut data = data;
         while !data.is_empty() {

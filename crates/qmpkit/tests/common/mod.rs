@@ -1,6 +1,8 @@
 //! Shared helpers for tests that run a real QEMU.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::future::Future;
 use std::time::Duration;
 
