@@ -18,6 +18,12 @@ macro_rules! outln {
     }};
 }
 
+/// True when colour may be written to `stream`: it is a terminal and the
+/// user did not set `NO_COLOR` (<https://no-color.org>: any non-empty value).
+pub fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Prints a JSON value: one line with `--json`, indented otherwise.
 pub fn json(value: &Value, compact: bool) -> std::io::Result<()> {
     let text = if compact {

@@ -1,0 +1,229 @@
+//! The VM as a whole: run state, lifecycle, CPUs, memory, console, screen, memory dump.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use super::{done, emit};
+use crate::cli::*;
+use crate::conn::Ctx;
+use crate::exit::usage;
+use crate::ops;
+use crate::out::{self, bytes, cell, parse_size, size_cell, Table};
+use crate::outln;
+use crate::progress::Progress;
+
+pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
+    let v = ctx.call("query-status", &()).await?;
+    emit(ctx, &v, || outln!("{}", cell(&v["status"])))
+}
+
+pub async fn lifecycle(ctx: &Ctx, command: &str) -> anyhow::Result<()> {
+    let c = &ctx.client;
+    ctx.within(command, async {
+        match command {
+            "cont" => c.start().await?,
+            "stop" => c.pause().await?,
+            "system_reset" => c.reset().await?,
+            _ => c.powerdown().await?,
+        }
+        Ok(())
+    })
+    .await?;
+    let after = ctx.call("query-status", &()).await?;
+    let line = match command {
+        "system_powerdown" => format!(
+            "power button pressed (the guest decides what to do); status: {}",
+            cell(&after["status"])
+        ),
+        "system_reset" => format!("reset; status: {}", cell(&after["status"])),
+        _ => cell(&after["status"]),
+    };
+    done(ctx, after, &line)
+}
+
+pub async fn quit(ctx: &Ctx) -> anyhow::Result<()> {
+    ctx.within("quit", async {
+        ctx.client.quit().await?;
+        // QEMU closes the socket once it has gone.
+        ctx.client.closed().await;
+        Ok(())
+    })
+    .await?;
+    done(ctx, json!({}), "QEMU has quit")
+}
+
+pub async fn cpus(ctx: &Ctx, a: CpusArgs) -> anyhow::Result<()> {
+    if a.hotpluggable {
+        let v = ctx.call("query-hotpluggable-cpus", &()).await?;
+        return emit(ctx, &v, || {
+            let mut t = Table::new(&["TYPE", "VCPUS", "SOCKET", "CORE", "THREAD", "PLUGGED AS"]);
+            for c in v.as_array().into_iter().flatten() {
+                let p = &c["props"];
+                t.row(vec![
+                    cell(&c["type"]),
+                    cell(&c["vcpus-count"]),
+                    cell(&p["socket-id"]),
+                    cell(&p["core-id"]),
+                    cell(&p["thread-id"]),
+                    c["qom-path"].as_str().unwrap_or("(free)").to_owned(),
+                ]);
+            }
+            t.print("no hotpluggable CPUs")
+        });
+    }
+    let v = ctx.call("query-cpus-fast", &()).await?;
+    emit(ctx, &v, || {
+        let mut t = Table::new(&["CPU", "THREAD", "SOCKET", "CORE", "ARCH", "QOM PATH"]);
+        for c in v.as_array().into_iter().flatten() {
+            t.row(vec![
+                cell(&c["cpu-index"]),
+                cell(&c["thread-id"]),
+                cell(&c["props"]["socket-id"]),
+                cell(&c["props"]["core-id"]),
+                cell(&c["target"]),
+                cell(&c["qom-path"]),
+            ]);
+        }
+        t.print("no CPUs")
+    })
+}
+
+pub async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result<()> {
+    match command {
+        None | Some(MemoryCommand::Size) => {
+            let v = ctx.call("query-memory-size-summary", &()).await?;
+            emit(ctx, &v, || {
+                outln!("base memory:    {}", size_cell(&v["base-memory"]))?;
+                let plugged = v["plugged-memory"].as_u64().unwrap_or(0);
+                outln!("plugged memory: {}", bytes(plugged))
+            })
+        }
+        Some(MemoryCommand::Balloon { size: None }) => {
+            let v = ctx.call("query-balloon", &()).await?;
+            emit(ctx, &v, || {
+                outln!("balloon: guest has {}", size_cell(&v["actual"]))
+            })
+        }
+        Some(MemoryCommand::Balloon { size: Some(size) }) => {
+            let target = parse_size(&size)?;
+            let signed = i64::try_from(target).map_err(|_| usage(format!("{size} is too large")))?;
+            ctx.within("balloon", async {
+                Ok(ctx.client.set_memory_balloon_size_bytes(signed).await?)
+            })
+            .await?;
+            done(
+                ctx,
+                json!({"target": target}),
+                &format!(
+                    "balloon target set to {} (the guest's driver moves towards it)",
+                    bytes(target)
+                ),
+            )
+        }
+        Some(MemoryCommand::Devices) => {
+            let v = ctx.call("query-memory-devices", &()).await?;
+            emit(ctx, &v, || {
+                let mut t = Table::new(&["TYPE", "ID", "SIZE", "MEMDEV", "SLOT", "HOTPLUGGED"]);
+                for d in v.as_array().into_iter().flatten() {
+                    let data = &d["data"];
+                    t.row(vec![
+                        cell(&d["type"]),
+                        cell(&data["id"]),
+                        size_cell(&data["size"]),
+                        cell(&data["memdev"]),
+                        cell(&data["slot"]),
+                        cell(&data["hotplugged"]),
+                    ]);
+                }
+                t.print("no memory devices")
+            })
+        }
+    }
+}
+
+pub async fn console(ctx: &Ctx, a: ConsoleArgs) -> anyhow::Result<()> {
+    loop {
+        let text = ctx
+            .within("console", async {
+                Ok(ctx.client.ringbuf_read(&a.chardev).await?)
+            })
+            .await?;
+        if ctx.json {
+            if !a.follow || !text.is_empty() {
+                out::json(&json!({"chardev": a.chardev, "data": text}), true)?;
+            }
+        } else if !text.is_empty() {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(text.as_bytes())?;
+            stdout.flush()?;
+        }
+        if !a.follow {
+            return Ok(());
+        }
+        // A ring buffer has no event for new data: poll it.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn screendump(ctx: &Ctx, a: ScreendumpArgs) -> anyhow::Result<()> {
+    let file = ops::absolute(&a.file)?;
+    if a.format == "png" && a.device.is_none() {
+        ctx.within("screendump", async { Ok(ctx.client.screendump(&file).await?) })
+            .await?;
+    } else {
+        let mut args = json!({"filename": file, "format": a.format});
+        if let Some(d) = &a.device {
+            args["device"] = json!(d);
+        }
+        ctx.call("screendump", &args).await?;
+    }
+    let size = std::fs::metadata(&file)
+        .with_context(|| format!("QEMU reported success but {} cannot be read", file.display()))?
+        .len();
+    let dims = image_size(&file);
+    let dims_text = dims.map(|(w, h)| format!("{w}x{h}, ")).unwrap_or_default();
+    done(
+        ctx,
+        json!({"file": file, "bytes": size, "width": dims.map(|d| d.0), "height": dims.map(|d| d.1)}),
+        &format!("wrote {} ({dims_text}{})", file.display(), bytes(size)),
+    )
+}
+
+/// The width and height of a PNG or binary PPM file, from its header.
+pub fn image_size(path: &Path) -> Option<(u32, u32)> {
+    let data = std::fs::read(path).ok()?;
+    if data.starts_with(b"\x89PNG\r\n\x1a\n") && data.len() >= 24 {
+        let w = u32::from_be_bytes(data[16..20].try_into().ok()?);
+        let h = u32::from_be_bytes(data[20..24].try_into().ok()?);
+        return Some((w, h));
+    }
+    if data.starts_with(b"P6") {
+        let head = String::from_utf8_lossy(&data[..data.len().min(64)]).into_owned();
+        let mut it = head.split_ascii_whitespace().skip(1);
+        return Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?));
+    }
+    None
+}
+
+pub async fn dump_memory(ctx: &Ctx, a: DumpArgs) -> anyhow::Result<()> {
+    let bar = Progress::bytes("dump", ctx.json);
+    let info = ctx
+        .within(
+            "dump-memory",
+            ops::dump_memory(&ctx.client, &a.file, &a.format, &bar),
+        )
+        .await?;
+    let file = ops::absolute(&a.file)?;
+    done(
+        ctx,
+        json!({"file": file, "result": info}),
+        &format!(
+            "dumped {} of guest memory to {}",
+            bytes(info["total"].as_u64().unwrap_or(0)),
+            file.display()
+        ),
+    )
+}
