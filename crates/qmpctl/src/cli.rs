@@ -167,8 +167,12 @@ pub struct TransactionArgs {
     #[arg(short, long = "action", value_name = "ACTION")]
     pub actions: Vec<String>,
     /// Or the actions as one JSON array (`-` reads it from stdin).
-    #[arg(conflicts_with = "actions", required_unless_present = "actions")]
-    pub json: Option<String>,
+    #[arg(
+        value_name = "JSON",
+        conflicts_with = "actions",
+        required_unless_present = "actions"
+    )]
+    pub list: Option<String>,
 }
 
 /// `completions`.

@@ -25,8 +25,9 @@ pub fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::Error::new(e).context(format!("cannot create {}", dir.display())))?;
-        clap_mangen::generate_to(cmd, dir)
-            .map_err(|e| anyhow::Error::new(e).context(format!("cannot write the pages in {}", dir.display())))?;
+        clap_mangen::generate_to(cmd, dir).map_err(|e| {
+            anyhow::Error::new(e).context(format!("cannot write the pages in {}", dir.display()))
+        })?;
         return Ok(());
     }
     let mut out = Vec::new();
@@ -35,4 +36,16 @@ pub fn man(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     stdout.write_all(&out)?;
     stdout.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Catches clashing argument names (a subcommand's `json` and the
+        // global `--json`, say) before a user meets them as a panic.
+        Cli::command().debug_assert();
+    }
 }

@@ -38,7 +38,11 @@ fn main() -> ExitCode {
             // --json was not parsed; a script that asked for it still gets JSON.
             if std::env::args().any(|a| a == "--json") {
                 let text = e.render().to_string();
-                let message = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
+                let message = text
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ");
                 return exit::report(&exit::usage(message.to_owned()), true);
             }
             let _ = e.print();

@@ -323,7 +323,9 @@ impl Session {
             return Ok(Outcome::Quiet);
         }
         if let Some(hmp) = line.strip_prefix('!') {
-            return Ok(Outcome::Text(crate::subcommands::hmp(ctx, hmp.trim(), None).await?));
+            return Ok(Outcome::Text(
+                crate::subcommands::hmp(ctx, hmp.trim(), None).await?,
+            ));
         }
         run_line(ctx, line).await
     }
@@ -524,7 +526,10 @@ impl Completer for ShellHelper {
             return Ok((pos, Vec::new()));
         }
         // A command newer than this build: argument names from the server.
-        let given: Vec<&str> = given.iter().filter_map(|w| w.split_once('=').map(|(k, _)| k)).collect();
+        let given: Vec<&str> = given
+            .iter()
+            .filter_map(|w| w.split_once('=').map(|(k, _)| k))
+            .collect();
         let found = self
             .arguments
             .get(command)

@@ -137,7 +137,10 @@ pub fn untyped_pairs<'a>(pairs: impl IntoIterator<Item = &'a str>) -> anyhow::Re
 }
 
 /// The arguments of `command` from `key=value` pairs, typed by the schema.
-pub fn command_arguments<'a>(command: &str, pairs: impl IntoIterator<Item = &'a str>) -> anyhow::Result<Value> {
+pub fn command_arguments<'a>(
+    command: &str,
+    pairs: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<Value> {
     let tree = build_tree(pairs, false)?;
     match shape().get(command) {
         Some(def) if def["kind"] == "command" && !def["args"].is_null() => {
@@ -229,7 +232,10 @@ fn convert(node: &Node, ty: &Value, path: &str) -> anyhow::Result<Value> {
                     let mut items: Vec<(usize, &Node)> = Vec::new();
                     for (k, n) in kids {
                         let i: usize = k.parse().map_err(|_| {
-                            usage(format!("{path} is a list: {} is not an index (0, 1, ...)", join(path, k)))
+                            usage(format!(
+                                "{path} is a list: {} is not an index (0, 1, ...)",
+                                join(path, k)
+                            ))
                         })?;
                         items.push((i, n));
                     }
@@ -285,7 +291,9 @@ fn scalar(raw: &str, name: &str, path: &str) -> anyhow::Result<Value> {
     let int = |min: i128, max: i128| -> anyhow::Result<Value> {
         let n: i128 = raw.trim().parse().map_err(|_| wrong())?;
         if n < min || n > max {
-            return Err(usage(format!("{path}={raw} is out of range for {name} ({min}..={max})")));
+            return Err(usage(format!(
+                "{path}={raw} is out of range for {name} ({min}..={max})"
+            )));
         }
         Ok(if n < 0 {
             Value::Number(Number::from(n as i64))
@@ -392,7 +400,10 @@ fn convert_alternate(node: &Node, name: &str, def: &Value, path: &str) -> anyhow
                 }
             }
             let kinds: Vec<String> = branches.iter().map(|b| type_text(b)).collect();
-            Err(usage(format!("{path}={raw}: not any of {} ({name})", kinds.join(", "))))
+            Err(usage(format!(
+                "{path}={raw}: not any of {} ({name})",
+                kinds.join(", ")
+            )))
         }
     }
 }
@@ -617,7 +628,9 @@ pub fn knows_command(command: &str) -> bool {
 /// discriminator is given.
 pub fn describe(name: &str, given: &[&str]) -> anyhow::Result<String> {
     let Some(def) = shape().get(name) else {
-        return Err(usage(format!("no command or type named {name:?} in QEMU's schema")));
+        return Err(usage(format!(
+            "no command or type named {name:?} in QEMU's schema"
+        )));
     };
     let given = build_tree(given.iter().copied(), true).unwrap_or(Node::Tree(Vec::new()));
     let mut out = String::new();
@@ -644,7 +657,12 @@ pub fn describe(name: &str, given: &[&str]) -> anyhow::Result<String> {
             return Ok(out);
         }
         Some("alternate") => {
-            let kinds: Vec<String> = def["members"].as_array().into_iter().flatten().map(type_text).collect();
+            let kinds: Vec<String> = def["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(type_text)
+                .collect();
             out.push_str(&format!("{name}: any of {}\n", kinds.join(", ")));
             return Ok(out);
         }
@@ -671,7 +689,11 @@ pub fn describe(name: &str, given: &[&str]) -> anyhow::Result<String> {
                 if values.len() <= 16 {
                     line.push_str(&format!("  one of: {}", values.join(", ")));
                 } else {
-                    line.push_str(&format!("  ({} values: `help {}`)", values.len(), type_text(m.ty)));
+                    line.push_str(&format!(
+                        "  ({} values: `help {}`)",
+                        values.len(),
+                        type_text(m.ty)
+                    ));
                 }
             }
         }
@@ -711,7 +733,17 @@ mod tests {
             json!({"node-name": "d0", "size": 1024})
         );
         assert_eq!(
-            args("blockdev-add", &["driver=qcow2", "node-name=1", "read-only=on", "file.driver=file", "file.filename=/x"]).unwrap(),
+            args(
+                "blockdev-add",
+                &[
+                    "driver=qcow2",
+                    "node-name=1",
+                    "read-only=on",
+                    "file.driver=file",
+                    "file.filename=/x"
+                ]
+            )
+            .unwrap(),
             json!({"driver": "qcow2", "node-name": "1", "read-only": true, "file": {"driver": "file", "filename": "/x"}})
         );
         // A plain string for an alternate of object and string (a node name).
@@ -723,14 +755,19 @@ mod tests {
         assert!(e.contains("did you mean qcow2"), "{e}");
         let e = args("block_resize", &["size=big"]).unwrap_err().to_string();
         assert!(e.contains("size must be an integer (int)"), "{e}");
-        let e = args("blockdev-add", &["driver=qcow2", "lazy-refcount=on"]).unwrap_err().to_string();
+        let e = args("blockdev-add", &["driver=qcow2", "lazy-refcount=on"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean lazy-refcounts"), "{e}");
     }
 
     #[test]
     fn lists_verbatim_json_and_unknown_commands() {
         let v = args("transaction", &["actions.0.type=abort", "actions.1.type=abort"]).unwrap();
-        assert_eq!(v, json!({"actions": [{"type": "abort", "data": {}}, {"type": "abort", "data": {}}]}));
+        assert_eq!(
+            v,
+            json!({"actions": [{"type": "abort", "data": {}}, {"type": "abort", "data": {}}]})
+        );
         let v = args("object-add", &["qom-type=secret", "id=s", r#"data:="x""#]).unwrap();
         assert_eq!(v["data"], "x");
         let v = args("no-such-command-in-10", &["a=1", "b.c=x"]).unwrap();
@@ -742,7 +779,10 @@ mod tests {
 
     #[test]
     fn completion_and_help_use_real_type_names() {
-        assert_eq!(complete("blockdev-add", &[], "driver=qco"), ["driver=qcow ", "driver=qcow2 "]);
+        assert_eq!(
+            complete("blockdev-add", &[], "driver=qco"),
+            ["driver=qcow ", "driver=qcow2 "]
+        );
         assert!(complete("blockdev-add", &["driver=qcow2"], "lazy").contains(&"lazy-refcounts=".to_owned()));
         assert!(complete("blockdev-add", &["driver=qcow2"], "file.dr").contains(&"file.driver=".to_owned()));
         let h = describe("blockdev-add", &[]).unwrap();
@@ -754,9 +794,14 @@ mod tests {
 
     #[test]
     fn transaction_actions_take_their_branch_types() {
-        let words: Vec<String> = ["blockdev-snapshot-sync", "device=d0", "snapshot-file=/x", "format=qcow2"]
-            .map(String::from)
-            .to_vec();
+        let words: Vec<String> = [
+            "blockdev-snapshot-sync",
+            "device=d0",
+            "snapshot-file=/x",
+            "format=qcow2",
+        ]
+        .map(String::from)
+        .to_vec();
         assert_eq!(
             transaction_action(&words).unwrap(),
             json!({"type": "blockdev-snapshot-sync", "data": {"device": "d0", "snapshot-file": "/x", "format": "qcow2"}})

@@ -51,16 +51,14 @@ pub async fn run_transaction(ctx: &Ctx, actions: Vec<Value>) -> anyhow::Result<(
         actions: typed,
         properties: None,
     };
-    ctx.within("transaction", async {
-        Ok(ctx.client.execute(&command).await?)
-    })
-    .await?;
+    ctx.within("transaction", async { Ok(ctx.client.execute(&command).await?) })
+        .await?;
     Ok(())
 }
 
 /// `qmpctl transaction`: actions from `-a TYPE key=value...` or one JSON array.
 pub async fn transaction(ctx: &Ctx, a: TransactionArgs) -> anyhow::Result<()> {
-    let actions = match &a.json {
+    let actions = match &a.list {
         Some(text) => {
             let text = if text == "-" {
                 let mut s = String::new();
@@ -79,7 +77,11 @@ pub async fn transaction(ctx: &Ctx, a: TransactionArgs) -> anyhow::Result<()> {
                         _ => Vec::new(),
                     }
                 }
-                Ok(_) => return Err(usage("the actions must be a JSON array of {\"type\": ..., \"data\": {...}}")),
+                Ok(_) => {
+                    return Err(usage(
+                        "the actions must be a JSON array of {\"type\": ..., \"data\": {...}}",
+                    ))
+                }
                 Err(e) => return Err(usage(format!("invalid JSON actions: {e}"))),
             }
         }

@@ -53,7 +53,11 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints `value` as JSON with `--json`, else runs `human`.
-pub(crate) fn emit(ctx: &Ctx, value: &Value, human: impl FnOnce() -> std::io::Result<()>) -> anyhow::Result<()> {
+pub(crate) fn emit(
+    ctx: &Ctx,
+    value: &Value,
+    human: impl FnOnce() -> std::io::Result<()>,
+) -> anyhow::Result<()> {
     if ctx.json {
         out::json(value, true)?;
     } else {
