@@ -9,43 +9,57 @@ use crate::cli::*;
 use crate::conn::Ctx;
 use crate::exit::usage;
 use crate::ops::{self, LONG_WAIT, UNPLUG_WAIT};
-use crate::out::{bytes, cell, parse_size, size_cell, Table};
+use crate::out::{bytes, parse_size, Table};
 use crate::progress::Progress;
+use qmpkit::qapi::commands::{
+    QueryBlock, QueryBlockExports, QueryBlockstats, QueryJobs, QueryNamedBlockNodes,
+};
+
+/// An optional text for a table cell (`-` when absent).
+fn text(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".into())
+}
+
+/// A size QEMU counts in a signed integer, for a table cell.
+fn size(n: i64) -> String {
+    u64::try_from(n).map(bytes).unwrap_or_else(|_| "-".into())
+}
 
 pub async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
     let client = &ctx.client;
     match command {
         BlockCommand::List => {
-            let v = ctx.call("query-block", &()).await?;
+            let (v, devices) = ctx.query(&QueryBlock).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["DEVICE", "NODE", "FORMAT", "SIZE", "RO", "FILE"]);
-                for b in v.as_array().into_iter().flatten() {
-                    let ins = &b["inserted"];
-                    let name = b["qdev"]
-                        .as_str()
-                        .filter(|s| !s.is_empty())
-                        .or(b["device"].as_str())
-                        .unwrap_or("-");
-                    let file = if ins.is_null() {
-                        "(no medium)".into()
-                    } else {
-                        cell(&ins["file"])
+                for b in &devices {
+                    let name = b.qdev.as_deref().filter(|s| !s.is_empty()).unwrap_or(&b.device);
+                    let row = match &b.inserted {
+                        None => vec![
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                            "-".into(),
+                            "(no medium)".into(),
+                        ],
+                        Some(ins) => vec![
+                            text(&ins.node_name),
+                            ins.drv.clone(),
+                            size(ins.image.virtual_size),
+                            ins.ro.to_string(),
+                            ins.file.clone(),
+                        ],
                     };
-                    t.row(vec![
-                        short_qdev(name),
-                        cell(&ins["node-name"]),
-                        cell(&ins["drv"]),
-                        size_cell(&ins["image"]["virtual-size"]),
-                        cell(&ins["ro"]),
-                        file,
-                    ]);
+                    t.row(std::iter::once(short_qdev(name)).chain(row).collect());
                 }
                 t.print("no block devices")
             })
         }
         BlockCommand::Stats => {
-            let v = ctx
-                .call("query-blockstats", &json!({"query-nodes": false}))
+            let (v, stats) = ctx
+                .query(&QueryBlockstats {
+                    query_nodes: Some(false),
+                })
                 .await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&[
@@ -57,36 +71,34 @@ pub async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
                     "WRITE OPS",
                     "FLUSHES",
                 ]);
-                for b in v.as_array().into_iter().flatten() {
-                    let s = &b["stats"];
-                    let name = b["qdev"].as_str().or(b["device"].as_str()).unwrap_or("-");
+                for b in &stats {
+                    let s = &b.stats;
+                    let name = b.qdev.as_deref().or(b.device.as_deref()).unwrap_or("-");
                     t.row(vec![
                         short_qdev(name),
-                        cell(&b["node-name"]),
-                        size_cell(&s["rd_bytes"]),
-                        size_cell(&s["wr_bytes"]),
-                        cell(&s["rd_operations"]),
-                        cell(&s["wr_operations"]),
-                        cell(&s["flush_operations"]),
+                        text(&b.node_name),
+                        size(s.rd_bytes),
+                        size(s.wr_bytes),
+                        s.rd_operations.to_string(),
+                        s.wr_operations.to_string(),
+                        s.flush_operations.to_string(),
                     ]);
                 }
                 t.print("no block devices")
             })
         }
         BlockCommand::Nodes => {
-            let v = ctx
-                .call("query-named-block-nodes", &json!({"flat": true}))
-                .await?;
+            let (v, nodes) = ctx.query(&QueryNamedBlockNodes { flat: Some(true) }).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["NODE", "DRIVER", "SIZE", "RO", "BACKING", "FILE"]);
-                for n in v.as_array().into_iter().flatten() {
+                for n in &nodes {
                     t.row(vec![
-                        cell(&n["node-name"]),
-                        cell(&n["drv"]),
-                        size_cell(&n["image"]["virtual-size"]),
-                        cell(&n["ro"]),
-                        cell(&n["backing_file"]),
-                        cell(&n["file"]),
+                        text(&n.node_name),
+                        n.drv.clone(),
+                        size(n.image.virtual_size),
+                        n.ro.to_string(),
+                        text(&n.backing_file),
+                        n.file.clone(),
                     ]);
                 }
                 t.print("no named block nodes")
@@ -190,16 +202,16 @@ pub async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             )
         }
         BlockCommand::Jobs => {
-            let v = ctx.call("query-jobs", &()).await?;
+            let (v, jobs) = ctx.query(&QueryJobs).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["ID", "TYPE", "STATUS", "PROGRESS", "ERROR"]);
-                for j in v.as_array().into_iter().flatten() {
+                for j in &jobs {
                     t.row(vec![
-                        cell(&j["id"]),
-                        cell(&j["type"]),
-                        cell(&j["status"]),
-                        format!("{}/{}", cell(&j["current-progress"]), cell(&j["total-progress"])),
-                        cell(&j["error"]),
+                        j.id.clone(),
+                        j.r#type.as_str().to_owned(),
+                        j.status.as_str().to_owned(),
+                        format!("{}/{}", j.current_progress, j.total_progress),
+                        text(&j.error),
                     ]);
                 }
                 t.print("no jobs")
@@ -274,15 +286,15 @@ pub async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
             done(ctx, json!({"export": name}), &format!("removed export {name:?}"))
         }
         NbdCommand::List => {
-            let v = ctx.call("query-block-exports", &()).await?;
+            let (v, exports) = ctx.query(&QueryBlockExports).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["ID", "TYPE", "NODE", "SHUTTING DOWN"]);
-                for e in v.as_array().into_iter().flatten() {
+                for e in &exports {
                     t.row(vec![
-                        cell(&e["id"]),
-                        cell(&e["type"]),
-                        cell(&e["node-name"]),
-                        cell(&e["shutting-down"]),
+                        e.id.clone(),
+                        e.r#type.as_str().to_owned(),
+                        e.node_name.clone(),
+                        e.shutting_down.to_string(),
                     ]);
                 }
                 t.print("no exports")

@@ -8,7 +8,8 @@ use super::{done, emit};
 use crate::cli::*;
 use crate::conn::Ctx;
 use crate::ops::{self, UNPLUG_WAIT};
-use crate::out::{cell, Table};
+use crate::out::Table;
+use qmpkit::qapi::commands::QueryChardev;
 
 pub async fn device(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
     match command {
@@ -82,14 +83,14 @@ pub async fn chardev(ctx: &Ctx, command: ChardevCommand) -> anyhow::Result<()> {
             done(ctx, json!({"id": id}), &format!("removed chardev {id}"))
         }
         ChardevCommand::List => {
-            let v = ctx.call("query-chardev", &()).await?;
+            let (v, chardevs) = ctx.query(&QueryChardev).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["ID", "OPEN", "BACKEND"]);
-                for c in v.as_array().into_iter().flatten() {
+                for c in &chardevs {
                     t.row(vec![
-                        cell(&c["label"]),
-                        cell(&c["frontend-open"]),
-                        cell(&c["filename"]),
+                        c.label.clone(),
+                        c.frontend_open.to_string(),
+                        c.filename.clone(),
                     ]);
                 }
                 t.print("no chardevs")

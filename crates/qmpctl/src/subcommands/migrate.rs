@@ -2,6 +2,9 @@
 
 use std::path::Path;
 
+use qmpkit::qapi::commands::QueryMigrate;
+use qmpkit::qapi::types::MigrationInfo;
+use serde::Deserialize as _;
 use serde_json::{json, Value};
 
 use super::{done, emit};
@@ -80,13 +83,13 @@ pub async fn migrate(ctx: &Ctx, command: MigrateCommand) -> anyhow::Result<()> {
             )
         }
         MigrateCommand::Status => {
-            let v = ctx.call("query-migrate", &()).await?;
+            let (v, info) = ctx.query(&QueryMigrate).await?;
             emit(ctx, &v, || {
-                outln!("status: {}", v["status"].as_str().unwrap_or("none"))?;
-                if v["ram"].is_object() {
-                    outln!("{}", migration_summary(&v))?;
+                outln!("status: {}", info.status.map_or("none", |s| s.as_str()))?;
+                if info.ram.is_some() {
+                    outln!("{}", summary_of(&info))?;
                 }
-                if let Some(e) = v["error-desc"].as_str() {
+                if let Some(e) = &info.error_desc {
                     outln!("error: {e}")?;
                 }
                 Ok(())
@@ -99,18 +102,29 @@ pub async fn migrate(ctx: &Ctx, command: MigrateCommand) -> anyhow::Result<()> {
     }
 }
 
-/// One line of migration figures.
+/// One line of migration figures, from `query-migrate`'s answer.
 pub fn migration_summary(info: &Value) -> String {
-    let ram = &info["ram"];
+    match MigrationInfo::deserialize(info) {
+        Ok(info) => summary_of(&info),
+        Err(e) => format!("(QEMU's migration figures do not match its schema: {e})"),
+    }
+}
+
+fn summary_of(info: &MigrationInfo) -> String {
+    let (sent, total) = info
+        .ram
+        .as_ref()
+        .map(|r| (r.transferred, r.total))
+        .unwrap_or_default();
     let mut parts = vec![format!(
         "{} of {} RAM sent",
-        bytes(ram["transferred"].as_u64().unwrap_or(0)),
-        bytes(ram["total"].as_u64().unwrap_or(0))
+        bytes(sent.max(0) as u64),
+        bytes(total.max(0) as u64)
     )];
-    if let Some(t) = info["total-time"].as_u64() {
+    if let Some(t) = info.total_time {
         parts.push(format!("in {t} ms"));
     }
-    if let Some(d) = info["downtime"].as_u64() {
+    if let Some(d) = info.downtime {
         parts.push(format!("downtime {d} ms"));
     }
     parts.join(", ")

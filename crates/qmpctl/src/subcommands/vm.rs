@@ -13,10 +13,18 @@ use crate::ops;
 use crate::out::{self, bytes, cell, parse_size, size_cell, Table};
 use crate::outln;
 use crate::progress::Progress;
+use qmpkit::qapi::commands::{
+    QueryBalloon, QueryCpusFast, QueryHotpluggableCpus, QueryMemorySizeSummary, QueryStatus,
+};
+
+/// An optional number for a table cell (`-` when absent).
+fn opt(n: Option<i64>) -> String {
+    n.map(|n| n.to_string()).unwrap_or_else(|| "-".into())
+}
 
 pub async fn status(ctx: &Ctx) -> anyhow::Result<()> {
-    let v = ctx.call("query-status", &()).await?;
-    emit(ctx, &v, || outln!("{}", cell(&v["status"])))
+    let (v, info) = ctx.query(&QueryStatus).await?;
+    emit(ctx, &v, || outln!("{}", info.status.as_str()))
 }
 
 pub async fn lifecycle(ctx: &Ctx, command: &str) -> anyhow::Result<()> {
@@ -31,14 +39,14 @@ pub async fn lifecycle(ctx: &Ctx, command: &str) -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    let after = ctx.call("query-status", &()).await?;
+    let (after, info) = ctx.query(&QueryStatus).await?;
+    let status = info.status.as_str();
     let line = match command {
-        "system_powerdown" => format!(
-            "power button pressed (the guest decides what to do); status: {}",
-            cell(&after["status"])
-        ),
-        "system_reset" => format!("reset; status: {}", cell(&after["status"])),
-        _ => cell(&after["status"]),
+        "system_powerdown" => {
+            format!("power button pressed (the guest decides what to do); status: {status}")
+        }
+        "system_reset" => format!("reset; status: {status}"),
+        _ => status.to_owned(),
     };
     done(ctx, after, &line)
 }
@@ -56,34 +64,39 @@ pub async fn quit(ctx: &Ctx) -> anyhow::Result<()> {
 
 pub async fn cpus(ctx: &Ctx, a: CpusArgs) -> anyhow::Result<()> {
     if a.hotpluggable {
-        let v = ctx.call("query-hotpluggable-cpus", &()).await?;
+        let (v, slots) = ctx.query(&QueryHotpluggableCpus).await?;
         return emit(ctx, &v, || {
             let mut t = Table::new(&["TYPE", "VCPUS", "SOCKET", "CORE", "THREAD", "PLUGGED AS"]);
-            for c in v.as_array().into_iter().flatten() {
-                let p = &c["props"];
+            for c in &slots {
+                let p = &c.props;
                 t.row(vec![
-                    cell(&c["type"]),
-                    cell(&c["vcpus-count"]),
-                    cell(&p["socket-id"]),
-                    cell(&p["core-id"]),
-                    cell(&p["thread-id"]),
-                    c["qom-path"].as_str().unwrap_or("(free)").to_owned(),
+                    c.r#type.clone(),
+                    c.vcpus_count.to_string(),
+                    opt(p.socket_id),
+                    opt(p.core_id),
+                    opt(p.thread_id),
+                    c.qom_path.clone().unwrap_or_else(|| "(free)".into()),
                 ]);
             }
             t.print("no hotpluggable CPUs")
         });
     }
-    let v = ctx.call("query-cpus-fast", &()).await?;
+    let (v, cpus) = ctx.query(&QueryCpusFast).await?;
     emit(ctx, &v, || {
         let mut t = Table::new(&["CPU", "THREAD", "SOCKET", "CORE", "ARCH", "QOM PATH"]);
-        for c in v.as_array().into_iter().flatten() {
+        for c in &cpus {
+            let props = c.props.as_ref();
             t.row(vec![
-                cell(&c["cpu-index"]),
-                cell(&c["thread-id"]),
-                cell(&c["props"]["socket-id"]),
-                cell(&c["props"]["core-id"]),
-                cell(&c["target"]),
-                cell(&c["qom-path"]),
+                c.cpu_index.to_string(),
+                c.thread_id.to_string(),
+                opt(props.and_then(|p| p.socket_id)),
+                opt(props.and_then(|p| p.core_id)),
+                // The target is the tag of the branch type: serialized, it is that one member.
+                serde_json::to_value(&c.branch)
+                    .ok()
+                    .and_then(|b| b.get("target").and_then(|t| t.as_str()).map(str::to_owned))
+                    .unwrap_or_else(|| "-".into()),
+                c.qom_path.clone(),
             ]);
         }
         t.print("no CPUs")
@@ -93,17 +106,16 @@ pub async fn cpus(ctx: &Ctx, a: CpusArgs) -> anyhow::Result<()> {
 pub async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result<()> {
     match command {
         None | Some(MemoryCommand::Size) => {
-            let v = ctx.call("query-memory-size-summary", &()).await?;
+            let (v, info) = ctx.query(&QueryMemorySizeSummary).await?;
             emit(ctx, &v, || {
-                outln!("base memory:    {}", size_cell(&v["base-memory"]))?;
-                let plugged = v["plugged-memory"].as_u64().unwrap_or(0);
-                outln!("plugged memory: {}", bytes(plugged))
+                outln!("base memory:    {}", bytes(info.base_memory))?;
+                outln!("plugged memory: {}", bytes(info.plugged_memory.unwrap_or(0)))
             })
         }
         Some(MemoryCommand::Balloon { size: None }) => {
-            let v = ctx.call("query-balloon", &()).await?;
+            let (v, info) = ctx.query(&QueryBalloon).await?;
             emit(ctx, &v, || {
-                outln!("balloon: guest has {}", size_cell(&v["actual"]))
+                outln!("balloon: guest has {}", bytes(info.actual.max(0) as u64))
             })
         }
         Some(MemoryCommand::Balloon { size: Some(size) }) => {
@@ -123,6 +135,8 @@ pub async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result
             )
         }
         Some(MemoryCommand::Devices) => {
+            // A union of six device kinds whose tables share a few members:
+            // read as JSON.
             let v = ctx.call("query-memory-devices", &()).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["TYPE", "ID", "SIZE", "MEMDEV", "SLOT", "HOTPLUGGED"]);
