@@ -15,6 +15,9 @@ Exit codes:
   5    timeout
   130  interrupted (Ctrl-C or SIGTERM)
 
+With --json, an error is one JSON object on stderr:
+  {\"error\": {\"kind\", \"message\", \"class\", \"exit_code\"}}
+
 Try it without a VM: `qmpctl --launch shell`, or the guided tour: `qmpctl tour`.";
 
 /// A command-line tool for the QEMU Machine Protocol (QMP).
@@ -505,7 +508,8 @@ pub enum MigrateCommand {
 pub struct ExecArgs {
     /// The QMP command.
     pub name: String,
-    /// Its arguments: a JSON object, `-` to read it from stdin, or key=value pairs.
+    /// Its arguments: a JSON object, `-` to read it from stdin, or key=value pairs
+    /// (typed from QEMU's schema; a.b=c nests, a.0=x makes a list, key:=JSON is verbatim).
     pub args: Vec<String>,
 }
 
