@@ -114,11 +114,6 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
-    /// The resource is in use and cannot be removed or changed now (for
-    /// example a block node still attached to a device or a job).
-    #[error("{0} (in use)")]
-    InUse(QmpError),
-
     /// The requested console (chardev) does not exist (the Go package's
     /// `ErrMonitorBadConsole`).
     #[error("requested console {0:?} couldn't be found")]
@@ -145,6 +140,19 @@ pub enum Error {
         event: String,
         /// How many events were dropped.
         count: u64,
+    },
+
+    /// The guest refused to let a device go: its ACPI `_OST` answer to the
+    /// eject request (QEMU's `ACPI_DEVICE_OST` event) carried a failure
+    /// status. The device stays; nothing is pending any more.
+    #[error("the guest refused to unplug {device}: {} (ACPI _OST status {status:#x})", ost_status_meaning(*status))]
+    UnplugRefused {
+        /// The device's id or QOM path, as the caller gave it.
+        device: String,
+        /// The guest's `_OST` status code (`0x80` not supported, `0x81`
+        /// in use, `0x82` busy, `0x83` a dependent device busy, `0x01`
+        /// another failure).
+        status: u64,
     },
 
     /// A migration ended in a final state other than the one waited for.
@@ -175,7 +183,7 @@ impl Error {
     /// The QEMU error reply, if this is one.
     pub fn as_qmp(&self) -> Option<&QmpError> {
         match self {
-            Error::Qmp(e) | Error::InUse(e) => Some(e),
+            Error::Qmp(e) => Some(e),
             _ => None,
         }
     }
@@ -207,14 +215,27 @@ impl Error {
         matches!(self, Error::EventsMissed { .. })
     }
 
-    /// True when the resource is in use (see [`Error::InUse`]).
+    /// True when a migration waited for was cancelled (an
+    /// [`Error::MigrationFailed`] whose status is `cancelled`).
+    pub fn is_migration_cancelled(&self) -> bool {
+        matches!(self, Error::MigrationFailed { status, .. } if status == "cancelled")
+    }
+
+    /// True when the guest refused an unplug (see [`Error::UnplugRefused`]).
+    pub fn is_unplug_refused(&self) -> bool {
+        matches!(self, Error::UnplugRefused { .. })
+    }
+
+    /// True when QEMU refused because the thing is in use or busy (by a
+    /// device, a job, another object); see [`QmpError::is_in_use`]. Holds
+    /// for the errors of every call, typed or raw.
     pub fn is_in_use(&self) -> bool {
-        matches!(self, Error::InUse(_))
+        self.as_qmp().is_some_and(QmpError::is_in_use)
     }
 
     /// True for a QEMU error reply (the connection is fine).
     pub fn is_qmp(&self) -> bool {
-        matches!(self, Error::Qmp(_) | Error::InUse(_))
+        matches!(self, Error::Qmp(_))
     }
 
     pub(crate) fn disconnected(reason: impl Into<Arc<str>>) -> Self {
@@ -237,19 +258,6 @@ impl Error {
     }
 }
 
-impl Error {
-    /// Recognises QEMU's "in use" replies (a `GenericError` saying a node,
-    /// object or chardev is in use or busy) as [`Error::InUse`]; every other
-    /// error is returned unchanged. Operations that remove or replace things
-    /// pass their errors through this.
-    pub fn classify_in_use(self) -> Error {
-        match self {
-            Error::Qmp(q) if q.is_in_use() => Error::InUse(q),
-            other => other,
-        }
-    }
-}
-
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(Arc::new(e))
@@ -259,6 +267,7 @@ impl From<io::Error> for Error {
 /// An error reply from QEMU: `{"error": {"class": ..., "desc": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{command}: {desc} ({class})")]
+#[non_exhaustive]
 pub struct QmpError {
     /// The command that failed.
     pub command: String,
@@ -269,6 +278,16 @@ pub struct QmpError {
 }
 
 impl QmpError {
+    /// An error reply, as QEMU would give it (for tests of code that
+    /// handles them).
+    pub fn new(command: impl Into<String>, class: ErrorClass, desc: impl Into<String>) -> Self {
+        QmpError {
+            command: command.into(),
+            class,
+            desc: desc.into(),
+        }
+    }
+
     /// True when QEMU refused because the thing is in use (by a device, a
     /// job, another object): a `GenericError` whose fixed phrasing says so,
     /// such as "Node 'x' is busy: block device is in use by ..." or
@@ -302,6 +321,7 @@ impl QmpError {
 
 /// QEMU's error classes. Classes QEMU may add later are kept in [`ErrorClass::Other`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorClass {
     /// The catch-all class for most errors.
     GenericError,
@@ -349,6 +369,22 @@ impl fmt::Display for ErrorClass {
     }
 }
 
+/// What an ACPI `_OST` status code of an eject request means (ACPI 6.5,
+/// section 6.3.5, "_OST (OSPM Status Indication)").
+fn ost_status_meaning(status: u64) -> &'static str {
+    match status {
+        0x00 => "success",
+        0x01 => "non-specific failure",
+        0x02 => "unrecognized notify code",
+        0x80 => "device ejection not supported by OSPM",
+        0x81 => "device in use by an application",
+        0x82 => "device busy",
+        0x83 => "ejection dependency is busy or not supported",
+        0x84 => "ejection in progress",
+        _ => "unknown failure status",
+    }
+}
+
 fn fmt_duration(d: Duration) -> String {
     if d.as_secs() > 0 && d.subsec_millis() == 0 {
         format!("{} s", d.as_secs())
@@ -378,17 +414,33 @@ mod tests {
             "Node 'top' is busy: block device is in use by block job: commit",
         );
         assert!(busy.is_in_use() && !busy.is_not_found());
-        assert!(Error::Qmp(busy).classify_in_use().is_in_use());
+        assert!(Error::Qmp(busy).is_in_use());
         assert!(e("GenericError", "object 'mem1' is in use, can not be deleted").is_in_use());
         assert!(!e("DeviceNotFound", "is in use").is_in_use());
-        assert!(!Error::Qmp(e("GenericError", "Failed to find node"))
-            .classify_in_use()
-            .is_in_use());
+        assert!(!Error::Qmp(e("GenericError", "Failed to find node")).is_in_use());
         assert_eq!(
             ErrorClass::from_name("NewClass"),
             ErrorClass::Other("NewClass".into())
         );
         assert_eq!(ErrorClass::from_name("KVMMissingCap").as_str(), "KVMMissingCap");
+    }
+
+    #[test]
+    fn a_refused_unplug_names_the_guests_reason() {
+        let e = Error::UnplugRefused {
+            device: "cpu2".into(),
+            status: 0x80,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the guest refused to unplug cpu2: device ejection not supported by OSPM (ACPI _OST status 0x80)"
+        );
+        assert!(e.is_unplug_refused() && !e.is_qmp() && !e.is_timeout());
+        let busy = Error::UnplugRefused {
+            device: "dimm1".into(),
+            status: 0x82,
+        };
+        assert!(busy.to_string().contains("device busy"), "{busy}");
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub enum KnownEvent {
 
 /// Which block-job event a [`KnownEvent::BlockJob`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockJobEvent {
     /// `BLOCK_JOB_COMPLETED`
     Completed,

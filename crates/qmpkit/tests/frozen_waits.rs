@@ -330,6 +330,32 @@ async fn block_job_cancel_on_a_frozen_qemu_ends_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_cancel_on_a_frozen_source_ends_at_its_deadline() {
+    let src = vm().await;
+    let c = src.client();
+    within(120, async {
+        // The destination: a socket nobody reads, so the migration stays active.
+        let (a, _peer) = UnixStream::pair().unwrap();
+        getfd(c, "mig", a.into()).await;
+        c.migrate("mig").await.unwrap();
+        c.migrate_wait("active", LONG).await.unwrap();
+
+        let frozen = Frozen::new(&src);
+        let start = Instant::now();
+        let result = c.migrate_cancel(BUDGET).await;
+        let elapsed = start.elapsed();
+        frozen.thaw();
+        assert_bounded("migrate_cancel", &result, elapsed, BUDGET, Duration::ZERO);
+
+        // Thawed: the cancel (sent, or sent again) ends the migration.
+        let after = c.migrate_cancel(LONG).await.unwrap();
+        assert_eq!(after.status, "cancelled", "{after:?}");
+        assert_eq!(run_state(c).await, "prelaunch");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_device_and_wait_on_a_frozen_qemu_ends_at_its_deadline() {
     let vm = vm_with(|b| b.args(["-device", "qemu-xhci,id=xhci"])).await;
     let c = vm.client();

@@ -22,14 +22,15 @@ use std::time::Duration;
 
 use common::{eventually, vm_with, within};
 use qmpkit::commands::devices::{DeviceSpec, NetdevSpec, ObjectSpec};
-use qmpkit::commands::vm::{Actions, PanicAction};
+use qmpkit::commands::migration::MigrationTuning;
+use qmpkit::commands::vm::{Actions, PanicAction, RunState};
 use qmpkit::launch::{Qemu, QemuBuilder, INCUS_AGENT_CHARDEV};
 use qmpkit::monitor::constants::{
     EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_RESET, EVENT_VM_SHUTDOWN,
     SHUTDOWN_REASON_GUEST_SHUTDOWN,
 };
 use qmpkit::monitor::{Monitor, MonitorOptions, MonitorRegistry};
-use qmpkit::ErrorClass;
+use qmpkit::{CallOptions, Empty, ErrorClass};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -746,6 +747,102 @@ async fn an_unplug_asked_for_while_the_guest_boots_is_dropped() {
     g.console.wait_online_cpus(1).await;
 }
 
+/// The library's waiting removal on what the test above documents: a CPU
+/// reported gone only by its lapic is removed (the call returns `Ok`: with
+/// a timeout of minutes, nothing else can end it so), and a guest that
+/// refuses a CPU's or a DIMM's eject ends the call with the refusal (the
+/// only path to [`qmpkit::Error::UnplugRefused`] is the guest's `_OST`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_device_and_wait_removes_a_cpu_and_reports_a_refusal_at_once() {
+    let mut g = boot().await;
+    let slots = g.mon.query_hotpluggable_cpus().await.unwrap();
+    let free: Vec<_> = slots.iter().filter(|s| s.qom_path.is_none()).collect();
+    within(10, g.mon.add_device(&free[0].device("cpu1")))
+        .await
+        .unwrap();
+    g.console.wait_online_cpus(2).await;
+
+    unplug_and_wait(&g.mon, "cpu1").await;
+    assert!(!g.qom_has("cpu1").await);
+    assert_eq!(g.mon.query_cpus().await.unwrap().len(), 1);
+    g.console.wait_online_cpus(1).await;
+
+    // Refused: a fresh slot (TCG never reuses a vCPU's context, and more
+    // vCPUs over the VM's life than maxcpus abort QEMU).
+    within(10, g.mon.add_device(&free[1].device("cpu2")))
+        .await
+        .unwrap();
+    g.console.wait_online_cpus(2).await;
+    assert_eq!(g.console.ask("refuse-unplug processor").await, "processor");
+    let err = within(
+        UNPLUG.as_secs() + 10,
+        g.mon.remove_device_and_wait("cpu2", UNPLUG),
+    )
+    .await
+    .unwrap_err();
+    match &err {
+        qmpkit::Error::UnplugRefused { device, status } => {
+            assert_eq!(
+                (device.as_str(), *status),
+                ("cpu2", OST_STATUS_REMOVE_NOT_SUPPORTED)
+            );
+        }
+        other => panic!("expected UnplugRefused, got {other:?}"),
+    }
+    assert!(g.qom_has("cpu2").await);
+    assert_eq!(g.mon.query_cpus().await.unwrap().len(), 2);
+    assert_eq!(g.console.online_cpus().await, 2);
+
+    // A DIMM the guest will not give back.
+    let before = g.console.mem_total_kb().await;
+    let backend = ObjectSpec::new("memory-backend-ram", "mem1").prop("size", DIMM_BYTES);
+    within(10, g.mon.add_object(&backend)).await.unwrap();
+    let dimm = DeviceSpec::new("pc-dimm").id("dimm1").prop("memdev", "mem1");
+    within(10, g.mon.add_device(&dimm)).await.unwrap();
+    g.console
+        .ask_until("meminfo", |a| a.parse::<u64>().ok() == Some(before + DIMM_KB))
+        .await;
+    assert_eq!(g.console.ask("refuse-unplug memory").await, "memory");
+    let err = within(
+        UNPLUG.as_secs() + 10,
+        g.mon.remove_device_and_wait("dimm1", UNPLUG),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, qmpkit::Error::UnplugRefused { device, .. } if device == "dimm1"),
+        "{err:?}"
+    );
+    assert!(g.qom_has("dimm1").await);
+    assert_eq!(g.console.mem_total_kb().await, before + DIMM_KB);
+}
+
+/// The library's waiting removal, asked for while the guest boots: QEMU
+/// drops the first request (see the test above), the call sends it again
+/// until the booted guest lets the NIC go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_device_and_wait_during_boot_succeeds_by_asking_again() {
+    let mut g = launch(&[
+        "-netdev",
+        "user,id=net0",
+        "-device",
+        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
+    ])
+    .await;
+    g.start().await;
+    // BOOT_SECS: the call has to outlast the boot.
+    within(
+        BOOT_SECS + 10,
+        g.mon
+            .remove_device_and_wait("nic0", Duration::from_secs(BOOT_SECS)),
+    )
+    .await
+    .expect("the NIC's unplug, asked for during boot");
+    assert!(!g.qom_has("nic0").await);
+    g.ready().await;
+    assert_eq!(g.console.ask("net").await, "lo");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hotplugged_memory_reaches_memtotal_and_a_refused_unplug_keeps_it() {
     let mut g = boot().await;
@@ -805,6 +902,232 @@ async fn dirty_rate(mon: &Monitor) -> i64 {
         (r["status"] == "measured").then(|| r["dirty-rate"].as_i64().unwrap_or(0))
     })
     .await
+}
+
+// ------------------------------------------------------------ migration
+
+/// How long a migration of the guest may take, start to end.
+const MIGRATION: Duration = Duration::from_secs(300);
+/// A bandwidth the dirtying guest outruns (its `dirty` loop rewrites 32 MiB
+/// again and again), in bytes per second.
+const TIGHT_BANDWIDTH: u64 = 8 << 20;
+
+/// Passes one end of a socket pair to QEMU as `mig` (`getfd`).
+async fn give_migration_fd(mon: &Monitor, fd: std::os::fd::OwnedFd) {
+    within(
+        10,
+        mon.call_with::<_, Empty>("getfd", &json!({"fdname": "mig"}), CallOptions::new().fds([fd])),
+    )
+    .await
+    .unwrap();
+}
+
+/// Starts the guest's `dirty` loop and returns its pid.
+async fn start_dirtying(g: &mut Guest) -> u32 {
+    let pid = g.console.ask("dirty").await;
+    pid.parse().unwrap_or_else(|_| panic!("dirty answered {pid:?}"))
+}
+
+/// Waits until the source has synced the dirty bitmap `rounds` times with
+/// a dirty rate above zero, and returns the state then.
+async fn dirty_rounds(mon: &Monitor, rounds: u64) -> qmpkit::commands::migration::MigrationStatus {
+    eventually(MIGRATION.as_secs(), || async move {
+        let st = mon.query_migrate().await.unwrap();
+        assert!(
+            ["setup", "active"].contains(&st.status.as_str()),
+            "the migration ended early: {st:?}"
+        );
+        (st.ram.dirty_sync_count >= rounds && st.ram.dirty_pages_rate > 0).then_some(st)
+    })
+    .await
+}
+
+/// A guest that keeps dirtying memory: at a tight bandwidth and downtime
+/// limit its migration makes progress yet does not converge, however hard
+/// auto-converge throttles it; given the bandwidth, it completes. The guest
+/// then runs on the target, dirty loop and all, and the target's monitor,
+/// told of the agent the source saw, reports it and hears its next STOPPED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dirtying_guest_migrates_once_tuned_and_keeps_its_agent_state() {
+    let mut src = boot().await;
+    src.agent_up().await;
+    let mut dst = launch(&["-incoming", "defer"]).await;
+    let dirty = start_dirtying(&mut src).await;
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    give_migration_fd(&src.mon, a.into()).await;
+    give_migration_fd(&dst.mon, b.into()).await;
+
+    within(10, src.mon.migrate_set_auto_converge(true)).await.unwrap();
+    let tight = MigrationTuning::new()
+        .max_bandwidth(TIGHT_BANDWIDTH)
+        .downtime_limit(Duration::from_millis(1))
+        .cpu_throttle(20, 10)
+        // Throttle as soon as the guest dirties anything much: how fast it
+        // dirties under TCG on a busy machine is not known in advance.
+        .throttle_trigger_threshold(1);
+    within(10, src.mon.migrate_tune(&tight)).await.unwrap();
+    let params = src.mon.query_migrate_parameters().await.unwrap();
+    assert_eq!(
+        (
+            params.max_bandwidth,
+            params.downtime_limit,
+            params.cpu_throttle_initial,
+            params.cpu_throttle_increment,
+            params.throttle_trigger_threshold
+        ),
+        (Some(TIGHT_BANDWIDTH), Some(1), Some(20), Some(10), Some(1))
+    );
+
+    let target = dst.mon.clone();
+    let incoming = tokio::spawn(async move { target.migrate_incoming("mig", MIGRATION).await });
+    within(10, src.mon.migrate("mig")).await.unwrap();
+
+    // Progress without convergence: round after round of dirty pages,
+    // more sent each time, auto-converge throttling, still not done.
+    let early = dirty_rounds(&src.mon, 2).await;
+    let later = dirty_rounds(&src.mon, early.ram.dirty_sync_count + 2).await;
+    assert!(
+        later.ram.transferred > early.ram.transferred,
+        "{early:?}\n{later:?}"
+    );
+    assert!(later.cpu_throttle_percentage > 0, "auto-converge: {later:?}");
+    assert_eq!(later.status, "active");
+
+    // Given the bandwidth (and a downtime TCG can meet), it completes.
+    let generous = MigrationTuning::new()
+        .max_bandwidth(1 << 30)
+        .downtime_limit(Duration::from_secs(2));
+    within(10, src.mon.migrate_tune(&generous)).await.unwrap();
+    within(
+        MIGRATION.as_secs() + 10,
+        src.mon.migrate_wait("completed", MIGRATION),
+    )
+    .await
+    .unwrap();
+    within(MIGRATION.as_secs() + 10, incoming)
+        .await
+        .unwrap()
+        .expect("the target received the guest");
+    let done = src.mon.query_migrate().await.unwrap();
+    assert!(done.ram.transferred > later.ram.transferred, "{done:?}");
+
+    // The target (started with -S) holds the guest; it runs once resumed.
+    dst.start().await;
+    dst.events.next("RESUME").await;
+    assert_eq!(dst.mon.status().await.unwrap(), RunState::Running);
+    assert_eq!(dst.console.ask("echo moved").await, "moved");
+    assert_eq!(dst.console.ask(&format!("sh kill -0 {dirty}")).await, "0");
+
+    // The agent: the target never read the STARTED written on the source.
+    assert!(src.mon.agent_started());
+    assert!(!dst.mon.agent_started());
+    dst.mon.set_agent_started(src.mon.agent_started()).unwrap();
+    assert!(dst.mon.agent_started());
+    assert_eq!(dst.console.ask("sh . /etc/guest.sh; agent STOPPED").await, "0");
+    assert!(!within(10, dst.mon.check_agent()).await.unwrap());
+    dst.events.next(EVENT_AGENT_STOPPED).await;
+    assert!(
+        dst.events.all.iter().all(|e| e.name != EVENT_AGENT_STARTED),
+        "{:#?}",
+        dst.events.all
+    );
+}
+
+/// Cancelled mid-flight, a migration ends at once: the source keeps the
+/// guest running, a wait for completion says it was cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_cancel_mid_flight_leaves_the_guest_running_on_the_source() {
+    let mut g = boot().await;
+    let dirty = start_dirtying(&mut g).await;
+    // The destination: a sink that reads whatever comes, until QEMU closes.
+    let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sink = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(std::io::Read::read(&mut peer, &mut buf), Ok(n) if n > 0) {}
+    });
+    give_migration_fd(&g.mon, a.into()).await;
+    within(
+        10,
+        g.mon
+            .migrate_tune(&MigrationTuning::new().max_bandwidth(TIGHT_BANDWIDTH)),
+    )
+    .await
+    .unwrap();
+    within(10, g.mon.migrate("mig")).await.unwrap();
+    let mon = &g.mon;
+    eventually(GUEST_SECS, || async move {
+        let st = mon.query_migrate().await.unwrap();
+        (st.status == "active" && st.ram.transferred > 0).then_some(())
+    })
+    .await;
+    let waiter = {
+        let mon = g.mon.clone();
+        tokio::spawn(async move { mon.migrate_wait("completed", MIGRATION).await })
+    };
+
+    let after = within(GUEST_SECS, g.mon.migrate_cancel(Duration::from_secs(GUEST_SECS)))
+        .await
+        .unwrap();
+    assert_eq!(after.status, "cancelled", "{after:?}");
+    let e = within(GUEST_SECS, waiter).await.unwrap().unwrap_err();
+    assert!(e.is_migration_cancelled(), "{e:?}");
+    assert_eq!(g.mon.query_migrate().await.unwrap().status, "cancelled");
+    assert_eq!(g.mon.status().await.unwrap(), RunState::Running);
+    assert_eq!(g.console.ask("echo still-here").await, "still-here");
+    assert_eq!(g.console.ask(&format!("sh kill -0 {dirty}")).await, "0");
+    // Nothing left to cancel: the last migration's state, unchanged.
+    let again = within(GUEST_SECS, g.mon.migrate_cancel(Duration::from_secs(GUEST_SECS)))
+        .await
+        .unwrap();
+    assert_eq!(again.status, "cancelled");
+    tokio::task::spawn_blocking(move || sink.join().unwrap())
+        .await
+        .unwrap();
+}
+
+/// Post-copy (QEMU 10 on Linux offers it, with userfaultfd on the target):
+/// switched to it, the dirtying guest's migration completes at the tight
+/// pre-copy settings that never converge, and the guest runs on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dirtying_guest_completes_through_postcopy() {
+    let mut src = boot().await;
+    let mut dst = launch(&["-incoming", "defer"]).await;
+    let dirty = start_dirtying(&mut src).await;
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    give_migration_fd(&src.mon, a.into()).await;
+    give_migration_fd(&dst.mon, b.into()).await;
+    within(10, src.mon.migrate_set_postcopy(true)).await.unwrap();
+    within(10, dst.mon.migrate_set_postcopy(true)).await.unwrap();
+    let tight = MigrationTuning::new()
+        .max_bandwidth(TIGHT_BANDWIDTH)
+        .downtime_limit(Duration::from_millis(1));
+    within(10, src.mon.migrate_tune(&tight)).await.unwrap();
+
+    let target = dst.mon.clone();
+    let incoming = tokio::spawn(async move { target.migrate_incoming("mig", MIGRATION).await });
+    within(10, src.mon.migrate("mig")).await.unwrap();
+    dirty_rounds(&src.mon, 2).await;
+    within(10, src.mon.migrate_start_postcopy()).await.unwrap();
+    within(
+        MIGRATION.as_secs() + 10,
+        src.mon.migrate_wait("completed", MIGRATION),
+    )
+    .await
+    .unwrap();
+    within(MIGRATION.as_secs() + 10, incoming)
+        .await
+        .unwrap()
+        .expect("the target received the guest");
+    let done = src.mon.query_migrate().await.unwrap();
+    assert!(done.ram.postcopy_bytes > 0, "{done:?}");
+
+    // Started with -S, the target ran the guest for post-copy only as far
+    // as QEMU's own needs go: it holds it paused until told.
+    assert_eq!(dst.mon.status().await.unwrap(), RunState::Paused);
+    dst.start().await;
+    assert_eq!(dst.mon.status().await.unwrap(), RunState::Running);
+    assert_eq!(dst.console.ask("echo moved").await, "moved");
+    assert_eq!(dst.console.ask(&format!("sh kill -0 {dirty}")).await, "0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,6 +321,65 @@ async fn bad_options_are_typed_errors() {
     mon.disconnect();
 }
 
+/// An agent state carried over from elsewhere (a migration's source, a
+/// daemon's records): the monitor reports it without an AGENT-STARTED, and
+/// the guest's next STOPPED is a transition the handler hears of. A monitor
+/// that watches no agent says so instead of pretending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_state_carried_over_is_reported_and_its_stop_is_seen() {
+    let vm = agent_vm(&["-chardev", "null,id=plain0"]).await;
+    let ctl = control(&vm).await;
+    let registry = MonitorRegistry::new();
+    let (options, mut events) = recording(
+        MonitorOptions::new()
+            .serial_chardev("agent0")
+            .agent_started(true)
+            .agent_poll_interval(Duration::from_secs(3600)),
+    );
+    let mon = within(10, registry.connect(vm.socket("mon"), options))
+        .await
+        .unwrap();
+    assert!(mon.agent_started());
+    guest_writes(&ctl, "STOPPED\n").await;
+    assert!(!within(10, mon.check_agent()).await.unwrap());
+    next_named(&mut events, EVENT_AGENT_STOPPED).await;
+
+    // Told again after connect: the same, without an event for it.
+    mon.set_agent_started(true).unwrap();
+    assert!(mon.agent_started());
+    guest_writes(&ctl, "STOPPED\n").await;
+    assert!(!within(10, mon.check_agent()).await.unwrap());
+    next_named(&mut events, EVENT_AGENT_STOPPED).await;
+    mon.disconnect();
+    within(10, mon.wait()).await;
+    assert!(
+        drain(&mut events).iter().all(|e| e.name() != EVENT_AGENT_STARTED),
+        "no AGENT-STARTED for a state carried over"
+    );
+
+    // No agent watched: no chardev, or one that is no ring buffer.
+    ctl.disconnect();
+    let plain = within(10, registry.connect(vm.socket("ctl"), MonitorOptions::new()))
+        .await
+        .unwrap();
+    let e = plain.set_agent_started(true).unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
+    assert!(!plain.agent_started());
+    plain.disconnect();
+    let wrong = within(
+        10,
+        registry.connect(
+            vm.socket("mon"),
+            MonitorOptions::new().serial_chardev("plain0").agent_started(true),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!wrong.agent_started());
+    assert!(wrong.set_agent_started(true).is_err());
+    assert!(!wrong.agent_started());
+}
+
 /// Incus connects its feature-probe QEMU, which has no agent port, with the
 /// port's chardev name: Go's Connect succeeds, so ours must too, and it
 /// must never claim an agent. A chardev of the wrong kind is treated alike.

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{vm, vm_with, within};
+use qmpkit::commands::migration::MigrationTuning;
 use qmpkit::{CallOptions, Client, Empty, Error};
 use serde_json::{json, Value};
 
@@ -112,8 +113,26 @@ async fn cancel_under_low_bandwidth_ends_the_wait_promptly() {
             let c = c.clone();
             tokio::spawn(async move { c.migrate_wait("completed", LONG).await })
         };
-        c.execute_raw("migrate_cancel", Value::Null).await.unwrap();
+        // Capabilities are fixed while a migration runs; parameters are not.
+        let e = c.migrate_set_auto_converge(true).await.unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        let e = c.migrate_set_postcopy(true).await.unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        c.migrate_tune(&MigrationTuning::new().max_bandwidth(32 << 10))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.query_migrate_parameters().await.unwrap().max_bandwidth,
+            Some(32 << 10)
+        );
+        // Not switched to post-copy: the capability is off.
+        let e = c.migrate_start_postcopy().await.unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+
+        let after = c.migrate_cancel(LONG).await.unwrap();
+        assert_eq!(after.status, "cancelled", "{after:?}");
         let e = within(10, waiter).await.unwrap().unwrap_err();
+        assert!(e.is_migration_cancelled(), "{e:?}");
         match e {
             Error::MigrationFailed { status, .. } => assert_eq!(status, "cancelled"),
             other => panic!("expected MigrationFailed, got {other:?}"),
@@ -138,6 +157,43 @@ async fn bad_migration_requests_fail_with_typed_errors() {
             .await
             .unwrap_err();
         assert!(e.is_timeout(), "{e:?}");
+
+        // Nothing to cancel.
+        assert_eq!(c.migrate_cancel(LONG).await.unwrap().status, "none");
+        // Out of QEMU's range: refused, nothing changed.
+        let before = c.query_migrate_parameters().await.unwrap();
+        let e = c
+            .migrate_tune(
+                &MigrationTuning::new()
+                    .max_bandwidth(1 << 20)
+                    .cpu_throttle(100, 10),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        assert_eq!(c.query_migrate_parameters().await.unwrap(), before);
+        let e = c
+            .migrate_tune(&MigrationTuning::new().downtime_limit(Duration::from_secs(3000)))
+            .await
+            .unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        let e = c
+            .migrate_tune(&MigrationTuning::new().throttle_trigger_threshold(0))
+            .await
+            .unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        assert_eq!(c.query_migrate_parameters().await.unwrap(), before);
+        // Post-copy needs a migration to switch.
+        let e = c.migrate_start_postcopy().await.unwrap_err();
+        assert!(e.is_qmp(), "{e:?}");
+        // Capabilities, typed, read back.
+        c.migrate_set_auto_converge(true).await.unwrap();
+        c.migrate_set_postcopy(true).await.unwrap();
+        let caps: Vec<Value> = c.call("query-migrate-capabilities", &()).await.unwrap();
+        let on = |name: &str| caps.iter().any(|x| x["capability"] == name && x["state"] == true);
+        assert!(on("auto-converge") && on("postcopy-ram"), "{caps:?}");
+        c.migrate_set_auto_converge(false).await.unwrap();
+        c.migrate_set_postcopy(false).await.unwrap();
 
         let e = c.migrate("no-such-fd").await.unwrap_err();
         assert!(e.is_qmp(), "{e:?}");

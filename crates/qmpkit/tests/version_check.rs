@@ -161,6 +161,27 @@ async fn a_server_without_a_schema_is_not_checked() {
     assert!(e.is_disconnected(), "{e:?}");
 }
 
+/// A server that answers every command with the same canned reply (the
+/// floor's benchmark server does) gives no schema either.
+#[tokio::test]
+#[allow(deprecated)] // a command this fake server would never have
+async fn a_canned_answer_to_query_qmp_schema_is_no_schema() {
+    let server = FakeServer::start(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        while let Ok(Some(req)) = conn.recv().await {
+            conn.reply(&req, serde_json::json!({"status": "paused", "running": false}))
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let client = within(10, Client::connect(server.path())).await.unwrap();
+    let status = within(10, client.execute(&c::QueryStatus)).await.unwrap();
+    assert!(!status.running);
+    within(10, client.check(&c::QueryMigrationthreads)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_typed_call_to_a_frozen_server_ends_at_its_budget() {
     // A server that takes the handshake, then never answers: the first

@@ -267,7 +267,7 @@ impl Client {
 
     /// Removes a block node (`blockdev-del`). A node that does not exist
     /// counts as removed; a node still attached to a device, a job or an
-    /// export fails with [`Error::InUse`] (remove the device first).
+    /// export fails with an error for which [`Error::is_in_use`] is true (remove the device first).
     #[doc(alias = "RemoveBlockDevice")]
     pub async fn remove_block_device(&self, node_name: &str) -> Result<()> {
         match self
@@ -276,7 +276,7 @@ impl Client {
         {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e.classify_in_use()),
+            Err(e) => Err(e),
         }
     }
 
@@ -323,8 +323,7 @@ impl Client {
     #[doc(alias = "BlockDevSnapshot")]
     pub async fn block_dev_snapshot(&self, node: &str, overlay: &str) -> Result<()> {
         self.call::<_, Empty>("blockdev-snapshot", &json!({"node": node, "overlay": overlay}))
-            .await
-            .map_err(Error::classify_in_use)?;
+            .await?;
         Ok(())
     }
 
@@ -332,8 +331,7 @@ impl Client {
     #[doc(alias = "UpdateBlockSize")]
     pub async fn update_block_size(&self, node_name: &str, size: u64) -> Result<()> {
         self.call::<_, Empty>("block_resize", &json!({"node-name": node_name, "size": size}))
-            .await
-            .map_err(Error::classify_in_use)?;
+            .await?;
         Ok(())
     }
 
@@ -427,8 +425,7 @@ impl Client {
     #[doc(alias = "RemoveDirtyBitmap")]
     pub async fn remove_dirty_bitmap(&self, node: &str, name: &str) -> Result<()> {
         self.call::<_, Empty>("block-dirty-bitmap-remove", &json!({"node": node, "name": name}))
-            .await
-            .map_err(Error::classify_in_use)?;
+            .await?;
         Ok(())
     }
 }

@@ -99,6 +99,7 @@ fn obj(v: Value) -> Map<String, Value> {
 
 /// What `chardev-add` reports back.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct ChardevAdded {
     /// The path of the pseudo-terminal, for a `pty` backend.
     #[serde(default)]
@@ -107,6 +108,7 @@ pub struct ChardevAdded {
 
 /// A character device (an entry of `query-chardev`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct ChardevInfo {
     /// Its id.
     pub label: String,
@@ -128,6 +130,7 @@ impl ChardevInfo {
 /// A new backend for [`Client::chardev_change`] (the Go package's
 /// `ChardevChangeInfo`).
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ChardevChange {
     /// A connected socket, for example one end of a socket pair. It is
     /// passed to QEMU under `fdname` first ([`Client::send_file`]).
@@ -156,14 +159,13 @@ impl Client {
     }
 
     /// Removes a character device (`chardev-remove`). One still used by a
-    /// device is [`Error::InUse`]; an unknown id is a not-found error.
+    /// device fails with [`Error::is_in_use`] true; an unknown id is a not-found error.
     #[doc(alias = "RemoveCharDevice")]
     #[doc(alias = "chardev-remove")]
     pub async fn remove_char_device(&self, id: &str) -> Result<()> {
         self.call::<_, Empty>("chardev-remove", &json!({ "id": id }))
             .await
             .map(drop)
-            .map_err(Error::classify_in_use)
     }
 
     /// The character devices (`query-chardev`).

@@ -24,6 +24,7 @@ use crate::error::Result;
 /// machine uses, so each is optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub struct CpuInstanceProperties {
     /// NUMA node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,6 +58,7 @@ pub struct CpuInstanceProperties {
 /// A running vCPU (an entry of `query-cpus-fast`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub struct Cpu {
     /// QEMU's index of the vCPU.
     #[serde(default)]
@@ -79,6 +81,7 @@ pub struct Cpu {
 /// `qom_path` is set, free otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub struct HotpluggableCpu {
     /// The device type to `device_add` into this slot.
     #[serde(rename = "type")]
@@ -109,6 +112,7 @@ impl HotpluggableCpu {
 
 /// A CPU model with its properties, as `query-cpu-model-expansion` expands it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct CpuModel {
     /// The model's name.
     pub name: String,

@@ -22,7 +22,9 @@
 //! removed. Incus calls them on clean-up paths and checks for itself
 //! afterwards. [`Client::remove_device_and_wait`] and
 //! [`Client::remove_nic_and_wait`] also wait, within a deadline, until the
-//! device is gone.
+//! device is gone, reading QEMU 10's events as they really come (a CPU's
+//! unplug reported only by its `lapic`, a guest's refusal in an
+//! `ACPI_DEVICE_OST`, a request a booting guest never saw, sent again).
 //!
 //! # Unplugging without a guest
 //!
@@ -190,6 +192,7 @@ impl ObjectSpec {
 
 /// One PCI bus and the devices on it (an entry of `query-pci`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciBus {
     /// The bus number.
     #[serde(default)]
@@ -201,6 +204,7 @@ pub struct PciBus {
 
 /// A PCI device.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciDevice {
     /// The device's id (empty for devices the machine created itself).
     #[serde(rename = "qdev_id", default)]
@@ -224,6 +228,7 @@ pub struct PciDevice {
 
 /// A PCI device's class.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciClassInfo {
     /// The class code.
     #[serde(default)]
@@ -235,6 +240,7 @@ pub struct PciClassInfo {
 
 /// The bus behind a PCI bridge.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PciBridge {
     /// The devices behind the bridge. QEMU lists them only once the firmware
     /// has numbered the bridge's secondary bus (after the guest started).
@@ -261,11 +267,86 @@ fn gone_by_go_rule(e: &Error) -> bool {
     e.as_qmp().is_some_and(|q| q.desc.contains("not found"))
 }
 
-/// True when a `DEVICE_DELETED` event's data names the device `id` (by id
-/// or by QOM path).
-fn names_device(data: &Value, id: &str) -> bool {
-    data.get("device").and_then(Value::as_str) == Some(id)
-        || data.get("path").and_then(Value::as_str) == Some(id)
+/// The QOM path of the device `id` (an id, or already a QOM path).
+fn qom_path_of(id: &str) -> String {
+    if id.starts_with('/') {
+        id.to_owned()
+    } else {
+        format!("/machine/peripheral/{id}")
+    }
+}
+
+/// How often [`Client::remove_device_and_wait`] asks again while the guest
+/// has not shown that it got the request (see there).
+pub const UNPLUG_RESEND_INTERVAL: Duration = Duration::from_millis(1500);
+
+/// `ACPI_DEVICE_OST` sources that answer an eject request: the eject
+/// request notification itself (3) and the `_EJ0` processing (0x103).
+const OST_SOURCES_OF_AN_EJECT: [u64; 2] = [0x03, 0x103];
+/// `_OST` statuses that do not end an eject: success (QEMU's
+/// `DEVICE_DELETED` is what says it is done) and "ejection in progress".
+const OST_STATUS_SUCCESS: u64 = 0x00;
+const OST_STATUS_EJECT_IN_PROGRESS: u64 = 0x84;
+
+/// What one event says about the removal of one device.
+#[derive(Debug, PartialEq, Eq)]
+enum UnplugNews {
+    /// `DEVICE_DELETED` for the device itself: it is gone.
+    Deleted,
+    /// `DEVICE_DELETED` for a child of the device (QEMU 10 reports a CPU's
+    /// unplug only as its `lapic`'s): ask QOM whether the device is gone.
+    ChildDeleted,
+    /// The guest answered the eject request with a failure status.
+    Refused(u64),
+    /// The guest has the request (it is ejecting, or says it has).
+    Acknowledged,
+    /// Nothing about this device.
+    Unrelated,
+}
+
+/// Reads one event for news of the removal of device `id` (QOM path `path`).
+fn unplug_news(name: &str, data: &Value, id: &str, path: &str) -> UnplugNews {
+    match name {
+        "DEVICE_DELETED" => {
+            let device = data.get("device").and_then(Value::as_str);
+            let event_path = data.get("path").and_then(Value::as_str).unwrap_or("");
+            if device == Some(id) || event_path == path {
+                UnplugNews::Deleted
+            } else if event_path
+                .strip_prefix(path)
+                .is_some_and(|rest| rest.starts_with('/'))
+            {
+                UnplugNews::ChildDeleted
+            } else {
+                UnplugNews::Unrelated
+            }
+        }
+        "ACPI_DEVICE_OST" => {
+            let info = data.get("info").unwrap_or(&Value::Null);
+            let device = info.get("device").and_then(Value::as_str);
+            // QEMU names the device by id, or by QOM path when it has none.
+            if device != Some(id) && device != Some(path) {
+                return UnplugNews::Unrelated;
+            }
+            let source = info.get("source").and_then(Value::as_u64);
+            let status = info.get("status").and_then(Value::as_u64);
+            match (source, status) {
+                (Some(src), Some(st)) if OST_SOURCES_OF_AN_EJECT.contains(&src) => match st {
+                    OST_STATUS_SUCCESS | OST_STATUS_EJECT_IN_PROGRESS => UnplugNews::Acknowledged,
+                    failure => UnplugNews::Refused(failure),
+                },
+                _ => UnplugNews::Unrelated,
+            }
+        }
+        _ => UnplugNews::Unrelated,
+    }
+}
+
+/// QEMU's refusal of a `device_del` because an earlier request for the same
+/// device is still pending (less than 5 s old by the VM's clock, for PCI).
+fn already_unplugging(e: &Error) -> bool {
+    e.as_qmp()
+        .is_some_and(|q| q.desc.contains("already in the process of unplug"))
 }
 
 impl Client {
@@ -273,10 +354,7 @@ impl Client {
     #[doc(alias = "AddDevice")]
     #[doc(alias = "device_add")]
     pub async fn add_device(&self, device: &DeviceSpec) -> Result<()> {
-        self.call::<_, Empty>("device_add", device)
-            .await
-            .map(drop)
-            .map_err(Error::classify_in_use)
+        self.call::<_, Empty>("device_add", device).await.map(drop)
     }
 
     /// Asks QEMU to remove a device (`device_del`) and returns once QEMU
@@ -302,34 +380,120 @@ impl Client {
     }
 
     /// Removes a device and waits, up to `timeout`, until QEMU reports it
-    /// gone (`device_del`, then the `DEVICE_DELETED` event for it).
+    /// gone: sends `device_del`, then follows `DEVICE_DELETED` and the
+    /// guest's `ACPI_DEVICE_OST` answers, as QEMU 10 reports them.
     ///
-    /// `id` is the device's id or QOM path. A device that does not exist is
-    /// QEMU's `DeviceNotFound` error ([`Error::is_not_found`]), so that a
-    /// typo is never mistaken for success; a caller tidying up can treat that
-    /// as done. When the unplug needs the guest's cooperation (see the module
-    /// docs) and the guest does not give it in time, the result is
-    /// [`Error::Timeout`] and the unplug request stays pending in QEMU. The
-    /// call returns at `timeout` also when QEMU does not answer at all.
+    /// `id` is the device's id or QOM path (`P`: `/machine/peripheral/<id>`
+    /// for an id). The device is gone when
+    ///
+    /// - `DEVICE_DELETED` names it (by id or by `P`), or
+    /// - `DEVICE_DELETED` names a child under `P/` and QOM no longer has
+    ///   `P`: QEMU 10 reports a CPU's unplug only with its `P/lapic`, or
+    /// - a request sent again (below) finds no such device.
+    ///
+    /// The guest can refuse: an `ACPI_DEVICE_OST` for the device that
+    /// answers the eject request with a failure status ends the call at once
+    /// with [`Error::UnplugRefused`], whose status says why (not supported,
+    /// in use, busy, ...). Nothing is pending in QEMU then.
+    ///
+    /// QEMU also accepts requests that nothing comes of: an ACPI eject
+    /// notice reaching a guest that is not far enough in its boot to handle
+    /// it is lost. This call therefore sends the request again every
+    /// [`UNPLUG_RESEND_INTERVAL`] until the guest shows that it has it (an
+    /// `_OST` saying the ejection is in progress) or the device is gone.
+    /// QEMU turns a repeated request down with "already in the process of
+    /// unplug" while the previous one is less than 5 s old (by the VM's
+    /// clock); that counts as still pending, also for the first request
+    /// (an unplug someone else asked for is waited for too).
+    ///
+    /// Errors: a device that does not exist at the first request is QEMU's
+    /// `DeviceNotFound` ([`Error::is_not_found`]), so that a typo is never
+    /// mistaken for success; a caller tidying up can treat that as done.
+    /// Any other refusal of `device_del` by QEMU (a bus that cannot
+    /// hot-unplug, a CPU unplug before the guest's ACPI is up) is returned
+    /// as QEMU's error. When the guest neither lets the device go nor
+    /// refuses within `timeout`, the result is [`Error::Timeout`] and the
+    /// unplug request may remain pending in QEMU. `timeout` is one deadline
+    /// for everything, QEMU answering or not.
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use std::time::Duration;
+    /// match client.remove_device_and_wait("cpu1", Duration::from_secs(30)).await {
+    ///     Ok(()) => println!("cpu1 is gone"),
+    ///     Err(e) if e.is_unplug_refused() => println!("the guest keeps it: {e}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn remove_device_and_wait(&self, id: &str, timeout: Duration) -> Result<()> {
         self.remove_device_within(id, &Deadline::after(timeout, "device_del"))
             .await
     }
 
     async fn remove_device_within(&self, id: &str, deadline: &Deadline) -> Result<()> {
-        // Subscribe first: the event may arrive before the reply.
-        let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED"]));
+        let path = qom_path_of(id);
+        // Subscribe first: the events may arrive before the reply.
+        let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED", "ACPI_DEVICE_OST"]));
         let work = async {
-            deadline
+            match deadline
                 .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
-                .await?;
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if already_unplugging(&e) => {}
+                Err(e) => return Err(e),
+            }
+            // Until the guest shows it has the request, it is sent again.
+            let mut acknowledged = false;
+            // A child's DEVICE_DELETED came while QOM still had the device:
+            // look again at each tick.
+            let mut child_gone = false;
+            let mut next_tick = tokio::time::Instant::now() + UNPLUG_RESEND_INTERVAL;
             loop {
-                match events.recv().await {
-                    Some(EventItem::Event(ev)) if names_device(ev.data(), id) => return Ok(()),
-                    Some(EventItem::Event(_)) => {}
-                    // The event may be among those missed: ask QEMU directly.
+                let item = tokio::select! {
+                    item = events.recv() => item,
+                    () = tokio::time::sleep_until(next_tick), if !acknowledged || child_gone => {
+                        next_tick = tokio::time::Instant::now() + UNPLUG_RESEND_INTERVAL;
+                        if child_gone && !self.device_exists(&path, deadline).await? {
+                            return Ok(());
+                        }
+                        if !acknowledged {
+                            match deadline
+                                .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
+                                .await
+                            {
+                                Ok(_) => {}
+                                Err(e) if already_unplugging(&e) => {}
+                                // Gone between two looks.
+                                Err(e) if e.is_not_found() => return Ok(()),
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        continue;
+                    }
+                };
+                match item {
+                    Some(EventItem::Event(ev)) => match unplug_news(ev.name(), ev.data(), id, &path) {
+                        UnplugNews::Deleted => return Ok(()),
+                        UnplugNews::ChildDeleted => {
+                            if !self.device_exists(&path, deadline).await? {
+                                return Ok(());
+                            }
+                            child_gone = true;
+                        }
+                        UnplugNews::Refused(status) => {
+                            return Err(Error::UnplugRefused {
+                                device: id.to_owned(),
+                                status,
+                            })
+                        }
+                        UnplugNews::Acknowledged => acknowledged = true,
+                        UnplugNews::Unrelated => {}
+                    },
+                    // The news may be among those missed: ask QEMU directly.
                     Some(EventItem::Missed(_)) => {
-                        if !self.device_exists(id, deadline).await? {
+                        if !self.device_exists(&path, deadline).await? {
                             return Ok(());
                         }
                     }
@@ -340,13 +504,8 @@ impl Client {
         deadline.bound(work).await
     }
 
-    /// True while QOM has the device `id` (an id or a QOM path).
-    async fn device_exists(&self, id: &str, deadline: &Deadline) -> Result<bool> {
-        let path = if id.starts_with('/') {
-            id.to_owned()
-        } else {
-            format!("/machine/peripheral/{id}")
-        };
+    /// True while QOM has the device at `path`.
+    async fn device_exists(&self, path: &str, deadline: &Deadline) -> Result<bool> {
         match deadline
             .call::<_, Value>(self, "qom-get", &json!({"path": path, "property": "type"}))
             .await
@@ -419,7 +578,7 @@ impl Client {
         {
             Ok(_) => Ok(()),
             Err(e) if gone_by_go_rule(&e) => Ok(()),
-            Err(e) => Err(e.classify_in_use()),
+            Err(e) => Err(e),
         }
     }
 
@@ -449,7 +608,6 @@ impl Client {
             .call::<_, Empty>(self, "netdev_del", &json!({ "id": netdev_id }))
             .await
             .map(drop)
-            .map_err(Error::classify_in_use)
     }
 
     /// Connects or disconnects a NIC's link, as if its cable were plugged
@@ -469,20 +627,16 @@ impl Client {
     #[doc(alias = "AddObject")]
     #[doc(alias = "object-add")]
     pub async fn add_object(&self, object: &ObjectSpec) -> Result<()> {
-        self.call::<_, Empty>("object-add", object)
-            .await
-            .map(drop)
-            .map_err(Error::classify_in_use)
+        self.call::<_, Empty>("object-add", object).await.map(drop)
     }
 
     /// Removes a QOM object (`object-del`). One still used by a device is
-    /// [`Error::InUse`]; one that does not exist is a not-found error.
+    /// an error for which [`Error::is_in_use`] is true; one that does not exist is a not-found error.
     #[doc(alias = "object-del")]
     pub async fn remove_object(&self, id: &str) -> Result<()> {
         self.call::<_, Empty>("object-del", &json!({ "id": id }))
             .await
             .map(drop)
-            .map_err(Error::classify_in_use)
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,
@@ -531,6 +685,44 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unplug_news_follows_qemu_10s_events() {
+        let p = "/machine/peripheral/cpu1";
+        let news = |name: &str, data: Value| unplug_news(name, &data, "cpu1", p);
+        assert_eq!(
+            news("DEVICE_DELETED", json!({"device": "cpu1", "path": p})),
+            UnplugNews::Deleted
+        );
+        assert_eq!(news("DEVICE_DELETED", json!({"path": p})), UnplugNews::Deleted);
+        assert_eq!(
+            news(
+                "DEVICE_DELETED",
+                json!({"path": "/machine/peripheral/cpu1/lapic"})
+            ),
+            UnplugNews::ChildDeleted
+        );
+        // A sibling whose name starts the same is not a child.
+        assert_eq!(
+            news("DEVICE_DELETED", json!({"path": "/machine/peripheral/cpu10"})),
+            UnplugNews::Unrelated
+        );
+        let ost = |device: Value, source: u64, status: u64| {
+            news(
+                "ACPI_DEVICE_OST",
+                json!({"info": {"device": device, "slot": "1", "slot-type": "CPU",
+                                "source": source, "status": status}}),
+            )
+        };
+        assert_eq!(ost(json!("cpu1"), 3, 0x84), UnplugNews::Acknowledged);
+        assert_eq!(ost(json!("cpu1"), 3, 0x80), UnplugNews::Refused(0x80));
+        assert_eq!(ost(json!("cpu1"), 0x103, 0x81), UnplugNews::Refused(0x81));
+        assert_eq!(ost(json!(p), 3, 0x01), UnplugNews::Refused(0x01));
+        // Another device's, and an insertion's (source 1), say nothing.
+        assert_eq!(ost(json!("cpu2"), 3, 0x80), UnplugNews::Unrelated);
+        assert_eq!(ost(json!("cpu1"), 1, 0x80), UnplugNews::Unrelated);
+        assert_eq!(news("RESUME", Value::Null), UnplugNews::Unrelated);
+    }
 
     #[test]
     fn pci_tree_decodes_and_walks() {

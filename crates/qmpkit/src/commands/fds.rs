@@ -27,6 +27,7 @@ use crate::error::{Error, ErrorClass, QmpError, Result};
 
 /// Where `add-fd` put a file: its fd set and QEMU's fd number for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct AddFdInfo {
     /// The fd set's id (open it as `/dev/fdset/ID`).
     #[serde(rename = "fdset-id")]
@@ -37,6 +38,7 @@ pub struct AddFdInfo {
 
 /// An fd set (an entry of `query-fdsets`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct FdsetInfo {
     /// The fd set's id.
     #[serde(rename = "fdset-id")]
@@ -48,6 +50,7 @@ pub struct FdsetInfo {
 
 /// A file in an fd set.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct FdsetFdInfo {
     /// QEMU's fd number.
     pub fd: i64,

@@ -167,7 +167,7 @@ impl Client {
             Err(e) if e.is_timeout() => Err(deadline.expired()),
             Err(e) => {
                 guard.disarm();
-                return Err(e.classify_in_use());
+                return Err(e);
             }
             Ok(_) => watch.wait_end(OnReady::Complete, deadline).await,
         };

@@ -24,6 +24,7 @@ use crate::error::Result;
 /// A memory backend (an entry of `query-memdev`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub struct MemDev {
     /// The backend's id (`pc.ram` for the machine's own RAM).
     #[serde(default)]
@@ -58,6 +59,7 @@ pub struct MemDev {
 /// kind (`dimm`, `nvdimm`, `virtio-mem`, `virtio-pmem`, `sgx-epc`,
 /// `hv-balloon`) and that kind's data.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[non_exhaustive]
 pub struct MemoryDevice {
     /// The kind of device.
     #[serde(rename = "type")]
@@ -79,6 +81,7 @@ impl MemoryDevice {
 
 /// A `pc-dimm` memory device.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
 pub struct PcDimmDevice {
     /// The device's id (empty when it has none).
     #[serde(default)]
@@ -108,6 +111,7 @@ pub struct PcDimmDevice {
 
 /// The machine's memory layout: the `-m SIZE,slots=N,maxmem=MAX` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MemoryConfig {
     /// The base (boot) memory in bytes.
     pub current: u64,

@@ -17,6 +17,20 @@
 //! of it. A wait that times out leaves the migration alone, so it returns at
 //! its deadline, with no clean-up margin.
 //!
+//! # A guest that keeps dirtying memory
+//!
+//! A pre-copy migration sends the RAM, then again what the guest dirtied
+//! meanwhile, round after round, and switches over once the rest fits in
+//! the downtime limit at the bandwidth. A busy guest can outrun it for
+//! ever; [`Client::query_migrate`] shows that as RAM transferred growing,
+//! `dirty_pages_rate` above zero and the sync count rising with no end.
+//! The ways out, all typed here: more bandwidth or a longer downtime limit
+//! ([`Client::migrate_tune`], also mid-flight), auto-converge throttling
+//! the guest's CPUs ([`Client::migrate_set_auto_converge`], before the
+//! migration), switching to post-copy ([`Client::migrate_set_postcopy`] on
+//! both sides before, [`Client::migrate_start_postcopy`] during), or giving
+//! up ([`Client::migrate_cancel`]: the guest stays, running, on the source).
+//!
 //! ```no_run
 //! # async fn f(src: qmpkit::Client) -> qmpkit::Result<()> {
 //! use std::time::Duration;
@@ -146,6 +160,110 @@ pub struct MigrationRamStats {
     pub dirty_sync_missed_zero_copy: u64,
 }
 
+/// The migration settings that decide whether and how fast a migration of
+/// a busy guest converges, for [`Client::migrate_tune`]. Each setting left
+/// out keeps its current value; all of them may change while a migration
+/// runs, and take effect at once.
+///
+/// A pre-copy migration completes when what is still dirty can be sent
+/// within the downtime limit at the migration's bandwidth. A guest that
+/// dirties memory faster than that never gets there: raise the bandwidth
+/// or the downtime limit, let auto-converge slow the guest down
+/// ([`Client::migrate_set_auto_converge`], tuned by the throttle settings
+/// here), or switch to post-copy ([`Client::migrate_start_postcopy`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use qmpkit::commands::migration::MigrationTuning;
+/// let tight = MigrationTuning::new()
+///     .max_bandwidth(8 << 20)
+///     .downtime_limit(Duration::from_millis(1))
+///     .cpu_throttle(20, 10);
+/// assert_eq!(tight.to_parameters().max_bandwidth, Some(8 << 20));
+/// assert_eq!(tight.to_parameters().downtime_limit, Some(1));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationTuning {
+    max_bandwidth: Option<u64>,
+    downtime_limit: Option<Duration>,
+    cpu_throttle_initial: Option<u8>,
+    cpu_throttle_increment: Option<u8>,
+    max_cpu_throttle: Option<u8>,
+    throttle_trigger_threshold: Option<u8>,
+    max_postcopy_bandwidth: Option<u64>,
+}
+
+impl MigrationTuning {
+    /// No change to any setting.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The most the migration may send, in bytes per second (QEMU's
+    /// `max-bandwidth`; its default is 128 MiB/s).
+    pub fn max_bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.max_bandwidth = Some(bytes_per_second);
+        self
+    }
+
+    /// The longest the guest may be stopped at the switch-over (QEMU's
+    /// `downtime-limit`, in whole milliseconds; its default is 300 ms).
+    pub fn downtime_limit(mut self, limit: Duration) -> Self {
+        self.downtime_limit = Some(limit);
+        self
+    }
+
+    /// Auto-converge's first throttle and each further step, in percent of
+    /// the guest's CPU time (QEMU's `cpu-throttle-initial`, default 20,
+    /// and `cpu-throttle-increment`, default 10).
+    pub fn cpu_throttle(mut self, initial_percent: u8, increment_percent: u8) -> Self {
+        self.cpu_throttle_initial = Some(initial_percent);
+        self.cpu_throttle_increment = Some(increment_percent);
+        self
+    }
+
+    /// The most auto-converge may throttle, in percent (QEMU's
+    /// `max-cpu-throttle`, default 99).
+    pub fn max_cpu_throttle(mut self, percent: u8) -> Self {
+        self.max_cpu_throttle = Some(percent);
+        self
+    }
+
+    /// When auto-converge steps in: once the guest dirtied more than this
+    /// share of what was sent in a round, in percent, twice (QEMU's
+    /// `throttle-trigger-threshold`, 1 to 100, default 50).
+    pub fn throttle_trigger_threshold(mut self, percent: u8) -> Self {
+        self.throttle_trigger_threshold = Some(percent);
+        self
+    }
+
+    /// The most the post-copy phase may send, in bytes per second (QEMU's
+    /// `max-postcopy-bandwidth`; 0, its default, means no limit).
+    pub fn max_postcopy_bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.max_postcopy_bandwidth = Some(bytes_per_second);
+        self
+    }
+
+    /// These settings as the arguments of `migrate-set-parameters` (the
+    /// generated [`qapi::types::MigrateSetParameters`](crate::qapi::types::MigrateSetParameters)).
+    pub fn to_parameters(&self) -> crate::qapi::types::MigrateSetParameters {
+        crate::qapi::types::MigrateSetParameters {
+            max_bandwidth: self.max_bandwidth,
+            // Whole milliseconds, rounded up: a limit below 1 ms is 1 ms,
+            // never 0 (which would forbid any downtime, so no switch-over).
+            downtime_limit: self
+                .downtime_limit
+                .map(|d| d.as_nanos().div_ceil(1_000_000).try_into().unwrap_or(u64::MAX)),
+            cpu_throttle_initial: self.cpu_throttle_initial,
+            cpu_throttle_increment: self.cpu_throttle_increment,
+            max_cpu_throttle: self.max_cpu_throttle,
+            throttle_trigger_threshold: self.throttle_trigger_threshold,
+            max_postcopy_bandwidth: self.max_postcopy_bandwidth,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Capability<'a> {
     capability: &'a str,
@@ -188,6 +306,121 @@ impl Client {
         let params = to_object(parameters, "migration parameters")?;
         self.call::<_, Empty>("migrate-set-parameters", &params).await?;
         Ok(())
+    }
+
+    /// Changes the settings that decide whether a migration converges
+    /// (`migrate-set-parameters` with the settings given; see
+    /// [`MigrationTuning`]). Allowed before and during a migration.
+    ///
+    /// Errors: QEMU's, for a value out of its range (a throttle above 99 %,
+    /// a downtime limit above 2000 s, ...); nothing changes then.
+    ///
+    /// ```no_run
+    /// # async fn f(src: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use std::time::Duration;
+    /// use qmpkit::commands::migration::MigrationTuning;
+    /// // The guest dirties memory faster than it can be sent: give it more.
+    /// src.migrate_tune(
+    ///     &MigrationTuning::new()
+    ///         .max_bandwidth(1 << 30)
+    ///         .downtime_limit(Duration::from_millis(500)),
+    /// ).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate_tune(&self, tuning: &MigrationTuning) -> Result<()> {
+        self.execute(&crate::qapi::commands::MigrateSetParameters(
+            tuning.to_parameters(),
+        ))
+        .await
+        .map(drop)
+    }
+
+    /// The current migration parameters (`query-migrate-parameters`), as
+    /// the generated [`qapi::types::MigrationParameters`](crate::qapi::types::MigrationParameters).
+    #[doc(alias = "query-migrate-parameters")]
+    pub async fn query_migrate_parameters(&self) -> Result<crate::qapi::types::MigrationParameters> {
+        self.execute(&crate::qapi::commands::QueryMigrateParameters).await
+    }
+
+    /// Turns auto-converge on or off (the `auto-converge` capability): while
+    /// the guest dirties memory faster than the migration sends it, QEMU
+    /// throttles the guest's CPUs, from [`MigrationTuning::cpu_throttle`]'s
+    /// first step up. `query_migrate`'s `cpu_throttle_percentage` shows the
+    /// throttle. Capabilities can only change while no migration runs:
+    /// QEMU refuses otherwise.
+    pub async fn migrate_set_auto_converge(&self, on: bool) -> Result<()> {
+        self.set_migration_capability(crate::qapi::types::MigrationCapability::AutoConverge, on)
+            .await
+    }
+
+    /// Allows (or forbids) switching this migration to post-copy (the
+    /// `postcopy-ram` capability), which [`Client::migrate_start_postcopy`]
+    /// then does. It must be on in both QEMUs, the destination's before its
+    /// `migrate-incoming`, and can only change while no migration runs.
+    /// A destination that cannot do post-copy (a host without
+    /// `userfaultfd`) refuses it here, with QEMU's error.
+    pub async fn migrate_set_postcopy(&self, on: bool) -> Result<()> {
+        self.set_migration_capability(crate::qapi::types::MigrationCapability::PostcopyRam, on)
+            .await
+    }
+
+    /// Switches a running pre-copy migration to post-copy
+    /// (`migrate-start-postcopy`): the guest runs on the destination at
+    /// once, which fetches the pages it still lacks from the source on
+    /// demand. It converges whatever the guest dirties, but a failure from
+    /// here on loses the guest (neither side has all of it). Needs
+    /// [`Client::migrate_set_postcopy`] on both sides before the migration
+    /// started; QEMU refuses it otherwise, or when no migration runs.
+    #[doc(alias = "migrate-start-postcopy")]
+    pub async fn migrate_start_postcopy(&self) -> Result<()> {
+        self.execute(&crate::qapi::commands::MigrateStartPostcopy)
+            .await
+            .map(drop)
+    }
+
+    /// Cancels the outgoing migration (`migrate_cancel`) and waits, up to
+    /// `timeout`, until it has ended. The source keeps the guest, running
+    /// as before, and a [`Client::migrate_wait`] under way ends with
+    /// [`Error::MigrationFailed`] whose status is `cancelled`
+    /// ([`Error::is_migration_cancelled`]).
+    ///
+    /// Returns the migration's state afterwards: `status` is `cancelled`,
+    /// or the final state a migration had reached before the cancel could
+    /// take (`completed`: the guest has moved; `failed`), or `none` when no
+    /// migration had started. When `timeout` runs out first,
+    /// [`Error::Timeout`] (the cancel may still take effect).
+    ///
+    /// ```no_run
+    /// # async fn f(src: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use std::time::Duration;
+    /// let after = src.migrate_cancel(Duration::from_secs(30)).await?;
+    /// if after.status == "completed" {
+    ///     println!("too late: the guest runs on the destination");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate_cancel(&self, timeout: Duration) -> Result<MigrationStatus> {
+        let deadline = Deadline::after(timeout, "migrate_cancel");
+        deadline.call::<_, Empty>(self, "migrate_cancel", &()).await?;
+        let now: MigrationStatus = deadline.call(self, "query-migrate", &()).await?;
+        if now.status == "none" {
+            return Ok(now);
+        }
+        match self.migrate_wait_until("cancelled", &deadline).await {
+            Ok(()) | Err(Error::MigrationFailed { .. }) => deadline.call(self, "query-migrate", &()).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn set_migration_capability(
+        &self,
+        capability: crate::qapi::types::MigrationCapability,
+        state: bool,
+    ) -> Result<()> {
+        let set = crate::qapi::commands::MigrateSetCapabilities {
+            capabilities: vec![crate::qapi::types::MigrationCapabilityStatus { capability, state }],
+        };
+        self.execute(&set).await.map(drop)
     }
 
     /// Starts migrating to the file descriptor passed earlier with `getfd`

@@ -46,6 +46,7 @@ pub enum DumpFormat {
 /// What `query-spice` reports about the SPICE server.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub struct SpiceInfo {
     /// True when a SPICE server runs (`-spice` was given).
     pub enabled: bool,
@@ -78,6 +79,7 @@ pub struct SpiceInfo {
 /// The AMD SEV features of the host (`query-sev-capabilities`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub struct AmdSevCapabilities {
     /// The platform Diffie-Hellman key (base64).
     #[serde(default)]

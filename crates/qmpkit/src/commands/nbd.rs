@@ -119,9 +119,7 @@ impl Client {
             let names: Vec<&str> = bitmaps.iter().map(AsRef::as_ref).collect();
             args["bitmaps"] = json!(names);
         }
-        self.call::<_, Empty>("block-export-add", &args)
-            .await
-            .map_err(Error::classify_in_use)?;
+        self.call::<_, Empty>("block-export-add", &args).await?;
         Ok(())
     }
 

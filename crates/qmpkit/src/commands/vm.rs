@@ -148,6 +148,7 @@ struct StatusInfo {
 /// What QEMU does when the guest reboots (`set-action` `reboot`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum RebootAction {
     /// Reset the VM (the default).
     Reset,
@@ -158,6 +159,7 @@ pub enum RebootAction {
 /// What QEMU does when the guest shuts down (`set-action` `shutdown`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ShutdownAction {
     /// QEMU exits (the default).
     Poweroff,
@@ -168,6 +170,7 @@ pub enum ShutdownAction {
 /// What QEMU does when the guest panics (`set-action` `panic`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum PanicAction {
     /// Stop the VM in state `guest-panicked`.
     Pause,
@@ -182,6 +185,7 @@ pub enum PanicAction {
 /// What QEMU does when the guest's watchdog fires (`set-action` `watchdog`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum WatchdogAction {
     /// Reset the VM (the default).
     Reset,

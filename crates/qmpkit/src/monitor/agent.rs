@@ -115,12 +115,14 @@ struct RingbufRead<'a> {
 }
 
 impl Agent {
-    pub(crate) fn new(chardev: String, read_size: usize, interval: Duration) -> Self {
+    /// A watcher of `chardev`; `started` is what the caller knows of the
+    /// agent from before the monitor (see [`super::MonitorOptions::agent_started`]).
+    pub(crate) fn new(chardev: String, read_size: usize, interval: Duration, started: bool) -> Self {
         Agent {
             chardev,
             read_size,
             interval,
-            started: AtomicBool::new(false),
+            started: AtomicBool::new(started),
             disabled: AtomicBool::new(false),
             lines: Mutex::new(LineBuffer::default()),
             pending: std::sync::Mutex::new(VecDeque::new()),
@@ -131,6 +133,14 @@ impl Agent {
     /// Whether the agent is running, as last seen.
     pub(crate) fn started(&self) -> bool {
         self.started.load(Ordering::Acquire)
+    }
+
+    /// Takes the caller's word for the agent's state, without a transition
+    /// for the handler (see [`super::Monitor::set_agent_started`]).
+    pub(crate) fn set_started(&self, started: bool) {
+        if !self.disabled() {
+            self.started.store(started, Ordering::Release);
+        }
     }
 
     /// Stops watching for good: the chardev cannot be read.

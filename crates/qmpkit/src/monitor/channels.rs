@@ -17,6 +17,7 @@ use super::constants::EVENT_CHANNEL_CAPACITY;
 /// dropped and reported as [`Delivery::Full`] rather than blocking the pusher
 /// (the monitor's event task, which also serves every other event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Delivery {
     /// The event is queued on the device's channel.
     Delivered,

@@ -159,6 +159,7 @@ impl Monitor {
                 chardev.clone(),
                 options.ringbuf_read_size,
                 options.agent_poll_interval,
+                options.agent_started,
             )
         });
         let mon = Monitor {
@@ -321,6 +322,42 @@ impl Monitor {
     /// `RESET` or a `SHUTDOWN`, and once the connection has ended.
     pub fn agent_started(&self) -> bool {
         self.inner.agent.as_ref().is_some_and(|a| a.started())
+    }
+
+    /// Takes the caller's word for whether the guest agent is running, for
+    /// what this monitor could not read itself: after a live migration, the
+    /// target's monitor never sees the `STARTED` the guest wrote into the
+    /// source's ring buffer, so [`Monitor::agent_started`] says false until
+    /// told (Incus keeps the agent's state in its own records, and carries
+    /// it over). The handler gets no `AGENT-STARTED` or `AGENT-STOPPED` for
+    /// this; from here on, lines the guest writes are transitions from this
+    /// state (a `STOPPED` after `set_agent_started(true)` reaches the handler).
+    ///
+    /// Call it once the migration has completed and before the guest can
+    /// have written again: a line read before the call was judged against
+    /// the old state. At connect time, [`MonitorOptions::agent_started`]
+    /// does the same.
+    ///
+    /// Errors: [`Error::InvalidRequest`] when the monitor watches no agent
+    /// (no serial chardev, or one that was unusable at connect).
+    ///
+    /// ```no_run
+    /// # async fn f(target: qmpkit::monitor::Monitor, source_agent_up: bool) -> qmpkit::Result<()> {
+    /// // The migration completed; the source's monitor had seen the agent start.
+    /// target.set_agent_started(source_agent_up)?;
+    /// assert_eq!(target.agent_started(), source_agent_up);
+    /// # Ok(()) }
+    /// ```
+    pub fn set_agent_started(&self, started: bool) -> Result<()> {
+        match &self.inner.agent {
+            Some(agent) if !agent.disabled() => {
+                agent.set_started(started);
+                Ok(())
+            }
+            _ => Err(Error::InvalidRequest(
+                "this monitor watches no agent: no usable serial chardev at connect".into(),
+            )),
+        }
     }
 
     /// Reads the agent's ring buffer now rather than at the next poll, hands

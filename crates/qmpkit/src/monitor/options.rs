@@ -55,6 +55,7 @@ pub struct MonitorOptions {
     pub(crate) agent_poll_interval: Duration,
     pub(crate) event_queue: usize,
     pub(crate) route_block_jobs: bool,
+    pub(crate) agent_started: bool,
     pub(crate) connect: ConnectOptions,
 }
 
@@ -67,6 +68,7 @@ impl std::fmt::Debug for MonitorOptions {
             .field("ringbuf_read_size", &self.ringbuf_read_size)
             .field("agent_poll_interval", &self.agent_poll_interval)
             .field("event_queue", &self.event_queue)
+            .field("agent_started", &self.agent_started)
             .field("connect", &self.connect)
             .finish()
     }
@@ -90,6 +92,7 @@ impl MonitorOptions {
             agent_poll_interval: DEFAULT_AGENT_POLL_INTERVAL,
             event_queue: DEFAULT_MONITOR_EVENT_QUEUE,
             route_block_jobs: false,
+            agent_started: false,
             connect: DEFAULT_CONNECT.clone(),
         }
     }
@@ -109,6 +112,22 @@ impl MonitorOptions {
     /// monitor watches it for `STARTED` / `STOPPED` lines (the Go `serialCharDev`).
     pub fn serial_chardev(mut self, chardev: impl Into<String>) -> Self {
         self.serial_chardev = Some(chardev.into());
+        self
+    }
+
+    /// Whether the guest agent is already running when the monitor connects
+    /// (default false). A monitor knows the agent only from the `STARTED` /
+    /// `STOPPED` lines it reads, and some were read by another: a guest that
+    /// came over by live migration wrote its `STARTED` into the source
+    /// QEMU's ring buffer, and a daemon that restarts had read it before.
+    /// With `true`, [`Monitor::agent_started`](super::Monitor::agent_started)
+    /// says so from the start (no `AGENT-STARTED` reaches the handler for
+    /// it), and the guest's next `STOPPED` is a transition the handler
+    /// hears of. Has no effect without a [serial chardev](Self::serial_chardev),
+    /// nor when connect returns a monitor that was already live (use
+    /// [`Monitor::set_agent_started`](super::Monitor::set_agent_started) there).
+    pub fn agent_started(mut self, started: bool) -> Self {
+        self.agent_started = started;
         self
     }
 

@@ -24,6 +24,7 @@ struct CommandInfo {
 
 /// One member (argument or field) of an object type.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Member {
     /// The member's name.
     pub name: String,
@@ -95,6 +96,11 @@ impl Schema {
             }
         }
         schema
+    }
+
+    /// How many commands the server has (0 when its reply was not a schema).
+    pub fn command_count(&self) -> usize {
+        self.commands.len()
     }
 
     /// True when the server has this command.

@@ -28,6 +28,7 @@ impl std::fmt::Display for Version {
 
 /// The greeting QEMU sends when a client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Greeting {
     /// QEMU's version.
     pub version: Version,
