@@ -8,8 +8,6 @@
 mod bench;
 mod cli;
 mod conn;
-mod events;
-mod exec;
 mod exit;
 mod install;
 mod ops;

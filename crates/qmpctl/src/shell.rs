@@ -25,8 +25,8 @@ use serde_json::Value;
 
 use crate::cli::ShellArgs;
 use crate::conn::Ctx;
-use crate::exec::{call_checked, parse_json_args};
 use crate::exit;
+use crate::subcommands::exec::{call_checked, parse_json_args};
 
 const HELP: &str = "\
 Type a QMP command with its arguments, in any of these forms:
@@ -137,7 +137,9 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     let forward = tokio::spawn(async move {
         while let Some(item) = events.recv().await {
             let line = match item {
-                qmpkit::EventItem::Event(e) => format!("event: {}\n", crate::events::human_line(&e)),
+                qmpkit::EventItem::Event(e) => {
+                    format!("event: {}\n", crate::subcommands::events::human_line(&e))
+                }
                 qmpkit::EventItem::Missed(n) => format!("({n} events missed)\n"),
             };
             if ev_tx.send(line).is_err() {
@@ -392,7 +394,7 @@ async fn describe(ctx: &Ctx, rest: &str) -> anyhow::Result<()> {
     }
     let schema = ctx.client.schema().await?;
     let Some(args) = schema.arguments(name) else {
-        let s = crate::exec::suggest(name, schema.command_names());
+        let s = crate::subcommands::exec::suggest(name, schema.command_names());
         return Err(exit::usage(format!(
             "unknown command {name:?}{}",
             if s.is_empty() {

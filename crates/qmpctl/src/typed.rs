@@ -355,7 +355,7 @@ fn enum_value(raw: &str, name: &str, def: &Value, path: &str) -> anyhow::Result<
     if values.contains(&raw.as_str()) {
         return Ok(Value::String(raw));
     }
-    let close = crate::exec::suggest(&raw, values.iter().copied());
+    let close = crate::subcommands::exec::suggest(&raw, values.iter().copied());
     let hint = if close.is_empty() {
         if values.len() <= 12 {
             format!("; one of: {}", values.join(", "))
@@ -499,7 +499,7 @@ fn convert_object(node: &Node, def: &Value, path: &str, extra_args: bool) -> any
             }
             None => {
                 let names: Vec<&str> = members.iter().map(|m| m.name).collect();
-                let close = crate::exec::suggest(key, names.iter().copied());
+                let close = crate::subcommands::exec::suggest(key, names.iter().copied());
                 let hint = if close.is_empty() {
                     format!("; it takes: {}", names.join(", "))
                 } else {

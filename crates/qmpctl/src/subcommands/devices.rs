@@ -14,7 +14,7 @@ use qmpkit::qapi::commands::QueryChardev;
 pub async fn device(ctx: &Ctx, command: DeviceCommand) -> anyhow::Result<()> {
     match command {
         DeviceCommand::Add { driver, id, props } => {
-            let props = crate::exec::parse_pairs(props.iter().map(String::as_str))?;
+            let props = crate::subcommands::exec::parse_pairs(props.iter().map(String::as_str))?;
             let mut spec = DeviceSpec::new(&driver).id(&id);
             for (k, v) in props.as_object().into_iter().flatten() {
                 spec = spec.prop(k, v.clone());

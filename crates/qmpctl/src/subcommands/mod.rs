@@ -3,6 +3,8 @@
 
 mod block;
 mod devices;
+pub mod events;
+pub mod exec;
 mod hmp;
 mod migrate;
 mod vm;
@@ -40,8 +42,8 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Screendump(a) => vm::screendump(ctx, a).await?,
         Command::DumpMemory(a) => vm::dump_memory(ctx, a).await?,
         Command::Migrate(c) => migrate::migrate(ctx, c).await?,
-        Command::Exec(a) => return crate::exec::run(ctx, a).await,
-        Command::Events(a) => return crate::events::run(ctx, a).await,
+        Command::Exec(a) => return exec::run(ctx, a).await,
+        Command::Events(a) => return events::run(ctx, a).await,
         Command::Shell(a) => return crate::shell::run(ctx, a).await,
         Command::Hmp(a) => hmp::run(ctx, a).await?,
         Command::Transaction(a) => hmp::transaction(ctx, a).await?,

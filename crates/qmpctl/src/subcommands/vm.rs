@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use serde::Deserialize as _;
 use serde_json::json;
 
 use super::{done, emit};
@@ -236,7 +237,11 @@ pub async fn dump_memory(ctx: &Ctx, a: DumpArgs) -> anyhow::Result<()> {
         json!({"file": file, "result": info}),
         &format!(
             "dumped {} of guest memory to {}",
-            bytes(info["total"].as_u64().unwrap_or(0)),
+            bytes(
+                qmpkit::qapi::types::DumpQueryResult::deserialize(&info)
+                    .map(|r| u64::try_from(r.total).unwrap_or(0))
+                    .unwrap_or(0)
+            ),
             file.display()
         ),
     )

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use crate::cli::EventsArgs;
 use crate::conn::Ctx;
-use crate::exec::suggest;
 use crate::exit::{usage, ConnectFailure, Deadline};
 use crate::outln;
+use crate::subcommands::exec::suggest;
 
 /// An event as one readable line: time, name, data.
 pub fn human_line(e: &Event) -> String {
