@@ -128,7 +128,7 @@ async fn shell_completes_remembers_and_prints_events_while_typing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shell_completes_argument_values_from_the_schema() {
+async fn shell_completes_values_runs_transactions_and_hmp() {
     let vm = vm().await;
     let socket = vm.socket("cli");
     let history = vm.dir().join("history");
@@ -150,6 +150,22 @@ async fn shell_completes_argument_values_from_the_schema() {
         p.flush()?;
         p.exp_string("size")?;
         p.exp_string("int")?;
+        p.exp_string("qmp> ")?;
+        // A transaction collects actions under its own prompt; `)` runs them.
+        p.send("transaction(\r")?;
+        p.flush()?;
+        p.exp_string("transaction> ")?;
+        p.send("abort\r")?;
+        p.flush()?;
+        p.exp_string("transaction> ")?;
+        p.send(")\r")?;
+        p.flush()?;
+        p.exp_string("abort")?;
+        p.exp_string("qmp> ")?;
+        // A human monitor command prints text.
+        p.send("!info status\r")?;
+        p.flush()?;
+        p.exp_string("VM status: paused (prelaunch)")?;
         p.exp_string("qmp> ")?;
         p.send_control('d')?;
         p.exp_eof()?;
