@@ -138,11 +138,6 @@ pub fn cell(v: &Value) -> String {
     }
 }
 
-/// A JSON number as a size for a table cell.
-pub fn size_cell(v: &Value) -> String {
-    v.as_u64().map(bytes).unwrap_or_else(|| "-".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

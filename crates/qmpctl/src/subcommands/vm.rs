@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use qmpkit::qapi::types::MemoryDeviceInfo;
 use serde::Deserialize as _;
 use serde_json::json;
 
@@ -11,12 +12,84 @@ use crate::cli::*;
 use crate::conn::Ctx;
 use crate::exit::usage;
 use crate::ops;
-use crate::out::{self, bytes, cell, parse_size, size_cell, Table};
+use crate::out::{self, bytes, parse_size, Table};
 use crate::outln;
 use crate::progress::Progress;
 use qmpkit::qapi::commands::{
-    QueryBalloon, QueryCpusFast, QueryHotpluggableCpus, QueryMemorySizeSummary, QueryStatus,
+    QueryBalloon, QueryCpusFast, QueryHotpluggableCpus, QueryMemoryDevices, QueryMemorySizeSummary,
+    QueryStatus,
 };
+
+/// A row of `memory devices`: the kind, then what each kind has of id,
+/// size, backend, slot and hotplug state (`-` where it has none).
+fn memory_device_row(d: &MemoryDeviceInfo) -> Vec<String> {
+    let dash = || "-".to_owned();
+    let id = |id: &Option<String>| id.clone().unwrap_or_else(dash);
+    match d {
+        MemoryDeviceInfo::Dimm(w) | MemoryDeviceInfo::Nvdimm(w) => {
+            let kind = if matches!(d, MemoryDeviceInfo::Dimm(_)) {
+                "dimm"
+            } else {
+                "nvdimm"
+            };
+            let x = &w.data;
+            vec![
+                kind.into(),
+                id(&x.id),
+                bytes(u64::try_from(x.size).unwrap_or(0)),
+                x.memdev.clone(),
+                x.slot.to_string(),
+                x.hotplugged.to_string(),
+            ]
+        }
+        MemoryDeviceInfo::VirtioPmem(w) => {
+            let x = &w.data;
+            vec![
+                "virtio-pmem".into(),
+                id(&x.id),
+                bytes(x.size),
+                x.memdev.clone(),
+                dash(),
+                dash(),
+            ]
+        }
+        MemoryDeviceInfo::VirtioMem(w) => {
+            let x = &w.data;
+            vec![
+                "virtio-mem".into(),
+                id(&x.id),
+                bytes(x.size),
+                x.memdev.clone(),
+                dash(),
+                dash(),
+            ]
+        }
+        MemoryDeviceInfo::SgxEpc(w) => {
+            let x = &w.data;
+            vec![
+                "sgx-epc".into(),
+                id(&x.id),
+                bytes(x.size),
+                x.memdev.clone(),
+                dash(),
+                dash(),
+            ]
+        }
+        MemoryDeviceInfo::HvBalloon(w) => {
+            let x = &w.data;
+            vec![
+                "hv-balloon".into(),
+                id(&x.id),
+                bytes(x.max_size),
+                x.memdev.clone().unwrap_or_else(dash),
+                dash(),
+                dash(),
+            ]
+        }
+        #[allow(unreachable_patterns)]
+        _ => vec![dash(); 6],
+    }
+}
 
 /// An optional number for a table cell (`-` when absent).
 fn opt(n: Option<i64>) -> String {
@@ -136,21 +209,11 @@ pub async fn memory(ctx: &Ctx, command: Option<MemoryCommand>) -> anyhow::Result
             )
         }
         Some(MemoryCommand::Devices) => {
-            // A union of six device kinds whose tables share a few members:
-            // read as JSON.
-            let v = ctx.call("query-memory-devices", &()).await?;
+            let (v, devices) = ctx.query(&QueryMemoryDevices).await?;
             emit(ctx, &v, || {
                 let mut t = Table::new(&["TYPE", "ID", "SIZE", "MEMDEV", "SLOT", "HOTPLUGGED"]);
-                for d in v.as_array().into_iter().flatten() {
-                    let data = &d["data"];
-                    t.row(vec![
-                        cell(&d["type"]),
-                        cell(&data["id"]),
-                        size_cell(&data["size"]),
-                        cell(&data["memdev"]),
-                        cell(&data["slot"]),
-                        cell(&data["hotplugged"]),
-                    ]);
+                for d in &devices {
+                    t.row(memory_device_row(d));
                 }
                 t.print("no memory devices")
             })
