@@ -15,6 +15,9 @@ Exit codes:
   5    timeout
   130  interrupted (Ctrl-C or SIGTERM)
 
+With --json, an error is one JSON object on stderr:
+  {\"error\": {\"kind\", \"message\", \"class\", \"exit_code\"}}
+
 Try it without a VM: `qmpctl --launch shell`, or the guided tour: `qmpctl tour`.";
 
 /// A command-line tool for the QEMU Machine Protocol (QMP).
@@ -139,6 +142,60 @@ pub enum Command {
     /// its port (`-chardev socket,path=PATH,...` behind a virtserialport named
     /// org.qemu.guest_agent.0), not a QMP socket.
     Agent(AgentArgs),
+    /// Run a human monitor (HMP) command and print its text: `hmp info block`.
+    Hmp(HmpArgs),
+    /// Run several actions atomically (QMP `transaction`): all or none.
+    Transaction(TransactionArgs),
+    /// Print a shell completion script: `qmpctl completions bash > /etc/bash_completion.d/qmpctl`.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff): `qmpctl man > qmpctl.1`, or `--dir` for one per subcommand.
+    Man(ManArgs),
+}
+
+/// `man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write qmpctl.1 and a page per subcommand (qmpctl-block.1, ...) into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// `hmp`.
+#[derive(Debug, Args)]
+pub struct HmpArgs {
+    /// The HMP command line (its words are joined with spaces).
+    #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+    pub command: Vec<String>,
+    /// Run it on this virtual CPU (for `info registers` and the like).
+    #[arg(long)]
+    pub cpu: Option<i64>,
+}
+
+/// `transaction`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  qmpctl transaction \\
+    -a 'blockdev-snapshot-sync device=d0 snapshot-file=/v/d0.snap format=qcow2' \\
+    -a 'blockdev-snapshot-sync device=d1 snapshot-file=/v/d1.snap format=qcow2'
+  qmpctl transaction '[{\"type\": \"abort\", \"data\": {}}]'")]
+pub struct TransactionArgs {
+    /// An action: `TYPE key=value...` (typed from the schema, like `exec`); repeat it.
+    #[arg(short, long = "action", value_name = "ACTION")]
+    pub actions: Vec<String>,
+    /// Or the actions as one JSON array (`-` reads it from stdin).
+    #[arg(
+        value_name = "JSON",
+        conflicts_with = "actions",
+        required_unless_present = "actions"
+    )]
+    pub list: Option<String>,
+}
+
+/// `completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
 }
 
 /// `agent`.
@@ -559,7 +616,8 @@ pub enum MigrateCommand {
 pub struct ExecArgs {
     /// The QMP command.
     pub name: String,
-    /// Its arguments: a JSON object, `-` to read it from stdin, or key=value pairs.
+    /// Its arguments: a JSON object, `-` to read it from stdin, or key=value pairs
+    /// (typed from QEMU's schema; a.b=c nests, a.0=x makes a list, key:=JSON is verbatim).
     pub args: Vec<String>,
 }
 
@@ -580,6 +638,10 @@ pub struct EventsArgs {
 /// `shell`.
 #[derive(Debug, Args)]
 pub struct ShellArgs {
+    /// When stdin is not a terminal: run every line even after one fails
+    /// (the exit status is still the first failure's).
+    #[arg(long)]
+    pub keep_going: bool,
     /// The history file (default: $XDG_STATE_HOME/qmpctl/history).
     #[arg(long, env = "QMPCTL_HISTORY")]
     pub history: Option<PathBuf>,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use qmpkit::launch::{Qemu, QemuBuilder};
 use qmpkit::{Address, Client, ConnectOptions};
-use serde::Serialize;
+use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
 use crate::cli::Globals;
@@ -64,6 +64,17 @@ impl Ctx {
                 )))),
             },
         }
+    }
+
+    /// Runs a generated command (`qmpkit::qapi::commands`) within `--timeout`
+    /// and returns QEMU's answer twice: as JSON, exactly as QEMU sent it (what
+    /// `--json` prints), and decoded through the command's generated type
+    /// (what the tables read).
+    pub async fn query<C: qmpkit::qapi::Command>(&self, command: &C) -> anyhow::Result<(Value, C::Returns)> {
+        let raw = self.call(C::NAME, command).await?;
+        let typed = C::Returns::deserialize(&raw)
+            .with_context(|| format!("QEMU's answer to {} does not match its schema", C::NAME))?;
+        Ok((raw, typed))
     }
 
     /// Runs one command by name and returns its reply as JSON, within `--timeout`.

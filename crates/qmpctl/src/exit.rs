@@ -135,15 +135,50 @@ pub fn chain_lines(err: &anyhow::Error) -> Vec<String> {
     lines
 }
 
-/// Prints the error (unless it is a broken pipe) and returns its exit code.
-pub fn report(err: &anyhow::Error) -> ExitCode {
-    if is_broken_pipe(err) {
-        return ExitCode::SUCCESS;
+/// The name of an exit code's kind, as `--json` errors give it.
+pub fn kind_name(code: u8) -> &'static str {
+    match code {
+        USAGE => "usage",
+        QMP_ERROR => "qmp",
+        CONNECTION => "connection",
+        TIMEOUT => "timeout",
+        INTERRUPTED => "interrupted",
+        _ => "failure",
     }
+}
+
+/// QEMU's error class, when QEMU's answer is what failed.
+pub fn qmp_class(err: &anyhow::Error) -> Option<String> {
+    err.chain().find_map(|c| {
+        c.downcast_ref::<qmpkit::Error>()
+            .and_then(|e| e.class())
+            .map(|class| class.as_str().to_owned())
+    })
+}
+
+/// The error as the one JSON object `--json` prints on stderr:
+/// `{"error": {"kind", "message", "class", "exit_code"}}`.
+pub fn json_error(err: &anyhow::Error) -> serde_json::Value {
     let code = code_of(err);
-    let lines = chain_lines(err);
+    serde_json::json!({
+        "error": {
+            "kind": kind_name(code),
+            "message": chain_lines(err).join(": "),
+            "class": qmp_class(err),
+            "exit_code": code,
+        }
+    })
+}
+
+/// Prints the error on stderr: its cause chain for people, one JSON object
+/// (one line) for programs.
+pub fn print_error(err: &anyhow::Error, json: bool) {
     let mut stderr = std::io::stderr().lock();
-    for (i, message) in lines.iter().enumerate() {
+    if json {
+        let _ = writeln!(stderr, "{}", json_error(err));
+        return;
+    }
+    for (i, message) in chain_lines(err).iter().enumerate() {
         let mut message_lines = message.lines();
         if let Some(l) = message_lines.next() {
             let lead = if i == 0 { "qmpctl: " } else { "  caused by: " };
@@ -153,7 +188,15 @@ pub fn report(err: &anyhow::Error) -> ExitCode {
             let _ = writeln!(stderr, "  {l}");
         }
     }
-    ExitCode::from(code)
+}
+
+/// Prints the error (unless it is a broken pipe) and returns its exit code.
+pub fn report(err: &anyhow::Error, json: bool) -> ExitCode {
+    if is_broken_pipe(err) {
+        return ExitCode::SUCCESS;
+    }
+    print_error(err, json);
+    ExitCode::from(code_of(err))
 }
 
 #[cfg(test)]

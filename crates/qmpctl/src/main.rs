@@ -9,15 +9,15 @@ mod agent;
 mod bench;
 mod cli;
 mod conn;
-mod events;
-mod exec;
 mod exit;
+mod install;
 mod ops;
 mod out;
 mod progress;
 mod shell;
 mod subcommands;
 mod tour;
+mod typed;
 
 use std::process::ExitCode;
 
@@ -30,18 +30,29 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // Help and --version go to stdout and succeed; the rest is bad usage.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // --json was not parsed; a script that asked for it still gets JSON.
+            if std::env::args().any(|a| a == "--json") {
+                let text = e.render().to_string();
+                let message = text
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ");
+                return exit::report(&exit::usage(message.to_owned()), true);
+            }
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(exit::USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::from(exit::USAGE);
         }
     };
     init_tracing(cli.verbose);
+    let json = cli.globals.json;
     match run(cli) {
         Ok(code) => code,
-        Err(e) => exit::report(&e),
+        Err(e) => exit::report(&e, json),
     }
 }
 
@@ -55,6 +66,7 @@ fn init_tracing(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(out::colour(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -80,6 +92,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Tour(args) => tour::run(args, &globals).await,
         Command::Agent(args) => agent::run(args, &globals).await,
+        Command::Completions(args) => {
+            install::completions(args.shell)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man(args) => {
+            install::man(args.dir.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             bench::run(globals.socket.clone(), args, globals.json).await?;
             Ok(ExitCode::SUCCESS)

@@ -15,6 +15,15 @@ use qmpkit::{Client, EventFilter};
 use serde_json::{json, Value};
 
 use crate::progress::Progress;
+use qmpkit::qapi::commands::{QomList, QueryDump, QueryMigrate};
+use qmpkit::qapi::events::DumpCompleted;
+use qmpkit::qapi::types::{DumpQueryResult, DumpStatus};
+use serde::Deserialize as _;
+
+/// A count QEMU keeps in a signed integer, for a progress bar.
+fn non_negative(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
 
 /// How often figures for progress bars are asked for.
 const TICK: Duration = Duration::from_millis(100);
@@ -78,12 +87,11 @@ pub async fn job_progress(client: &Client, job: &str, bar: &Progress) {
 
 /// Shows a migration's progress (`query-migrate`) on `bar`.
 pub async fn migration_progress(client: &Client, bar: &Progress) {
-    if let Ok(info) = query(client, "query-migrate").await {
-        bar.set(
-            info["ram"]["transferred"].as_u64().unwrap_or(0),
-            info["ram"]["total"].as_u64().unwrap_or(0),
-        );
-        bar.message(info["status"].as_str().unwrap_or_default());
+    if let Ok(info) = client.execute(&QueryMigrate).await {
+        if let Some(ram) = &info.ram {
+            bar.set(non_negative(ram.transferred), non_negative(ram.total));
+        }
+        bar.message(info.status.map_or("", |s| s.as_str()));
     }
 }
 
@@ -130,16 +138,19 @@ pub async fn dump_memory(
     .await?;
     let finished = async {
         match events.next().await {
-            Some(e) => Ok(e.data()["error"].as_str().map(str::to_owned)),
+            Some(e) => match e.data_of::<DumpCompleted>() {
+                Some(Ok(done)) => Ok(done.error),
+                Some(Err(err)) => {
+                    Err(anyhow::Error::new(err).context("QEMU's DUMP_COMPLETED does not match its schema"))
+                }
+                None => Ok(None),
+            },
             None => Err(anyhow::Error::new(client.closed().await)),
         }
     };
     let error = with_progress(finished, || async {
-        if let Ok(info) = query(client, "query-dump").await {
-            bar.set(
-                info["completed"].as_u64().unwrap_or(0),
-                info["total"].as_u64().unwrap_or(0),
-            );
+        if let Ok(info) = client.execute(&QueryDump).await {
+            bar.set(non_negative(info.completed), non_negative(info.total));
         }
     })
     .await?;
@@ -148,25 +159,26 @@ pub async fn dump_memory(
         anyhow::bail!("the memory dump failed: {message}");
     }
     let info = query(client, "query-dump").await?;
-    if info["status"] != "completed" {
-        anyhow::bail!("the memory dump ended as {}", info["status"]);
+    let result =
+        DumpQueryResult::deserialize(&info).context("QEMU's query-dump answer does not match its schema")?;
+    if result.status != DumpStatus::Completed {
+        anyhow::bail!("the memory dump ended as {}", result.status.as_str());
     }
     Ok(info)
 }
 
 /// The devices added with an id (`/machine/peripheral`), with their types.
 pub async fn qom_devices(client: &Client) -> anyhow::Result<Vec<(String, String)>> {
-    let v = client
-        .call::<Value, Value>("qom-list", &json!({"path": "/machine/peripheral"}))
+    let list = client
+        .execute(&QomList {
+            path: "/machine/peripheral".into(),
+        })
         .await?;
-    Ok(v.as_array()
+    Ok(list
         .into_iter()
-        .flatten()
         .filter_map(|p| {
-            let name = p["name"].as_str()?;
-            let ty = p["type"].as_str()?;
-            let ty = ty.strip_prefix("child<")?.strip_suffix('>')?;
-            Some((name.to_owned(), ty.to_owned()))
+            let ty = p.r#type.strip_prefix("child<")?.strip_suffix('>')?.to_owned();
+            Some((p.name, ty))
         })
         .collect())
 }

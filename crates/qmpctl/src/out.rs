@@ -18,6 +18,12 @@ macro_rules! outln {
     }};
 }
 
+/// True when colour may be written to `stream`: it is a terminal and the
+/// user did not set `NO_COLOR` (<https://no-color.org>: any non-empty value).
+pub fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Prints a JSON value: one line with `--json`, indented otherwise.
 pub fn json(value: &Value, compact: bool) -> std::io::Result<()> {
     let text = if compact {
@@ -130,11 +136,6 @@ pub fn cell(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
-}
-
-/// A JSON number as a size for a table cell.
-pub fn size_cell(v: &Value) -> String {
-    v.as_u64().map(bytes).unwrap_or_else(|| "-".into())
 }
 
 #[cfg(test)]

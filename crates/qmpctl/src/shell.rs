@@ -25,24 +25,31 @@ use serde_json::Value;
 
 use crate::cli::ShellArgs;
 use crate::conn::Ctx;
-use crate::exec::{call_checked, parse_json_args, parse_pairs};
 use crate::exit;
+use crate::subcommands::exec::{call_checked, parse_json_args};
 
 const HELP: &str = "\
 Type a QMP command with its arguments, in any of these forms:
   query-status
-  block_resize node-name=disk1 size=2147483648
+  block_resize node-name=disk1 size=2G
   blockdev-add driver=qcow2 node-name=d1 file.driver=file file.filename=/tmp/d1.qcow2
+  object-add qom-type=secret id=s1 data:=\"json string\"
   device_add {\"driver\": \"usb-tablet\", \"id\": \"tab0\"}
   {\"execute\": \"query-block\"}
-Values that are valid JSON (numbers, true, \"quoted\") are taken as JSON, the
-rest as strings; a.b=c nests. Tab completes command and argument names.
-`help NAME` lists a command's arguments. Ctrl-D or `exit` leaves.";
+key=value takes the argument's type from QEMU's schema (strings stay strings,
+sizes take K/M/G/T, booleans true/false/on/off); a.b=c nests, a.0=x makes a
+list; key:=JSON passes JSON verbatim.
+  !info block          (or `hmp info block`): a human monitor command, as text
+  transaction(         then one action per line (TYPE key=value... or JSON),
+  )                    and `)` runs them all atomically
+Tab completes command names, argument names and enum values.
+`help NAME [key=value]` lists a command's arguments with their types.
+Ctrl-D or `exit` leaves.";
 
 /// Runs the shell: interactive on a terminal, else one command per input line.
 pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
-        return run_script(ctx).await;
+        return run_script(ctx, args.keep_going).await;
     }
     let schema = ctx.client.schema().await?;
     let mut commands: Vec<String> = schema.command_names().into_iter().map(str::to_owned).collect();
@@ -72,7 +79,7 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
         g.version,
     )?;
     let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let (next_tx, next_rx) = std::sync::mpsc::channel::<bool>();
+    let (next_tx, next_rx) = std::sync::mpsc::channel::<Option<String>>();
     let (printer_tx, printer_rx) = std::sync::mpsc::channel::<Box<dyn ExternalPrinter + Send>>();
     let editor = std::thread::spawn(move || -> anyhow::Result<()> {
         let config = rustyline::Config::builder()
@@ -88,8 +95,9 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
             let _ = printer_tx.send(Box::new(p));
         }
         drop(printer_tx);
+        let mut prompt = "qmp> ".to_owned();
         loop {
-            match rl.readline("qmp> ") {
+            match rl.readline(&prompt) {
                 Ok(line) => {
                     if line.trim().is_empty() {
                         continue;
@@ -101,8 +109,12 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
                         }
                         let _ = rl.save_history(h);
                     }
-                    if line_tx.send(line).is_err() || !next_rx.recv().unwrap_or(false) {
+                    if line_tx.send(line).is_err() {
                         break;
+                    }
+                    match next_rx.recv() {
+                        Ok(Some(next)) => prompt = next,
+                        _ => break,
                     }
                 }
                 Err(ReadlineError::Interrupted) => continue,
@@ -130,7 +142,9 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
     let forward = tokio::spawn(async move {
         while let Some(item) = events.recv().await {
             let line = match item {
-                qmpkit::EventItem::Event(e) => format!("event: {}\n", crate::events::human_line(&e)),
+                qmpkit::EventItem::Event(e) => {
+                    format!("event: {}\n", crate::subcommands::events::human_line(&e))
+                }
                 qmpkit::EventItem::Missed(n) => format!("({n} events missed)\n"),
             };
             if ev_tx.send(line).is_err() {
@@ -141,13 +155,10 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
         let _ = ev_tx.send(format!("connection closed: {reason}\n"));
     });
 
+    let mut session = Session::default();
     while let Some(line) = line_rx.recv().await {
-        let go_on = match run_line(ctx, &line).await {
-            Ok(Some(reply)) => {
-                crate::outln!("{}", pretty(&reply, ctx.json))?;
-                true
-            }
-            Ok(None) => line.trim() != "exit",
+        let go_on = match session.run_line(ctx, &line).await {
+            Ok(outcome) => outcome.print(ctx.json)?,
             Err(e) => {
                 for (i, l) in exit::chain_lines(&e).iter().enumerate() {
                     eprintln!("{}{l}", if i == 0 { "error: " } else { "  caused by: " });
@@ -156,7 +167,8 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let go_on = go_on && !ctx.client.is_closed();
-        if next_tx.send(go_on).is_err() || !go_on {
+        let next = go_on.then(|| session.prompt().to_owned());
+        if next_tx.send(next).is_err() || !go_on {
             break;
         }
     }
@@ -175,8 +187,10 @@ pub async fn run(ctx: &Ctx, args: ShellArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs one command per line of stdin (for scripts and coprocesses: each
-/// line runs as soon as it arrives); stops at the first error.
-async fn run_script(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+/// line runs as soon as it arrives). Stops at the first failing line, or
+/// with `--keep-going` reports it and goes on; either way the exit status is
+/// the first failure's (see `qmpctl --help`), 0 when every line succeeded.
+async fn run_script(ctx: &Ctx, keep_going: bool) -> anyhow::Result<ExitCode> {
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
     // A thread of its own: a blocking read of stdin must not hold up the
     // runtime, nor its shutdown.
@@ -187,21 +201,141 @@ async fn run_script(ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
     });
+    let mut session = Session::default();
     let mut n = 0;
+    let mut first_failure: Option<u8> = None;
+    let mut failures = 0usize;
     while let Some(line) = lines.recv().await {
         let line = line.context("cannot read stdin")?;
         n += 1;
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        match run_line(ctx, &line).await {
-            Ok(Some(reply)) => crate::outln!("{}", pretty(&reply, ctx.json))?,
-            Ok(None) if line.trim() == "exit" => break,
-            Ok(None) => {}
-            Err(e) => return Err(e.context(format!("line {n}: {}", line.trim()))),
+        match session.run_line(ctx, &line).await {
+            Ok(outcome) => {
+                if !outcome.print(ctx.json)? {
+                    break;
+                }
+            }
+            Err(e) => {
+                let e = e.context(format!("line {n}: {}", line.trim()));
+                if !keep_going {
+                    return Err(e);
+                }
+                failures += 1;
+                let code = exit::code_of(&e);
+                first_failure.get_or_insert(code);
+                exit::print_error(&e, ctx.json);
+                if ctx.client.is_closed() {
+                    break;
+                }
+            }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    if session.pending.is_some() {
+        let e = exit::usage("the input ended inside `transaction(` (no closing `)`): nothing was sent");
+        if !keep_going {
+            return Err(e);
+        }
+        failures += 1;
+        first_failure.get_or_insert(exit::USAGE);
+        exit::print_error(&e, ctx.json);
+    }
+    match first_failure {
+        Some(code) => {
+            if !ctx.json {
+                eprintln!("qmpctl: {failures} of the commands failed");
+            }
+            Ok(ExitCode::from(code))
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// What a shell line produced.
+pub enum Outcome {
+    /// QEMU's answer.
+    Reply(Value),
+    /// A human monitor command's text.
+    Text(String),
+    /// Nothing to print (help was printed, an action was queued).
+    Quiet,
+    /// `exit`.
+    Exit,
+}
+
+impl Outcome {
+    /// Prints it; false when the shell should end.
+    fn print(self, json: bool) -> anyhow::Result<bool> {
+        match self {
+            Outcome::Reply(v) => crate::outln!("{}", pretty(&v, json))?,
+            Outcome::Text(t) if json => crate::outln!("{}", Value::String(t))?,
+            Outcome::Text(t) => print_text(&t)?,
+            Outcome::Quiet => {}
+            Outcome::Exit => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// Prints a human monitor's text as it is meant to be read: QEMU ends its
+/// lines with CR LF; the terminal gets plain newlines.
+pub fn print_text(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let text = text.replace("\r\n", "\n");
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    if !text.is_empty() && !text.ends_with('\n') {
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// A shell's state between lines: the actions of an open `transaction(`.
+#[derive(Default)]
+pub struct Session {
+    pending: Option<Vec<Value>>,
+}
+
+impl Session {
+    /// The prompt for the next line.
+    fn prompt(&self) -> &'static str {
+        if self.pending.is_some() {
+            "transaction> "
+        } else {
+            "qmp> "
+        }
+    }
+
+    /// Runs one shell line.
+    pub async fn run_line(&mut self, ctx: &Ctx, line: &str) -> anyhow::Result<Outcome> {
+        let line = line.trim();
+        if let Some(actions) = &mut self.pending {
+            if line == ")" {
+                let actions = self.pending.take().unwrap_or_default();
+                let n = actions.len();
+                crate::subcommands::run_transaction(ctx, actions).await?;
+                return Ok(Outcome::Reply(serde_json::json!({"transaction": n, "ok": true})));
+            }
+            let action = if line.starts_with('{') {
+                parse_json_args(line, "the line")?
+            } else {
+                crate::typed::transaction_action(&split_words(line)?)?
+            };
+            actions.push(action);
+            return Ok(Outcome::Quiet);
+        }
+        if line == "transaction(" || line == "transaction (" {
+            self.pending = Some(Vec::new());
+            return Ok(Outcome::Quiet);
+        }
+        if let Some(hmp) = line.strip_prefix('!') {
+            return Ok(Outcome::Text(
+                crate::subcommands::hmp(ctx, hmp.trim(), None).await?,
+            ));
+        }
+        run_line(ctx, line).await
+    }
 }
 
 fn pretty(v: &Value, compact: bool) -> String {
@@ -212,11 +346,10 @@ fn pretty(v: &Value, compact: bool) -> String {
     }
 }
 
-/// Runs one shell line; `None` for the shell's own words (help, exit).
-async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Option<Value>> {
-    let line = line.trim();
+/// Runs one shell line that is a command (not part of a transaction).
+async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Outcome> {
     if line.starts_with('{') {
-        return Ok(Some(
+        return Ok(Outcome::Reply(
             ctx.within("request", async { Ok(ctx.client.execute_json(line).await?) })
                 .await?,
         ));
@@ -224,14 +357,17 @@ async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Option<Value>> {
     let (name, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
     let rest = rest.trim();
     match name {
-        "exit" | ".exit" => return Ok(None),
+        "exit" | ".exit" => return Ok(Outcome::Exit),
         "help" | ".help" => {
             if rest.is_empty() {
                 crate::outln!("{HELP}")?;
             } else {
                 describe(ctx, rest).await?;
             }
-            return Ok(None);
+            return Ok(Outcome::Quiet);
+        }
+        "hmp" if !rest.is_empty() => {
+            return Ok(Outcome::Text(crate::subcommands::hmp(ctx, rest, None).await?));
         }
         _ => {}
     }
@@ -241,18 +377,29 @@ async fn run_line(ctx: &Ctx, line: &str) -> anyhow::Result<Option<Value>> {
         parse_json_args(rest, "the line")?
     } else {
         let words = split_words(rest)?;
-        parse_pairs(words.iter().map(String::as_str))?
+        crate::typed::command_arguments(name, words.iter().map(String::as_str))?
     };
-    Ok(Some(
+    Ok(Outcome::Reply(
         ctx.within(name, call_checked(&ctx.client, name, &args)).await?,
     ))
 }
 
-/// Prints a command's arguments from the schema.
-async fn describe(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
+/// Prints a command's (or a type's) members with their types, from the
+/// schema this build knows; a command only the server knows gets its
+/// argument names from the server.
+async fn describe(ctx: &Ctx, rest: &str) -> anyhow::Result<()> {
+    let words = split_words(rest)?;
+    let Some((name, given)) = words.split_first() else {
+        return Ok(());
+    };
+    let given: Vec<&str> = given.iter().map(String::as_str).collect();
+    if let Ok(text) = crate::typed::describe(name, &given) {
+        crate::outln!("{}", text.trim_end())?;
+        return Ok(());
+    }
     let schema = ctx.client.schema().await?;
     let Some(args) = schema.arguments(name) else {
-        let s = crate::exec::suggest(name, schema.command_names());
+        let s = crate::subcommands::exec::suggest(name, schema.command_names());
         return Err(exit::usage(format!(
             "unknown command {name:?}{}",
             if s.is_empty() {
@@ -262,23 +409,16 @@ async fn describe(ctx: &Ctx, name: &str) -> anyhow::Result<()> {
             }
         )));
     };
-    if args.is_empty() {
-        crate::outln!("{name} takes no arguments")?;
-    }
+    crate::outln!("{name} (newer than this qmpctl: argument names only)")?;
     for m in args {
-        crate::outln!(
-            "  {}{}  ({})",
-            m.name,
-            if m.optional() { "?" } else { "" },
-            m.type_name
-        )?;
+        crate::outln!("  {}{}", m.name, if m.optional() { "?" } else { "" })?;
     }
     Ok(())
 }
 
 /// Splits `a=1 b="two words" c='x y'` into words. Double-quoted text keeps
 /// its quotes (a JSON string); single-quoted text becomes a JSON string.
-fn split_words(text: &str) -> anyhow::Result<Vec<String>> {
+pub fn split_words(text: &str) -> anyhow::Result<Vec<String>> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut chars = text.chars().peekable();
@@ -373,13 +513,28 @@ impl Completer for ShellHelper {
                 .collect();
             return Ok((0, found));
         }
-        if word.contains('=') || before.trim_start().starts_with('{') {
+        if before.trim_start().starts_with('{') {
             return Ok((pos, Vec::new()));
         }
-        let command = before.split_whitespace().next().unwrap_or_default();
-        let given: Vec<&str> = before[..start]
-            .split_whitespace()
-            .skip(1)
+        let mut words = before[..start].split_whitespace();
+        let command = words.next().unwrap_or_default();
+        let given: Vec<&str> = words.collect();
+        if crate::typed::knows_command(command) {
+            let found = crate::typed::complete(command, &given, word)
+                .into_iter()
+                .map(|c| Pair {
+                    display: c.trim_end().to_owned(),
+                    replacement: c,
+                })
+                .collect();
+            return Ok((start, found));
+        }
+        if word.contains('=') {
+            return Ok((pos, Vec::new()));
+        }
+        // A command newer than this build: argument names from the server.
+        let given: Vec<&str> = given
+            .iter()
             .filter_map(|w| w.split_once('=').map(|(k, _)| k))
             .collect();
         let found = self

@@ -420,7 +420,10 @@ async fn events(c: &Client) -> anyhow::Result<()> {
             _ => c.start().await?,
         }
         let e = events.next().await.context("the connection closed")?;
-        say(&format!("{step:<6} -> {}", crate::events::human_line(&e)))?;
+        say(&format!(
+            "{step:<6} -> {}",
+            crate::subcommands::events::human_line(&e)
+        ))?;
     }
     Ok(())
 }

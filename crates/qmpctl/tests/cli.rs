@@ -736,7 +736,10 @@ async fn launched_qemu_goes_away_with_sigterm() {
     let target = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::kill_process(target, rustix::process::Signal::TERM).unwrap();
     let r = finish(child).await;
-    r.fails(130, "interrupted by SIGTERM");
+    // --json: the error is one JSON object.
+    let e = json_error(&r, 130);
+    assert_eq!(e["kind"], "interrupted");
+    assert_eq!(e["message"], "interrupted by SIGTERM");
     within(10, async {
         while alive(qemu[0]) {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -832,4 +835,471 @@ async fn socket_takes_tcp_addresses_and_says_which_form_it_understood() {
         4,
         "no QMP socket at 127.0.0.1:4445: the file does not exist (read as a Unix socket path",
     );
+}
+
+/// Parses the one JSON error object `--json` prints on stderr.
+#[track_caller]
+fn json_error(r: &Run, code: i32) -> Value {
+    assert_eq!(r.code, code, "stdout: {} stderr: {}", r.stdout, r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "not one line: {}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stderr).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.stderr));
+    assert_eq!(v["error"]["exit_code"], code, "{v}");
+    assert!(
+        v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    v["error"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_errors_name_kind_class_and_exit_code() {
+    let vm = vm().await;
+    let sock = vm.socket("cli");
+
+    // QEMU's error: its class comes through.
+    let e = json_error(&ctl(&sock, &["--json", "exec", "device_del", "id=nope"]).await, 3);
+    assert_eq!(e["kind"], "qmp");
+    assert_eq!(e["class"], "DeviceNotFound");
+    assert!(e["message"].as_str().unwrap().contains("nope"), "{e}");
+
+    // Bad input found before anything is sent: no class.
+    let e = json_error(
+        &ctl(&sock, &["--json", "exec", "blockdev-add", "driver=qcow3"]).await,
+        2,
+    );
+    assert_eq!(e["kind"], "usage");
+    assert!(e["class"].is_null());
+    assert!(
+        e["message"].as_str().unwrap().contains("did you mean qcow2"),
+        "{e}"
+    );
+
+    // Options clap refuses, and a socket that is not there.
+    let e = json_error(&ctl(&sock, &["--json", "--no-such-option", "status"]).await, 2);
+    assert_eq!(e["kind"], "usage");
+    let missing = vm.dir().join("missing.sock");
+    let e = json_error(&ctl(&missing, &["--json", "status"]).await, 4);
+    assert_eq!(e["kind"], "connection");
+
+    // Without --json the same error is text.
+    ctl(&sock, &["exec", "device_del", "id=nope"])
+        .await
+        .fails(3, "nope");
+    // QEMU is still there and unchanged.
+    assert_eq!(status(vm.client()).await, "prelaunch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_end_on_timeout_quit_and_kill() {
+    let mut vm = vm().await;
+    let c = vm.client().clone();
+    let sock = vm.socket("cli");
+    let pokes = [("stop", Value::Null), ("cont", Value::Null)];
+
+    // --timeout bounds the stream: an open-ended one ends with success, one
+    // that waits for more than arrived is a timeout.
+    let r = within(30, ctl(&sock, &["--timeout", "1s", "events"])).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    within(30, ctl(&sock, &["--timeout", "1s", "events", "--count", "1000"]))
+        .await
+        .fails(5, "--timeout");
+
+    // QEMU quits (SHUTDOWN, then the socket closes): success.
+    let mut stream = Stream::spawn(&sock, &["events"]);
+    stream.poke_until(&c, &pokes, 1).await;
+    let _: Value = c.call("quit", &()).await.unwrap();
+    let r = stream.finish().await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("SHUTDOWN"), "{}", r.stdout);
+
+    // QEMU vanishes without a word (kill -9): a failure that says so.
+    let mut vm2 = support::vm().await;
+    let c2 = vm2.client().clone();
+    let sock2 = vm2.socket("cli");
+    let mut stream = Stream::spawn(&sock2, &["events", "--filter", "STOP"]);
+    stream.poke_until(&c2, &pokes, 1).await;
+    vm2.kill();
+    let r = stream.finish().await;
+    r.fails(4, "QEMU went away without a SHUTDOWN event");
+    assert!(r.stdout.contains("STOP"), "{}", r.stdout);
+    vm.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_colour_when_piped_and_piped_shell_exit_status() {
+    let vm = vm().await;
+    let c = vm.client().clone();
+    let sock = vm.socket("cli");
+    let _: Value = c.call("cont", &()).await.unwrap();
+
+    // Debug logs and errors on a pipe: plain text, no escape codes.
+    let r = ctl(&sock, &["-vv", "status"]).await.ok();
+    assert!(
+        r.stderr.contains("DEBUG") || r.stderr.contains("TRACE"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains('\x1b'), "colour on a pipe: {:?}", r.stderr);
+    let r = ctl(&sock, &["--no-such-option"]).await;
+    assert_eq!(r.code, 2);
+    assert!(!r.stderr.contains('\x1b'), "colour on a pipe: {:?}", r.stderr);
+    let r = ctl_env(&sock, &["-vv", "status"], &[("NO_COLOR", "1")])
+        .await
+        .ok();
+    assert!(!r.stderr.contains('\x1b'), "{:?}", r.stderr);
+
+    // Stop at the first failure (default): `stop` never runs.
+    let script = "query-status\nquery-stauts\nstop\n";
+    let r = ctl_stdin(&sock, &["shell"], script).await;
+    r.fails(2, "line 2: query-stauts");
+    assert_eq!(status(&c).await, "running");
+
+    // --keep-going runs every line; the status is the first failure's.
+    let script = "query-status\nquery-stauts\ndevice_del id=nope\nstop\n";
+    let r = ctl_stdin(&sock, &["shell", "--keep-going"], script).await;
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("line 2: query-stauts"), "{}", r.stderr);
+    assert!(r.stderr.contains("line 3: device_del"), "{}", r.stderr);
+    assert!(r.stderr.contains("2 of the commands failed"), "{}", r.stderr);
+    assert_eq!(status(&c).await, "paused");
+
+    // With --json each failure is a JSON line on stderr.
+    let r = ctl_stdin(
+        &sock,
+        &["--json", "shell", "--keep-going"],
+        "device_del id=nope\ncont\n",
+    )
+    .await;
+    assert_eq!(r.code, 3);
+    let e: Value = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert_eq!(e["error"]["class"], "DeviceNotFound");
+    assert_eq!(status(&c).await, "running");
+
+    // Every line succeeded: 0.
+    ctl_stdin(&sock, &["shell", "--keep-going"], "stop\nquery-status\n")
+        .await
+        .ok();
+    assert_eq!(status(&c).await, "paused");
+}
+
+/// A node of query-named-block-nodes, by name.
+async fn named_node(c: &qmpkit::Client, name: &str) -> Option<Value> {
+    let nodes: Value = c
+        .call("query-named-block-nodes", &json!({"flat": true}))
+        .await
+        .unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_value_arguments_take_their_types_from_the_schema() {
+    let vm = vm().await;
+    let c = vm.client().clone();
+    let sock = vm.socket("cli");
+    let img = vm.dir().join("a.qcow2");
+    let img2 = vm.dir().join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", img2.to_str().unwrap(), "64M"]);
+
+    // Strings that look like numbers stay strings.
+    ctl(
+        &sock,
+        &["exec", "object-add", "qom-type=secret", "id=s1", "data=1234"],
+    )
+    .await
+    .ok();
+    ctl(&sock, &["exec", "chardev-add", "id=7", "backend.type=null"])
+        .await
+        .ok();
+    let objects: Value = c.call("qom-list", &json!({"path": "/objects"})).await.unwrap();
+    assert!(
+        objects.as_array().unwrap().iter().any(|o| o["name"] == "s1"),
+        "{objects}"
+    );
+    let chardevs: Value = c.call("query-chardev", &()).await.unwrap();
+    assert!(
+        chardevs.as_array().unwrap().iter().any(|d| d["label"] == "7"),
+        "{chardevs}"
+    );
+
+    // A union (driver selects the members), a boolean, nested objects.
+    let file = format!("file.filename={}", img.display());
+    ctl(
+        &sock,
+        &[
+            "exec",
+            "blockdev-add",
+            "driver=qcow2",
+            "node-name=n1",
+            "read-only=on",
+            "file.driver=file",
+            &file,
+        ],
+    )
+    .await
+    .ok();
+    let n1 = named_node(&c, "n1").await.expect("n1 added");
+    assert_eq!(n1["drv"], "qcow2");
+    assert_eq!(n1["ro"], true);
+
+    // An integer; a list through a union (a transaction's actions).
+    let file2 = format!("file.filename={}", img2.display());
+    ctl(
+        &sock,
+        &[
+            "exec",
+            "blockdev-add",
+            "driver=qcow2",
+            "node-name=n2",
+            "file.driver=file",
+            &file2,
+        ],
+    )
+    .await
+    .ok();
+    ctl(&sock, &["exec", "block_resize", "node-name=n2", "size=134217728"])
+        .await
+        .ok();
+    ctl(
+        &sock,
+        &[
+            "exec",
+            "transaction",
+            "actions.0.type=block-dirty-bitmap-add",
+            "actions.0.data.node=n2",
+            "actions.0.data.name=b0",
+            "actions.0.data.persistent=no",
+        ],
+    )
+    .await
+    .ok();
+    let n2 = named_node(&c, "n2").await.unwrap();
+    assert_eq!(n2["image"]["virtual-size"], 134217728, "{n2}");
+    assert!(
+        n2["dirty-bitmaps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == "b0"),
+        "{n2}"
+    );
+
+    // key:=JSON passes verbatim.
+    ctl(
+        &sock,
+        &["exec", "object-add", "qom-type=secret", "id=s2", "data:=\"x\""],
+    )
+    .await
+    .ok();
+    let objects: Value = c.call("qom-list", &json!({"path": "/objects"})).await.unwrap();
+    assert!(
+        objects.as_array().unwrap().iter().any(|o| o["name"] == "s2"),
+        "{objects}"
+    );
+
+    // Wrong values are refused before anything is sent.
+    ctl(&sock, &["exec", "blockdev-add", "driver=qcow3", "node-name=n3"])
+        .await
+        .fails(2, "did you mean qcow2");
+    ctl(&sock, &["exec", "block_resize", "node-name=n2", "size=big"])
+        .await
+        .fails(2, "size must be an integer");
+    ctl(
+        &sock,
+        &[
+            "exec",
+            "blockdev-add",
+            "driver=qcow2",
+            "node-name=n3",
+            "lazy-refcount=on",
+        ],
+    )
+    .await
+    .fails(2, "did you mean lazy-refcounts");
+    assert!(named_node(&c, "n3").await.is_none());
+
+    // help shows real type names and enum values, never type numbers.
+    let r = ctl_stdin(
+        &sock,
+        &["shell"],
+        "help blockdev-add\nhelp blockdev-add driver=qcow2\nhelp query-status\n",
+    )
+    .await
+    .ok();
+    assert!(r.stdout.contains("BlockdevDriver"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("lazy-refcounts?") && r.stdout.contains("BlockdevRef"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("returns StatusInfo"), "{}", r.stdout);
+    let numbered = r.stdout.split('(').skip(1).any(|s| {
+        s.split(')')
+            .next()
+            .is_some_and(|x| !x.is_empty() && x.chars().all(|c| c.is_ascii_digit()))
+    });
+    assert!(!numbered, "a masked type number: {}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hmp_prints_the_monitor_text_as_text() {
+    let vm = vm_with(&["-name", "hmp-vm"]).await;
+    let sock = vm.socket("cli");
+
+    let r = ctl(&sock, &["hmp", "info", "status"]).await.ok();
+    assert_eq!(r.stdout, "VM status: paused (prelaunch)\n");
+    let r = ctl(&sock, &["hmp", "info chardev"]).await.ok();
+    assert!(r.stdout.lines().count() > 1, "{}", r.stdout);
+    assert!(r.stdout.contains("console0"), "{}", r.stdout);
+    assert!(
+        !r.stdout.contains('\r') && !r.stdout.contains("\\r\\n"),
+        "{:?}",
+        r.stdout
+    );
+
+    let r = ctl(&sock, &["--json", "hmp", "info", "name"]).await.ok();
+    assert_eq!(r.json()["output"], "hmp-vm\n");
+
+    // The shell: `!` and `hmp` lines, the text as text; an HMP mistake is text too.
+    let r = ctl_stdin(&sock, &["shell"], "!info name\nhmp info status\n")
+        .await
+        .ok();
+    assert_eq!(r.stdout, "hmp-vm\nVM status: paused (prelaunch)\n");
+    let r = ctl(&sock, &["hmp", "info", "no-such-thing"]).await.ok();
+    assert!(r.stdout.contains("info"), "{}", r.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_snapshots_two_disks_atomically() {
+    let vm = vm().await;
+    let c = vm.client().clone();
+    let sock = vm.socket("cli");
+    let dir = vm.dir().to_owned();
+    for d in ["d0", "d1"] {
+        let img = dir.join(format!("{d}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+        ctl(&sock, &["block", "add", d, img.to_str().unwrap()]).await.ok();
+    }
+    let action = |d: &str, name: &str| {
+        format!(
+            "blockdev-snapshot-sync node-name={d} snapshot-node-name={name} format=qcow2 snapshot-file={}",
+            dir.join(format!("{name}.qcow2")).display()
+        )
+    };
+
+    let r = ctl(
+        &sock,
+        &[
+            "transaction",
+            "-a",
+            &action("d0", "d0-ov"),
+            "-a",
+            &action("d1", "d1-ov"),
+        ],
+    )
+    .await
+    .ok();
+    assert!(r.stdout.contains("transaction of 2 actions done"), "{}", r.stdout);
+    assert_eq!(device_node(&c, "d0").await.as_deref(), Some("d0-ov"));
+    assert_eq!(device_node(&c, "d1").await.as_deref(), Some("d1-ov"));
+    assert!(named_node(&c, "d0-ov").await.is_some() && named_node(&c, "d1-ov").await.is_some());
+
+    // One bad action: nothing happens to the other disk either.
+    let script = format!(
+        "transaction(\n{}\n{}\n)\n",
+        action("d0-ov", "d0-ov2"),
+        action("no-such-node", "x-ov")
+    );
+    let r = ctl_stdin(&sock, &["shell"], &script).await;
+    r.fails(3, "no-such-node");
+    assert!(named_node(&c, "d0-ov2").await.is_none());
+    assert_eq!(device_node(&c, "d0").await.as_deref(), Some("d0-ov"));
+
+    // The shell form, and the JSON form of the subcommand.
+    let script = format!(
+        "transaction(\n{}\n{}\n)\n",
+        action("d0-ov", "d0-ov2"),
+        action("d1-ov", "d1-ov2")
+    );
+    let r = ctl_stdin(&sock, &["--json", "shell"], &script).await.ok();
+    assert!(r.stdout.contains("\"transaction\":2"), "{}", r.stdout);
+    assert_eq!(device_node(&c, "d0").await.as_deref(), Some("d0-ov2"));
+    assert_eq!(device_node(&c, "d1").await.as_deref(), Some("d1-ov2"));
+    let r = ctl(
+        &sock,
+        &["--json", "transaction", r#"[{"type": "abort", "data": {}}]"#],
+    )
+    .await;
+    assert_eq!(json_error(&r, 3)["kind"], "qmp");
+    ctl(
+        &sock,
+        &["transaction", "-a", "blockdev-snapshot-synk node-name=d0"],
+    )
+    .await
+    .fails(2, "blockdev-snapshot-sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_man_page_are_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    for (shell, mark) in [
+        ("bash", "_qmpctl()"),
+        ("zsh", "#compdef qmpctl"),
+        ("fish", "complete -c qmpctl"),
+    ] {
+        let r = run_ctl(&["completions", shell], None, None).await.ok();
+        assert!(
+            r.stdout.contains(mark),
+            "{shell}: {}",
+            &r.stdout[..r.stdout.len().min(300)]
+        );
+        assert!(
+            r.stdout.contains("transaction") && r.stdout.contains("keep-going"),
+            "{shell}"
+        );
+        let file = dir.path().join(format!("qmpctl.{shell}"));
+        std::fs::write(&file, &r.stdout).unwrap();
+        if shell == "bash" {
+            // The script parses, and defines the completion function.
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(format!("source {} && complete -p qmpctl", file.display()))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(String::from_utf8_lossy(&out.stdout).contains("_qmpctl"));
+        }
+    }
+    run_ctl(&["completions", "tcsh"], None, None)
+        .await
+        .fails(2, "tcsh");
+
+    let r = run_ctl(&["man"], None, None).await.ok();
+    assert!(
+        r.stdout.starts_with(".ie") || r.stdout.contains(".TH qmpctl"),
+        "{}",
+        &r.stdout[..200]
+    );
+    assert!(
+        r.stdout.contains("transaction") && r.stdout.contains("Exit codes"),
+        "man page lacks parts"
+    );
+    let pages = dir.path().join("man");
+    run_ctl(&["man", "--dir", pages.to_str().unwrap()], None, None)
+        .await
+        .ok();
+    for page in [
+        "qmpctl.1",
+        "qmpctl-block.1",
+        "qmpctl-transaction.1",
+        "qmpctl-block-snapshot.1",
+    ] {
+        let text = std::fs::read_to_string(pages.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page}");
+    }
 }

@@ -126,3 +126,57 @@ async fn shell_completes_remembers_and_prints_events_while_typing() {
         "{saved}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_completes_values_runs_transactions_and_hmp() {
+    let vm = vm().await;
+    let socket = vm.socket("cli");
+    let history = vm.dir().join("history");
+    let driver = tokio::task::spawn_blocking(move || -> Result<(), rexpect::error::Error> {
+        let mut p = shell(&socket, &history);
+        p.exp_string("qmp> ")?;
+        // An enum value: qcow and qcow2 share the prefix; the second Tab lists both.
+        p.send("blockdev-add driver=qco\t\t")?;
+        p.flush()?;
+        p.exp_string("qcow2")?;
+        p.send("2\t")?;
+        p.flush()?;
+        // Then the qcow2 branch's own members complete.
+        p.send("lazy-ref\t")?;
+        p.flush()?;
+        p.exp_string("counts=")?;
+        p.send("\x15")?;
+        p.send("help block_resize\r")?;
+        p.flush()?;
+        p.exp_string("size")?;
+        p.exp_string("int")?;
+        p.exp_string("qmp> ")?;
+        // A transaction collects actions under its own prompt; `)` runs them.
+        p.send("transaction(\r")?;
+        p.flush()?;
+        p.exp_string("transaction> ")?;
+        p.send("abort\r")?;
+        p.flush()?;
+        p.exp_string("transaction> ")?;
+        p.send(")\r")?;
+        p.flush()?;
+        p.exp_string("abort")?;
+        p.exp_string("qmp> ")?;
+        // A human monitor command prints text.
+        p.send("!info status\r")?;
+        p.flush()?;
+        p.exp_string("VM status: paused (prelaunch)")?;
+        p.exp_string("qmp> ")?;
+        p.send_control('d')?;
+        p.exp_eof()?;
+        Ok(())
+    });
+    within(60, driver).await.unwrap().unwrap();
+    // The shell only completed and described: QEMU has no new node.
+    let nodes: Value = vm
+        .client()
+        .call("query-named-block-nodes", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(nodes, serde_json::json!([]));
+}

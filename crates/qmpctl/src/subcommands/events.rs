@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use crate::cli::EventsArgs;
 use crate::conn::Ctx;
-use crate::exec::suggest;
-use crate::exit::{usage, ConnectFailure};
+use crate::exit::{usage, ConnectFailure, Deadline};
 use crate::outln;
+use crate::subcommands::exec::suggest;
 
 /// An event as one readable line: time, name, data.
 pub fn human_line(e: &Event) -> String {
@@ -54,16 +54,20 @@ pub fn json_value(e: &Event) -> Value {
     v
 }
 
-/// Runs `events`.
+/// Runs `events`. It ends after `--count` events, the `--until` event or
+/// `--timeout` (an error when the events asked for did not all arrive, a
+/// success for an open-ended stream); when QEMU goes away, it succeeds only
+/// if QEMU said SHUTDOWN first (a `quit`, a power-off), and fails when it
+/// vanished without one (killed, crashed).
 pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<ExitCode> {
-    // Subscribe before anything else so that nothing is missed.
+    // Subscribe before anything else so that nothing is missed. SHUTDOWN is
+    // always watched: it tells a clean end from a vanished QEMU.
     let filter = if args.filter.is_empty() {
         EventFilter::all()
     } else {
         let mut names = args.filter.clone();
-        if let Some(u) = &args.until {
-            names.push(u.clone());
-        }
+        names.extend(args.until.clone());
+        names.push(SHUTDOWN.to_owned());
         EventFilter::names(names)
     };
     let mut stream = ctx.client.subscribe(filter);
@@ -73,7 +77,25 @@ pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<ExitCode> {
     if args.count == Some(0) {
         return Ok(ExitCode::SUCCESS);
     }
-    while let Some(item) = stream.recv().await {
+    let bounded = args.count.is_some() || args.until.is_some();
+    let deadline = ctx.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut shut_down = false;
+    loop {
+        let item = match deadline {
+            None => stream.recv().await,
+            Some(at) => match tokio::time::timeout_at(at, stream.recv()).await {
+                Ok(item) => item,
+                Err(_) if bounded => {
+                    let t = humantime::format_duration(ctx.timeout.unwrap_or_default());
+                    return Err(anyhow::Error::new(Deadline(format!(
+                        "events: {seen} events within {t} (--timeout), not the ones asked for"
+                    ))));
+                }
+                // An open-ended stream for as long as asked: done.
+                Err(_) => return Ok(ExitCode::SUCCESS),
+            },
+        };
+        let Some(item) = item else { break };
         let event = match item {
             EventItem::Event(e) => e,
             EventItem::Missed(n) => {
@@ -81,6 +103,7 @@ pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
+        shut_down |= event.name() == SHUTDOWN;
         let is_last = args.until.as_deref() == Some(event.name());
         let wanted = is_last || args.filter.is_empty() || args.filter.iter().any(|f| f == event.name());
         if wanted {
@@ -95,16 +118,22 @@ pub async fn run(ctx: &Ctx, args: EventsArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    // The connection closed: fine for an open-ended stream, not when the
-    // caller asked for more.
-    if args.count.is_some() || args.until.is_some() {
-        let reason = ctx.client.closed().await;
+    let reason = ctx.client.closed().await;
+    if bounded {
         return Err(anyhow::Error::new(reason).context(ConnectFailure(format!(
             "the connection closed after {seen} events, before the ones asked for"
         ))));
     }
+    if !shut_down {
+        return Err(anyhow::Error::new(reason).context(ConnectFailure(format!(
+            "QEMU went away without a SHUTDOWN event (killed or crashed?) after {seen} events"
+        ))));
+    }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The event QEMU sends before it exits on purpose.
+const SHUTDOWN: &str = "SHUTDOWN";
 
 /// Refuses event names the server does not know, suggesting close ones.
 async fn check_event_names<'a>(ctx: &Ctx, names: impl Iterator<Item = &'a String>) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::cli::ExecArgs;
 use crate::conn::Ctx;
@@ -29,7 +29,7 @@ pub async fn run(ctx: &Ctx, args: ExecArgs) -> anyhow::Result<ExitCode> {
         [one] if one.trim_start().starts_with('{') || one.trim_start().starts_with('[') => {
             parse_json_args(one, "the command line")?
         }
-        pairs => parse_pairs(pairs.iter().map(String::as_str))?,
+        pairs => crate::typed::command_arguments(&args.name, pairs.iter().map(String::as_str))?,
     };
     let reply = ctx
         .within(&args.name, call_checked(&ctx.client, &args.name, &arguments))
@@ -73,42 +73,12 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Parses `key=value` pairs into a JSON object. A value that is valid JSON
-/// (a number, true/false, a quoted string, an object or array) is taken as
-/// JSON, anything else as a string; `a.b=c` nests (`{"a": {"b": "c"}}`).
+/// Parses `key=value` pairs into a JSON object without a schema: a value
+/// that is valid JSON is taken as JSON, anything else as a string; `a.b=c`
+/// nests; `key:=JSON` is verbatim. Commands use
+/// [`crate::typed::command_arguments`] instead, which follows the schema.
 pub fn parse_pairs<'a>(pairs: impl IntoIterator<Item = &'a str>) -> anyhow::Result<Value> {
-    let mut root = Map::new();
-    for pair in pairs {
-        let Some((key, raw)) = pair.split_once('=') else {
-            return Err(usage(format!(
-                "argument {pair:?} is not key=value (or give the arguments as one JSON object)"
-            )));
-        };
-        if key.is_empty() || key.split('.').any(str::is_empty) {
-            return Err(usage(format!("argument {pair:?} has an empty name")));
-        }
-        let value = serde_json::from_str::<Value>(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
-        let mut parts = key.split('.').peekable();
-        let mut map = &mut root;
-        while let Some(part) = parts.next() {
-            if parts.peek().is_none() {
-                map.insert(part.to_owned(), value);
-                break;
-            }
-            let entry = map
-                .entry(part.to_owned())
-                .or_insert_with(|| Value::Object(Map::new()));
-            map = match entry {
-                Value::Object(m) => m,
-                _ => {
-                    return Err(usage(format!(
-                        "argument {key:?}: {part} is set both as a value and as an object"
-                    )))
-                }
-            };
-        }
-    }
-    Ok(Value::Object(root))
+    crate::typed::untyped_pairs(pairs)
 }
 
 /// Runs a command by name; when QEMU says there is no such command, the
