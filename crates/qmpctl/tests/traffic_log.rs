@@ -1,4 +1,4 @@
-//! `--log` writes the Go package's format, whose timestamps are local time
+//! `--log` writes Incus's `qmp` package's format, whose timestamps are local time
 //! with its offset, as Go's `time.Now().Format(time.RFC3339)` prints them.
 //! The zone comes from `TZ`, set here on the child process alone. A fake
 //! server answers, so no QEMU is needed.

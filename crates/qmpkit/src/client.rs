@@ -55,7 +55,7 @@ impl CallOptions {
     /// are sent, or when the call fails before sending. More than
     /// [`MAX_FDS_PER_CALL`] fail the call with [`Error::TooManyFds`] before
     /// anything is sent. A call that passes fds is kept out of the traffic
-    /// log, as the Go package's `SendFile` and `SendFileWithFDSet` are.
+    /// log, as Incus's `qmp` package's `SendFile` and `SendFileWithFDSet` are.
     pub fn fds(mut self, fds: impl IntoIterator<Item = OwnedFd>) -> Self {
         self.fds.extend(fds);
         self
@@ -454,7 +454,7 @@ impl Client {
         let _ = self.inner.tx.send(ToDriver::Disconnect);
     }
 
-    /// Returns a fresh id from the connection's counter (the Go package's
+    /// Returns a fresh id from the connection's counter (Incus's `qmp` package's
     /// `IncreaseID`). The client numbers its own requests from the same counter.
     pub fn next_id(&self) -> u64 {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)

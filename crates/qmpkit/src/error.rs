@@ -176,12 +176,12 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
-    /// The requested console (chardev) does not exist (the Go package's
+    /// The requested console (chardev) does not exist (Incus's `qmp` package's
     /// `ErrMonitorBadConsole`).
     #[error("requested console {0:?} couldn't be found")]
     BadConsole(String),
 
-    /// The requested chardev is not a ring buffer (the Go package's `ErrNotARingbuf`).
+    /// The requested chardev is not a ring buffer (Incus's `qmp` package's `ErrNotARingbuf`).
     #[error("requested device {0:?} isn't a ring buffer")]
     NotARingbuf(String),
 

@@ -131,7 +131,7 @@ impl std::fmt::Display for Event {
     }
 }
 
-/// Typed views of the events the Go package handles. Unknown events, and known
+/// Typed views of the events Incus's Go package `qmp` handles. Unknown events, and known
 /// ones whose data does not decode, are [`KnownEvent::Other`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

@@ -67,7 +67,7 @@
 //! | [`qapi`] | every QEMU 10 command and event as types generated from QEMU's schema; run them with [`Client::execute`] |
 //! | [`commands`] | the typed operations (lifecycle, CPUs, memory, block, jobs, NBD, migration, devices, chardevs, fds, misc), as methods on [`Client`] |
 //! | [`guest_agent`] | the QEMU guest agent (`qemu-ga` in the guest): exec, files, fsfreeze, shutdown, ... |
-//! | [`monitor`] | the Go package's `Monitor`: one shared, self-watching connection per VM |
+//! | [`monitor`] | Incus's `qmp` package's `Monitor`: one shared, self-watching connection per VM |
 //! | [`event`] | subscriptions and typed views of events |
 //! | [`schema`] | the server's command schema, for version-dependent choices |
 //! | [`blocking`] | the same client for synchronous code |
@@ -80,7 +80,7 @@
 //! | `monitor` | yes | [`monitor`]: the Monitor of Incus's Go package `qmp` |
 //! | `blocking` | yes | [`blocking`], with its own multi-thread runtime (turns on tokio's `rt-multi-thread`) |
 //! | `launch` | yes | [`launch`]: the QEMU launcher |
-//! | `traffic-log` | yes | [`ConnectOptions::traffic_log`]: a transcript in the Go package's format |
+//! | `traffic-log` | yes | [`ConnectOptions::traffic_log`]: a transcript in Incus's `qmp` package's format |
 //!
 //! Without defaults (`default-features = false`) the crate is the client,
 //! the typed operations, events, the schema, the generated types and the

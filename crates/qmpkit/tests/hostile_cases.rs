@@ -329,7 +329,7 @@ async fn malformed_replies_end_their_call_at_once() {
         let ok: Value = within(5, client.call("next", &())).await.unwrap();
         assert_eq!(ok["name"], "next");
     }
-    // A bare {"id": N} is success with nothing returned, as in the Go package.
+    // A bare {"id": N} is success with nothing returned, as in Incus's Go package `qmp`.
     let empty: qmpkit::Empty = within(5, client.call("bare-id", &())).await.unwrap();
     assert_eq!(empty, qmpkit::Empty {});
 }

@@ -127,7 +127,7 @@ impl ChardevInfo {
     }
 }
 
-/// A new backend for [`Client::chardev_change`] (the Go package's
+/// A new backend for [`Client::chardev_change`] (Incus's `qmp` package's
 /// `ChardevChangeInfo`).
 #[derive(Debug)]
 #[non_exhaustive]

@@ -259,7 +259,7 @@ impl PciDevice {
     }
 }
 
-/// The Go package's test for a device or netdev that is already gone: the
+/// The test Incus's `qmp` package uses for a device or netdev that is already gone: the
 /// error's text mentions "not found". Go tests `class: desc`, and no QMP
 /// class name has those words, so the description is what counts
 /// (`Device 'x' not found` from both `device_del` and `netdev_del`).

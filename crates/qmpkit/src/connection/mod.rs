@@ -223,7 +223,7 @@ impl ConnectOptions {
         self
     }
 
-    /// Appends a transcript of the traffic to this file in the Go package's
+    /// Appends a transcript of the traffic to this file in Incus's `qmp` package's
     /// format (`[2006-01-02T15:04:05+07:00] QUERY: ...`, `REPLY:` and an empty
     /// line, `Event:`; local time), mode 0600. Unlike Go's, it blanks out
     /// secrets and also logs error replies. Left out, as in Go: the commands

@@ -1,4 +1,4 @@
-//! The Go package's exported names, as constants.
+//! Incus's `qmp` package's exported names, as constants.
 //!
 //! | Go | here |
 //! | --- | --- |
@@ -50,7 +50,7 @@ pub const SHUTDOWN_REASON_DISCONNECT: &str = "disconnect";
 /// The `reason` QEMU gives when the guest shut itself down (for example after an ACPI power-down).
 pub const SHUTDOWN_REASON_GUEST_SHUTDOWN: &str = "guest-shutdown";
 
-/// The Go package's name for a shutdown caused by QMP `quit`. QEMU itself
+/// Incus's `qmp` package's name for a shutdown caused by QMP `quit`. QEMU itself
 /// reports such a shutdown as [`SHUTDOWN_REASON_HOST_QMP_QUIT`].
 pub const SHUTDOWN_REASON_QUIT: &str = "quit";
 
@@ -62,7 +62,7 @@ pub const EXCLUDED_COMMANDS: &[&str] = crate::DEFAULT_LOG_EXCLUDED;
 
 /// The size in bytes of the agent's serial ring buffer as Incus creates it
 /// (`-chardev ringbuf,id=qemu_serial-chardev,size=16`), which is also how
-/// much the Go package reads at a time (the Go `RingbufSize`). When the
+/// much Incus's Go package `qmp` reads at a time (the Go `RingbufSize`). When the
 /// agent writes more than this between two reads, QEMU keeps the newest 16
 /// bytes, so a read may start inside a line.
 pub const RINGBUF_SIZE: usize = 16;

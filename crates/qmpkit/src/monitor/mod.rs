@@ -1,4 +1,4 @@
-//! The Go package's `Monitor`: one live, self-watching connection per VM.
+//! Incus's `qmp` package's `Monitor`: one live, self-watching connection per VM.
 //!
 //! A [`Monitor`] is a [`Client`] (it derefs to one, so every command and
 //! typed operation works on it) that also keeps the VM under watch:
@@ -80,7 +80,7 @@ use channels::Channels;
 use options::{EjectedFn, Handler};
 use registry::Slots;
 
-/// A shared, watched connection to one VM (the Go package's `Monitor`).
+/// A shared, watched connection to one VM (Incus's `qmp` package's `Monitor`).
 ///
 /// Cheap to clone; clones are the same monitor, and `==` tells whether two
 /// handles are. It derefs to its [`Client`], so `mon.call(...)`,

@@ -32,7 +32,7 @@ pub(crate) type EjectedFn = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// How to connect a [`Monitor`]: the Go `Connect(path, serialCharDev,
 /// eventHandler, logFile, detachDisk)` arguments as a builder, plus settings
-/// the Go package hard-codes.
+/// Incus's Go package `qmp` hard-codes.
 ///
 /// ```no_run
 /// # async fn f() -> qmpkit::Result<()> {
@@ -180,7 +180,7 @@ impl MonitorOptions {
         self
     }
 
-    /// Appends a transcript of the traffic to this file in the Go package's
+    /// Appends a transcript of the traffic to this file in Incus's `qmp` package's
     /// format (see [`ConnectOptions::traffic_log`]), except the agent
     /// poller's ring-buffer reads (the Go `logFile`). No log, and no error,
     /// when the file cannot be opened (for example when its directory is missing).
@@ -191,7 +191,7 @@ impl MonitorOptions {
     }
 
     /// How many bytes one read of the agent's ring buffer asks for (default
-    /// 16 KiB, [`DEFAULT_RINGBUF_READ_SIZE`]; the Go package reads
+    /// 16 KiB, [`DEFAULT_RINGBUF_READ_SIZE`]; Incus's Go package `qmp` reads
     /// [`RINGBUF_SIZE`](super::constants::RINGBUF_SIZE), 16 bytes). A full
     /// read is followed by another at once, so any size drains the buffer.
     pub fn ringbuf_read_size(mut self, bytes: usize) -> Self {

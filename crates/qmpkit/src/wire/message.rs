@@ -46,7 +46,7 @@ pub(crate) enum Outcome<'a> {
     /// The `return` value of a reply that took the full parse.
     Return(&'a RawValue),
     /// `{"id": N}` and nothing else: success with nothing returned, which
-    /// is how the Go package takes it.
+    /// is how Incus's Go package `qmp` takes it.
     Empty,
     /// QEMU's error reply.
     Error(ErrorBody),
@@ -108,7 +108,7 @@ fn classify_parsed<'a>(bytes: &'a [u8], msg: Incoming<'a>) -> Message<'a> {
             }
         },
     };
-    // An error wins over a return value, as in the Go package.
+    // An error wins over a return value, as in Incus's Go package `qmp`.
     let outcome = match (msg.error, msg.ret) {
         (Some(error), _) => Outcome::Error(error),
         (None, Some(ret)) => Outcome::Return(ret),
