@@ -147,7 +147,7 @@ async fn connect_tcp(
             ),
             qmpkit::Error::ConnectTcp { .. } => format!("cannot reach {shown} ({form})"),
             qmpkit::Error::Resolve { .. } => format!("cannot resolve the host of {shown} ({form})"),
-            qmpkit::Error::Handshake(m) if m.contains("within") => format!(
+            qmpkit::Error::HandshakeTimeout { .. } => format!(
                 "no QMP greeting from {shown} within {}: not a QMP port, another client holds the monitor (QEMU serves one client at a time), or QEMU is frozen",
                 humantime::format_duration(greeting_budget)
             ),
@@ -195,7 +195,7 @@ async fn connect_unix(
             qmpkit::Error::Connect { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 format!("no permission to connect to {shown}: run as the user that owns the VM")
             }
-            qmpkit::Error::Handshake(m) if m.contains("within") => format!(
+            qmpkit::Error::HandshakeTimeout { .. } => format!(
                 "no QMP greeting from {shown} within {}: another client probably holds the socket (QEMU serves one client at a time on each QMP socket), or QEMU is frozen",
                 humantime::format_duration(greeting_budget)
             ),

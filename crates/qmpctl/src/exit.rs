@@ -101,6 +101,7 @@ fn qmp_code(e: &qmpkit::Error) -> u8 {
         | qmpkit::Error::Resolve { .. }
         | qmpkit::Error::AcceptTimeout { .. }
         | qmpkit::Error::Handshake(_)
+        | qmpkit::Error::HandshakeTimeout { .. }
         | qmpkit::Error::Disconnected { .. }
         | qmpkit::Error::Io(_)
         | qmpkit::Error::Protocol(_)

@@ -35,6 +35,18 @@ pub enum Error {
         source: Arc<io::Error>,
     },
 
+    /// The server accepted the connection but did not complete the QMP
+    /// handshake (greeting, `qmp_capabilities`) within the handshake
+    /// budget: another client holds QEMU's monitor (QEMU serves one at a
+    /// time per socket), QEMU is frozen, or the peer is not a QMP server.
+    #[error("no complete QMP handshake from {peer} within {} (is it a QMP server? is another client connected, or is QEMU frozen?)", fmt_duration(*budget))]
+    HandshakeTimeout {
+        /// The peer, as `unix:PATH` or `tcp:HOST:PORT`, or which stream given.
+        peer: String,
+        /// The handshake budget that ran out.
+        budget: Duration,
+    },
+
     /// A TCP address could not be reached: nobody listens on the port
     /// (`ConnectionRefused`), no route to the host (`HostUnreachable`,
     /// `NetworkUnreachable`), and the like; the source's kind tells which.

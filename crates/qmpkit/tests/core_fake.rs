@@ -320,7 +320,7 @@ async fn a_server_that_never_greets_times_out_the_handshake() {
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Handshake(_)), "{err:?}");
+    assert!(matches!(err, Error::HandshakeTimeout { .. }), "{err:?}");
     assert!(err.to_string().contains("another client"), "{err}");
 }
 

@@ -981,7 +981,10 @@ async fn restart_on_the_same_path_gives_a_new_monitor_while_others_poll_status()
                                 e.is_disconnected()
                                     || matches!(
                                         e,
-                                        Error::Connect { .. } | Error::Handshake(_) | Error::Io(_)
+                                        Error::Connect { .. }
+                                            | Error::Handshake(_)
+                                            | Error::HandshakeTimeout { .. }
+                                            | Error::Io(_)
                                     ),
                                 "unexpected error {e:?}"
                             );

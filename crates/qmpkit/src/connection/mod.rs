@@ -298,9 +298,10 @@ impl ConnectOptions {
                 });
             }
             Err(_) => {
-                return Err(Error::Handshake(format!(
-                    "no complete handshake from {peer} within {budget:?} (is it a QMP server? is another client connected, or is QEMU frozen?)"
-                )))
+                return Err(Error::HandshakeTimeout {
+                    peer: peer.to_string(),
+                    budget,
+                })
             }
         };
         let log = self.log_file.as_deref().and_then(traffic_log::TrafficLog::open);
