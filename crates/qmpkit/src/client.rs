@@ -460,12 +460,18 @@ impl Client {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The server's schema, fetched on first use and kept for the connection.
+    /// The server's schema, fetched on first use and kept for the connection
+    /// (kept out of the traffic log).
     pub async fn schema(&self) -> Result<Arc<Schema>> {
         self.inner
             .schema
             .get_or_try_init(|| async {
-                let reply: Value = self.call("query-qmp-schema", &()).await?;
+                // Kept out of the traffic log: fetched on the library's own
+                // account (by the first typed call), and a reply of some
+                // 200 KB would swamp the operator's transcript.
+                let reply: Value = self
+                    .call_with("query-qmp-schema", &(), CallOptions::new().unlogged())
+                    .await?;
                 Ok(Arc::new(Schema::from_reply(&reply)))
             })
             .await
