@@ -330,6 +330,28 @@ impl Client {
         if self.inner.shared.config.check_typed_calls {
             self.check(command).await?;
         }
+        self.run_with(command, options).await
+    }
+
+    /// A generated command, unchecked: the typed operations (the Go
+    /// package's) run their commands through this, so that they behave the
+    /// same whether or not the schema was fetched, and never fetch it.
+    pub(crate) async fn run<C: Command>(&self, command: &C) -> Result<C::Returns> {
+        self.run_with(command, CallOptions::new()).await
+    }
+
+    /// A generated command whose reply decodes into a type of the caller's
+    /// (the typed operations keep their own result types), unchecked.
+    pub(crate) async fn run_as<C: Command, R: DeserializeOwned>(
+        &self,
+        command: &C,
+        options: CallOptions,
+    ) -> Result<R> {
+        self.call_with(C::NAME, command, options).await
+    }
+
+    /// [`Client::run`] with per-call options.
+    pub(crate) async fn run_with<C: Command>(&self, command: &C, options: CallOptions) -> Result<C::Returns> {
         let raw = self
             .roundtrip(
                 Cow::Borrowed(C::NAME),

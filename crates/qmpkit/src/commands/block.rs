@@ -27,7 +27,9 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::client::{Client, Empty};
+use qmpkit_qapi::{commands as c, types as t};
+
+use crate::client::{CallOptions, Client, Empty};
 use crate::error::{Error, Result};
 
 /// One guest-visible block device, as `query-block` reports it.
@@ -271,7 +273,9 @@ impl Client {
     #[doc(alias = "RemoveBlockDevice")]
     pub async fn remove_block_device(&self, node_name: &str) -> Result<()> {
         match self
-            .call::<_, Empty>("blockdev-del", &json!({"node-name": node_name}))
+            .run(&c::BlockdevDel {
+                node_name: node_name.into(),
+            })
             .await
         {
             Ok(_) => Ok(()),
@@ -290,16 +294,16 @@ impl Client {
     /// nodes below others (`query-named-block-nodes` with `flat`).
     #[doc(alias = "QueryNamedBlockNodes")]
     pub async fn query_named_block_nodes(&self) -> Result<Vec<String>> {
-        let nodes: Vec<NodeName> = self
-            .call("query-named-block-nodes", &json!({"flat": true}))
-            .await?;
+        let query = c::QueryNamedBlockNodes { flat: Some(true) };
+        let nodes: Vec<NodeName> = self.run_as(&query, CallOptions::new()).await?;
         Ok(nodes.into_iter().map(|n| n.node_name).collect())
     }
 
     /// Every named node of the block graph with its details, each with its
     /// whole backing chain in [`BlockDeviceInfo::image`] (`query-named-block-nodes`).
     pub async fn query_block_nodes(&self) -> Result<Vec<BlockDeviceInfo>> {
-        self.call("query-named-block-nodes", &json!({})).await
+        let query = c::QueryNamedBlockNodes { flat: None };
+        self.run_as(&query, CallOptions::new()).await
     }
 
     /// Rewrites the backing file name recorded in `image_node` (a node in
@@ -312,8 +316,12 @@ impl Client {
         image_node: &str,
         backing_file: &str,
     ) -> Result<()> {
-        let args = json!({"device": device, "image-node-name": image_node, "backing-file": backing_file});
-        self.call::<_, Empty>("change-backing-file", &args).await?;
+        let change = c::ChangeBackingFile {
+            device: device.into(),
+            image_node_name: image_node.into(),
+            backing_file: backing_file.into(),
+        };
+        self.run(&change).await?;
         Ok(())
     }
 
@@ -322,16 +330,26 @@ impl Client {
     /// backing image of its own yet.
     #[doc(alias = "BlockDevSnapshot")]
     pub async fn block_dev_snapshot(&self, node: &str, overlay: &str) -> Result<()> {
-        self.call::<_, Empty>("blockdev-snapshot", &json!({"node": node, "overlay": overlay}))
-            .await?;
+        let snapshot = c::BlockdevSnapshot(t::BlockdevSnapshot {
+            node: node.into(),
+            overlay: overlay.into(),
+        });
+        self.run(&snapshot).await?;
         Ok(())
     }
 
     /// Resizes the node `node_name` to `size` bytes (`block_resize`).
     #[doc(alias = "UpdateBlockSize")]
     pub async fn update_block_size(&self, node_name: &str, size: u64) -> Result<()> {
-        self.call::<_, Empty>("block_resize", &json!({"node-name": node_name, "size": size}))
-            .await?;
+        let size = i64::try_from(size).map_err(|_| {
+            Error::InvalidRequest(format!("block_resize: size {size} is beyond QEMU's range"))
+        })?;
+        let resize = c::BlockResize {
+            device: None,
+            node_name: Some(node_name.into()),
+            size,
+        };
+        self.run(&resize).await?;
         Ok(())
     }
 
@@ -424,8 +442,11 @@ impl Client {
     /// Deletes the dirty bitmap `name` of `node` (`block-dirty-bitmap-remove`).
     #[doc(alias = "RemoveDirtyBitmap")]
     pub async fn remove_dirty_bitmap(&self, node: &str, name: &str) -> Result<()> {
-        self.call::<_, Empty>("block-dirty-bitmap-remove", &json!({"node": node, "name": name}))
-            .await?;
+        let remove = c::BlockDirtyBitmapRemove(t::BlockDirtyBitmap {
+            node: node.into(),
+            name: name.into(),
+        });
+        self.run(&remove).await?;
         Ok(())
     }
 }

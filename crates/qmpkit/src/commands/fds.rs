@@ -19,10 +19,10 @@
 
 use std::os::fd::OwnedFd;
 
+use qmpkit_qapi::commands as c;
 use serde::Deserialize;
-use serde_json::json;
 
-use crate::client::{CallOptions, Client, Empty};
+use crate::client::{CallOptions, Client};
 use crate::error::{Error, ErrorClass, QmpError, Result};
 
 /// Where `add-fd` put a file: its fd set and QEMU's fd number for it.
@@ -78,9 +78,8 @@ impl Client {
     #[doc(alias = "getfd")]
     pub async fn send_file(&self, name: &str, file: impl Into<OwnedFd>) -> Result<()> {
         let options = CallOptions::new().fds([file.into()]);
-        self.call_with::<_, Empty>("getfd", &json!({ "fdname": name }), options)
-            .await
-            .map(drop)
+        let getfd = c::Getfd { fdname: name.into() };
+        self.run_with(&getfd, options).await.map(drop)
     }
 
     /// Closes the file QEMU holds under this name (`closefd`). An unknown
@@ -88,9 +87,7 @@ impl Client {
     #[doc(alias = "CloseFile")]
     #[doc(alias = "closefd")]
     pub async fn close_file(&self, name: &str) -> Result<()> {
-        self.call::<_, Empty>("closefd", &json!({ "fdname": name }))
-            .await
-            .map(drop)
+        self.run(&c::Closefd { fdname: name.into() }).await.map(drop)
     }
 
     /// Puts an open file into a new fd set (`add-fd`), labelled
@@ -107,8 +104,11 @@ impl Client {
     ) -> Result<AddFdInfo> {
         let mode = if readonly { "rdonly" } else { "rdwr" };
         let options = CallOptions::new().fds([file.into()]);
-        self.call_with("add-fd", &json!({ "opaque": format!("{mode}:{name}") }), options)
-            .await
+        let add = c::AddFd {
+            fdset_id: None,
+            opaque: Some(format!("{mode}:{name}")),
+        };
+        self.run_as(&add, options).await
     }
 
     /// The fd sets and their files (`query-fdsets`).
@@ -131,8 +131,11 @@ impl Client {
         let mut found = false;
         for set in &sets {
             for fd in set.fds.iter().filter(|fd| fd.name() == Some(name)) {
-                self.call::<_, Empty>("remove-fd", &json!({"fdset-id": set.fdset_id, "fd": fd.fd}))
-                    .await?;
+                let remove = c::RemoveFd {
+                    fdset_id: set.fdset_id,
+                    fd: Some(fd.fd),
+                };
+                self.run(&remove).await?;
                 found = true;
             }
         }
