@@ -12,10 +12,10 @@ use std::os::linux::net::SocketAddrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use qmpkit_qapi::{commands as c, types as t};
 use serde::Deserialize;
-use serde_json::json;
 
-use crate::client::{Client, Empty};
+use crate::client::Client;
 use crate::error::{Error, Result};
 
 /// An export of QEMU's block export server (`query-block-exports`).
@@ -57,11 +57,7 @@ impl Client {
             NEXT_SERVER.fetch_add(1, Ordering::Relaxed),
             nanos
         );
-        let args = json!({
-            "addr": {"type": "unix", "data": {"path": name, "abstract": true}},
-            "max-connections": 1,
-        });
-        self.call::<_, Empty>("nbd-server-start", &args).await?;
+        self.run(&unix_server(name.clone(), Some(true))).await?;
         let connect = || -> std::io::Result<tokio::net::UnixStream> {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
             let stream = std::os::unix::net::UnixStream::connect_addr(&addr)?;
@@ -86,18 +82,14 @@ impl Client {
             .as_ref()
             .to_str()
             .ok_or_else(|| Error::InvalidRequest(format!("socket path {:?} is not UTF-8", path.as_ref())))?;
-        let args = json!({
-            "addr": {"type": "unix", "data": {"path": path}},
-            "max-connections": 1,
-        });
-        self.call::<_, Empty>("nbd-server-start", &args).await?;
+        self.run(&unix_server(path.to_owned(), None)).await?;
         Ok(())
     }
 
     /// Stops the NBD server and removes its exports (`nbd-server-stop`).
     #[doc(alias = "NBDServerStop")]
     pub async fn nbd_server_stop(&self) -> Result<()> {
-        self.call::<_, Empty>("nbd-server-stop", &()).await?;
+        self.run(&c::NbdServerStop).await?;
         Ok(())
     }
 
@@ -112,14 +104,26 @@ impl Client {
         writable: bool,
         bitmaps: &[S],
     ) -> Result<()> {
-        let mut args = json!({
-            "type": "nbd", "id": node_name, "node-name": node_name, "writable": writable,
+        let bitmaps = (!bitmaps.is_empty()).then(|| {
+            bitmaps
+                .iter()
+                .map(|b| t::BlockDirtyBitmapOrStr::Local(b.as_ref().to_owned()))
+                .collect()
         });
-        if !bitmaps.is_empty() {
-            let names: Vec<&str> = bitmaps.iter().map(AsRef::as_ref).collect();
-            args["bitmaps"] = json!(names);
-        }
-        self.call::<_, Empty>("block-export-add", &args).await?;
+        let export = t::BlockExportOptions {
+            id: node_name.into(),
+            fixed_iothread: None,
+            iothread: None,
+            node_name: node_name.into(),
+            writable: Some(writable),
+            writethrough: None,
+            allow_inactive: None,
+            branch: t::BlockExportOptionsBranch::Nbd(t::BlockExportOptionsNbd {
+                bitmaps,
+                ..Default::default()
+            }),
+        };
+        self.run(&c::BlockExportAdd(export)).await?;
         Ok(())
     }
 
@@ -136,4 +140,21 @@ impl Client {
         exports.retain(|e| e.export_type == "nbd");
         Ok(exports)
     }
+}
+
+/// `nbd-server-start` on a Unix socket, one client at a time.
+fn unix_server(path: String, r#abstract: Option<bool>) -> c::NbdServerStart {
+    c::NbdServerStart(t::NbdServerOptionsLegacy {
+        handshake_max_seconds: None,
+        tls_creds: None,
+        tls_authz: None,
+        max_connections: Some(1),
+        addr: t::SocketAddressLegacy::Unix(t::UnixSocketAddressWrapper {
+            data: t::UnixSocketAddress {
+                path,
+                r#abstract,
+                tight: None,
+            },
+        }),
+    })
 }
