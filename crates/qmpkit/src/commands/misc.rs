@@ -14,34 +14,16 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use qmpkit_qapi::{commands as c, types as t};
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::client::{Client, Empty};
+use crate::client::Client;
 use crate::error::{Error, Result};
 
-/// The file format of [`Client::dump_guest_memory`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum DumpFormat {
-    /// An ELF core file (readable by gdb and crash).
-    Elf,
-    /// kdump, pages compressed with zlib.
-    KdumpZlib,
-    /// kdump, pages compressed with LZO (if QEMU was built with it).
-    KdumpLzo,
-    /// kdump, pages compressed with Snappy (if QEMU was built with it).
-    KdumpSnappy,
-    /// Flat (seekable) kdump with zlib.
-    KdumpRawZlib,
-    /// Flat kdump with LZO.
-    KdumpRawLzo,
-    /// Flat kdump with Snappy.
-    KdumpRawSnappy,
-    /// A Windows crash dump (needs a Windows guest with vmcoreinfo).
-    WinDmp,
-}
+/// The file format of [`Client::dump_guest_memory`]: the generated
+/// `DumpGuestMemoryFormat` (`Elf`, `KdumpZlib`, `WinDmp`, ...).
+pub use qmpkit_qapi::types::DumpGuestMemoryFormat as DumpFormat;
 
 /// What `query-spice` reports about the SPICE server.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -109,9 +91,13 @@ impl Client {
     #[doc(alias = "Screendump")]
     pub async fn screendump(&self, path: impl AsRef<Path>) -> Result<()> {
         let filename = path_str(path.as_ref())?;
-        self.call::<_, Empty>("screendump", &json!({"filename": filename, "format": "png"}))
-            .await
-            .map(drop)
+        let dump = c::Screendump {
+            filename: filename.into(),
+            device: None,
+            head: None,
+            format: Some(t::ImageFormat::Png),
+        };
+        self.run(&dump).await.map(drop)
     }
 
     /// Writes the guest's memory to a file on QEMU's host
@@ -121,12 +107,15 @@ impl Client {
     #[doc(alias = "dump-guest-memory")]
     pub async fn dump_guest_memory(&self, path: impl AsRef<Path>, format: DumpFormat) -> Result<()> {
         let protocol = format!("file:{}", path_str(path.as_ref())?);
-        self.call::<_, Empty>(
-            "dump-guest-memory",
-            &json!({"paging": false, "protocol": protocol, "detach": false, "format": format}),
-        )
-        .await
-        .map(drop)
+        let dump = c::DumpGuestMemory {
+            paging: false,
+            protocol,
+            detach: Some(false),
+            begin: None,
+            length: None,
+            format: Some(format),
+        };
+        self.run(&dump).await.map(drop)
     }
 
     /// The SPICE server's state (`query-spice`). A QEMU built without SPICE
@@ -144,7 +133,10 @@ impl Client {
     /// ([`Error::is_not_found`]).
     #[doc(alias = "device-list-properties")]
     pub async fn query_device_type(&self, typename: &str) -> Result<()> {
-        self.call::<_, Value>("device-list-properties", &json!({ "typename": typename }))
+        let query = c::DeviceListProperties {
+            typename: typename.into(),
+        };
+        self.run_as::<_, serde::de::IgnoredAny>(&query, crate::CallOptions::new())
             .await
             .map(drop)
     }
@@ -173,6 +165,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn dump_formats_use_qemu_names() {
