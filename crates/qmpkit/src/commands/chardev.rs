@@ -16,7 +16,9 @@ use std::os::fd::OwnedFd;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::client::{CallOptions, Client, Empty};
+use qmpkit_qapi::{commands as c, types as t};
+
+use crate::client::{CallOptions, Client};
 use crate::error::{Error, Result};
 
 /// How much one `ringbuf-read` asks for while draining a ring buffer.
@@ -163,9 +165,7 @@ impl Client {
     #[doc(alias = "RemoveCharDevice")]
     #[doc(alias = "chardev-remove")]
     pub async fn remove_char_device(&self, id: &str) -> Result<()> {
-        self.call::<_, Empty>("chardev-remove", &json!({ "id": id }))
-            .await
-            .map(drop)
+        self.run(&c::ChardevRemove { id: id.into() }).await.map(drop)
     }
 
     /// The character devices (`query-chardev`).
@@ -178,9 +178,12 @@ impl Client {
     /// behind it had written it.
     #[doc(alias = "ringbuf-write")]
     pub async fn ringbuf_write(&self, device: &str, data: &str) -> Result<()> {
-        self.call::<_, Empty>("ringbuf-write", &json!({"device": device, "data": data}))
-            .await
-            .map(drop)
+        let write = c::RingbufWrite {
+            device: device.into(),
+            data: data.into(),
+            format: None,
+        };
+        self.run(&write).await.map(drop)
     }
 
     /// Drains a ring buffer and returns everything it held (`ringbuf-read`
@@ -200,13 +203,12 @@ impl Client {
         }
         let mut out = String::new();
         loop {
-            let chunk: String = self
-                .call_with(
-                    "ringbuf-read",
-                    &json!({"device": device, "size": RINGBUF_READ_CHUNK, "format": "utf8"}),
-                    CallOptions::new().unlogged(),
-                )
-                .await?;
+            let read = c::RingbufRead {
+                device: device.into(),
+                size: RINGBUF_READ_CHUNK as i64,
+                format: Some(t::DataFormat::Utf8),
+            };
+            let chunk = self.run_with(&read, CallOptions::new().unlogged()).await?;
             if chunk.is_empty() {
                 return Ok(out);
             }

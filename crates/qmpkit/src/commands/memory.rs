@@ -16,9 +16,9 @@
 //! ```
 
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::client::{Client, Empty};
+use crate::client::Client;
 use crate::error::Result;
 
 /// A memory backend (an entry of `query-memdev`).
@@ -170,7 +170,7 @@ impl Client {
     #[doc(alias = "SetMemoryBalloonSizeBytes")]
     #[doc(alias = "balloon")]
     pub async fn set_memory_balloon_size_bytes(&self, bytes: i64) -> Result<()> {
-        self.call::<_, Empty>("balloon", &json!({ "value": bytes }))
+        self.run(&qmpkit_qapi::commands::Balloon { value: bytes })
             .await
             .map(drop)
     }
@@ -201,7 +201,10 @@ impl Client {
     #[doc(alias = "MemoryConfiguration")]
     pub async fn memory_configuration(&self) -> Result<MemoryConfig> {
         let m: MemorySizeConfiguration = self
-            .call("qom-get", &json!({"path": "/machine", "property": "memory"}))
+            .run_as(
+                &super::vm::qom_get("/machine", "memory"),
+                crate::CallOptions::new(),
+            )
             .await?;
         Ok(MemoryConfig {
             current: m.size,
@@ -214,6 +217,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn only_dimms_decode_as_dimms() {

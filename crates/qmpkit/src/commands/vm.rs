@@ -17,7 +17,9 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 
-use crate::client::{Client, Empty};
+use qmpkit_qapi::commands as c;
+
+use crate::client::{CallOptions, Client, Empty};
 use crate::error::{Error, Result};
 
 /// The VM's run state, as `query-status` reports it. States QEMU may add
@@ -283,14 +285,14 @@ impl Client {
     #[doc(alias = "Start")]
     #[doc(alias = "cont")]
     pub async fn start(&self) -> Result<()> {
-        self.call::<_, Empty>("cont", &()).await.map(drop)
+        self.run(&c::Cont).await.map(drop)
     }
 
     /// Stops the VM's CPUs (`stop`); [`Client::start`] resumes them.
     #[doc(alias = "Pause")]
     #[doc(alias = "stop")]
     pub async fn pause(&self) -> Result<()> {
-        self.call::<_, Empty>("stop", &()).await.map(drop)
+        self.run(&c::Stop).await.map(drop)
     }
 
     /// Tells QEMU to exit at once (`quit`).
@@ -304,7 +306,7 @@ impl Client {
         if self.is_closed() {
             return Err(self.closed().await);
         }
-        match self.call::<_, Empty>("quit", &()).await {
+        match self.run(&c::Quit).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_disconnected() => Ok(()),
             Err(e) => Err(e),
@@ -316,7 +318,7 @@ impl Client {
     #[doc(alias = "Powerdown")]
     #[doc(alias = "system_powerdown")]
     pub async fn powerdown(&self) -> Result<()> {
-        self.call::<_, Empty>("system_powerdown", &()).await.map(drop)
+        self.run(&c::SystemPowerdown).await.map(drop)
     }
 
     /// Resets the VM as if its reset button were pressed (`system_reset`).
@@ -325,7 +327,7 @@ impl Client {
     #[doc(alias = "Reset")]
     #[doc(alias = "system_reset")]
     pub async fn reset(&self) -> Result<()> {
-        self.call::<_, Empty>("system_reset", &()).await.map(drop)
+        self.run(&c::SystemReset).await.map(drop)
     }
 
     /// Sets what QEMU does on guest reboot, shutdown, panic and watchdog
@@ -342,7 +344,7 @@ impl Client {
     #[doc(alias = "MachineDefinition")]
     pub async fn machine_definition(&self) -> Result<String> {
         let type_name: String = self
-            .call("qom-get", &json!({"path": "/machine", "property": "type"}))
+            .run_as(&qom_get("/machine", "type"), CallOptions::new())
             .await?;
         Ok(type_name
             .strip_suffix("-machine")
@@ -369,6 +371,14 @@ impl Client {
         self.call::<_, Empty>("transaction", &json!({ "actions": actions }))
             .await
             .map(drop)
+    }
+}
+
+/// `qom-get` of one property.
+pub(crate) fn qom_get(path: &str, property: &str) -> c::QomGet {
+    c::QomGet {
+        path: path.into(),
+        property: property.into(),
     }
 }
 
