@@ -620,8 +620,19 @@ impl Qemu {
         }
     }
 
-    /// Sends a signal to QEMU (for example `SIGSTOP` to freeze it in a test).
-    pub fn signal(&self, signal: rustix::process::Signal) -> std::io::Result<()> {
+    /// Freezes QEMU (`SIGSTOP`): it stops reading its sockets and answering,
+    /// as a QEMU stuck in the kernel or on a lock would, until
+    /// [`Qemu::thaw`]. For tests of deadlines and timeouts.
+    pub fn freeze(&self) -> std::io::Result<()> {
+        self.signal(rustix::process::Signal::STOP)
+    }
+
+    /// Lets a frozen QEMU run again (`SIGCONT`).
+    pub fn thaw(&self) -> std::io::Result<()> {
+        self.signal(rustix::process::Signal::CONT)
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) -> std::io::Result<()> {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32)
             .ok_or_else(|| std::io::Error::other("no pid"))?;
         rustix::process::kill_process(pid, signal).map_err(Into::into)

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::{vm, vm_with, within};
 use qmpkit::{CallOptions, Client, ConnectOptions, Error, ErrorClass, KnownEvent};
-use rustix::process::Signal;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +207,7 @@ async fn a_frozen_qemu_times_out_then_recovers_with_correct_replies() {
     let vm = vm().await;
     let c = vm.client();
     c.execute_raw("query-status", Value::Null).await.unwrap();
-    vm.signal(Signal::STOP).unwrap();
+    vm.freeze().unwrap();
     let short = || CallOptions::new().timeout(Duration::from_millis(300));
     let err = within(10, c.call_with::<_, Value>("query-status", &(), short()))
         .await
@@ -228,7 +227,7 @@ async fn a_frozen_qemu_times_out_then_recovers_with_correct_replies() {
     .unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(!c.is_closed(), "a frozen QEMU is slow, not dead");
-    vm.signal(Signal::CONT).unwrap();
+    vm.thaw().unwrap();
     // The next commands get their own replies, not the late ones.
     let kvm: Value = within(30, c.execute_raw("query-kvm", Value::Null)).await.unwrap();
     assert!(kvm.get("enabled").is_some(), "{kvm}");
@@ -241,7 +240,7 @@ async fn kill_9_with_commands_in_flight_fails_them_all_at_once() {
     let mut vm = vm().await;
     let c = vm.client().clone();
     // Freeze QEMU so the commands are certainly in flight.
-    vm.signal(Signal::STOP).unwrap();
+    vm.freeze().unwrap();
     let calls: Vec<_> = (0..4)
         .map(|_| {
             let c = c.clone();

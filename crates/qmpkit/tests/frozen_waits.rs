@@ -18,7 +18,6 @@ use qmpkit::commands::devices::DeviceSpec;
 use qmpkit::commands::jobs::CLEANUP_BUDGET;
 use qmpkit::launch::Qemu;
 use qmpkit::{CallOptions, Client, Empty, Error};
-use rustix::process::Signal;
 use serde_json::{json, Value};
 
 /// The budget the tests give a wait on a frozen QEMU.
@@ -39,7 +38,7 @@ struct Frozen<'a> {
 
 impl<'a> Frozen<'a> {
     fn new(vm: &'a Qemu) -> Self {
-        vm.signal(Signal::STOP).expect("SIGSTOP QEMU");
+        vm.freeze().expect("SIGSTOP QEMU");
         Frozen { vm, thawed: false }
     }
 
@@ -51,7 +50,7 @@ impl<'a> Frozen<'a> {
         if !self.thawed {
             self.thawed = true;
             // A failure here leaves it to the launcher's SIGKILL.
-            let _ = self.vm.signal(Signal::CONT);
+            let _ = self.vm.thaw();
         }
     }
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{vm_with, within};
 use qmpkit::launch::Qemu;
 use qmpkit::{Address, CallOptions, Client, ConnectOptions, Error, KnownEvent, Listener};
-use rustix::process::Signal;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
@@ -86,7 +85,7 @@ async fn core_scenarios(vm: &mut Qemu, c: Client) {
     assert_eq!(st["status"], "paused");
 
     // A command times out while QEMU is frozen; the next one gets its own reply.
-    vm.signal(Signal::STOP).unwrap();
+    vm.freeze().unwrap();
     let short = CallOptions::new().timeout(Duration::from_millis(300));
     let err = within(10, c.call_with::<_, Value>("query-status", &(), short))
         .await
@@ -96,7 +95,7 @@ async fn core_scenarios(vm: &mut Qemu, c: Client) {
         "{err:?}"
     );
     assert!(!c.is_closed());
-    vm.signal(Signal::CONT).unwrap();
+    vm.thaw().unwrap();
     let name: Value = within(30, c.execute_raw("query-name", Value::Null))
         .await
         .unwrap();
@@ -105,7 +104,7 @@ async fn core_scenarios(vm: &mut Qemu, c: Client) {
     assert_eq!(st["status"], "paused");
 
     // kill -9 with commands in flight: each ends with a closed connection.
-    vm.signal(Signal::STOP).unwrap();
+    vm.freeze().unwrap();
     let calls: Vec<_> = (0..4)
         .map(|_| {
             let c = c.clone();
