@@ -29,6 +29,32 @@ pub enum Delivery {
     ReaderGone,
 }
 
+/// The receiving end of a device's event channel
+/// ([`Monitor::create_event_channel`](super::Monitor::create_event_channel)).
+/// Dropping it closes the channel: later pushes report
+/// [`Delivery::ReaderGone`].
+#[derive(Debug)]
+pub struct DeviceEvents(mpsc::Receiver<Event>);
+
+impl DeviceEvents {
+    /// The next event; `None` once the channel was cleaned up (or the
+    /// monitor ended) and every queued event was read. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+
+    /// The next event if one is queued now, without waiting.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.0.try_recv().ok()
+    }
+
+    /// Blocking version of [`DeviceEvents::recv`], for synchronous code.
+    /// Must not be called from inside an async runtime.
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        self.0.blocking_recv()
+    }
+}
+
 /// The registered channels of one monitor, by device name: a short list
 /// (one per block job in progress), smaller in every monitor than a map.
 #[derive(Default)]
@@ -47,7 +73,7 @@ impl Channels {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn create(&self, device: &str) -> Result<mpsc::Receiver<Event>> {
+    pub(crate) fn create(&self, device: &str) -> Result<DeviceEvents> {
         if device.is_empty() {
             return Err(Error::InvalidRequest(
                 "an event channel needs a device name".into(),
@@ -66,7 +92,7 @@ impl Channels {
             Some(i) => list[i].1 = tx,
             None => list.push((device.to_owned(), tx)),
         }
-        Ok(rx)
+        Ok(DeviceEvents(rx))
     }
 
     pub(crate) fn cleanup(&self, device: &str) -> bool {

@@ -65,13 +65,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::client::{Client, Empty};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, Timestamp};
 
-pub use channels::Delivery;
+pub use channels::{Delivery, DeviceEvents};
 pub use options::MonitorOptions;
 pub use registry::MonitorRegistry;
 
@@ -470,7 +470,7 @@ impl Monitor {
     /// mon.cleanup_event_channel("job0");
     /// # Ok(()) }
     /// ```
-    pub fn create_event_channel(&self, device: &str) -> Result<mpsc::Receiver<Event>> {
+    pub fn create_event_channel(&self, device: &str) -> Result<DeviceEvents> {
         self.inner.channels.create(device)
     }
 
