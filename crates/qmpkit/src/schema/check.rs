@@ -23,12 +23,18 @@ use super::Schema;
 use crate::error::{Error, Result};
 use crate::wire::Version;
 
-/// What a command's arguments are, as the generated types have them: the
-/// names of its top-level members (for a union, its common members), or
-/// `None` for a command this crate does not know.
-fn generated_arguments(command: &str) -> Option<&'static [String]> {
-    // Parsed once, on the first check of the process; a few ms.
-    static ARGS: LazyLock<HashMap<String, Vec<String>>> = LazyLock::new(|| {
+/// A generated command's arguments: the names of its top-level members
+/// (for a union, its common members), and the named type they come from,
+/// if any.
+struct GeneratedArgs {
+    names: Vec<String>,
+    named_type: Option<String>,
+}
+
+/// Every generated command's arguments, from the generated shape: parsed
+/// once, on the first check of the process (a few ms).
+fn generated(command: &str) -> Option<&'static GeneratedArgs> {
+    static ARGS: LazyLock<HashMap<String, GeneratedArgs>> = LazyLock::new(|| {
         let shape: serde_json::Value =
             serde_json::from_str(qmpkit_qapi::meta::SHAPE).expect("qmpkit-qapi's SHAPE is valid JSON");
         let members_of = |v: &serde_json::Value| -> Vec<String> {
@@ -46,16 +52,25 @@ fn generated_arguments(command: &str) -> Option<&'static [String]> {
             if def.get("kind").and_then(|k| k.as_str()) != Some("command") {
                 continue;
             }
-            let members = match def.get("args") {
-                Some(serde_json::Value::String(ty)) => shape.get(ty).map(members_of).unwrap_or_default(),
-                Some(inline @ serde_json::Value::Object(_)) => members_of(inline),
-                _ => Vec::new(),
+            let (names, named_type) = match def.get("args") {
+                Some(serde_json::Value::String(ty)) => (
+                    shape.get(ty).map(members_of).unwrap_or_default(),
+                    Some(ty.clone()),
+                ),
+                Some(inline @ serde_json::Value::Object(_)) => (members_of(inline), None),
+                _ => (Vec::new(), None),
             };
-            args.insert(name.clone(), members);
+            args.insert(name.clone(), GeneratedArgs { names, named_type });
         }
         args
     });
-    ARGS.get(command).map(Vec::as_slice)
+    ARGS.get(command)
+}
+
+/// What a command's arguments are, as the generated types have them, or
+/// `None` for a command this crate does not know.
+fn generated_arguments(command: &str) -> Option<&'static [String]> {
+    generated(command).map(|g| g.names.as_slice())
 }
 
 /// What the server has of one command.
@@ -206,17 +221,8 @@ fn argument_since(command: &str, arg: &str) -> Option<&'static str> {
         return Some(since);
     }
     // A command of a named type: the member belongs to that type.
-    static ARG_TYPES: LazyLock<HashMap<String, String>> = LazyLock::new(|| {
-        let shape: serde_json::Value = serde_json::from_str(meta::SHAPE).unwrap_or_default();
-        shape
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(name, def)| Some((name.clone(), def.get("args")?.as_str()?.to_owned())))
-            .collect()
-    });
-    ARG_TYPES
-        .get(command)
+    generated(command)
+        .and_then(|g| g.named_type.as_deref())
         .and_then(|ty| meta::member(ty, arg).and_then(|m| m.since))
 }
 
