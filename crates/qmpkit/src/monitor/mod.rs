@@ -223,7 +223,7 @@ impl Monitor {
             // monitor connects, and watches no agent rather than poll a
             // chardev that cannot answer.
             Err(e @ (Error::BadConsole(_) | Error::NotARingbuf(_))) => {
-                tracing::warn!(
+                crate::diag::warning!(
                     path = %mon.inner.client.path().display(),
                     error = %e,
                     "the guest agent's serial chardev is unusable; not watching the agent"
