@@ -34,7 +34,7 @@ const AGENT_ARGS: [&str; 6] = [
 
 /// A QEMU with the agent port, a control socket `ctl` for the test and a
 /// socket `mon` for the monitor (the launcher's own client holds the main one).
-async fn agent_vm(extra: &[&str]) -> Qemu {
+async fn agent_vm(extra: &[&str]) -> common::Vm {
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     vm_with(|b| {
         b.args(AGENT_ARGS)

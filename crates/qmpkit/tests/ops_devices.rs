@@ -16,7 +16,6 @@ use std::time::Duration;
 use common::{eventually, vm, vm_with, within};
 use qmpkit::commands::chardev::{ChardevBackend, ChardevChange};
 use qmpkit::commands::devices::{DeviceSpec, NetdevSpec, ObjectSpec, PciDevice};
-use qmpkit::launch::Qemu;
 use qmpkit::{Client, Error};
 use serde_json::{json, Value};
 use tokio::net::UnixDatagram;
@@ -24,7 +23,7 @@ use tokio::net::UnixDatagram;
 const UNPLUG: Duration = Duration::from_secs(10);
 
 /// A VM with native PCIe hotplug and two empty root ports, `rp1` and `rp2`.
-async fn pcie_vm() -> Qemu {
+async fn pcie_vm() -> common::Vm {
     vm_with(|b| {
         b.args([
             "-global",
@@ -461,7 +460,7 @@ async fn query_pci_lists_root_ports_as_bridges() {
 
 // ---------------------------------------------------------------- chardev.rs
 
-async fn ringbuf_vm() -> Qemu {
+async fn ringbuf_vm() -> common::Vm {
     vm_with(|b| {
         b.args([
             "-chardev",
