@@ -118,7 +118,7 @@ pub use connection::{
     Address, ConnectOptions, Listener, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LOG_EXCLUDED, DEFAULT_MAX_MESSAGE_SIZE,
 };
-pub use error::{Error, ErrorClass, QmpError, Result};
+pub use error::{ConsoleError, Error, ErrorClass, QmpError, Result};
 pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};
 /// Every QEMU 10 command and event, typed: the `qmpkit-qapi` crate.
 pub use qmpkit_qapi as qapi;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::{eventually, vm, vm_with, within};
 use qmpkit::commands::chardev::{ChardevBackend, ChardevChange};
 use qmpkit::commands::devices::{DeviceSpec, NetdevSpec, ObjectSpec, PciDevice};
-use qmpkit::{Client, Error};
+use qmpkit::{Client, ConsoleError, Error};
 use serde_json::{json, Value};
 use tokio::net::UnixDatagram;
 
@@ -519,11 +519,11 @@ async fn ringbuf_read_tells_missing_consoles_from_other_backends() {
     let c = vm.client();
     within(20, async {
         match c.ringbuf_read("nope").await.unwrap_err() {
-            Error::BadConsole(name) => assert_eq!(name, "nope"),
+            Error::Console(ConsoleError::NotFound(name)) => assert_eq!(name, "nope"),
             e => panic!("{e:?}"),
         }
         match c.ringbuf_read("nul0").await.unwrap_err() {
-            Error::NotARingbuf(name) => assert_eq!(name, "nul0"),
+            Error::Console(ConsoleError::NotARingbuf(name)) => assert_eq!(name, "nul0"),
             e => panic!("{e:?}"),
         }
     })
