@@ -133,6 +133,13 @@ impl std::fmt::Display for Event {
 
 /// Typed views of the events Incus's Go package `qmp` handles. Unknown events, and known
 /// ones whose data does not decode, are [`KnownEvent::Other`].
+///
+/// These views are lenient on purpose: states and reasons are strings and
+/// missing members take defaults, so a newer QEMU's new status or cause
+/// still arrives as what it is (the generated enums would refuse it), and
+/// the Monitor's synthesised `SHUTDOWN` (reason `disconnect`) fits. For every
+/// QEMU 10 event with its exact schema types, use [`Event::typed`] or
+/// [`Event::data_of`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum KnownEvent {
