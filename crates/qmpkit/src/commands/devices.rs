@@ -728,14 +728,11 @@ impl Client {
     /// keeps its current value: secrets are immutable in QEMU.
     #[doc(alias = "AddSecret")]
     pub async fn add_secret(&self, id: &str, secret: &str) -> Result<()> {
-        let object = ObjectSpec::from(t::ObjectOptions {
-            id: id.into(),
-            branch: t::ObjectOptionsBranch::Secret(t::SecretProperties {
-                format: Some(t::QCryptoSecretFormat::Raw),
-                data: Some(secret.into()),
-                ..Default::default()
-            }),
-        });
+        // Built by hand for the order of its members: the traffic log shows
+        // them as Go's does (qom-type, id, data, format).
+        let object = ObjectSpec::new("secret", id)
+            .prop("data", secret)
+            .prop("format", "raw");
         match self.add_object(&object).await {
             Err(Error::Qmp(e)) if e.desc.contains("duplicate property") => Ok(()),
             other => other,
