@@ -171,6 +171,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn slot_becomes_device_add_arguments() {

@@ -778,6 +778,7 @@ fn netdev_del(id: &str) -> c::NetdevDel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn unplug_news_follows_qemu_10s_events() {

@@ -652,6 +652,7 @@ fn events_capability() -> c::MigrateSetCapabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn status_decodes_tolerantly() {

@@ -504,6 +504,7 @@ pub(crate) fn qom_get(path: &str, property: &str) -> c::QomGet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn run_state_round_trips_and_keeps_unknown_names() {
