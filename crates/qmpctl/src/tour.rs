@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use qmpkit::launch::Qemu;
+use qmpkit::qapi::events::{JobStatusChange, Migration as MigrationEvent};
 use qmpkit::{Client, EventFilter};
 use serde_json::{json, Value};
 
@@ -345,8 +346,8 @@ async fn commit(c: &Client) -> anyhow::Result<()> {
     bar.finish();
     let mut seen = Vec::new();
     while let Some(e) = job_events.try_next() {
-        if let Some(s) = e.data()["status"].as_str() {
-            seen.push(s.to_owned());
+        if let Some(Ok(change)) = e.data_of::<JobStatusChange>() {
+            seen.push(change.status.as_str());
         }
     }
     say(&format!("block-commit job states: {}", seen.join(" -> ")))?;
@@ -492,8 +493,8 @@ async fn migrate(c: &Client, g: &Globals) -> anyhow::Result<Qemu> {
     incoming.await.context("the incoming side panicked")??;
     let mut seen = Vec::new();
     while let Some(e) = states.try_next() {
-        if let Some(s) = e.data()["status"].as_str() {
-            seen.push(s.to_owned());
+        if let Some(Ok(migration)) = e.data_of::<MigrationEvent>() {
+            seen.push(migration.status.as_str());
         }
     }
     say(&format!("MIGRATION events on the source: {}", seen.join(" -> ")))?;

@@ -11,13 +11,13 @@ use std::time::Duration;
 use common::guest::{guest_image, Console, APPEND, BOOT_SECS, READY};
 use common::{eventually, vm_with, within};
 use qmpkit::guest_agent::{ExecRequest, FsFreezeStatus, GuestAgent, ShutdownMode};
-use qmpkit::launch::{Qemu, QemuBuilder};
+use qmpkit::launch::QemuBuilder;
 use qmpkit::Error;
 
 /// A guest with the agent's port, its console connected, CPUs running, and a
 /// client that has synced with the agent in the guest.
 struct AgentGuest {
-    vm: Qemu,
+    vm: common::Vm,
     console: Console,
     agent: GuestAgent,
 }

@@ -10,27 +10,20 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{vm_with, within};
+use common::{vm_with, within, Vm};
 use qmpkit::commands::chardev::{ChardevBackend, ChardevChange};
 use qmpkit::commands::devices::DeviceSpec;
 use qmpkit::commands::vm::{Actions, RebootAction, ShutdownAction, TransactionAction};
-use qmpkit::launch::Qemu;
-use qmpkit::{ConnectOptions, Error};
+use qmpkit::Error;
 use serde_json::{json, Value};
 
 const SHORT: Duration = Duration::from_secs(5);
 
-/// A QEMU whose client logs its traffic to `qmp.log` in a directory of its
-/// own (kept as long as the returned `TempDir`).
-async fn logged_vm(extra: &[&str]) -> (Qemu, tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("qmp.log");
-    let vm = vm_with(|b| {
-        b.args(extra.iter().copied())
-            .connect_options(ConnectOptions::new().traffic_log(&log))
-    })
-    .await;
-    (vm, dir, log)
+/// A QEMU with these extra arguments, and its client's traffic log.
+async fn logged_vm(extra: &[&str]) -> (Vm, PathBuf) {
+    let vm = vm_with(|b| b.args(extra.iter().copied())).await;
+    let log = vm.traffic_log().to_owned();
+    (vm, log)
 }
 
 /// The arguments of every request for `command` in the log, in order
@@ -54,7 +47,7 @@ fn sent_once(log: &Path, command: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_and_nic_operations_send_the_same_members() {
-    let (vm, _dir, log) = logged_vm(&[]).await;
+    let (vm, log) = logged_vm(&[]).await;
     let c = vm.client();
     within(30, async {
         c.remove_device("gone0").await.unwrap();
@@ -99,7 +92,7 @@ async fn device_and_nic_operations_send_the_same_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_operations_send_the_same_members() {
-    let (vm, _dir, log) = logged_vm(&["-device", "qemu-xhci,id=xhci"]).await;
+    let (vm, log) = logged_vm(&["-device", "qemu-xhci,id=xhci"]).await;
     let c = vm.client();
     within(30, async {
         c.set_block_throttle("no-disk", 1, 2, 3, 4).await.unwrap_err();
@@ -179,7 +172,7 @@ async fn block_operations_send_the_same_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_operations_send_the_same_members() {
-    let (vm, _dir, log) = logged_vm(&[]).await;
+    let (vm, log) = logged_vm(&[]).await;
     let c = vm.client();
     within(30, async {
         c.block_commit("no-node", Some("top"), Some("base"), SHORT)
@@ -215,7 +208,7 @@ async fn job_operations_send_the_same_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chardev_operations_send_the_same_members() {
-    let (vm, _dir, log) = logged_vm(&[]).await;
+    let (vm, log) = logged_vm(&[]).await;
     let c = vm.client();
     let dir = vm.dir().to_owned();
     let file = dir.join("serial.log");
@@ -281,7 +274,7 @@ async fn chardev_operations_send_the_same_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_operations_send_the_same_members() {
-    let (vm, _dir, log) = logged_vm(&[]).await;
+    let (vm, log) = logged_vm(&[]).await;
     let c = vm.client();
     within(30, async {
         // Known to QEMU 10: the generated command; unknown: by name, as given.
@@ -327,7 +320,7 @@ async fn migration_operations_send_the_same_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_and_cpu_operations_send_the_same_members() {
-    let (vm, _dir, log) = logged_vm(&[]).await;
+    let (vm, log) = logged_vm(&[]).await;
     let c = vm.client();
     within(30, async {
         c.query_cpu_model("qemu64").await.unwrap();

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, Subscribers};
@@ -253,10 +252,9 @@ impl ConnectOptions {
         &self,
         address: &Address,
     ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
-        let span = tracing::debug_span!("qmp_connect", %address);
-        self.open_over(&address.to_string(), Some(address), Transport::connect(address))
-            .instrument(span)
-            .await
+        let peer = address.to_string();
+        let open = self.open_over(&peer, Some(address), Transport::connect(address));
+        crate::diag::in_connect_span(address, open).await
     }
 
     /// Negotiates over the stream `connect` yields and starts the
@@ -316,7 +314,7 @@ impl ConnectOptions {
             last_shutdown: Mutex::new(None),
             no_fd_passing,
         });
-        tracing::debug!(
+        crate::diag::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
             version = %shared.greeting.version,
             oob = shared.oob,
