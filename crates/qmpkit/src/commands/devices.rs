@@ -52,10 +52,12 @@
 
 use std::time::Duration;
 
+use qmpkit_qapi::{commands as c, types as t};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use crate::client::{Client, Empty};
+use crate::client::{CallOptions, Client, Command, Empty};
+use crate::commands::vm::qom_get;
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem};
@@ -116,6 +118,61 @@ impl DeviceSpec {
     }
 }
 
+impl From<c::DeviceAdd> for DeviceSpec {
+    /// The loose form of a generated `device_add`: the same members.
+    fn from(add: c::DeviceAdd) -> Self {
+        let mut spec = DeviceSpec {
+            driver: add.driver,
+            id: add.id,
+            props: add.extra,
+        };
+        if let Some(bus) = add.bus {
+            set(&mut spec.props, "bus", bus);
+        }
+        spec
+    }
+}
+
+impl From<&DeviceSpec> for c::DeviceAdd {
+    /// The generated `device_add` with the same members: a string `bus`
+    /// becomes its own member, every other property stays as it is.
+    fn from(spec: &DeviceSpec) -> Self {
+        let mut extra = spec.props.clone();
+        let bus = match extra.remove("bus") {
+            Some(Value::String(bus)) => Some(bus),
+            Some(other) => {
+                // Not a string: QEMU's to judge, sent as it was given.
+                extra.insert("bus".into(), other);
+                None
+            }
+            None => None,
+        };
+        c::DeviceAdd {
+            driver: spec.driver.clone(),
+            bus,
+            id: spec.id.clone(),
+            extra,
+        }
+    }
+}
+
+/// A generated union with an id, split as the loose specs keep it: the
+/// value of its discriminator `tag`, and its other members but `id`.
+fn split_generated(value: &impl Serialize, tag: &str) -> (String, Map<String, Value>) {
+    // The generated types serialise to JSON objects with string keys, and a
+    // union always has its discriminator: neither can fail.
+    let mut members = match serde_json::to_value(value) {
+        Ok(Value::Object(members)) => members,
+        Ok(_) | Err(_) => unreachable!("a generated QAPI union serialises to a JSON object"),
+    };
+    members.remove("id");
+    let kind = match members.remove(tag) {
+        Some(Value::String(kind)) => kind,
+        _ => unreachable!("a generated QAPI union has its discriminator {tag}"),
+    };
+    (kind, members)
+}
+
 /// The arguments of `netdev_add`: a backend type, an id, and the backend's
 /// options.
 ///
@@ -153,6 +210,25 @@ impl NetdevSpec {
     }
 }
 
+impl From<t::Netdev> for NetdevSpec {
+    /// The loose form of a generated netdev: the same members.
+    ///
+    /// ```
+    /// use qmpkit::commands::devices::NetdevSpec;
+    /// use qmpkit::qapi::types as t;
+    /// let user = t::Netdev { id: "net0".into(), branch: t::NetdevBranch::User(Default::default()) };
+    /// assert_eq!(NetdevSpec::from(user), NetdevSpec::new("user", "net0"));
+    /// ```
+    fn from(netdev: t::Netdev) -> Self {
+        let (kind, props) = split_generated(&netdev, "type");
+        NetdevSpec {
+            kind,
+            id: netdev.id,
+            props,
+        }
+    }
+}
+
 /// The arguments of `object-add`: a QOM type, an id, and the object's
 /// properties.
 ///
@@ -187,6 +263,25 @@ impl ObjectSpec {
     pub fn prop(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         set(&mut self.props, key, value);
         self
+    }
+}
+
+impl From<t::ObjectOptions> for ObjectSpec {
+    /// The loose form of a generated QOM object: the same members.
+    ///
+    /// ```
+    /// use qmpkit::commands::devices::ObjectSpec;
+    /// use qmpkit::qapi::types as t;
+    /// let io = t::ObjectOptions { id: "io0".into(), branch: t::ObjectOptionsBranch::Iothread(Default::default()) };
+    /// assert_eq!(ObjectSpec::from(io), ObjectSpec::new("iothread", "io0"));
+    /// ```
+    fn from(object: t::ObjectOptions) -> Self {
+        let (qom_type, props) = split_generated(&object, "qom-type");
+        ObjectSpec {
+            qom_type,
+            id: object.id,
+            props,
+        }
     }
 }
 
@@ -354,7 +449,7 @@ impl Client {
     #[doc(alias = "AddDevice")]
     #[doc(alias = "device_add")]
     pub async fn add_device(&self, device: &DeviceSpec) -> Result<()> {
-        self.call::<_, Empty>("device_add", device).await.map(drop)
+        self.run(&c::DeviceAdd::from(device)).await.map(drop)
     }
 
     /// Asks QEMU to remove a device (`device_del`) and returns once QEMU
@@ -372,7 +467,7 @@ impl Client {
         if id.is_empty() {
             return Ok(());
         }
-        match self.call::<_, Empty>("device_del", &json!({ "id": id })).await {
+        match self.run(&device_del(id)).await {
             Ok(_) => Ok(()),
             Err(e) if gone_by_go_rule(&e) => Ok(()),
             Err(e) => Err(e),
@@ -436,10 +531,7 @@ impl Client {
         // Subscribe first: the events may arrive before the reply.
         let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED", "ACPI_DEVICE_OST"]));
         let work = async {
-            match deadline
-                .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
-                .await
-            {
+            match deadline.run(self, &device_del(id)).await {
                 Ok(_) => {}
                 Err(e) if already_unplugging(&e) => {}
                 Err(e) => return Err(e),
@@ -459,10 +551,7 @@ impl Client {
                             return Ok(());
                         }
                         if !acknowledged {
-                            match deadline
-                                .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
-                                .await
-                            {
+                            match deadline.run(self, &device_del(id)).await {
                                 Ok(_) => {}
                                 Err(e) if already_unplugging(&e) => {}
                                 // Gone between two looks.
@@ -506,10 +595,7 @@ impl Client {
 
     /// True while QOM has the device at `path`.
     async fn device_exists(&self, path: &str, deadline: &Deadline) -> Result<bool> {
-        match deadline
-            .call::<_, Value>(self, "qom-get", &json!({"path": path, "property": "type"}))
-            .await
-        {
+        match deadline.run(self, &qom_get(path, "type")).await {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
@@ -536,11 +622,9 @@ impl Client {
                 ))
             }
         };
-        self.call::<_, Empty>("netdev_add", netdev).await?;
+        self.call::<_, Empty>(c::NetdevAdd::NAME, netdev).await?;
         let undo_netdev = || async {
-            let _ = self
-                .call::<_, Empty>("netdev_del", &json!({ "id": netdev.id }))
-                .await;
+            let _ = self.run(&netdev_del(&netdev.id)).await;
         };
         if let Err(e) = self.add_device(device).await {
             undo_netdev().await;
@@ -550,7 +634,7 @@ impl Client {
             if let Err(e) = self.set_nic_link(id, false).await {
                 // Ask for the device's removal without waiting for it: the
                 // netdev can go at once, the NIC is then unconnected.
-                let _ = self.call::<_, Empty>("device_del", &json!({ "id": id })).await;
+                let _ = self.run(&device_del(id)).await;
                 undo_netdev().await;
                 return Err(e);
             }
@@ -572,10 +656,7 @@ impl Client {
         if netdev_id.is_empty() {
             return Ok(());
         }
-        match self
-            .call::<_, Empty>("netdev_del", &json!({ "id": netdev_id }))
-            .await
-        {
+        match self.run(&netdev_del(netdev_id)).await {
             Ok(_) => Ok(()),
             Err(e) if gone_by_go_rule(&e) => Ok(()),
             Err(e) => Err(e),
@@ -605,7 +686,7 @@ impl Client {
         }
         deadline
             .renamed("netdev_del")
-            .call::<_, Empty>(self, "netdev_del", &json!({ "id": netdev_id }))
+            .run(self, &netdev_del(netdev_id))
             .await
             .map(drop)
     }
@@ -616,9 +697,11 @@ impl Client {
     #[doc(alias = "SetNICLink")]
     #[doc(alias = "set_link")]
     pub async fn set_nic_link(&self, id: &str, connected: bool) -> Result<()> {
-        self.call::<_, Empty>("set_link", &json!({"name": id, "up": connected}))
-            .await
-            .map(drop)
+        let set_link = c::SetLink {
+            name: id.into(),
+            up: connected,
+        };
+        self.run(&set_link).await.map(drop)
     }
 
     /// Adds a QOM object such as a memory backend or an iothread
@@ -627,16 +710,14 @@ impl Client {
     #[doc(alias = "AddObject")]
     #[doc(alias = "object-add")]
     pub async fn add_object(&self, object: &ObjectSpec) -> Result<()> {
-        self.call::<_, Empty>("object-add", object).await.map(drop)
+        self.call::<_, Empty>(c::ObjectAdd::NAME, object).await.map(drop)
     }
 
     /// Removes a QOM object (`object-del`). One still used by a device is
     /// an error for which [`Error::is_in_use`] is true; one that does not exist is a not-found error.
     #[doc(alias = "object-del")]
     pub async fn remove_object(&self, id: &str) -> Result<()> {
-        self.call::<_, Empty>("object-del", &json!({ "id": id }))
-            .await
-            .map(drop)
+        self.run(&c::ObjectDel { id: id.into() }).await.map(drop)
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,
@@ -647,6 +728,8 @@ impl Client {
     /// keeps its current value: secrets are immutable in QEMU.
     #[doc(alias = "AddSecret")]
     pub async fn add_secret(&self, id: &str, secret: &str) -> Result<()> {
+        // Built by hand for the order of its members: the traffic log shows
+        // them as Go's does (qom-type, id, data, format).
         let object = ObjectSpec::new("secret", id)
             .prop("data", secret)
             .prop("format", "raw");
@@ -660,7 +743,7 @@ impl Client {
     #[doc(alias = "QueryPCI")]
     #[doc(alias = "query-pci")]
     pub async fn query_pci(&self) -> Result<Vec<PciBus>> {
-        self.call("query-pci", &()).await
+        self.run_as(&c::QueryPci, CallOptions::new()).await
     }
 
     /// True when a device with this id sits behind a PCI bridge or root
@@ -682,9 +765,20 @@ impl Client {
     }
 }
 
+/// `device_del` of the device `id`.
+fn device_del(id: &str) -> c::DeviceDel {
+    c::DeviceDel { id: id.into() }
+}
+
+/// `netdev_del` of the netdev `id`.
+fn netdev_del(id: &str) -> c::NetdevDel {
+    c::NetdevDel { id: id.into() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn unplug_news_follows_qemu_10s_events() {
