@@ -60,7 +60,7 @@ use crate::client::{CallOptions, Client, Command, Empty};
 use crate::commands::vm::qom_get;
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
-use crate::event::{EventFilter, EventItem};
+use crate::event::{EventFilter, EventItem, Woken};
 
 /// Sets `key` to `value` in a property map.
 fn set(props: &mut Map<String, Value>, key: impl Into<String>, value: impl Into<Value>) {
@@ -543,9 +543,11 @@ impl Client {
             let mut child_gone = false;
             let mut next_tick = tokio::time::Instant::now() + UNPLUG_RESEND_INTERVAL;
             loop {
-                let item = tokio::select! {
-                    item = events.recv() => item,
-                    () = tokio::time::sleep_until(next_tick), if !acknowledged || child_gone => {
+                let tick = (!acknowledged || child_gone).then_some(next_tick);
+                let item = match events.next_or_timer(tick, None).await {
+                    Woken::Item(item) => item,
+                    // (No deadline was given: the whole wait has its own.)
+                    Woken::Tick | Woken::Deadline => {
                         next_tick = tokio::time::Instant::now() + UNPLUG_RESEND_INTERVAL;
                         if child_gone && !self.device_exists(&path, deadline).await? {
                             return Ok(());
