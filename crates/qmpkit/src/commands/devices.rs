@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::client::{CallOptions, Client, Command, Empty};
-use crate::commands::vm::qom_get;
+use crate::commands::vm::{qom_get, RunState, StatusInfo};
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventItem, Woken};
@@ -375,6 +375,11 @@ fn qom_path_of(id: &str) -> String {
 /// has not shown that it got the request (see there).
 pub const UNPLUG_RESEND_INTERVAL: Duration = Duration::from_millis(1500);
 
+/// How long [`Client::remove_device_and_wait`] lets a VM that has just
+/// started for the first time run before it asks, so that the VM's clock
+/// (by which QEMU dates the request) has passed 0 ms.
+const FIRST_RUN_SETTLE: Duration = Duration::from_millis(20);
+
 /// `ACPI_DEVICE_OST` sources that answer an eject request: the eject
 /// request notification itself (3) and the `_EJ0` processing (0x103).
 const OST_SOURCES_OF_AN_EJECT: [u64; 2] = [0x03, 0x103];
@@ -461,6 +466,11 @@ impl Client {
     /// says "not found") is success: the call is meant for clean-up paths.
     /// Other errors are QEMU's, such as an unplug already under way or a bus
     /// that cannot hot-unplug.
+    ///
+    /// Like Go, it asks at once, also of a VM in `prelaunch` (never run),
+    /// where QEMU 10 may then never take a second request for the device
+    /// if the booting guest misses the first: [`Client::remove_device_and_wait`]
+    /// waits for the VM to run first.
     #[doc(alias = "RemoveDevice")]
     #[doc(alias = "device_del")]
     pub async fn remove_device(&self, id: &str) -> Result<()> {
@@ -497,9 +507,17 @@ impl Client {
     /// [`UNPLUG_RESEND_INTERVAL`] until the guest shows that it has it (an
     /// `_OST` saying the ejection is in progress) or the device is gone.
     /// QEMU turns a repeated request down with "already in the process of
-    /// unplug" while the previous one is less than 5 s old (by the VM's
-    /// clock); that counts as still pending, also for the first request
-    /// (an unplug someone else asked for is waited for too).
+    /// unplug" while the previous one is recent by the VM's clock (5 s for
+    /// native PCIe hotplug, 1 ms for ACPI hotplug); that counts as still
+    /// pending, also for the first request (an unplug someone else asked
+    /// for is waited for too).
+    ///
+    /// A VM in `prelaunch` (started with `-S`, never continued) gets no
+    /// request until it has run: QEMU 10 would date such a request 0, read
+    /// that as "never expires", and refuse every later request once the
+    /// booting guest lost it, leaving the device unremovable. So on such a
+    /// VM this call waits for `cont` (within `timeout`) before it asks.
+    /// [`Client::remove_device`] asks at once, as the Go package does.
     ///
     /// Errors: a device that does not exist at the first request is QEMU's
     /// `DeviceNotFound` ([`Error::is_not_found`]), so that a typo is never
@@ -526,7 +544,42 @@ impl Client {
             .await
     }
 
+    /// Returns once the VM's CPUs have run (at once unless it is in
+    /// `prelaunch`, started with `-S` and never continued).
+    ///
+    /// QEMU 10 dates an ACPI unplug request by the VM's clock, in
+    /// milliseconds, and accepts it again once that clock has moved on. A
+    /// request made before the VM first ran is dated 0, which QEMU reads as
+    /// "no date": if the guest, not yet listening, loses that request, QEMU
+    /// turns down every later one with "already in the process of unplug"
+    /// and the device can never be removed. So the request waits for the
+    /// VM to run, and a moment more for its clock to pass 0.
+    async fn wait_until_the_vm_has_run(&self, deadline: &Deadline) -> Result<()> {
+        let mut resumed = self.subscribe(EventFilter::names(["RESUME"]));
+        let status: StatusInfo = deadline.run_as(self, &c::QueryStatus).await?;
+        if status.status != RunState::Prelaunch {
+            return Ok(());
+        }
+        loop {
+            match resumed.next_or_timer(None, Some(deadline.at())).await {
+                Woken::Item(Some(EventItem::Event(_))) => break,
+                // Whatever was missed, QEMU knows whether the VM runs now.
+                Woken::Item(Some(EventItem::Missed(_))) => {
+                    let status: StatusInfo = deadline.run_as(self, &c::QueryStatus).await?;
+                    if status.status != RunState::Prelaunch {
+                        break;
+                    }
+                }
+                Woken::Item(None) => return Err(self.closed().await),
+                Woken::Tick | Woken::Deadline => return Err(deadline.expired()),
+            }
+        }
+        tokio::time::sleep(FIRST_RUN_SETTLE.min(deadline.remaining()?)).await;
+        Ok(())
+    }
+
     async fn remove_device_within(&self, id: &str, deadline: &Deadline) -> Result<()> {
+        self.wait_until_the_vm_has_run(deadline).await?;
         let path = qom_path_of(id);
         // Subscribe first: the events may arrive before the reply.
         let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED", "ACPI_DEVICE_OST"]));

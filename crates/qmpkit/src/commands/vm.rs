@@ -143,8 +143,8 @@ impl Serialize for RunState {
 
 /// The reply to `query-status`.
 #[derive(Debug, Clone, Deserialize)]
-struct StatusInfo {
-    status: RunState,
+pub(crate) struct StatusInfo {
+    pub(crate) status: RunState,
 }
 
 /// What QEMU does when the guest reboots (`set-action` `reboot`).
