@@ -152,6 +152,14 @@ impl Drop for Guest {
     }
 }
 
+/// A NIC `nic0` (with its netdev) cold-plugged behind `rp1`, for [`launch`].
+const NIC0_ON_RP1: [&str; 4] = [
+    "-netdev",
+    "user,id=net0",
+    "-device",
+    "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
+];
+
 /// The guest's machine: q35 under TCG, 256 MiB with two DIMM slots, one CPU
 /// of up to three, Incus's agent port, a pvpanic device, a balloon and two
 /// PCIe root ports for hotplug (`rp1`, `rp2`). `extra` adds to it.
@@ -506,15 +514,11 @@ async fn cpu_hotplug_is_onlined_and_unplug_is_reported_by_the_lapic_or_refused()
 /// `an_unplug_asked_before_the_vm_first_ran_blocks_every_later_one`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplug_asked_for_while_the_guest_boots_is_dropped() {
-    let mut g = launch(&[
-        "-netdev",
-        "user,id=net0",
-        "-device",
-        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
+    let cpu1 = [
         "-device",
         "qemu64-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0",
-    ])
-    .await;
+    ];
+    let mut g = launch(&[&NIC0_ON_RP1[..], &cpu1[..]].concat()).await;
     g.start().await;
     // The firmware is running: nothing in the guest listens for ejects yet
     // (under TCG its kernel takes seconds to get as far as ACPI; the same
@@ -621,13 +625,7 @@ async fn remove_device_and_wait_removes_a_cpu_and_reports_a_refusal_at_once() {
 /// handle it and the NIC goes: that is accepted too.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplug_asked_before_the_vm_first_ran_blocks_every_later_one() {
-    let mut g = launch(&[
-        "-netdev",
-        "user,id=net0",
-        "-device",
-        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
-    ])
-    .await;
+    let mut g = launch(&NIC0_ON_RP1).await;
     within(10, g.request_unplug("nic0"))
         .await
         .expect("QEMU accepts the NIC's unplug");
@@ -659,13 +657,7 @@ async fn an_unplug_asked_before_the_vm_first_ran_blocks_every_later_one() {
 /// lets the NIC go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_device_and_wait_in_prelaunch_removes_the_nic_once_the_guest_runs() {
-    let mut g = launch(&[
-        "-netdev",
-        "user,id=net0",
-        "-device",
-        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
-    ])
-    .await;
+    let mut g = launch(&NIC0_ON_RP1).await;
     let client = g.vm.client().clone();
     let call = tokio::spawn(async move {
         client
