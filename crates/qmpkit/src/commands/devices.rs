@@ -512,11 +512,13 @@ impl Client {
     /// pending, also for the first request (an unplug someone else asked
     /// for is waited for too).
     ///
-    /// A VM in `prelaunch` (started with `-S`, never continued) gets no
-    /// request until it has run: QEMU 10 would date such a request 0, read
-    /// that as "never expires", and refuse every later request once the
-    /// booting guest lost it, leaving the device unremovable. So on such a
-    /// VM this call waits for `cont` (within `timeout`) before it asks.
+    /// On a VM in `prelaunch` (started with `-S`, never continued) a PCI
+    /// device gets no request until the VM has run: QEMU 10 would date such
+    /// a request 0, read that as "never expires", and refuse every later
+    /// request once the booting guest lost it, leaving the device
+    /// unremovable. So for a PCI device on such a VM this call waits for
+    /// `cont` (within `timeout`) before it asks; devices QEMU removes by
+    /// itself (USB, SCSI, ...) are asked at once.
     /// [`Client::remove_device`] asks at once, as the Go package does.
     ///
     /// Errors: a device that does not exist at the first request is QEMU's
@@ -552,12 +554,14 @@ impl Client {
     /// request made before the VM first ran is dated 0, which QEMU reads as
     /// "no date": if the guest, not yet listening, loses that request, QEMU
     /// turns down every later one with "already in the process of unplug"
-    /// and the device can never be removed. So the request waits for the
-    /// VM to run, and a moment more for its clock to pass 0.
-    async fn wait_until_the_vm_has_run(&self, deadline: &Deadline) -> Result<()> {
+    /// and the device can never be removed. So a PCI device's request waits
+    /// for the VM to run, and a moment more for its clock to pass 0. Other
+    /// devices (USB, SCSI, ...) are removed by QEMU alone, also in
+    /// `prelaunch`, and are asked at once.
+    async fn wait_until_the_vm_has_run(&self, id: &str, deadline: &Deadline) -> Result<()> {
         let mut resumed = self.subscribe(EventFilter::names(["RESUME"]));
         let status: StatusInfo = deadline.run_as(self, &c::QueryStatus).await?;
-        if status.status != RunState::Prelaunch {
+        if status.status != RunState::Prelaunch || !self.is_pci_device(id, deadline).await? {
             return Ok(());
         }
         loop {
@@ -579,7 +583,7 @@ impl Client {
     }
 
     async fn remove_device_within(&self, id: &str, deadline: &Deadline) -> Result<()> {
-        self.wait_until_the_vm_has_run(deadline).await?;
+        self.wait_until_the_vm_has_run(id, deadline).await?;
         let path = qom_path_of(id);
         // Subscribe first: the events may arrive before the reply.
         let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED", "ACPI_DEVICE_OST"]));
@@ -649,6 +653,20 @@ impl Client {
     }
 
     /// True while QOM has the device at `path`.
+    /// True when `id` names a PCI device (every one has the `multifunction`
+    /// property); false for any other device, or none.
+    async fn is_pci_device(&self, id: &str, deadline: &Deadline) -> Result<bool> {
+        match deadline
+            .run(self, &qom_get(&qom_path_of(id), "multifunction"))
+            .await
+        {
+            Ok(_) => Ok(true),
+            // No such property, or no such device (the request will say so).
+            Err(e) if e.is_qmp() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn device_exists(&self, path: &str, deadline: &Deadline) -> Result<bool> {
         match deadline.run(self, &qom_get(path, "type")).await {
             Ok(_) => Ok(true),
