@@ -13,12 +13,15 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${QMP_SHARED:-$root/../shared}
 N=${N:-2000}
 DEPTH=${DEPTH:-1}
+SERVERS=${SERVERS:-qemu fake}     # which servers to measure against
+APIS=${APIS:-status generated raw} # which of the three APIs
+EXTRA=${EXTRA:-}                  # more qmpctl bench flags, e.g. --monitor
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 
 floor_target=${TMPDIR:-/tmp}/qmpkit-floor-target
 CARGO_TARGET_DIR=$floor_target cargo build -q --release --manifest-path "$shared/bench/floor/Cargo.toml"
 cargo build -q --release -p qmpctl --manifest-path "$root/Cargo.toml"
-qmpctl=$root/target/release/qmpctl
+qmpctl=${CARGO_TARGET_DIR:-$root/target}/release/qmpctl
 
 work=$(mktemp -d)
 pids=()
@@ -44,12 +47,12 @@ instructions() { # socket count flags...
 }
 
 printf '| server | depth | API | instructions per command |\n| --- | --- | --- | --- |\n'
-for server in qemu fake; do
+for server in $SERVERS; do
     flags=()
     [ "$server" = fake ] && flags=(--no-oob)
-    for api in status generated raw; do
-        extra=()
-        [ "$api" != status ] && extra=("--$api")
+    for api in $APIS; do
+        extra=($EXTRA)
+        [ "$api" != status ] && extra+=("--$api")
         a=$(instructions "$work/$server.sock" "$N" "${flags[@]}" "${extra[@]}")
         b=$(instructions "$work/$server.sock" $((2 * N)) "${flags[@]}" "${extra[@]}")
         printf '| %s | %s | %s | %s |\n' "$server" "$DEPTH" "$api" $(((b - a) / N))
