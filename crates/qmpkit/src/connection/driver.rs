@@ -1,6 +1,7 @@
 //! The task that owns the socket.
 //!
-//! One task reads and writes; callers reach it through a channel, each request
+//! One task reads and writes; callers reach it through a queue (see
+//! [`requests`](super::requests)), each request
 //! carrying its own reply slot. Because there is one writer, a command's file
 //! descriptors always travel on the `sendmsg` that starts with that command's
 //! first byte. Replies are matched by id, never by order.
@@ -23,11 +24,12 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Sleep;
 
 use super::handshake::Handshaken;
 use super::inflight::{self, InFlight, Pending};
+use super::requests::{Sender, Signal};
 use super::traffic_log::TrafficLog;
 use super::transport::Transport;
 use super::Shared;
@@ -76,26 +78,16 @@ impl Reply {
     }
 }
 
-/// A message to the task.
-pub(crate) enum ToDriver {
-    Command(Box<Outgoing>),
-    Disconnect,
-}
-
 /// Starts the task for a connection that completed its handshake; returns
-/// the channel that reaches it. The task and the handles share `shared`.
-pub(crate) fn spawn(
-    hs: Handshaken,
-    shared: Arc<Shared>,
-    log: Option<TrafficLog>,
-) -> mpsc::UnboundedSender<ToDriver> {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// the callers' end of its request queue. The task and the handles share `shared`.
+pub(crate) fn spawn(hs: Handshaken, shared: Arc<Shared>, log: Option<TrafficLog>) -> Sender {
+    let sender = Sender::new(shared.clone());
     let probe_budget = shared.config.default_timeout;
     let driver = Driver {
         stream: hs.stream,
         early_events: hs.early_events,
         splitter: hs.splitter,
-        rx,
+        requests: shared.clone(),
         state: State {
             inflight: InFlight::new(shared.oob, shared.config.replies_in_order, probe_budget),
             shared,
@@ -108,14 +100,16 @@ pub(crate) fn spawn(
         },
     };
     tokio::spawn(driver.run());
-    tx
+    sender
 }
 
 struct Driver {
     stream: Transport,
     early_events: Vec<Vec<u8>>,
     splitter: crate::wire::splitter::Splitter,
-    rx: mpsc::UnboundedReceiver<ToDriver>,
+    /// Where the requests queue (`Shared::requests`; a second reference,
+    /// so that taking them can borrow it while `state` changes).
+    requests: Arc<Shared>,
     state: State,
 }
 
@@ -235,17 +229,16 @@ impl Driver {
             // Requests first: a server flooding us with events must not
             // starve the callers. All of those queued now go out in one write.
             let mut now = None;
-            loop {
-                match self.rx.poll_recv(cx) {
-                    Poll::Ready(Some(ToDriver::Command(out))) => {
-                        // One clock read for everything that arrived together.
-                        let now = *now.get_or_insert_with(Instant::now);
-                        self.state.enqueue(out, now);
-                    }
-                    Poll::Ready(Some(ToDriver::Disconnect)) => return Poll::Ready(Ending::Requested),
-                    Poll::Ready(None) => return Poll::Ready(Ending::Dropped),
-                    Poll::Pending => break,
-                }
+            let state = &mut self.state;
+            let signal = self.requests.requests.take(cx, |out| {
+                // One clock read for everything that arrived together.
+                let now = *now.get_or_insert_with(Instant::now);
+                state.enqueue(out, now);
+            });
+            match signal {
+                None => {}
+                Some(Signal::Disconnect) => return Poll::Ready(Ending::Requested),
+                Some(Signal::Dropped) => return Poll::Ready(Ending::Dropped),
             }
             if let Err(e) = self.write_ready(cx) {
                 return Poll::Ready(self.after_write_error(cx, e));
@@ -445,11 +438,8 @@ impl Driver {
         let st = &mut self.state;
         let _ = st.shared.close_reason.set(err.clone());
         // No request may slip in after this point unanswered.
-        self.rx.close();
-        while let Ok(msg) = self.rx.try_recv() {
-            if let ToDriver::Command(out) = msg {
-                let _ = out.reply.send(Err(err.clone()));
-            }
+        for out in self.requests.requests.close() {
+            let _ = out.reply.send(Err(err.clone()));
         }
         st.inflight.fail_all(&err);
         st.shared.subscribers.close();

@@ -5,6 +5,7 @@ mod driver;
 mod handshake;
 mod inflight;
 mod listener;
+mod requests;
 mod socket;
 #[cfg(feature = "traffic-log")]
 pub(crate) mod traffic_log;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
@@ -26,7 +27,8 @@ use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
 
 pub use address::Address;
-pub(crate) use driver::{Outgoing, Reply, ToDriver};
+pub(crate) use driver::{Outgoing, Reply};
+pub(crate) use requests::Sender;
 pub use listener::Listener;
 /// The long-path-aware Unix connect, for the guest agent.
 pub(crate) use socket::connect as connect_unix;
@@ -46,6 +48,8 @@ pub(crate) struct Shared {
     /// `None` when file descriptors can be passed; otherwise the kind of
     /// stream that cannot pass them, for the error.
     pub no_fd_passing: Option<&'static str>,
+    /// Requests on their way from the callers to the task.
+    pub requests: requests::Requests,
 }
 
 /// The default size limit of one message from QEMU: 64 MiB.
@@ -252,7 +256,7 @@ impl ConnectOptions {
     pub(crate) async fn open(
         &self,
         address: &Address,
-    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+    ) -> Result<(Sender, Arc<Shared>)> {
         let span = tracing::debug_span!("qmp_connect", %address);
         self.open_over(&address.to_string(), Some(address), Transport::connect(address))
             .instrument(span)
@@ -269,7 +273,7 @@ impl ConnectOptions {
         peer: &str,
         address: Option<&Address>,
         connect: impl std::future::Future<Output = Result<Transport>>,
-    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+    ) -> Result<(Sender, Arc<Shared>)> {
         let started = std::time::Instant::now();
         let budget = self.handshake_timeout;
         let mut connected = false;
@@ -315,6 +319,7 @@ impl ConnectOptions {
             close_reason: OnceLock::new(),
             last_shutdown: Mutex::new(None),
             no_fd_passing,
+            requests: Default::default(),
         });
         tracing::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
