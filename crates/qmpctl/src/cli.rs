@@ -566,7 +566,7 @@ pub struct ScreendumpArgs {
     pub file: PathBuf,
     /// png or ppm.
     #[arg(long, default_value = "png")]
-    pub format: String,
+    pub format: qmpkit::qapi::types::ImageFormat,
     /// The display device (default: the first).
     #[arg(long)]
     pub device: Option<String>,
@@ -579,7 +579,7 @@ pub struct DumpArgs {
     pub file: PathBuf,
     /// elf, kdump-zlib, kdump-lzo, kdump-snappy, win-dmp.
     #[arg(long, default_value = "elf")]
-    pub format: String,
+    pub format: qmpkit::qapi::types::DumpGuestMemoryFormat,
 }
 
 /// `migrate ...`.

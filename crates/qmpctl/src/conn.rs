@@ -77,6 +77,11 @@ impl Ctx {
         Ok((raw, typed))
     }
 
+    /// Runs one generated command and returns its reply as JSON, within `--timeout`.
+    pub async fn run<C: qmpkit::qapi::Command>(&self, command: &C) -> anyhow::Result<Value> {
+        self.call(C::NAME, command).await
+    }
+
     /// Runs one command by name and returns its reply as JSON, within `--timeout`.
     pub async fn call<A: Serialize + ?Sized>(&self, name: &str, args: &A) -> anyhow::Result<Value> {
         self.within(name, async {

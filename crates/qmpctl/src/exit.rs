@@ -94,7 +94,7 @@ pub fn code_of(err: &anyhow::Error) -> u8 {
 
 fn qmp_code(e: &qmpkit::Error) -> u8 {
     match e {
-        qmpkit::Error::Qmp(_) | qmpkit::Error::BadConsole(_) | qmpkit::Error::NotARingbuf(_) => QMP_ERROR,
+        qmpkit::Error::Qmp(_) | qmpkit::Error::Console(_) => QMP_ERROR,
         qmpkit::Error::Timeout { .. } => TIMEOUT,
         qmpkit::Error::Connect { .. }
         | qmpkit::Error::ConnectTcp { .. }

@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use qmpkit::{Client, EventFilter};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::progress::Progress;
-use qmpkit::qapi::commands::{QomList, QueryDump, QueryMigrate};
+use qmpkit::qapi::commands::{self as c, QomList, QueryDump, QueryMigrate};
 use qmpkit::qapi::events::DumpCompleted;
-use qmpkit::qapi::types::{DumpQueryResult, DumpStatus};
+use qmpkit::qapi::types::{DumpGuestMemoryFormat, DumpQueryResult, DumpStatus};
+use qmpkit::qapi::Command as _;
 use serde::Deserialize as _;
 
 /// A count QEMU keeps in a signed integer, for a progress bar.
@@ -37,12 +38,6 @@ pub const LONG_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// Runs a command and returns its reply.
 pub async fn query(client: &Client, name: &str) -> anyhow::Result<Value> {
     Ok(client.call::<Value, Value>(name, &Value::Null).await?)
-}
-
-/// Runs a command whose reply carries nothing of interest.
-pub async fn run(client: &Client, name: &str, args: Value) -> anyhow::Result<()> {
-    client.call::<Value, Value>(name, &args).await?;
-    Ok(())
 }
 
 /// A path as QEMU must see it: absolute (QEMU's working directory is not ours).
@@ -110,13 +105,28 @@ pub async fn wait_migration(client: &Client, budget: Duration, bar: &Progress) -
 /// with the `MIGRATION` event on so that the wait needs no polling.
 pub async fn migrate_to_uri(client: &Client, uri: &str) -> anyhow::Result<()> {
     client.migrate_set_capabilities([("events", true)]).await?;
-    run(client, "migrate", json!({"uri": uri})).await
+    let migrate = c::Migrate {
+        uri: Some(uri.into()),
+        channels: None,
+        detach: None,
+        resume: None,
+    };
+    client.call::<_, Value>(c::Migrate::NAME, &migrate).await?;
+    Ok(())
 }
 
 /// Makes a VM started with `-incoming defer` listen for a migration on a URI.
 pub async fn migrate_incoming_uri(client: &Client, uri: &str) -> anyhow::Result<()> {
     client.migrate_set_capabilities([("events", true)]).await?;
-    run(client, "migrate-incoming", json!({"uri": uri})).await
+    let incoming = c::MigrateIncoming {
+        uri: Some(uri.into()),
+        channels: None,
+        exit_on_error: None,
+    };
+    client
+        .call::<_, Value>(c::MigrateIncoming::NAME, &incoming)
+        .await?;
+    Ok(())
 }
 
 /// Dumps guest memory to a file in the background (detached, so that QEMU
@@ -125,17 +135,20 @@ pub async fn migrate_incoming_uri(client: &Client, uri: &str) -> anyhow::Result<
 pub async fn dump_memory(
     client: &Client,
     file: &Path,
-    format: &str,
+    format: DumpGuestMemoryFormat,
     bar: &Progress,
 ) -> anyhow::Result<Value> {
     let file = absolute(file)?;
     let mut events = client.subscribe(EventFilter::names(["DUMP_COMPLETED"]));
-    run(
-        client,
-        "dump-guest-memory",
-        json!({"paging": false, "protocol": format!("file:{}", file.display()), "detach": true, "format": format}),
-    )
-    .await?;
+    let dump = c::DumpGuestMemory {
+        paging: false,
+        protocol: format!("file:{}", file.display()),
+        detach: Some(true),
+        begin: None,
+        length: None,
+        format: Some(format),
+    };
+    client.call::<_, Value>(c::DumpGuestMemory::NAME, &dump).await?;
     let finished = async {
         match events.next().await {
             Some(e) => match e.data_of::<DumpCompleted>() {

@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use qmpkit::launch::Qemu;
+use qmpkit::qapi::commands::{BlockExportDel, HumanMonitorCommand};
+use qmpkit::qapi::events::{JobStatusChange, Migration as MigrationEvent};
 use qmpkit::{Client, EventFilter};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::cli::{Globals, TourArgs};
 use crate::conn::{connect_options, scratch_vm};
@@ -23,7 +25,7 @@ use qmpkit::commands::vm::RunState;
 use qmpkit::monitor::constants::{EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED};
 use qmpkit::monitor::{Monitor, MonitorOptions};
 
-use crate::ops::{self, run as cmd};
+use crate::ops;
 use crate::out::bytes;
 use crate::outln;
 use crate::progress::Progress;
@@ -320,13 +322,12 @@ async fn snapshot(c: &Client, work: &Path) -> anyhow::Result<()> {
         overlay.display()
     ))?;
     // Write as the guest would, through the device's own block backend.
-    let reply = c
-        .call::<_, Value>(
-            "human-monitor-command",
-            &json!({"command-line": format!("qemu-io -d disk0 \"write -P 0x{OVERLAY_BYTE:x} 1M 64k\"")}),
-        )
-        .await?;
-    let text = reply.as_str().unwrap_or_default().trim();
+    let write = HumanMonitorCommand {
+        command_line: format!("qemu-io -d disk0 \"write -P 0x{OVERLAY_BYTE:x} 1M 64k\""),
+        cpu_index: None,
+    };
+    let reply = c.execute(&write).await?;
+    let text = reply.trim();
     ensure!(text.is_empty(), "the write through qemu-io failed: {text}");
     say(&format!(
         "wrote 64 KiB of 0x{OVERLAY_BYTE:x} at 1 MiB through device disk0: it lands in the overlay"
@@ -345,8 +346,8 @@ async fn commit(c: &Client) -> anyhow::Result<()> {
     bar.finish();
     let mut seen = Vec::new();
     while let Some(e) = job_events.try_next() {
-        if let Some(s) = e.data()["status"].as_str() {
-            seen.push(s.to_owned());
+        if let Some(Ok(change)) = e.data_of::<JobStatusChange>() {
+            seen.push(change.status.as_str());
         }
     }
     say(&format!("block-commit job states: {}", seen.join(" -> ")))?;
@@ -375,7 +376,11 @@ async fn nbd(c: &Client, work: &Path) -> anyhow::Result<()> {
         &[],
     );
     let mut removed = c.subscribe(EventFilter::names(["BLOCK_EXPORT_DELETED"]));
-    cmd(c, "block-export-del", json!({"id": "disk0"})).await?;
+    c.execute(&BlockExportDel {
+        id: "disk0".into(),
+        mode: None,
+    })
+    .await?;
     removed.wait_for("BLOCK_EXPORT_DELETED").await?;
     c.nbd_server_stop().await?;
     read?;
@@ -492,8 +497,8 @@ async fn migrate(c: &Client, g: &Globals) -> anyhow::Result<Qemu> {
     incoming.await.context("the incoming side panicked")??;
     let mut seen = Vec::new();
     while let Some(e) = states.try_next() {
-        if let Some(s) = e.data()["status"].as_str() {
-            seen.push(s.to_owned());
+        if let Some(Ok(migration)) = e.data_of::<MigrationEvent>() {
+            seen.push(migration.status.as_str());
         }
     }
     say(&format!("MIGRATION events on the source: {}", seen.join(" -> ")))?;

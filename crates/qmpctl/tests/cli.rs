@@ -300,6 +300,13 @@ async fn nbd_export_read_back() {
     ctl(&sock, &["nbd", "stop"])
         .await
         .fails(3, "NBD server not running");
+    // Over TCP, on a port the kernel picks: QEMU really listens (a second
+    // start is refused while it does), and stops.
+    ctl(&sock, &["nbd", "start", "--tcp", "127.0.0.1:0"]).await.ok();
+    ctl(&sock, &["nbd", "start", "--tcp", "127.0.0.1:0"])
+        .await
+        .fails(3, "already running");
+    ctl(&sock, &["nbd", "stop"]).await.ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,14 +188,9 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
-    /// The requested console (chardev) does not exist (Incus's `qmp` package's
-    /// `ErrMonitorBadConsole`).
-    #[error("requested console {0:?} couldn't be found")]
-    BadConsole(String),
-
-    /// The requested chardev is not a ring buffer (Incus's `qmp` package's `ErrNotARingbuf`).
-    #[error("requested device {0:?} isn't a ring buffer")]
-    NotARingbuf(String),
+    /// A console (ring-buffer chardev) cannot be used: see [`ConsoleError`].
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
 
     /// A block job ended with an error (QEMU's own message).
     #[error("job {job} failed: {message}")]
@@ -263,6 +258,22 @@ pub enum Error {
         /// The server's version, from its greeting.
         server: String,
     },
+}
+
+/// Why a console (a ring-buffer chardev, read by [`Client::ringbuf_read`] and
+/// watched by the Monitor for the guest agent) cannot be used. These are
+/// Incus's `qmp` package's `ErrMonitorBadConsole` and `ErrNotARingbuf`.
+///
+/// [`Client::ringbuf_read`]: crate::Client::ringbuf_read
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsoleError {
+    /// No chardev has this id (`ErrMonitorBadConsole`).
+    #[error("requested console {0:?} couldn't be found")]
+    NotFound(String),
+    /// The chardev exists but is not a ring buffer (`ErrNotARingbuf`).
+    #[error("requested device {0:?} isn't a ring buffer")]
+    NotARingbuf(String),
 }
 
 impl Error {

@@ -133,6 +133,13 @@ impl std::fmt::Display for Event {
 
 /// Typed views of the events Incus's Go package `qmp` handles. Unknown events, and known
 /// ones whose data does not decode, are [`KnownEvent::Other`].
+///
+/// These views are lenient on purpose: states and reasons are strings and
+/// missing members take defaults, so a newer QEMU's new status or cause
+/// still arrives as what it is (the generated enums would refuse it), and
+/// the Monitor's synthesised `SHUTDOWN` (reason `disconnect`) fits. For every
+/// QEMU 10 event with its exact schema types, use [`Event::typed`] or
+/// [`Event::data_of`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum KnownEvent {
@@ -430,6 +437,16 @@ enum Now {
     Closed,
 }
 
+/// What ended [`EventStream::next_or_timer`].
+pub(crate) enum Woken {
+    /// The next item (`None`: the connection closed).
+    Item(Option<EventItem>),
+    /// The tick came first.
+    Tick,
+    /// The deadline came first.
+    Deadline,
+}
+
 impl EventStream {
     /// The next event or missed-events note; `None` once the connection has
     /// closed and every queued event was read. Cancel-safe: nothing is lost
@@ -438,7 +455,36 @@ impl EventStream {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+    /// The next item, unless the `tick` instant (if any) or the `deadline`
+    /// (if any) comes first; the item wins a tie. For waits that look at
+    /// QEMU's state now and then whatever the events say.
+    pub(crate) async fn next_or_timer(
+        &mut self,
+        tick: Option<tokio::time::Instant>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Woken {
+        let mut tick = std::pin::pin!(tick.map(tokio::time::sleep_until));
+        let mut deadline = std::pin::pin!(deadline.map(tokio::time::sleep_until));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(item) = self.poll_recv(cx) {
+                return Poll::Ready(Woken::Item(item));
+            }
+            if let Some(tick) = tick.as_mut().as_pin_mut() {
+                if std::future::Future::poll(tick, cx).is_ready() {
+                    return Poll::Ready(Woken::Tick);
+                }
+            }
+            if let Some(deadline) = deadline.as_mut().as_pin_mut() {
+                if std::future::Future::poll(deadline, cx).is_ready() {
+                    return Poll::Ready(Woken::Deadline);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
         match self.take_now() {
             Now::Item(item) => return Poll::Ready(Some(item)),
             Now::Closed => return Poll::Ready(None),

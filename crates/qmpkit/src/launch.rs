@@ -236,7 +236,8 @@ impl QemuBuilder {
     /// whose host side is a socket in the VM's directory
     /// ([`Qemu::guest_agent_socket`]); connect a
     /// [`GuestAgent`](crate::guest_agent::GuestAgent) to it. The guest must
-    /// run `qemu-ga` on the port.
+    /// run `qemu-ga` on the port. The port's device id is `qga0`, so QEMU
+    /// announces the agent opening and closing it (`VSERPORT_CHANGE`).
     pub fn guest_agent_port(mut self) -> Self {
         self.guest_agent_port = true;
         self
@@ -431,7 +432,7 @@ impl QemuBuilder {
             cmd.arg("-chardev").arg(chardev);
             cmd.args(["-device", "virtio-serial-pci,id=qga_serial", "-device"]);
             cmd.arg(format!(
-                "virtserialport,bus=qga_serial.0,chardev=qga0,name={}",
+                "virtserialport,bus=qga_serial.0,chardev=qga0,id=qga0,name={}",
                 crate::guest_agent::GUEST_AGENT_PORT
             ));
         }

@@ -81,20 +81,25 @@
 //! | `blocking` | yes | [`blocking`], with its own multi-thread runtime (turns on tokio's `rt-multi-thread`) |
 //! | `launch` | yes | [`launch`]: the QEMU launcher |
 //! | `traffic-log` | yes | [`ConnectOptions::traffic_log`]: a transcript in Incus's `qmp` package's format |
+//! | `tracing` | yes | diagnostics (dropped and late replies, skipped garbage, latencies, the agent's traffic) as [`tracing`](https://docs.rs/tracing) events; without it the crate does not depend on `tracing` |
 //!
 //! Without defaults (`default-features = false`) the crate is the client,
 //! the typed operations, events, the schema, the generated types and the
 //! guest agent client, on
-//! tokio's `rt`, `net`, `sync`, `time`, `io-util` and `macros` (for
-//! `select!`): it runs on whichever runtime flavour the application builds.
+//! tokio's `rt`, `net`, `sync`, `time` and `io-util`: it runs on whichever
+//! runtime flavour the application builds.
 
 #![warn(missing_docs)]
+// Without the `tracing` feature the diagnostics macros expand to nothing,
+// so a value bound only to be logged is unused there (and only there).
+#![cfg_attr(not(feature = "tracing"), allow(unused_variables, clippy::single_match))]
 
 #[cfg(feature = "blocking")]
 pub mod blocking;
 mod client;
 pub mod commands;
 mod connection;
+mod diag;
 mod error;
 pub mod event;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -113,7 +118,7 @@ pub use connection::{
     Address, ConnectOptions, Listener, DEFAULT_COMMAND_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_LOG_EXCLUDED, DEFAULT_MAX_MESSAGE_SIZE,
 };
-pub use error::{Error, ErrorClass, QmpError, Result};
+pub use error::{ConsoleError, Error, ErrorClass, QmpError, Result};
 pub use event::{Event, EventFilter, EventItem, EventStream, KnownEvent};
 /// Every QEMU 10 command and event, typed: the `qmpkit-qapi` crate.
 pub use qmpkit_qapi as qapi;

@@ -22,7 +22,7 @@ use common::{eventually, vm_with, within};
 use qmpkit::commands::devices::{DeviceSpec, NetdevSpec, ObjectSpec};
 use qmpkit::commands::migration::MigrationTuning;
 use qmpkit::commands::vm::{Actions, PanicAction, RunState};
-use qmpkit::launch::{Qemu, QemuBuilder, INCUS_AGENT_CHARDEV};
+use qmpkit::launch::{QemuBuilder, INCUS_AGENT_CHARDEV};
 use qmpkit::monitor::constants::{
     EVENT_AGENT_STARTED, EVENT_AGENT_STOPPED, EVENT_VM_RESET, EVENT_VM_SHUTDOWN,
     SHUTDOWN_REASON_GUEST_SHUTDOWN,
@@ -136,7 +136,7 @@ impl Events {
 /// A guest VM with its console and a monitor, CPUs not yet started.
 struct Guest {
     /// Its drop kills and reaps QEMU, also when a test fails.
-    vm: Qemu,
+    vm: common::Vm,
     mon: Monitor,
     console: Console,
     events: Events,

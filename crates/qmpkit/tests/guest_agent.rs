@@ -11,13 +11,13 @@ use std::time::Duration;
 use common::guest::{guest_image, Console, APPEND, BOOT_SECS, READY};
 use common::{eventually, vm_with, within};
 use qmpkit::guest_agent::{ExecRequest, FsFreezeStatus, GuestAgent, ShutdownMode};
-use qmpkit::launch::{Qemu, QemuBuilder};
-use qmpkit::Error;
+use qmpkit::launch::QemuBuilder;
+use qmpkit::{Error, EventFilter};
 
 /// A guest with the agent's port, its console connected, CPUs running, and a
 /// client that has synced with the agent in the guest.
 struct AgentGuest {
-    vm: Qemu,
+    vm: common::Vm,
     console: Console,
     agent: GuestAgent,
 }
@@ -222,6 +222,8 @@ async fn every_typed_operation_takes_effect_in_the_guest() {
 async fn the_client_resyncs_across_a_guest_reboot_and_shutdown_is_seen_on_qmp() {
     let mut g = boot(&[]).await;
     let mut events = g.vm.client().events();
+    // The traffic log, and so the suites' event audit, leaves these out.
+    let mut port_changes = g.vm.client().subscribe(EventFilter::names(["VSERPORT_CHANGE"]));
     let agent = g.agent.clone();
     agent.write_file("/tmp/before-reboot", b"x").await.unwrap();
 
@@ -247,6 +249,18 @@ async fn the_client_resyncs_across_a_guest_reboot_and_shutdown_is_seen_on_qmp() 
     // A fresh boot: the file from before is gone.
     let e = agent.read_file("/tmp/before-reboot").await.unwrap_err();
     assert!(e.is_qmp(), "{e:?}");
+    // The agent closed its port at the reboot and opened it again: both
+    // events decode into their typed form and back unchanged.
+    let mut opened = Vec::new();
+    while let Some(ev) = port_changes.try_next() {
+        let problems = common::event_audit::problems_of(ev.name(), ev.data());
+        assert!(problems.is_empty(), "{problems:?}");
+        opened.push(ev.data()["open"] == true);
+    }
+    assert!(
+        opened.contains(&false) && opened.last() == Some(&true),
+        "{opened:?}"
+    );
 
     // A power-off through the agent: QEMU announces SHUTDOWN (the guest's own).
     agent.shutdown(ShutdownMode::Powerdown).await.unwrap();

@@ -17,7 +17,7 @@ use qmpkit::monitor::constants::{
     SHUTDOWN_REASON_HOST_QMP_QUIT,
 };
 use qmpkit::monitor::{Delivery, Monitor, MonitorOptions, MonitorRegistry};
-use qmpkit::{Client, ConnectOptions, Error, Event};
+use qmpkit::{Client, ConnectOptions, ConsoleError, Error, Event};
 use qmpkit_fake::{FakeConn, FakeServer};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -34,7 +34,7 @@ const AGENT_ARGS: [&str; 6] = [
 
 /// A QEMU with the agent port, a control socket `ctl` for the test and a
 /// socket `mon` for the monitor (the launcher's own client holds the main one).
-async fn agent_vm(extra: &[&str]) -> Qemu {
+async fn agent_vm(extra: &[&str]) -> common::Vm {
     let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     vm_with(|b| {
         b.args(AGENT_ARGS)
@@ -417,7 +417,7 @@ async fn an_agent_chardev_the_vm_lacks_connects_and_never_reports_the_agent() {
     // Asked directly, the monitor says why.
     let e = within(10, mon.check_agent()).await.unwrap_err();
     assert!(
-        matches!(&e, Error::BadConsole(c) if c == "qemu_serial-chardev"),
+        matches!(&e, Error::Console(ConsoleError::NotFound(c)) if c == "qemu_serial-chardev"),
         "{e:?}"
     );
     mon.disconnect();
@@ -431,7 +431,10 @@ async fn an_agent_chardev_the_vm_lacks_connects_and_never_reports_the_agent() {
     .unwrap();
     assert!(!other.agent_started());
     let e = within(10, other.check_agent()).await.unwrap_err();
-    assert!(matches!(&e, Error::NotARingbuf(c) if c == "plain0"), "{e:?}");
+    assert!(
+        matches!(&e, Error::Console(ConsoleError::NotARingbuf(c)) if c == "plain0"),
+        "{e:?}"
+    );
     other.disconnect();
 }
 

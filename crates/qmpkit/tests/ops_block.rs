@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::{qemu_img_create, vm_with, within};
 use qmpkit::commands::block::BlockDeviceInfo;
-use qmpkit::launch::Qemu;
 use qmpkit::{Client, Error};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -16,7 +15,7 @@ const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(60);
 
 /// A VM with a PCIe root port `rp1` to plug a disk into.
-async fn pci_vm() -> Qemu {
+async fn pci_vm() -> common::Vm {
     vm_with(|b| b.args(["-device", "pcie-root-port,id=rp1,chassis=1,bus=pcie.0"])).await
 }
 

@@ -16,15 +16,14 @@ use std::time::Duration;
 use common::{eventually, vm, vm_with, within};
 use qmpkit::commands::chardev::{ChardevBackend, ChardevChange};
 use qmpkit::commands::devices::{DeviceSpec, NetdevSpec, ObjectSpec, PciDevice};
-use qmpkit::launch::Qemu;
-use qmpkit::{Client, Error};
+use qmpkit::{Client, ConsoleError, Error};
 use serde_json::{json, Value};
 use tokio::net::UnixDatagram;
 
 const UNPLUG: Duration = Duration::from_secs(10);
 
 /// A VM with native PCIe hotplug and two empty root ports, `rp1` and `rp2`.
-async fn pcie_vm() -> Qemu {
+async fn pcie_vm() -> common::Vm {
     vm_with(|b| {
         b.args([
             "-global",
@@ -461,7 +460,7 @@ async fn query_pci_lists_root_ports_as_bridges() {
 
 // ---------------------------------------------------------------- chardev.rs
 
-async fn ringbuf_vm() -> Qemu {
+async fn ringbuf_vm() -> common::Vm {
     vm_with(|b| {
         b.args([
             "-chardev",
@@ -520,11 +519,11 @@ async fn ringbuf_read_tells_missing_consoles_from_other_backends() {
     let c = vm.client();
     within(20, async {
         match c.ringbuf_read("nope").await.unwrap_err() {
-            Error::BadConsole(name) => assert_eq!(name, "nope"),
+            Error::Console(ConsoleError::NotFound(name)) => assert_eq!(name, "nope"),
             e => panic!("{e:?}"),
         }
         match c.ringbuf_read("nul0").await.unwrap_err() {
-            Error::NotARingbuf(name) => assert_eq!(name, "nul0"),
+            Error::Console(ConsoleError::NotARingbuf(name)) => assert_eq!(name, "nul0"),
             e => panic!("{e:?}"),
         }
     })

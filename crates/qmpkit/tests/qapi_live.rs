@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
+use common::event_audit::differences;
 use common::{qemu_img_create, vm, vm_with, within};
 use qmpkit::qapi::events::Event as Typed;
 use qmpkit::qapi::types::{self as t, BlockdevOptionsBranch as Driver};
@@ -377,37 +378,6 @@ fn compare(live_schema: &Value) -> (Vec<String>, usize, usize) {
         .filter(|t| !c.visited_types.contains(t.name))
         .count();
     (c.problems, c.visited_types.len(), unreachable)
-}
-
-/// Where `got` differs from `want`, by JSON path. Numbers compare by value
-/// (a `number` member QEMU sent as `1` comes back as `1.0`).
-fn differences(at: &str, got: &Value, want: &Value) -> Vec<String> {
-    match (got, want) {
-        (Value::Object(g), Value::Object(w)) => {
-            let mut out = Vec::new();
-            for (k, wv) in w {
-                match g.get(k) {
-                    Some(gv) => out.extend(differences(&format!("{at}.{k}"), gv, wv)),
-                    None => out.push(format!("{at}.{k}: lost (was {wv})")),
-                }
-            }
-            for (k, gv) in g {
-                if !w.contains_key(k) {
-                    out.push(format!("{at}.{k}: added ({gv})"));
-                }
-            }
-            out
-        }
-        (Value::Array(g), Value::Array(w)) if g.len() == w.len() => g
-            .iter()
-            .zip(w)
-            .enumerate()
-            .flat_map(|(i, (g, w))| differences(&format!("{at}[{i}]"), g, w))
-            .collect(),
-        (Value::Number(g), Value::Number(w)) if g.as_f64() == w.as_f64() => Vec::new(),
-        _ if got == want => Vec::new(),
-        _ => vec![format!("{at}: {got} instead of {want}")],
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,3 +109,31 @@ async fn a_monitors_handler_matches_typed_events() {
     assert!(bad.data_of::<ev::DeviceDeleted>().unwrap().is_err());
     assert!(bad.data_of::<ev::Reset>().is_none());
 }
+
+/// The audit every QEMU of the suites goes through on drop (tests/common/event_audit.rs)
+/// catches what it is there to catch.
+#[test]
+fn a_changed_or_unknown_event_is_reported() {
+    // A good one, with a number QEMU wrote as an integer.
+    assert!(common::event_audit::problems_of(
+        "RTC_CHANGE",
+        &serde_json::json!({"offset": 5, "qom-path": "/machine/rtc"})
+    )
+    .is_empty());
+    // A member the generated type does not keep is reported as lost.
+    let lost = common::event_audit::problems_of(
+        "RTC_CHANGE",
+        &serde_json::json!({"offset": 5, "qom-path": "/machine/rtc", "extra": 1}),
+    );
+    assert!(lost.iter().any(|p| p.contains("lost")), "{lost:?}");
+    // Data on an event that has none does not decode.
+    assert!(!common::event_audit::problems_of("STOP", &serde_json::json!({"extra": 1})).is_empty());
+    // A required member missing does not decode.
+    assert!(!common::event_audit::problems_of(
+        "RESET",
+        &serde_json::json!({"reason": "host-qmp-system-reset"})
+    )
+    .is_empty());
+    // A name this QEMU does not have is reported.
+    assert!(!common::event_audit::problems_of("NO_SUCH_EVENT", &serde_json::Value::Null).is_empty());
+}

@@ -12,7 +12,6 @@ mod common;
 use std::time::Duration;
 
 use common::{vm_with, within};
-use qmpkit::launch::Qemu;
 use qmpkit::qapi::commands as c;
 use qmpkit::qapi::types::{StatsFilter, StatsFilterBranch};
 use qmpkit::{Client, ConnectOptions, Error, ErrorClass};
@@ -20,7 +19,7 @@ use qmpkit_fake::FakeServer;
 
 /// A QEMU whose schema hides what it deprecates, and a client of it that
 /// logs its traffic.
-async fn hiding_qemu() -> (Qemu, Client, std::path::PathBuf) {
+async fn hiding_qemu() -> (common::Vm, Client, std::path::PathBuf) {
     let vm = vm_with(|b| {
         b.args(["-compat", "deprecated-output=hide"])
             .extra_qmp_socket("checked")

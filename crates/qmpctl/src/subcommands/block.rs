@@ -12,8 +12,9 @@ use crate::ops::{self, LONG_WAIT, UNPLUG_WAIT};
 use crate::out::{bytes, parse_size, Table};
 use crate::progress::Progress;
 use qmpkit::qapi::commands::{
-    QueryBlock, QueryBlockExports, QueryBlockstats, QueryJobs, QueryNamedBlockNodes,
+    self as c, QueryBlock, QueryBlockExports, QueryBlockstats, QueryJobs, QueryNamedBlockNodes,
 };
+use qmpkit::qapi::types as t;
 
 /// An optional text for a table cell (`-` when absent).
 fn text(s: &Option<String>) -> String {
@@ -138,10 +139,14 @@ pub async fn block(ctx: &Ctx, command: BlockCommand) -> anyhow::Result<()> {
             let name = name.unwrap_or_else(|| format!("{node}-snap"));
             let file = ops::absolute(&overlay)?;
             // QEMU creates the overlay file itself.
-            ctx.call(
-                "blockdev-snapshot-sync",
-                &json!({"node-name": node, "snapshot-file": file, "snapshot-node-name": name, "format": "qcow2"}),
-            )
+            ctx.run(&c::BlockdevSnapshotSync(t::BlockdevSnapshotSync {
+                device: None,
+                node_name: Some(node.clone()),
+                snapshot_file: file.display().to_string(),
+                snapshot_node_name: Some(name.clone()),
+                format: Some("qcow2".into()),
+                mode: None,
+            }))
             .await?;
             done(
                 ctx,
@@ -245,7 +250,7 @@ async fn remove_disk(ctx: &Ctx, id: &str, keep_node: bool) -> anyhow::Result<()>
         client.remove_block_device(id).await?;
     } else if !device {
         // Let QEMU say that there is no such node.
-        ctx.call("blockdev-del", &json!({"node-name": id})).await?;
+        ctx.run(&c::BlockdevDel { node_name: id.into() }).await?;
     }
     Ok(())
 }
@@ -258,8 +263,24 @@ pub async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
                 let (host, port) = address
                     .rsplit_once(':')
                     .ok_or_else(|| usage(format!("--tcp needs HOST:PORT, got {address:?}")))?;
-                let addr = json!({"type": "inet", "data": {"host": host, "port": port}});
-                ctx.call("nbd-server-start", &json!({"addr": addr})).await?;
+                let addr = t::InetSocketAddress {
+                    host: host.into(),
+                    port: port.into(),
+                    numeric: None,
+                    to: None,
+                    ipv4: None,
+                    ipv6: None,
+                    keep_alive: None,
+                    mptcp: None,
+                };
+                ctx.run(&c::NbdServerStart(t::NbdServerOptionsLegacy {
+                    handshake_max_seconds: None,
+                    tls_creds: None,
+                    tls_authz: None,
+                    max_connections: None,
+                    addr: t::SocketAddressLegacy::Inet(t::InetSocketAddressWrapper { data: addr }),
+                }))
+                .await?;
             } else {
                 let path = ops::absolute(Path::new(&address))?;
                 ctx.within("nbd start", async {
@@ -282,7 +303,11 @@ pub async fn nbd(ctx: &Ctx, command: NbdCommand) -> anyhow::Result<()> {
             done(ctx, json!({"export": node}), &format!("exported {node}{rw}"))
         }
         NbdCommand::Unexport { name } => {
-            ctx.call("block-export-del", &json!({"id": name})).await?;
+            ctx.run(&c::BlockExportDel {
+                id: name.clone(),
+                mode: None,
+            })
+            .await?;
             done(ctx, json!({"export": name}), &format!("removed export {name:?}"))
         }
         NbdCommand::List => {

@@ -16,9 +16,10 @@ use crate::out::{self, bytes, parse_size, Table};
 use crate::outln;
 use crate::progress::Progress;
 use qmpkit::qapi::commands::{
-    QueryBalloon, QueryCpusFast, QueryHotpluggableCpus, QueryMemoryDevices, QueryMemorySizeSummary,
-    QueryStatus,
+    self as c, QueryBalloon, QueryCpusFast, QueryHotpluggableCpus, QueryMemoryDevices,
+    QueryMemorySizeSummary, QueryStatus,
 };
+use qmpkit::qapi::types as t;
 
 /// A row of `memory devices`: the kind, then what each kind has of id,
 /// size, backend, slot and hotplug state (`-` where it has none).
@@ -248,15 +249,17 @@ pub async fn console(ctx: &Ctx, a: ConsoleArgs) -> anyhow::Result<()> {
 
 pub async fn screendump(ctx: &Ctx, a: ScreendumpArgs) -> anyhow::Result<()> {
     let file = ops::absolute(&a.file)?;
-    if a.format == "png" && a.device.is_none() {
+    if a.format == t::ImageFormat::Png && a.device.is_none() {
         ctx.within("screendump", async { Ok(ctx.client.screendump(&file).await?) })
             .await?;
     } else {
-        let mut args = json!({"filename": file, "format": a.format});
-        if let Some(d) = &a.device {
-            args["device"] = json!(d);
-        }
-        ctx.call("screendump", &args).await?;
+        ctx.run(&c::Screendump {
+            filename: file.display().to_string(),
+            device: a.device.clone(),
+            head: None,
+            format: Some(a.format),
+        })
+        .await?;
     }
     let size = std::fs::metadata(&file)
         .with_context(|| format!("QEMU reported success but {} cannot be read", file.display()))?
@@ -291,7 +294,7 @@ pub async fn dump_memory(ctx: &Ctx, a: DumpArgs) -> anyhow::Result<()> {
     let info = ctx
         .within(
             "dump-memory",
-            ops::dump_memory(&ctx.client, &a.file, &a.format, &bar),
+            ops::dump_memory(&ctx.client, &a.file, a.format, &bar),
         )
         .await?;
     let file = ops::absolute(&a.file)?;

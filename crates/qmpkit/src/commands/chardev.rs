@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use qmpkit_qapi::{commands as c, types as t};
 
 use crate::client::{CallOptions, Client};
-use crate::error::{Error, Result};
+use crate::error::{ConsoleError, Result};
 
 /// How much one `ringbuf-read` asks for while draining a ring buffer.
 const RINGBUF_READ_CHUNK: u64 = 64 * 1024;
@@ -161,7 +161,7 @@ impl Client {
     }
 
     /// Removes a character device (`chardev-remove`). One still used by a
-    /// device fails with [`Error::is_in_use`] true; an unknown id is a not-found error.
+    /// device fails with [`Error::is_in_use`](crate::Error::is_in_use) true; an unknown id is a not-found error.
     #[doc(alias = "RemoveCharDevice")]
     #[doc(alias = "chardev-remove")]
     pub async fn remove_char_device(&self, id: &str) -> Result<()> {
@@ -190,15 +190,15 @@ impl Client {
     /// until it comes back empty). The reads are kept out of the traffic log.
     ///
     /// QEMU returns the bytes as UTF-8 text, replacing invalid sequences.
-    /// A chardev that does not exist is [`Error::BadConsole`]; one that is not
-    /// a ring buffer is [`Error::NotARingbuf`].
+    /// A chardev that does not exist is [`ConsoleError::NotFound`]; one that
+    /// is not a ring buffer is [`ConsoleError::NotARingbuf`].
     #[doc(alias = "RingbufRead")]
     #[doc(alias = "ringbuf-read")]
     pub async fn ringbuf_read(&self, device: &str) -> Result<String> {
         let chardevs = self.query_chardev().await?;
         match chardevs.iter().find(|c| c.label == device) {
-            None => return Err(Error::BadConsole(device.to_owned())),
-            Some(c) if !c.is_ringbuf() => return Err(Error::NotARingbuf(device.to_owned())),
+            None => return Err(ConsoleError::NotFound(device.to_owned()).into()),
+            Some(c) if !c.is_ringbuf() => return Err(ConsoleError::NotARingbuf(device.to_owned()).into()),
             Some(_) => {}
         }
         let mut out = String::new();

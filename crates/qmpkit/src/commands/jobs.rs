@@ -43,7 +43,7 @@ use serde_json::{json, Value};
 use crate::client::{CallOptions, Client, Empty};
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
-use crate::event::{BlockJobEvent, EventFilter, EventItem, EventStream, KnownEvent};
+use crate::event::{BlockJobEvent, EventFilter, EventItem, EventStream, KnownEvent, Woken};
 
 /// How often `query-jobs` is consulted while waiting, in case an event was lost.
 const SAFETY_POLL: Duration = Duration::from_secs(5);
@@ -423,17 +423,16 @@ impl JobWatch {
             if self.concluded {
                 break;
             }
-            status = tokio::select! {
-                item = self.events.recv() => match item {
-                    None => return Err(self.client.closed().await),
-                    Some(EventItem::Missed(_)) => self.poll(deadline).await?,
-                    Some(EventItem::Event(e)) => match self.note(&e.known()) {
-                        Some(s) => Some(s),
-                        None => continue,
-                    },
+            let tick = tokio::time::Instant::now() + SAFETY_POLL;
+            status = match self.events.next_or_timer(Some(tick), Some(deadline.at())).await {
+                Woken::Item(None) => return Err(self.client.closed().await),
+                Woken::Item(Some(EventItem::Missed(_))) => self.poll(deadline).await?,
+                Woken::Item(Some(EventItem::Event(e))) => match self.note(&e.known()) {
+                    Some(s) => Some(s),
+                    None => continue,
                 },
-                _ = tokio::time::sleep(SAFETY_POLL) => self.poll(deadline).await?,
-                _ = tokio::time::sleep_until(deadline.at()) => return Err(deadline.expired()),
+                Woken::Tick => self.poll(deadline).await?,
+                Woken::Deadline => return Err(deadline.expired()),
             };
         }
         match self.finish(deadline).await? {

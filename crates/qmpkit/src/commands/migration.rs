@@ -50,7 +50,7 @@ use crate::client::{Client, Empty};
 use crate::commands::block::to_object;
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
-use crate::event::{EventFilter, EventItem, KnownEvent};
+use crate::event::{EventFilter, EventItem, KnownEvent, Woken};
 
 /// How often the state is polled when `MIGRATION` events are on (a safety net only).
 const SAFETY_POLL: Duration = Duration::from_secs(5);
@@ -565,17 +565,16 @@ impl Client {
                     message: info.error_desc,
                 });
             }
-            status = tokio::select! {
-                item = events.recv() => match item {
-                    None => return Err(self.closed().await),
-                    Some(EventItem::Event(e)) => match e.known() {
-                        KnownEvent::Migration { status } => status,
-                        _ => continue,
-                    },
-                    Some(EventItem::Missed(_)) => query().await?.status,
+            let tick = tokio::time::Instant::now() + poll_every;
+            status = match events.next_or_timer(Some(tick), Some(deadline.at())).await {
+                Woken::Item(None) => return Err(self.closed().await),
+                Woken::Item(Some(EventItem::Event(e))) => match e.known() {
+                    KnownEvent::Migration { status } => status,
+                    _ => continue,
                 },
-                _ = tokio::time::sleep(poll_every) => query().await?.status,
-                _ = tokio::time::sleep_until(deadline.at()) => return Err(deadline.expired()),
+                Woken::Item(Some(EventItem::Missed(_))) => query().await?.status,
+                Woken::Tick => query().await?.status,
+                Woken::Deadline => return Err(deadline.expired()),
             };
         }
     }

@@ -362,7 +362,7 @@ impl Driver {
                 Ok(0) => {
                     self.process_frames();
                     if self.splitter.has_partial() {
-                        tracing::warn!("QMP: the connection closed in the middle of a message");
+                        crate::diag::warning!("QMP: the connection closed in the middle of a message");
                     }
                     self.state.flush_events();
                     return Ok(Read::Eof);
@@ -396,7 +396,7 @@ impl Driver {
             match frame {
                 Frame::Message(range) => self.state.handle_message(self.splitter.bytes(range)),
                 Frame::Garbage(n) => {
-                    tracing::warn!(bytes = n, "QMP: skipped bytes that are not JSON objects");
+                    crate::diag::warning!(bytes = n, "QMP: skipped bytes that are not JSON objects");
                 }
                 Frame::TooLarge(o) => self.state.handle_oversized(o),
                 Frame::Corrupt(c) => self.state.handle_corrupt(c),
@@ -455,8 +455,8 @@ impl Driver {
             Ending::Dropped => "every client handle was dropped".into(),
         };
         match &ending {
-            Ending::Io(e) => tracing::warn!(error = %e, "QMP connection failed"),
-            _ => tracing::debug!(%reason, "QMP connection closed"),
+            Ending::Io(e) => crate::diag::warning!(error = %e, "QMP connection failed"),
+            _ => crate::diag::debug!(%reason, "QMP connection closed"),
         }
         let err = Error::Disconnected { reason: Some(reason) };
         let st = &mut self.state;
@@ -509,7 +509,7 @@ impl State {
     fn fill_write_buffer(&mut self) {
         // Latencies are measured only when debug tracing is on: reading the
         // clock is a visible share of a command's cost.
-        let now = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+        let now = crate::diag::debug_enabled!().then(Instant::now);
         let log = self.log.as_ref();
         let filled = self.inflight.fill(&mut self.wbuf, now, |out| {
             if let Some(log) = log.filter(|_| out.log) {
@@ -533,15 +533,15 @@ impl State {
             Message::IdlessError(error) => match self.inflight.owner_of_idless_error() {
                 Some(id) => self.handle_reply(id, bytes, Outcome::Error(error)),
                 None => {
-                    tracing::warn!(message = %String::from_utf8_lossy(bytes), "QMP: error without an id, and no way to tell which command caused it")
+                    crate::diag::warning!(message = %String::from_utf8_lossy(bytes), "QMP: error without an id, and no way to tell which command caused it")
                 }
             },
             Message::ForeignReply { id } => {
-                tracing::warn!(%id, "QMP: reply with an id this client did not send")
+                crate::diag::warning!(%id, "QMP: reply with an id this client did not send")
             }
-            Message::Greeting => tracing::warn!("QMP: skipped a second greeting"),
+            Message::Greeting => crate::diag::warning!("QMP: skipped a second greeting"),
             Message::Unrecognised { why } => {
-                tracing::warn!(%why, message = %quote(bytes), "QMP: skipped a message that is neither reply nor event")
+                crate::diag::warning!(%why, message = %quote(bytes), "QMP: skipped a message that is neither reply nor event")
             }
         }
     }
@@ -552,7 +552,7 @@ impl State {
         // the time any caller has a result (this one, or one released as lost).
         self.flush_events();
         let Some(p) = self.inflight.answer(id) else {
-            tracing::debug!(id, "QMP: dropped a reply to a command this client did not send");
+            crate::diag::debug!(id, "QMP: dropped a reply to a command this client did not send");
             return;
         };
         let Pending {
@@ -563,7 +563,7 @@ impl State {
             ..
         } = p;
         let Some(reply) = reply else {
-            tracing::debug!(command = %name, id, "QMP: dropped a late reply (its caller timed out)");
+            crate::diag::debug!(command = %name, id, "QMP: dropped a late reply (its caller timed out)");
             return;
         };
         if log {
@@ -586,11 +586,11 @@ impl State {
                 desc: err.desc,
             })),
             Outcome::Malformed(e) => {
-                tracing::warn!(command = %name, id, error = %e, "QMP: malformed reply");
+                crate::diag::warning!(command = %name, id, error = %e, "QMP: malformed reply");
                 Err(Error::decode(&name, bytes, e))
             }
         };
-        tracing::debug!(
+        crate::diag::debug!(
             command = %name,
             id,
             latency_us = sent_at.map(|t| t.elapsed().as_micros() as u64),
@@ -606,7 +606,7 @@ impl State {
         if let Some(log) = &self.log {
             log.event(name, bytes);
         }
-        tracing::trace!(event = name, "QMP event");
+        crate::diag::trace!(event = name, "QMP event");
         let event = Event::new(name, data, timestamp);
         let remember = match name {
             "SHUTDOWN" => Some(Some(event.clone())),
@@ -628,7 +628,7 @@ impl State {
     fn handle_oversized(&mut self, o: Fragment) {
         let limit = self.shared.config.max_message_size;
         if o.looks_like_event() {
-            tracing::warn!(
+            crate::diag::warning!(
                 size = o.size,
                 limit,
                 "QMP: skipped an event larger than the message size limit"
@@ -637,12 +637,12 @@ impl State {
         }
         match self.owner_of_fragment(&o).and_then(|id| self.inflight.answer(id)) {
             Some(p) => {
-                tracing::warn!(command = %p.name, size = o.size, limit, "QMP: reply larger than the message size limit");
+                crate::diag::warning!(command = %p.name, size = o.size, limit, "QMP: reply larger than the message size limit");
                 if let Some(reply) = p.reply {
                     let _ = reply.send(Err(Error::MessageTooLarge { size: o.size, limit }));
                 }
             }
-            None => tracing::warn!(
+            None => crate::diag::warning!(
                 size = o.size,
                 limit,
                 "QMP: skipped a message larger than the size limit"
@@ -657,12 +657,12 @@ impl State {
     /// the late reply to a command whose caller already gave up.
     fn handle_corrupt(&mut self, c: Fragment) {
         if c.looks_like_event() {
-            tracing::warn!(size = c.size, head = %quote(&c.head), "QMP: lost an event cut short by the next message");
+            crate::diag::warning!(size = c.size, head = %quote(&c.head), "QMP: lost an event cut short by the next message");
             return;
         }
         match c.id().and_then(|id| self.inflight.answer(id)) {
             Some(p) => {
-                tracing::warn!(command = %p.name, size = c.size, "QMP: reply cut short by the next message");
+                crate::diag::warning!(command = %p.name, size = c.size, "QMP: reply cut short by the next message");
                 if let Some(reply) = p.reply {
                     let e = serde_json::from_slice::<serde::de::IgnoredAny>(&c.head)
                         .err()
@@ -670,7 +670,7 @@ impl State {
                     let _ = reply.send(Err(Error::decode(&p.name, &c.head, e)));
                 }
             }
-            None => tracing::warn!(
+            None => crate::diag::warning!(
                 size = c.size,
                 head = %quote(&c.head),
                 "QMP: lost a message cut short by the next one; its command, if any, is released by the next reply"
@@ -695,6 +695,7 @@ impl State {
 }
 
 /// The start of a message, for a log line.
+#[cfg(feature = "tracing")]
 fn quote(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
 }

@@ -373,7 +373,7 @@ impl<S: Slot> InFlight<S> {
                 sent_at: None,
             },
         );
-        tracing::debug!(
+        crate::diag::debug!(
             id,
             "QMP: probing with query-version: commands nobody waits for hold the queue"
         );
@@ -392,7 +392,7 @@ impl<S: Slot> InFlight<S> {
         if out.reply.is_closed() {
             // The caller gave up (timeout or cancellation) before the
             // request was written: it never reaches QEMU. Its fds close on drop.
-            tracing::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
+            crate::diag::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
             return false;
         }
         written(&out);
@@ -459,13 +459,13 @@ impl<S: Slot> InFlight<S> {
         }
         match p.reply {
             Some(reply) => {
-                tracing::warn!(command = %p.name, id, "QMP: a later reply came first: this command's reply was lost");
+                crate::diag::warning!(command = %p.name, id, "QMP: a later reply came first: this command's reply was lost");
                 reply.send(Err(Error::ReplyLost {
                     command: p.name.into_owned(),
                 }));
             }
             None => {
-                tracing::debug!(command = %p.name, id, "QMP: forgot a timed-out command whose reply was lost")
+                crate::diag::debug!(command = %p.name, id, "QMP: forgot a timed-out command whose reply was lost")
             }
         }
     }
@@ -501,7 +501,7 @@ impl<S: Slot> InFlight<S> {
             for out in std::mem::take(queue) {
                 match out.deadline {
                     Some(d) if d <= now => {
-                        tracing::debug!(command = %out.name, id = out.id, "QMP: timed out before it was written");
+                        crate::diag::debug!(command = %out.name, id = out.id, "QMP: timed out before it was written");
                         out.reply.send(Err(timeout(&out.name, out.budget)));
                     }
                     d => {
@@ -524,7 +524,7 @@ impl<S: Slot> InFlight<S> {
                 continue;
             }
             if let Some(reply) = p.reply.take() {
-                tracing::debug!(command = %p.name, id, "QMP: timed out waiting for the reply");
+                crate::diag::debug!(command = %p.name, id, "QMP: timed out waiting for the reply");
                 reply.send(Err(timeout(&p.name, p.budget)));
             }
             newly_abandoned.push(id);
@@ -547,7 +547,7 @@ impl<S: Slot> InFlight<S> {
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
-            tracing::debug!(command = %p.name, id, "QMP: forgot a timed-out command (too many unanswered)");
+            crate::diag::debug!(command = %p.name, id, "QMP: forgot a timed-out command (too many unanswered)");
             if !p.oob {
                 if let Some(at) = self.inband.iter().position(|&x| x == id) {
                     self.inband.remove(at);

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, Subscribers};
@@ -257,10 +256,9 @@ impl ConnectOptions {
         &self,
         address: &Address,
     ) -> Result<(Sender, Arc<Shared>)> {
-        let span = tracing::debug_span!("qmp_connect", %address);
-        self.open_over(&address.to_string(), Some(address), Transport::connect(address))
-            .instrument(span)
-            .await
+        let peer = address.to_string();
+        let open = self.open_over(&peer, Some(address), Transport::connect(address));
+        crate::diag::in_connect_span(address, open).await
     }
 
     /// Negotiates over the stream `connect` yields and starts the
@@ -321,7 +319,7 @@ impl ConnectOptions {
             no_fd_passing,
             requests: Default::default(),
         });
-        tracing::debug!(
+        crate::diag::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
             version = %shared.greeting.version,
             oob = shared.oob,

@@ -55,7 +55,7 @@ impl TrafficLog {
                 file: Mutex::new(file),
             }),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "QMP traffic log disabled");
+                crate::diag::warning!(path = %path.display(), error = %e, "QMP traffic log disabled");
                 None
             }
         }

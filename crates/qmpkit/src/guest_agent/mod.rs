@@ -410,13 +410,13 @@ impl GuestAgent {
                             return Ok::<_, Error>(());
                         }
                     }
-                    tracing::trace!(target: "qmp::agent", "sync {id}: dropping {}", serde_json::Value::Object(reply));
+                    crate::diag::trace!(target: "qmp::agent", "sync {id}: dropping {}", serde_json::Value::Object(reply));
                 }
             })
             .await;
             match outcome {
                 Ok(Ok(())) => {
-                    tracing::debug!(target: "qmp::agent", "synced with the guest agent (id {id}, attempt {attempts})");
+                    crate::diag::debug!(target: "qmp::agent", "synced with the guest agent (id {id}, attempt {attempts})");
                     link.synced = true;
                     link.noisy = false;
                     return Ok(());
@@ -472,10 +472,10 @@ fn encode<'a, A: Serialize + ?Sized>(name: &'a str, args: &A, secret: bool) -> R
     }
     bytes.extend_from_slice(b"}\n");
     if secret {
-        tracing::debug!(target: "qmp::agent", "-> {name} <redacted>");
+        crate::diag::debug!(target: "qmp::agent", "-> {name} <redacted>");
     } else {
-        tracing::debug!(target: "qmp::agent", "-> {name}");
-        tracing::trace!(target: "qmp::agent", "-> {}", String::from_utf8_lossy(&bytes).trim_end());
+        crate::diag::debug!(target: "qmp::agent", "-> {name}");
+        crate::diag::trace!(target: "qmp::agent", "-> {}", String::from_utf8_lossy(&bytes).trim_end());
     }
     Ok(Request {
         name,
@@ -605,12 +605,12 @@ impl Link {
                 Some(Incoming::Message(bytes)) => match serde_json::from_slice(&bytes) {
                     Ok(Value::Object(map)) => return Ok(map),
                     _ => {
-                        tracing::debug!(target: "qmp::agent", "skipping a corrupt message of {} bytes", bytes.len());
+                        crate::diag::debug!(target: "qmp::agent", "skipping a corrupt message of {} bytes", bytes.len());
                         self.noisy = true;
                     }
                 },
                 Some(Incoming::Noise(n)) => {
-                    tracing::debug!(target: "qmp::agent", "skipping {n} bytes of noise");
+                    crate::diag::debug!(target: "qmp::agent", "skipping {n} bytes of noise");
                     self.noisy = true;
                 }
                 Some(Incoming::TooLarge(size)) => {
@@ -628,9 +628,9 @@ impl Link {
     /// The reply to the command just sent.
     async fn read_reply(&mut self, name: &str) -> Result<Value> {
         let mut map = self.read_message().await?;
-        if tracing::enabled!(target: "qmp::agent", tracing::Level::TRACE) {
+        if crate::diag::agent_trace_enabled!() {
             let shown = Value::Object(map.clone());
-            tracing::trace!(target: "qmp::agent", "<- {name}: {shown}");
+            crate::diag::trace!(target: "qmp::agent", "<- {name}: {shown}");
         }
         if let Some(value) = map.remove("return") {
             return Ok(value);

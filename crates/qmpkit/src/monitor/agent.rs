@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::{Mutex, Notify};
 
 use crate::client::{CallOptions, Client};
-use crate::error::{Error, Result};
+use crate::error::{ConsoleError, Error, Result};
 
 /// The longest line kept while waiting for its end. A status line is a few
 /// bytes; anything longer is garbage, and is skipped up to the next newline.
@@ -225,8 +225,8 @@ impl Agent {
 /// Turns QEMU's replies about a missing or wrong chardev into the typed errors.
 pub(crate) fn ringbuf_error(chardev: &str, e: Error) -> Error {
     match e.as_qmp() {
-        Some(q) if q.desc.contains("not a ringbuf") => Error::NotARingbuf(chardev.to_owned()),
-        Some(q) if q.is_not_found() => Error::BadConsole(chardev.to_owned()),
+        Some(q) if q.desc.contains("not a ringbuf") => ConsoleError::NotARingbuf(chardev.to_owned()).into(),
+        Some(q) if q.is_not_found() => ConsoleError::NotFound(chardev.to_owned()).into(),
         _ => e,
     }
 }

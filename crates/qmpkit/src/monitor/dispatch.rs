@@ -21,6 +21,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::json;
@@ -84,32 +85,27 @@ pub(crate) fn run(mon: Monitor, events: EventStream) -> impl Future<Output = ()>
         loop {
             // Transitions found so far come before any QEMU event not yet handled.
             task.hand_over_agent().await;
-            tokio::select! {
-                biased;
-                gone = in_flight(&mut task.read) => task.read_done(gone),
-                () = wake(task.mon).notified() => {}
-                item = events.recv() => match item {
-                    Some(EventItem::Event(ev)) => {
-                        task.qemu_event(&ev).await;
-                        // Any event prompts a read: the guest may have
-                        // reacted. Not a panic, nor a SHUTDOWN (no reads
-                        // while the VM is down): the guest is gone, and a
-                        // command that reaches QEMU 10 just as it exits can
-                        // hang its exit for a minute or more.
-                        if ev.name() != EVENT_GUEST_PANICKED {
-                            task.request_read();
-                        }
+            match task.next_wake(&mut events).await {
+                Wake::ReadDone(gone) => task.read_done(gone),
+                Wake::Nudged => {}
+                Wake::Item(Some(EventItem::Event(ev))) => {
+                    task.qemu_event(&ev).await;
+                    // Any event prompts a read: the guest may have
+                    // reacted. Not a panic, nor a SHUTDOWN (no reads
+                    // while the VM is down): the guest is gone, and a
+                    // command that reaches QEMU 10 just as it exits can
+                    // hang its exit for a minute or more.
+                    if ev.name() != EVENT_GUEST_PANICKED {
+                        task.request_read();
                     }
-                    Some(EventItem::Missed(n)) => tracing::warn!(
-                        path = %task.mon.path().display(),
-                        missed = n,
-                        "monitor event handler fell behind; events were dropped"
-                    ),
-                    None => break,
-                },
-                () = &mut task.timer, if task.read.is_none() && !task.stopped && !task.shutdown_seen => {
-                    task.request_read()
                 }
+                Wake::Item(Some(EventItem::Missed(n))) => crate::diag::warning!(
+                    path = %task.mon.path().display(),
+                    missed = n,
+                    "monitor event handler fell behind; events were dropped"
+                ),
+                Wake::Item(None) => break,
+                Wake::Timer => task.request_read(),
             }
         }
         task.end().await;
@@ -228,7 +224,7 @@ impl<'a> Task<'a> {
                 Ok(_) => false,
                 Err(e) if e.is_disconnected() => true,
                 Err(e) => {
-                    tracing::debug!(chardev = %agent.chardev, error = %e, "agent ring buffer read failed");
+                    crate::diag::debug!(chardev = %agent.chardev, error = %e, "agent ring buffer read failed");
                     false
                 }
             }
@@ -252,14 +248,47 @@ impl<'a> Task<'a> {
     /// Awaits `work` while keeping the read in flight going, so that `work`
     /// may wait for that read (through the ring buffer's lock) without a deadlock.
     async fn drive<F: Future>(&mut self, work: F) -> F::Output {
-        tokio::pin!(work);
+        let mut work = std::pin::pin!(work);
         loop {
-            tokio::select! {
-                biased;
-                out = &mut work => return out,
-                gone = in_flight(&mut self.read) => self.read_done(gone),
+            // The work first: once it is done, the read may stay in flight.
+            let step = std::future::poll_fn(|cx| {
+                if let Poll::Ready(out) = work.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(out));
+                }
+                poll_in_flight(&mut self.read, cx).map(Err)
+            })
+            .await;
+            match step {
+                Ok(out) => return out,
+                Err(gone) => self.read_done(gone),
             }
         }
+    }
+
+    /// Waits for the next thing the event task reacts to, in order of
+    /// precedence: the read in flight ending, a transition queued by a read
+    /// elsewhere, a QEMU event, the periodic read's timer (armed only while
+    /// no read is in flight and the guest can answer).
+    async fn next_wake(&mut self, events: &mut EventStream) -> Wake {
+        let notified = wake(self.mon).notified();
+        let mut notified = std::pin::pin!(notified);
+        let timer_armed = self.read.is_none() && !self.stopped && !self.shutdown_seen;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(gone) = poll_in_flight(&mut self.read, cx) {
+                return Poll::Ready(Wake::ReadDone(gone));
+            }
+            if notified.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Nudged);
+            }
+            if let Poll::Ready(item) = events.poll_recv(cx) {
+                return Poll::Ready(Wake::Item(item));
+            }
+            if timer_armed && self.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Hands every queued agent transition to the handler, oldest first.
@@ -365,7 +394,7 @@ impl<'a> Task<'a> {
                     .clone();
                 if let Some(callback) = callback {
                     if std::panic::catch_unwind(AssertUnwindSafe(|| callback(&name))).is_err() {
-                        tracing::error!(device = %name, "ejected-media callback panicked");
+                        crate::diag::error!(device = %name, "ejected-media callback panicked");
                     }
                 }
             }
@@ -418,11 +447,23 @@ impl<'a> Task<'a> {
 }
 
 /// The outcome of the read in flight; never, when there is none.
-async fn in_flight(read: &mut Option<Read<'_>>) -> bool {
+fn poll_in_flight(read: &mut Option<Read<'_>>, cx: &mut Context<'_>) -> Poll<bool> {
     match read {
-        Some(read) => read.await,
-        None => std::future::pending().await,
+        Some(read) => read.as_mut().poll(cx),
+        None => Poll::Pending,
     }
+}
+
+/// What woke the event task (see [`Task::next_wake`]).
+enum Wake {
+    /// The ring-buffer read in flight ended; true when the connection is gone.
+    ReadDone(bool),
+    /// A read outside the task queued an agent transition.
+    Nudged,
+    /// The next item of QEMU's events (`None`: the connection closed).
+    Item(Option<EventItem>),
+    /// The periodic read is due.
+    Timer,
 }
 
 /// How long after a read the next periodic one comes (forever without an agent).
@@ -452,7 +493,7 @@ async fn deliver(task: &mut Task<'_>, ev: &Event) {
         // read in flight goes on meanwhile, as the handler may wait for it.
         // Boxed: only async handlers need it, and they spawn a task per event anyway.
         if let Err(e) = Box::pin(task.drive(handle)).await {
-            tracing::error!(event = ev.name(), error = %e, "monitor event handler failed");
+            crate::diag::error!(event = ev.name(), error = %e, "monitor event handler failed");
         }
     }
 }
@@ -470,7 +511,7 @@ fn start_handler(mon: &Monitor, ev: &Event) -> Option<tokio::task::JoinHandle<()
         Handler::Sync(h) => {
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| h(mon, ev)));
             if outcome.is_err() {
-                tracing::error!(event = ev.name(), "monitor event handler panicked");
+                crate::diag::error!(event = ev.name(), "monitor event handler panicked");
             }
             None
         }

@@ -222,8 +222,8 @@ impl Monitor {
             // QEMU, which has no agent port, with the port's name. So the
             // monitor connects, and watches no agent rather than poll a
             // chardev that cannot answer.
-            Err(e @ (Error::BadConsole(_) | Error::NotARingbuf(_))) => {
-                tracing::warn!(
+            Err(e @ Error::Console(_)) => {
+                crate::diag::warning!(
                     path = %mon.inner.client.path().display(),
                     error = %e,
                     "the guest agent's serial chardev is unusable; not watching the agent"
@@ -399,8 +399,8 @@ impl Monitor {
     /// any transitions to the handler, and returns whether the agent is running.
     ///
     /// Errors: [`Error::InvalidRequest`] without a serial chardev, else those
-    /// of `ringbuf-read` ([`Error::BadConsole`] for a chardev that does not
-    /// exist, [`Error::NotARingbuf`] for one of another kind).
+    /// of `ringbuf-read` ([`crate::ConsoleError::NotFound`] for a chardev that does
+    /// not exist, [`crate::ConsoleError::NotARingbuf`] for one of another kind).
     pub async fn check_agent(&self) -> Result<bool> {
         if self.inner.agent.is_none() {
             return Err(Error::InvalidRequest(

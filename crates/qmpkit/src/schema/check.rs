@@ -115,14 +115,14 @@ impl Checks {
                     // A reply that is no schema at all (a fake server's
                     // canned answer) is as good as none.
                     Ok(schema) if schema.command_count() == 0 => {
-                        tracing::debug!(
+                        crate::diag::debug!(
                             "the server's query-qmp-schema lists no commands: typed calls go unchecked"
                         );
                         Ok(None)
                     }
                     Ok(schema) => Ok(Some(Judged::new(schema))),
                     Err(Error::Qmp(e)) => {
-                        tracing::debug!("no schema to check typed calls against: {e}");
+                        crate::diag::debug!("no schema to check typed calls against: {e}");
                         Ok(None)
                     }
                     Err(e) => Err(e),

@@ -1,24 +1,64 @@
 //! Shared helpers for tests that run a real QEMU.
 #![allow(dead_code)]
 
+pub mod event_audit;
 pub mod guest;
 
 use std::future::Future;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use qmpkit::launch::{Qemu, QemuBuilder};
+use qmpkit::ConnectOptions;
 
 /// A throwaway QEMU with the defaults (q35, 128M, paused, no devices).
-pub async fn vm() -> Qemu {
+pub async fn vm() -> Vm {
     vm_with(|b| b).await
 }
 
 /// A throwaway QEMU with the builder adjusted by `f`.
-pub async fn vm_with(f: impl FnOnce(QemuBuilder) -> QemuBuilder) -> Qemu {
-    let builder = f(QemuBuilder::new());
+///
+/// Every event QEMU sends it is audited when the test ends (see
+/// [`event_audit`]), unless `f` sets connect options of its own.
+pub async fn vm_with(f: impl FnOnce(QemuBuilder) -> QemuBuilder) -> Vm {
+    let log = event_audit::log_path();
+    let builder = f(QemuBuilder::new().connect_options(ConnectOptions::new().traffic_log(&log)));
     match builder.spawn().await {
-        Ok(vm) => vm,
+        Ok(qemu) => Vm { qemu, log },
         Err(e) => panic!("cannot launch QEMU: {e}"),
+    }
+}
+
+/// A QEMU of [`vm_with`]: used as the launcher's [`Qemu`], and on drop
+/// checks that every event it sent decodes into its generated type and
+/// back without loss.
+pub struct Vm {
+    qemu: Qemu,
+    log: PathBuf,
+}
+
+impl std::ops::Deref for Vm {
+    type Target = Qemu;
+    fn deref(&self) -> &Qemu {
+        &self.qemu
+    }
+}
+
+impl std::ops::DerefMut for Vm {
+    fn deref_mut(&mut self) -> &mut Qemu {
+        &mut self.qemu
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        // A failing test has said what matters; a second panic would abort.
+        if !std::thread::panicking() {
+            event_audit::check(&log);
+        }
     }
 }
 
