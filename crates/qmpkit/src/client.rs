@@ -248,11 +248,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(
-        tx: Sender,
-        shared: Arc<Shared>,
-        address: Option<Address>,
-    ) -> Self {
+    pub(crate) fn new(tx: Sender, shared: Arc<Shared>, address: Option<Address>) -> Self {
         Client {
             inner: Arc::new(Inner {
                 tx,

@@ -27,8 +27,8 @@ use crate::wire::Greeting;
 
 pub use address::Address;
 pub(crate) use driver::{Outgoing, Reply};
-pub(crate) use requests::Sender;
 pub use listener::Listener;
+pub(crate) use requests::Sender;
 /// The long-path-aware Unix connect, for the guest agent.
 pub(crate) use socket::connect as connect_unix;
 use transport::Transport;
@@ -252,10 +252,7 @@ impl ConnectOptions {
     /// Connects to `address`, negotiates capabilities and starts the
     /// connection's task: everything [`ConnectOptions::connect_to`] does but
     /// making the handle.
-    pub(crate) async fn open(
-        &self,
-        address: &Address,
-    ) -> Result<(Sender, Arc<Shared>)> {
+    pub(crate) async fn open(&self, address: &Address) -> Result<(Sender, Arc<Shared>)> {
         let peer = address.to_string();
         let open = self.open_over(&peer, Some(address), Transport::connect(address));
         crate::diag::in_connect_span(address, open).await

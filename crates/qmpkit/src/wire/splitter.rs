@@ -73,7 +73,11 @@ fn first_of<const N: usize>(bytes: &[u8], set: [u8; N]) -> Option<usize> {
         }
         at += 8;
     }
-    words.remainder().iter().position(|b| set.contains(b)).map(|i| at + i)
+    words
+        .remainder()
+        .iter()
+        .position(|b| set.contains(b))
+        .map(|i| at + i)
 }
 
 /// One unit of output found in the stream.
