@@ -152,6 +152,14 @@ impl Drop for Guest {
     }
 }
 
+/// A NIC `nic0` (with its netdev) cold-plugged behind `rp1`, for [`launch`].
+const NIC0_ON_RP1: [&str; 4] = [
+    "-netdev",
+    "user,id=net0",
+    "-device",
+    "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
+];
+
 /// The guest's machine: q35 under TCG, 256 MiB with two DIMM slots, one CPU
 /// of up to three, Incus's agent port, a pvpanic device, a balloon and two
 /// PCIe root ports for hotplug (`rp1`, `rp2`). `extra` adds to it.
@@ -501,20 +509,16 @@ async fn cpu_hotplug_is_onlined_and_unplug_is_reported_by_the_lapic_or_refused()
 /// What a waiting removal has to go by when the guest is not up yet: QEMU
 /// accepts a PCI unplug and drops it without a word, and refuses a CPU
 /// unplug outright. (What asking again does once the guest runs is the
-/// library's business: `remove_device_and_wait_before_boot_ends_done_or_pending`.
-/// Asked by hand, QEMU sometimes keeps answering "already in the process of
-/// unplug" for minutes after such a boot; see the issue notes.)
+/// library's business: `remove_device_and_wait_in_prelaunch_removes_the_nic_once_the_guest_runs`;
+/// a request made before the VM ever ran is another matter:
+/// `an_unplug_asked_before_the_vm_first_ran_blocks_every_later_one`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplug_asked_for_while_the_guest_boots_is_dropped() {
-    let mut g = launch(&[
-        "-netdev",
-        "user,id=net0",
-        "-device",
-        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
+    let cpu1 = [
         "-device",
         "qemu64-x86_64-cpu,id=cpu1,socket-id=0,core-id=1,thread-id=0",
-    ])
-    .await;
+    ];
+    let mut g = launch(&[&NIC0_ON_RP1[..], &cpu1[..]].concat()).await;
     g.start().await;
     // The firmware is running: nothing in the guest listens for ejects yet
     // (under TCG its kernel takes seconds to get as far as ACPI; the same
@@ -611,49 +615,81 @@ async fn remove_device_and_wait_removes_a_cpu_and_reports_a_refusal_at_once() {
     assert_eq!(g.console.mem_total_kb().await, before + DIMM_KB);
 }
 
-/// The library's waiting removal, asked for before the guest boots: QEMU
-/// takes the first request and nothing answers it. The call sends it again
-/// until the booted guest lets the NIC go; when the guest never does (on
-/// some boots the slot stays "already in the process of unplug" for
-/// minutes), the call ends at its deadline with a timeout and the request
-/// still pending. Either way it never reports a NIC gone that is there,
-/// nor loses the request silently.
+/// QEMU's side of what the next test guards against. QEMU 10 dates an ACPI
+/// unplug request by the VM's clock (in ms) and accepts it again once that
+/// clock has moved on; a request made before the VM ever ran is dated 0,
+/// which QEMU reads as "no date". When the booting guest loses that
+/// request (it clears pending ACPI events as it starts), every later
+/// request is refused as "already in the process of unplug", however long
+/// the guest has been up, and the NIC stays. (On some boots the guest does
+/// handle it and the NIC goes: that is accepted too.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_device_and_wait_before_boot_ends_done_or_pending() {
-    let mut g = launch(&[
-        "-netdev",
-        "user,id=net0",
-        "-device",
-        "virtio-net-pci,id=nic0,netdev=net0,bus=rp1,romfile=",
-    ])
-    .await;
+async fn an_unplug_asked_before_the_vm_first_ran_blocks_every_later_one() {
+    let mut g = launch(&NIC0_ON_RP1).await;
     within(10, g.request_unplug("nic0"))
         .await
         .expect("QEMU accepts the NIC's unplug");
     g.start().await;
-    // BOOT_SECS: the call has to outlast the boot.
-    let result = within(
-        BOOT_SECS + 10,
-        g.mon
-            .remove_device_and_wait("nic0", Duration::from_secs(BOOT_SECS)),
-    )
-    .await;
     g.ready().await;
-    match result {
-        Ok(()) => {
-            assert!(!g.qom_has("nic0").await);
-            assert_eq!(g.console.ask("net").await, "lo");
-        }
-        Err(e) => {
-            assert!(e.is_timeout(), "{e:?}");
-            assert!(g.qom_has("nic0").await, "a timeout, yet the NIC is gone");
-            let again = within(10, g.request_unplug("nic0")).await.unwrap_err();
-            assert!(
-                again.to_string().contains("already in the process of unplug"),
-                "the request is no longer pending: {again}"
-            );
-        }
+    if !g.qom_has("nic0").await {
+        // The guest took the first request after all.
+        assert_eq!(g.console.ask("net").await, "lo");
+        eprintln!("this boot, the guest handled the request made before it ran");
+        return;
     }
+    eprintln!("this boot, the guest lost the request made before it ran");
+    assert!(g.console.ask("net").await.contains("eth0"));
+    for _ in 0..2 {
+        let again = within(10, g.request_unplug("nic0")).await.unwrap_err();
+        assert!(
+            again.to_string().contains("already in the process of unplug"),
+            "{again}"
+        );
+        // Longer than QEMU's longest re-request window (5 s, native PCIe).
+        g.console.ask("sh sleep 6").await;
+    }
+    assert!(g.qom_has("nic0").await);
+}
+
+/// The library's waiting removal asked for while the VM is in `prelaunch`:
+/// it sends nothing until the VM has run (the test above shows why), then
+/// asks, and again while the booting guest cannot listen, until the guest
+/// lets the NIC go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_device_and_wait_in_prelaunch_removes_the_nic_once_the_guest_runs() {
+    let mut g = launch(&NIC0_ON_RP1).await;
+    let client = g.vm.client().clone();
+    let call = tokio::spawn(async move {
+        client
+            .remove_device_and_wait("nic0", Duration::from_secs(BOOT_SECS))
+            .await
+    });
+    // The call has looked at the VM's state, found it in prelaunch, and
+    // waits: nothing has been asked of QEMU.
+    let log = g.vm.traffic_log().to_owned();
+    eventually(10, || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("query-status"))
+        }
+    })
+    .await;
+    assert!(g.qom_has("nic0").await);
+    g.start().await;
+    within(BOOT_SECS + 10, call)
+        .await
+        .unwrap()
+        .expect("the NIC is removed once the guest runs");
+    g.ready().await;
+    assert!(!g.qom_has("nic0").await);
+    assert_eq!(g.console.ask("net").await, "lo");
+    // Asked only after the VM ran: the RESUME comes before the request.
+    let log = std::fs::read_to_string(&log).unwrap();
+    let resumed = log.find("\"RESUME\"").expect("RESUME in the traffic log");
+    let asked = log.find("\"device_del\"").expect("device_del in the traffic log");
+    assert!(resumed < asked, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -654,3 +654,95 @@ async fn chardev_change_moves_a_chardev_to_a_socket_and_back() {
     })
     .await;
 }
+
+/// The generated types convert into the loose specs the operations take,
+/// and what they describe is what QEMU then has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_netdev_device_object_and_chardev_specs_take_effect() {
+    use qmpkit::qapi::{commands as qc, types as t};
+    let vm = pcie_vm().await;
+    let c = vm.client();
+    let log = vm.dir().join("serial.log");
+    std::fs::write(&log, "kept\n").unwrap();
+    within(30, async {
+        let netdev = NetdevSpec::from(t::Netdev {
+            id: "gnet".into(),
+            branch: t::NetdevBranch::User(Default::default()),
+        });
+        assert_eq!(netdev, NetdevSpec::new("user", "gnet"));
+        let device = DeviceSpec::from(qc::DeviceAdd {
+            driver: "virtio-net-pci".into(),
+            bus: Some("rp1".into()),
+            id: Some("gnic".into()),
+            extra: serde_json::Map::from_iter([
+                ("netdev".to_owned(), json!("gnet")),
+                ("mac".to_owned(), json!("52:54:00:00:00:42")),
+            ]),
+        });
+        c.add_nic(&netdev, &device, true).await.unwrap();
+        let qom = |property: &str| {
+            let property = property.to_owned();
+            async move {
+                c.call::<_, Value>(
+                    "qom-get",
+                    &json!({"path": "/machine/peripheral/gnic", "property": property}),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(qom("netdev").await, "gnet");
+        assert_eq!(qom("mac").await, "52:54:00:00:00:42");
+        let bus: Value = c
+            .call(
+                "qom-get",
+                &json!({"path": "/machine/peripheral/gnic", "property": "parent_bus"}),
+            )
+            .await
+            .unwrap();
+        assert!(bus.as_str().unwrap().contains("rp1"), "{bus}");
+
+        let iothread = ObjectSpec::from(t::ObjectOptions {
+            id: "gio".into(),
+            branch: t::ObjectOptionsBranch::Iothread(t::IothreadProperties {
+                poll_max_ns: Some(0),
+                ..Default::default()
+            }),
+        });
+        c.add_object(&iothread).await.unwrap();
+        let threads: Vec<Value> = c.call("query-iothreads", &()).await.unwrap();
+        let gio = threads.iter().find(|t| t["id"] == "gio").expect("gio listed");
+        assert_eq!(gio["poll-max-ns"], 0);
+
+        // A file backend that appends: what the file held stays.
+        let file = t::ChardevBackend::File(t::ChardevFileWrapper {
+            data: t::ChardevFile {
+                out: log.to_str().unwrap().into(),
+                append: Some(true),
+                logfile: None,
+                logappend: None,
+                r#in: None,
+            },
+        });
+        c.add_char_device("gfile", &file.into()).await.unwrap();
+        let chardevs = c.query_chardev().await.unwrap();
+        let gfile = chardevs
+            .iter()
+            .find(|d| d.label == "gfile")
+            .expect("gfile listed");
+        assert_eq!(gfile.filename, "file");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "kept\n");
+
+        // And a change to a generated backend.
+        let ringbuf = t::ChardevBackend::Ringbuf(t::ChardevRingbufWrapper {
+            data: t::ChardevRingbuf {
+                size: Some(4096),
+                ..Default::default()
+            },
+        });
+        c.chardev_change("gfile", ringbuf.into()).await.unwrap();
+        c.ringbuf_write("gfile", "now a ring buffer").await.unwrap();
+        assert_eq!(c.ringbuf_read("gfile").await.unwrap(), "now a ring buffer");
+    })
+    .await;
+}

@@ -162,6 +162,73 @@ async fn run_transaction_applies_all_actions_or_none() {
     .await;
 }
 
+/// The generated actions convert into [`TransactionAction`]s: bitmaps on
+/// two nodes, all or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_transaction_takes_the_generated_actions() {
+    use qmpkit::qapi::types as t;
+    let vm = vm().await;
+    let c = vm.client();
+    within(20, async {
+        for node in ["n0", "n1"] {
+            c.call::<_, Value>(
+                "blockdev-add",
+                &json!({"driver": "null-co", "node-name": node, "size": 1 << 20}),
+            )
+            .await
+            .unwrap();
+        }
+        let bitmap = |node: &str, name: &str| -> TransactionAction {
+            t::TransactionAction::BlockDirtyBitmapAdd(t::BlockDirtyBitmapAddWrapper {
+                data: t::BlockDirtyBitmapAdd {
+                    node: node.into(),
+                    name: name.into(),
+                    granularity: Some(1 << 16),
+                    persistent: None,
+                    disabled: Some(true),
+                },
+            })
+            .into()
+        };
+        // Name, granularity and recording state of every bitmap of `node`.
+        let bitmaps = |node: &'static str| async move {
+            let nodes: Vec<Value> = c.call("query-named-block-nodes", &()).await.unwrap();
+            let node = nodes.iter().find(|n| n["node-name"] == node).unwrap();
+            let mut found: Vec<(String, u64, bool)> = node["dirty-bitmaps"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|b| {
+                            (
+                                b["name"].as_str().unwrap().to_owned(),
+                                b["granularity"].as_u64().unwrap(),
+                                b["recording"].as_bool().unwrap(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            found.sort();
+            found
+        };
+        c.run_transaction(&[bitmap("n0", "a"), bitmap("n1", "a")])
+            .await
+            .unwrap();
+        for node in ["n0", "n1"] {
+            assert_eq!(bitmaps(node).await, [("a".to_owned(), 1 << 16, false)]);
+        }
+
+        // The second action names a node that does not exist: neither applies.
+        let err = c
+            .run_transaction(&[bitmap("n0", "b"), bitmap("nope", "b")])
+            .await
+            .unwrap_err();
+        assert!(err.is_qmp(), "{err:?}");
+        assert_eq!(bitmaps("n0").await.len(), 1);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_run_json_and_next_id_are_the_core_calls() {
     let vm = vm().await;

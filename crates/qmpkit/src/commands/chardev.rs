@@ -10,15 +10,35 @@
 //! print!("{text}");
 //! # Ok(()) }
 //! ```
+//!
+//! Any backend QEMU 10 knows can also be given in its generated form,
+//! [`qapi::types::ChardevBackend`](crate::qapi::types::ChardevBackend),
+//! converted with `.into()`:
+//!
+//! ```no_run
+//! # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+//! use qmpkit::qapi::types as t;
+//! let log = t::ChardevBackend::File(t::ChardevFileWrapper {
+//!     data: t::ChardevFile {
+//!         out: "/var/log/vm1-serial.log".into(),
+//!         append: Some(true),
+//!         logfile: None,
+//!         logappend: None,
+//!         r#in: None,
+//!     },
+//! });
+//! client.add_char_device("serial0", &log.into()).await?;
+//! # Ok(()) }
+//! ```
 
 use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use qmpkit_qapi::{commands as c, types as t};
 
-use crate::client::{CallOptions, Client};
+use crate::client::{CallOptions, Client, Command};
 use crate::error::{ConsoleError, Result};
 
 /// How much one `ringbuf-read` asks for while draining a ring buffer.
@@ -26,6 +46,10 @@ const RINGBUF_READ_CHUNK: u64 = 64 * 1024;
 
 /// A chardev backend: its type and that type's options, as `chardev-add`
 /// and `chardev-change` take them.
+///
+/// Loose on purpose, so that any backend of any QEMU can be named; the
+/// constructors here build theirs from the generated types, and any
+/// generated [`t::ChardevBackend`] converts into one (`From`).
 ///
 /// ```
 /// use qmpkit::commands::chardev::ChardevBackend;
@@ -52,51 +76,120 @@ impl ChardevBackend {
 
     /// A ring buffer of `size` bytes (a power of two; QEMU's default 64 KiB when `None`).
     pub fn ringbuf(size: Option<u64>) -> Self {
-        let mut data = Map::new();
-        if let Some(size) = size {
-            data.insert("size".into(), size.into());
-        }
-        Self::new("ringbuf", data)
+        // A size beyond QEMU's integers is refused by QEMU either way.
+        let size = size.map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        t::ChardevBackend::Ringbuf(t::ChardevRingbufWrapper {
+            data: t::ChardevRingbuf {
+                size,
+                ..Default::default()
+            },
+        })
+        .into()
     }
 
     /// A backend that discards output and never has input.
     pub fn null() -> Self {
-        Self::new("null", Map::new())
+        t::ChardevBackend::Null(t::ChardevCommonWrapper {
+            data: t::ChardevCommon::default(),
+        })
+        .into()
     }
 
-    /// Output appended to a file.
+    /// Output to a file (QEMU truncates it first).
     pub fn file(path: &str) -> Self {
-        Self::new("file", obj(json!({ "out": path })))
+        t::ChardevBackend::File(t::ChardevFileWrapper {
+            data: t::ChardevFile {
+                out: path.into(),
+                logfile: None,
+                logappend: None,
+                r#in: None,
+                append: None,
+            },
+        })
+        .into()
     }
 
     /// A Unix socket at `path`: QEMU listens when `server` (without waiting
     /// for a client), else it connects.
     pub fn socket_unix(path: &str, server: bool) -> Self {
-        let mut data = obj(json!({
-            "addr": {"type": "unix", "data": {"path": path}},
-            "server": server,
-        }));
-        if server {
-            data.insert("wait".into(), false.into());
-        }
-        Self::new("socket", data)
+        let addr = t::SocketAddressLegacy::Unix(t::UnixSocketAddressWrapper {
+            data: t::UnixSocketAddress {
+                path: path.into(),
+                r#abstract: None,
+                tight: None,
+            },
+        });
+        socket(addr, server, server.then_some(false))
     }
 
     /// A connected socket QEMU already holds under an fd name (see
     /// [`Client::send_file`]).
     pub fn socket_fd(fdname: &str) -> Self {
-        Self::new(
-            "socket",
-            obj(json!({"addr": {"type": "fd", "data": {"str": fdname}}, "server": false})),
-        )
+        let addr = t::SocketAddressLegacy::Fd(t::FdSocketAddressWrapper {
+            data: t::FdSocketAddress { str: fdname.into() },
+        });
+        socket(addr, false, None)
     }
 }
 
-fn obj(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
+/// A `socket` backend at `addr`, with `server` and `wait` and nothing else set.
+fn socket(addr: t::SocketAddressLegacy, server: bool, wait: Option<bool>) -> ChardevBackend {
+    #[allow(deprecated)] // `reconnect` is left out
+    let socket = t::ChardevSocket {
+        addr,
+        server: Some(server),
+        wait,
+        logfile: None,
+        logappend: None,
+        tls_creds: None,
+        tls_authz: None,
+        nodelay: None,
+        telnet: None,
+        tn3270: None,
+        websocket: None,
+        reconnect: None,
+        reconnect_ms: None,
+    };
+    t::ChardevBackend::Socket(t::ChardevSocketWrapper { data: socket }).into()
+}
+
+impl From<t::ChardevBackend> for ChardevBackend {
+    /// The loose form of a generated backend: the same type and options.
+    ///
+    /// ```
+    /// use qmpkit::commands::chardev::ChardevBackend;
+    /// use qmpkit::qapi::types as t;
+    /// let null = t::ChardevBackend::Null(t::ChardevCommonWrapper { data: Default::default() });
+    /// assert_eq!(ChardevBackend::from(null), ChardevBackend::null());
+    /// ```
+    fn from(backend: t::ChardevBackend) -> Self {
+        // A generated union serialises to {"type": .., "data": {..}}, which
+        // cannot fail (string keys only).
+        let (kind, data) = match serde_json::to_value(&backend) {
+            Ok(Value::Object(mut members)) => (members.remove("type"), members.remove("data")),
+            Ok(_) | Err(_) => (None, None),
+        };
+        match (kind, data) {
+            (Some(Value::String(kind)), Some(Value::Object(data))) => ChardevBackend { kind, data },
+            _ => unreachable!("a generated chardev backend serialises to a type and its data"),
+        }
     }
+}
+
+impl From<t::ChardevBackend> for ChardevChange {
+    /// [`ChardevChange::Backend`] with the generated backend's loose form.
+    fn from(backend: t::ChardevBackend) -> Self {
+        ChardevChange::Backend(backend.into())
+    }
+}
+
+/// The arguments of `chardev-add` and `chardev-change`: the generated
+/// commands' members, with the backend in its loose form (any backend of
+/// any QEMU).
+#[derive(Serialize)]
+struct ChardevArgs<'a> {
+    id: &'a str,
+    backend: &'a ChardevBackend,
 }
 
 /// What `chardev-add` reports back.
@@ -156,8 +249,7 @@ impl Client {
     #[doc(alias = "AddCharDevice")]
     #[doc(alias = "chardev-add")]
     pub async fn add_char_device(&self, id: &str, backend: &ChardevBackend) -> Result<ChardevAdded> {
-        self.call("chardev-add", &json!({"id": id, "backend": backend}))
-            .await
+        self.call(c::ChardevAdd::NAME, &ChardevArgs { id, backend }).await
     }
 
     /// Removes a character device (`chardev-remove`). One still used by a
@@ -171,7 +263,7 @@ impl Client {
     /// The character devices (`query-chardev`).
     #[doc(alias = "query-chardev")]
     pub async fn query_chardev(&self) -> Result<Vec<ChardevInfo>> {
-        self.call("query-chardev", &()).await
+        self.run_as(&c::QueryChardev, CallOptions::new()).await
     }
 
     /// Writes text into a ring buffer (`ringbuf-write`), as if the device
@@ -235,7 +327,13 @@ impl Client {
             ChardevChange::Backend(b) => (b, None),
         };
         let result = self
-            .call::<_, Value>("chardev-change", &json!({"id": id, "backend": backend}))
+            .call::<_, Value>(
+                c::ChardevChange::NAME,
+                &ChardevArgs {
+                    id,
+                    backend: &backend,
+                },
+            )
             .await;
         match (result, fdname) {
             (Ok(_), _) => Ok(()),

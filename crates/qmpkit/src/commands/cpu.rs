@@ -13,11 +13,12 @@
 //! # Ok(()) }
 //! ```
 
+use qmpkit_qapi::{commands as c, types as t};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::devices::DeviceSpec;
-use crate::client::Client;
+use crate::client::{CallOptions, Client};
 use crate::error::Result;
 
 /// Where a vCPU sits in the VM's topology. QEMU sets only the members the
@@ -131,14 +132,14 @@ impl Client {
     #[doc(alias = "QueryCPUs")]
     #[doc(alias = "query-cpus-fast")]
     pub async fn query_cpus(&self) -> Result<Vec<Cpu>> {
-        self.call("query-cpus-fast", &()).await
+        self.run_as(&c::QueryCpusFast, CallOptions::new()).await
     }
 
     /// The vCPU slots, plugged and free (`query-hotpluggable-cpus`).
     #[doc(alias = "QueryHotpluggableCPUs")]
     #[doc(alias = "query-hotpluggable-cpus")]
     pub async fn query_hotpluggable_cpus(&self) -> Result<Vec<HotpluggableCpu>> {
-        self.call("query-hotpluggable-cpus", &()).await
+        self.run_as(&c::QueryHotpluggableCpus, CallOptions::new()).await
     }
 
     /// The host thread ids of the vCPUs in vCPU index order, for pinning.
@@ -155,12 +156,14 @@ impl Client {
     #[doc(alias = "QueryCPUModel")]
     #[doc(alias = "query-cpu-model-expansion")]
     pub async fn query_cpu_model(&self, model: &str) -> Result<CpuModel> {
-        let reply: Expansion = self
-            .call(
-                "query-cpu-model-expansion",
-                &json!({"type": "full", "model": {"name": model}}),
-            )
-            .await?;
+        let expand = c::QueryCpuModelExpansion {
+            r#type: t::CpuModelExpansionType::Full,
+            model: t::CpuModelInfo {
+                name: model.into(),
+                props: None,
+            },
+        };
+        let reply: Expansion = self.run_as(&expand, CallOptions::new()).await?;
         Ok(reply.model)
     }
 }
@@ -168,6 +171,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn slot_becomes_device_add_arguments() {

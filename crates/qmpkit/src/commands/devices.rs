@@ -52,13 +52,15 @@
 
 use std::time::Duration;
 
+use qmpkit_qapi::{commands as c, types as t};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use crate::client::{Client, Empty};
+use crate::client::{CallOptions, Client, Command, Empty};
+use crate::commands::vm::{qom_get, RunState, StatusInfo};
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
-use crate::event::{EventFilter, EventItem};
+use crate::event::{EventFilter, EventItem, Woken};
 
 /// Sets `key` to `value` in a property map.
 fn set(props: &mut Map<String, Value>, key: impl Into<String>, value: impl Into<Value>) {
@@ -116,6 +118,61 @@ impl DeviceSpec {
     }
 }
 
+impl From<c::DeviceAdd> for DeviceSpec {
+    /// The loose form of a generated `device_add`: the same members.
+    fn from(add: c::DeviceAdd) -> Self {
+        let mut spec = DeviceSpec {
+            driver: add.driver,
+            id: add.id,
+            props: add.extra,
+        };
+        if let Some(bus) = add.bus {
+            set(&mut spec.props, "bus", bus);
+        }
+        spec
+    }
+}
+
+impl From<&DeviceSpec> for c::DeviceAdd {
+    /// The generated `device_add` with the same members: a string `bus`
+    /// becomes its own member, every other property stays as it is.
+    fn from(spec: &DeviceSpec) -> Self {
+        let mut extra = spec.props.clone();
+        let bus = match extra.remove("bus") {
+            Some(Value::String(bus)) => Some(bus),
+            Some(other) => {
+                // Not a string: QEMU's to judge, sent as it was given.
+                extra.insert("bus".into(), other);
+                None
+            }
+            None => None,
+        };
+        c::DeviceAdd {
+            driver: spec.driver.clone(),
+            bus,
+            id: spec.id.clone(),
+            extra,
+        }
+    }
+}
+
+/// A generated union with an id, split as the loose specs keep it: the
+/// value of its discriminator `tag`, and its other members but `id`.
+fn split_generated(value: &impl Serialize, tag: &str) -> (String, Map<String, Value>) {
+    // The generated types serialise to JSON objects with string keys, and a
+    // union always has its discriminator: neither can fail.
+    let mut members = match serde_json::to_value(value) {
+        Ok(Value::Object(members)) => members,
+        Ok(_) | Err(_) => unreachable!("a generated QAPI union serialises to a JSON object"),
+    };
+    members.remove("id");
+    let kind = match members.remove(tag) {
+        Some(Value::String(kind)) => kind,
+        _ => unreachable!("a generated QAPI union has its discriminator {tag}"),
+    };
+    (kind, members)
+}
+
 /// The arguments of `netdev_add`: a backend type, an id, and the backend's
 /// options.
 ///
@@ -153,6 +210,25 @@ impl NetdevSpec {
     }
 }
 
+impl From<t::Netdev> for NetdevSpec {
+    /// The loose form of a generated netdev: the same members.
+    ///
+    /// ```
+    /// use qmpkit::commands::devices::NetdevSpec;
+    /// use qmpkit::qapi::types as t;
+    /// let user = t::Netdev { id: "net0".into(), branch: t::NetdevBranch::User(Default::default()) };
+    /// assert_eq!(NetdevSpec::from(user), NetdevSpec::new("user", "net0"));
+    /// ```
+    fn from(netdev: t::Netdev) -> Self {
+        let (kind, props) = split_generated(&netdev, "type");
+        NetdevSpec {
+            kind,
+            id: netdev.id,
+            props,
+        }
+    }
+}
+
 /// The arguments of `object-add`: a QOM type, an id, and the object's
 /// properties.
 ///
@@ -187,6 +263,25 @@ impl ObjectSpec {
     pub fn prop(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         set(&mut self.props, key, value);
         self
+    }
+}
+
+impl From<t::ObjectOptions> for ObjectSpec {
+    /// The loose form of a generated QOM object: the same members.
+    ///
+    /// ```
+    /// use qmpkit::commands::devices::ObjectSpec;
+    /// use qmpkit::qapi::types as t;
+    /// let io = t::ObjectOptions { id: "io0".into(), branch: t::ObjectOptionsBranch::Iothread(Default::default()) };
+    /// assert_eq!(ObjectSpec::from(io), ObjectSpec::new("iothread", "io0"));
+    /// ```
+    fn from(object: t::ObjectOptions) -> Self {
+        let (qom_type, props) = split_generated(&object, "qom-type");
+        ObjectSpec {
+            qom_type,
+            id: object.id,
+            props,
+        }
     }
 }
 
@@ -280,6 +375,11 @@ fn qom_path_of(id: &str) -> String {
 /// has not shown that it got the request (see there).
 pub const UNPLUG_RESEND_INTERVAL: Duration = Duration::from_millis(1500);
 
+/// How long [`Client::remove_device_and_wait`] lets a VM that has just
+/// started for the first time run before it asks, so that the VM's clock
+/// (by which QEMU dates the request) has passed 0 ms.
+const FIRST_RUN_SETTLE: Duration = Duration::from_millis(20);
+
 /// `ACPI_DEVICE_OST` sources that answer an eject request: the eject
 /// request notification itself (3) and the `_EJ0` processing (0x103).
 const OST_SOURCES_OF_AN_EJECT: [u64; 2] = [0x03, 0x103];
@@ -354,7 +454,7 @@ impl Client {
     #[doc(alias = "AddDevice")]
     #[doc(alias = "device_add")]
     pub async fn add_device(&self, device: &DeviceSpec) -> Result<()> {
-        self.call::<_, Empty>("device_add", device).await.map(drop)
+        self.run(&c::DeviceAdd::from(device)).await.map(drop)
     }
 
     /// Asks QEMU to remove a device (`device_del`) and returns once QEMU
@@ -366,13 +466,18 @@ impl Client {
     /// says "not found") is success: the call is meant for clean-up paths.
     /// Other errors are QEMU's, such as an unplug already under way or a bus
     /// that cannot hot-unplug.
+    ///
+    /// Like Go, it asks at once, also of a VM in `prelaunch` (never run),
+    /// where QEMU 10 may then never take a second request for the device
+    /// if the booting guest misses the first: [`Client::remove_device_and_wait`]
+    /// waits for the VM to run first.
     #[doc(alias = "RemoveDevice")]
     #[doc(alias = "device_del")]
     pub async fn remove_device(&self, id: &str) -> Result<()> {
         if id.is_empty() {
             return Ok(());
         }
-        match self.call::<_, Empty>("device_del", &json!({ "id": id })).await {
+        match self.run(&device_del(id)).await {
             Ok(_) => Ok(()),
             Err(e) if gone_by_go_rule(&e) => Ok(()),
             Err(e) => Err(e),
@@ -402,9 +507,17 @@ impl Client {
     /// [`UNPLUG_RESEND_INTERVAL`] until the guest shows that it has it (an
     /// `_OST` saying the ejection is in progress) or the device is gone.
     /// QEMU turns a repeated request down with "already in the process of
-    /// unplug" while the previous one is less than 5 s old (by the VM's
-    /// clock); that counts as still pending, also for the first request
-    /// (an unplug someone else asked for is waited for too).
+    /// unplug" while the previous one is recent by the VM's clock (5 s for
+    /// native PCIe hotplug, 1 ms for ACPI hotplug); that counts as still
+    /// pending, also for the first request (an unplug someone else asked
+    /// for is waited for too).
+    ///
+    /// A VM in `prelaunch` (started with `-S`, never continued) gets no
+    /// request until it has run: QEMU 10 would date such a request 0, read
+    /// that as "never expires", and refuse every later request once the
+    /// booting guest lost it, leaving the device unremovable. So on such a
+    /// VM this call waits for `cont` (within `timeout`) before it asks.
+    /// [`Client::remove_device`] asks at once, as the Go package does.
     ///
     /// Errors: a device that does not exist at the first request is QEMU's
     /// `DeviceNotFound` ([`Error::is_not_found`]), so that a typo is never
@@ -431,15 +544,47 @@ impl Client {
             .await
     }
 
+    /// Returns once the VM's CPUs have run (at once unless it is in
+    /// `prelaunch`, started with `-S` and never continued).
+    ///
+    /// QEMU 10 dates an ACPI unplug request by the VM's clock, in
+    /// milliseconds, and accepts it again once that clock has moved on. A
+    /// request made before the VM first ran is dated 0, which QEMU reads as
+    /// "no date": if the guest, not yet listening, loses that request, QEMU
+    /// turns down every later one with "already in the process of unplug"
+    /// and the device can never be removed. So the request waits for the
+    /// VM to run, and a moment more for its clock to pass 0.
+    async fn wait_until_the_vm_has_run(&self, deadline: &Deadline) -> Result<()> {
+        let mut resumed = self.subscribe(EventFilter::names(["RESUME"]));
+        let status: StatusInfo = deadline.run_as(self, &c::QueryStatus).await?;
+        if status.status != RunState::Prelaunch {
+            return Ok(());
+        }
+        loop {
+            match resumed.next_or_timer(None, Some(deadline.at())).await {
+                Woken::Item(Some(EventItem::Event(_))) => break,
+                // Whatever was missed, QEMU knows whether the VM runs now.
+                Woken::Item(Some(EventItem::Missed(_))) => {
+                    let status: StatusInfo = deadline.run_as(self, &c::QueryStatus).await?;
+                    if status.status != RunState::Prelaunch {
+                        break;
+                    }
+                }
+                Woken::Item(None) => return Err(self.closed().await),
+                Woken::Tick | Woken::Deadline => return Err(deadline.expired()),
+            }
+        }
+        tokio::time::sleep(FIRST_RUN_SETTLE.min(deadline.remaining()?)).await;
+        Ok(())
+    }
+
     async fn remove_device_within(&self, id: &str, deadline: &Deadline) -> Result<()> {
+        self.wait_until_the_vm_has_run(deadline).await?;
         let path = qom_path_of(id);
         // Subscribe first: the events may arrive before the reply.
         let mut events = self.subscribe(EventFilter::names(["DEVICE_DELETED", "ACPI_DEVICE_OST"]));
         let work = async {
-            match deadline
-                .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
-                .await
-            {
+            match deadline.run(self, &device_del(id)).await {
                 Ok(_) => {}
                 Err(e) if already_unplugging(&e) => {}
                 Err(e) => return Err(e),
@@ -451,18 +596,17 @@ impl Client {
             let mut child_gone = false;
             let mut next_tick = tokio::time::Instant::now() + UNPLUG_RESEND_INTERVAL;
             loop {
-                let item = tokio::select! {
-                    item = events.recv() => item,
-                    () = tokio::time::sleep_until(next_tick), if !acknowledged || child_gone => {
+                let tick = (!acknowledged || child_gone).then_some(next_tick);
+                let item = match events.next_or_timer(tick, None).await {
+                    Woken::Item(item) => item,
+                    // (No deadline was given: the whole wait has its own.)
+                    Woken::Tick | Woken::Deadline => {
                         next_tick = tokio::time::Instant::now() + UNPLUG_RESEND_INTERVAL;
                         if child_gone && !self.device_exists(&path, deadline).await? {
                             return Ok(());
                         }
                         if !acknowledged {
-                            match deadline
-                                .call::<_, Empty>(self, "device_del", &json!({ "id": id }))
-                                .await
-                            {
+                            match deadline.run(self, &device_del(id)).await {
                                 Ok(_) => {}
                                 Err(e) if already_unplugging(&e) => {}
                                 // Gone between two looks.
@@ -506,10 +650,7 @@ impl Client {
 
     /// True while QOM has the device at `path`.
     async fn device_exists(&self, path: &str, deadline: &Deadline) -> Result<bool> {
-        match deadline
-            .call::<_, Value>(self, "qom-get", &json!({"path": path, "property": "type"}))
-            .await
-        {
+        match deadline.run(self, &qom_get(path, "type")).await {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
@@ -536,11 +677,9 @@ impl Client {
                 ))
             }
         };
-        self.call::<_, Empty>("netdev_add", netdev).await?;
+        self.call::<_, Empty>(c::NetdevAdd::NAME, netdev).await?;
         let undo_netdev = || async {
-            let _ = self
-                .call::<_, Empty>("netdev_del", &json!({ "id": netdev.id }))
-                .await;
+            let _ = self.run(&netdev_del(&netdev.id)).await;
         };
         if let Err(e) = self.add_device(device).await {
             undo_netdev().await;
@@ -550,7 +689,7 @@ impl Client {
             if let Err(e) = self.set_nic_link(id, false).await {
                 // Ask for the device's removal without waiting for it: the
                 // netdev can go at once, the NIC is then unconnected.
-                let _ = self.call::<_, Empty>("device_del", &json!({ "id": id })).await;
+                let _ = self.run(&device_del(id)).await;
                 undo_netdev().await;
                 return Err(e);
             }
@@ -572,10 +711,7 @@ impl Client {
         if netdev_id.is_empty() {
             return Ok(());
         }
-        match self
-            .call::<_, Empty>("netdev_del", &json!({ "id": netdev_id }))
-            .await
-        {
+        match self.run(&netdev_del(netdev_id)).await {
             Ok(_) => Ok(()),
             Err(e) if gone_by_go_rule(&e) => Ok(()),
             Err(e) => Err(e),
@@ -605,7 +741,7 @@ impl Client {
         }
         deadline
             .renamed("netdev_del")
-            .call::<_, Empty>(self, "netdev_del", &json!({ "id": netdev_id }))
+            .run(self, &netdev_del(netdev_id))
             .await
             .map(drop)
     }
@@ -616,9 +752,11 @@ impl Client {
     #[doc(alias = "SetNICLink")]
     #[doc(alias = "set_link")]
     pub async fn set_nic_link(&self, id: &str, connected: bool) -> Result<()> {
-        self.call::<_, Empty>("set_link", &json!({"name": id, "up": connected}))
-            .await
-            .map(drop)
+        let set_link = c::SetLink {
+            name: id.into(),
+            up: connected,
+        };
+        self.run(&set_link).await.map(drop)
     }
 
     /// Adds a QOM object such as a memory backend or an iothread
@@ -627,16 +765,14 @@ impl Client {
     #[doc(alias = "AddObject")]
     #[doc(alias = "object-add")]
     pub async fn add_object(&self, object: &ObjectSpec) -> Result<()> {
-        self.call::<_, Empty>("object-add", object).await.map(drop)
+        self.call::<_, Empty>(c::ObjectAdd::NAME, object).await.map(drop)
     }
 
     /// Removes a QOM object (`object-del`). One still used by a device is
     /// an error for which [`Error::is_in_use`] is true; one that does not exist is a not-found error.
     #[doc(alias = "object-del")]
     pub async fn remove_object(&self, id: &str) -> Result<()> {
-        self.call::<_, Empty>("object-del", &json!({ "id": id }))
-            .await
-            .map(drop)
+        self.run(&c::ObjectDel { id: id.into() }).await.map(drop)
     }
 
     /// Adds a `secret` object holding `secret` (for disk encryption keys,
@@ -647,6 +783,8 @@ impl Client {
     /// keeps its current value: secrets are immutable in QEMU.
     #[doc(alias = "AddSecret")]
     pub async fn add_secret(&self, id: &str, secret: &str) -> Result<()> {
+        // Built by hand for the order of its members: the traffic log shows
+        // them as Go's does (qom-type, id, data, format).
         let object = ObjectSpec::new("secret", id)
             .prop("data", secret)
             .prop("format", "raw");
@@ -660,7 +798,7 @@ impl Client {
     #[doc(alias = "QueryPCI")]
     #[doc(alias = "query-pci")]
     pub async fn query_pci(&self) -> Result<Vec<PciBus>> {
-        self.call("query-pci", &()).await
+        self.run_as(&c::QueryPci, CallOptions::new()).await
     }
 
     /// True when a device with this id sits behind a PCI bridge or root
@@ -682,9 +820,20 @@ impl Client {
     }
 }
 
+/// `device_del` of the device `id`.
+fn device_del(id: &str) -> c::DeviceDel {
+    c::DeviceDel { id: id.into() }
+}
+
+/// `netdev_del` of the netdev `id`.
+fn netdev_del(id: &str) -> c::NetdevDel {
+    c::NetdevDel { id: id.into() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn unplug_news_follows_qemu_10s_events() {

@@ -114,7 +114,7 @@ impl Client {
     /// The fd sets and their files (`query-fdsets`).
     #[doc(alias = "query-fdsets")]
     pub async fn query_fdsets(&self) -> Result<Vec<FdsetInfo>> {
-        self.call("query-fdsets", &()).await
+        self.run_as(&c::QueryFdsets, CallOptions::new()).await
     }
 
     /// Removes the files named `name` by [`Client::send_file_with_fdset`]

@@ -37,10 +37,10 @@
 
 use std::time::Duration;
 
+use qmpkit_qapi::{commands as c, types as t};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
-use crate::client::{CallOptions, Client, Empty};
+use crate::client::{CallOptions, Client, Command};
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
 use crate::event::{BlockJobEvent, EventFilter, EventItem, EventStream, KnownEvent, Woken};
@@ -149,7 +149,7 @@ impl Client {
     /// Starts the job `id` with `command` and runs it to its end: completes
     /// it when it becomes ready, cancels it when the wait is given up
     /// (timeout, or the future dropped).
-    async fn run_job(&self, id: &str, command: &str, args: &Value, deadline: &Deadline) -> Result<()> {
+    async fn run_job<C: Command>(&self, id: &str, command: &C, deadline: &Deadline) -> Result<()> {
         let mut watch = self.watch_job(id);
         // Past the deadline already: nothing is sent, so nothing to clean up.
         let left = deadline.remaining()?;
@@ -158,10 +158,7 @@ impl Client {
         let mut guard = Abandon {
             client: Some((self.clone(), id.to_owned())),
         };
-        let result = match self
-            .call_with::<_, Empty>(command, args, CallOptions::new().timeout(left))
-            .await
-        {
+        let result = match self.run_with(command, CallOptions::new().timeout(left)).await {
             // The command may still reach QEMU and start the job: clean up
             // as for a job that was running.
             Err(e) if e.is_timeout() => Err(deadline.expired()),
@@ -202,7 +199,7 @@ impl Client {
 
     /// Every job QEMU knows, running or concluded (`query-jobs`).
     pub async fn query_jobs(&self) -> Result<Vec<JobInfo>> {
-        self.call("query-jobs", &()).await
+        self.run_as(&c::QueryJobs, CallOptions::new()).await
     }
 
     /// Merges the images from `top` down to just above `base` into `base`
@@ -226,14 +223,24 @@ impl Client {
         timeout: Duration,
     ) -> Result<()> {
         let deadline = Deadline::after(timeout, "block-commit");
-        let mut args = json!({"device": device, "job-id": device, "auto-dismiss": false});
-        if let Some(top) = top {
-            args["top-node"] = json!(top);
-        }
-        if let Some(base) = base {
-            args["base-node"] = json!(base);
-        }
-        self.run_job(device, "block-commit", &args, &deadline).await
+        #[allow(deprecated)] // `top` and `base` (file names) are left out for the node names
+        let commit = c::BlockCommit {
+            job_id: Some(device.into()),
+            device: device.into(),
+            base_node: base.map(Into::into),
+            base: None,
+            top_node: top.map(Into::into),
+            top: None,
+            backing_file: None,
+            backing_mask_protocol: None,
+            speed: None,
+            on_error: None,
+            filter_node_name: None,
+            auto_finalize: None,
+            // Kept until the wait has read how the job ended.
+            auto_dismiss: Some(false),
+        };
+        self.run_job(device, &commit, &deadline).await
     }
 
     /// Copies the node `device` to the node `target` (`blockdev-mirror`,
@@ -249,18 +256,30 @@ impl Client {
     #[doc(alias = "BlockDevMirror")]
     pub async fn block_dev_mirror(&self, device: &str, target: &str, timeout: Duration) -> Result<()> {
         let deadline = Deadline::after(timeout, "blockdev-mirror");
-        let mut args = json!({
-            "device": device, "target": target, "job-id": device,
-            "sync": "top", "auto-dismiss": false,
-        });
-        if deadline
+        // QEMUs before 3.0 have no copy mode (and copy in the background).
+        let copy_mode = deadline
             .schema(self)
             .await?
-            .has_argument("blockdev-mirror", "copy-mode")
-        {
-            args["copy-mode"] = json!("write-blocking");
-        }
-        self.run_job(device, "blockdev-mirror", &args, &deadline).await
+            .has_argument(c::BlockdevMirror::NAME, "copy-mode")
+            .then_some(t::MirrorCopyMode::WriteBlocking);
+        let mirror = c::BlockdevMirror {
+            job_id: Some(device.into()),
+            device: device.into(),
+            target: target.into(),
+            replaces: None,
+            sync: t::MirrorSyncMode::Top,
+            speed: None,
+            granularity: None,
+            buf_size: None,
+            on_source_error: None,
+            on_target_error: None,
+            filter_node_name: None,
+            copy_mode,
+            auto_finalize: None,
+            // Kept until the wait has read how the job ended.
+            auto_dismiss: Some(false),
+        };
+        self.run_job(device, &mirror, &deadline).await
     }
 
     /// Cancels the block job `id` (`block-job-cancel`) and waits until it
@@ -273,14 +292,14 @@ impl Client {
     pub async fn block_job_cancel(&self, id: &str, timeout: Duration) -> Result<()> {
         let deadline = Deadline::after(timeout, "block-job-cancel");
         let mut watch = self.watch_job(id);
-        if deadline.schema(self).await?.has_command("block-job-cancel") {
-            deadline
-                .call::<_, Empty>(self, "block-job-cancel", &json!({"device": id}))
-                .await?;
+        if deadline.schema(self).await?.has_command(c::BlockJobCancel::NAME) {
+            let cancel = c::BlockJobCancel {
+                device: id.into(),
+                force: None,
+            };
+            deadline.run(self, &cancel).await?;
         } else {
-            deadline
-                .call::<_, Empty>(self, "job-cancel", &json!({"id": id}))
-                .await?;
+            deadline.run(self, &c::JobCancel { id: id.into() }).await?;
         }
         watch.cancel_requested = true;
         watch.wait_end(OnReady::Wait, &deadline).await
@@ -343,14 +362,10 @@ async fn cleanup_within_margin(client: &Client, id: &str) {
 /// conclude, dismisses it.
 async fn cleanup(client: &Client, id: &str, deadline: &Deadline) {
     let mut watch = client.watch_job(id);
-    let _ = deadline
-        .call::<_, Empty>(client, "job-cancel", &json!({"id": id}))
-        .await;
+    let _ = deadline.run(client, &c::JobCancel { id: id.into() }).await;
     watch.cancel_requested = true;
     let _ = watch.wait_end(OnReady::Wait, deadline).await;
-    let _ = deadline
-        .call::<_, Empty>(client, "job-dismiss", &json!({"id": id}))
-        .await;
+    let _ = deadline.run(client, &c::JobDismiss { id: id.into() }).await;
 }
 
 impl JobWatch {
@@ -376,14 +391,14 @@ impl JobWatch {
     async fn complete(&mut self, deadline: &Deadline) -> Result<()> {
         self.completing = true;
         let client = &self.client;
-        if deadline.schema(client).await?.has_command("job-complete") {
-            deadline
-                .call::<_, Empty>(client, "job-complete", &json!({"id": self.id}))
-                .await?;
+        if deadline.schema(client).await?.has_command(c::JobComplete::NAME) {
+            let complete = c::JobComplete { id: self.id.clone() };
+            deadline.run(client, &complete).await?;
         } else {
-            deadline
-                .call::<_, Empty>(client, "block-job-complete", &json!({"device": self.id}))
-                .await?;
+            let complete = c::BlockJobComplete {
+                device: self.id.clone(),
+            };
+            deadline.run(client, &complete).await?;
         }
         Ok(())
     }
@@ -471,21 +486,20 @@ impl JobWatch {
 
     /// The job's status from `query-jobs`; `None` when it is not listed.
     async fn poll(&mut self, deadline: &Deadline) -> Result<Option<String>> {
-        let jobs: Vec<JobInfo> = deadline.call(&self.client, "query-jobs", &()).await?;
+        let jobs: Vec<JobInfo> = deadline.run_as(&self.client, &c::QueryJobs).await?;
         Ok(jobs.into_iter().find(|j| j.id == self.id).map(|j| j.status))
     }
 
     /// After `concluded`: reads the error and dismisses the job if it is still there.
     async fn finish(&mut self, deadline: &Deadline) -> Result<Outcome> {
-        let jobs: Vec<JobInfo> = deadline.call(&self.client, "query-jobs", &()).await?;
+        let jobs: Vec<JobInfo> = deadline.run_as(&self.client, &c::QueryJobs).await?;
         // BLOCK_JOB_COMPLETED with an error: the job failed by itself.
         let failed_event = self.event_error.take();
         let error = match jobs.into_iter().find(|j| j.id == self.id) {
             Some(job) => {
                 if job.status == "concluded" {
-                    deadline
-                        .call::<_, Value>(&self.client, "job-dismiss", &json!({"id": self.id}))
-                        .await?;
+                    let dismiss = c::JobDismiss { id: self.id.clone() };
+                    deadline.run(&self.client, &dismiss).await?;
                 }
                 job.error.or_else(|| failed_event.clone())
             }

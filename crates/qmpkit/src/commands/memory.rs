@@ -18,7 +18,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::client::Client;
+use qmpkit_qapi::commands as c;
+
+use crate::client::{CallOptions, Client};
 use crate::error::Result;
 
 /// A memory backend (an entry of `query-memdev`).
@@ -149,7 +151,9 @@ impl Client {
     #[doc(alias = "GetMemorySizeBytes")]
     #[doc(alias = "query-memory-size-summary")]
     pub async fn memory_size_bytes(&self) -> Result<u64> {
-        let summary: MemorySizeSummary = self.call("query-memory-size-summary", &()).await?;
+        let summary: MemorySizeSummary = self
+            .run_as(&c::QueryMemorySizeSummary, CallOptions::new())
+            .await?;
         Ok(summary.base_memory)
     }
 
@@ -159,7 +163,7 @@ impl Client {
     #[doc(alias = "GetMemoryBalloonSizeBytes")]
     #[doc(alias = "query-balloon")]
     pub async fn memory_balloon_size_bytes(&self) -> Result<i64> {
-        let info: BalloonInfo = self.call("query-balloon", &()).await?;
+        let info: BalloonInfo = self.run_as(&c::QueryBalloon, CallOptions::new()).await?;
         Ok(info.actual)
     }
 
@@ -170,23 +174,21 @@ impl Client {
     #[doc(alias = "SetMemoryBalloonSizeBytes")]
     #[doc(alias = "balloon")]
     pub async fn set_memory_balloon_size_bytes(&self, bytes: i64) -> Result<()> {
-        self.run(&qmpkit_qapi::commands::Balloon { value: bytes })
-            .await
-            .map(drop)
+        self.run(&c::Balloon { value: bytes }).await.map(drop)
     }
 
     /// The memory backends (`query-memdev`).
     #[doc(alias = "GetMemdev")]
     #[doc(alias = "query-memdev")]
     pub async fn memdev(&self) -> Result<Vec<MemDev>> {
-        self.call("query-memdev", &()).await
+        self.run_as(&c::QueryMemdev, CallOptions::new()).await
     }
 
     /// The hotpluggable memory devices of every kind (`query-memory-devices`).
     #[doc(alias = "GetMemoryDevices")]
     #[doc(alias = "query-memory-devices")]
     pub async fn memory_devices(&self) -> Result<Vec<MemoryDevice>> {
-        self.call("query-memory-devices", &()).await
+        self.run_as(&c::QueryMemoryDevices, CallOptions::new()).await
     }
 
     /// The `pc-dimm` memory devices.
@@ -201,10 +203,7 @@ impl Client {
     #[doc(alias = "MemoryConfiguration")]
     pub async fn memory_configuration(&self) -> Result<MemoryConfig> {
         let m: MemorySizeConfiguration = self
-            .run_as(
-                &super::vm::qom_get("/machine", "memory"),
-                crate::CallOptions::new(),
-            )
+            .run_as(&super::vm::qom_get("/machine", "memory"), CallOptions::new())
             .await?;
         Ok(MemoryConfig {
             current: m.size,

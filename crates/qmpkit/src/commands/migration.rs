@@ -43,10 +43,10 @@
 
 use std::time::Duration;
 
+use qmpkit_qapi::{commands as c, types as t};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
-use crate::client::{Client, Empty};
+use crate::client::{CallOptions, Client, Command, Empty};
 use crate::commands::block::to_object;
 use crate::commands::Deadline;
 use crate::error::{Error, Result};
@@ -264,6 +264,13 @@ impl MigrationTuning {
     }
 }
 
+/// `migrate-set-capabilities` with capabilities by name, for those the
+/// generated [`t::MigrationCapability`] lacks.
+#[derive(Serialize)]
+struct Capabilities<'a> {
+    capabilities: Vec<Capability<'a>>,
+}
+
 #[derive(Serialize)]
 struct Capability<'a> {
     capability: &'a str,
@@ -287,15 +294,34 @@ impl Client {
         K: AsRef<str>,
     {
         let caps: Vec<(K, bool)> = capabilities.into_iter().collect();
-        let list: Vec<Capability<'_>> = caps
+        let typed: Option<Vec<t::MigrationCapabilityStatus>> = caps
             .iter()
-            .map(|(k, state)| Capability {
-                capability: k.as_ref(),
-                state: *state,
+            .map(|(k, state)| {
+                let capability = k.as_ref().parse().ok()?;
+                Some(t::MigrationCapabilityStatus {
+                    capability,
+                    state: *state,
+                })
             })
             .collect();
-        self.call::<_, Empty>("migrate-set-capabilities", &json!({ "capabilities": list }))
-            .await?;
+        match typed {
+            Some(capabilities) => {
+                self.run(&c::MigrateSetCapabilities { capabilities }).await?;
+            }
+            // A capability QEMU 10 does not have (one an older QEMU had, such
+            // as `block`, or one of a newer QEMU): sent by name as given.
+            None => {
+                let capabilities = caps
+                    .iter()
+                    .map(|(k, state)| Capability {
+                        capability: k.as_ref(),
+                        state: *state,
+                    })
+                    .collect();
+                self.call::<_, Empty>(c::MigrateSetCapabilities::NAME, &Capabilities { capabilities })
+                    .await?;
+            }
+        }
         Ok(())
     }
 
@@ -304,7 +330,8 @@ impl Client {
     #[doc(alias = "MigrateSetParameters")]
     pub async fn migrate_set_parameters(&self, parameters: &impl Serialize) -> Result<()> {
         let params = to_object(parameters, "migration parameters")?;
-        self.call::<_, Empty>("migrate-set-parameters", &params).await?;
+        self.call::<_, Empty>(c::MigrateSetParameters::NAME, &params)
+            .await?;
         Ok(())
     }
 
@@ -401,13 +428,13 @@ impl Client {
     /// ```
     pub async fn migrate_cancel(&self, timeout: Duration) -> Result<MigrationStatus> {
         let deadline = Deadline::after(timeout, "migrate_cancel");
-        deadline.call::<_, Empty>(self, "migrate_cancel", &()).await?;
-        let now: MigrationStatus = deadline.call(self, "query-migrate", &()).await?;
+        deadline.run(self, &c::MigrateCancel).await?;
+        let now: MigrationStatus = deadline.run_as(self, &c::QueryMigrate).await?;
         if now.status == "none" {
             return Ok(now);
         }
         match self.migrate_wait_until("cancelled", &deadline).await {
-            Ok(()) | Err(Error::MigrationFailed { .. }) => deadline.call(self, "query-migrate", &()).await,
+            Ok(()) | Err(Error::MigrationFailed { .. }) => deadline.run_as(self, &c::QueryMigrate).await,
             Err(e) => Err(e),
         }
     }
@@ -432,15 +459,21 @@ impl Client {
     #[doc(alias = "Migrate")]
     pub async fn migrate(&self, fd_name: &str) -> Result<()> {
         self.enable_migration_events().await?;
-        let args = self.fd_channel("migrate", fd_name, None).await?;
-        self.call::<_, Empty>("migrate", &args).await?;
+        let (uri, channels) = self.fd_channel(c::Migrate::NAME, fd_name, None).await?;
+        let migrate = c::Migrate {
+            uri,
+            channels,
+            detach: None,
+            resume: None,
+        };
+        self.run(&migrate).await?;
         Ok(())
     }
 
     /// The migration's state and statistics (`query-migrate`).
     #[doc(alias = "QueryMigrate")]
     pub async fn query_migrate(&self) -> Result<MigrationStatus> {
-        self.call("query-migrate", &()).await
+        self.run_as(&c::QueryMigrate, CallOptions::new()).await
     }
 
     /// Waits until the migration reaches `state` (for example `completed`,
@@ -461,8 +494,20 @@ impl Client {
     /// for example `pre-switchover`.
     #[doc(alias = "MigrateContinue")]
     pub async fn migrate_continue(&self, from_state: &str) -> Result<()> {
-        self.call::<_, Empty>("migrate-continue", &json!({ "state": from_state }))
-            .await?;
+        match from_state.parse() {
+            Ok(state) => {
+                self.run(&c::MigrateContinue { state }).await?;
+            }
+            // A state QEMU 10 does not have: sent as given, for QEMU to judge.
+            Err(_) => {
+                #[derive(Serialize)]
+                struct MigrateContinue<'a> {
+                    state: &'a str,
+                }
+                self.call::<_, Empty>(c::MigrateContinue::NAME, &MigrateContinue { state: from_state })
+                    .await?;
+            }
+        }
         Ok(())
     }
 
@@ -480,20 +525,29 @@ impl Client {
     pub async fn migrate_incoming(&self, fd_name: &str, timeout: Duration) -> Result<()> {
         let deadline = Deadline::after(timeout, "migrate-incoming");
         if !self.migration_events_on(Some(&deadline)).await? {
-            deadline
-                .call::<_, Empty>(self, "migrate-set-capabilities", &events_capability())
-                .await?;
+            deadline.run(self, &events_capability()).await?;
         }
-        let args = self
-            .fd_channel("migrate-incoming", fd_name, Some(&deadline))
+        let (uri, channels) = self
+            .fd_channel(c::MigrateIncoming::NAME, fd_name, Some(&deadline))
             .await?;
-        deadline.call::<_, Empty>(self, "migrate-incoming", &args).await?;
+        let incoming = c::MigrateIncoming {
+            uri,
+            channels,
+            exit_on_error: None,
+        };
+        deadline.run(self, &incoming).await?;
         self.migrate_wait_until("completed", &deadline).await
     }
 
-    /// The arguments naming an fd as the migration channel, in the form this
-    /// QEMU takes; the schema lookup within `deadline`, when given.
-    async fn fd_channel(&self, command: &str, fd_name: &str, deadline: Option<&Deadline>) -> Result<Value> {
+    /// The `uri` or `channels` argument naming an fd as the migration
+    /// channel, in the form this QEMU takes; the schema lookup within
+    /// `deadline`, when given.
+    async fn fd_channel(
+        &self,
+        command: &str,
+        fd_name: &str,
+        deadline: Option<&Deadline>,
+    ) -> Result<(Option<String>, Option<Vec<t::MigrationChannel>>)> {
         if fd_name.is_empty() {
             return Err(Error::InvalidRequest(format!(
                 "{command}: the fd name must not be empty"
@@ -504,12 +558,16 @@ impl Client {
             None => self.schema().await?,
         };
         Ok(if schema.has_argument(command, "channels") {
-            json!({"channels": [{
-                "channel-type": "main",
-                "addr": {"transport": "socket", "type": "fd", "str": fd_name},
-            }]})
+            let channel = t::MigrationChannel {
+                channel_type: t::MigrationChannelType::Main,
+                addr: t::MigrationAddress::Socket(t::SocketAddress::Fd(t::FdSocketAddress {
+                    str: fd_name.into(),
+                })),
+            };
+            (None, Some(vec![channel]))
         } else {
-            json!({ "uri": format!("fd:{fd_name}") })
+            // QEMUs before 8.2 take the channel as a URI only.
+            (Some(format!("fd:{fd_name}")), None)
         })
     }
 
@@ -517,8 +575,11 @@ impl Client {
     /// `deadline`, when given.
     async fn migration_events_on(&self, deadline: Option<&Deadline>) -> Result<bool> {
         let caps: Vec<CapabilityState> = match deadline {
-            Some(d) => d.call(self, "query-migrate-capabilities", &()).await?,
-            None => self.call("query-migrate-capabilities", &()).await?,
+            Some(d) => d.run_as(self, &c::QueryMigrateCapabilities).await?,
+            None => {
+                self.run_as(&c::QueryMigrateCapabilities, CallOptions::new())
+                    .await?
+            }
         };
         Ok(caps.iter().any(|c| c.capability == "events" && c.state))
     }
@@ -536,10 +597,7 @@ impl Client {
         let mut events = self.subscribe(EventFilter::names(["MIGRATION"]));
         let events_on = match self.migration_events_on(Some(deadline)).await? {
             true => true,
-            false => match deadline
-                .call::<_, Empty>(self, "migrate-set-capabilities", &events_capability())
-                .await
-            {
+            false => match deadline.run(self, &events_capability()).await {
                 Ok(_) => true,
                 Err(e) if e.is_timeout() => return Err(e),
                 // Cannot be changed while a migration runs; then poll instead.
@@ -547,7 +605,7 @@ impl Client {
             },
         };
         let poll_every = if events_on { SAFETY_POLL } else { FALLBACK_POLL };
-        let query = || deadline.call::<_, MigrationStatus>(self, "query-migrate", &());
+        let query = || deadline.run_as::<_, MigrationStatus>(self, &c::QueryMigrate);
 
         let mut status = query().await?.status;
         loop {
@@ -580,14 +638,20 @@ impl Client {
     }
 }
 
-/// The arguments of `migrate-set-capabilities` that turn `events` on.
-fn events_capability() -> Value {
-    json!({"capabilities": [Capability { capability: "events", state: true }]})
+/// The `migrate-set-capabilities` that turns `events` on.
+fn events_capability() -> c::MigrateSetCapabilities {
+    c::MigrateSetCapabilities {
+        capabilities: vec![t::MigrationCapabilityStatus {
+            capability: t::MigrationCapability::Events,
+            state: true,
+        }],
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn status_decodes_tolerantly() {

@@ -18,7 +18,7 @@ use qmpkit_qapi::{commands as c, types as t};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::client::Client;
+use crate::client::{CallOptions, Client};
 use crate::error::{Error, Result};
 
 /// The file format of [`Client::dump_guest_memory`]: the generated
@@ -125,7 +125,7 @@ impl Client {
     #[doc(alias = "QuerySpice")]
     #[doc(alias = "query-spice")]
     pub async fn query_spice(&self) -> Result<SpiceInfo> {
-        self.call("query-spice", &()).await
+        self.run_as(&c::QuerySpice, CallOptions::new()).await
     }
 
     /// Ok when this QEMU has the device type `typename`
@@ -158,7 +158,7 @@ impl Client {
     #[doc(alias = "SEVCapabilities")]
     #[doc(alias = "query-sev-capabilities")]
     pub async fn sev_capabilities(&self) -> Result<AmdSevCapabilities> {
-        self.call("query-sev-capabilities", &()).await
+        self.run_as(&c::QuerySevCapabilities, CallOptions::new()).await
     }
 }
 

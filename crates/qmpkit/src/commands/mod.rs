@@ -40,10 +40,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::client::{CallOptions, Client};
+use crate::client::{CallOptions, Client, Command};
 use crate::error::{Error, Result};
 use crate::schema::Schema;
 
@@ -104,16 +103,23 @@ impl Deadline {
         }
     }
 
-    /// Runs a command with what is left of the deadline as its budget.
-    /// Nothing is sent once the deadline has passed.
-    pub(crate) async fn call<A, R>(&self, client: &Client, name: &str, args: &A) -> Result<R>
-    where
-        A: Serialize + ?Sized,
-        R: DeserializeOwned,
-    {
+    /// Runs a generated command with what is left of the deadline as its
+    /// budget, unchecked like the typed operations' other commands. Nothing
+    /// is sent once the deadline has passed.
+    pub(crate) async fn run<C: Command>(&self, client: &Client, command: &C) -> Result<C::Returns> {
+        self.run_as(client, command).await
+    }
+
+    /// [`Deadline::run`] with the reply decoded into a type of the
+    /// operation's own.
+    pub(crate) async fn run_as<C: Command, R: DeserializeOwned>(
+        &self,
+        client: &Client,
+        command: &C,
+    ) -> Result<R> {
         let left = self.remaining()?;
         client
-            .call_with(name, args, CallOptions::new().timeout(left))
+            .run_as(command, CallOptions::new().timeout(left))
             .await
             // Its budget was the rest of this wait: its timeout is the wait's.
             .map_err(|e| if e.is_timeout() { self.expired() } else { e })

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use qmpkit_qapi::{commands as c, types as t};
 use serde::Deserialize;
 
-use crate::client::Client;
+use crate::client::{CallOptions, Client};
 use crate::error::{Error, Result};
 
 /// An export of QEMU's block export server (`query-block-exports`).
@@ -130,7 +130,7 @@ impl Client {
     /// Every block export, of any type (`query-block-exports`).
     #[doc(alias = "QueryBlockExports")]
     pub async fn query_block_exports(&self) -> Result<Vec<BlockExport>> {
-        self.call("query-block-exports", &()).await
+        self.run_as(&c::QueryBlockExports, CallOptions::new()).await
     }
 
     /// The NBD exports only.

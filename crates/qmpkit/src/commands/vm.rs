@@ -15,11 +15,11 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use qmpkit_qapi::commands as c;
+use qmpkit_qapi::{commands as c, types as t};
 
-use crate::client::{CallOptions, Client, Empty};
+use crate::client::{CallOptions, Client, Command, Empty};
 use crate::error::{Error, Result};
 
 /// The VM's run state, as `query-status` reports it. States QEMU may add
@@ -143,8 +143,8 @@ impl Serialize for RunState {
 
 /// The reply to `query-status`.
 #[derive(Debug, Clone, Deserialize)]
-struct StatusInfo {
-    status: RunState,
+pub(crate) struct StatusInfo {
+    pub(crate) status: RunState,
 }
 
 /// What QEMU does when the guest reboots (`set-action` `reboot`).
@@ -235,9 +235,84 @@ pub struct Actions {
     pub watchdog: Option<WatchdogAction>,
 }
 
+impl From<RebootAction> for t::RebootAction {
+    /// The generated enum's value of the same name.
+    fn from(action: RebootAction) -> Self {
+        match action {
+            RebootAction::Reset => t::RebootAction::Reset,
+            RebootAction::Shutdown => t::RebootAction::Shutdown,
+        }
+    }
+}
+
+impl From<ShutdownAction> for t::ShutdownAction {
+    /// The generated enum's value of the same name.
+    fn from(action: ShutdownAction) -> Self {
+        match action {
+            ShutdownAction::Poweroff => t::ShutdownAction::Poweroff,
+            ShutdownAction::Pause => t::ShutdownAction::Pause,
+        }
+    }
+}
+
+impl From<PanicAction> for t::PanicAction {
+    /// The generated enum's value of the same name.
+    fn from(action: PanicAction) -> Self {
+        match action {
+            PanicAction::Pause => t::PanicAction::Pause,
+            PanicAction::Shutdown => t::PanicAction::Shutdown,
+            PanicAction::None => t::PanicAction::None,
+            PanicAction::ExitFailure => t::PanicAction::ExitFailure,
+        }
+    }
+}
+
+impl From<WatchdogAction> for t::WatchdogAction {
+    /// The generated enum's value of the same name.
+    fn from(action: WatchdogAction) -> Self {
+        match action {
+            WatchdogAction::Reset => t::WatchdogAction::Reset,
+            WatchdogAction::Shutdown => t::WatchdogAction::Shutdown,
+            WatchdogAction::Poweroff => t::WatchdogAction::Poweroff,
+            WatchdogAction::Pause => t::WatchdogAction::Pause,
+            WatchdogAction::Debug => t::WatchdogAction::Debug,
+            WatchdogAction::None => t::WatchdogAction::None,
+            WatchdogAction::InjectNmi => t::WatchdogAction::InjectNmi,
+        }
+    }
+}
+
+impl From<&Actions> for c::SetAction {
+    /// The generated `set-action` with the same members.
+    fn from(actions: &Actions) -> Self {
+        c::SetAction {
+            reboot: actions.reboot.map(Into::into),
+            shutdown: actions.shutdown.map(Into::into),
+            panic: actions.panic.map(Into::into),
+            watchdog: actions.watchdog.map(Into::into),
+        }
+    }
+}
+
 /// One action of a [`Client::run_transaction`]: a command name QEMU allows in
 /// a transaction (`block-dirty-bitmap-add`, `blockdev-snapshot`, ...) and its
 /// arguments.
+///
+/// Loose on purpose, so that any action of any QEMU can be named; any
+/// generated [`t::TransactionAction`] converts into one (`From`), with its
+/// members checked by the compiler:
+///
+/// ```
+/// use qmpkit::commands::vm::TransactionAction;
+/// use qmpkit::qapi::types as t;
+/// let snapshot = TransactionAction::from(t::TransactionAction::BlockdevSnapshot(
+///     t::BlockdevSnapshotWrapper {
+///         data: t::BlockdevSnapshot { node: "disk0".into(), overlay: "disk0-snap".into() },
+///     },
+/// ));
+/// assert_eq!(snapshot.kind, "blockdev-snapshot");
+/// assert_eq!(snapshot.data, serde_json::json!({"node": "disk0", "overlay": "disk0-snap"}));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TransactionAction {
     /// The action's type (the command's name).
@@ -272,12 +347,35 @@ impl TransactionAction {
     }
 }
 
+impl From<t::TransactionAction> for TransactionAction {
+    /// The loose form of a generated action: the same type and arguments.
+    fn from(action: t::TransactionAction) -> Self {
+        // A generated union serialises to {"type": .., "data": {..}}, which
+        // cannot fail (string keys only).
+        let (kind, data) = match serde_json::to_value(&action) {
+            Ok(Value::Object(mut members)) => (members.remove("type"), members.remove("data")),
+            Ok(_) | Err(_) => (None, None),
+        };
+        match (kind, data) {
+            (Some(Value::String(kind)), Some(data)) if data.is_object() => TransactionAction { kind, data },
+            _ => unreachable!("a generated transaction action serialises to a type and its data"),
+        }
+    }
+}
+
+/// The arguments of `transaction`: the generated command's `actions`, in
+/// their loose form (any action of any QEMU).
+#[derive(Serialize)]
+struct TransactionArgs<'a> {
+    actions: &'a [TransactionAction],
+}
+
 impl Client {
     /// The VM's run state (`query-status`).
     #[doc(alias = "Status")]
     #[doc(alias = "query-status")]
     pub async fn status(&self) -> Result<RunState> {
-        let info: StatusInfo = self.call("query-status", &()).await?;
+        let info: StatusInfo = self.run_as(&c::QueryStatus, CallOptions::new()).await?;
         Ok(info.status)
     }
 
@@ -335,7 +433,7 @@ impl Client {
     #[doc(alias = "SetAction")]
     #[doc(alias = "set-action")]
     pub async fn set_action(&self, actions: &Actions) -> Result<()> {
-        self.call::<_, Empty>("set-action", actions).await.map(drop)
+        self.run(&c::SetAction::from(actions)).await.map(drop)
     }
 
     /// The name of the running machine type, such as `pc-q35-10.0` (never
@@ -365,10 +463,31 @@ impl Client {
     /// ]).await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// The same with the generated actions:
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmpkit::Client) -> qmpkit::Result<()> {
+    /// use qmpkit::qapi::types as t;
+    /// let bitmap = |node: &str| {
+    ///     t::TransactionAction::BlockDirtyBitmapAdd(t::BlockDirtyBitmapAddWrapper {
+    ///         data: t::BlockDirtyBitmapAdd {
+    ///             node: node.into(),
+    ///             name: "a".into(),
+    ///             granularity: None,
+    ///             persistent: None,
+    ///             disabled: None,
+    ///         },
+    ///     })
+    ///     .into()
+    /// };
+    /// client.run_transaction(&[bitmap("disk0"), bitmap("disk1")]).await?;
+    /// # Ok(()) }
+    /// ```
     #[doc(alias = "RunTransaction")]
     #[doc(alias = "transaction")]
     pub async fn run_transaction(&self, actions: &[TransactionAction]) -> Result<()> {
-        self.call::<_, Empty>("transaction", &json!({ "actions": actions }))
+        self.call::<_, Empty>(c::Transaction::NAME, &TransactionArgs { actions })
             .await
             .map(drop)
     }
@@ -385,6 +504,7 @@ pub(crate) fn qom_get(path: &str, property: &str) -> c::QomGet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn run_state_round_trips_and_keeps_unknown_names() {

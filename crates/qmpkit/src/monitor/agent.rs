@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
+use qmpkit_qapi::{commands as c, types as t};
 use tokio::sync::{Mutex, Notify};
 
 use crate::client::{CallOptions, Client};
@@ -110,13 +110,6 @@ pub(crate) struct Agent {
     pub queued: Notify,
 }
 
-#[derive(Serialize)]
-struct RingbufRead<'a> {
-    device: &'a str,
-    size: usize,
-    format: &'static str,
-}
-
 impl Agent {
     /// A watcher of `chardev`; `started` is what the caller knows of the
     /// agent from before the monitor (see [`super::MonitorOptions::agent_started`]).
@@ -192,13 +185,14 @@ impl Agent {
     pub(crate) async fn check(&self, client: &Client) -> Result<bool> {
         let mut lines = self.lines.lock().await;
         for _ in 0..MAX_READS_PER_CHECK {
-            let args = RingbufRead {
-                device: &self.chardev,
-                size: self.read_size,
-                format: "base64",
+            let read = c::RingbufRead {
+                device: self.chardev.clone(),
+                // A size beyond QEMU's integers is refused by QEMU either way.
+                size: i64::try_from(self.read_size).unwrap_or(i64::MAX),
+                format: Some(t::DataFormat::Base64),
             };
-            let text: String = client
-                .call_with("ringbuf-read", &args, CallOptions::new().unlogged())
+            let text = client
+                .run_with(&read, CallOptions::new().unlogged())
                 .await
                 .map_err(|e| ringbuf_error(&self.chardev, e))?;
             let bytes = decode_base64(&text).ok_or_else(|| {

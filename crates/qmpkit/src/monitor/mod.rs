@@ -67,7 +67,7 @@ use std::sync::{Arc, Mutex, Weak};
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::client::{Client, Empty};
+use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventFilter, Timestamp};
 
@@ -442,7 +442,7 @@ impl Monitor {
     /// announcement is withdrawn if the command fails (the Go `Reset`).
     pub async fn reset(&self) -> Result<()> {
         self.expect_reset();
-        match self.inner.client.call::<_, Empty>("system_reset", &()).await {
+        match self.inner.client.run(&qmpkit_qapi::commands::SystemReset).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.inner.expecting_reset.store(false, Ordering::Release);

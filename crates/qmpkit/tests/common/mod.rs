@@ -38,6 +38,13 @@ pub struct Vm {
     log: PathBuf,
 }
 
+impl Vm {
+    /// The client's traffic log: every request sent, reply and event.
+    pub fn traffic_log(&self) -> &std::path::Path {
+        &self.log
+    }
+}
+
 impl std::ops::Deref for Vm {
     type Target = Qemu;
     fn deref(&self) -> &Qemu {
