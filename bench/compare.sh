@@ -20,7 +20,7 @@ CARGO_TARGET_DIR=$floor_target cargo build -q --release --manifest-path "$shared
 cargo build -q --release -p qmpctl --manifest-path "$root/Cargo.toml"
 raw=$floor_target/release/raw
 fakeqmp=$floor_target/release/fakeqmp
-qmpctl=$root/target/release/qmpctl
+qmpctl=${CARGO_TARGET_DIR:-$root/target}/release/qmpctl
 
 work=$(mktemp -d)
 pids=()
@@ -72,6 +72,26 @@ row fakeqmp "$work/fake.sock" "$N" 64 "" --no-oob
 row "fakeqmp (oob, ≤8 queued)" "$work/fake.sock" "$N" 64 "OOB=1" ""
 row "QEMU $(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')" "$work/qemu.sock" "$QEMU_N" 1 "OOB=1" ""
 row "QEMU (oob)" "$work/qemu.sock" "$QEMU_N" 8 "OOB=1" ""
+
+# Two qmpkit variants against each other, interleaved in one run: the
+# figure is the ratio of their medians (issue #16: tokio's default
+# multi-thread runtime within 1.25 x the one-thread one; the Monitor's
+# command path adds nothing measurable to the bare client's).
+pair() { # label depth flags-a flags-b
+    local label=$1 depth=$2 fa=$3 fb=$4 a=() b=()
+    for _ in $(seq "$ROUNDS"); do
+        a+=("$("$qmpctl" --socket "$work/fake.sock" --json bench --count "$N" --depth "$depth" --no-oob $fa | field us_per_cmd)")
+        b+=("$("$qmpctl" --socket "$work/fake.sock" --json bench --count "$N" --depth "$depth" --no-oob $fb | field us_per_cmd)")
+    done
+    local am bm
+    am=$(printf '%s\n' "${a[@]}" | median)
+    bm=$(printf '%s\n' "${b[@]}" | median)
+    printf '| %s | %s | %s | %s | %.2f |\n' "$label" "$depth" "$am" "$bm" "$(awk "BEGIN {print $bm / $am}")"
+}
+printf '\n| fakeqmp, qmpkit against itself | depth | µs/cmd | µs/cmd | ratio |\n| --- | --- | --- | --- | --- |\n'
+for d in 1 8 64; do pair "one-thread runtime, then tokio's default multi-thread" "$d" "" "--multi-thread"; done
+for d in 1 64; do pair "bare Client, then Monitor" "$d" "" "--monitor"; done
+for d in 1 8 64; do pair "multi-thread: bare Client, then Monitor" "$d" "--multi-thread" "--multi-thread --monitor"; done
 
 # A typed call against the raw call it wraps (issue: typed costs no more).
 t=(); r=()

@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// Do not negotiate the `oob` capability.
     #[arg(long)]
     pub no_oob: bool,
+    /// Send the commands through a [`qmpkit::monitor::Monitor`] (the
+    /// Incus-compatible layer, with an event handler, as Incus runs it)
+    /// instead of a bare `Client`, to compare the two command paths.
+    #[arg(long)]
+    pub monitor: bool,
     /// Instead, hold N monitors (agent polling on) at once, connected to a
     /// fake QMP server in another process, and report memory per monitor,
     /// CPU while idle, and the time of one command on all of them at once.
@@ -144,12 +149,29 @@ impl Figure {
 }
 
 async fn measure(socket: PathBuf, args: BenchArgs) -> anyhow::Result<Figure> {
-    let address = crate::conn::address_of(&socket)?;
-    let client = qmpkit::ConnectOptions::new()
-        .oob(!args.no_oob)
-        .connect_to(address)
-        .await
-        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let options = qmpkit::ConnectOptions::new().oob(!args.no_oob);
+    // The monitor is kept until the end; its commands are its client's
+    // (`Monitor` derefs to `Client`), so what it may add is its event task
+    // and subscription.
+    let (client, _monitor) = if args.monitor {
+        let mon = qmpkit::monitor::MonitorRegistry::new()
+            .connect(
+                &socket,
+                qmpkit::monitor::MonitorOptions::new()
+                    .connect_options(options)
+                    .event_handler(|_monitor, _event| {}),
+            )
+            .await
+            .with_context(|| format!("cannot connect a monitor to {}", socket.display()))?;
+        (mon.client().clone(), Some(mon))
+    } else {
+        let address = crate::conn::address_of(&socket)?;
+        let client = options
+            .connect_to(address)
+            .await
+            .with_context(|| format!("cannot connect to {}", socket.display()))?;
+        (client, None)
+    };
     if let Some(k) = args.events {
         return measure_events(client, k).await;
     }

@@ -10,10 +10,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::connection::transport::Transport;
-use crate::connection::{Address, ConnectOptions, Outgoing, Reply, Shared, ToDriver};
+use crate::connection::{Address, ConnectOptions, Outgoing, Reply, Sender, Shared};
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream};
 use crate::schema::Schema;
@@ -204,7 +204,7 @@ impl sealed::Sealed for tokio::net::UnixStream {
 
 struct Inner {
     // Dropping the last handle drops this sender, which ends the task.
-    tx: mpsc::UnboundedSender<ToDriver>,
+    tx: Sender,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     /// Where the client connected, when known (not for a stream given to
@@ -248,11 +248,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    pub(crate) fn new(
-        tx: mpsc::UnboundedSender<ToDriver>,
-        shared: Arc<Shared>,
-        address: Option<Address>,
-    ) -> Self {
+    pub(crate) fn new(tx: Sender, shared: Arc<Shared>, address: Option<Address>) -> Self {
         Client {
             inner: Arc::new(Inner {
                 tx,
@@ -473,7 +469,7 @@ impl Client {
     /// Closes the connection: pending commands fail with
     /// [`Error::Disconnected`], later ones fail at once, event streams end.
     pub fn disconnect(&self) {
-        let _ = self.inner.tx.send(ToDriver::Disconnect);
+        self.inner.tx.disconnect();
     }
 
     /// Returns a fresh id from the connection's counter (Incus's `qmp` package's
@@ -563,8 +559,8 @@ impl Client {
         // Go logs what goes through its RunJSON, and fd passing does not.
         let log = !options.no_log && options.fds.is_empty() && !shared.config.log_excludes(&name);
         let (reply, rx) = oneshot::channel();
-        // Boxed: the channel's slots stay one pointer wide, which keeps an
-        // idle connection small.
+        // Boxed: the queues hold one pointer per request, which keeps an
+        // idle connection's queues small.
         let out = Box::new(Outgoing {
             id,
             name,
@@ -576,9 +572,7 @@ impl Client {
             deadline: None,
             reply,
         });
-        if let Err(mpsc::error::SendError(ToDriver::Command(out))) =
-            self.inner.tx.send(ToDriver::Command(out))
-        {
+        if let Err(out) = self.inner.tx.send(out) {
             drop(out);
             return Err(self.close_reason());
         }

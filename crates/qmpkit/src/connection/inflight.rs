@@ -113,6 +113,77 @@ impl<S: Slot> Pending<S> {
     }
 }
 
+/// Commands written and unanswered, by id: one held inline, the rest in a
+/// map. A connection with at most one command in flight at a time (the
+/// usual case, and every idle one) never allocates the map, and finds its
+/// one command without hashing.
+pub(crate) struct PendingMap<V> {
+    one: Option<(u64, V)>,
+    more: FxHashMap<u64, V>,
+}
+
+impl<V> Default for PendingMap<V> {
+    fn default() -> Self {
+        PendingMap {
+            one: None,
+            more: FxHashMap::default(),
+        }
+    }
+}
+
+impl<V> PendingMap<V> {
+    /// Adds `value` under `id`, which is not in the map (ids are never reused).
+    fn insert(&mut self, id: u64, value: V) {
+        if self.one.is_none() {
+            self.one = Some((id, value));
+        } else {
+            self.more.insert(id, value);
+        }
+    }
+
+    fn get(&self, id: &u64) -> Option<&V> {
+        match &self.one {
+            Some((k, v)) if k == id => Some(v),
+            _ => self.more.get(id),
+        }
+    }
+
+    fn contains_key(&self, id: &u64) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<V> {
+        if self.one.as_ref().is_some_and(|(k, _)| k == id) {
+            return self.one.take().map(|(_, v)| v);
+        }
+        if self.more.is_empty() {
+            return None;
+        }
+        self.more.remove(id)
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.one.is_some()) + self.more.len()
+    }
+
+    /// Some id in the map (the only one, when there is one).
+    fn first_id(&self) -> Option<u64> {
+        match &self.one {
+            Some((k, _)) => Some(*k),
+            None => self.more.keys().next().copied(),
+        }
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut V)> {
+        let one = self.one.as_mut().map(|(k, v)| (*k, v));
+        one.into_iter().chain(self.more.iter_mut().map(|(k, v)| (*k, v)))
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (u64, V)> + '_ {
+        self.one.take().into_iter().chain(self.more.drain())
+    }
+}
+
 /// What [`InFlight::fill`] put in the write buffer needs besides its bytes.
 #[derive(Default)]
 pub(crate) struct Filled {
@@ -132,7 +203,7 @@ pub(crate) struct InFlight<S> {
     /// The budget of a probe.
     probe_budget: Duration,
     /// Written and unanswered, by id.
-    pending: FxHashMap<u64, Pending<S>>,
+    pending: PendingMap<Pending<S>>,
     /// In-band ids written and unanswered (or at least not known lost), oldest first.
     inband: VecDeque<u64>,
     /// Requests not written yet.
@@ -160,7 +231,7 @@ impl<S> InFlight<S> {
             oob,
             in_order,
             probe_budget,
-            pending: FxHashMap::default(),
+            pending: PendingMap::default(),
             inband: VecDeque::new(),
             queue: VecDeque::new(),
             oob_queue: VecDeque::new(),
@@ -404,7 +475,7 @@ impl<S: Slot> InFlight<S> {
     /// strictly in order) the oldest one.
     pub(crate) fn owner_of_idless_error(&self) -> Option<u64> {
         if self.pending.len() == 1 {
-            return self.pending.keys().next().copied();
+            return self.pending.first_id();
         }
         if !self.oob && !self.lost_track {
             return self.inband.front().copied();
@@ -443,7 +514,7 @@ impl<S: Slot> InFlight<S> {
             }
         }
         let mut newly_abandoned = Vec::new();
-        for (&id, p) in &mut self.pending {
+        for (id, p) in self.pending.iter_mut() {
             let Some(d) = p.deadline else { continue };
             if p.reply.is_none() && self.probe != Some(id) {
                 continue;
@@ -620,6 +691,30 @@ mod tests {
         let at = batch.find("\"execute\":\"query-version\",\"id\":")?;
         let rest = &batch[at + 31..];
         rest[..rest.find('}').unwrap()].parse().ok()
+    }
+
+    #[test]
+    fn the_pending_map_finds_every_command_inline_or_not() {
+        let mut map = PendingMap::default();
+        assert_eq!((map.len(), map.first_id()), (0, None));
+        for id in [5, 7, 9] {
+            map.insert(id, id * 10);
+        }
+        assert_eq!(map.len(), 3);
+        assert!([5, 7, 9].iter().all(|id| map.get(id) == Some(&(id * 10))));
+        assert_eq!(map.remove(&5), Some(50), "the inline one");
+        assert_eq!(map.remove(&5), None);
+        // The inline slot is free again and takes the next one.
+        map.insert(11, 110);
+        let mut seen: Vec<_> = map.iter_mut().map(|(id, v)| (id, *v)).collect();
+        seen.sort();
+        assert_eq!(seen, [(7, 70), (9, 90), (11, 110)]);
+        assert_eq!(map.remove(&9), Some(90));
+        assert!(!map.contains_key(&9) && map.contains_key(&7));
+        let mut drained: Vec<_> = map.drain().collect();
+        drained.sort();
+        assert_eq!(drained, [(7, 70), (11, 110)]);
+        assert_eq!(map.len(), 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod driver;
 mod handshake;
 mod inflight;
 mod listener;
+mod requests;
 mod socket;
 #[cfg(feature = "traffic-log")]
 pub(crate) mod traffic_log;
@@ -18,15 +19,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
 
 pub use address::Address;
-pub(crate) use driver::{Outgoing, Reply, ToDriver};
+pub(crate) use driver::{Outgoing, Reply};
 pub use listener::Listener;
+pub(crate) use requests::Sender;
 /// The long-path-aware Unix connect, for the guest agent.
 pub(crate) use socket::connect as connect_unix;
 use transport::Transport;
@@ -45,6 +47,8 @@ pub(crate) struct Shared {
     /// `None` when file descriptors can be passed; otherwise the kind of
     /// stream that cannot pass them, for the error.
     pub no_fd_passing: Option<&'static str>,
+    /// Requests on their way from the callers to the task.
+    pub requests: requests::Requests,
 }
 
 /// The default size limit of one message from QEMU: 64 MiB.
@@ -248,10 +252,7 @@ impl ConnectOptions {
     /// Connects to `address`, negotiates capabilities and starts the
     /// connection's task: everything [`ConnectOptions::connect_to`] does but
     /// making the handle.
-    pub(crate) async fn open(
-        &self,
-        address: &Address,
-    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+    pub(crate) async fn open(&self, address: &Address) -> Result<(Sender, Arc<Shared>)> {
         let peer = address.to_string();
         let open = self.open_over(&peer, Some(address), Transport::connect(address));
         crate::diag::in_connect_span(address, open).await
@@ -267,7 +268,7 @@ impl ConnectOptions {
         peer: &str,
         address: Option<&Address>,
         connect: impl std::future::Future<Output = Result<Transport>>,
-    ) -> Result<(mpsc::UnboundedSender<ToDriver>, Arc<Shared>)> {
+    ) -> Result<(Sender, Arc<Shared>)> {
         let started = std::time::Instant::now();
         let budget = self.handshake_timeout;
         let mut connected = false;
@@ -313,6 +314,7 @@ impl ConnectOptions {
             close_reason: OnceLock::new(),
             last_shutdown: Mutex::new(None),
             no_fd_passing,
+            requests: Default::default(),
         });
         crate::diag::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
