@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 use crate::error::Error;
 pub use crate::wire::Timestamp;
@@ -411,7 +410,7 @@ pub enum EventItem {
 /// Dropping it unsubscribes. It ends (returns `None`) when the connection
 /// closes and everything queued has been read.
 pub struct EventStream {
-    rx: mpsc::Receiver<EventItem>,
+    rx: queue::Receiver,
     drops: Arc<Drops>,
 }
 
@@ -516,8 +515,8 @@ impl EventStream {
         // (taking the unreported drops) since the look above.
         let closed = match self.rx.try_recv() {
             Ok(item) => return Now::Item(item),
-            Err(mpsc::error::TryRecvError::Empty) => false,
-            Err(mpsc::error::TryRecvError::Disconnected) => true,
+            Err(queue::TryRecvError::Empty) => false,
+            Err(queue::TryRecvError::Disconnected) => true,
         };
         match std::mem::take(&mut *unreported) {
             0 if closed => Now::Closed,
@@ -627,7 +626,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The connection's side of one subscription.
 struct Subscriber {
-    tx: mpsc::Sender<EventItem>,
+    tx: queue::Sender,
     filter: EventFilter,
     drops: Arc<Drops>,
     /// Set when this side may have left drops unreported. Until it finds them
@@ -638,7 +637,7 @@ struct Subscriber {
 impl Subscriber {
     /// Hands over an event without waiting. False when the subscriber is gone.
     fn offer(&mut self, ev: &Event) -> bool {
-        use mpsc::error::TrySendError;
+        use queue::TrySendError;
         if !self.filter.matches(ev.name()) {
             return !self.tx.is_closed();
         }
@@ -646,7 +645,7 @@ impl Subscriber {
         if !self.behind {
             match self.tx.try_send(item) {
                 Ok(()) => return true,
-                Err(TrySendError::Closed(_)) => return false,
+                Err(TrySendError::Closed) => return false,
                 // Full a moment ago; the stream may have read since, so the
                 // drop is decided under the lock (see Drops::unreported).
                 Err(TrySendError::Full(back)) => item = back,
@@ -662,7 +661,7 @@ impl Subscriber {
                     self.behind = true;
                     return true;
                 }
-                Err(TrySendError::Closed(_)) => return false,
+                Err(TrySendError::Closed) => return false,
             }
         }
         match self.tx.try_send(item) {
@@ -677,7 +676,7 @@ impl Subscriber {
                 self.behind = true;
                 true
             }
-            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Closed) => false,
         }
     }
 }
@@ -763,7 +762,7 @@ impl Subscribers {
     /// not fit the backlog.
     pub(crate) fn subscribe(&self, filter: EventFilter) -> EventStream {
         let capacity = filter.capacity.unwrap_or(DEFAULT_EVENT_QUEUE);
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = queue::channel(capacity);
         let drops = Arc::new(Drops::default());
         let mut sub = Subscriber {
             tx,
@@ -811,6 +810,151 @@ impl Subscribers {
         let mut inner = lock(&self.inner);
         inner.closed = true;
         inner.list.clear();
+    }
+}
+
+/// A subscription's bounded queue. Unlike tokio's bounded channel, which
+/// allocates a block of slots and a padded header for every subscription,
+/// it holds nothing until an event is queued: most subscriptions (a
+/// Monitor's, a wait's) are idle most of the time, and a process may hold
+/// tens of thousands of them.
+mod queue {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use super::{lock, EventItem};
+
+    struct Shared {
+        state: Mutex<State>,
+        capacity: usize,
+    }
+
+    #[derive(Default)]
+    struct State {
+        items: VecDeque<EventItem>,
+        /// The receiver's waker, while it waits.
+        waker: Option<Waker>,
+        sender_gone: bool,
+        receiver_gone: bool,
+    }
+
+    /// Why [`Sender::try_send`] did not queue the item (a full queue gives it back).
+    pub(super) enum TrySendError {
+        Full(EventItem),
+        Closed,
+    }
+
+    /// Why [`Receiver::try_recv`] gave nothing.
+    pub(super) enum TryRecvError {
+        Empty,
+        Disconnected,
+    }
+
+    /// The connection's end.
+    pub(super) struct Sender(Arc<Shared>);
+
+    /// The subscriber's end.
+    pub(super) struct Receiver(Arc<Shared>);
+
+    /// A queue of at most `capacity` items.
+    pub(super) fn channel(capacity: usize) -> (Sender, Receiver) {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            capacity: capacity.max(1),
+        });
+        (Sender(shared.clone()), Receiver(shared))
+    }
+
+    impl Sender {
+        pub(super) fn try_send(&self, item: EventItem) -> Result<(), TrySendError> {
+            let mut state = lock(&self.0.state);
+            if state.receiver_gone {
+                return Err(TrySendError::Closed);
+            }
+            if state.items.len() >= self.0.capacity {
+                return Err(TrySendError::Full(item));
+            }
+            state.items.push_back(item);
+            let waker = state.waker.take();
+            drop(state);
+            if let Some(w) = waker {
+                w.wake();
+            }
+            Ok(())
+        }
+
+        pub(super) fn is_closed(&self) -> bool {
+            lock(&self.0.state).receiver_gone
+        }
+    }
+
+    impl Drop for Sender {
+        fn drop(&mut self) {
+            let mut state = lock(&self.0.state);
+            state.sender_gone = true;
+            let waker = state.waker.take();
+            drop(state);
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
+    impl Receiver {
+        pub(super) fn try_recv(&mut self) -> Result<EventItem, TryRecvError> {
+            let mut state = lock(&self.0.state);
+            match state.items.pop_front() {
+                Some(item) => Ok(item),
+                None if state.sender_gone => Err(TryRecvError::Disconnected),
+                None => Err(TryRecvError::Empty),
+            }
+        }
+
+        /// The next item; `None` once the sender is gone and the queue empty.
+        pub(super) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+            let mut state = lock(&self.0.state);
+            if let Some(item) = state.items.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            if state.sender_gone {
+                return Poll::Ready(None);
+            }
+            match &mut state.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        }
+    }
+
+    impl Receiver {
+        /// [`Receiver::poll_recv`], parking this thread until it is ready.
+        pub(super) fn blocking_recv(&mut self) -> Option<EventItem> {
+            struct Unpark(std::thread::Thread);
+            impl std::task::Wake for Unpark {
+                fn wake(self: Arc<Self>) {
+                    self.0.unpark();
+                }
+            }
+            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            loop {
+                if let Poll::Ready(item) = self.poll_recv(&mut cx) {
+                    return item;
+                }
+                std::thread::park();
+            }
+        }
+    }
+
+    impl Drop for Receiver {
+        fn drop(&mut self) {
+            let mut state = lock(&self.0.state);
+            state.receiver_gone = true;
+            // What was queued goes now, not when the connection next looks.
+            state.items = VecDeque::new();
+        }
     }
 }
 
