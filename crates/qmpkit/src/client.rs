@@ -210,6 +210,14 @@ struct Inner {
     /// Where the client connected, when known (not for a stream given to
     /// `connect_io`, or an unnamed socket).
     address: Option<Address>,
+    /// Made by the first call that needs the schema: most connections
+    /// never fetch it, and its cell and checks are 160 bytes.
+    schema: std::sync::OnceLock<Box<SchemaState>>,
+}
+
+/// The server's schema, fetched once, and what typed calls learned from it.
+#[derive(Default)]
+struct SchemaState {
     schema: tokio::sync::OnceCell<Arc<Schema>>,
     checks: crate::schema::check::Checks,
 }
@@ -256,7 +264,6 @@ impl Client {
                 next_id: AtomicU64::new(1),
                 address,
                 schema: Default::default(),
-                checks: Default::default(),
             }),
         }
     }
@@ -332,30 +339,37 @@ impl Client {
     /// A generated command, unchecked: the typed operations (the Go
     /// package's) run their commands through this, so that they behave the
     /// same whether or not the schema was fetched, and never fetch it.
-    pub(crate) async fn run<C: Command>(&self, command: &C) -> Result<C::Returns> {
-        self.run_with(command, CallOptions::new()).await
+    ///
+    /// Unlike a public call, this sends when called, not when first polled:
+    /// every caller is an `async fn` that awaits it at once, and the future
+    /// then holds only the wait for the reply (see [`Typed`]).
+    pub(crate) fn run<C: Command>(&self, command: &C) -> Typed<'_, C::Returns> {
+        self.run_as(command, CallOptions::new())
     }
 
     /// A generated command whose reply decodes into a type of the caller's
-    /// (the typed operations keep their own result types), unchecked.
-    pub(crate) async fn run_as<C: Command, R: DeserializeOwned>(
+    /// (the typed operations keep their own result types), unchecked. Sends
+    /// when called, as [`Client::run`].
+    pub(crate) fn run_as<C: Command, R: DeserializeOwned>(
         &self,
         command: &C,
         options: CallOptions,
-    ) -> Result<R> {
-        self.call_with(C::NAME, command, options).await
+    ) -> Typed<'_, R> {
+        let sent = self.send(
+            Cow::Borrowed(C::NAME),
+            |out, id, oob| encode_request(out, C::NAME, command, id, oob),
+            options,
+        );
+        Typed {
+            sent: sent.map_err(|e| Some(Box::new(e))),
+            name: C::NAME,
+            returns: std::marker::PhantomData,
+        }
     }
 
     /// [`Client::run`] with per-call options.
-    pub(crate) async fn run_with<C: Command>(&self, command: &C, options: CallOptions) -> Result<C::Returns> {
-        let raw = self
-            .roundtrip(
-                Cow::Borrowed(C::NAME),
-                |out, id, oob| encode_request(out, C::NAME, command, id, oob),
-                options,
-            )
-            .await?;
-        raw.decode(C::NAME)
+    pub(crate) fn run_with<C: Command>(&self, command: &C, options: CallOptions) -> Typed<'_, C::Returns> {
+        self.run_as(command, options)
     }
 
     /// Runs a command by name with any serialisable arguments and decodes the
@@ -375,11 +389,11 @@ impl Client {
         R: DeserializeOwned,
     {
         let raw = self
-            .roundtrip(
+            .send(
                 Cow::Owned(name.to_owned()),
                 |out, id, oob| encode_request(out, name, args, id, oob),
                 options,
-            )
+            )?
             .await?;
         raw.decode(name)
     }
@@ -447,13 +461,12 @@ impl Client {
 
     /// True once the connection is gone.
     pub fn is_closed(&self) -> bool {
-        *self.inner.shared.closed.borrow()
+        self.inner.shared.closed.is_set()
     }
 
     /// Waits until the connection is gone and returns why.
     pub async fn closed(&self) -> Error {
-        let mut rx = self.inner.shared.closed.subscribe();
-        let _ = rx.wait_for(|closed| *closed).await;
+        self.inner.shared.closed.wait().await;
         self.close_reason()
     }
 
@@ -462,7 +475,7 @@ impl Client {
             .shared
             .close_reason
             .get()
-            .cloned()
+            .map(|e| (**e).clone())
             .unwrap_or_else(|| Error::disconnected("connection closed"))
     }
 
@@ -481,7 +494,7 @@ impl Client {
     /// The server's schema, fetched on first use and kept for the connection
     /// (kept out of the traffic log).
     pub async fn schema(&self) -> Result<Arc<Schema>> {
-        self.inner
+        self.schema_state()
             .schema
             .get_or_try_init(|| async {
                 // Kept out of the traffic log: fetched on the library's own
@@ -494,6 +507,10 @@ impl Client {
             })
             .await
             .cloned()
+    }
+
+    fn schema_state(&self) -> &SchemaState {
+        self.inner.schema.get_or_init(Box::default)
     }
 
     /// Checks a typed call against the server's schema without sending it:
@@ -514,19 +531,25 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn check<C: Command>(&self, command: &C) -> Result<()> {
-        match self.inner.checks.judgement(|| self.schema()).await? {
+        match self.schema_state().checks.judgement(|| self.schema()).await? {
             Some(judgement) => judgement.check(C::NAME, command, &self.inner.shared.greeting.version),
             None => Ok(()),
         }
     }
 
-    /// Sends one request and waits for its reply within its budget.
-    async fn roundtrip(
+    /// Queues one request for the connection's task and returns the wait
+    /// for its reply, which ends within the request's budget.
+    ///
+    /// Not an `async fn`: the future a caller awaits holds the reply slot
+    /// and the client alone, not the arguments and locals of the sending
+    /// (an `async fn` keeps its arguments for its whole life, beside the
+    /// locals they move into: some 220 bytes in every command in flight).
+    fn send(
         &self,
         name: Cow<'static, str>,
         encode: impl FnOnce(&mut Vec<u8>, u64, bool) -> Result<(), serde_json::Error>,
         options: CallOptions,
-    ) -> Result<Reply> {
+    ) -> Result<ReplyWait<'_>> {
         let shared = &self.inner.shared;
         if self.is_closed() {
             return Err(self.close_reason());
@@ -576,10 +599,60 @@ impl Client {
             drop(out);
             return Err(self.close_reason());
         }
-        // The connection's task keeps the deadline (one timer for the whole
-        // connection, not one per call) and answers `Error::Timeout` when it
-        // passes. Dropping this future instead (cancellation) works too: a
-        // request not written yet never will be, and its reply is discarded.
-        rx.await.unwrap_or_else(|_| Err(self.close_reason()))
+        Ok(ReplyWait { client: self, rx })
+    }
+}
+
+/// A generated command's decoded reply on its way ([`Client::run_as`]).
+///
+/// A type of its own rather than an `async` block: 32 bytes, where
+/// an `async fn` keeping its arguments beside the wait was 160, in every
+/// typed operation's future and so in every task that runs one.
+pub(crate) struct Typed<'a, R> {
+    /// The wait for the reply, or why the request was refused (boxed: an
+    /// `Error` is 72 bytes, and refusals are rare).
+    sent: std::result::Result<ReplyWait<'a>, Option<Box<Error>>>,
+    name: &'static str,
+    returns: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> std::future::Future for Typed<'_, R> {
+    type Output = Result<R>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<R>> {
+        let name = self.name;
+        match &mut self.sent {
+            Ok(wait) => std::pin::Pin::new(wait)
+                .poll(cx)
+                .map(|reply| reply.and_then(|raw| raw.decode(name))),
+            Err(refused) => std::task::Poll::Ready(Err(*refused.take().expect("polled after it completed"))),
+        }
+    }
+}
+
+/// The wait for one request's reply ([`Client::send`]).
+///
+/// The connection's task keeps the deadline (one timer for the whole
+/// connection, not one per call) and answers `Error::Timeout` when it
+/// passes. Dropping this future instead (cancellation) works too: a
+/// request not written yet never will be, and its reply is discarded.
+struct ReplyWait<'a> {
+    client: &'a Client,
+    rx: oneshot::Receiver<Result<Reply>>,
+}
+
+impl std::future::Future for ReplyWait<'_> {
+    type Output = Result<Reply>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Reply>> {
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|got| got.unwrap_or_else(|_| Err(self.client.close_reason())))
     }
 }

@@ -691,8 +691,9 @@ pub(crate) struct Subscribers {
 struct SubscribersInner {
     list: Vec<Subscriber>,
     /// Events that arrived before anyone subscribed; `None` after the first
-    /// subscription, from when on events nobody wants are dropped.
-    backlog: Option<Backlog>,
+    /// subscription, from when on events nobody wants are dropped. Boxed:
+    /// it lives only until then, and inline it would stay in every connection.
+    backlog: Option<Box<Backlog>>,
     closed: bool,
 }
 
@@ -751,7 +752,7 @@ impl Subscribers {
         Subscribers {
             inner: Mutex::new(SubscribersInner {
                 list: Vec::new(),
-                backlog: Some(Backlog::default()),
+                backlog: Some(Box::default()),
                 closed: false,
             }),
         }
@@ -786,6 +787,12 @@ impl Subscribers {
             }
         }
         if !inner.closed {
+            // Room for exactly one at first: most connections have one
+            // subscriber (a Monitor's), and a `Vec`'s first growth would
+            // make room for four (~200 bytes more in every connection).
+            if inner.list.capacity() == 0 {
+                inner.list.reserve_exact(1);
+            }
             inner.list.push(sub);
         }
         EventStream { rx, drops }

@@ -82,13 +82,12 @@ impl Reply {
 /// the callers' end of its request queue. The task and the handles share `shared`.
 pub(crate) fn spawn(hs: Handshaken, shared: Arc<Shared>, log: Option<TrafficLog>) -> Sender {
     let sender = Sender::new(shared.clone());
-    let probe_budget = shared.config.default_timeout;
     let driver = Driver {
         stream: hs.stream,
         splitter: hs.splitter,
         requests: shared.clone(),
         state: State {
-            inflight: InFlight::new(shared.oob, shared.config.replies_in_order, probe_budget),
+            inflight: InFlight::new(shared.oob, shared.config.replies_in_order),
             shared,
             log,
             wbuf: Vec::new(),
@@ -460,14 +459,14 @@ impl Driver {
         }
         let err = Error::Disconnected { reason: Some(reason) };
         let st = &mut self.state;
-        let _ = st.shared.close_reason.set(err.clone());
+        let _ = st.shared.close_reason.set(Box::new(err.clone()));
         // No request may slip in after this point unanswered.
         for out in self.requests.requests.close() {
             let _ = out.reply.send(Err(err.clone()));
         }
         st.inflight.fail_all(&err);
         st.shared.subscribers.close();
-        st.shared.closed.send_replace(true);
+        st.shared.closed.set();
     }
 }
 
@@ -511,7 +510,10 @@ impl State {
         // clock is a visible share of a command's cost.
         let now = crate::diag::debug_enabled!().then(Instant::now);
         let log = self.log.as_ref();
-        let filled = self.inflight.fill(&mut self.wbuf, now, |out| {
+        // A probe's budget is the default one, read here rather than kept
+        // in the task, which is allocated per connection by size class.
+        let probe_budget = self.shared.config.default_timeout;
+        let filled = self.inflight.fill(&mut self.wbuf, now, probe_budget, |out| {
             if let Some(log) = log.filter(|_| out.log) {
                 log.query(&out.bytes);
             }

@@ -19,8 +19,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::error::{Error, Result};
 use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
@@ -40,8 +38,10 @@ pub(crate) struct Shared {
     pub greeting: Greeting,
     pub oob: bool,
     pub subscribers: Subscribers,
-    pub closed: watch::Sender<bool>,
-    pub close_reason: OnceLock<Error>,
+    pub closed: ClosedFlag,
+    /// Why the connection ended. Boxed: an `Error` is 72 bytes, and only
+    /// an ended connection has one.
+    pub close_reason: OnceLock<Box<Error>>,
     /// QEMU's last SHUTDOWN event, unless a RESUME came after it.
     pub last_shutdown: Mutex<Option<Event>>,
     /// `None` when file descriptors can be passed; otherwise the kind of
@@ -49,6 +49,42 @@ pub(crate) struct Shared {
     pub no_fd_passing: Option<&'static str>,
     /// Requests on their way from the callers to the task.
     pub requests: requests::Requests,
+}
+
+/// Whether the connection has ended, and the wake-up of those waiting for
+/// it to: a flag and a `Notify` held inline, where a watch channel would be
+/// an allocation of its own (~340 bytes for every connection).
+#[derive(Default)]
+pub(crate) struct ClosedFlag {
+    closed: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl ClosedFlag {
+    /// True once the connection has ended.
+    pub fn is_set(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks the connection ended and wakes every waiter.
+    pub fn set(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Returns once the connection has ended.
+    pub async fn wait(&self) {
+        loop {
+            // Registered before the flag is read, so that a `set` between
+            // the two still wakes this waiter.
+            let mut notified = std::pin::pin!(self.notify.notified());
+            notified.as_mut().enable();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The default size limit of one message from QEMU: 64 MiB.
@@ -310,7 +346,7 @@ impl ConnectOptions {
             greeting: done.greeting.clone(),
             oob: done.oob,
             subscribers: Subscribers::new(),
-            closed: watch::channel(false).0,
+            closed: ClosedFlag::default(),
             close_reason: OnceLock::new(),
             last_shutdown: Mutex::new(None),
             no_fd_passing,

@@ -149,7 +149,8 @@ pub(crate) struct Splitter {
     /// made from nothing.
     min_read: usize,
     first_buffer: usize,
-    skip: Option<Fragment>,
+    /// Boxed: rare, and the splitter lives in every connection's task.
+    skip: Option<Box<Fragment>>,
 }
 
 /// Where a scan stopped.
@@ -309,7 +310,7 @@ impl Splitter {
                 Scan::Open => {}
             }
             if self.pos - self.start > self.limit {
-                self.skip = Some(Fragment::of(&self.buf[self.start..self.pos]));
+                self.skip = Some(Box::new(Fragment::of(&self.buf[self.start..self.pos])));
                 self.start = self.pos;
                 continue;
             }
@@ -434,7 +435,7 @@ impl Splitter {
         self.start = stop;
         match outcome {
             Scan::Open => None,
-            _ => self.skip.take().map(Frame::TooLarge),
+            _ => self.skip.take().map(|f| Frame::TooLarge(*f)),
         }
     }
 }
