@@ -228,6 +228,7 @@ pub(crate) fn parse_message<'a, T: Deserialize<'a>>(message: &'a [u8]) -> serde_
 }
 
 /// An event in QEMU's own layout, split without the general parse.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct QuickEvent<'a> {
     pub name: &'a str,
     pub timestamp: Timestamp,
@@ -244,6 +245,67 @@ pub(crate) struct QuickEvent<'a> {
 /// gives `None` and takes the general parse. The data's JSON is validated
 /// when it is parsed into a value, which also fails on anything after it.
 pub(crate) fn quick_event(message: &[u8]) -> Option<QuickEvent<'_>> {
+    exact_event(message).or_else(|| spaced_event(message))
+}
+
+/// [`quick_event`] for an event spaced exactly as QEMU spaces it, which is
+/// every event QEMU sends: the fixed parts are compared whole instead of
+/// token by token, and only the data is checked for UTF-8, since everything
+/// else it accepts is ASCII. `None` for anything else, including what
+/// [`spaced_event`] would still take (other spacing, numbers of more than
+/// 18 digits): the two agree wherever this one gives an event.
+fn exact_event(message: &[u8]) -> Option<QuickEvent<'_>> {
+    let rest = message
+        .trim_ascii()
+        .strip_prefix(b"{\"timestamp\": {\"seconds\": ")?;
+    let (seconds, rest) = leading_integer(rest)?;
+    let rest = rest.strip_prefix(b", \"microseconds\": ")?;
+    let (microseconds, rest) = leading_integer(rest)?;
+    let rest = rest.strip_prefix(b"}, \"event\": \"")?;
+    let name_len = rest
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+        .filter(|&len| len > 0)?;
+    let (name, rest) = rest.split_at(name_len);
+    let data = if rest == b"\"}" {
+        None
+    } else {
+        let text = rest.strip_prefix(b"\", \"data\":")?.strip_suffix(b"}")?;
+        Some(std::str::from_utf8(text.trim_ascii_end()).ok()?)
+    };
+    Some(QuickEvent {
+        // ASCII letters, digits and underscores: always UTF-8.
+        name: std::str::from_utf8(name).ok()?,
+        timestamp: Timestamp {
+            seconds,
+            microseconds,
+        },
+        data,
+    })
+}
+
+/// An optional `-` and 1 to 18 digits (which cannot overflow), and what
+/// follows them. Leading zeros are taken, as `str::parse` takes them.
+fn leading_integer(text: &[u8]) -> Option<(i64, &[u8])> {
+    let (negative, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, text),
+    };
+    let len = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    if len == 0 || len > 18 {
+        return None;
+    }
+    let value = digits[..len]
+        .iter()
+        .fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+    Some((if negative { -value } else { value }, &digits[len..]))
+}
+
+/// [`quick_event`] for any spacing between the tokens.
+fn spaced_event(message: &[u8]) -> Option<QuickEvent<'_>> {
     // Replies and errors are turned away before the UTF-8 check.
     let head = message.trim_ascii_start().strip_prefix(b"{")?;
     if !head.trim_ascii_start().starts_with(b"\"timestamp\"") {
@@ -454,6 +516,89 @@ mod tests {
             b"\xff",
         ] {
             assert!(quick_event(msg).is_none(), "{}", String::from_utf8_lossy(msg));
+        }
+    }
+
+    /// Where the exact-layout reader gives an event, the token-by-token
+    /// one gives the same; QEMU's own layout always takes the exact one.
+    #[test]
+    fn the_exact_layout_reader_agrees_with_the_spaced_one() {
+        let qemu: &[&[u8]] = &[
+            br#"{"timestamp": {"seconds": 1700000000, "microseconds": 42}, "event": "STOP"}"#,
+            b"{\"timestamp\": {\"seconds\": -1, \"microseconds\": -1}, \"event\": \"RESUME\"}\r\n",
+            br#"{"timestamp": {"seconds": 0, "microseconds": 0}, "event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral/nic0", "device": "nic0"}}"#,
+            "{\"timestamp\": {\"seconds\": 5, \"microseconds\": 6}, \"event\": \"X\", \"data\": {\"s\": \"caf\\u00e9 caf\u{e9} }\"}}".as_bytes(),
+            br#"{"timestamp": {"seconds": 007, "microseconds": -0}, "event": "E9_x", "data": {}}"#,
+            br#"{"timestamp": {"seconds": 123456789012345678, "microseconds": 1}, "event": "A", "data": [1, 2]  }"#,
+        ];
+        for msg in qemu {
+            let exact = exact_event(msg);
+            assert!(exact.is_some(), "{}", String::from_utf8_lossy(msg));
+            assert_eq!(exact, spaced_event(msg), "{}", String::from_utf8_lossy(msg));
+        }
+        let e = exact_event(qemu[3]).unwrap();
+        assert_eq!(e.data, Some(r#" {"s": "caf\u00e9 café }"}"#));
+        let e = exact_event(qemu[4]).unwrap();
+        assert_eq!(
+            (e.timestamp.seconds, e.timestamp.microseconds, e.data),
+            (7, 0, Some(" {}"))
+        );
+        // Not for the exact reader; the spaced one decides (and takes some).
+        let other: &[&[u8]] = &[
+            br#"{"timestamp":{"seconds":1,"microseconds":2},"event":"STOP"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP" }"#,
+            br#"{ "timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP","data":{}}"#,
+            b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\":\t\"STOP\"}",
+            br#"{"timestamp": {"seconds": 1234567890123456789, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": 99999999999999999999, "microseconds": 2}, "event": "STOP"}"#,
+            // Not events the quick path takes at all.
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "ST\u004fP"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "AGENT-STARTED"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": ""}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP", "extra": 1}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}, "data": 1}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"} x"#,
+            br#"{"timestamp": {"seconds": -, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": +1, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": 1.5, "microseconds": 2}, "event": "STOP"}"#,
+            "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"ST\u{e9}P\"}".as_bytes(),
+            b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"X\", \"data\": \"\xff\"}",
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP", "data": 1"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"#,
+            br#"{"timestamp": {"seconds": 1, "#,
+            br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+            br#"{"return": {}, "id": 1}"#,
+            b"",
+        ];
+        for msg in other {
+            assert_eq!(exact_event(msg), None, "{}", String::from_utf8_lossy(msg));
+        }
+        assert!(spaced_event(other[0]).is_some() && spaced_event(other[5]).is_some());
+        assert_eq!(quick_event(other[0]), spaced_event(other[0]));
+        // Every cut and every one-byte change of QEMU's layout: the exact
+        // reader either turns it away or agrees with the spaced one.
+        let mut rng = fastrand::Rng::with_seed(16);
+        let alphabet = b" \t\r\n{}[]\":,-_09aZ\\\xc3\xa9\xff";
+        for msg in qemu {
+            for cut in 0..msg.len() {
+                let cut = &msg[..cut];
+                if let Some(e) = exact_event(cut) {
+                    assert_eq!(Some(e), spaced_event(cut), "{}", String::from_utf8_lossy(cut));
+                }
+            }
+            for _ in 0..3000 {
+                let mut m = msg.to_vec();
+                let at = rng.usize(..m.len());
+                match rng.u8(..3) {
+                    0 => m[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => m.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    _ => drop(m.remove(at)),
+                }
+                if let Some(e) = exact_event(&m) {
+                    assert_eq!(Some(e), spaced_event(&m), "{}", String::from_utf8_lossy(&m));
+                }
+            }
         }
     }
 
