@@ -6,6 +6,7 @@
 //! where it missed them. A slow subscriber therefore never stalls replies or
 //! other subscribers.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::Error;
+use crate::wire::EventName;
 pub use crate::wire::Timestamp;
 pub use qmpkit_qapi::EventData;
 
@@ -31,7 +33,8 @@ const BACKLOG: usize = 1024;
 pub struct Event(Arc<EventInner>);
 
 struct EventInner {
-    name: String,
+    /// Static for the names the schema knows (see [`Event::from_wire`]).
+    name: Cow<'static, str>,
     data: Value,
     timestamp: Timestamp,
 }
@@ -40,7 +43,21 @@ impl Event {
     /// Makes an event (the connection makes them; a test or a monitor may too).
     pub fn new(name: impl Into<String>, data: Value, timestamp: Timestamp) -> Self {
         Event(Arc::new(EventInner {
-            name: name.into(),
+            name: Cow::Owned(name.into()),
+            data,
+            timestamp,
+        }))
+    }
+
+    /// Makes an event read from the wire: a name the schema knows costs no
+    /// allocation.
+    pub(crate) fn from_wire(name: EventName<'_>, data: Value, timestamp: Timestamp) -> Self {
+        let name = match name {
+            EventName::Known(name) => Cow::Borrowed(name),
+            EventName::Other(name) => Cow::Owned(name.into_owned()),
+        };
+        Event(Arc::new(EventInner {
+            name,
             data,
             timestamp,
         }))

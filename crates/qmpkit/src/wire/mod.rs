@@ -5,7 +5,9 @@ pub(crate) mod message;
 pub(crate) mod splitter;
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -227,10 +229,68 @@ pub(crate) fn parse_message<'a, T: Deserialize<'a>>(message: &'a [u8]) -> serde_
     serde_json::from_str(text)
 }
 
+/// An event's name as read from the wire.
+#[derive(Debug, Clone)]
+pub(crate) enum EventName<'a> {
+    /// One of the schema's event names (every event QEMU sends): kept as a
+    /// static string, so that an event costs no allocation for its name.
+    Known(&'static str),
+    /// Any other name.
+    Other(Cow<'a, str>),
+}
+
+impl<'a> EventName<'a> {
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventName::Known(name) => name,
+            EventName::Other(name) => name,
+        }
+    }
+
+    /// The name, static when the schema knows it.
+    pub fn of(name: Cow<'a, str>) -> Self {
+        match known_event_name(name.as_bytes()) {
+            Some(known) => EventName::Known(known),
+            None => EventName::Other(name),
+        }
+    }
+
+    /// The name in these bytes, if they are UTF-8. A known name needs no
+    /// UTF-8 check: the table holds it as a `str` already.
+    fn from_bytes(name: &'a [u8]) -> Option<Self> {
+        match known_event_name(name) {
+            Some(known) => Some(EventName::Known(known)),
+            None => std::str::from_utf8(name)
+                .ok()
+                .map(|name| EventName::Other(Cow::Borrowed(name))),
+        }
+    }
+}
+
+/// Names compare as text, whichever way each was kept.
+impl PartialEq for EventName<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for EventName<'_> {}
+
+/// The schema's spelling of an event name, if it is one of its events.
+pub(crate) fn known_event_name(name: &[u8]) -> Option<&'static str> {
+    static NAMES: LazyLock<FxHashMap<&'static [u8], &'static str>> = LazyLock::new(|| {
+        qmpkit_qapi::meta::EVENTS
+            .iter()
+            .map(|event| (event.name.as_bytes(), event.name))
+            .collect()
+    });
+    NAMES.get(name).copied()
+}
+
 /// An event in QEMU's own layout, split without the general parse.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct QuickEvent<'a> {
-    pub name: &'a str,
+    pub name: EventName<'a>,
     pub timestamp: Timestamp,
     /// The `data` member's JSON text, if there is one (not yet validated).
     pub data: Option<&'a str>,
@@ -274,8 +334,7 @@ fn exact_event(message: &[u8]) -> Option<QuickEvent<'_>> {
         Some(std::str::from_utf8(text.trim_ascii_end()).ok()?)
     };
     Some(QuickEvent {
-        // ASCII letters, digits and underscores: always UTF-8.
-        name: std::str::from_utf8(name).ok()?,
+        name: EventName::from_bytes(name)?,
         timestamp: Timestamp {
             seconds,
             microseconds,
@@ -348,7 +407,7 @@ fn spaced_event(message: &[u8]) -> Option<QuickEvent<'_>> {
         return None;
     }
     Some(QuickEvent {
-        name,
+        name: EventName::of(Cow::Borrowed(name)),
         timestamp: Timestamp {
             seconds,
             microseconds,
@@ -495,14 +554,19 @@ mod tests {
             quick_event(br#"{"timestamp": {"seconds": 1700000000, "microseconds": 42}, "event": "STOP"}"#)
                 .unwrap();
         assert_eq!(
-            (e.name, e.timestamp.seconds, e.timestamp.microseconds, e.data),
+            (
+                e.name.as_str(),
+                e.timestamp.seconds,
+                e.timestamp.microseconds,
+                e.data
+            ),
             ("STOP", 1700000000, 42, None)
         );
         let e = quick_event(
             b" {\"timestamp\":{\"seconds\":-1,\"microseconds\":-1},\"event\":\"BLOCK_JOB_READY\",\"data\":{\"device\":\"j}\",\"len\":5}}\r\n",
         )
         .unwrap();
-        assert_eq!((e.name, e.timestamp.seconds), ("BLOCK_JOB_READY", -1));
+        assert_eq!((e.name.as_str(), e.timestamp.seconds), ("BLOCK_JOB_READY", -1));
         assert_eq!(e.data, Some(r#"{"device":"j}","len":5}"#));
         // Anything else takes the general parse.
         for msg in [
@@ -600,6 +664,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_schemas_event_names_are_kept_static() {
+        assert_eq!(known_event_name(b"STOP"), Some("STOP"));
+        assert_eq!(known_event_name(b"DEVICE_DELETED"), Some("DEVICE_DELETED"));
+        for unknown in [&b"stop"[..], b"STO", b"STOPP", b"AGENT-STARTED", b"", b"ST\xffP"] {
+            assert_eq!(known_event_name(unknown), None);
+        }
+        assert!(matches!(
+            EventName::from_bytes(b"STOP"),
+            Some(EventName::Known("STOP"))
+        ));
+        assert!(matches!(
+            EventName::from_bytes(b"MY_EVENT"),
+            Some(EventName::Other(Cow::Borrowed("MY_EVENT")))
+        ));
+        assert_eq!(EventName::from_bytes(b"MY_\xc3"), None);
+        assert!(matches!(
+            EventName::of(Cow::Owned("RESUME".into())),
+            EventName::Known("RESUME")
+        ));
+        assert_eq!(
+            EventName::of(Cow::Borrowed("X")),
+            EventName::Other(Cow::Owned("X".into()))
+        );
+        let e =
+            quick_event(br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "NEW_ONE"}"#).unwrap();
+        assert_eq!(e.name.as_str(), "NEW_ONE");
     }
 
     #[test]
