@@ -324,7 +324,7 @@ fn exact_event(message: &[u8]) -> Option<QuickEvent<'_>> {
     let rest = rest.strip_prefix(b"}, \"event\": \"")?;
     let name_len = rest
         .iter()
-        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+        .position(|&b| !NAME_BYTES[usize::from(b)])
         .filter(|&len| len > 0)?;
     let (name, rest) = rest.split_at(name_len);
     let data = if rest == b"\"}" {
@@ -343,6 +343,19 @@ fn exact_event(message: &[u8]) -> Option<QuickEvent<'_>> {
     })
 }
 
+/// The bytes [`quick_event`] takes in a name: ASCII letters, digits and
+/// `_`. A table, because a name is read a byte at a time.
+static NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 /// An optional `-` and 1 to 18 digits (which cannot overflow), and what
 /// follows them. Leading zeros are taken, as `str::parse` takes them.
 fn leading_integer(text: &[u8]) -> Option<(i64, &[u8])> {
@@ -350,16 +363,23 @@ fn leading_integer(text: &[u8]) -> Option<(i64, &[u8])> {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, text),
     };
-    let len = digits
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(digits.len());
-    if len == 0 || len > 18 {
+    // One pass that reads and adds up the digits.
+    let mut value = 0i64;
+    let mut len = 0;
+    for &b in digits {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            break;
+        }
+        len += 1;
+        if len > 18 {
+            return None;
+        }
+        value = value * 10 + i64::from(digit);
+    }
+    if len == 0 {
         return None;
     }
-    let value = digits[..len]
-        .iter()
-        .fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
     Some((if negative { -value } else { value }, &digits[len..]))
 }
 
@@ -663,6 +683,29 @@ mod tests {
                     assert_eq!(Some(e), spaced_event(&m), "{}", String::from_utf8_lossy(&m));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn name_bytes_are_letters_digits_and_underscores() {
+        for b in 0..=255u8 {
+            assert_eq!(
+                NAME_BYTES[usize::from(b)],
+                b.is_ascii_alphanumeric() || b == b'_',
+                "{b}"
+            );
+        }
+        assert_eq!(leading_integer(b"-0x"), Some((0, &b"x"[..])));
+        assert_eq!(
+            leading_integer(b"999999999999999999}"),
+            Some((999_999_999_999_999_999, &b"}"[..]))
+        );
+        assert_eq!(
+            leading_integer(b"-999999999999999999"),
+            Some((-999_999_999_999_999_999, &b""[..]))
+        );
+        for none in [&b"1234567890123456789"[..], b"-", b"", b"+1", b"-x", b" 1"] {
+            assert_eq!(leading_integer(none), None);
         }
     }
 
