@@ -276,6 +276,7 @@ impl PartialEq for EventName<'_> {
 impl Eq for EventName<'_> {}
 
 /// The schema's spelling of an event name, if it is one of its events.
+#[inline]
 pub(crate) fn known_event_name(name: &[u8]) -> Option<&'static str> {
     static NAMES: LazyLock<NameTable> =
         LazyLock::new(|| NameTable::new(qmpkit_qapi::meta::EVENTS.iter().map(|event| event.name)));
@@ -308,6 +309,7 @@ impl NameTable {
         table
     }
 
+    #[inline]
     fn slot_of(&self, name: &[u8]) -> usize {
         let key = match name {
             [] => 0,
@@ -322,6 +324,7 @@ impl NameTable {
         (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.slots.len().trailing_zeros())) as usize
     }
 
+    #[inline]
     fn get(&self, name: &[u8]) -> Option<&'static str> {
         let mut at = self.slot_of(name);
         loop {
@@ -405,6 +408,7 @@ static NAME_BYTES: [bool; 256] = {
 
 /// An optional `-` and 1 to 18 digits (which cannot overflow), and what
 /// follows them. Leading zeros are taken, as `str::parse` takes them.
+#[inline]
 fn leading_integer(text: &[u8]) -> Option<(i64, &[u8])> {
     let (negative, digits) = match text {
         [b'-', rest @ ..] => (true, rest),
