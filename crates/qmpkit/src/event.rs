@@ -6,6 +6,7 @@
 //! where it missed them. A slow subscriber therefore never stalls replies or
 //! other subscribers.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::Error;
+use crate::wire::EventName;
 pub use crate::wire::Timestamp;
 pub use qmpkit_qapi::EventData;
 
@@ -31,7 +33,8 @@ const BACKLOG: usize = 1024;
 pub struct Event(Arc<EventInner>);
 
 struct EventInner {
-    name: String,
+    /// Static for the names the schema knows (see [`Event::from_wire`]).
+    name: Cow<'static, str>,
     data: Value,
     timestamp: Timestamp,
 }
@@ -40,7 +43,21 @@ impl Event {
     /// Makes an event (the connection makes them; a test or a monitor may too).
     pub fn new(name: impl Into<String>, data: Value, timestamp: Timestamp) -> Self {
         Event(Arc::new(EventInner {
-            name: name.into(),
+            name: Cow::Owned(name.into()),
+            data,
+            timestamp,
+        }))
+    }
+
+    /// Makes an event read from the wire: a name the schema knows costs no
+    /// allocation.
+    pub(crate) fn from_wire(name: EventName<'_>, data: Value, timestamp: Timestamp) -> Self {
+        let name = match name {
+            EventName::Known(name) => Cow::Borrowed(name),
+            EventName::Other(name) => Cow::Owned(name.into_owned()),
+        };
+        Event(Arc::new(EventInner {
+            name,
             data,
             timestamp,
         }))
@@ -635,6 +652,31 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    /// Hands over events in order without waiting, as [`Subscriber::offer`]
+    /// does one by one. False when the subscriber is gone.
+    fn offer_all(&mut self, events: &[Event]) -> bool {
+        let mut rest = events;
+        while !rest.is_empty() {
+            if !self.behind {
+                // While nothing is unreported, the events that fit go in
+                // under one lock, with one wake-up.
+                match self.tx.try_send_all(rest, &self.filter) {
+                    Ok(taken) => rest = &rest[taken..],
+                    Err(queue::Closed) => return false,
+                }
+            }
+            // Full, or drops to report: one at a time.
+            let Some((first, after)) = rest.split_first() else {
+                break;
+            };
+            if !self.offer(first) {
+                return false;
+            }
+            rest = after;
+        }
+        true
+    }
+
     /// Hands over an event without waiting. False when the subscriber is gone.
     fn offer(&mut self, ev: &Event) -> bool {
         use queue::TrySendError;
@@ -807,9 +849,9 @@ impl Subscribers {
             }
             return;
         }
-        for ev in events {
-            inner.list.retain_mut(|s| s.offer(ev));
-        }
+        // Subscriber by subscriber: each one's queue gets the events in
+        // order, which is all a subscriber can see of the order.
+        inner.list.retain_mut(|s| s.offer_all(events));
     }
 
     /// Ends every subscription (their streams return `None` once drained).
@@ -830,7 +872,7 @@ mod queue {
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll, Waker};
 
-    use super::{lock, EventItem};
+    use super::{lock, Event, EventFilter, EventItem};
 
     struct Shared {
         state: Mutex<State>,
@@ -851,6 +893,9 @@ mod queue {
         Full(EventItem),
         Closed,
     }
+
+    /// The receiver is gone.
+    pub(super) struct Closed;
 
     /// Why [`Receiver::try_recv`] gave nothing.
     pub(super) enum TryRecvError {
@@ -874,6 +919,35 @@ mod queue {
     }
 
     impl Sender {
+        /// Queues, in order, the events at the front of `events` that
+        /// `filter` wants, as long as there is room, passing over the ones
+        /// it does not want; how many of `events` it went through (it stops
+        /// at the first wanted event with no room).
+        pub(super) fn try_send_all(&self, events: &[Event], filter: &EventFilter) -> Result<usize, Closed> {
+            let mut state = lock(&self.0.state);
+            if state.receiver_gone {
+                return Err(Closed);
+            }
+            let (mut taken, mut queued) = (0, false);
+            for ev in events {
+                if filter.matches(ev.name()) {
+                    if state.items.len() >= self.0.capacity {
+                        break;
+                    }
+                    state.items.push_back(EventItem::Event(ev.clone()));
+                    queued = true;
+                }
+                taken += 1;
+            }
+            // As try_send, a wake-up only for something queued.
+            let waker = if queued { state.waker.take() } else { None };
+            drop(state);
+            if let Some(w) = waker {
+                w.wake();
+            }
+            Ok(taken)
+        }
+
         pub(super) fn try_send(&self, item: EventItem) -> Result<(), TrySendError> {
             let mut state = lock(&self.0.state);
             if state.receiver_gone {
@@ -1270,6 +1344,61 @@ mod tests {
         publisher.join().unwrap();
         assert_eq!(next + noted, N);
         assert_eq!(s.missed(), notes);
+    }
+
+    /// Publishing events in one batch gives every subscriber what
+    /// publishing them one at a time gives, notes included, whatever the
+    /// filters, queue lengths and reads in between.
+    #[test]
+    fn a_batch_is_delivered_as_its_events_one_by_one() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..300 {
+            let filters: Vec<EventFilter> = (0..3)
+                .map(|_| {
+                    let f = match rng.u8(..3) {
+                        0 => EventFilter::all(),
+                        1 => EventFilter::names(["B"]),
+                        _ => EventFilter::names(["A", "C"]),
+                    };
+                    f.capacity(rng.usize(1..6))
+                })
+                .collect();
+            let (batched, single) = (Subscribers::new(), Subscribers::new());
+            let mut streams: Vec<(EventStream, EventStream)> = filters
+                .iter()
+                .map(|f| (batched.subscribe(f.clone()), single.subscribe(f.clone())))
+                .collect();
+            let mut n = 0;
+            for round in 0..6 {
+                let burst: Vec<Event> = (0..rng.usize(0..12))
+                    .map(|_| {
+                        n += 1;
+                        ev(["A", "B", "C"][rng.usize(..3)], json!(n))
+                    })
+                    .collect();
+                batched.publish(&burst);
+                for e in &burst {
+                    single.publish(std::slice::from_ref(e));
+                }
+                if round == 4 {
+                    // A subscriber gone in the middle.
+                    streams.remove(0);
+                }
+                for (b, s) in &mut streams {
+                    // Read some, so that later bursts find room again.
+                    for _ in 0..rng.usize(0..4) {
+                        let (x, y) = (now(b.recv()).flatten(), now(s.recv()).flatten());
+                        assert_eq!(x.map(show), y.map(show));
+                    }
+                }
+            }
+            batched.close();
+            single.close();
+            for (b, s) in &mut streams {
+                assert_eq!(ready_now(b), ready_now(s));
+                assert_eq!(b.missed(), s.missed());
+            }
+        }
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::Event;
 use crate::wire::message::{classify, Message, Outcome};
 use crate::wire::splitter::{Fragment, Frame};
-use crate::wire::{parse_message, ReturnOf, Timestamp};
+use crate::wire::{parse_message, EventName, ReturnOf, Timestamp};
 
 /// What a caller gets back: a success reply, or an error.
 pub(crate) type ReplyResult = Result<Reply, Error>;
@@ -531,7 +531,7 @@ impl State {
                 name,
                 data,
                 timestamp,
-            } => self.handle_event(bytes, &name, data, timestamp),
+            } => self.handle_event(bytes, name, data, timestamp),
             Message::IdlessError(error) => match self.inflight.owner_of_idless_error() {
                 Some(id) => self.handle_reply(id, bytes, Outcome::Error(error)),
                 None => {
@@ -604,13 +604,19 @@ impl State {
 
     /// Logs an event, remembers the last SHUTDOWN, and queues the event
     /// for the subscribers (handed over after the current read).
-    fn handle_event(&mut self, bytes: &[u8], name: &str, data: serde_json::Value, timestamp: Timestamp) {
+    fn handle_event(
+        &mut self,
+        bytes: &[u8],
+        name: EventName<'_>,
+        data: serde_json::Value,
+        timestamp: Timestamp,
+    ) {
         if let Some(log) = &self.log {
-            log.event(name, bytes);
+            log.event(name.as_str(), bytes);
         }
-        crate::diag::trace!(event = name, "QMP event");
-        let event = Event::new(name, data, timestamp);
-        let remember = match name {
+        crate::diag::trace!(event = name.as_str(), "QMP event");
+        let event = Event::from_wire(name, data, timestamp);
+        let remember = match event.name() {
             "SHUTDOWN" => Some(Some(event.clone())),
             "RESUME" => Some(None),
             _ => None,

@@ -14,7 +14,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{
-    leading_id, parse_message, quick_event, success_reply, trailing_id, ErrorBody, Incoming, Timestamp,
+    leading_id, parse_message, quick_event, success_reply, trailing_id, ErrorBody, EventName, Incoming,
+    Timestamp,
 };
 
 /// One message from the server, classified.
@@ -28,7 +29,7 @@ pub(crate) enum Message<'a> {
     IdlessError(ErrorBody),
     /// An event.
     Event {
-        name: Cow<'a, str>,
+        name: EventName<'a>,
         data: Value,
         timestamp: Timestamp,
     },
@@ -71,7 +72,7 @@ pub(crate) fn classify(bytes: &[u8]) -> Message<'_> {
         };
         if let Some(data) = data {
             return Message::Event {
-                name: Cow::Borrowed(event.name),
+                name: event.name,
                 data,
                 timestamp: event.timestamp,
             };
@@ -92,7 +93,7 @@ const NO_TIMESTAMP: Timestamp = Timestamp {
 fn classify_parsed<'a>(bytes: &'a [u8], msg: Incoming<'a>) -> Message<'a> {
     if let Some(name) = msg.event {
         return Message::Event {
-            name,
+            name: EventName::of(name),
             data: msg.data.unwrap_or(Value::Null),
             timestamp: msg.timestamp.unwrap_or(NO_TIMESTAMP),
         };
@@ -153,7 +154,7 @@ fn classify_unparseable(bytes: &[u8], error: serde_json::Error) -> Message<'_> {
                     .and_then(|t| serde_json::from_value(t).ok())
                     .unwrap_or(NO_TIMESTAMP);
                 return Message::Event {
-                    name: Cow::Owned(name),
+                    name: EventName::of(Cow::Owned(name)),
                     data: members.remove("data").unwrap_or(Value::Null),
                     timestamp,
                 };
@@ -190,7 +191,9 @@ mod tests {
             },
             Message::ForeignReply { id } => format!("foreign {id}"),
             Message::IdlessError(e) => format!("idless {}", e.class),
-            Message::Event { name, timestamp, .. } => format!("event {name} {}", timestamp.seconds),
+            Message::Event { name, timestamp, .. } => {
+                format!("event {} {}", name.as_str(), timestamp.seconds)
+            }
             Message::Greeting => "greeting".into(),
             Message::Unrecognised { .. } => "unrecognised".into(),
         }

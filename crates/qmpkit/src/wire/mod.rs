@@ -5,6 +5,7 @@ pub(crate) mod message;
 pub(crate) mod splitter;
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -227,9 +228,119 @@ pub(crate) fn parse_message<'a, T: Deserialize<'a>>(message: &'a [u8]) -> serde_
     serde_json::from_str(text)
 }
 
+/// An event's name as read from the wire.
+#[derive(Debug, Clone)]
+pub(crate) enum EventName<'a> {
+    /// One of the schema's event names (every event QEMU sends): kept as a
+    /// static string, so that an event costs no allocation for its name.
+    Known(&'static str),
+    /// Any other name.
+    Other(Cow<'a, str>),
+}
+
+impl<'a> EventName<'a> {
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventName::Known(name) => name,
+            EventName::Other(name) => name,
+        }
+    }
+
+    /// The name, static when the schema knows it.
+    pub fn of(name: Cow<'a, str>) -> Self {
+        match known_event_name(name.as_bytes()) {
+            Some(known) => EventName::Known(known),
+            None => EventName::Other(name),
+        }
+    }
+
+    /// The name in these bytes, if they are UTF-8. A known name needs no
+    /// UTF-8 check: the table holds it as a `str` already.
+    fn from_bytes(name: &'a [u8]) -> Option<Self> {
+        match known_event_name(name) {
+            Some(known) => Some(EventName::Known(known)),
+            None => std::str::from_utf8(name)
+                .ok()
+                .map(|name| EventName::Other(Cow::Borrowed(name))),
+        }
+    }
+}
+
+/// Names compare as text, whichever way each was kept.
+impl PartialEq for EventName<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for EventName<'_> {}
+
+/// The schema's spelling of an event name, if it is one of its events.
+#[inline]
+pub(crate) fn known_event_name(name: &[u8]) -> Option<&'static str> {
+    static NAMES: LazyLock<NameTable> =
+        LazyLock::new(|| NameTable::new(qmpkit_qapi::meta::EVENTS.iter().map(|event| event.name)));
+    NAMES.get(name)
+}
+
+/// A set of names, open addressing over a hash of a name's length and
+/// three of its bytes: about a third of what a general hash map's lookup
+/// costs, for a lookup made once per event. The table is kept at most an
+/// eighth full, so that a lookup rarely looks at a second slot.
+struct NameTable {
+    slots: Vec<Option<&'static str>>,
+}
+
+impl NameTable {
+    fn new(names: impl ExactSizeIterator<Item = &'static str>) -> Self {
+        let size = (names.len() * 8).next_power_of_two().max(64);
+        let mut table = NameTable {
+            slots: vec![None; size],
+        };
+        for name in names {
+            if table.get(name.as_bytes()).is_none() {
+                let mut at = table.slot_of(name.as_bytes());
+                while table.slots[at].is_some() {
+                    at = (at + 1) & (size - 1);
+                }
+                table.slots[at] = Some(name);
+            }
+        }
+        table
+    }
+
+    #[inline]
+    fn slot_of(&self, name: &[u8]) -> usize {
+        let key = match name {
+            [] => 0,
+            [first, .., last] | [first @ last] => {
+                (name.len() as u64) << 24
+                    | u64::from(*first) << 16
+                    | u64::from(name[name.len() / 2]) << 8
+                    | u64::from(*last)
+            }
+        };
+        // Fibonacci hashing: the top bits of the product mix every byte in.
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.slots.len().trailing_zeros())) as usize
+    }
+
+    #[inline]
+    fn get(&self, name: &[u8]) -> Option<&'static str> {
+        let mut at = self.slot_of(name);
+        loop {
+            let known = self.slots[at]?;
+            if known.as_bytes() == name {
+                return Some(known);
+            }
+            at = (at + 1) & (self.slots.len() - 1);
+        }
+    }
+}
+
 /// An event in QEMU's own layout, split without the general parse.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct QuickEvent<'a> {
-    pub name: &'a str,
+    pub name: EventName<'a>,
     pub timestamp: Timestamp,
     /// The `data` member's JSON text, if there is one (not yet validated).
     pub data: Option<&'a str>,
@@ -244,6 +355,87 @@ pub(crate) struct QuickEvent<'a> {
 /// gives `None` and takes the general parse. The data's JSON is validated
 /// when it is parsed into a value, which also fails on anything after it.
 pub(crate) fn quick_event(message: &[u8]) -> Option<QuickEvent<'_>> {
+    exact_event(message).or_else(|| spaced_event(message))
+}
+
+/// [`quick_event`] for an event spaced exactly as QEMU spaces it, which is
+/// every event QEMU sends: the fixed parts are compared whole instead of
+/// token by token, and only the data is checked for UTF-8, since everything
+/// else it accepts is ASCII. `None` for anything else, including what
+/// [`spaced_event`] would still take (other spacing, numbers of more than
+/// 18 digits): the two agree wherever this one gives an event.
+fn exact_event(message: &[u8]) -> Option<QuickEvent<'_>> {
+    let rest = message
+        .trim_ascii()
+        .strip_prefix(b"{\"timestamp\": {\"seconds\": ")?;
+    let (seconds, rest) = leading_integer(rest)?;
+    let rest = rest.strip_prefix(b", \"microseconds\": ")?;
+    let (microseconds, rest) = leading_integer(rest)?;
+    let rest = rest.strip_prefix(b"}, \"event\": \"")?;
+    let name_len = rest
+        .iter()
+        .position(|&b| !NAME_BYTES[usize::from(b)])
+        .filter(|&len| len > 0)?;
+    let (name, rest) = rest.split_at(name_len);
+    let data = if rest == b"\"}" {
+        None
+    } else {
+        let text = rest.strip_prefix(b"\", \"data\":")?.strip_suffix(b"}")?;
+        Some(std::str::from_utf8(text.trim_ascii_end()).ok()?)
+    };
+    Some(QuickEvent {
+        name: EventName::from_bytes(name)?,
+        timestamp: Timestamp {
+            seconds,
+            microseconds,
+        },
+        data,
+    })
+}
+
+/// The bytes [`quick_event`] takes in a name: ASCII letters, digits and
+/// `_`. A table, because a name is read a byte at a time.
+static NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'_';
+        b += 1;
+    }
+    table
+};
+
+/// An optional `-` and 1 to 18 digits (which cannot overflow), and what
+/// follows them. Leading zeros are taken, as `str::parse` takes them.
+#[inline]
+fn leading_integer(text: &[u8]) -> Option<(i64, &[u8])> {
+    let (negative, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, text),
+    };
+    // One pass that reads and adds up the digits.
+    let mut value = 0i64;
+    let mut len = 0;
+    for &b in digits {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            break;
+        }
+        len += 1;
+        if len > 18 {
+            return None;
+        }
+        value = value * 10 + i64::from(digit);
+    }
+    if len == 0 {
+        return None;
+    }
+    Some((if negative { -value } else { value }, &digits[len..]))
+}
+
+/// [`quick_event`] for any spacing between the tokens.
+fn spaced_event(message: &[u8]) -> Option<QuickEvent<'_>> {
     // Replies and errors are turned away before the UTF-8 check.
     let head = message.trim_ascii_start().strip_prefix(b"{")?;
     if !head.trim_ascii_start().starts_with(b"\"timestamp\"") {
@@ -286,7 +478,7 @@ pub(crate) fn quick_event(message: &[u8]) -> Option<QuickEvent<'_>> {
         return None;
     }
     Some(QuickEvent {
-        name,
+        name: EventName::of(Cow::Borrowed(name)),
         timestamp: Timestamp {
             seconds,
             microseconds,
@@ -433,14 +625,19 @@ mod tests {
             quick_event(br#"{"timestamp": {"seconds": 1700000000, "microseconds": 42}, "event": "STOP"}"#)
                 .unwrap();
         assert_eq!(
-            (e.name, e.timestamp.seconds, e.timestamp.microseconds, e.data),
+            (
+                e.name.as_str(),
+                e.timestamp.seconds,
+                e.timestamp.microseconds,
+                e.data
+            ),
             ("STOP", 1700000000, 42, None)
         );
         let e = quick_event(
             b" {\"timestamp\":{\"seconds\":-1,\"microseconds\":-1},\"event\":\"BLOCK_JOB_READY\",\"data\":{\"device\":\"j}\",\"len\":5}}\r\n",
         )
         .unwrap();
-        assert_eq!((e.name, e.timestamp.seconds), ("BLOCK_JOB_READY", -1));
+        assert_eq!((e.name.as_str(), e.timestamp.seconds), ("BLOCK_JOB_READY", -1));
         assert_eq!(e.data, Some(r#"{"device":"j}","len":5}"#));
         // Anything else takes the general parse.
         for msg in [
@@ -455,6 +652,154 @@ mod tests {
         ] {
             assert!(quick_event(msg).is_none(), "{}", String::from_utf8_lossy(msg));
         }
+    }
+
+    /// Where the exact-layout reader gives an event, the token-by-token
+    /// one gives the same; QEMU's own layout always takes the exact one.
+    #[test]
+    fn the_exact_layout_reader_agrees_with_the_spaced_one() {
+        let qemu: &[&[u8]] = &[
+            br#"{"timestamp": {"seconds": 1700000000, "microseconds": 42}, "event": "STOP"}"#,
+            b"{\"timestamp\": {\"seconds\": -1, \"microseconds\": -1}, \"event\": \"RESUME\"}\r\n",
+            br#"{"timestamp": {"seconds": 0, "microseconds": 0}, "event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral/nic0", "device": "nic0"}}"#,
+            "{\"timestamp\": {\"seconds\": 5, \"microseconds\": 6}, \"event\": \"X\", \"data\": {\"s\": \"caf\\u00e9 caf\u{e9} }\"}}".as_bytes(),
+            br#"{"timestamp": {"seconds": 007, "microseconds": -0}, "event": "E9_x", "data": {}}"#,
+            br#"{"timestamp": {"seconds": 123456789012345678, "microseconds": 1}, "event": "A", "data": [1, 2]  }"#,
+        ];
+        for msg in qemu {
+            let exact = exact_event(msg);
+            assert!(exact.is_some(), "{}", String::from_utf8_lossy(msg));
+            assert_eq!(exact, spaced_event(msg), "{}", String::from_utf8_lossy(msg));
+        }
+        let e = exact_event(qemu[3]).unwrap();
+        assert_eq!(e.data, Some(r#" {"s": "caf\u00e9 café }"}"#));
+        let e = exact_event(qemu[4]).unwrap();
+        assert_eq!(
+            (e.timestamp.seconds, e.timestamp.microseconds, e.data),
+            (7, 0, Some(" {}"))
+        );
+        // Not for the exact reader; the spaced one decides (and takes some).
+        let other: &[&[u8]] = &[
+            br#"{"timestamp":{"seconds":1,"microseconds":2},"event":"STOP"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP" }"#,
+            br#"{ "timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP","data":{}}"#,
+            b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\":\t\"STOP\"}",
+            br#"{"timestamp": {"seconds": 1234567890123456789, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": 99999999999999999999, "microseconds": 2}, "event": "STOP"}"#,
+            // Not events the quick path takes at all.
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "ST\u004fP"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "AGENT-STARTED"}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": ""}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP", "extra": 1}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}, "data": 1}"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"} x"#,
+            br#"{"timestamp": {"seconds": -, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": +1, "microseconds": 2}, "event": "STOP"}"#,
+            br#"{"timestamp": {"seconds": 1.5, "microseconds": 2}, "event": "STOP"}"#,
+            "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"ST\u{e9}P\"}".as_bytes(),
+            b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"X\", \"data\": \"\xff\"}",
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP", "data": 1"#,
+            br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"#,
+            br#"{"timestamp": {"seconds": 1, "#,
+            br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+            br#"{"return": {}, "id": 1}"#,
+            b"",
+        ];
+        for msg in other {
+            assert_eq!(exact_event(msg), None, "{}", String::from_utf8_lossy(msg));
+        }
+        assert!(spaced_event(other[0]).is_some() && spaced_event(other[5]).is_some());
+        assert_eq!(quick_event(other[0]), spaced_event(other[0]));
+        // Every cut and every one-byte change of QEMU's layout: the exact
+        // reader either turns it away or agrees with the spaced one.
+        let mut rng = fastrand::Rng::with_seed(16);
+        let alphabet = b" \t\r\n{}[]\":,-_09aZ\\\xc3\xa9\xff";
+        for msg in qemu {
+            for cut in 0..msg.len() {
+                let cut = &msg[..cut];
+                if let Some(e) = exact_event(cut) {
+                    assert_eq!(Some(e), spaced_event(cut), "{}", String::from_utf8_lossy(cut));
+                }
+            }
+            for _ in 0..3000 {
+                let mut m = msg.to_vec();
+                let at = rng.usize(..m.len());
+                match rng.u8(..3) {
+                    0 => m[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 => m.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                    _ => drop(m.remove(at)),
+                }
+                if let Some(e) = exact_event(&m) {
+                    assert_eq!(Some(e), spaced_event(&m), "{}", String::from_utf8_lossy(&m));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn name_bytes_are_letters_digits_and_underscores() {
+        for b in 0..=255u8 {
+            assert_eq!(
+                NAME_BYTES[usize::from(b)],
+                b.is_ascii_alphanumeric() || b == b'_',
+                "{b}"
+            );
+        }
+        assert_eq!(leading_integer(b"-0x"), Some((0, &b"x"[..])));
+        assert_eq!(
+            leading_integer(b"999999999999999999}"),
+            Some((999_999_999_999_999_999, &b"}"[..]))
+        );
+        assert_eq!(
+            leading_integer(b"-999999999999999999"),
+            Some((-999_999_999_999_999_999, &b""[..]))
+        );
+        for none in [&b"1234567890123456789"[..], b"-", b"", b"+1", b"-x", b" 1"] {
+            assert_eq!(leading_integer(none), None);
+        }
+    }
+
+    #[test]
+    fn the_schemas_event_names_are_kept_static() {
+        assert_eq!(known_event_name(b"STOP"), Some("STOP"));
+        assert_eq!(known_event_name(b"DEVICE_DELETED"), Some("DEVICE_DELETED"));
+        for unknown in [&b"stop"[..], b"STO", b"STOPP", b"AGENT-STARTED", b"", b"ST\xffP"] {
+            assert_eq!(known_event_name(unknown), None);
+        }
+        // Every one of the schema's names is found, as itself.
+        for event in qmpkit_qapi::meta::EVENTS {
+            assert_eq!(known_event_name(event.name.as_bytes()), Some(event.name));
+        }
+        // Names with the same length and the same three bytes share a slot
+        // and are told apart by probing.
+        let crowded = NameTable::new(["AQYB", "AZYB", "ARYB", "A", "AB", "AQYB"].into_iter());
+        for name in ["AQYB", "AZYB", "ARYB", "A", "AB"] {
+            assert_eq!(crowded.get(name.as_bytes()), Some(name));
+        }
+        for name in ["ASYB", "B", "", "ABB", "AQY"] {
+            assert_eq!(crowded.get(name.as_bytes()), None);
+        }
+        assert!(matches!(
+            EventName::from_bytes(b"STOP"),
+            Some(EventName::Known("STOP"))
+        ));
+        assert!(matches!(
+            EventName::from_bytes(b"MY_EVENT"),
+            Some(EventName::Other(Cow::Borrowed("MY_EVENT")))
+        ));
+        assert_eq!(EventName::from_bytes(b"MY_\xc3"), None);
+        assert!(matches!(
+            EventName::of(Cow::Owned("RESUME".into())),
+            EventName::Known("RESUME")
+        ));
+        assert_eq!(
+            EventName::of(Cow::Borrowed("X")),
+            EventName::Other(Cow::Owned("X".into()))
+        );
+        let e =
+            quick_event(br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "NEW_ONE"}"#).unwrap();
+        assert_eq!(e.name.as_str(), "NEW_ONE");
     }
 
     #[test]
