@@ -530,6 +530,9 @@ async fn a_dropped_connection_fails_everything_in_flight_at_once() {
     // Later calls fail at once; event streams end.
     let err = client.execute_raw("later", Value::Null).await.unwrap_err();
     assert!(err.is_disconnected());
+    // The typed operations too (they send when called, and carry the refusal).
+    let err = client.status().await.unwrap_err();
+    assert!(err.is_disconnected(), "{err:?}");
     assert!(within(5, events.next()).await.is_none());
 }
 

@@ -362,3 +362,43 @@ impl ConnectOptions {
         Ok((tx, shared))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::ClosedFlag;
+
+    #[tokio::test]
+    async fn a_closed_flag_wakes_those_already_waiting_and_answers_later_ones_at_once() {
+        let flag = Arc::new(ClosedFlag::default());
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let flag = flag.clone();
+                tokio::spawn(async move { flag.wait().await })
+            })
+            .collect();
+        // On this one-thread runtime, yielding lets each waiter run up to
+        // its wait, registered with the flag.
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!flag.is_set());
+        assert!(
+            waiters.iter().all(|w| !w.is_finished()),
+            "nobody is woken before the close"
+        );
+        flag.set();
+        assert!(flag.is_set());
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter from before the close is woken")
+                .unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(5), flag.wait())
+            .await
+            .expect("a wait after the close ends at once");
+    }
+}
