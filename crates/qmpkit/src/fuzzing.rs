@@ -4,7 +4,7 @@
 //! layer promises does not hold, which is what a fuzzer looks for.
 
 use crate::wire::message::{classify, Message, Outcome};
-use crate::wire::splitter::{Frame, Splitter};
+use crate::wire::splitter::{Fragment, Frame, Splitter};
 
 /// A well-formed reply that must come through after any input.
 const MARKER: &[u8] = b"\r\n{\"return\": {\"fuzz\": true}, \"id\": 18446744073709551615}\r\n";
@@ -13,14 +13,36 @@ const MARKER: &[u8] = b"\r\n{\"return\": {\"fuzz\": true}, \"id\": 1844674407370
 /// under a small size limit, and checks that every frame lies within the
 /// buffer, that every message is one object, that nothing is left open
 /// once the stream ends with a line break, and that a well-formed reply
-/// sent after any input is the last frame, whole.
+/// sent after any input is the last frame, whole. The same stream through a
+/// splitter that scans byte by byte only must give the same frames: the
+/// block scan (64 bytes at a time) is an optimisation, never a difference.
 pub fn split(data: &[u8], cuts: &[u8], limit: usize) {
-    let mut s = Splitter::new(limit);
     let mut stream = data.to_vec();
     stream.extend_from_slice(MARKER);
+    let blocks = frames_of(Splitter::new(limit), &stream, cuts);
+    let bytewise = frames_of(Splitter::bytewise(limit), &stream, cuts);
+    assert!(blocks == bytewise, "the block scan and the byte loop disagree");
+    assert!(
+        matches!(blocks.last(), Some(Seen::Message(m)) if m == MARKER.trim_ascii()),
+        "the well-formed reply after the input was lost"
+    );
+}
+
+/// What a splitter handed over, to compare two splitters' output.
+#[derive(PartialEq)]
+enum Seen {
+    Message(Vec<u8>),
+    TooLarge(Fragment),
+    Corrupt(Fragment),
+    Garbage(usize),
+}
+
+/// Every frame `s` makes of `stream` arriving in pieces of the sizes `cuts`
+/// gives, each checked on the way.
+fn frames_of(mut s: Splitter, stream: &[u8], cuts: &[u8]) -> Vec<Seen> {
     let mut pieces = cuts.iter().map(|&c| usize::from(c).max(1)).cycle();
-    let mut rest = &stream[..];
-    let mut last = None;
+    let mut rest = stream;
+    let mut frames = Vec::new();
     while !rest.is_empty() {
         let n = pieces.next().unwrap_or(rest.len()).min(rest.len());
         let spare = s.spare();
@@ -29,32 +51,32 @@ pub fn split(data: &[u8], cuts: &[u8], limit: usize) {
         s.filled(n);
         rest = &rest[n..];
         while let Some(frame) = s.next_frame() {
-            last = Some(match frame {
+            frames.push(match frame {
                 Frame::Message(range) => {
                     let bytes = s.bytes(range);
                     assert!(
                         bytes.first() == Some(&b'{') && bytes.last() == Some(&b'}'),
                         "not one object"
                     );
-                    bytes.to_vec()
+                    Seen::Message(bytes.to_vec())
                 }
-                Frame::TooLarge(f) | Frame::Corrupt(f) => {
+                Frame::TooLarge(f) => {
                     assert!(f.head.len() <= f.size && f.tail.len() <= f.size);
-                    Vec::new()
+                    Seen::TooLarge(f)
+                }
+                Frame::Corrupt(f) => {
+                    assert!(f.head.len() <= f.size && f.tail.len() <= f.size);
+                    Seen::Corrupt(f)
                 }
                 Frame::Garbage(n) => {
                     assert!(n > 0, "empty garbage");
-                    Vec::new()
+                    Seen::Garbage(n)
                 }
             });
         }
     }
-    assert_eq!(
-        last.as_deref(),
-        Some(MARKER.trim_ascii()),
-        "the well-formed reply after the input was lost"
-    );
     assert!(!s.has_partial(), "a message is still open after the stream ended");
+    frames
 }
 
 /// Classifies `data` as one message and checks that what it says is

@@ -297,6 +297,16 @@ impl Splitter {
         }
     }
 
+    /// A splitter that scans byte by byte only, never a block at once: the
+    /// reference the block scan is fuzzed against.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn bytewise(limit: usize) -> Self {
+        Splitter {
+            blocks: false,
+            ..Splitter::new(limit)
+        }
+    }
+
     /// A splitter for a few small messages (the handshake): its buffer starts
     /// at 2 KiB, so that thousands of concurrent connects do not each touch
     /// 64 KiB of memory. It grows like any other when a message needs it.
