@@ -10,10 +10,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::oneshot;
 
 use crate::connection::transport::Transport;
-use crate::connection::{Address, ConnectOptions, Outgoing, Reply, Sender, Shared};
+use crate::connection::{Address, Call, ConnectOptions, Got, NewCall, Reply, Sender, Shared, Waiter};
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream};
 use crate::schema::Schema;
@@ -581,10 +580,10 @@ impl Client {
             .unwrap_or_else(|| shared.config.timeout_for(&name));
         // Go logs what goes through its RunJSON, and fd passing does not.
         let log = !options.no_log && options.fds.is_empty() && !shared.config.log_excludes(&name);
-        let (reply, rx) = oneshot::channel();
-        // Boxed: the queues hold one pointer per request, which keeps an
-        // idle connection's queues small.
-        let out = Box::new(Outgoing {
+        // One allocation for the request and its reply slot; the queues
+        // hold one pointer per request, which keeps an idle connection's
+        // queues small.
+        let (waiter, request) = Call::start(NewCall {
             id,
             name,
             bytes,
@@ -592,14 +591,15 @@ impl Client {
             oob: options.oob,
             log,
             budget,
-            deadline: None,
-            reply,
         });
-        if let Err(out) = self.inner.tx.send(out) {
-            drop(out);
+        if let Err(request) = self.inner.tx.send(request) {
+            // Told nothing: the waiter is dropped first, so the request's
+            // drop does not bother to hand it a result.
+            drop(waiter);
+            drop(request);
             return Err(self.close_reason());
         }
-        Ok(ReplyWait { client: self, rx })
+        Ok(ReplyWait { client: self, waiter })
     }
 }
 
@@ -641,7 +641,7 @@ impl<R: DeserializeOwned> std::future::Future for Typed<'_, R> {
 /// request not written yet never will be, and its reply is discarded.
 struct ReplyWait<'a> {
     client: &'a Client,
-    rx: oneshot::Receiver<Result<Reply>>,
+    waiter: Waiter,
 }
 
 impl std::future::Future for ReplyWait<'_> {
@@ -651,8 +651,9 @@ impl std::future::Future for ReplyWait<'_> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<Reply>> {
-        std::pin::Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|got| got.unwrap_or_else(|_| Err(self.client.close_reason())))
+        self.waiter.poll(cx).map(|got| match got {
+            Got::Result(result) => result,
+            Got::Dropped => Err(self.client.close_reason()),
+        })
     }
 }

@@ -6,8 +6,8 @@
 //! descriptors always travel on the `sendmsg` that starts with that command's
 //! first byte. Replies are matched by id, never by order.
 //!
-//! The task never waits on a caller or a subscriber: replies go into oneshot
-//! slots and events into bounded per-subscriber queues. Only end-of-stream or
+//! The task never waits on a caller or a subscriber: replies go into their
+//! calls' slots and events into bounded per-subscriber queues. Only end-of-stream or
 //! a socket error ends it (or every handle being dropped, or `disconnect`).
 //!
 //! Writing is guarded so that a frozen QEMU cannot make a timed-out command
@@ -24,11 +24,11 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 use tokio::time::Sleep;
 
+use super::call::{Reply, Request};
 use super::handshake::Handshaken;
-use super::inflight::{self, InFlight, Pending};
+use super::inflight::{InFlight, Pending};
 use super::requests::{Sender, Signal};
 use super::traffic_log::TrafficLog;
 use super::transport::Transport;
@@ -37,46 +37,7 @@ use crate::error::{Error, ErrorClass, QmpError};
 use crate::event::Event;
 use crate::wire::message::{classify, Message, Outcome};
 use crate::wire::splitter::{Fragment, Frame};
-use crate::wire::{parse_message, EventName, ReturnOf, Timestamp};
-
-/// What a caller gets back: a success reply, or an error.
-pub(crate) type ReplyResult = Result<Reply, Error>;
-
-/// Where a caller waits for its result.
-pub(crate) type ReplySlot = oneshot::Sender<ReplyResult>;
-
-/// One request on its way to QEMU, as the connection's task takes it.
-pub(crate) type Outgoing = inflight::Outgoing<ReplySlot>;
-
-/// A success reply on its way to the caller, who decodes it.
-pub(crate) enum Reply {
-    /// A whole `{"return": VALUE, "id": ID}` message, recognised without
-    /// parsing it, and where VALUE lies in it: the caller's typed decode is
-    /// then the only pass over it.
-    Message {
-        bytes: Box<[u8]>,
-        value: std::ops::Range<usize>,
-    },
-    /// The `return` value of a message that needed the full parse.
-    Value(Box<RawValue>),
-}
-
-impl Reply {
-    /// Decodes the `return` value into the caller's type.
-    pub(crate) fn decode<R: serde::de::DeserializeOwned>(&self, command: &str) -> Result<R, Error> {
-        match self {
-            // The value alone first; if its bytes are not one JSON value
-            // (a message only shaped like a plain reply), the whole message
-            // decides, and gives the error if there is one.
-            Reply::Message { bytes, value } => parse_message::<R>(&bytes[value.clone()])
-                .or_else(|_| parse_message::<ReturnOf<R>>(bytes).map(|r| r.value))
-                .map_err(|e| Error::decode(command, bytes, e)),
-            Reply::Value(raw) => {
-                serde_json::from_str(raw.get()).map_err(|e| Error::decode(command, raw.get().as_bytes(), e))
-            }
-        }
-    }
-}
+use crate::wire::{EventName, Timestamp};
 
 /// Starts the task for a connection that completed its handshake; returns
 /// the callers' end of its request queue. The task and the handles share `shared`.
@@ -139,7 +100,7 @@ struct State {
     shared: Arc<Shared>,
     log: Option<TrafficLog>,
     /// Every request between the callers and QEMU.
-    inflight: InFlight<ReplySlot>,
+    inflight: InFlight,
     /// Bytes committed to the socket, written up to `wpos`.
     wbuf: Vec<u8>,
     wpos: usize,
@@ -462,7 +423,7 @@ impl Driver {
         let _ = st.shared.close_reason.set(Box::new(err.clone()));
         // No request may slip in after this point unanswered.
         for out in self.requests.requests.close() {
-            let _ = out.reply.send(Err(err.clone()));
+            out.fail(err.clone());
         }
         st.inflight.fail_all(&err);
         st.shared.subscribers.close();
@@ -471,7 +432,7 @@ impl Driver {
 }
 
 impl State {
-    fn enqueue(&mut self, out: Box<Outgoing>, now: Instant) {
+    fn enqueue(&mut self, out: Request, now: Instant) {
         if let Some(deadline) = self.inflight.enqueue(out, now) {
             self.arm_deadline_timer(deadline);
         }
@@ -513,11 +474,13 @@ impl State {
         // A probe's budget is the default one, read here rather than kept
         // in the task, which is allocated per connection by size class.
         let probe_budget = self.shared.config.default_timeout;
-        let filled = self.inflight.fill(&mut self.wbuf, now, probe_budget, |out| {
-            if let Some(log) = log.filter(|_| out.log) {
-                log.query(&out.bytes);
-            }
-        });
+        let filled = self
+            .inflight
+            .fill(&mut self.wbuf, now, probe_budget, |out, bytes| {
+                if let Some(log) = log.filter(|_| out.log) {
+                    log.query(bytes);
+                }
+            });
         self.wfds = filled.fds;
         if let Some(deadline) = filled.probe_deadline {
             self.arm_deadline_timer(deadline);
@@ -557,49 +520,41 @@ impl State {
             crate::diag::debug!(id, "QMP: dropped a reply to a command this client did not send");
             return;
         };
-        let Pending {
-            name,
-            reply,
-            log,
-            sent_at,
-            ..
-        } = p;
-        let Some(reply) = reply else {
-            crate::diag::debug!(command = %name, id, "QMP: dropped a late reply (its caller timed out)");
+        let waiting = p.has_caller();
+        let Pending { request, sent_at, .. } = p;
+        if !waiting {
+            crate::diag::debug!(command = %request.name, id, "QMP: dropped a late reply (its caller timed out or gave up)");
             return;
-        };
-        if log {
+        }
+        if request.log {
             if let Some(traffic_log) = &self.log {
                 traffic_log.reply(bytes);
             }
         }
+        crate::diag::debug!(
+            command = %request.name,
+            id,
+            latency_us = sent_at.map(|t| t.elapsed().as_micros() as u64),
+            ok = !matches!(outcome, Outcome::Error(_) | Outcome::Malformed(_)),
+            "QMP reply"
+        );
         let result = match outcome {
-            Outcome::Plain(value) => Ok(Reply::Message {
-                bytes: bytes.into(),
-                value,
-            }),
+            Outcome::Plain(value) => return request.reply_message(bytes, value),
             Outcome::Return(raw) => Ok(Reply::Value(raw.to_owned())),
             Outcome::Empty => Ok(Reply::Value(
                 RawValue::from_string("{}".to_owned()).expect("{} is JSON"),
             )),
             Outcome::Error(err) => Err(Error::Qmp(QmpError {
-                command: name.to_string(),
+                command: request.name.to_string(),
                 class: ErrorClass::from_name(&err.class),
                 desc: err.desc,
             })),
             Outcome::Malformed(e) => {
-                crate::diag::warning!(command = %name, id, error = %e, "QMP: malformed reply");
-                Err(Error::decode(&name, bytes, e))
+                crate::diag::warning!(command = %request.name, id, error = %e, "QMP: malformed reply");
+                Err(Error::decode(&request.name, bytes, e))
             }
         };
-        crate::diag::debug!(
-            command = %name,
-            id,
-            latency_us = sent_at.map(|t| t.elapsed().as_micros() as u64),
-            ok = result.is_ok(),
-            "QMP reply"
-        );
-        let _ = reply.send(result);
+        request.send(result);
     }
 
     /// Logs an event, remembers the last SHUTDOWN, and queues the event
@@ -645,9 +600,9 @@ impl State {
         }
         match self.owner_of_fragment(&o).and_then(|id| self.inflight.answer(id)) {
             Some(p) => {
-                crate::diag::warning!(command = %p.name, size = o.size, limit, "QMP: reply larger than the message size limit");
-                if let Some(reply) = p.reply {
-                    let _ = reply.send(Err(Error::MessageTooLarge { size: o.size, limit }));
+                crate::diag::warning!(command = %p.request.name, size = o.size, limit, "QMP: reply larger than the message size limit");
+                if p.has_caller() {
+                    p.request.fail(Error::MessageTooLarge { size: o.size, limit });
                 }
             }
             None => crate::diag::warning!(
@@ -670,12 +625,12 @@ impl State {
         }
         match c.id().and_then(|id| self.inflight.answer(id)) {
             Some(p) => {
-                crate::diag::warning!(command = %p.name, size = c.size, "QMP: reply cut short by the next message");
-                if let Some(reply) = p.reply {
+                crate::diag::warning!(command = %p.request.name, size = c.size, "QMP: reply cut short by the next message");
+                if p.has_caller() {
                     let e = serde_json::from_slice::<serde::de::IgnoredAny>(&c.head)
                         .err()
                         .unwrap_or_else(|| serde::de::Error::custom("the message was cut short"));
-                    let _ = reply.send(Err(Error::decode(&p.name, &c.head, e)));
+                    p.request.fail(Error::decode(&p.request.name, &c.head, e));
                 }
             }
             None => crate::diag::warning!(

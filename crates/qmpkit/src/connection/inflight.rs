@@ -34,13 +34,13 @@
 //!   late replies are then dropped as unknown), and an error without an id
 //!   is no longer attributed by order until the in-band queue empties.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
+use super::call::Request;
 use crate::error::Error;
 
 /// QEMU queues at most this many in-band commands when OOB is enabled
@@ -54,62 +54,19 @@ pub(crate) const ABANDONED_LIMIT: usize = 1024;
 /// own counter (starting at 1) never reaches.
 const PROBE_IDS: u64 = 1 << 63;
 
-/// Where a caller's result goes: a oneshot sender in the connection, a
-/// recording slot in tests.
-pub(crate) trait Slot {
-    /// What a successful reply hands over.
-    type Value;
-    /// True when the caller stopped waiting (dropped its end).
-    fn is_closed(&self) -> bool;
-    /// Hands the result over; a caller that stopped waiting ignores it.
-    fn send(self, result: Result<Self::Value, Error>);
-}
-
-impl<T> Slot for tokio::sync::oneshot::Sender<Result<T, Error>> {
-    type Value = T;
-
-    fn is_closed(&self) -> bool {
-        tokio::sync::oneshot::Sender::is_closed(self)
-    }
-
-    fn send(self, result: Result<T, Error>) {
-        let _ = tokio::sync::oneshot::Sender::send(self, result);
-    }
-}
-
-/// One serialised request on its way to QEMU.
-pub(crate) struct Outgoing<S> {
-    pub id: u64,
-    pub name: Cow<'static, str>,
-    pub bytes: Vec<u8>,
-    pub fds: Vec<OwnedFd>,
-    pub oob: bool,
-    pub log: bool,
-    /// How long the caller waits for the reply.
-    pub budget: Duration,
-    /// When the caller gives up; set when the request is enqueued (`None`:
-    /// a budget too large to represent, so never).
-    pub deadline: Option<Instant>,
-    pub reply: S,
-}
-
 /// A request written to QEMU and not yet answered.
-pub(crate) struct Pending<S> {
-    pub name: Cow<'static, str>,
-    /// `None` once the caller was told it timed out (or for a probe).
-    pub reply: Option<S>,
-    pub budget: Duration,
-    pub deadline: Option<Instant>,
-    pub oob: bool,
-    pub log: bool,
+pub(crate) struct Pending {
+    pub request: Request,
+    /// Its deadline passed: the caller was told (a probe: forgotten).
+    pub expired: bool,
     /// When it was written, if the connection measures latencies.
     pub sent_at: Option<Instant>,
 }
 
-impl<S: Slot> Pending<S> {
+impl Pending {
     /// True while a caller waits for this reply.
-    fn has_caller(&self) -> bool {
-        self.reply.as_ref().is_some_and(|r| !r.is_closed())
+    pub(crate) fn has_caller(&self) -> bool {
+        !self.expired && !self.request.is_closed()
     }
 }
 
@@ -194,21 +151,21 @@ pub(crate) struct Filled {
 }
 
 /// The bookkeeping of one connection. `S` is where callers' results go.
-pub(crate) struct InFlight<S> {
+pub(crate) struct InFlight {
     /// QEMU's queue limit applies (`oob` was negotiated).
     oob: bool,
     /// The server answers in-band commands in order, as QEMU does: a reply
     /// proves earlier ones lost, and probes can release them.
     in_order: bool,
     /// Written and unanswered, by id.
-    pending: PendingMap<Pending<S>>,
+    pending: PendingMap<Pending>,
     /// In-band ids written and unanswered (or at least not known lost), oldest first.
     inband: VecDeque<u64>,
     /// Requests not written yet.
-    queue: VecDeque<Box<Outgoing<S>>>,
+    queue: VecDeque<Request>,
     /// What only out-of-band commands, fd passing and callers that gave
     /// up need; `None` until then.
-    seldom: Option<Box<Seldom<S>>>,
+    seldom: Option<Box<Seldom>>,
     /// The unanswered command that carried fds.
     fd_command: Option<u64>,
     /// The probe in flight.
@@ -224,25 +181,16 @@ pub(crate) struct InFlight<S> {
 /// use: 96 bytes less in every connection's task, which for a connection
 /// that never uses them is a smaller allocation size class (see the
 /// driver's `Task`).
-struct Seldom<S> {
-    oob_queue: VecDeque<Box<Outgoing<S>>>,
+#[derive(Default)]
+struct Seldom {
+    oob_queue: VecDeque<Request>,
     /// Requests with fds held back by the fd rule, in order.
-    fd_queue: VecDeque<Box<Outgoing<S>>>,
+    fd_queue: VecDeque<Request>,
     /// Ids whose callers gave up, oldest first (some may be answered since).
     abandoned: VecDeque<u64>,
 }
 
-impl<S> Default for Seldom<S> {
-    fn default() -> Self {
-        Seldom {
-            oob_queue: VecDeque::new(),
-            fd_queue: VecDeque::new(),
-            abandoned: VecDeque::new(),
-        }
-    }
-}
-
-impl<S> InFlight<S> {
+impl InFlight {
     /// Bookkeeping for a connection; `oob` when QEMU's queue limit applies.
     /// `in_order` unless the server may answer in-band commands out of order.
     pub(crate) fn new(oob: bool, in_order: bool) -> Self {
@@ -277,7 +225,7 @@ impl<S> InFlight<S> {
     }
 
     /// The seldom-used queues, made on first use.
-    fn seldom(&mut self) -> &mut Seldom<S> {
+    fn seldom(&mut self) -> &mut Seldom {
         self.seldom.get_or_insert_with(Box::default)
     }
 
@@ -287,9 +235,8 @@ impl<S> InFlight<S> {
     }
 
     /// Takes a request from a caller; returns its deadline, for the timer.
-    pub(crate) fn enqueue(&mut self, mut out: Box<Outgoing<S>>, now: Instant) -> Option<Instant> {
-        out.deadline = now.checked_add(out.budget);
-        let deadline = out.deadline;
+    pub(crate) fn enqueue(&mut self, out: Request, now: Instant) -> Option<Instant> {
+        let deadline = out.start_clock(now);
         if out.oob {
             self.seldom().oob_queue.push_back(out);
         } else {
@@ -297,9 +244,7 @@ impl<S> InFlight<S> {
         }
         deadline
     }
-}
 
-impl<S: Slot> InFlight<S> {
     /// Moves what may be written now into `wbuf` (which the task writes
     /// whole before calling again): out-of-band requests first, then
     /// in-band ones within the rules. A request with fds goes alone, at the
@@ -312,13 +257,13 @@ impl<S: Slot> InFlight<S> {
         wbuf: &mut Vec<u8>,
         now: Option<Instant>,
         probe_budget: Duration,
-        mut written: impl FnMut(&Outgoing<S>),
+        mut written: impl FnMut(&Request, &[u8]),
     ) -> Filled {
         let mut batch = Filled::default();
         loop {
             // Out-of-band requests are never held back.
             if let Some(out) = self.seldom.as_mut().and_then(|s| s.oob_queue.pop_front()) {
-                self.commit(*out, wbuf, &mut batch, now, &mut written);
+                self.commit(out, wbuf, &mut batch, now, &mut written);
                 continue;
             }
             // An fd request held back goes first once the rule allows it.
@@ -334,8 +279,8 @@ impl<S: Slot> InFlight<S> {
                     self.queue.pop_front()
                 }
                 .expect("checked non-empty");
-                if !out.fds.is_empty() {
-                    if out.reply.is_closed() {
+                if out.passes_fds {
+                    if out.is_closed() {
                         // Its caller gave up: never written, fds closed.
                         continue;
                     }
@@ -348,10 +293,10 @@ impl<S: Slot> InFlight<S> {
                         self.queue.push_front(out);
                         return batch;
                     }
-                    self.commit(*out, wbuf, &mut batch, now, &mut written);
+                    self.commit(out, wbuf, &mut batch, now, &mut written);
                     return batch;
                 }
-                self.commit(*out, wbuf, &mut batch, now, &mut written);
+                self.commit(out, wbuf, &mut batch, now, &mut written);
                 continue;
             }
             // Only fd requests wait, held by an fd command nobody waits for.
@@ -392,16 +337,13 @@ impl<S: Slot> InFlight<S> {
             .expect("a request without arguments encodes");
         self.probe = Some(id);
         self.inband.push_back(id);
-        let deadline = (now.unwrap_or_else(Instant::now)).checked_add(budget);
+        let probe = Request::probe(id, budget);
+        let deadline = probe.start_clock(now.unwrap_or_else(Instant::now));
         self.pending.insert(
             id,
             Pending {
-                name: Cow::Borrowed("query-version"),
-                reply: None,
-                budget,
-                deadline,
-                oob: false,
-                log: false,
+                request: probe,
+                expired: false,
                 sent_at: None,
             },
         );
@@ -415,22 +357,23 @@ impl<S: Slot> InFlight<S> {
     /// Adds a request to the batch; false if its caller gave up already.
     fn commit(
         &mut self,
-        out: Outgoing<S>,
+        out: Request,
         wbuf: &mut Vec<u8>,
         batch: &mut Filled,
         now: Option<Instant>,
-        written: &mut impl FnMut(&Outgoing<S>),
+        written: &mut impl FnMut(&Request, &[u8]),
     ) -> bool {
-        if out.reply.is_closed() {
+        if out.is_closed() {
             // The caller gave up (timeout or cancellation) before the
             // request was written: it never reaches QEMU. Its fds close on drop.
             crate::diag::debug!(command = %out.name, id = out.id, "dropped a request whose caller gave up");
             return false;
         }
-        written(&out);
-        wbuf.extend_from_slice(&out.bytes);
-        if !out.fds.is_empty() {
-            batch.fds = out.fds;
+        let start = wbuf.len();
+        let fds = out.write_into(wbuf);
+        written(&out, &wbuf[start..]);
+        if !fds.is_empty() {
+            batch.fds = fds;
             self.fd_command = Some(out.id);
         }
         if !out.oob {
@@ -439,12 +382,8 @@ impl<S: Slot> InFlight<S> {
         self.pending.insert(
             out.id,
             Pending {
-                name: out.name,
-                reply: Some(out.reply),
-                budget: out.budget,
-                deadline: out.deadline,
-                oob: out.oob,
-                log: out.log,
+                request: out,
+                expired: false,
                 sent_at: now,
             },
         );
@@ -454,7 +393,7 @@ impl<S: Slot> InFlight<S> {
     /// A reply (or a message that answers `id` somehow) arrived: the
     /// request's bookkeeping, if `id` is one of ours and unanswered. Earlier
     /// in-band commands are released as lost (see the module docs).
-    pub(crate) fn answer(&mut self, id: u64) -> Option<Pending<S>> {
+    pub(crate) fn answer(&mut self, id: u64) -> Option<Pending> {
         let p = self.pending.remove(&id)?;
         if self.fd_command == Some(id) {
             self.fd_command = None;
@@ -462,7 +401,7 @@ impl<S: Slot> InFlight<S> {
         if self.probe == Some(id) {
             self.probe = None;
         }
-        if !p.oob {
+        if !p.request.oob {
             if let Some(at) = self.inband.iter().position(|&x| x == id) {
                 if self.in_order {
                     for lost in self.inband.drain(..at).collect::<Vec<_>>() {
@@ -489,16 +428,12 @@ impl<S: Slot> InFlight<S> {
         if self.probe == Some(id) {
             self.probe = None;
         }
-        match p.reply {
-            Some(reply) => {
-                crate::diag::warning!(command = %p.name, id, "QMP: a later reply came first: this command's reply was lost");
-                reply.send(Err(Error::ReplyLost {
-                    command: p.name.into_owned(),
-                }));
-            }
-            None => {
-                crate::diag::debug!(command = %p.name, id, "QMP: forgot a timed-out command whose reply was lost")
-            }
+        if p.has_caller() {
+            crate::diag::warning!(command = %p.request.name, id, "QMP: a later reply came first: this command's reply was lost");
+            let command = p.request.name.to_string();
+            p.request.fail(Error::ReplyLost { command });
+        } else {
+            crate::diag::debug!(command = %p.request.name, id, "QMP: forgot a timed-out command whose reply was lost")
         }
     }
 
@@ -535,10 +470,10 @@ impl<S: Slot> InFlight<S> {
         };
         for queue in [Some(&mut self.queue), oob_queue, fd_queue].into_iter().flatten() {
             for out in std::mem::take(queue) {
-                match out.deadline {
+                match out.deadline() {
                     Some(d) if d <= now => {
                         crate::diag::debug!(command = %out.name, id = out.id, "QMP: timed out before it was written");
-                        out.reply.send(Err(timeout(&out.name, out.budget)));
+                        out.fail(timeout(&out.name, out.budget));
                     }
                     d => {
                         if let Some(d) = d {
@@ -551,17 +486,18 @@ impl<S: Slot> InFlight<S> {
         }
         let mut newly_abandoned = Vec::new();
         for (id, p) in self.pending.iter_mut() {
-            let Some(d) = p.deadline else { continue };
-            if p.reply.is_none() && self.probe != Some(id) {
+            if p.expired {
                 continue;
             }
+            let Some(d) = p.request.deadline() else { continue };
             if d > now {
                 still_waiting(d);
                 continue;
             }
-            if let Some(reply) = p.reply.take() {
-                crate::diag::debug!(command = %p.name, id, "QMP: timed out waiting for the reply");
-                reply.send(Err(timeout(&p.name, p.budget)));
+            p.expired = true;
+            if !p.request.is_closed() {
+                crate::diag::debug!(command = %p.request.name, id, "QMP: timed out waiting for the reply");
+                p.request.fail(timeout(&p.request.name, p.request.budget));
             }
             newly_abandoned.push(id);
         }
@@ -587,8 +523,8 @@ impl<S: Slot> InFlight<S> {
             let Some(p) = self.pending.remove(&id) else {
                 continue;
             };
-            crate::diag::debug!(command = %p.name, id, "QMP: forgot a timed-out command (too many unanswered)");
-            if !p.oob {
+            crate::diag::debug!(command = %p.request.name, id, "QMP: forgot a timed-out command (too many unanswered)");
+            if !p.request.oob {
                 if let Some(at) = self.inband.iter().position(|&x| x == id) {
                     self.inband.remove(at);
                     self.lost_track = true;
@@ -618,11 +554,11 @@ impl<S: Slot> InFlight<S> {
             .chain(seldom.oob_queue)
             .chain(seldom.fd_queue);
         for out in queued {
-            out.reply.send(Err(err.clone()));
+            out.fail(err.clone());
         }
         for (_, p) in self.pending.drain() {
-            if let Some(reply) = p.reply {
-                reply.send(Err(err.clone()));
+            if p.has_caller() {
+                p.request.fail(err.clone());
             }
         }
         self.inband.clear();
@@ -634,22 +570,17 @@ impl<S: Slot> InFlight<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::connection::call::{Call, NewCall, Waiter};
+    use std::sync::Arc;
 
-    /// What a caller was sent, and whether it gave up.
-    #[derive(Default)]
-    struct CallerState {
-        result: Option<Result<(), Error>>,
-        gave_up: bool,
-    }
-
-    /// A caller's end.
-    #[derive(Clone, Default)]
-    struct Caller(Arc<Mutex<CallerState>>);
+    /// A caller's end. The rig keeps a clone of each, so that a test that
+    /// ignores a caller does not make it look gone: only `give_up` does.
+    #[derive(Clone)]
+    struct Caller(Arc<Waiter>);
 
     impl Caller {
         fn result(&self) -> Option<Result<(), Error>> {
-            self.0.lock().unwrap().result.clone()
+            self.0.peek()
         }
         fn lost(&self) -> bool {
             matches!(self.result(), Some(Err(Error::ReplyLost { .. })))
@@ -658,25 +589,13 @@ mod tests {
             matches!(self.result(), Some(Err(Error::Timeout { .. })))
         }
         fn give_up(&self) {
-            self.0.lock().unwrap().gave_up = true;
-        }
-    }
-
-    struct TestSlot(Caller);
-
-    impl Slot for TestSlot {
-        type Value = ();
-        fn is_closed(&self) -> bool {
-            let state = self.0 .0.lock().unwrap();
-            state.gave_up || state.result.is_some()
-        }
-        fn send(self, result: Result<(), Error>) {
-            self.0 .0.lock().unwrap().result = Some(result);
+            self.0.give_up();
         }
     }
 
     struct Rig {
-        book: InFlight<TestSlot>,
+        book: InFlight,
+        callers: Vec<Caller>,
         now: Instant,
         wire: Vec<u8>,
     }
@@ -687,6 +606,7 @@ mod tests {
         fn new(oob: bool) -> Self {
             Rig {
                 book: InFlight::new(oob, true),
+                callers: Vec::new(),
                 now: Instant::now(),
                 wire: Vec::new(),
             }
@@ -694,29 +614,28 @@ mod tests {
 
         /// Queues a request with this id; `fds` of them.
         fn request(&mut self, id: u64, fds: usize, oob: bool) -> Caller {
-            let caller = Caller::default();
             let fds = (0..fds)
                 .map(|_| rustix::io::dup(std::io::stdin()).expect("dup"))
                 .collect();
-            let out = Outgoing {
+            let (waiter, request) = Call::start(NewCall {
                 id,
-                name: Cow::Owned(format!("cmd{id}")),
+                name: format!("cmd{id}").into(),
                 bytes: format!("<{id}>").into_bytes(),
                 fds,
                 oob,
                 log: false,
                 budget: SECOND,
-                deadline: None,
-                reply: TestSlot(caller.clone()),
-            };
-            self.book.enqueue(Box::new(out), self.now);
+            });
+            self.book.enqueue(request, self.now);
+            let caller = Caller(Arc::new(waiter));
+            self.callers.push(caller.clone());
             caller
         }
 
         /// What the next write carries: the requests' markers, and how many fds.
         fn write(&mut self) -> (String, usize) {
             let mut wbuf = Vec::new();
-            let filled = self.book.fill(&mut wbuf, None, 5 * SECOND, |_| {});
+            let filled = self.book.fill(&mut wbuf, None, 5 * SECOND, |_, _| {});
             self.wire.extend_from_slice(&wbuf);
             (String::from_utf8(wbuf).unwrap(), filled.fds.len())
         }
@@ -726,8 +645,9 @@ mod tests {
             self.book.expire(self.now);
         }
 
-        fn answer(&mut self, id: u64) -> Option<TestSlot> {
-            self.book.answer(id).and_then(|p| p.reply)
+        /// The request answered by `id`, if a caller still waits for it.
+        fn answer(&mut self, id: u64) -> Option<Request> {
+            self.book.answer(id).filter(|p| p.has_caller()).map(|p| p.request)
         }
     }
 
@@ -766,7 +686,7 @@ mod tests {
         let mut rig = Rig::new(false);
         let callers: Vec<_> = (1..=4).map(|id| rig.request(id, 0, false)).collect();
         assert_eq!(rig.write().0, "<1><2><3><4>");
-        rig.answer(3).unwrap().send(Ok(()));
+        rig.answer(3).unwrap().reply_message(b"{}", 0..2);
         assert!(callers[0].lost() && callers[1].lost());
         assert!(matches!(callers[2].result(), Some(Ok(()))));
         assert!(callers[3].result().is_none(), "a later command is not released");
@@ -804,7 +724,7 @@ mod tests {
         assert!(rig.answer(probe).is_none(), "nobody waits for a probe");
         assert_eq!(rig.book.written(), 0);
         assert_eq!(rig.write().0, "<9>");
-        rig.answer(9).unwrap().send(Ok(()));
+        rig.answer(9).unwrap().reply_message(b"{}", 0..2);
         assert!(matches!(next.result(), Some(Ok(()))));
     }
 
@@ -852,7 +772,7 @@ mod tests {
         assert_eq!(rig.write(), ("<3>".into(), 0));
         assert_eq!(rig.write(), ("".into(), 0));
         // C's reply proves A's lost: B may go now.
-        rig.answer(3).unwrap().send(Ok(()));
+        rig.answer(3).unwrap().reply_message(b"{}", 0..2);
         assert!(a.lost() && matches!(c.result(), Some(Ok(()))));
         assert_eq!(rig.write(), ("<2>".into(), 2));
         assert!(b.result().is_none());
@@ -879,7 +799,7 @@ mod tests {
         let probe = probe_id(&rig.write().0).expect("probe");
         rig.answer(probe);
         assert_eq!(rig.write(), ("<2>".into(), 1));
-        rig.answer(2).unwrap().send(Ok(()));
+        rig.answer(2).unwrap().reply_message(b"{}", 0..2);
         assert!(matches!(b.result(), Some(Ok(()))));
     }
 

@@ -1,6 +1,7 @@
 //! Connecting: options, the handshake, and the task that owns the socket.
 
 pub(crate) mod address;
+mod call;
 mod driver;
 mod handshake;
 mod inflight;
@@ -24,7 +25,7 @@ use crate::event::{Event, Subscribers};
 use crate::wire::Greeting;
 
 pub use address::Address;
-pub(crate) use driver::{Outgoing, Reply};
+pub(crate) use call::{Call, Got, NewCall, Reply, Waiter};
 pub use listener::Listener;
 pub(crate) use requests::Sender;
 /// The long-path-aware Unix connect, for the guest agent.

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 
-use super::driver::Outgoing;
+use super::call::Request;
 use super::Shared;
 
 /// The queue, shared by the task and the handles (it lives in [`Shared`]).
@@ -22,7 +22,7 @@ pub(crate) struct Requests {
 
 #[derive(Default)]
 struct Queue {
-    items: VecDeque<Box<Outgoing>>,
+    items: VecDeque<Request>,
     /// The task's waker, while it waits for requests; taken by the first
     /// request (or signal) that arrives after it was left.
     waker: Option<Waker>,
@@ -52,7 +52,7 @@ impl Requests {
     /// Hands every queued request to `each`, in order, then says whether
     /// the callers' side ended the connection; otherwise the task is woken
     /// by the next request.
-    pub(crate) fn take(&self, cx: &Context<'_>, mut each: impl FnMut(Box<Outgoing>)) -> Option<Signal> {
+    pub(crate) fn take(&self, cx: &Context<'_>, mut each: impl FnMut(Request)) -> Option<Signal> {
         let mut q = self.lock();
         while let Some(out) = q.items.pop_front() {
             each(out);
@@ -72,7 +72,7 @@ impl Requests {
 
     /// Stops taking requests (the task is ending) and returns those still
     /// queued, for their callers to be told.
-    pub(crate) fn close(&self) -> VecDeque<Box<Outgoing>> {
+    pub(crate) fn close(&self) -> VecDeque<Request> {
         let mut q = self.lock();
         q.closed = true;
         q.waker = None;
@@ -81,7 +81,7 @@ impl Requests {
 
     /// Queues a request and wakes the task if it sleeps; hands the request
     /// back if the task has ended.
-    fn push(&self, out: Box<Outgoing>) -> Result<(), Box<Outgoing>> {
+    fn push(&self, out: Request) -> Result<(), Request> {
         let waker = {
             let mut q = self.lock();
             if q.closed {
@@ -121,7 +121,7 @@ impl Sender {
     }
 
     /// Queues a request; hands it back if the connection has ended.
-    pub(crate) fn send(&self, out: Box<Outgoing>) -> Result<(), Box<Outgoing>> {
+    pub(crate) fn send(&self, out: Request) -> Result<(), Request> {
         self.shared.requests.push(out)
     }
 

@@ -188,7 +188,15 @@ fn parse_id(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 20 || (digits.len() > 1 && digits[0] == b'0') {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    // Summed here rather than through `str::parse`, which checks the
+    // bytes twice (UTF-8, then digits); overflow (21+ digits' worth) is None.
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// The numeric id at the end of a top-level object (`..., "id": N}`), as QEMU
@@ -526,7 +534,18 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     oob: bool,
 ) -> Result<(), serde_json::Error> {
     out.extend_from_slice(if oob { b"{\"exec-oob\":" } else { b"{\"execute\":" });
-    serde_json::to_writer(&mut *out, name)?;
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        // Every command name QEMU has: nothing to escape, so copied as it
+        // is (serde's string escaping was a tenth of a request's encoding).
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, name)?;
+    }
     let mark = out.len();
     out.extend_from_slice(b",\"arguments\":");
     let args_at = out.len();
@@ -551,6 +570,41 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_read_as_this_client_writes_them() {
+        assert_eq!(parse_id(b"0"), Some(0));
+        assert_eq!(parse_id(b"12345"), Some(12345));
+        assert_eq!(parse_id(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"99999999999999999999",
+            b"007",
+            b"1a",
+            b"-1",
+            b"1 ",
+        ] {
+            assert_eq!(parse_id(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn command_names_are_copied_or_escaped() {
+        let encode = |name| {
+            let mut out = Vec::new();
+            encode_request(&mut out, name, &(), 3, false).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            encode("query-status"),
+            "{\"execute\":\"query-status\",\"id\":3}\n"
+        );
+        assert_eq!(encode("x_y-1"), "{\"execute\":\"x_y-1\",\"id\":3}\n");
+        // Anything else goes through JSON's escaping.
+        assert_eq!(encode("a\"b\\c"), "{\"execute\":\"a\\\"b\\\\c\",\"id\":3}\n");
+        assert_eq!(encode("é\n"), "{\"execute\":\"é\\n\",\"id\":3}\n");
+    }
 
     #[test]
     fn timestamps_a_system_time_cannot_hold_give_none() {

@@ -1,0 +1,411 @@
+//! One command's way from its caller to QEMU and back, in one allocation.
+//!
+//! A [`Call`] holds the request (its id, name and bytes, the fds it passes)
+//! and the slot its result comes back in. The caller keeps one end, a
+//! [`Waiter`]; the connection's task keeps the other, a [`Request`]. It
+//! replaces a boxed request plus a tokio oneshot (two allocations, and a
+//! third for the reply's bytes): the request's byte buffer, once written,
+//! takes the reply's bytes, so a command with a small reply allocates twice
+//! in all (the call and its buffer) instead of four times.
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+use crate::wire::{parse_message, ReturnOf};
+
+/// What a caller gets back: a success reply, or an error.
+pub(crate) type ReplyResult = Result<Reply, Error>;
+
+/// A success reply on its way to the caller, who decodes it.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// A whole `{"return": VALUE, "id": ID}` message, recognised without
+    /// parsing it, and where VALUE lies in it: the caller's typed decode is
+    /// then the only pass over it.
+    Message { bytes: Vec<u8>, value: Range<usize> },
+    /// The `return` value of a message that needed the full parse.
+    Value(Box<RawValue>),
+}
+
+impl Reply {
+    /// Decodes the `return` value into the caller's type.
+    pub(crate) fn decode<R: serde::de::DeserializeOwned>(&self, command: &str) -> Result<R, Error> {
+        match self {
+            // The value alone first; if its bytes are not one JSON value
+            // (a message only shaped like a plain reply), the whole message
+            // decides, and gives the error if there is one.
+            Reply::Message { bytes, value } => parse_message::<R>(&bytes[value.clone()])
+                .or_else(|_| parse_message::<ReturnOf<R>>(bytes).map(|r| r.value))
+                .map_err(|e| Error::decode(command, bytes, e)),
+            Reply::Value(raw) => {
+                serde_json::from_str(raw.get()).map_err(|e| Error::decode(command, raw.get().as_bytes(), e))
+            }
+        }
+    }
+}
+
+/// What a new call carries.
+pub(crate) struct NewCall {
+    pub id: u64,
+    pub name: Cow<'static, str>,
+    pub bytes: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    pub oob: bool,
+    /// The traffic log records it.
+    pub log: bool,
+    /// How long the caller waits for the reply.
+    pub budget: Duration,
+}
+
+/// One command, shared by its caller and the connection's task.
+pub(crate) struct Call {
+    pub id: u64,
+    pub name: Cow<'static, str>,
+    pub oob: bool,
+    pub log: bool,
+    /// It passes file descriptors (they are in the state until written).
+    pub passes_fds: bool,
+    pub budget: Duration,
+    /// When the caller gives up, in nanoseconds after [`epoch`] (`u64::MAX`:
+    /// never); set by the task when it takes the request, read only by it.
+    /// An atomic so that the call needs no lock for it; the task is its only
+    /// user, so relaxed loads and stores do.
+    deadline: AtomicU64,
+    /// The caller stopped waiting (its future was dropped).
+    caller_gone: AtomicBool,
+    /// A result was handed over (or the task let go of the call).
+    finished: AtomicBool,
+    state: Mutex<State>,
+}
+
+/// The part of a call that both ends change.
+struct State {
+    /// The request's bytes; once written, the buffer for the reply's.
+    bytes: Vec<u8>,
+    /// File descriptors to pass, until written.
+    fds: Vec<OwnedFd>,
+    result: Outcome,
+    /// The caller's waker, while it waits.
+    waker: Option<Waker>,
+}
+
+enum Outcome {
+    Waiting,
+    Ready(ReplyResult),
+    /// The task let go of the call without a result (it ended abruptly):
+    /// the caller reports why the connection closed.
+    Dropped,
+    /// The caller took the result.
+    Taken,
+}
+
+/// The instant deadlines are counted from: any fixed point in the past.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Call {
+    /// A call and its two ends.
+    pub(crate) fn start(c: NewCall) -> (Waiter, Request) {
+        let call = Arc::new(Call {
+            id: c.id,
+            name: c.name,
+            oob: c.oob,
+            log: c.log,
+            passes_fds: !c.fds.is_empty(),
+            budget: c.budget,
+            deadline: AtomicU64::new(u64::MAX),
+            caller_gone: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            state: Mutex::new(State {
+                bytes: c.bytes,
+                fds: c.fds,
+                result: Outcome::Waiting,
+                waker: None,
+            }),
+        });
+        (Waiter(call.clone()), Request(call))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding it; a poisoned lock still holds a
+        // consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the result to the caller, if none was handed over yet.
+    fn finish(&self, result: Outcome) {
+        let waker = {
+            let mut st = self.lock();
+            if !matches!(st.result, Outcome::Waiting) {
+                return;
+            }
+            st.result = result;
+            self.finished.store(true, Ordering::Release);
+            st.waker.take()
+        };
+        // Woken outside the lock, so that the caller never finds it held.
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The connection task's end of a call. Dropping it without a result tells
+/// the caller that the connection is gone (as a dropped oneshot sender did),
+/// so that no caller waits forever whatever happens to the task.
+pub(crate) struct Request(Arc<Call>);
+
+impl std::ops::Deref for Request {
+    type Target = Call;
+
+    fn deref(&self) -> &Call {
+        &self.0
+    }
+}
+
+impl Request {
+    /// A probe (see `inflight`): a request nobody waits for.
+    pub(crate) fn probe(id: u64, budget: Duration) -> Request {
+        let (waiter, request) = Call::start(NewCall {
+            id,
+            name: Cow::Borrowed("query-version"),
+            bytes: Vec::new(),
+            fds: Vec::new(),
+            oob: false,
+            log: false,
+            budget,
+        });
+        drop(waiter);
+        request
+    }
+
+    /// True when the caller stopped waiting.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.caller_gone.load(Ordering::Acquire)
+    }
+
+    /// When the caller gives up (`None`: never).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match self.deadline.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            nanos => Some(epoch() + Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Sets the deadline to `now` plus the budget; returns it.
+    pub(crate) fn start_clock(&self, now: Instant) -> Option<Instant> {
+        let deadline = now.checked_add(self.budget);
+        let nanos = deadline
+            .map(|d| d.saturating_duration_since(epoch()).as_nanos())
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|&n| n != u64::MAX);
+        match nanos {
+            Some(n) => {
+                self.deadline.store(n, Ordering::Relaxed);
+                deadline
+            }
+            None => None,
+        }
+    }
+
+    /// Appends the request's bytes to `wbuf` and takes its fds.
+    pub(crate) fn write_into(&self, wbuf: &mut Vec<u8>) -> Vec<OwnedFd> {
+        let mut st = self.lock();
+        wbuf.extend_from_slice(&st.bytes);
+        std::mem::take(&mut st.fds)
+    }
+
+    /// Hands over a plain reply: `message`, whose `return` value lies at
+    /// `value`, copied into the request's buffer (written already, so free).
+    pub(crate) fn reply_message(self, message: &[u8], value: Range<usize>) {
+        let waker = {
+            let mut st = self.lock();
+            if !matches!(st.result, Outcome::Waiting) {
+                return;
+            }
+            let mut bytes = std::mem::take(&mut st.bytes);
+            bytes.clear();
+            bytes.extend_from_slice(message);
+            st.result = Outcome::Ready(Ok(Reply::Message { bytes, value }));
+            self.finished.store(true, Ordering::Release);
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Hands over a result (unless one was handed over already).
+    pub(crate) fn send(&self, result: ReplyResult) {
+        self.finish(Outcome::Ready(result));
+    }
+
+    /// Hands over an error (unless a result was handed over already).
+    pub(crate) fn fail(&self, err: Error) {
+        self.send(Err(err));
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if !self.finished.load(Ordering::Acquire) && !self.caller_gone.load(Ordering::Acquire) {
+            self.finish(Outcome::Dropped);
+        }
+    }
+}
+
+/// The caller's end of a call: polls for the result. Dropping it tells the
+/// task that nobody waits any more (a request not written yet never will be).
+pub(crate) struct Waiter(Arc<Call>);
+
+/// What [`Waiter::poll`] found.
+pub(crate) enum Got {
+    Result(ReplyResult),
+    /// The task let go of the call: the connection is gone.
+    Dropped,
+}
+
+impl Waiter {
+    /// The result, once there is one; until then the caller is woken when it comes.
+    pub(crate) fn poll(&mut self, cx: &Context<'_>) -> Poll<Got> {
+        let mut st = self.0.lock();
+        match std::mem::replace(&mut st.result, Outcome::Taken) {
+            Outcome::Ready(result) => Poll::Ready(Got::Result(result)),
+            Outcome::Dropped => Poll::Ready(Got::Dropped),
+            Outcome::Waiting => {
+                st.result = Outcome::Waiting;
+                match &st.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => st.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Outcome::Taken => panic!("a call's result was polled after it was taken"),
+        }
+    }
+
+    /// What the caller was sent so far (tests look without taking it).
+    #[cfg(test)]
+    pub(crate) fn peek(&self) -> Option<Result<(), Error>> {
+        match &self.0.lock().result {
+            Outcome::Ready(Ok(_)) => Some(Ok(())),
+            Outcome::Ready(Err(e)) => Some(Err(e.clone())),
+            Outcome::Dropped => Some(Err(Error::disconnected("dropped"))),
+            Outcome::Waiting | Outcome::Taken => None,
+        }
+    }
+
+    /// Stops waiting, as dropping the waiter does (tests keep it to look).
+    #[cfg(test)]
+    pub(crate) fn give_up(&self) {
+        self.0.caller_gone.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.0.caller_gone.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Wake;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn call(bytes: &str) -> (Waiter, Request) {
+        Call::start(NewCall {
+            id: 7,
+            name: Cow::Borrowed("query-status"),
+            bytes: bytes.as_bytes().to_vec(),
+            fds: Vec::new(),
+            oob: false,
+            log: false,
+            budget: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn a_reply_reuses_the_request_buffer_and_wakes_the_caller() {
+        let (mut waiter, request) = call("{\"execute\":\"query-status\",\"id\":7}");
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let cx = Context::from_waker(&waker);
+        assert!(waiter.poll(&cx).is_pending());
+        let mut wbuf = Vec::new();
+        assert!(request.write_into(&mut wbuf).is_empty());
+        assert_eq!(wbuf, b"{\"execute\":\"query-status\",\"id\":7}");
+        let message = b"{\"return\": {\"a\": 1}, \"id\": 7}";
+        request.reply_message(message, 11..19);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once");
+        match waiter.poll(&cx) {
+            Poll::Ready(Got::Result(Ok(reply))) => {
+                let value: serde_json::Value = reply.decode("query-status").unwrap();
+                assert_eq!(value, serde_json::json!({"a": 1}));
+            }
+            _ => panic!("expected the reply"),
+        }
+    }
+
+    #[test]
+    fn a_request_dropped_without_a_result_wakes_its_caller() {
+        let (mut waiter, request) = call("x");
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let cx = Context::from_waker(&waker);
+        assert!(waiter.poll(&cx).is_pending());
+        drop(request);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(waiter.poll(&cx), Poll::Ready(Got::Dropped)));
+    }
+
+    #[test]
+    fn the_first_result_wins_and_a_dropped_caller_is_seen() {
+        let (waiter, request) = call("x");
+        assert!(!request.is_closed());
+        request.fail(Error::disconnected("first"));
+        assert!(matches!(waiter.peek(), Some(Err(Error::Disconnected { .. }))));
+        drop(waiter);
+        let (waiter, request) = call("x");
+        drop(waiter);
+        assert!(request.is_closed());
+    }
+
+    #[test]
+    fn deadlines_round_trip_and_huge_budgets_never_expire() {
+        let (_w, request) = call("x");
+        let now = Instant::now();
+        let d = request.start_clock(now).expect("a deadline");
+        assert_eq!(request.deadline(), Some(d));
+        assert!(d >= now + Duration::from_secs(1) - Duration::from_micros(1));
+        let (_w, huge) = Call::start(NewCall {
+            id: 1,
+            name: Cow::Borrowed("x"),
+            bytes: Vec::new(),
+            fds: Vec::new(),
+            oob: false,
+            log: false,
+            budget: Duration::MAX,
+        });
+        assert_eq!(huge.start_clock(now), None);
+        assert_eq!(huge.deadline(), None);
+    }
+}
