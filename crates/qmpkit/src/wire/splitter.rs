@@ -634,6 +634,66 @@ mod tests {
         out
     }
 
+    /// What a splitter holds between reads: where it stands and the state
+    /// the next read's scan starts from.
+    fn scan_state(s: &Splitter) -> String {
+        format!(
+            "start {} pos {} end {} depth {} in_str {} escaped {} line_start {} skipping {}",
+            s.start,
+            s.pos,
+            s.end,
+            s.depth,
+            s.in_str,
+            s.escaped,
+            s.line_start,
+            s.skip.is_some()
+        )
+    }
+
+    /// Feeds `stream` cut at `cuts` (ascending, the last at its end) to a
+    /// splitter that takes blocks and to one that scans byte by byte, and
+    /// checks that both find the same frames and hold the same state after
+    /// every read, so that a block scan stopping inside a message leaves
+    /// the next read what the byte loop would. The buffer starts full of
+    /// bytes that would change the scan (as a pooled buffer holds an
+    /// earlier connection's messages), which a block reaching past the data
+    /// must ignore; a `tiny` one instead grows from one byte and is filled
+    /// to its end by each push, so that blocks meet the end of the buffer
+    /// (and buffers shorter than a block).
+    fn same_as_bytewise(stream: &[u8], cuts: &[usize], limit: usize, tiny: bool) {
+        let describe = |s: &Splitter, f: Frame| match f {
+            Frame::Message(r) => format!("message {:?}", String::from_utf8_lossy(s.bytes(r))),
+            other => format!("{other:?}"),
+        };
+        let run = |blocks: bool| {
+            let mut s = Splitter::new(limit);
+            s.blocks = blocks;
+            if tiny {
+                (s.min_read, s.first_buffer) = (1, 1);
+            } else {
+                s.adopt(b"{\n{\"}\\".repeat(FIRST_BUFFER / 6));
+            }
+            let mut out = Vec::new();
+            let mut from = 0;
+            for &cut in cuts {
+                s.push(&stream[from..cut]);
+                from = cut;
+                while let Some(f) = s.next_frame() {
+                    out.push(describe(&s, f));
+                }
+                out.push(scan_state(&s));
+            }
+            out.push(format!("partial {}", s.has_partial()));
+            out
+        };
+        assert_eq!(
+            run(true),
+            run(false),
+            "{:?} cut at {cuts:?}, tiny buffer {tiny}",
+            String::from_utf8_lossy(stream)
+        );
+    }
+
     /// Whatever the stream and however it arrives, taking whole blocks at
     /// once finds the same frames as the byte loop alone.
     #[test]
@@ -663,10 +723,6 @@ mod tests {
             b"{\n    \"return\": {\n        \"status\": \"running\"\n    },\n    \"id\": 1\n}\n",
             b"{\"return\": {}, \"id\": 7}\r\n",
         ];
-        let describe = |s: &Splitter, f: Frame| match f {
-            Frame::Message(r) => format!("message {:?}", String::from_utf8_lossy(s.bytes(r))),
-            other => format!("{other:?}"),
-        };
         let mut rng = fastrand::Rng::with_seed(64);
         for round in 0..3000 {
             let mut stream = Vec::new();
@@ -683,27 +739,45 @@ mod tests {
             let mut cuts: Vec<usize> = (0..rng.usize(0..6)).map(|_| rng.usize(..=stream.len())).collect();
             cuts.push(stream.len());
             cuts.sort_unstable();
-            let run = |blocks: bool| {
-                let mut s = Splitter::new(limit);
-                s.blocks = blocks;
-                let mut out = Vec::new();
-                let mut from = 0;
-                for &cut in &cuts {
-                    s.push(&stream[from..cut]);
-                    from = cut;
-                    while let Some(f) = s.next_frame() {
-                        out.push(describe(&s, f));
-                    }
+            same_as_bytewise(&stream, &cuts, limit, round % 3 == 0);
+        }
+    }
+
+    /// The last bytes of a message, fewer than a block, are where nearly
+    /// every message ends: a string of every length from 0 to 140 bytes
+    /// moves each of these messages' closing brace, string ends, escapes,
+    /// newlines and cut points through every offset of its last block, and
+    /// each stream is cut at every byte, so that a read also ends at every
+    /// offset (inside a string, right after a newline or a `{`, ...).
+    #[test]
+    fn tails_of_every_length_match_the_byte_loop() {
+        let templates: &[&str] = &[
+            // A reply: the closing braces and the id in the tail.
+            "{\"return\": {\"status\": \"PAD\", \"running\": false}, \"id\": 12345}\r\n",
+            // An escaped quote and an escaped backslash (the byte loop's).
+            "{\"a\": \"PAD\\\"}\", \"b\": \"\\\\\", \"c\": {}}\r\n",
+            // Braces inside strings, and messages back to back.
+            "{\"a\": \"}PAD{\"}{\"b\": \"{\"}{\"c\": {\"d\": \"}}\"}}\n",
+            // A message cut short inside a string, then one cut short
+            // outside strings (x's standing for members), then a whole one.
+            "{\"return\": \"PAD\r\n{\"a\": 1, PAD\n{\"return\": {}, \"id\": 2}\r\n",
+            // Pretty-printed: newlines inside the object that cut nothing.
+            "{\n    \"return\": {\n        \"s\": \"PAD\"\n    },\n    \"id\": 1\n}\n",
+            // A raw newline inside a string, then a `{`: a cut even there.
+            "{\"a\": \"PAD\n{\", \"b\": 1}\n{\"c\": \"\n\"}\n",
+            // Garbage, whitespace and an empty object between messages.
+            "{}  xyz {\"a\": [PAD]} \r\n{\"b\": {}}",
+        ];
+        for template in templates {
+            for pad in 0..=140 {
+                let stream = template.replace("PAD", &"x".repeat(pad));
+                let stream = stream.as_bytes();
+                same_as_bytewise(stream, &[stream.len()], 1 << 20, false);
+                for cut in 0..=stream.len() {
+                    same_as_bytewise(stream, &[cut, stream.len()], 1 << 20, false);
                 }
-                out.push(format!("partial {}", s.has_partial()));
-                out
-            };
-            assert_eq!(
-                run(true),
-                run(false),
-                "{:?} cut at {cuts:?}",
-                String::from_utf8_lossy(&stream)
-            );
+                same_as_bytewise(stream, &[stream.len()], 1 << 20, true);
+            }
         }
     }
 
