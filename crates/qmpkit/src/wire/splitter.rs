@@ -94,6 +94,25 @@ struct Masks {
     newline: u64,
 }
 
+impl Masks {
+    /// The masks of the `len` bytes from bit `shift` of a block, moved down
+    /// to bit 0 and cut to `len` bits: the bytes around them (stale ones
+    /// past the data, or the previous message's) must stop nothing.
+    #[inline(always)]
+    fn window(self, shift: usize, len: usize) -> Masks {
+        debug_assert!(0 < len && shift + len <= BLOCK);
+        let valid = u64::MAX >> (BLOCK - len);
+        let cut = |mask: u64| (mask >> shift) & valid;
+        Masks {
+            quote: cut(self.quote),
+            backslash: cut(self.backslash),
+            open: cut(self.open),
+            close: cut(self.close),
+            newline: cut(self.newline),
+        }
+    }
+}
+
 /// The masks of a block, sixteen bytes per SSE2 compare: a handful of
 /// instructions for a block in which QEMU's short tokens put a dozen stops.
 #[cfg(target_arch = "x86_64")]
@@ -156,13 +175,14 @@ enum BlockStep {
     Through(ScanState),
 }
 
-/// The byte loop of [`Splitter::scan`] over one block without backslashes,
-/// from its masks: strings are where the quotes' running parity is odd,
-/// braces outside them change the depth, and a `{` right after a newline
-/// cuts the object short wherever it is (as the byte loop does). `at` is
-/// the block's offset in the buffer.
+/// The byte loop of [`Splitter::scan`] over the first `len` bytes of one
+/// block without backslashes, from its masks (no bit set at `len` or above):
+/// strings are where the quotes' running parity is odd, braces outside them
+/// change the depth, and a `{` right after a newline cuts the object short
+/// wherever it is (as the byte loop does). `at` is the block's offset in
+/// the buffer.
 #[inline(always)]
-fn block_step(m: &Masks, at: usize, st: ScanState) -> BlockStep {
+fn block_step(m: &Masks, at: usize, len: usize, st: ScanState) -> BlockStep {
     let cut = ((m.newline << 1) | u64::from(st.line_start)) & m.open;
     let inside = prefix_xor(m.quote) ^ if st.in_str { !0 } else { 0 };
     let opens = m.open & !inside;
@@ -184,10 +204,13 @@ fn block_step(m: &Masks, at: usize, st: ScanState) -> BlockStep {
             }
         }
     }
+    // The state after byte `len - 1`, the last one scanned: a short block
+    // (the tail of the buffered bytes) ends before bit 63.
+    let last = len - 1;
     BlockStep::Through(ScanState {
         depth,
-        in_str: inside >> 63 != 0,
-        line_start: m.newline >> 63 != 0,
+        in_str: (inside >> last) & 1 != 0,
+        line_start: (m.newline >> last) & 1 != 0,
     })
 }
 
@@ -455,14 +478,19 @@ impl Splitter {
     /// Scans from `pos` to `end` for the end of the open object, or for a
     /// line starting with `{` that cuts it short.
     ///
-    /// Tight loops skip the bytes that cannot change the state, which for
-    /// QEMU's typical replies (short keys and values) costs less than
-    /// starting a vector search at every quote; a string still open after
-    /// [`LONG_STRING`] bytes (console data in base64, schema text) is crossed
-    /// with `memchr3`.
+    /// Blocks of [`BLOCK`] bytes without backslashes, the last one of the
+    /// buffered bytes however short, are taken at once from their masks
+    /// (see [`block_step`]). The byte loop takes the rest: tight loops skip
+    /// the bytes that cannot change the state, which for QEMU's typical
+    /// replies (short keys and values) costs less than starting a vector
+    /// search at every quote; a string still open after [`LONG_STRING`]
+    /// bytes (console data in base64, schema text) is crossed with `memchr3`.
     fn scan(&mut self) -> Scan {
         let end = self.end;
-        let buf = &self.buf[..end];
+        // The whole buffer, past the data too: a short block at the end of
+        // the data is loaded from here and its masks cut to the data.
+        let whole = &self.buf[..];
+        let buf = &whole[..end];
         let (mut pos, mut depth) = (self.pos, self.depth);
         let (mut in_str, mut escaped) = (self.in_str, self.escaped);
         let mut line_start = self.line_start;
@@ -472,21 +500,34 @@ impl Splitter {
         // long strings with memchr, finishes that string.
         let mut long_string = false;
         let outcome = loop {
-            if !escaped && pos >= bytewise_until && end - pos >= BLOCK && !(in_str && long_string) {
-                let block = buf[pos..pos + BLOCK].try_into().expect("a block");
-                if let Some(m) = masks(block) {
+            if !escaped && pos >= bytewise_until && pos < end && !(in_str && long_string) {
+                // Fewer than a block's bytes left (the last part of nearly
+                // every message): they are still a block's work, where the
+                // byte loop would stop at every quote. The block loaded is
+                // the one at `pos` when the buffer reaches that far (the
+                // bytes past `end` are stale but initialised), else the
+                // buffer's last one, which ends at or after `end`; either
+                // way the masks are moved and cut to the bytes `pos..end`.
+                let len = (end - pos).min(BLOCK);
+                let from = pos.min(whole.len().saturating_sub(BLOCK));
+                let loaded = whole
+                    .get(from..from + BLOCK)
+                    .and_then(|b| masks(b.try_into().expect("a block")));
+                // (A buffer shorter than a block, which only tests make,
+                // has no block to load: the byte loop takes it.)
+                if let Some(m) = loaded.map(|m| m.window(pos - from, len)) {
                     if m.backslash == 0 {
                         let st = ScanState {
                             depth,
                             in_str,
                             line_start,
                         };
-                        match block_step(&m, pos, st) {
+                        match block_step(&m, pos, len, st) {
                             BlockStep::Done(outcome) => break outcome,
                             BlockStep::Through(st) => {
                                 (depth, in_str, line_start) = (st.depth, st.in_str, st.line_start);
                                 long_string = in_str && m.quote == 0;
-                                pos += BLOCK;
+                                pos += len;
                                 continue;
                             }
                         }
