@@ -83,41 +83,74 @@ fn first_of<const N: usize>(bytes: &[u8], set: [u8; N]) -> Option<usize> {
 /// The bytes a block scan looks at once (see [`Splitter::scan`]).
 const BLOCK: usize = 64;
 
-/// Where the bytes that matter to the scanner lie in one block: bit `i`
-/// of each mask is set when byte `i` is that byte.
+/// Where the bytes that matter to the scanner lie in one block without
+/// backslashes: bit `i` of each mask is set when byte `i` is that byte.
 #[derive(Default)]
 struct Masks {
     quote: u64,
-    backslash: u64,
     open: u64,
     close: u64,
     newline: u64,
 }
 
+impl Masks {
+    /// The masks of the `len` bytes from bit `shift` of a block, moved down
+    /// to bit 0 and cut to `len` bits: the bytes around them (stale ones
+    /// past the data, or the previous message's) must stop nothing.
+    #[inline(always)]
+    fn window(self, shift: usize, len: usize) -> Masks {
+        debug_assert!(0 < len && shift + len <= BLOCK);
+        let valid = u64::MAX >> (BLOCK - len);
+        let cut = |mask: u64| (mask >> shift) & valid;
+        Masks {
+            quote: cut(self.quote),
+            open: cut(self.open),
+            close: cut(self.close),
+            newline: cut(self.newline),
+        }
+    }
+}
+
 /// The masks of a block, sixteen bytes per SSE2 compare: a handful of
 /// instructions for a block in which QEMU's short tokens put a dozen stops.
+/// None when a backslash lies anywhere in the block (escapes are the byte
+/// loop's), which is found first, with one mask for all 64 bytes, so that a
+/// block with one costs little. A short block's backslash may lie past its
+/// bytes: the byte loop takes it all the same, slower but no different.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn masks(block: &[u8; BLOCK]) -> Option<Masks> {
-    use std::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
-    let mut m = Masks::default();
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+        _mm_setzero_si128,
+    };
     // SAFETY: SSE2 is part of every x86_64 target, and each load reads 16
     // bytes inside `block` (unaligned loads allow any address).
     #[allow(unused_unsafe)]
     unsafe {
-        let wanted = [b'"', b'\\', b'{', b'}', b'\n'].map(|b| _mm_set1_epi8(b as i8));
-        for (i, chunk) in block.chunks_exact(16).enumerate() {
-            let bytes = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
+        let mut chunks = [_mm_setzero_si128(); BLOCK / 16];
+        for (bytes, chunk) in chunks.iter_mut().zip(block.chunks_exact(16)) {
+            *bytes = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
+        }
+        let backslash = _mm_set1_epi8(b'\\' as i8);
+        let any = chunks.iter().fold(_mm_setzero_si128(), |any, &bytes| {
+            _mm_or_si128(any, _mm_cmpeq_epi8(bytes, backslash))
+        });
+        if _mm_movemask_epi8(any) != 0 {
+            return None;
+        }
+        let mut m = Masks::default();
+        let wanted = [b'"', b'{', b'}', b'\n'].map(|b| _mm_set1_epi8(b as i8));
+        for (i, &bytes) in chunks.iter().enumerate() {
             let bits =
                 wanted.map(|w| u64::from(_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, w)) as u16) << (16 * i));
             m.quote |= bits[0];
-            m.backslash |= bits[1];
-            m.open |= bits[2];
-            m.close |= bits[3];
-            m.newline |= bits[4];
+            m.open |= bits[1];
+            m.close |= bits[2];
+            m.newline |= bits[3];
         }
+        Some(m)
     }
-    Some(m)
 }
 
 /// Elsewhere there is no block scan: the byte loop does it all.
@@ -156,13 +189,14 @@ enum BlockStep {
     Through(ScanState),
 }
 
-/// The byte loop of [`Splitter::scan`] over one block without backslashes,
-/// from its masks: strings are where the quotes' running parity is odd,
-/// braces outside them change the depth, and a `{` right after a newline
-/// cuts the object short wherever it is (as the byte loop does). `at` is
-/// the block's offset in the buffer.
+/// The byte loop of [`Splitter::scan`] over the first `len` bytes of one
+/// block without backslashes, from its masks (no bit set at `len` or above):
+/// strings are where the quotes' running parity is odd, braces outside them
+/// change the depth, and a `{` right after a newline cuts the object short
+/// wherever it is (as the byte loop does). `at` is the block's offset in
+/// the buffer.
 #[inline(always)]
-fn block_step(m: &Masks, at: usize, st: ScanState) -> BlockStep {
+fn block_step(m: &Masks, at: usize, len: usize, st: ScanState) -> BlockStep {
     let cut = ((m.newline << 1) | u64::from(st.line_start)) & m.open;
     let inside = prefix_xor(m.quote) ^ if st.in_str { !0 } else { 0 };
     let opens = m.open & !inside;
@@ -184,10 +218,13 @@ fn block_step(m: &Masks, at: usize, st: ScanState) -> BlockStep {
             }
         }
     }
+    // The state after byte `len - 1`, the last one scanned: a short block
+    // (the tail of the buffered bytes) ends before bit 63.
+    let last = len - 1;
     BlockStep::Through(ScanState {
         depth,
-        in_str: inside >> 63 != 0,
-        line_start: m.newline >> 63 != 0,
+        in_str: (inside >> last) & 1 != 0,
+        line_start: (m.newline >> last) & 1 != 0,
     })
 }
 
@@ -455,14 +492,19 @@ impl Splitter {
     /// Scans from `pos` to `end` for the end of the open object, or for a
     /// line starting with `{` that cuts it short.
     ///
-    /// Tight loops skip the bytes that cannot change the state, which for
-    /// QEMU's typical replies (short keys and values) costs less than
-    /// starting a vector search at every quote; a string still open after
-    /// [`LONG_STRING`] bytes (console data in base64, schema text) is crossed
-    /// with `memchr3`.
+    /// Blocks of [`BLOCK`] bytes without backslashes, the last one of the
+    /// buffered bytes however short, are taken at once from their masks
+    /// (see [`block_step`]). The byte loop takes the rest: tight loops skip
+    /// the bytes that cannot change the state, which for QEMU's typical
+    /// replies (short keys and values) costs less than starting a vector
+    /// search at every quote; a string still open after [`LONG_STRING`]
+    /// bytes (console data in base64, schema text) is crossed with `memchr3`.
     fn scan(&mut self) -> Scan {
         let end = self.end;
-        let buf = &self.buf[..end];
+        // The whole buffer, past the data too: a short block at the end of
+        // the data is loaded from here and its masks cut to the data.
+        let whole = &self.buf[..];
+        let buf = &whole[..end];
         let (mut pos, mut depth) = (self.pos, self.depth);
         let (mut in_str, mut escaped) = (self.in_str, self.escaped);
         let mut line_start = self.line_start;
@@ -472,27 +514,45 @@ impl Splitter {
         // long strings with memchr, finishes that string.
         let mut long_string = false;
         let outcome = loop {
-            if !escaped && pos >= bytewise_until && end - pos >= BLOCK && !(in_str && long_string) {
-                let block = buf[pos..pos + BLOCK].try_into().expect("a block");
-                if let Some(m) = masks(block) {
-                    if m.backslash == 0 {
-                        let st = ScanState {
-                            depth,
-                            in_str,
-                            line_start,
-                        };
-                        match block_step(&m, pos, st) {
-                            BlockStep::Done(outcome) => break outcome,
-                            BlockStep::Through(st) => {
-                                (depth, in_str, line_start) = (st.depth, st.in_str, st.line_start);
-                                long_string = in_str && m.quote == 0;
-                                pos += BLOCK;
-                                continue;
-                            }
+            if !escaped && pos >= bytewise_until && pos < end && !(in_str && long_string) {
+                let len = (end - pos).min(BLOCK);
+                let loaded = if len == BLOCK {
+                    masks(buf[pos..pos + BLOCK].try_into().expect("a block"))
+                } else {
+                    // Fewer than a block's bytes left (the last part of
+                    // nearly every message): they are still a block's work,
+                    // where the byte loop would stop at every quote. The
+                    // block loaded is the one at `pos` when the buffer
+                    // reaches that far (the bytes past `end` are stale but
+                    // initialised), else the buffer's last one, which ends
+                    // at or after `end`; either way the masks are moved and
+                    // cut to the bytes `pos..end`. (A buffer shorter than a
+                    // block, which only tests make, has no block to load:
+                    // the byte loop takes it.)
+                    let from = pos.min(whole.len().saturating_sub(BLOCK));
+                    whole
+                        .get(from..from + BLOCK)
+                        .and_then(|b| masks(b.try_into().expect("a block")))
+                        .map(|m| m.window(pos - from, len))
+                };
+                if let Some(m) = loaded {
+                    let st = ScanState {
+                        depth,
+                        in_str,
+                        line_start,
+                    };
+                    match block_step(&m, pos, len, st) {
+                        BlockStep::Done(outcome) => break outcome,
+                        BlockStep::Through(st) => {
+                            (depth, in_str, line_start) = (st.depth, st.in_str, st.line_start);
+                            long_string = in_str && m.quote == 0;
+                            pos += len;
+                            continue;
                         }
                     }
                 }
-                // Escapes (or no block scan here): the byte loop takes this block.
+                // A backslash (in the block, or past a short one) or no block
+                // scan here: the byte loop takes this block.
                 bytewise_until = pos + BLOCK;
             }
             if pos == end {
@@ -634,6 +694,67 @@ mod tests {
         out
     }
 
+    /// What a splitter holds between reads: where it stands and the state
+    /// the next read's scan starts from.
+    fn scan_state(s: &Splitter) -> String {
+        format!(
+            "start {} pos {} end {} depth {} in_str {} escaped {} line_start {} skipping {}",
+            s.start,
+            s.pos,
+            s.end,
+            s.depth,
+            s.in_str,
+            s.escaped,
+            s.line_start,
+            s.skip.is_some()
+        )
+    }
+
+    /// Feeds `stream` cut at `cuts` (ascending, the last at its end) to a
+    /// splitter that takes blocks and to one that scans byte by byte, and
+    /// checks that both find the same frames and hold the same state after
+    /// every read, so that a block scan stopping inside a message leaves
+    /// the next read what the byte loop would. The buffer starts full of
+    /// bytes that would change the scan (as a pooled buffer holds an
+    /// earlier connection's messages), which a block reaching past the data
+    /// must ignore (no backslashes: one there would only send the block to
+    /// the byte loop, leaving the block untested); a `tiny` one instead
+    /// grows from one byte and is filled to its end by each push, so that
+    /// blocks meet the end of the buffer (and buffers shorter than a block).
+    fn same_as_bytewise(stream: &[u8], cuts: &[usize], limit: usize, tiny: bool) {
+        let describe = |s: &Splitter, f: Frame| match f {
+            Frame::Message(r) => format!("message {:?}", String::from_utf8_lossy(s.bytes(r))),
+            other => format!("{other:?}"),
+        };
+        let run = |blocks: bool| {
+            let mut s = Splitter::new(limit);
+            s.blocks = blocks;
+            if tiny {
+                (s.min_read, s.first_buffer) = (1, 1);
+            } else {
+                s.adopt(b"{\n{\"}".repeat(FIRST_BUFFER / 5));
+            }
+            let mut out = Vec::new();
+            let mut from = 0;
+            for &cut in cuts {
+                s.push(&stream[from..cut]);
+                from = cut;
+                while let Some(f) = s.next_frame() {
+                    out.push(describe(&s, f));
+                }
+                out.push(scan_state(&s));
+            }
+            out.push(format!("partial {}", s.has_partial()));
+            out
+        };
+        assert_eq!(
+            run(true),
+            run(false),
+            "{:?} cut at {cuts:?}, tiny buffer {tiny}",
+            String::from_utf8_lossy(stream)
+        );
+    }
+
     /// Whatever the stream and however it arrives, taking whole blocks at
     /// once finds the same frames as the byte loop alone.
     #[test]
@@ -663,10 +784,6 @@ mod tests {
             b"{\n    \"return\": {\n        \"status\": \"running\"\n    },\n    \"id\": 1\n}\n",
             b"{\"return\": {}, \"id\": 7}\r\n",
         ];
-        let describe = |s: &Splitter, f: Frame| match f {
-            Frame::Message(r) => format!("message {:?}", String::from_utf8_lossy(s.bytes(r))),
-            other => format!("{other:?}"),
-        };
         let mut rng = fastrand::Rng::with_seed(64);
         for round in 0..3000 {
             let mut stream = Vec::new();
@@ -683,27 +800,45 @@ mod tests {
             let mut cuts: Vec<usize> = (0..rng.usize(0..6)).map(|_| rng.usize(..=stream.len())).collect();
             cuts.push(stream.len());
             cuts.sort_unstable();
-            let run = |blocks: bool| {
-                let mut s = Splitter::new(limit);
-                s.blocks = blocks;
-                let mut out = Vec::new();
-                let mut from = 0;
-                for &cut in &cuts {
-                    s.push(&stream[from..cut]);
-                    from = cut;
-                    while let Some(f) = s.next_frame() {
-                        out.push(describe(&s, f));
-                    }
+            same_as_bytewise(&stream, &cuts, limit, round % 3 == 0);
+        }
+    }
+
+    /// The last bytes of a message, fewer than a block, are where nearly
+    /// every message ends: a string of every length from 0 to 140 bytes
+    /// moves each of these messages' closing brace, string ends, escapes,
+    /// newlines and cut points through every offset of its last block, and
+    /// each stream is cut at every byte, so that a read also ends at every
+    /// offset (inside a string, right after a newline or a `{`, ...).
+    #[test]
+    fn tails_of_every_length_match_the_byte_loop() {
+        let templates: &[&str] = &[
+            // A reply: the closing braces and the id in the tail.
+            "{\"return\": {\"status\": \"PAD\", \"running\": false}, \"id\": 12345}\r\n",
+            // An escaped quote and an escaped backslash (the byte loop's).
+            "{\"a\": \"PAD\\\"}\", \"b\": \"\\\\\", \"c\": {}}\r\n",
+            // Braces inside strings, and messages back to back.
+            "{\"a\": \"}PAD{\"}{\"b\": \"{\"}{\"c\": {\"d\": \"}}\"}}\n",
+            // A message cut short inside a string, then one cut short
+            // outside strings (x's standing for members), then a whole one.
+            "{\"return\": \"PAD\r\n{\"a\": 1, PAD\n{\"return\": {}, \"id\": 2}\r\n",
+            // Pretty-printed: newlines inside the object that cut nothing.
+            "{\n    \"return\": {\n        \"s\": \"PAD\"\n    },\n    \"id\": 1\n}\n",
+            // A raw newline inside a string, then a `{`: a cut even there.
+            "{\"a\": \"PAD\n{\", \"b\": 1}\n{\"c\": \"\n\"}\n",
+            // Garbage, whitespace and an empty object between messages.
+            "{}  xyz {\"a\": [PAD]} \r\n{\"b\": {}}",
+        ];
+        for template in templates {
+            for pad in 0..=140 {
+                let stream = template.replace("PAD", &"x".repeat(pad));
+                let stream = stream.as_bytes();
+                same_as_bytewise(stream, &[stream.len()], 1 << 20, false);
+                for cut in 0..=stream.len() {
+                    same_as_bytewise(stream, &[cut, stream.len()], 1 << 20, false);
                 }
-                out.push(format!("partial {}", s.has_partial()));
-                out
-            };
-            assert_eq!(
-                run(true),
-                run(false),
-                "{:?} cut at {cuts:?}",
-                String::from_utf8_lossy(&stream)
-            );
+                same_as_bytewise(stream, &[stream.len()], 1 << 20, true);
+            }
         }
     }
 
