@@ -31,7 +31,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${QMP_SHARED:-$root/../shared}
 N=${N:-2000}
 DEPTH=${DEPTH:-1}
-SERVERS=${SERVERS:-qemu fake}     # which servers to measure against
+SERVERS=${SERVERS-qemu fake}      # which servers to measure against (empty: none, for EVENTS alone)
 APIS=${APIS:-status generated raw} # which of the three APIs
 EXTRA=${EXTRA:-}                  # more qmpctl bench flags, e.g. --monitor
 FLOORS=${FLOORS:-}                # 1: also the floors (raw, tokio-floor's modes), on the fake server
@@ -55,10 +55,13 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-"$floor_target/release/fakeqmp" "$work/fake.sock" & pids+=($!)
-qemu-system-x86_64 -machine q35,accel=tcg -m 128M -nodefaults -display none -S \
-    -qmp "unix:$work/qemu.sock,server=on,wait=off" 2>"$work/qemu.log" & pids+=($!)
-for s in fake qemu; do
+# Only the servers asked for are started (the floors run on the fake one).
+case " $SERVERS ${FLOORS:+fake} " in *" fake "*) "$floor_target/release/fakeqmp" "$work/fake.sock" & pids+=($!) ;; esac
+case " $SERVERS " in *" qemu "*)
+    qemu-system-x86_64 -machine q35,accel=tcg -m 128M -nodefaults -display none -S \
+        -qmp "unix:$work/qemu.sock,server=on,wait=off" 2>"$work/qemu.log" & pids+=($!) ;;
+esac
+for s in $SERVERS ${FLOORS:+fake}; do
     for _ in $(seq 200); do [ -S "$work/$s.sock" ] && break; sleep 0.05; done
 done
 
