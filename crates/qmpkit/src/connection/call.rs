@@ -315,6 +315,12 @@ impl Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         self.0.caller_gone.store(true, Ordering::Release);
+        if !self.0.finished.load(Ordering::Acquire) {
+            // Cancelled while waiting: the stored waker would keep the
+            // caller's task allocated (and be woken for nothing) until the
+            // reply came, which may be never. A finished call needs no lock.
+            self.0.lock().waker = None;
+        }
     }
 }
 
@@ -375,6 +381,21 @@ mod tests {
         drop(request);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert!(matches!(waiter.poll(&cx), Poll::Ready(Got::Dropped)));
+    }
+
+    #[test]
+    fn a_cancelled_caller_leaves_no_waker_behind() {
+        let (mut waiter, request) = call("x");
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        assert!(waiter.poll(&Context::from_waker(&waker)).is_pending());
+        drop(waker);
+        assert_eq!(Arc::strong_count(&count), 2, "the call holds the waker");
+        drop(waiter);
+        assert_eq!(Arc::strong_count(&count), 1, "released with the waiter");
+        assert!(request.is_closed());
+        request.fail(Error::disconnected("late"));
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "nobody is woken for nothing");
     }
 
     #[test]
