@@ -337,6 +337,18 @@ mod tests {
         }
     }
 
+    impl Count {
+        /// A waker that counts its wake-ups here, and the count.
+        fn waker() -> (Waker, Arc<Count>) {
+            let count = Arc::new(Count(Default::default()));
+            (Waker::from(count.clone()), count)
+        }
+
+        fn woken(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
     fn call(bytes: &str) -> (Waiter, Request) {
         Call::start(NewCall {
             id: 7,
@@ -352,8 +364,7 @@ mod tests {
     #[test]
     fn a_reply_reuses_the_request_buffer_and_wakes_the_caller() {
         let (mut waiter, request) = call("{\"execute\":\"query-status\",\"id\":7}");
-        let count = Arc::new(Count(Default::default()));
-        let waker = Waker::from(count.clone());
+        let (waker, count) = Count::waker();
         let cx = Context::from_waker(&waker);
         assert!(waiter.poll(&cx).is_pending());
         let mut wbuf = Vec::new();
@@ -361,7 +372,7 @@ mod tests {
         assert_eq!(wbuf, b"{\"execute\":\"query-status\",\"id\":7}");
         let message = b"{\"return\": {\"a\": 1}, \"id\": 7}";
         request.reply_message(message, 11..19);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken once");
+        assert_eq!(count.woken(), 1, "woken once");
         match waiter.poll(&cx) {
             Poll::Ready(Got::Result(Ok(reply))) => {
                 let value: serde_json::Value = reply.decode("query-status").unwrap();
@@ -374,20 +385,18 @@ mod tests {
     #[test]
     fn a_request_dropped_without_a_result_wakes_its_caller() {
         let (mut waiter, request) = call("x");
-        let count = Arc::new(Count(Default::default()));
-        let waker = Waker::from(count.clone());
+        let (waker, count) = Count::waker();
         let cx = Context::from_waker(&waker);
         assert!(waiter.poll(&cx).is_pending());
         drop(request);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.woken(), 1);
         assert!(matches!(waiter.poll(&cx), Poll::Ready(Got::Dropped)));
     }
 
     #[test]
     fn a_cancelled_caller_leaves_no_waker_behind() {
         let (mut waiter, request) = call("x");
-        let count = Arc::new(Count(Default::default()));
-        let waker = Waker::from(count.clone());
+        let (waker, count) = Count::waker();
         assert!(waiter.poll(&Context::from_waker(&waker)).is_pending());
         drop(waker);
         assert_eq!(Arc::strong_count(&count), 2, "the call holds the waker");
@@ -395,7 +404,7 @@ mod tests {
         assert_eq!(Arc::strong_count(&count), 1, "released with the waiter");
         assert!(request.is_closed());
         request.fail(Error::disconnected("late"));
-        assert_eq!(count.0.load(Ordering::SeqCst), 0, "nobody is woken for nothing");
+        assert_eq!(count.woken(), 0, "nobody is woken for nothing");
     }
 
     #[test]
