@@ -1069,3 +1069,74 @@ async fn the_traffic_log_leaves_out_vserport_change_as_go_does() {
     assert!(text.contains("] Event: {\"event\": \"STOP\""), "{text}");
     assert!(!text.contains("VSERPORT_CHANGE"), "{text}");
 }
+
+/// Callers cancelled at every moment (before their request is written,
+/// while it is in flight, as its reply arrives) on two worker threads: the
+/// others still get their own replies, nobody hangs, and the connection
+/// works afterwards. Races the caller's end of a call against the task's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_cancelled_at_random_moments_leave_the_rest_answered() {
+    let srv = server(|mut conn| async move {
+        conn.handshake().await.unwrap();
+        echo_names(conn).await;
+    })
+    .await;
+    let client = ConnectOptions::new().connect(srv.path()).await.unwrap();
+    // A fixed pseudo-random sequence, so that a failure repeats.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut tasks = Vec::new();
+    for i in 0..600u64 {
+        let client = client.clone();
+        // A third never cancel, a third cancel as soon as they have sent,
+        // a third after up to 400 µs.
+        let cancel_after = match i % 3 {
+            0 => None,
+            1 => Some(Duration::ZERO),
+            _ => Some(Duration::from_micros(next() % 400)),
+        };
+        tasks.push(tokio::spawn(async move {
+            let name = format!("cmd-{i}");
+            let call = client.execute_raw(&name, Value::Null);
+            let got = match cancel_after {
+                None => Some(call.await),
+                Some(after) => tokio::time::timeout(after, call).await.ok(),
+            };
+            (i, name, got)
+        }));
+    }
+    let (mut answered, mut cancelled) = (0, 0);
+    for task in tasks {
+        let (i, name, got) = within(20, task).await.unwrap();
+        match got {
+            Some(reply) => {
+                assert_eq!(
+                    reply.unwrap()["name"],
+                    name.as_str(),
+                    "call {i} got another's reply"
+                );
+                answered += 1;
+            }
+            None => {
+                assert_ne!(i % 3, 0, "call {i} had no deadline");
+                cancelled += 1;
+            }
+        }
+    }
+    assert!(
+        answered >= 200 && cancelled >= 200,
+        "{answered} answered, {cancelled} cancelled"
+    );
+    // What the cancellations left behind holds nothing up.
+    for i in 0..20 {
+        let name = format!("after-{i}");
+        let reply = within(5, client.execute_raw(&name, Value::Null)).await.unwrap();
+        assert_eq!(reply["name"], name.as_str());
+    }
+    assert!(!client.is_closed());
+}
