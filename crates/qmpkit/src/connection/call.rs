@@ -142,14 +142,15 @@ impl Call {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands the result to the caller, if none was handed over yet.
-    fn finish(&self, result: Outcome) {
+    /// Hands the result `make` builds to the caller, if none was handed
+    /// over yet (`make` may reuse the call's state, such as its buffer).
+    fn finish(&self, make: impl FnOnce(&mut State) -> Outcome) {
         let waker = {
             let mut st = self.lock();
             if !matches!(st.result, Outcome::Waiting) {
                 return;
             }
-            st.result = result;
+            st.result = make(&mut st);
             self.finished.store(true, Ordering::Release);
             st.waker.take()
         };
@@ -228,26 +229,17 @@ impl Request {
     /// Hands over a plain reply: `message`, whose `return` value lies at
     /// `value`, copied into the request's buffer (written already, so free).
     pub(crate) fn reply_message(self, message: &[u8], value: Range<usize>) {
-        let waker = {
-            let mut st = self.lock();
-            if !matches!(st.result, Outcome::Waiting) {
-                return;
-            }
+        self.finish(|st| {
             let mut bytes = std::mem::take(&mut st.bytes);
             bytes.clear();
             bytes.extend_from_slice(message);
-            st.result = Outcome::Ready(Ok(Reply::Message { bytes, value }));
-            self.finished.store(true, Ordering::Release);
-            st.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
+            Outcome::Ready(Ok(Reply::Message { bytes, value }))
+        });
     }
 
     /// Hands over a result (unless one was handed over already).
     pub(crate) fn send(&self, result: ReplyResult) {
-        self.finish(Outcome::Ready(result));
+        self.finish(|_| Outcome::Ready(result));
     }
 
     /// Hands over an error (unless a result was handed over already).
@@ -259,7 +251,7 @@ impl Request {
 impl Drop for Request {
     fn drop(&mut self) {
         if !self.finished.load(Ordering::Acquire) && !self.caller_gone.load(Ordering::Acquire) {
-            self.finish(Outcome::Dropped);
+            self.finish(|_| Outcome::Dropped);
         }
     }
 }
