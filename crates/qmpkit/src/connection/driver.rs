@@ -376,7 +376,11 @@ impl Driver {
                 }
                 st.wbuf.clear();
                 st.wpos = 0;
-                st.fill_write_buffer();
+                // Most passes find nothing to write (a command at depth 1
+                // makes four): they skip the filling's set-up.
+                if st.inflight.has_unwritten() {
+                    st.fill_write_buffer();
+                }
                 if st.wbuf.is_empty() {
                     // Everything is written: a caller's stream may still
                     // hold it (a pending flush wakes the task when done).

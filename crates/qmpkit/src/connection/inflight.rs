@@ -229,6 +229,16 @@ impl InFlight {
         self.seldom.get_or_insert_with(Box::default)
     }
 
+    /// True when a request waits to be written (or held back, which may
+    /// call for a probe): [`InFlight::fill`] has something to do.
+    pub(crate) fn has_unwritten(&self) -> bool {
+        !self.queue.is_empty()
+            || self
+                .seldom
+                .as_ref()
+                .is_some_and(|s| !s.oob_queue.is_empty() || !s.fd_queue.is_empty())
+    }
+
     /// True when requests with fds are held back by the fd rule.
     fn fds_waiting(&self) -> bool {
         self.seldom.as_ref().is_some_and(|s| !s.fd_queue.is_empty())

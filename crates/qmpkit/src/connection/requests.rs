@@ -8,6 +8,7 @@
 //! request after the task went to sleep is the only one that wakes it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 
@@ -18,6 +19,14 @@ use super::Shared;
 #[derive(Default)]
 pub(crate) struct Requests {
     state: Mutex<Queue>,
+    /// True while the task's waker waits in the queue, which means nothing
+    /// was queued or signalled since the task last took. The task's passes
+    /// that follow a wake-up by the socket or the timer then skip the lock
+    /// (two of the three passes a command at depth 1 makes). Set only under
+    /// the lock, together with the waker; cleared by whoever takes the
+    /// waker, which then wakes the task, so a pass that read a stale `true`
+    /// is followed by another.
+    quiet: AtomicBool,
 }
 
 #[derive(Default)]
@@ -52,7 +61,14 @@ impl Requests {
     /// Hands every queued request to `each`, in order, then says whether
     /// the callers' side ended the connection; otherwise the task is woken
     /// by the next request.
+    ///
+    /// The task must be polled with the same waker each time (a tokio
+    /// task's never changes): a pass that finds the queue quiet relies on
+    /// the waker left there by an earlier one.
     pub(crate) fn take(&self, cx: &Context<'_>, mut each: impl FnMut(Request)) -> Option<Signal> {
+        if self.quiet.load(Ordering::Acquire) {
+            return None;
+        }
         let mut q = self.lock();
         while let Some(out) = q.items.pop_front() {
             each(out);
@@ -67,6 +83,7 @@ impl Requests {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => q.waker = Some(cx.waker().clone()),
         }
+        self.quiet.store(true, Ordering::Release);
         None
     }
 
@@ -76,6 +93,7 @@ impl Requests {
         let mut q = self.lock();
         q.closed = true;
         q.waker = None;
+        self.quiet.store(false, Ordering::Release);
         std::mem::take(&mut q.items)
     }
 
@@ -88,7 +106,7 @@ impl Requests {
                 return Err(out);
             }
             q.items.push_back(out);
-            q.waker.take()
+            self.take_waker(&mut q)
         };
         // Woken outside the lock, so that the task never finds it held.
         if let Some(w) = waker {
@@ -97,11 +115,21 @@ impl Requests {
         Ok(())
     }
 
+    /// Takes the task's waker, to wake it once the lock is released: the
+    /// queue is no longer quiet.
+    fn take_waker(&self, q: &mut Queue) -> Option<Waker> {
+        let waker = q.waker.take();
+        if waker.is_some() {
+            self.quiet.store(false, Ordering::Release);
+        }
+        waker
+    }
+
     fn signal(&self, set: impl FnOnce(&mut Queue)) {
         let waker = {
             let mut q = self.lock();
             set(&mut q);
-            q.waker.take()
+            self.take_waker(&mut q)
         };
         if let Some(w) = waker {
             w.wake();
@@ -134,5 +162,110 @@ impl Sender {
 impl Drop for Sender {
     fn drop(&mut self) {
         self.shared.requests.signal(|q| q.handles_gone = true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+    use std::time::Duration;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn task_waker() -> (Waker, Arc<Count>) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (Waker::from(count.clone()), count)
+    }
+
+    fn ids(queue: &Requests, cx: &Context<'_>) -> (Vec<u64>, Option<Signal>) {
+        let mut got = Vec::new();
+        let signal = queue.take(cx, |r| got.push(r.id));
+        (got, signal)
+    }
+
+    #[test]
+    fn a_quiet_pass_skips_the_lock_and_the_next_request_wakes_the_task_and_is_taken() {
+        let queue = Requests::default();
+        let (waker, woken) = task_waker();
+        let cx = Context::from_waker(&waker);
+        queue
+            .push(Request::probe(1, Duration::from_secs(1)))
+            .ok()
+            .unwrap();
+        assert_eq!(ids(&queue, &cx).0, vec![1]);
+        assert!(
+            queue.quiet.load(Ordering::SeqCst),
+            "the take left the waker: quiet"
+        );
+        // Passes after a wake-up by the socket: nothing to take, and the lock
+        // is not touched (held here, a pass that took it would block).
+        {
+            let _held = queue.lock();
+            assert!(matches!(ids(&queue, &cx), (v, None) if v.is_empty()));
+        }
+        queue
+            .push(Request::probe(2, Duration::from_secs(1)))
+            .ok()
+            .unwrap();
+        assert_eq!(
+            woken.0.load(Ordering::SeqCst),
+            1,
+            "the first request after a quiet take wakes the task"
+        );
+        assert!(!queue.quiet.load(Ordering::SeqCst));
+        queue
+            .push(Request::probe(3, Duration::from_secs(1)))
+            .ok()
+            .unwrap();
+        assert_eq!(
+            woken.0.load(Ordering::SeqCst),
+            1,
+            "the task is awake already: no second wake-up"
+        );
+        assert_eq!(ids(&queue, &cx).0, vec![2, 3]);
+        assert_eq!(ids(&queue, &cx).0, Vec::<u64>::new());
+    }
+
+    #[test]
+    fn signals_end_a_quiet_queue_and_wake_the_task() {
+        for signal in [Signal::Disconnect, Signal::Dropped] {
+            let queue = Requests::default();
+            let (waker, woken) = task_waker();
+            let cx = Context::from_waker(&waker);
+            assert!(ids(&queue, &cx).1.is_none());
+            assert!(queue.quiet.load(Ordering::SeqCst));
+            match signal {
+                Signal::Disconnect => queue.signal(|q| q.disconnect = true),
+                Signal::Dropped => queue.signal(|q| q.handles_gone = true),
+            }
+            assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+            let got = ids(&queue, &cx).1;
+            assert!(
+                matches!(
+                    (&signal, &got),
+                    (Signal::Disconnect, Some(Signal::Disconnect)) | (Signal::Dropped, Some(Signal::Dropped))
+                ),
+                "the signal is seen by the next pass"
+            );
+        }
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_requests_and_is_never_quiet_again() {
+        let queue = Requests::default();
+        let (waker, _woken) = task_waker();
+        let cx = Context::from_waker(&waker);
+        assert!(ids(&queue, &cx).1.is_none());
+        assert!(queue.close().is_empty());
+        assert!(!queue.quiet.load(Ordering::SeqCst));
+        assert!(queue.push(Request::probe(9, Duration::from_secs(1))).is_err());
     }
 }
