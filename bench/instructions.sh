@@ -22,6 +22,10 @@
 #                             mpsc channel to it and a oneshot back per command
 #   floor: tokio task-decode  plus serde_json decoding each reply into a typed struct:
 #                             the floor for a typed, pipelining client on tokio
+#   floor: tokio task-decode-timer
+#                             plus one timer pending in the runtime, as in any
+#                             program with a timeout or a periodic poll (qmpkit's
+#                             connection keeps one for its deadlines)
 # tokio-floor (bench/tokio-floor, a workspace of its own) is built out of tree
 # in ${TMPDIR:-/tmp}/qmpkit-tokio-floor-target; its modes are described in
 # its src/main.rs. Run it by hand with
@@ -96,7 +100,7 @@ if [ -n "$FLOORS" ]; then
     a=$(total "$floor_target/release/raw" "$work/fake.sock" "$N" "$DEPTH")
     b=$(total "$floor_target/release/raw" "$work/fake.sock" $((2 * N)) "$DEPTH")
     printf '| %s | %s | %s | %s |\n' fake "$DEPTH" "floor: raw" $(((b - a) / N))
-    for mode in inline task task-decode; do
+    for mode in inline task task-decode task-decode-timer; do
         a=$(total "$tokio_floor_target/release/tokio-floor" "$work/fake.sock" "$N" "$DEPTH" "$mode")
         b=$(total "$tokio_floor_target/release/tokio-floor" "$work/fake.sock" $((2 * N)) "$DEPTH" "$mode")
         printf '| %s | %s | %s | %s |\n' fake "$DEPTH" "floor: tokio $mode" $(((b - a) / N))

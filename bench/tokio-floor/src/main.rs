@@ -10,6 +10,12 @@
 //!   task         callers send requests to a connection task through a
 //!                channel and await each reply line on a oneshot
 //!   task-decode  as `task`, and each caller decodes its reply with serde_json
+//!   task-decode-timer
+//!                as `task-decode`, with one timer pending in the runtime
+//!                (an hour away): what tokio's time driver costs each park
+//!                once any timer exists, as one always does in a program with
+//!                a timeout or a periodic poll (and in qmpkit, whose
+//!                connection keeps one for its commands' deadlines)
 //! Prints one JSON line, as the floor's `raw` client does:
 //! {"client":"tokio-floor","mode":M,"n":N,"depth":D,"total_s":T,"us_per_cmd":U}
 //!
@@ -35,16 +41,18 @@ enum Mode {
     Inline,
     Task,
     TaskDecode,
+    TaskDecodeTimer,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Inline, Mode::Task, Mode::TaskDecode];
+    const ALL: [Mode; 4] = [Mode::Inline, Mode::Task, Mode::TaskDecode, Mode::TaskDecodeTimer];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Inline => "inline",
             Mode::Task => "task",
             Mode::TaskDecode => "task-decode",
+            Mode::TaskDecodeTimer => "task-decode-timer",
         }
     }
 }
@@ -99,7 +107,9 @@ fn main() {
         _ => None,
     };
     let Some((socket, n, depth, mode)) = parsed else {
-        eprintln!("usage: tokio-floor SOCKET N DEPTH inline|task|task-decode  (N, DEPTH >= 1)");
+        eprintln!(
+            "usage: tokio-floor SOCKET N DEPTH inline|task|task-decode|task-decode-timer  (N, DEPTH >= 1)"
+        );
         std::process::exit(2);
     };
     // One thread, with the I/O and time drivers, as `qmpctl bench` builds
@@ -138,6 +148,13 @@ async fn run(socket: &str, n: usize, depth: usize, mode: Mode) -> io::Result<f64
         return Err(io::Error::other("qmp_capabilities failed"));
     }
 
+    // Pending for the whole run and never reached: the time driver has a
+    // timer to look at on every park, and nothing else changes.
+    let _timer = (mode == Mode::TaskDecodeTimer).then(|| {
+        tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        })
+    });
     let started = Instant::now();
     if mode == Mode::Inline {
         // Spawned rather than run in block_on's own future, so that it is
@@ -174,7 +191,7 @@ async fn run(socket: &str, n: usize, depth: usize, mode: Mode) -> io::Result<f64
                 requests.clone(),
                 next.clone(),
                 n,
-                mode == Mode::TaskDecode,
+                matches!(mode, Mode::TaskDecode | Mode::TaskDecodeTimer),
             ))
         })
         .collect();
