@@ -16,7 +16,7 @@ use crate::connection::{Address, Call, ConnectOptions, Got, NewCall, Reply, Send
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream};
 use crate::schema::Schema;
-use crate::wire::{encode_request, Greeting};
+use crate::wire::{encode_request, CommandName, Greeting};
 
 // The trait and `Empty` live in qmpkit-qapi, next to the generated commands
 // that implement it; `qmpkit::Command` and `qmpkit::Empty` re-export them.
@@ -356,7 +356,7 @@ impl Client {
     ) -> Typed<'_, R> {
         let sent = self.send(
             Cow::Borrowed(C::NAME),
-            |out, id, oob| encode_request(out, C::NAME, command, id, oob),
+            |out, id, oob| encode_request(out, const { CommandName::new(C::NAME) }, command, id, oob),
             options,
         );
         Typed {
@@ -390,7 +390,7 @@ impl Client {
         let raw = self
             .send(
                 Cow::Owned(name.to_owned()),
-                |out, id, oob| encode_request(out, name, args, id, oob),
+                |out, id, oob| encode_request(out, CommandName::new(name), args, id, oob),
                 options,
             )?
             .await?;

@@ -12,9 +12,11 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::clock::Tick;
 
 use serde_json::value::RawValue;
 
@@ -74,8 +76,7 @@ pub(crate) struct Call {
     /// It passes file descriptors (they are in the state until written).
     pub passes_fds: bool,
     pub budget: Duration,
-    /// When the caller gives up, in nanoseconds after [`epoch`] (`u64::MAX`:
-    /// never); set by the task when it takes the request, read only by it.
+    /// When the caller gives up, as [`Tick::nanos`] (`u64::MAX`: never); set by the task when it takes the request, read only by it.
     /// An atomic so that the call needs no lock for it; the task is its only
     /// user, so relaxed loads and stores do.
     deadline: AtomicU64,
@@ -105,12 +106,6 @@ enum Outcome {
     Dropped,
     /// The caller took the result.
     Taken,
-}
-
-/// The instant deadlines are counted from: any fixed point in the past.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Call {
@@ -196,27 +191,15 @@ impl Request {
     }
 
     /// When the caller gives up (`None`: never).
-    pub(crate) fn deadline(&self) -> Option<Instant> {
-        match self.deadline.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            nanos => Some(epoch() + Duration::from_nanos(nanos)),
-        }
+    pub(crate) fn deadline(&self) -> Option<Tick> {
+        Tick::from_nanos(self.deadline.load(Ordering::Relaxed))
     }
 
     /// Sets the deadline to `now` plus the budget; returns it.
-    pub(crate) fn start_clock(&self, now: Instant) -> Option<Instant> {
-        let deadline = now.checked_add(self.budget);
-        let nanos = deadline
-            .map(|d| d.saturating_duration_since(epoch()).as_nanos())
-            .and_then(|n| u64::try_from(n).ok())
-            .filter(|&n| n != u64::MAX);
-        match nanos {
-            Some(n) => {
-                self.deadline.store(n, Ordering::Relaxed);
-                deadline
-            }
-            None => None,
-        }
+    pub(crate) fn start_clock(&self, now: Tick) -> Option<Tick> {
+        let deadline = now.after(self.budget)?;
+        self.deadline.store(deadline.nanos(), Ordering::Relaxed);
+        Some(deadline)
     }
 
     /// Appends the request's bytes to `wbuf` and takes its fds.
@@ -414,10 +397,10 @@ mod tests {
     #[test]
     fn deadlines_round_trip_and_huge_budgets_never_expire() {
         let (_w, request) = call("x");
-        let now = Instant::now();
+        let now = Tick::now();
         let d = request.start_clock(now).expect("a deadline");
         assert_eq!(request.deadline(), Some(d));
-        assert!(d >= now + Duration::from_secs(1) - Duration::from_micros(1));
+        assert_eq!(Some(d), now.after(Duration::from_secs(1)));
         let (_w, huge) = Call::start(NewCall {
             id: 1,
             name: Cow::Borrowed("x"),

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use super::clock::Tick;
+
 use serde_json::value::RawValue;
 use tokio::time::Sleep;
 
@@ -118,7 +120,7 @@ struct State {
 
 /// The connection's one timer, for the earliest deadline it knows of.
 struct DeadlineTimer {
-    at: Instant,
+    at: Tick,
     sleep: Pin<Box<Sleep>>,
     /// Whether the sleep holds this task's waker since it was last set. A
     /// task's waker does not change, so after that a cheap `is_elapsed`
@@ -214,7 +216,7 @@ impl Driver {
             let state = &mut self.state;
             let signal = self.requests.requests.take(cx, |out| {
                 // One clock read for everything that arrived together.
-                let now = *now.get_or_insert_with(Instant::now);
+                let now = *now.get_or_insert_with(Tick::now);
                 state.enqueue(out, now);
             });
             match signal {
@@ -228,7 +230,7 @@ impl Driver {
             if let Some(timer) = &mut self.state.deadline_timer {
                 if timer.fired(cx) {
                     self.state.deadline_timer = None;
-                    self.state.expire_overdue(Instant::now());
+                    self.state.expire_overdue(Tick::now());
                     // Round again, so that a re-armed timer is polled.
                     continue;
                 }
@@ -436,25 +438,25 @@ impl Driver {
 }
 
 impl State {
-    fn enqueue(&mut self, out: Request, now: Instant) {
+    fn enqueue(&mut self, out: Request, now: Tick) {
         if let Some(deadline) = self.inflight.enqueue(out, now) {
             self.arm_deadline_timer(deadline);
         }
     }
 
     /// Makes sure the task wakes by `deadline`.
-    fn arm_deadline_timer(&mut self, deadline: Instant) {
+    fn arm_deadline_timer(&mut self, deadline: Tick) {
         match &mut self.deadline_timer {
             Some(timer) if timer.at <= deadline => {}
             Some(timer) => {
-                timer.sleep.as_mut().reset(deadline.into());
+                timer.sleep.as_mut().reset(deadline.to_tokio());
                 timer.at = deadline;
                 timer.polled = false;
             }
             None => {
                 self.deadline_timer = Some(DeadlineTimer {
                     at: deadline,
-                    sleep: Box::pin(tokio::time::sleep_until(deadline.into())),
+                    sleep: Box::pin(tokio::time::sleep_until(deadline.to_tokio())),
                     polled: false,
                 });
             }
@@ -463,7 +465,7 @@ impl State {
 
     /// Times out every caller whose deadline passed and sets the timer for
     /// the next deadline.
-    fn expire_overdue(&mut self, now: Instant) {
+    fn expire_overdue(&mut self, now: Tick) {
         if let Some(next) = self.inflight.expire(now) {
             self.arm_deadline_timer(next);
         }

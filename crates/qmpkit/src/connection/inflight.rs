@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 
 use super::call::Request;
+use super::clock::Tick;
 use crate::error::Error;
 
 /// QEMU queues at most this many in-band commands when OOB is enabled
@@ -147,7 +148,7 @@ pub(crate) struct Filled {
     /// File descriptors to attach to the buffer's first byte.
     pub fds: Vec<OwnedFd>,
     /// The deadline of a probe written with it, for the timer.
-    pub probe_deadline: Option<Instant>,
+    pub probe_deadline: Option<Tick>,
 }
 
 /// The bookkeeping of one connection. `S` is where callers' results go.
@@ -245,7 +246,7 @@ impl InFlight {
     }
 
     /// Takes a request from a caller; returns its deadline, for the timer.
-    pub(crate) fn enqueue(&mut self, out: Request, now: Instant) -> Option<Instant> {
+    pub(crate) fn enqueue(&mut self, out: Request, now: Tick) -> Option<Tick> {
         let deadline = out.start_clock(now);
         if out.oob {
             self.seldom().oob_queue.push_back(out);
@@ -280,7 +281,7 @@ impl InFlight {
             let fd_ready = self.fd_command.is_none() && self.fds_waiting();
             if fd_ready || !self.queue.is_empty() {
                 if !self.window_open() {
-                    batch.probe_deadline = self.maybe_probe(wbuf, now, probe_budget);
+                    batch.probe_deadline = self.maybe_probe(wbuf, probe_budget);
                     return batch;
                 }
                 let out = if fd_ready {
@@ -311,7 +312,7 @@ impl InFlight {
             }
             // Only fd requests wait, held by an fd command nobody waits for.
             if self.fds_waiting() {
-                batch.probe_deadline = self.maybe_probe(wbuf, now, probe_budget);
+                batch.probe_deadline = self.maybe_probe(wbuf, probe_budget);
             }
             return batch;
         }
@@ -325,7 +326,7 @@ impl InFlight {
     /// Writes a probe if what blocks the queue are only commands whose
     /// callers gave up (see the module docs), and no probe is out already.
     /// Returns the probe's deadline if one was written.
-    fn maybe_probe(&mut self, wbuf: &mut Vec<u8>, now: Option<Instant>, budget: Duration) -> Option<Instant> {
+    fn maybe_probe(&mut self, wbuf: &mut Vec<u8>, budget: Duration) -> Option<Tick> {
         if self.probe.is_some() || !self.in_order {
             return None;
         }
@@ -343,12 +344,13 @@ impl InFlight {
         }
         let id = self.next_probe;
         self.next_probe += 1;
-        super::super::wire::encode_request(wbuf, "query-version", &(), id, false)
+        use crate::wire::{encode_request, CommandName};
+        encode_request(wbuf, const { CommandName::new("query-version") }, &(), id, false)
             .expect("a request without arguments encodes");
         self.probe = Some(id);
         self.inband.push_back(id);
         let probe = Request::probe(id, budget);
-        let deadline = probe.start_clock(now.unwrap_or_else(Instant::now));
+        let deadline = probe.start_clock(Tick::now());
         self.pending.insert(
             id,
             Pending {
@@ -467,9 +469,9 @@ impl InFlight {
 
     /// Tells every caller whose deadline has passed that its command timed
     /// out; returns the next deadline to wake up for.
-    pub(crate) fn expire(&mut self, now: Instant) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut still_waiting = |d: Instant| next = Some(next.map_or(d, |n| n.min(d)));
+    pub(crate) fn expire(&mut self, now: Tick) -> Option<Tick> {
+        let mut next: Option<Tick> = None;
+        let mut still_waiting = |d: Tick| next = Some(next.map_or(d, |n| n.min(d)));
         let timeout = |name: &str, budget: Duration| Error::Timeout {
             command: name.to_owned(),
             budget,
@@ -606,7 +608,7 @@ mod tests {
     struct Rig {
         book: InFlight,
         callers: Vec<Caller>,
-        now: Instant,
+        now: Tick,
         wire: Vec<u8>,
     }
 
@@ -617,7 +619,7 @@ mod tests {
             Rig {
                 book: InFlight::new(oob, true),
                 callers: Vec::new(),
-                now: Instant::now(),
+                now: Tick::now(),
                 wire: Vec::new(),
             }
         }

@@ -2,6 +2,7 @@
 
 pub(crate) mod address;
 mod call;
+mod clock;
 mod driver;
 mod handshake;
 mod inflight;
