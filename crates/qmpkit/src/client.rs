@@ -12,7 +12,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::connection::transport::Transport;
-use crate::connection::{Address, Call, ConnectOptions, Got, NewCall, Reply, Sender, Shared, Waiter};
+use crate::connection::{
+    Address, Call, CommandDefaults, ConnectOptions, Got, NewCall, Reply, Sender, Shared, Waiter,
+};
 use crate::error::{Error, Result};
 use crate::event::{EventFilter, EventStream};
 use crate::schema::Schema;
@@ -356,6 +358,7 @@ impl Client {
     ) -> Typed<'_, R> {
         let sent = self.send(
             Cow::Borrowed(C::NAME),
+            const { CommandDefaults::of(C::NAME) },
             |out, id, oob| encode_request(out, const { CommandName::new(C::NAME) }, command, id, oob),
             options,
         );
@@ -390,6 +393,7 @@ impl Client {
         let raw = self
             .send(
                 Cow::Owned(name.to_owned()),
+                CommandDefaults::of(name),
                 |out, id, oob| encode_request(out, CommandName::new(name), args, id, oob),
                 options,
             )?
@@ -546,6 +550,7 @@ impl Client {
     fn send(
         &self,
         name: Cow<'static, str>,
+        defaults: CommandDefaults,
         encode: impl FnOnce(&mut Vec<u8>, u64, bool) -> Result<(), serde_json::Error>,
         options: CallOptions,
     ) -> Result<ReplyWait<'_>> {
@@ -577,9 +582,9 @@ impl Client {
         encode(&mut bytes, id, options.oob).map_err(|e| Error::InvalidRequest(format!("{name}: {e}")))?;
         let budget = options
             .timeout
-            .unwrap_or_else(|| shared.config.timeout_for(&name));
+            .unwrap_or_else(|| shared.config.timeout_for(&name, defaults));
         // Go logs what goes through its RunJSON, and fd passing does not.
-        let log = !options.no_log && options.fds.is_empty() && !shared.config.log_excludes(&name);
+        let log = !options.no_log && options.fds.is_empty() && !shared.config.log_excludes(&name, defaults);
         // One allocation for the request and its reply slot; the queues
         // hold one pointer per request, which keeps an idle connection's
         // queues small.

@@ -101,16 +101,79 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default budget of commands that legitimately take long on a busy
 /// host. Too tight a budget fails healthy VMs; too loose a one only delays
 /// the report of a frozen QEMU.
-fn slow_command_budget(name: &str) -> Option<Duration> {
-    let secs = match name {
-        "dump-guest-memory" => 600,
-        "blockdev-create" => 300,
-        "blockdev-add" | "blockdev-del" | "device_add" | "device_del" | "cont" | "stop" | "transaction"
-        | "block_resize" | "x-blockdev-change" | "object-add" => 120,
-        "system_reset" | "screendump" | "query-migrate" | "migrate" | "migrate-incoming" => 60,
-        _ => return None,
-    };
-    Some(Duration::from_secs(secs))
+const SLOW_COMMANDS: &[(&str, u64)] = &[
+    ("dump-guest-memory", 600),
+    ("blockdev-create", 300),
+    ("blockdev-add", 120),
+    ("blockdev-del", 120),
+    ("device_add", 120),
+    ("device_del", 120),
+    ("cont", 120),
+    ("stop", 120),
+    ("transaction", 120),
+    ("block_resize", 120),
+    ("x-blockdev-change", 120),
+    ("object-add", 120),
+    ("system_reset", 60),
+    ("screendump", 60),
+    ("query-migrate", 60),
+    ("migrate", 60),
+    ("migrate-incoming", 60),
+];
+
+/// What a connection's defaults say of a command, from its name alone: its
+/// budget unless the user set one, and whether the traffic log leaves it
+/// out unless told otherwise. For a typed command it is worked out at
+/// compile time (`const { CommandDefaults::of(C::NAME) }`): looking the name
+/// up on every call cost some 85 instructions per command.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CommandDefaults {
+    slow_budget: Option<Duration>,
+    log_excluded: bool,
+}
+
+impl CommandDefaults {
+    /// The defaults for the command `name`.
+    pub(crate) const fn of(name: &str) -> Self {
+        let mut slow_budget = None;
+        let mut i = 0;
+        while i < SLOW_COMMANDS.len() {
+            if same_str(SLOW_COMMANDS[i].0, name) {
+                slow_budget = Some(Duration::from_secs(SLOW_COMMANDS[i].1));
+                break;
+            }
+            i += 1;
+        }
+        let mut log_excluded = false;
+        let mut i = 0;
+        while i < DEFAULT_LOG_EXCLUDED.len() {
+            if same_str(DEFAULT_LOG_EXCLUDED[i], name) {
+                log_excluded = true;
+                break;
+            }
+            i += 1;
+        }
+        CommandDefaults {
+            slow_budget,
+            log_excluded,
+        }
+    }
+}
+
+/// `a == b`, as a `const fn` (`str`'s `==` is not one).
+const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// The commands kept out of the traffic log unless told otherwise (the Go
@@ -135,18 +198,20 @@ pub(crate) struct Config {
 
 impl Config {
     /// The budget of a command by name.
-    pub(crate) fn timeout_for(&self, name: &str) -> Duration {
-        if let Some(t) = self.command_timeouts.get(name) {
-            return *t;
+    pub(crate) fn timeout_for(&self, name: &str, defaults: CommandDefaults) -> Duration {
+        if !self.command_timeouts.is_empty() {
+            if let Some(t) = self.command_timeouts.get(name) {
+                return *t;
+            }
         }
-        slow_command_budget(name).unwrap_or(self.default_timeout)
+        defaults.slow_budget.unwrap_or(self.default_timeout)
     }
 
     /// True when the traffic log leaves this command out.
-    pub(crate) fn log_excludes(&self, name: &str) -> bool {
+    pub(crate) fn log_excludes(&self, name: &str, defaults: CommandDefaults) -> bool {
         match &self.log_excluded {
             Some(list) => list.iter().any(|x| x == name),
-            None => DEFAULT_LOG_EXCLUDED.contains(&name),
+            None => defaults.log_excluded,
         }
     }
 }
@@ -370,7 +435,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::ClosedFlag;
+    use super::{ClosedFlag, CommandDefaults, ConnectOptions};
 
     #[tokio::test]
     async fn a_closed_flag_wakes_those_already_waiting_and_answers_later_ones_at_once() {
@@ -402,5 +467,54 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), flag.wait())
             .await
             .expect("a wait after the close ends at once");
+    }
+
+    #[test]
+    fn command_defaults_give_slow_commands_their_budget_and_leave_ringbuf_read_out_of_the_log() {
+        const AT_COMPILE_TIME: CommandDefaults = CommandDefaults::of("dump-guest-memory");
+        assert_eq!(
+            AT_COMPILE_TIME,
+            CommandDefaults::of(&String::from("dump-guest-memory"))
+        );
+        assert_eq!(AT_COMPILE_TIME.slow_budget, Some(Duration::from_secs(600)));
+        for (name, secs) in [("blockdev-create", 300), ("device_del", 120), ("migrate", 60)] {
+            assert_eq!(
+                CommandDefaults::of(name).slow_budget,
+                Some(Duration::from_secs(secs)),
+                "{name}"
+            );
+        }
+        // Neither a prefix nor an extension of a slow command's name is one.
+        for name in ["query-status", "migrat", "migrate-x", "", "stop "] {
+            assert_eq!(CommandDefaults::of(name).slow_budget, None, "{name:?}");
+        }
+        assert!(CommandDefaults::of("ringbuf-read").log_excluded);
+        assert!(!CommandDefaults::of("ringbuf-write").log_excluded);
+
+        let mut config = (*ConnectOptions::new()
+            .command_timeout(Duration::from_secs(7))
+            .config)
+            .clone();
+        let status = CommandDefaults::of("query-status");
+        assert_eq!(config.timeout_for("query-status", status), Duration::from_secs(7));
+        assert_eq!(
+            config.timeout_for("migrate", CommandDefaults::of("migrate")),
+            Duration::from_secs(60)
+        );
+        config
+            .command_timeouts
+            .insert("migrate".into(), Duration::from_secs(5));
+        assert_eq!(
+            config.timeout_for("migrate", CommandDefaults::of("migrate")),
+            Duration::from_secs(5),
+            "the user's budget wins"
+        );
+        assert!(config.log_excludes("ringbuf-read", CommandDefaults::of("ringbuf-read")));
+        config.log_excluded = Some(vec!["query-status".into()]);
+        assert!(
+            !config.log_excludes("ringbuf-read", CommandDefaults::of("ringbuf-read")),
+            "the user's list replaces the default"
+        );
+        assert!(config.log_excludes("query-status", status));
     }
 }

@@ -634,7 +634,7 @@ mod tests {
         // The check made at compile time, as typed commands use it, agrees.
         const PLAIN: CommandName<'static> = CommandName::new("query-status");
         const ESCAPED: CommandName<'static> = CommandName::new("a b");
-        assert!(PLAIN.plain && !ESCAPED.plain);
+        const { assert!(PLAIN.plain && !ESCAPED.plain) };
     }
 
     #[test]
