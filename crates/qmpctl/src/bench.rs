@@ -60,6 +60,11 @@ pub struct BenchArgs {
     /// With `--scale`: the monitors' guest-agent poll interval, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub agent_poll_secs: f64,
+    /// With `--scale`: how many times to run the command on all monitors
+    /// at once after the idle period; the best time is reported (more
+    /// rounds give a profiler a steady state to look at).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub scale_rounds: u32,
     /// With `--scale`: the fake server binary (default: `qmpkit-fake-server`
     /// beside this program, else on PATH).
     #[arg(long)]

@@ -60,12 +60,13 @@ pub async fn run(n: usize, args: &BenchArgs, json: bool) -> anyhow::Result<()> {
 
     let idle = Duration::from_secs_f64(args.idle_secs.max(0.1));
     let poll = Duration::from_secs_f64(args.agent_poll_secs.max(0.01));
+    let rounds = args.scale_rounds;
     // One thread holds every connection, on a runtime of its own.
     let figures = tokio::task::spawn_blocking(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(measure(paths, idle, poll))
+        rt.block_on(measure(paths, idle, poll, rounds))
     })
     .await??;
     if json {
@@ -98,7 +99,12 @@ struct Figures {
     all_at_once_ms: f64,
 }
 
-async fn measure(paths: Vec<PathBuf>, idle: Duration, poll: Duration) -> anyhow::Result<Figures> {
+async fn measure(
+    paths: Vec<PathBuf>,
+    idle: Duration,
+    poll: Duration,
+    rounds: u32,
+) -> anyhow::Result<Figures> {
     let n = paths.len();
     let registry = std::sync::Arc::new(qmpkit::monitor::MonitorRegistry::new());
     let options = || {
@@ -143,7 +149,7 @@ async fn measure(paths: Vec<PathBuf>, idle: Duration, poll: Duration) -> anyhow:
     let idle_cpu_percent = idle_cpu.as_secs_f64() * 100.0 / idle_started.elapsed().as_secs_f64();
 
     let mut best = f64::MAX;
-    for _ in 0..3 {
+    for _ in 0..rounds {
         best = best.min(all_at_once(&clients).await?);
     }
     Ok(Figures {
