@@ -578,8 +578,14 @@ impl Client {
             });
         }
         let id = self.next_id();
-        let mut bytes = Vec::with_capacity(96);
-        encode(&mut bytes, id, options.oob).map_err(|e| Error::InvalidRequest(format!("{name}: {e}")))?;
+        // A call this thread kept from a finished command, when it has one:
+        // its buffer has room already (or a new one, sized for most requests).
+        let mut call = Call::blank();
+        let bytes = call.bytes();
+        if bytes.capacity() == 0 {
+            bytes.reserve(96);
+        }
+        encode(bytes, id, options.oob).map_err(|e| Error::InvalidRequest(format!("{name}: {e}")))?;
         let budget = options
             .timeout
             .unwrap_or_else(|| shared.config.timeout_for(&name, defaults));
@@ -588,10 +594,9 @@ impl Client {
         // One allocation for the request and its reply slot; the queues
         // hold one pointer per request, which keeps an idle connection's
         // queues small.
-        let (waiter, request) = Call::start(NewCall {
+        let (waiter, request) = call.start(NewCall {
             id,
             name,
-            bytes,
             fds: options.fds,
             oob: options.oob,
             log,
@@ -630,9 +635,14 @@ impl<R: DeserializeOwned> std::future::Future for Typed<'_, R> {
     ) -> std::task::Poll<Result<R>> {
         let name = self.name;
         match &mut self.sent {
-            Ok(wait) => std::pin::Pin::new(wait)
-                .poll(cx)
-                .map(|reply| reply.and_then(|raw| raw.decode(name))),
+            Ok(wait) => std::pin::Pin::new(&mut *wait).poll(cx).map(|reply| {
+                reply.and_then(|raw| {
+                    let decoded = raw.decode(name);
+                    // The reply's buffer goes back with the call.
+                    wait.waiter.keep_buffer(raw);
+                    decoded
+                })
+            }),
             Err(refused) => std::task::Poll::Ready(Err(*refused.take().expect("polled after it completed"))),
         }
     }

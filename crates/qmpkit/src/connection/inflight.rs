@@ -629,15 +629,17 @@ mod tests {
             let fds = (0..fds)
                 .map(|_| rustix::io::dup(std::io::stdin()).expect("dup"))
                 .collect();
-            let (waiter, request) = Call::start(NewCall {
-                id,
-                name: format!("cmd{id}").into(),
-                bytes: format!("<{id}>").into_bytes(),
-                fds,
-                oob,
-                log: false,
-                budget: SECOND,
-            });
+            let (waiter, request) = Call::start(
+                NewCall {
+                    id,
+                    name: format!("cmd{id}").into(),
+                    fds,
+                    oob,
+                    log: false,
+                    budget: SECOND,
+                },
+                format!("<{id}>").as_bytes(),
+            );
             self.book.enqueue(request, self.now);
             let caller = Caller(Arc::new(waiter));
             self.callers.push(caller.clone());
