@@ -211,25 +211,18 @@ mod tests {
             let _held = queue.lock();
             assert!(matches!(ids(&queue, &cx), (v, None) if v.is_empty()));
         }
-        queue
-            .push(Request::probe(2, Duration::from_secs(1)))
-            .ok()
-            .unwrap();
-        assert_eq!(
-            woken.0.load(Ordering::SeqCst),
-            1,
-            "the first request after a quiet take wakes the task"
-        );
+        let push = |id| {
+            queue
+                .push(Request::probe(id, Duration::from_secs(1)))
+                .ok()
+                .unwrap()
+        };
+        push(2);
+        let woken = || woken.0.load(Ordering::SeqCst);
+        assert_eq!(woken(), 1, "the first request after a quiet take wakes the task");
         assert!(!queue.quiet.load(Ordering::SeqCst));
-        queue
-            .push(Request::probe(3, Duration::from_secs(1)))
-            .ok()
-            .unwrap();
-        assert_eq!(
-            woken.0.load(Ordering::SeqCst),
-            1,
-            "the task is awake already: no second wake-up"
-        );
+        push(3);
+        assert_eq!(woken(), 1, "the task is awake already: no second wake-up");
         assert_eq!(ids(&queue, &cx).0, vec![2, 3]);
         assert_eq!(ids(&queue, &cx).0, Vec::<u64>::new());
     }
