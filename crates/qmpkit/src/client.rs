@@ -591,9 +591,9 @@ impl Client {
             .unwrap_or_else(|| shared.config.timeout_for(&name, defaults));
         // Go logs what goes through its RunJSON, and fd passing does not.
         let log = !options.no_log && options.fds.is_empty() && !shared.config.log_excludes(&name, defaults);
-        // One allocation for the request and its reply slot; the queues
-        // hold one pointer per request, which keeps an idle connection's
-        // queues small.
+        // The request and its reply slot are one call (kept from an earlier
+        // command when this thread has one); the queues hold one pointer
+        // per request, which keeps an idle connection's queues small.
         let (waiter, request) = call.start(NewCall {
             id,
             name,
