@@ -161,11 +161,11 @@ impl Call {
     }
 
     /// Makes a finished call like a new one, keeping its byte buffer's
-    /// capacity (unless grown large).
+    /// capacity (unless grown large). The request's own fields are set by
+    /// [`Blank::start`]; only the name is cleared here, so that a kept call
+    /// holds no command name's string.
     fn reset(&mut self) {
-        self.id = 0;
         self.name = Cow::Borrowed("");
-        self.passes_fds = false;
         *self.deadline.get_mut() = u64::MAX;
         *self.caller_gone.get_mut() = false;
         *self.finished.get_mut() = false;

@@ -9,7 +9,6 @@
 //! `Instant`; a deadline is converted only when the connection's one timer
 //! is moved, which a busy connection seldom does.
 
-use std::ops::AddAssign;
 use std::time::Duration;
 
 /// A moment on the monotonic clock, in nanoseconds. `u64::MAX` is never a
@@ -64,7 +63,8 @@ impl Tick {
     }
 }
 
-impl AddAssign<Duration> for Tick {
+#[cfg(test)]
+impl std::ops::AddAssign<Duration> for Tick {
     /// For tests that move time forward.
     fn add_assign(&mut self, d: Duration) {
         *self = self.after(d).expect("a tick within range");

@@ -378,11 +378,7 @@ impl Driver {
                 }
                 st.wbuf.clear();
                 st.wpos = 0;
-                // Most passes find nothing to write (a command at depth 1
-                // makes four): they skip the filling's set-up.
-                if st.inflight.has_unwritten() {
-                    st.fill_write_buffer();
-                }
+                st.fill_write_buffer();
                 if st.wbuf.is_empty() {
                     // Everything is written: a caller's stream may still
                     // hold it (a pending flush wakes the task when done).
@@ -473,6 +469,11 @@ impl State {
 
     /// Commits what may be written now to the (empty) write buffer.
     fn fill_write_buffer(&mut self) {
+        // Most passes find nothing to write (a command at depth 1 makes
+        // four): they skip the set-up below.
+        if !self.inflight.has_unwritten() {
+            return;
+        }
         // Latencies are measured only when debug tracing is on: reading the
         // clock is a visible share of a command's cost.
         let now = crate::diag::debug_enabled!().then(Instant::now);
